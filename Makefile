@@ -1,0 +1,27 @@
+# The two commands of the README: `make up` runs the hub, `make test` runs every test.
+# Both install what a fresh machine lacks first (scripts/setup.sh).
+CARGO ?= cargo
+export CARGO_TARGET_DIR ?= $(CURDIR)/target
+
+.PHONY: setup up build test test-rust test-e2e bench
+
+setup:
+	./scripts/setup.sh
+
+build: setup
+	$(CARGO) build --release --bin roost
+
+up: build
+	$(CARGO_TARGET_DIR)/release/roost up
+
+test: setup
+	$(CARGO) build --bin roost
+	$(CARGO) test --workspace
+	ROOST_BIN=$(CARGO_TARGET_DIR)/debug/roost .venv/bin/python -m pytest tests/e2e -q
+
+test-rust:
+	$(CARGO) test --workspace
+
+test-e2e:
+	$(CARGO) build --bin roost
+	ROOST_BIN=$(CARGO_TARGET_DIR)/debug/roost .venv/bin/python -m pytest tests/e2e -q

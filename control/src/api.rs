@@ -1,0 +1,283 @@
+//! The service REST API (spec §4): IoT Hub's paths, any `api-version`, SAS tokens of the shared
+//! access policies, IoT Hub error bodies. This slice serves the device identity registry.
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use hyper::{Method, StatusCode};
+use roost_iothub::sas::SasToken;
+use roost_server::httpd::{self, percent_decode, query_param, Req, Resp};
+use serde_json::json;
+
+use crate::device::{Authentication, Capabilities, Device, DeviceWrite, SymmetricKey, X509Thumbprint, NEVER};
+use crate::metrics::ControlMetrics;
+use crate::policies::Right;
+use crate::store::Store;
+
+pub struct Api {
+    pub store: Arc<Store>,
+    pub hostname: String,
+    pub metrics: Arc<ControlMetrics>,
+}
+
+/// An IoT Hub error: HTTP status, numeric code and name (spec §4.7, §8).
+#[derive(Debug)]
+pub struct HubError {
+    status: StatusCode,
+    code: u32,
+    name: &'static str,
+    message: String,
+}
+
+impl HubError {
+    fn new(status: StatusCode, code: u32, name: &'static str, message: impl Into<String>) -> Self {
+        Self { status, code, name, message: message.into() }
+    }
+    fn unauthorized(why: &str) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, 401003, "IotHubUnauthorized", why)
+    }
+    fn bad_request(why: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, 400004, "ArgumentInvalid", why)
+    }
+    fn device_not_found(id: &str) -> Self {
+        Self::new(StatusCode::NOT_FOUND, 404001, "DeviceNotFound", format!("Device {id} not registered"))
+    }
+    fn precondition_failed() -> Self {
+        Self::new(StatusCode::PRECONDITION_FAILED, 412001, "PreconditionFailed", "Precondition failed: the etag does not match")
+    }
+    fn server(e: impl std::fmt::Display) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, 500001, "ServerError", e.to_string())
+    }
+
+    fn response(&self) -> Resp {
+        let now = iso_now();
+        let inner = json!({
+            "errorCode": self.code,
+            "trackingId": tracking_id(),
+            "message": self.message,
+            "timestampUtc": now,
+            "info": {},
+        });
+        let body = json!({ "Message": inner.to_string(), "ExceptionMessage": "" });
+        let mut r = httpd::json(self.status, &body);
+        if let Ok(v) = hyper::header::HeaderValue::from_str(self.name) {
+            r.headers_mut().insert("iothub-errorcode", v);
+        }
+        r
+    }
+}
+
+fn tracking_id() -> String {
+    let mut b = [0u8; 16];
+    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b);
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+pub fn iso_now() -> String {
+    humantime::format_rfc3339_millis(SystemTime::now()).to_string()
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// Strips the quotes of an etag as sent in `If-Match` or a body.
+fn unquote(s: &str) -> &str {
+    s.trim().trim_matches('"')
+}
+
+impl Api {
+    pub async fn handle(self: Arc<Self>, req: Req) -> Resp {
+        match tokio::task::spawn_blocking(move || self.route(&req)).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => e.response(),
+            Err(e) => HubError::server(e).response(),
+        }
+    }
+
+    fn route(&self, req: &Req) -> Result<Resp, HubError> {
+        let path = req.uri().path().to_string();
+        let segments: Vec<String> = path.trim_matches('/').split('/').map(percent_decode).collect();
+        let segments: Vec<&str> = segments.iter().map(String::as_str).collect();
+        let result = match (req.method(), segments.as_slice()) {
+            (&Method::GET, ["devices"]) => self.authorize(req, Right::RegistryRead).and_then(|_| self.list(req)),
+            (&Method::GET, ["devices", id]) => self.authorize(req, Right::RegistryRead).and_then(|_| self.get(id)),
+            (&Method::PUT, ["devices", id]) => self.authorize(req, Right::RegistryWrite).and_then(|_| self.put(id, req)),
+            (&Method::DELETE, ["devices", id]) => self.authorize(req, Right::RegistryWrite).and_then(|_| self.delete(id, req)),
+            (&Method::GET, ["statistics", "devices"]) => self.authorize(req, Right::RegistryRead).and_then(|_| self.stats()),
+            _ => Err(HubError::new(StatusCode::NOT_FOUND, 404000, "NotFound", format!("no such resource: {path}"))),
+        };
+        self.metrics.requests.with_label_values(&[result.as_ref().map_or_else(|e| e.status, |r| r.status()).as_str()]).inc();
+        result
+    }
+
+    /// Checks the SAS token of a shared access policy (spec §1.2 server verification).
+    fn authorize(&self, req: &Req, right: Right) -> Result<(), HubError> {
+        let header = req
+            .headers()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .ok_or_else(|| HubError::unauthorized("missing Authorization header"))?;
+        let token = SasToken::parse(header).map_err(|e| HubError::unauthorized(&format!("malformed SAS token ({})", e.error_code())))?;
+        let name = token.key_name().ok_or_else(|| HubError::unauthorized("the token names no shared access policy (skn)"))?;
+        let policy = self
+            .store
+            .policy(name)
+            .map_err(HubError::server)?
+            .ok_or_else(|| HubError::unauthorized("unknown shared access policy"))?;
+        let target = format!("{}{}", self.hostname, req.uri().path());
+        if !roost_iothub::sas::authorizes(token.resource(), &target) {
+            return Err(HubError::unauthorized("the token's resource does not cover this hub"));
+        }
+        let keys = [policy.primary_key.as_str(), policy.secondary_key.as_str()].map(|k| {
+            use base64::Engine as _;
+            base64::engine::general_purpose::STANDARD.decode(k).unwrap_or_default()
+        });
+        token
+            .verify(&[&keys[0], &keys[1]], unix_now())
+            .map_err(|e| HubError::unauthorized(&format!("SAS token rejected ({})", e.error_code())))?;
+        if !policy.allows(right) {
+            return Err(HubError::unauthorized(&format!("policy {name} lacks {right:?}")));
+        }
+        Ok(())
+    }
+
+    fn list(&self, req: &Req) -> Result<Resp, HubError> {
+        let top = match query_param(req, "top") {
+            None => 1000,
+            Some(t) => t.parse::<usize>().map_err(|_| HubError::bad_request("top must be a number"))?.min(1000),
+        };
+        let devices = self.store.devices(top).map_err(HubError::server)?;
+        Ok(httpd::json(StatusCode::OK, &devices))
+    }
+
+    fn get(&self, id: &str) -> Result<Resp, HubError> {
+        let device = self.store.device(id).map_err(HubError::server)?.ok_or_else(|| HubError::device_not_found(id))?;
+        Ok(device_response(&device))
+    }
+
+    fn put(&self, id: &str, req: &Req) -> Result<Resp, HubError> {
+        roost_model::DeviceId::parse(id).map_err(|e| HubError::bad_request(format!("invalid device id: {e}")))?;
+        let body: DeviceWrite =
+            serde_json::from_slice(req.body()).map_err(|e| HubError::bad_request(format!("invalid device JSON: {e}")))?;
+        if body.device_id.as_deref().is_some_and(|b| b != id) {
+            return Err(HubError::bad_request("deviceId in the body does not match the path"));
+        }
+        let status = match body.status.as_deref() {
+            None | Some("enabled") => "enabled",
+            Some("disabled") => "disabled",
+            Some(other) => return Err(HubError::bad_request(format!("status must be enabled or disabled, not {other}"))),
+        };
+        let auth = body.authentication.unwrap_or_default();
+        if let Some(kind) = auth.kind.as_deref() {
+            if kind != "sas" {
+                return Err(HubError::bad_request(format!("authentication type {kind} is not supported yet; use sas")));
+            }
+        }
+        let keys = auth.symmetric_key.unwrap_or_default();
+        for k in [&keys.primary_key, &keys.secondary_key].into_iter().flatten() {
+            if !crate::device::valid_key(k) {
+                return Err(HubError::bad_request("symmetric keys must be base64 of 16 to 64 bytes"));
+            }
+        }
+        let if_match = req.headers().get("if-match").and_then(|v| v.to_str().ok()).map(|v| unquote(v).to_string());
+
+        self.store.exclusive(|| {
+            let existing = self.store.device(id).map_err(HubError::server)?;
+            let now = iso_now();
+            let device = match (existing, if_match.as_deref()) {
+                (Some(_), None) => {
+                    return Err(HubError::new(StatusCode::CONFLICT, 409001, "DeviceAlreadyExists", format!("Device {id} already exists")))
+                }
+                (Some(d), Some(tag)) if tag != "*" && tag != d.etag => return Err(HubError::precondition_failed()),
+                (None, Some(tag)) if tag != "*" => return Err(HubError::device_not_found(id)),
+                (Some(mut d), Some(_)) => {
+                    if d.status != status {
+                        d.status_updated_time = now.clone();
+                    }
+                    d.status = status.to_string();
+                    d.status_reason = body.status_reason.clone();
+                    // Keys left out of an update are kept, not regenerated.
+                    if let Some(k) = &keys.primary_key {
+                        d.authentication.symmetric_key.primary_key = Some(k.clone());
+                    }
+                    if let Some(k) = &keys.secondary_key {
+                        d.authentication.symmetric_key.secondary_key = Some(k.clone());
+                    }
+                    if let Some(c) = body.capabilities.clone() {
+                        d.capabilities = c;
+                    }
+                    d.etag = self.store.next_etag().map_err(HubError::server)?;
+                    d
+                }
+                (None, _) => Device {
+                    device_id: id.to_string(),
+                    generation_id: generation_id(),
+                    etag: self.store.next_etag().map_err(HubError::server)?,
+                    connection_state: "Disconnected".into(),
+                    status: status.to_string(),
+                    status_reason: body.status_reason.clone(),
+                    connection_state_updated_time: NEVER.into(),
+                    status_updated_time: NEVER.into(),
+                    last_activity_time: NEVER.into(),
+                    cloud_to_device_message_count: 0,
+                    authentication: Authentication {
+                        kind: "sas".into(),
+                        symmetric_key: SymmetricKey {
+                            primary_key: Some(keys.primary_key.clone().unwrap_or_else(roost_iothub::sas::generate_key)),
+                            secondary_key: Some(keys.secondary_key.clone().unwrap_or_else(roost_iothub::sas::generate_key)),
+                        },
+                        x509_thumbprint: X509Thumbprint::default(),
+                    },
+                    capabilities: body.capabilities.clone().unwrap_or(Capabilities { iot_edge: false }),
+                },
+            };
+            self.store.put_device(&device, true).map_err(HubError::server)?;
+            tracing::info!(device = %device.device_id, status = %device.status, "device written");
+            Ok(device_response(&device))
+        })
+    }
+
+    fn delete(&self, id: &str, req: &Req) -> Result<Resp, HubError> {
+        let if_match = req.headers().get("if-match").and_then(|v| v.to_str().ok()).map(|v| unquote(v).to_string());
+        self.store.exclusive(|| {
+            let existing = self.store.device(id).map_err(HubError::server)?.ok_or_else(|| HubError::device_not_found(id))?;
+            if let Some(tag) = if_match.as_deref() {
+                if tag != "*" && tag != existing.etag {
+                    return Err(HubError::precondition_failed());
+                }
+            }
+            self.store.delete_device(id).map_err(HubError::server)?;
+            tracing::info!(device = %id, "device deleted");
+            Ok(httpd::empty(StatusCode::NO_CONTENT))
+        })
+    }
+
+    fn stats(&self) -> Result<Resp, HubError> {
+        let devices = self.store.devices(usize::MAX).map_err(HubError::server)?;
+        let enabled = devices.iter().filter(|d| d.status == "enabled").count();
+        Ok(httpd::json(
+            StatusCode::OK,
+            &json!({
+                "totalDeviceCount": devices.len(),
+                "enabledDeviceCount": enabled,
+                "disabledDeviceCount": devices.len() - enabled,
+            }),
+        ))
+    }
+}
+
+fn device_response(d: &Device) -> Resp {
+    let mut r = httpd::json(StatusCode::OK, d);
+    if let Ok(v) = hyper::header::HeaderValue::from_str(&format!("\"{}\"", d.etag)) {
+        r.headers_mut().insert("etag", v);
+    }
+    r
+}
+
+/// IoT Hub generation ids are 18-digit numbers; a new one per identity lifetime.
+fn generation_id() -> String {
+    let mut b = [0u8; 8];
+    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b);
+    format!("{:018}", u64::from_le_bytes(b) % 1_000_000_000_000_000_000)
+}

@@ -1,0 +1,70 @@
+//! The certificates `roost up` makes on first start: a private CA, the hub's server certificate
+//! (for the host name devices use, plus `localhost` and `127.0.0.1`), and the cluster
+//! certificate both ends of the control link present.
+
+use std::path::Path;
+
+use anyhow::Context;
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+};
+use roost_server::tls::{CertPaths, LINK_SERVER_NAME};
+
+/// Creates the CA and certificates under `<data>/certs/` unless they already exist.
+pub fn ensure(data_dir: &Path, hostname: &str) -> anyhow::Result<CertPaths> {
+    let paths = CertPaths::new(data_dir);
+    if paths.ca().exists() && paths.server().exists() && paths.cluster().exists() {
+        return Ok(paths);
+    }
+    std::fs::create_dir_all(&paths.dir).with_context(|| format!("creating {}", paths.dir.display()))?;
+
+    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.distinguished_name.push(DnType::CommonName, "roost local CA");
+    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    let ca_key = KeyPair::generate()?;
+    let ca_cert = ca_params.self_signed(&ca_key)?;
+    let ca_pem = ca_cert.pem();
+    let ca_key_pem = ca_key.serialize_pem();
+    let issuer = Issuer::new(ca_params, ca_key);
+
+    let mut names = vec![hostname.to_string(), "localhost".to_string(), "127.0.0.1".to_string()];
+    names.dedup();
+    let server_key = KeyPair::generate()?;
+    let mut server_params = CertificateParams::new(names)?;
+    server_params.distinguished_name.push(DnType::CommonName, hostname);
+    server_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    server_params.use_authority_key_identifier_extension = true;
+    let server_cert = server_params.signed_by(&server_key, &issuer)?;
+
+    let cluster_key = KeyPair::generate()?;
+    let mut cluster_params = CertificateParams::new(vec![LINK_SERVER_NAME.to_string()])?;
+    cluster_params.distinguished_name.push(DnType::CommonName, LINK_SERVER_NAME);
+    cluster_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+    cluster_params.use_authority_key_identifier_extension = true;
+    let cluster_cert = cluster_params.signed_by(&cluster_key, &issuer)?;
+
+    write_private(&paths.ca_key(), &ca_key_pem)?;
+    write_private(&paths.server_key(), &server_key.serialize_pem())?;
+    write_private(&paths.cluster_key(), &cluster_key.serialize_pem())?;
+    std::fs::write(paths.server(), format!("{}{}", server_cert.pem(), ca_pem))?;
+    std::fs::write(paths.cluster(), format!("{}{}", cluster_cert.pem(), ca_pem))?;
+    // The CA goes last: its presence marks the set as complete.
+    std::fs::write(paths.ca(), ca_pem)?;
+    tracing::info!(dir = %paths.dir.display(), hostname, "generated CA and certificates");
+    Ok(paths)
+}
+
+fn write_private(path: &Path, pem: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    f.write_all(pem.as_bytes())?;
+    Ok(())
+}

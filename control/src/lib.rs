@@ -1,0 +1,117 @@
+//! roost-control: the control plane (`roost control`) and the `roost` command line.
+//!
+//! What it is: the registry of record (device identities and shared access policies in
+//! RocksDB), the service REST API on :8443 that the Azure IoT service SDKs speak, and the QUIC
+//! server of the control link that keeps every engine's registry replica current and collects
+//! connection state. It also generates the hub's certificates and writes `hub.json`.
+//!
+//! What it is not: on the data path. No device message passes through control; engines keep
+//! working from their replicas while it is down.
+//!
+//! Layout: `store` (RocksDB), `device` + `policies` (data), `api` (REST), `linkserver` (QUIC),
+//! `certs`, `hubfile`, `metrics`; `client` and `cli` serve the `roost` binary.
+
+pub mod api;
+pub mod certs;
+pub mod cli;
+pub mod client;
+pub mod device;
+pub mod hubfile;
+pub mod linkserver;
+pub mod metrics;
+pub mod policies;
+pub mod store;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use hyper::StatusCode;
+use roost_server::httpd;
+use serde_json::json;
+
+/// Everything `roost control` is told on its command line.
+#[derive(Debug, Clone)]
+pub struct ControlConfig {
+    pub data_dir: PathBuf,
+    pub hostname: String,
+    /// Service REST API (TLS).
+    pub service: SocketAddr,
+    /// Plain HTTP: /metrics, /healthz.
+    pub ops: SocketAddr,
+    /// QUIC control link.
+    pub link: SocketAddr,
+}
+
+/// Runs the control plane until SIGINT or SIGTERM; `on_ready` once every port listens.
+pub fn run(config: ControlConfig, on_ready: impl FnOnce() + Send + 'static) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&config.data_dir).with_context(|| format!("creating {}", config.data_dir.display()))?;
+    let data_dir = std::fs::canonicalize(&config.data_dir)?;
+    let certs = certs::ensure(&data_dir, &config.hostname)?;
+    let store = store::Store::open(&data_dir.join("control")).context("opening the control store")?;
+    let metrics = Arc::new(metrics::ControlMetrics::new());
+
+    let owner = store.policy("iothubowner")?.context("the iothubowner policy is missing")?;
+    hubfile::merge(
+        &data_dir,
+        json!({
+            "hostname": config.hostname,
+            "ports": { "service": config.service.port() },
+            "ca": certs.ca(),
+            "service_connection_string": format!(
+                "HostName={};SharedAccessKeyName={};SharedAccessKey={}",
+                config.hostname, owner.name, owner.primary_key
+            ),
+            "service_url": format!("https://{}", config.service),
+            "control_ops_url": format!("http://{}", config.ops),
+        }),
+    )?;
+
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    runtime.block_on(async move {
+        let service_tls = tokio_rustls::TlsAcceptor::from(roost_server::tls::device_server_config(&certs)?);
+        let service = tokio::net::TcpListener::bind(config.service)
+            .await
+            .with_context(|| format!("cannot listen on service address {}", config.service))?;
+        let api = Arc::new(api::Api { store: store.clone(), hostname: config.hostname.clone(), metrics: metrics.clone() });
+        tokio::spawn(httpd::serve(service, Some(service_tls), move |req| api.clone().handle(req)));
+
+        let ops = tokio::net::TcpListener::bind(config.ops)
+            .await
+            .with_context(|| format!("cannot listen on ops address {}", config.ops))?;
+        let (ops_store, ops_metrics) = (store.clone(), metrics.clone());
+        tokio::spawn(httpd::serve(ops, None, move |req| {
+            let (store, metrics) = (ops_store.clone(), ops_metrics.clone());
+            async move {
+                match req.uri().path() {
+                    "/healthz" => httpd::text(StatusCode::OK, "ok\n"),
+                    "/metrics" => {
+                        metrics.registry_sequence.set(store.registry_seq().unwrap_or(0) as i64);
+                        httpd::text(StatusCode::OK, metrics.encode())
+                    }
+                    _ => httpd::text(StatusCode::NOT_FOUND, "no such ops endpoint\n"),
+                }
+            }
+        }));
+
+        let link_tls = quinn::crypto::rustls::QuicServerConfig::try_from(roost_server::tls::link_server_config(&certs)?)
+            .map_err(|e| anyhow::anyhow!("control link TLS: {e}"))?;
+        let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(link_tls));
+        let mut transport = quinn::TransportConfig::default();
+        transport.keep_alive_interval(Some(std::time::Duration::from_secs(1)));
+        transport.max_idle_timeout(Some(std::time::Duration::from_secs(6).try_into()?));
+        server_config.transport_config(Arc::new(transport));
+        let endpoint = quinn::Endpoint::server(server_config, config.link)
+            .with_context(|| format!("cannot listen on link address {}", config.link))?;
+        let link = Arc::new(linkserver::LinkServer { store: store.clone(), metrics: metrics.clone() });
+        tokio::spawn(link.run(endpoint.clone()));
+
+        tracing::info!(service = %config.service, ops = %config.ops, link = %config.link, hostname = %config.hostname, "control ready");
+        on_ready();
+        roost_server::wait_for_shutdown_signal().await;
+        tracing::info!("control stopping");
+        endpoint.close(0u32.into(), b"control stopping");
+        anyhow::Ok(())
+    })
+}

@@ -1,0 +1,20 @@
+//! `roost`: one binary for the hub's processes and its command line (DESIGN.md §9).
+
+use clap::Parser;
+use roost_control::cli::{self, Cli, Cmd};
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("ROOST_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Cmd::Up(args) => cli::run_up(args),
+        Cmd::Engine(args) => cli::run_engine(args),
+        Cmd::Control(args) => cli::run_control(args),
+        Cmd::Device { action, data_dir } => cli::run_device(action, &data_dir),
+        Cmd::Events { action, data_dir } => cli::run_events(action, &data_dir),
+    }
+}

@@ -1,0 +1,201 @@
+//! The control plane's store: device identities (JSON), the ordered log of registry changes the
+//! engines replicate, and the shared access policies — in one RocksDB.
+//!
+//! Every write that changes what engines see appends to the change log in the same synced
+//! batch, so the log and the devices never disagree after a crash.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use rocksdb::{ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteBatch, WriteOptions, DB};
+use roost_model::link::{DeviceAuth, RegistryChange};
+use tokio::sync::broadcast;
+
+use crate::device::Device;
+use crate::policies::{self, Policy};
+
+const CF_DEVICES: &str = "devices";
+const CF_CHANGES: &str = "changes";
+const CF_META: &str = "meta";
+const SEQ_KEY: &[u8] = b"registry_seq";
+const POLICIES_KEY: &[u8] = b"policies";
+const ETAG_KEY: &[u8] = b"etag_counter";
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database: {0}")]
+    Db(#[from] rocksdb::Error),
+    #[error("corrupt stored value: {0}")]
+    Corrupt(String),
+}
+
+pub struct Store {
+    db: DB,
+    /// Serializes writers so sequence numbers and etags are handed out in order.
+    write_lock: Mutex<()>,
+    changes: broadcast::Sender<(u64, RegistryChange)>,
+}
+
+impl Store {
+    pub fn open(path: &Path) -> Result<Arc<Self>, StoreError> {
+        let mut opts = Options::default();
+        opts.create_if_missing(true);
+        opts.create_missing_column_families(true);
+        let cfs = [CF_DEVICES, CF_CHANGES, CF_META].map(|n| ColumnFamilyDescriptor::new(n, Options::default()));
+        let db = DB::open_cf_descriptors(&opts, path, cfs)?;
+        let (changes, _) = broadcast::channel(4096);
+        let store = Arc::new(Self { db, write_lock: Mutex::new(()), changes });
+        if store.meta(POLICIES_KEY)?.is_none() {
+            let json = serde_json::to_vec(&policies::defaults()).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            store.put_meta(POLICIES_KEY, &json)?;
+        }
+        Ok(store)
+    }
+
+    fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
+        self.db.cf_handle(name).expect("column families are created at open")
+    }
+
+    fn meta(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.db.get_cf(self.cf(CF_META), key)?)
+    }
+
+    fn put_meta(&self, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+        let mut opts = WriteOptions::default();
+        opts.set_sync(true);
+        Ok(self.db.put_cf_opt(self.cf(CF_META), key, value, &opts)?)
+    }
+
+    fn u64_meta(&self, key: &[u8]) -> Result<u64, StoreError> {
+        match self.meta(key)? {
+            Some(v) => Ok(u64::from_le_bytes(v.as_slice().try_into().map_err(|_| StoreError::Corrupt("counter".into()))?)),
+            None => Ok(0),
+        }
+    }
+
+    pub fn policies(&self) -> Result<Vec<Policy>, StoreError> {
+        let raw = self.meta(POLICIES_KEY)?.unwrap_or_default();
+        serde_json::from_slice(&raw).map_err(|e| StoreError::Corrupt(e.to_string()))
+    }
+
+    pub fn policy(&self, name: &str) -> Result<Option<Policy>, StoreError> {
+        Ok(self.policies()?.into_iter().find(|p| p.name == name))
+    }
+
+    /// The sequence of the last registry change.
+    pub fn registry_seq(&self) -> Result<u64, StoreError> {
+        self.u64_meta(SEQ_KEY)
+    }
+
+    pub fn device(&self, id: &str) -> Result<Option<Device>, StoreError> {
+        match self.db.get_cf(self.cf(CF_DEVICES), id.as_bytes())? {
+            Some(v) => Ok(Some(serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt(e.to_string()))?)),
+            None => Ok(None),
+        }
+    }
+
+    pub fn devices(&self, limit: usize) -> Result<Vec<Device>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(self.cf(CF_DEVICES), IteratorMode::Start).take(limit) {
+            let (_, v) = item?;
+            out.push(serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt(e.to_string()))?);
+        }
+        Ok(out)
+    }
+
+    /// A fresh etag (base64 of a counter, like IoT Hub's).
+    pub fn next_etag(&self) -> Result<String, StoreError> {
+        use base64::Engine as _;
+        let n = self.u64_meta(ETAG_KEY)? + 1;
+        self.put_meta(ETAG_KEY, &n.to_le_bytes())?;
+        Ok(base64::engine::general_purpose::STANDARD.encode(n.to_string()))
+    }
+
+    /// Runs `f` with the writer lock held: the read-check-write of a REST call is atomic.
+    pub fn exclusive<T>(&self, f: impl FnOnce() -> T) -> T {
+        let _guard = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
+        f()
+    }
+
+    /// Writes a device and, when `change` is given, appends it to the registry log (one batch).
+    pub fn put_device(&self, device: &Device, change: bool) -> Result<(), StoreError> {
+        let json = serde_json::to_vec(device).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let mut batch = WriteBatch::default();
+        batch.put_cf(self.cf(CF_DEVICES), device.device_id.as_bytes(), json);
+        let change = change.then(|| RegistryChange::Upsert(device.auth()));
+        self.commit(batch, change)
+    }
+
+    pub fn delete_device(&self, id: &str) -> Result<(), StoreError> {
+        let mut batch = WriteBatch::default();
+        batch.delete_cf(self.cf(CF_DEVICES), id.as_bytes());
+        self.commit(batch, Some(RegistryChange::Delete { device_id: id.to_string() }))
+    }
+
+    fn commit(&self, mut batch: WriteBatch, change: Option<RegistryChange>) -> Result<(), StoreError> {
+        let mut seq = None;
+        if let Some(change) = &change {
+            let next = self.registry_seq()? + 1;
+            let bytes = rkyv::to_bytes::<rkyv::rancor::Error>(change).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            batch.put_cf(self.cf(CF_CHANGES), next.to_be_bytes(), bytes.as_slice());
+            batch.put_cf(self.cf(CF_META), SEQ_KEY, next.to_le_bytes());
+            seq = Some(next);
+        }
+        let mut opts = WriteOptions::default();
+        opts.set_sync(true);
+        self.db.write_opt(batch, &opts)?;
+        if let (Some(seq), Some(change)) = (seq, change) {
+            // No receivers is fine: engines catch up from the log when they connect.
+            let _ = self.changes.send((seq, change));
+        }
+        Ok(())
+    }
+
+    /// New registry changes as they are committed.
+    pub fn subscribe(&self) -> broadcast::Receiver<(u64, RegistryChange)> {
+        self.changes.subscribe()
+    }
+
+    /// Changes after `from_seq` up to and including `to_seq`, or None if the log lacks some.
+    pub fn changes_between(&self, from_seq: u64, to_seq: u64) -> Result<Option<Vec<RegistryChange>>, StoreError> {
+        let start = (from_seq + 1).to_be_bytes();
+        let mut out = Vec::new();
+        let mut expect = from_seq + 1;
+        for item in self.db.iterator_cf(self.cf(CF_CHANGES), IteratorMode::From(&start, Direction::Forward)) {
+            let (k, v) = item?;
+            let seq = u64::from_be_bytes(k.as_ref().try_into().map_err(|_| StoreError::Corrupt("change key".into()))?);
+            if seq > to_seq {
+                break;
+            }
+            if seq != expect {
+                return Ok(None);
+            }
+            let mut aligned = rkyv::util::AlignedVec::<16>::with_capacity(v.len());
+            aligned.extend_from_slice(&v);
+            out.push(
+                rkyv::from_bytes::<RegistryChange, rkyv::rancor::Error>(&aligned)
+                    .map_err(|e| StoreError::Corrupt(e.to_string()))?,
+            );
+            expect += 1;
+        }
+        Ok((expect == to_seq + 1).then_some(out))
+    }
+
+    /// Every device's data-plane view and the sequence it is complete up to.
+    pub fn snapshot(&self) -> Result<(u64, Vec<DeviceAuth>), StoreError> {
+        let _guard = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let seq = self.registry_seq()?;
+        let devices = self.devices(usize::MAX)?.iter().map(Device::auth).collect();
+        Ok((seq, devices))
+    }
+
+    /// Updates connection state or activity without changing the etag or the registry log.
+    pub fn touch(&self, id: &str, f: impl FnOnce(&mut Device)) -> Result<(), StoreError> {
+        let _guard = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(mut d) = self.device(id)? else { return Ok(()) };
+        f(&mut d);
+        let json = serde_json::to_vec(&d).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        Ok(self.db.put_cf(self.cf(CF_DEVICES), id.as_bytes(), json)?)
+    }
+}

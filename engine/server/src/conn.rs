@@ -1,0 +1,306 @@
+//! One MQTT connection on a shard: reads frames, drives the sans-IO session, authenticates,
+//! appends telemetry to the log and sends each PUBACK once its batch is durable.
+//!
+//! A connection is a single task. It waits on whichever comes first — bytes from the peer, the
+//! log making the oldest unacknowledged batch durable, or its [`Signal`] (kick, deadline) — so
+//! reading never stalls behind a sync and acknowledgements keep the order of the publishes.
+
+use std::cell::Cell;
+use std::collections::VecDeque;
+use std::rc::Rc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::BytesMut;
+use futures_lite::future;
+use futures_lite::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use roost_iothub::topic::{parse_publish_topic, DeviceTopic};
+use roost_model::link::EngineFrame;
+use roost_mqtt::{Event, Limits, Packet, Publish, QoS, ServerSession, State, SubackCode};
+
+use crate::auth::{self, Identity};
+use crate::shard::Shard;
+use crate::signal::{Signal, Wake};
+use crate::telemetry::{self, MAX_D2C_BODY};
+
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time a client has to send CONNECT after the transport is up.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+const READ_CHUNK: usize = 4096;
+/// Largest frame read: a 256 KiB body plus topic and headroom (spec §2.3: allow about 300 KB).
+const MAX_FRAME: usize = 300 * 1024;
+/// How often a busy connection refreshes the device's lastActivityTime at control.
+const ACTIVITY_EVERY: Duration = Duration::from_secs(5);
+
+/// Why a connection ended; the metric label of `roost_mqtt_disconnects_total`.
+type Reason = &'static str;
+
+enum Woken {
+    Read(std::io::Result<usize>),
+    Durable(Result<(), crate::log::LogFailed>),
+    Signal(Wake),
+}
+
+struct Conn {
+    shard: Rc<Shard>,
+    gid: u64,
+    signal: Rc<Signal>,
+    deadline: Rc<Cell<Option<Instant>>>,
+    session: ServerSession,
+    identity: Option<Identity>,
+    refused: bool,
+    /// QoS 1 publishes waiting for their log batch: (batch id, packet id), in arrival order.
+    unacked: VecDeque<(u64, u16)>,
+    rbuf: BytesMut,
+    wbuf: BytesMut,
+    last_activity: Instant,
+}
+
+/// Serves one accepted connection (plain or TLS) to the end.
+pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(shard: Rc<Shard>, mut io: S) {
+    let (gid, signal, deadline) = shard.register();
+    let now = Instant::now();
+    let mut conn = Conn {
+        shard: shard.clone(),
+        gid,
+        signal,
+        deadline,
+        session: ServerSession::new(now, CONNECT_TIMEOUT),
+        identity: None,
+        refused: false,
+        unacked: VecDeque::new(),
+        rbuf: BytesMut::new(),
+        wbuf: BytesMut::new(),
+        last_activity: now,
+    };
+    let reason = conn.run(&mut io).await;
+    // Best effort: the peer may already be gone.
+    if !conn.wbuf.is_empty() {
+        let _ = io.write_all(&conn.wbuf).await;
+    }
+    let _ = io.close().await;
+    conn.finish(reason);
+}
+
+impl Conn {
+    async fn run<S: AsyncRead + AsyncWrite + Unpin>(&mut self, io: &mut S) -> Reason {
+        loop {
+            if self.session.poll_transmit(&mut self.wbuf) {
+                if io.write_all(&self.wbuf).await.is_err() || io.flush().await.is_err() {
+                    return "io_error";
+                }
+                self.wbuf.clear();
+            }
+            if self.refused {
+                return "connack_refused";
+            }
+            if self.session.state() == State::Closed {
+                return "client_disconnect";
+            }
+            self.deadline.set(self.session.poll_timeout());
+
+            let filled = self.rbuf.len();
+            self.rbuf.resize(filled + READ_CHUNK, 0);
+            let woken = {
+                let spare = &mut self.rbuf[filled..];
+                let sig = &self.signal;
+                let read = async { Woken::Read(io.read(spare).await) };
+                let signal = async { Woken::Signal(sig.wait().await) };
+                match self.unacked.front().map(|(batch, _)| *batch) {
+                    Some(batch) => {
+                        let log = self.shard.log.clone();
+                        let durable = async move { Woken::Durable(log.durable(batch).await) };
+                        future::or(read, future::or(durable, signal)).await
+                    }
+                    None => future::or(read, signal).await,
+                }
+            };
+            let got = match &woken {
+                Woken::Read(Ok(n)) => *n,
+                _ => 0,
+            };
+            self.rbuf.truncate(filled + got);
+
+            let step = match woken {
+                Woken::Read(Ok(0)) => Err(if self.identity.is_some() { "connection_lost" } else { "closed_before_connect" }),
+                Woken::Read(Ok(_)) => self.on_bytes(),
+                Woken::Read(Err(_)) => Err("io_error"),
+                Woken::Durable(Ok(())) => {
+                    self.ack_durable();
+                    Ok(())
+                }
+                Woken::Durable(Err(_)) => Err("log_write_failed"),
+                Woken::Signal(Wake::Close(reason)) => Err(reason),
+                Woken::Signal(Wake::CheckTimeout) => {
+                    self.session.handle_timeout(Instant::now()).map_err(|v| v.error_code())
+                }
+            };
+            if let Err(reason) = step {
+                return reason;
+            }
+            if self.rbuf.is_empty() && self.rbuf.capacity() > 4 * READ_CHUNK {
+                // Idle connections should not pin a large buffer after a big message.
+                self.rbuf = BytesMut::new();
+            }
+        }
+    }
+
+    /// PUBACKs every publish whose batch is durable, in order.
+    fn ack_durable(&mut self) {
+        while let Some((batch, pkid)) = self.unacked.front().copied() {
+            if !self.shard.log.is_durable(batch) {
+                break;
+            }
+            self.unacked.pop_front();
+            self.session.ack_publish(pkid);
+        }
+    }
+
+    fn on_bytes(&mut self) -> Result<(), Reason> {
+        let limits = Limits { max_frame: MAX_FRAME };
+        let now = Instant::now();
+        loop {
+            let len = match roost_mqtt::check(&self.rbuf, &limits) {
+                Ok(Some(len)) => len,
+                Ok(None) => break,
+                Err(e) => return Err(e.error_code()),
+            };
+            let frame = self.rbuf.split_to(len).freeze();
+            let packet = roost_mqtt::parse(frame).map_err(|e| e.error_code())?;
+            self.on_packet(now, packet)?;
+            if self.refused || self.session.state() == State::Closed {
+                break;
+            }
+        }
+        // Ack whatever became durable meanwhile so a pipelining client is not held back.
+        self.ack_durable();
+        Ok(())
+    }
+
+    fn on_packet(&mut self, now: Instant, packet: Packet) -> Result<(), Reason> {
+        if let Packet::Connect(c) = &packet {
+            if c.protocol_level != 4 && c.protocol_level != 3 {
+                self.refuse(auth::Refusal::UnsupportedProtocol);
+                return Ok(());
+            }
+        }
+        self.session.handle_packet(now, packet).map_err(|v| v.error_code())?;
+        while let Some(event) = self.session.poll_event() {
+            match event {
+                Event::Connect(c) => self.on_connect(&c),
+                Event::Publish(p) => self.on_publish(p)?,
+                Event::Subscribe(s) => {
+                    let codes: Vec<SubackCode> = s.filters.iter().map(|(f, q)| grant(f.as_str(), *q)).collect();
+                    self.session.grant_subscribe(s.pkid, &codes);
+                }
+                Event::Unsubscribe(u) => self.session.ack_unsubscribe(u.pkid),
+                Event::Disconnect => return Err("client_disconnect"),
+                Event::PubAck(_) => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn refuse(&mut self, refusal: auth::Refusal) {
+        self.shard.metrics.refused.inc(refusal.reason());
+        self.session.refuse(refusal.connack_code());
+        self.refused = true;
+    }
+
+    fn on_connect(&mut self, c: &roost_mqtt::Connect) {
+        let registry = self.shard.shared.registry.load();
+        match auth::authenticate(c, &registry, &self.shard.shared.hostname, unix_now().as_secs()) {
+            Err(refusal) => {
+                tracing::debug!(reason = refusal.reason(), client_id = %c.client_id.as_str(), "CONNECT refused");
+                self.refuse(refusal);
+            }
+            Ok(identity) => {
+                self.shard.claim_device(&identity.device_id, self.gid);
+                self.session.accept(false);
+                self.shard.metrics.connections_accepted.inc();
+                self.shard.metrics.connections_current.inc();
+                let _ = self.shard.shared.link.send(EngineFrame::ConnectionState {
+                    device_id: identity.device_id.clone(),
+                    connected: true,
+                    at_ms: unix_now().as_millis() as u64,
+                });
+                tracing::debug!(device = %identity.device_id, shard = self.shard.id, "device connected");
+                self.identity = Some(identity);
+            }
+        }
+    }
+
+    // hot path: parse the property bag, archive into the shard's scratch buffer, one append.
+    fn on_publish(&mut self, p: Publish) -> Result<(), Reason> {
+        let Some(identity) = &self.identity else { return Err("publish_before_connect") };
+        let topic = parse_publish_topic(p.topic.as_str()).map_err(|_| "not_iothub_topic")?;
+        let DeviceTopic::Telemetry { device, module, bag } = topic else {
+            return Err("unsupported_topic");
+        };
+        if device != identity.device_id || module != identity.module_id.as_deref() {
+            return Err("topic_device_mismatch");
+        }
+        if p.payload.len() > MAX_D2C_BODY {
+            return Err("payload_too_large");
+        }
+        let bag = roost_iothub::props::decode_bag(bag).map_err(|e| e.error_code())?;
+        let now = unix_now();
+        let message = telemetry::record(identity, bag, p.retain, &p.payload, now.as_millis() as u64);
+        let batch = {
+            let mut scratch = self.shard.scratch.borrow_mut();
+            let buf = std::mem::take(&mut *scratch);
+            let buf = message.archive_into(buf).map_err(|_| "archive_failed")?;
+            let batch = self.shard.log.append(&buf);
+            *scratch = buf;
+            batch.map_err(|_| "log_write_failed")?
+        };
+        let m = &self.shard.metrics;
+        m.messages_in.inc();
+        m.bytes_in.inc_by(p.payload.len() as u64);
+        if p.qos == QoS::AtLeastOnce {
+            self.unacked.push_back((batch, p.pkid));
+        }
+        let at = Instant::now();
+        if at.duration_since(self.last_activity) >= ACTIVITY_EVERY {
+            self.last_activity = at;
+            let _ = self.shard.shared.link.send(EngineFrame::Activity {
+                device_id: identity.device_id.clone(),
+                at_ms: now.as_millis() as u64,
+            });
+        }
+        Ok(())
+    }
+
+    fn finish(self, reason: Reason) {
+        let shard = &self.shard;
+        shard.unregister(self.gid, self.identity.as_ref().map(|i| i.device_id.as_str()));
+        if self.refused {
+            return;
+        }
+        shard.metrics.disconnects.inc(reason);
+        let Some(identity) = self.identity else { return };
+        shard.metrics.connections_current.dec();
+        tracing::debug!(device = %identity.device_id, reason, "device disconnected");
+        // A replaced connection's successor already reported Connected; do not undo it.
+        if reason != "replaced_by_new_connection" {
+            let _ = shard.shared.link.send(EngineFrame::ConnectionState {
+                device_id: identity.device_id,
+                connected: false,
+                at_ms: unix_now().as_millis() as u64,
+            });
+        }
+    }
+}
+
+/// SUBACK code for a filter: the documented IoT Hub filters at QoS ≤ 1, anything else refused.
+fn grant(filter: &str, qos: QoS) -> SubackCode {
+    const ALLOWED_PREFIXES: [&str; 3] = ["$iothub/twin/res/#", "$iothub/methods/POST/#", "$iothub/twin/PATCH/properties/desired/#"];
+    let device_bound = filter.starts_with("devices/") && (filter.ends_with("/messages/devicebound/#") || filter.contains("/inputs/"));
+    if !(ALLOWED_PREFIXES.contains(&filter) || device_bound) {
+        return SubackCode::Failure;
+    }
+    SubackCode::Granted(if qos == QoS::AtMostOnce { QoS::AtMostOnce } else { QoS::AtLeastOnce })
+}
+
+fn unix_now() -> Duration {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default()
+}

@@ -1,0 +1,40 @@
+//! The built-in `events` endpoint: an append-only log in the engine's RocksDB, one partition
+//! (column family `events-{k}`) per shard, keyed by big-endian offset so iteration is in order.
+//!
+//! Appends are group-committed: a shard puts records into the open batch and gets that batch's
+//! id back; one committer task per shard writes a closed batch with a single (synced) WAL write
+//! on glommio's blocking pool while the next batch fills. A PUBACK waits for its batch id to be
+//! durable, so one fsync covers every message that arrived during the previous one.
+
+mod partition;
+mod reader;
+
+pub use partition::{Durability, LogFailed, Partition};
+pub use reader::{checkpoint, commit_checkpoint, partitions, read_records, PartitionInfo, Record};
+
+use std::path::Path;
+use std::sync::Arc;
+
+use rocksdb::{ColumnFamilyDescriptor, Options, DB};
+use roost_registry::rocks::{CF_META, CF_REGISTRY};
+
+/// Column family name of partition `k`.
+pub fn partition_cf(k: usize) -> String {
+    format!("events-{k}")
+}
+
+/// Opens (creating when absent) the engine database with the registry, meta and `partitions`
+/// event column families; event partitions from an earlier run with more shards stay readable.
+pub fn open_db(path: &Path, partitions: usize) -> Result<Arc<DB>, rocksdb::Error> {
+    let mut opts = Options::default();
+    opts.create_if_missing(true);
+    opts.create_missing_column_families(true);
+    let mut names: Vec<String> = DB::list_cf(&opts, path).unwrap_or_default();
+    for required in [CF_REGISTRY.to_string(), CF_META.to_string()].into_iter().chain((0..partitions).map(partition_cf)) {
+        if !names.contains(&required) {
+            names.push(required);
+        }
+    }
+    let cfs = names.into_iter().map(|n| ColumnFamilyDescriptor::new(n, Options::default()));
+    Ok(Arc::new(DB::open_cf_descriptors(&opts, path, cfs)?))
+}

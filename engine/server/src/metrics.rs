@@ -1,0 +1,182 @@
+//! Engine metrics (DESIGN.md §7): one prometheus registry per engine, and per-shard *local*
+//! handles that count with plain arithmetic on the hot path and are flushed into the shared
+//! series by the shard's housekeeping tick — so no atomic is touched per message.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+
+use prometheus::local::{LocalHistogram, LocalIntCounter};
+use prometheus::{
+    exponential_buckets, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
+
+/// The engine's metric families. Shared by every shard and the ops endpoint.
+pub struct Metrics {
+    pub registry: Registry,
+    connections_current: IntGaugeVec,
+    connections_accepted: IntCounterVec,
+    connack_refused: IntCounterVec,
+    disconnects: IntCounterVec,
+    messages_in: IntCounterVec,
+    bytes_in: IntCounterVec,
+    log_appends: IntCounterVec,
+    log_append_latency: HistogramVec,
+    log_commits: IntCounterVec,
+    pub link_connected: IntGauge,
+    pub registry_sequence: IntGauge,
+    pub registry_devices: IntGauge,
+}
+
+fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("metric definitions are static and valid");
+    registry.register(Box::new(c.clone())).expect("each metric is registered once");
+    c
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let connections_current =
+            IntGaugeVec::new(Opts::new("roost_mqtt_connections_current", "Open MQTT connections."), &["shard"])
+                .expect("static metric");
+        registry.register(Box::new(connections_current.clone())).expect("registered once");
+        let log_append_latency = HistogramVec::new(
+            HistogramOpts::new(
+                "roost_log_append_latency_seconds",
+                "Time from a message's append to the events log until it is durable.",
+            )
+            .buckets(exponential_buckets(0.000_05, 2.0, 16).expect("static buckets")),
+            &["shard"],
+        )
+        .expect("static metric");
+        registry.register(Box::new(log_append_latency.clone())).expect("registered once");
+        let gauge = |name: &str, help: &str| {
+            let g = IntGauge::new(name, help).expect("static metric");
+            registry.register(Box::new(g.clone())).expect("registered once");
+            g
+        };
+        let link_connected = gauge("roost_link_connected", "1 while the control link is up, else 0.");
+        let registry_sequence = gauge("roost_registry_sequence", "Registry sequence the engine's replica is complete up to.");
+        let registry_devices = gauge("roost_registry_devices", "Devices in the engine's registry replica.");
+        Self {
+            connections_accepted: counter(&registry, "roost_mqtt_connections_accepted_total", "MQTT connections that completed CONNECT.", &["shard"]),
+            connack_refused: counter(&registry, "roost_mqtt_connack_refused_total", "CONNECTs refused, by reason.", &["shard", "reason"]),
+            disconnects: counter(&registry, "roost_mqtt_disconnects_total", "MQTT connections closed, by reason.", &["shard", "reason"]),
+            messages_in: counter(&registry, "roost_messages_in_total", "Device-to-cloud messages accepted.", &["shard", "protocol"]),
+            bytes_in: counter(&registry, "roost_messages_in_bytes_total", "Payload bytes of device-to-cloud messages accepted.", &["shard", "protocol"]),
+            log_appends: counter(&registry, "roost_log_appends_total", "Records appended to the events log.", &["shard"]),
+            log_commits: counter(&registry, "roost_log_commits_total", "Group commits of the events log (one sync each).", &["shard"]),
+            connections_current,
+            log_append_latency,
+            link_connected,
+            registry_sequence,
+            registry_devices,
+            registry,
+        }
+    }
+
+    /// Prometheus text exposition of every series.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let encoder = prometheus::TextEncoder::new();
+        if let Err(e) = encoder.encode_utf8(&self.registry.gather(), &mut out) {
+            tracing::warn!(error = %e, "metrics encoding failed");
+        }
+        out
+    }
+
+    /// The local handles one shard counts with.
+    pub fn shard(&self, shard: usize) -> ShardMetrics {
+        let s = shard.to_string();
+        ShardMetrics {
+            connections_current: self.connections_current.with_label_values(&[&s]),
+            connections_accepted: self.connections_accepted.with_label_values(&[&s]).local(),
+            messages_in: self.messages_in.with_label_values(&[&s, "mqtt"]).local(),
+            bytes_in: self.bytes_in.with_label_values(&[&s, "mqtt"]).local(),
+            log_appends: self.log_appends.with_label_values(&[&s]).local(),
+            log_commits: self.log_commits.with_label_values(&[&s]).local(),
+            log_append_latency: self.log_append_latency.with_label_values(&[&s]).local(),
+            refused: Reasons::new(self.connack_refused.clone(), s.clone()),
+            disconnects: Reasons::new(self.disconnects.clone(), s),
+        }
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A shard's counters. Not `Send`: it lives and is flushed on its shard.
+pub struct ShardMetrics {
+    /// Changes only on connect and disconnect, so it is updated directly.
+    pub connections_current: IntGauge,
+    pub connections_accepted: LocalIntCounter,
+    pub messages_in: LocalIntCounter,
+    pub bytes_in: LocalIntCounter,
+    pub log_appends: LocalIntCounter,
+    pub log_commits: LocalIntCounter,
+    pub log_append_latency: LocalHistogram,
+    pub refused: Reasons,
+    pub disconnects: Reasons,
+}
+
+impl ShardMetrics {
+    /// Moves the shard's local counts into the shared series.
+    pub fn flush(&self) {
+        self.connections_accepted.flush();
+        self.messages_in.flush();
+        self.bytes_in.flush();
+        self.log_appends.flush();
+        self.log_commits.flush();
+        self.log_append_latency.flush();
+        self.refused.flush();
+        self.disconnects.flush();
+    }
+}
+
+/// Counters labelled by a reason from a bounded set of static error codes.
+pub struct Reasons {
+    family: IntCounterVec,
+    shard: String,
+    by_reason: RefCell<HashMap<&'static str, LocalIntCounter>>,
+}
+
+impl Reasons {
+    fn new(family: IntCounterVec, shard: String) -> Self {
+        Self { family, shard, by_reason: RefCell::new(HashMap::new()) }
+    }
+
+    pub fn inc(&self, reason: &'static str) {
+        let mut map = self.by_reason.borrow_mut();
+        map.entry(reason)
+            .or_insert_with(|| self.family.with_label_values(&[&self.shard, reason]).local())
+            .inc();
+    }
+
+    fn flush(&self) {
+        for c in self.by_reason.borrow().values() {
+            c.flush();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn local_counts_appear_after_a_flush() {
+        let m = Metrics::new();
+        let s = m.shard(1);
+        s.messages_in.inc_by(3);
+        s.refused.inc("unknown_device");
+        s.refused.inc("unknown_device");
+        assert!(!m.encode().contains("roost_messages_in_total{protocol=\"mqtt\",shard=\"1\"} 3"));
+        s.flush();
+        let text = m.encode();
+        assert!(text.contains("roost_messages_in_total{protocol=\"mqtt\",shard=\"1\"} 3"), "{text}");
+        assert!(text.contains("roost_mqtt_connack_refused_total{reason=\"unknown_device\",shard=\"1\"} 2"), "{text}");
+    }
+}

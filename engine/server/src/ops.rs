@@ -1,0 +1,135 @@
+//! The engine's ops port: `/healthz`, `/metrics` and the `events` consumer API.
+//!
+//! Consumer API (JSON):
+//! - `GET /events/partitions` → `{"partitions":[{"partition","first","next"}]}`
+//! - `GET /events/partitions/{p}/records?from=N&max=M` → `{"records":[..],"next":K}`
+//! - `GET /events/groups/{g}/records?max=M&from=earliest|latest` → records from the group's
+//!   persisted checkpoint (or `from` when it has none) and `{"positions":{"p":next}}`
+//! - `POST /events/groups/{g}/checkpoint` with `{"p":next,..}` → 204
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use hyper::{Method, StatusCode};
+use rocksdb::DB;
+use serde_json::json;
+
+use crate::httpd::{self, query_param, Req, Resp};
+use crate::log;
+use crate::metrics::Metrics;
+
+pub struct Ops {
+    pub db: Arc<DB>,
+    pub metrics: Arc<Metrics>,
+}
+
+/// Most records one read returns.
+const MAX_READ: usize = 10_000;
+
+impl Ops {
+    pub async fn handle(self: Arc<Self>, req: Req) -> Resp {
+        // RocksDB reads block; keep them off the runtime's reactor.
+        let result = tokio::task::spawn_blocking(move || {
+            let path = req.uri().path().to_string();
+            let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+            self.route(req.method(), &segments, &req)
+        })
+        .await;
+        result.unwrap_or_else(|e| httpd::text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
+    }
+
+    fn route(&self, method: &Method, segments: &[&str], req: &Req) -> Resp {
+        match (method, segments) {
+            (&Method::GET, ["healthz"]) => httpd::text(StatusCode::OK, "ok\n"),
+            (&Method::GET, ["metrics"]) => {
+                let mut r = httpd::text(StatusCode::OK, self.metrics.encode());
+                r.headers_mut().insert(
+                    "content-type",
+                    hyper::header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+                );
+                r
+            }
+            (&Method::GET, ["events", "partitions"]) => {
+                httpd::json(StatusCode::OK, &json!({ "partitions": log::partitions(&self.db) }))
+            }
+            (&Method::GET, ["events", "partitions", p, "records"]) => self.read_partition(p, req),
+            (&Method::GET, ["events", "groups", g, "records"]) => self.read_group(&httpd::percent_decode(g), req),
+            (&Method::POST, ["events", "groups", g, "checkpoint"]) => self.checkpoint(&httpd::percent_decode(g), req),
+            _ => httpd::text(StatusCode::NOT_FOUND, "no such ops endpoint\n"),
+        }
+    }
+
+    fn read_partition(&self, p: &str, req: &Req) -> Resp {
+        let Ok(p) = p.parse::<usize>() else { return bad("partition must be a number") };
+        let from = match query_param(req, "from").map(|v| v.parse::<u64>()) {
+            None => 0,
+            Some(Ok(v)) => v,
+            Some(Err(_)) => return bad("from must be an offset"),
+        };
+        let max = match max_param(req) {
+            Ok(m) => m,
+            Err(r) => return r,
+        };
+        match log::read_records(&self.db, p, from, max) {
+            Ok((records, next)) => httpd::json(StatusCode::OK, &json!({ "records": records, "next": next })),
+            Err(e) => httpd::text(StatusCode::NOT_FOUND, e),
+        }
+    }
+
+    fn read_group(&self, group: &str, req: &Req) -> Resp {
+        let latest = match query_param(req, "from").as_deref() {
+            None | Some("earliest") => false,
+            Some("latest") => true,
+            Some(_) => return bad("from must be earliest or latest"),
+        };
+        let mut remaining = match max_param(req) {
+            Ok(m) => m,
+            Err(r) => return r,
+        };
+        let mut records = Vec::new();
+        let mut positions = BTreeMap::new();
+        for info in log::partitions(&self.db) {
+            let start = match log::checkpoint(&self.db, group, info.partition) {
+                Ok(Some(c)) => c,
+                Ok(None) if latest => info.next,
+                Ok(None) => info.first,
+                Err(e) => return httpd::text(StatusCode::INTERNAL_SERVER_ERROR, e),
+            };
+            let (mut got, next) = match log::read_records(&self.db, info.partition, start, remaining) {
+                Ok(r) => r,
+                Err(e) => return httpd::text(StatusCode::INTERNAL_SERVER_ERROR, e),
+            };
+            remaining -= got.len();
+            records.append(&mut got);
+            positions.insert(info.partition.to_string(), next);
+        }
+        httpd::json(StatusCode::OK, &json!({ "records": records, "positions": positions }))
+    }
+
+    fn checkpoint(&self, group: &str, req: &Req) -> Resp {
+        let Ok(body) = serde_json::from_slice::<BTreeMap<String, u64>>(req.body()) else {
+            return bad("body must be a JSON object of partition → next offset");
+        };
+        let mut positions = Vec::new();
+        for (p, next) in body {
+            let Ok(p) = p.parse::<usize>() else { return bad("partition keys must be numbers") };
+            positions.push((p, next));
+        }
+        match log::commit_checkpoint(&self.db, group, &positions) {
+            Ok(()) => httpd::empty(StatusCode::NO_CONTENT),
+            Err(e) => httpd::text(StatusCode::INTERNAL_SERVER_ERROR, e),
+        }
+    }
+}
+
+fn bad(why: &str) -> Resp {
+    httpd::text(StatusCode::BAD_REQUEST, format!("{why}\n"))
+}
+
+fn max_param(req: &Req) -> Result<usize, Resp> {
+    match query_param(req, "max").map(|v| v.parse::<usize>()) {
+        None => Ok(1000),
+        Some(Ok(v)) => Ok(v.min(MAX_READ)),
+        Some(Err(_)) => Err(bad("max must be a number")),
+    }
+}

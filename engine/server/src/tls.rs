@@ -1,0 +1,129 @@
+//! Loading the certificates `roost up` generates (`<data>/certs/`) into rustls configurations:
+//! the device-facing server config (TLS 1.2 and 1.3; the Python SDK pins 1.2) and the mutually
+//! authenticated configs of the QUIC control link.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+
+/// ALPN of the control link.
+pub const LINK_ALPN: &[u8] = b"roost-link/1";
+/// Server name the control plane's link certificate carries.
+pub const LINK_SERVER_NAME: &str = "roost-control";
+
+/// Paths of the files under `<data>/certs/`.
+#[derive(Debug, Clone)]
+pub struct CertPaths {
+    pub dir: PathBuf,
+}
+
+impl CertPaths {
+    pub fn new(data_dir: &Path) -> Self {
+        Self { dir: data_dir.join("certs") }
+    }
+    pub fn ca(&self) -> PathBuf {
+        self.dir.join("ca.pem")
+    }
+    pub fn ca_key(&self) -> PathBuf {
+        self.dir.join("ca.key")
+    }
+    pub fn server(&self) -> PathBuf {
+        self.dir.join("server.pem")
+    }
+    pub fn server_key(&self) -> PathBuf {
+        self.dir.join("server.key")
+    }
+    pub fn cluster(&self) -> PathBuf {
+        self.dir.join("cluster.pem")
+    }
+    pub fn cluster_key(&self) -> PathBuf {
+        self.dir.join("cluster.key")
+    }
+}
+
+/// Why certificates could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot read {path}: {detail}")]
+    Read { path: PathBuf, detail: String },
+    #[error("TLS configuration: {0}")]
+    Config(String),
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let read_err = |detail: String| TlsError::Read { path: path.to_path_buf(), detail };
+    let certs: Result<Vec<_>, _> = CertificateDer::pem_file_iter(path).map_err(|e| read_err(e.to_string()))?.collect();
+    let certs = certs.map_err(|e| read_err(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(read_err("no certificate in file".into()));
+    }
+    Ok(certs)
+}
+
+pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    PrivateKeyDer::from_pem_file(path).map_err(|e| TlsError::Read { path: path.to_path_buf(), detail: e.to_string() })
+}
+
+fn roots(ca: &Path) -> Result<RootCertStore, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for c in load_certs(ca)? {
+        roots.add(c).map_err(|e| TlsError::Config(e.to_string()))?;
+    }
+    Ok(roots)
+}
+
+/// The device-facing server config (MQTT :8883, HTTPS): TLS 1.2 and 1.3, no client certificate.
+pub fn device_server_config(paths: &CertPaths) -> Result<Arc<ServerConfig>, TlsError> {
+    let cfg = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(load_certs(&paths.server())?, load_key(&paths.server_key())?)
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    Ok(Arc::new(cfg))
+}
+
+/// The control plane's end of the link: requires a client certificate issued by the CA.
+pub fn link_server_config(paths: &CertPaths) -> Result<ServerConfig, TlsError> {
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots(&paths.ca())?), provider())
+        .build()
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    let mut cfg = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(load_certs(&paths.cluster())?, load_key(&paths.cluster_key())?)
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    cfg.alpn_protocols = vec![LINK_ALPN.to_vec()];
+    Ok(cfg)
+}
+
+/// The engine's end of the link: trusts the CA, presents the cluster certificate.
+pub fn link_client_config(paths: &CertPaths) -> Result<ClientConfig, TlsError> {
+    let mut cfg = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_root_certificates(roots(&paths.ca())?)
+        .with_client_auth_cert(load_certs(&paths.cluster())?, load_key(&paths.cluster_key())?)
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    cfg.alpn_protocols = vec![LINK_ALPN.to_vec()];
+    Ok(cfg)
+}
+
+/// A client config trusting only the hub's CA (the CLI's REST client).
+pub fn ca_client_config(paths: &CertPaths) -> Result<Arc<ClientConfig>, TlsError> {
+    let cfg = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_root_certificates(roots(&paths.ca())?)
+        .with_no_client_auth();
+    Ok(Arc::new(cfg))
+}

@@ -1,0 +1,143 @@
+"""`roost up` on custom ports: control and engine as child processes, hub.json, the CLI, the SDK,
+and a clean stop on SIGINT (Ctrl-C) that leaves no process behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+from azure.iot.device import Message
+
+from conftest import (
+    READY_TIMEOUT,
+    STOP_TIMEOUT,
+    call_with_timeout,
+    create_device_via_cli,
+    free_port,
+    http_ok,
+    kill_process_group,
+    make_device_client,
+    read_hub_json,
+    record_body,
+    register_logs,
+    shutdown_all_clients,
+    shutdown_client,
+    spawn,
+    stop_process,
+    tail_events_via_cli,
+    tcp_refused,
+    unique_id,
+    wait_until,
+)
+
+
+def proc_stat(pid: int) -> tuple[str, int, int] | None:
+    """(state, ppid, pgrp) of a live process, or None if it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    fields = text[text.rindex(")") + 2:].split()
+    return fields[0], int(fields[1]), int(fields[2])
+
+
+def alive(pid: int) -> bool:
+    st = proc_stat(pid)
+    return st is not None and st[0] not in ("Z", "X")
+
+
+def all_pids() -> list[int]:
+    return [int(d) for d in os.listdir("/proc") if d.isdigit()]
+
+
+def children_of(pid: int) -> list[int]:
+    return [p for p in all_pids() if (st := proc_stat(p)) and st[1] == pid and alive(p)]
+
+
+def group_members(pgid: int) -> list[int]:
+    return [p for p in all_pids() if (st := proc_stat(p)) and st[2] == pgid and alive(p)]
+
+
+def test_roost_up(roost_binary, tmp_path, request):
+    data = tmp_path / "data"
+    log = tmp_path / "up.log"
+    cli_log = tmp_path / "cli.log"
+    register_logs(request.node, [("up", log), ("cli", cli_log)])
+    ports = {name: free_port() for name in ("mqtt", "service", "ops", "control_ops", "link")}
+    up = spawn(roost_binary, [
+        "up", "--data-dir", str(data), "--hostname", "localhost",
+        "--mqtt", f"127.0.0.1:{ports['mqtt']}",
+        "--service", f"127.0.0.1:{ports['service']}",
+        "--ops", f"127.0.0.1:{ports['ops']}",
+        "--control-ops", f"127.0.0.1:{ports['control_ops']}",
+        "--link", f"127.0.0.1:{ports['link']}",
+        "--cores", "2",
+    ], log)
+    children: list[int] = []
+    try:
+        # ---- ready: both health endpoints, and hub.json with every port we asked for
+        def ready() -> bool:
+            assert up.poll() is None, f"roost up exited with {up.returncode}"
+            return http_ok(f"http://127.0.0.1:{ports['control_ops']}/healthz") and \
+                http_ok(f"http://127.0.0.1:{ports['ops']}/healthz")
+
+        wait_until(ready, READY_TIMEOUT, "roost up: control and engine /healthz")
+
+        def hub_json() -> dict | None:
+            info = read_hub_json(data)
+            p = info.get("ports", {})
+            return info if p.get("mqtt") == ports["mqtt"] and p.get("service") == ports["service"] else None
+
+        info = wait_until(hub_json, READY_TIMEOUT, "hub.json with the custom ports")
+        assert info["hostname"] == "localhost"
+        assert info["ports"]["ops"] == ports["ops"]
+        assert info["service_url"].endswith(f":{ports['service']}")
+        assert info["ops_url"].endswith(f":{ports['ops']}")
+        assert Path(info["ca"]).is_absolute() and Path(info["ca"]).is_file()
+        assert info["service_connection_string"].startswith("HostName=localhost;SharedAccessKeyName=iothubowner;")
+
+        children = children_of(up.pid)
+        assert len(children) >= 2, f"`roost up` should run control and engine as child processes: {children}"
+
+        # ---- a device created with the CLI connects with the SDK and its message is tailed
+        device_id = unique_id("up")
+        conn_str = create_device_via_cli(roost_binary, data, device_id, cli_log)
+        ca_pem = Path(info["ca"]).read_text()
+
+        def connected():
+            from azure.iot.device.exceptions import CredentialError
+
+            client = make_device_client(conn_str, ca_pem, ports["mqtt"])
+            try:
+                call_with_timeout(client.connect, what="connect")
+                return client
+            except CredentialError:
+                shutdown_client(client)
+                return None
+
+        client = wait_until(connected, 15, "the new device to connect", interval=0.2)
+        body = f"hello from {device_id}"
+        call_with_timeout(client.send_message, Message(body), what="send_message")
+        shutdown_client(client)
+        tailed = tail_events_via_cli(roost_binary, data, ["--from", "earliest", "--max", "1"], cli_log)
+        assert len(tailed) == 1, tailed
+        assert record_body(tailed[0]) == body.encode(), tailed[0]
+        assert tailed[0]["systemProperties"]["iothub-connection-device-id"] == device_id
+
+        # ---- Ctrl-C: `up` and both children exit, nothing is left listening
+        rc = stop_process(up, signal.SIGINT, timeout=STOP_TIMEOUT)
+        assert rc in (0, 130), f"roost up exited with {rc} on SIGINT"
+        wait_until(lambda: not any(alive(c) for c in children), 10, f"children {children} to exit")
+        wait_until(lambda: not group_members(up.pid), 10, "no process left in roost up's process group")
+        for name in ("mqtt", "service", "ops", "control_ops"):
+            assert tcp_refused(ports[name]), f"{name} port {ports[name]} still accepts connections"
+    finally:
+        shutdown_all_clients()
+        kill_process_group(up)
+        for c in children:
+            if alive(c):
+                try:
+                    os.kill(c, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
