@@ -98,7 +98,7 @@ def test_disabled_device_is_refused(shared_hub):
 @pytest.mark.parametrize("case, reason", [
     ("expired", "token_expired"),
     ("garbage", "bad_token"),
-    ("other-device-username", "bad_username"),
+    ("other-device-username", "client_id_mismatch"),
     ("no-password", "no_password"),
 ])
 def test_raw_connect_refusals(shared_hub, case, reason):

@@ -90,7 +90,7 @@ impl Violation {
             Violation::PacketBeforeConnack(_) => "packet_before_connack",
             Violation::QoS2Publish => "qos2_publish",
             Violation::UnexpectedPacket(_) => "unexpected_packet",
-            Violation::KeepAliveTimeout => "keep_alive_timeout",
+            Violation::KeepAliveTimeout => "keepalive_timeout",
             Violation::ConnectTimeout => "connect_timeout",
             Violation::Malformed(e) => e.error_code(),
         }

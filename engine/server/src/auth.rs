@@ -50,11 +50,10 @@ impl Refusal {
     }
 
     /// The CONNACK code: the Python SDK maps 4 and 5 to CredentialError; IoT Hub uses 5 for
-    /// identities it will not let in.
+    /// identities it will not let in, including a username that names another client.
     pub fn connack_code(&self) -> ConnectReturnCode {
         match self {
             Refusal::UnsupportedProtocol => ConnectReturnCode::UnacceptableProtocolVersion,
-            Refusal::ClientIdMismatch => ConnectReturnCode::IdentifierRejected,
             _ => ConnectReturnCode::NotAuthorized,
         }
     }
@@ -176,12 +175,7 @@ mod tests {
         for (c, enabled, reason) in cases {
             let err = authenticate(&c, &registry(enabled), "localhost", NOW).expect_err(reason);
             assert_eq!(err.reason(), reason);
-            let code = if reason == "client_id_mismatch" {
-                ConnectReturnCode::IdentifierRejected
-            } else {
-                ConnectReturnCode::NotAuthorized
-            };
-            assert_eq!(err.connack_code(), code, "{reason}");
+            assert_eq!(err.connack_code(), ConnectReturnCode::NotAuthorized, "{reason}");
         }
     }
 

@@ -183,9 +183,10 @@ fn apply(ctx: &LinkContext, frame: ControlFrame) -> Result<(), String> {
     ctx.metrics.registry_devices.set(next.len() as i64);
     tracing::debug!(seq = next.seq(), devices = next.len(), "registry replica updated");
     ctx.registry.replace(next);
+    let now = std::time::Instant::now();
     for device_id in revoked {
         for tx in &ctx.shards {
-            let _ = tx.send(ShardCommand::Kick { device_id: device_id.clone(), keep: None, reason: "device_revoked" });
+            let _ = tx.send(ShardCommand::Kick { device_id: device_id.clone(), before: now, reason: "device_revoked" });
         }
     }
     Ok(())

@@ -27,8 +27,9 @@ use crate::signal::Signal;
 /// Work sent to a shard from another thread.
 #[derive(Debug, Clone)]
 pub enum ShardCommand {
-    /// Close the connection of `device_id` unless it is connection `keep`.
-    Kick { device_id: String, keep: Option<u64>, reason: &'static str },
+    /// Close the connection of `device_id` if it connected before `before` (commands travel
+    /// slowly; a newer connection than the one that sent the kick must survive it).
+    Kick { device_id: String, before: Instant, reason: &'static str },
     /// Stop accepting, close every connection, flush the log and return.
     Shutdown,
 }
@@ -63,7 +64,8 @@ pub struct Shard {
     pub metrics: Rc<ShardMetrics>,
     pub log: Rc<Partition>,
     conns: RefCell<HashMap<u64, ConnEntry>>,
-    devices: RefCell<HashMap<String, u64>>,
+    /// Device → (connection id, when it authenticated).
+    devices: RefCell<HashMap<String, (u64, Instant)>>,
     next_conn: Cell<u64>,
     /// Reused buffer for archiving records, so an append does not allocate.
     pub scratch: RefCell<AlignedVec>,
@@ -87,8 +89,9 @@ impl Shard {
     /// Records that `gid` is now `device_id`'s connection, closing any earlier one on this shard
     /// and asking every other shard to do the same (one connection per identity, spec §2.3).
     pub fn claim_device(&self, device_id: &str, gid: u64) {
-        let previous = self.devices.borrow_mut().insert(device_id.to_string(), gid);
-        if let Some(old) = previous.filter(|old| *old != gid) {
+        let now = Instant::now();
+        let previous = self.devices.borrow_mut().insert(device_id.to_string(), (gid, now));
+        if let Some((old, _)) = previous.filter(|(old, _)| *old != gid) {
             if let Some(e) = self.conns.borrow().get(&old) {
                 e.signal.close("replaced_by_new_connection");
             }
@@ -97,7 +100,7 @@ impl Shard {
             if k != self.id {
                 let _ = tx.send(ShardCommand::Kick {
                     device_id: device_id.to_string(),
-                    keep: Some(gid),
+                    before: now,
                     reason: "replaced_by_new_connection",
                 });
             }
@@ -108,15 +111,15 @@ impl Shard {
         self.conns.borrow_mut().remove(&gid);
         if let Some(d) = device_id {
             let mut devices = self.devices.borrow_mut();
-            if devices.get(d) == Some(&gid) {
+            if devices.get(d).is_some_and(|(g, _)| *g == gid) {
                 devices.remove(d);
             }
         }
     }
 
-    fn kick(&self, device_id: &str, keep: Option<u64>, reason: &'static str) {
-        let Some(gid) = self.devices.borrow().get(device_id).copied() else { return };
-        if Some(gid) == keep {
+    fn kick(&self, device_id: &str, before: Instant, reason: &'static str) {
+        let Some((gid, since)) = self.devices.borrow().get(device_id).copied() else { return };
+        if since >= before {
             return;
         }
         if let Some(e) = self.conns.borrow().get(&gid) {
@@ -194,7 +197,7 @@ pub async fn run(
         let mut shutdown = false;
         while let Ok(cmd) = commands.try_recv() {
             match cmd {
-                ShardCommand::Kick { device_id, keep, reason } => shard.kick(&device_id, keep, reason),
+                ShardCommand::Kick { device_id, before, reason } => shard.kick(&device_id, before, reason),
                 ShardCommand::Shutdown => shutdown = true,
             }
         }
