@@ -9,10 +9,26 @@ use roost_iothub::sas::SasToken;
 use roost_server::httpd::{self, percent_decode, query_param, Req, Resp};
 use serde_json::json;
 
-use crate::device::{Authentication, Capabilities, Device, DeviceWrite, SymmetricKey, X509Thumbprint, NEVER};
+use crate::device::{Authentication, AuthenticationWrite, Capabilities, Device, DeviceWrite, SymmetricKey, X509Thumbprint, NEVER};
+use crate::store::Writes;
 use crate::metrics::ControlMetrics;
 use crate::policies::Right;
 use crate::store::Store;
+
+/// Most operations one bulk request may carry (IoT Hub's limit).
+const MAX_BULK: usize = 100;
+
+/// One entry of a bulk registry request (IoT Hub's ExportImportDevice).
+#[derive(Debug, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct BulkItem {
+    id: String,
+    import_mode: String,
+    #[serde(default, rename = "eTag")]
+    e_tag: Option<String>,
+    #[serde(flatten)]
+    device: DeviceWrite,
+}
 
 pub struct Api {
     pub store: Arc<Store>,
@@ -103,6 +119,7 @@ impl Api {
             (&Method::GET, ["devices"]) => self.authorize(req, Right::RegistryRead).and_then(|_| self.list(req)),
             (&Method::GET, ["devices", id]) => self.authorize(req, Right::RegistryRead).and_then(|_| self.get(id)),
             (&Method::PUT, ["devices", id]) => self.authorize(req, Right::RegistryWrite).and_then(|_| self.put(id, req)),
+            (&Method::POST, ["devices"]) => self.authorize(req, Right::RegistryWrite).and_then(|_| self.bulk(req)),
             (&Method::DELETE, ["devices", id]) => self.authorize(req, Right::RegistryWrite).and_then(|_| self.delete(id, req)),
             (&Method::GET, ["statistics", "devices"]) => self.authorize(req, Right::RegistryRead).and_then(|_| self.stats()),
             _ => Err(HubError::new(StatusCode::NOT_FOUND, 404000, "NotFound", format!("no such resource: {path}"))),
@@ -157,9 +174,22 @@ impl Api {
     }
 
     fn put(&self, id: &str, req: &Req) -> Result<Resp, HubError> {
-        roost_model::DeviceId::parse(id).map_err(|e| HubError::bad_request(format!("invalid device id: {e}")))?;
         let body: DeviceWrite =
             serde_json::from_slice(req.body()).map_err(|e| HubError::bad_request(format!("invalid device JSON: {e}")))?;
+        let if_match = req.headers().get("if-match").and_then(|v| v.to_str().ok()).map(|v| unquote(v).to_string());
+        self.store.exclusive(|| {
+            let mut writes = self.store.writes();
+            let device = self.write_device(&mut writes, id, &body, if_match.as_deref())?;
+            writes.commit().map_err(HubError::server)?;
+            tracing::info!(device = %device.device_id, status = %device.status, "device written");
+            Ok(device_response(&device))
+        })
+    }
+
+    /// Creates or updates one device inside `writes`, following IoT Hub's `If-Match` rules:
+    /// none = create only, `*` = create or update, an etag = update that version only.
+    fn write_device(&self, writes: &mut Writes<'_>, id: &str, body: &DeviceWrite, if_match: Option<&str>) -> Result<Device, HubError> {
+        roost_model::DeviceId::parse(id).map_err(|e| HubError::bad_request(format!("invalid device id: {e}")))?;
         if body.device_id.as_deref().is_some_and(|b| b != id) {
             return Err(HubError::bad_request("deviceId in the body does not match the path"));
         }
@@ -168,88 +198,133 @@ impl Api {
             Some("disabled") => "disabled",
             Some(other) => return Err(HubError::bad_request(format!("status must be enabled or disabled, not {other}"))),
         };
-        let auth = body.authentication.unwrap_or_default();
+        let empty = AuthenticationWrite::default();
+        let auth = body.authentication.as_ref().unwrap_or(&empty);
         if let Some(kind) = auth.kind.as_deref() {
             if kind != "sas" {
                 return Err(HubError::bad_request(format!("authentication type {kind} is not supported yet; use sas")));
             }
         }
-        let keys = auth.symmetric_key.unwrap_or_default();
+        let keys = auth.symmetric_key.clone().unwrap_or_default();
         for k in [&keys.primary_key, &keys.secondary_key].into_iter().flatten() {
             if !crate::device::valid_key(k) {
                 return Err(HubError::bad_request("symmetric keys must be base64 of 16 to 64 bytes"));
             }
         }
-        let if_match = req.headers().get("if-match").and_then(|v| v.to_str().ok()).map(|v| unquote(v).to_string());
-
-        self.store.exclusive(|| {
-            let existing = self.store.device(id).map_err(HubError::server)?;
-            let now = iso_now();
-            let device = match (existing, if_match.as_deref()) {
-                (Some(_), None) => {
-                    return Err(HubError::new(StatusCode::CONFLICT, 409001, "DeviceAlreadyExists", format!("Device {id} already exists")))
+        let existing = self.store.device(id).map_err(HubError::server)?;
+        let now = iso_now();
+        let device = match (existing, if_match) {
+            (Some(_), None) => {
+                return Err(HubError::new(StatusCode::CONFLICT, 409001, "DeviceAlreadyExists", format!("Device {id} already exists")))
+            }
+            (Some(d), Some(tag)) if tag != "*" && tag != d.etag => return Err(HubError::precondition_failed()),
+            (None, Some(tag)) if tag != "*" => return Err(HubError::device_not_found(id)),
+            (Some(mut d), Some(_)) => {
+                if d.status != status {
+                    d.status_updated_time = now;
                 }
-                (Some(d), Some(tag)) if tag != "*" && tag != d.etag => return Err(HubError::precondition_failed()),
-                (None, Some(tag)) if tag != "*" => return Err(HubError::device_not_found(id)),
-                (Some(mut d), Some(_)) => {
-                    if d.status != status {
-                        d.status_updated_time = now.clone();
-                    }
-                    d.status = status.to_string();
-                    d.status_reason = body.status_reason.clone();
-                    // Keys left out of an update are kept, not regenerated.
-                    if let Some(k) = &keys.primary_key {
-                        d.authentication.symmetric_key.primary_key = Some(k.clone());
-                    }
-                    if let Some(k) = &keys.secondary_key {
-                        d.authentication.symmetric_key.secondary_key = Some(k.clone());
-                    }
-                    if let Some(c) = body.capabilities.clone() {
-                        d.capabilities = c;
-                    }
-                    d.etag = self.store.next_etag().map_err(HubError::server)?;
-                    d
+                d.status = status.to_string();
+                d.status_reason = body.status_reason.clone();
+                // Keys left out of an update are kept, not regenerated.
+                if let Some(k) = &keys.primary_key {
+                    d.authentication.symmetric_key.primary_key = Some(k.clone());
                 }
-                (None, _) => Device {
-                    device_id: id.to_string(),
-                    generation_id: generation_id(),
-                    etag: self.store.next_etag().map_err(HubError::server)?,
-                    connection_state: "Disconnected".into(),
-                    status: status.to_string(),
-                    status_reason: body.status_reason.clone(),
-                    connection_state_updated_time: NEVER.into(),
-                    status_updated_time: NEVER.into(),
-                    last_activity_time: NEVER.into(),
-                    cloud_to_device_message_count: 0,
-                    authentication: Authentication {
-                        kind: "sas".into(),
-                        symmetric_key: SymmetricKey {
-                            primary_key: Some(keys.primary_key.clone().unwrap_or_else(roost_iothub::sas::generate_key)),
-                            secondary_key: Some(keys.secondary_key.clone().unwrap_or_else(roost_iothub::sas::generate_key)),
-                        },
-                        x509_thumbprint: X509Thumbprint::default(),
+                if let Some(k) = &keys.secondary_key {
+                    d.authentication.symmetric_key.secondary_key = Some(k.clone());
+                }
+                if let Some(c) = body.capabilities.clone() {
+                    d.capabilities = c;
+                }
+                d.etag = self.store.next_etag().map_err(HubError::server)?;
+                d
+            }
+            (None, _) => Device {
+                device_id: id.to_string(),
+                generation_id: generation_id(),
+                etag: self.store.next_etag().map_err(HubError::server)?,
+                connection_state: "Disconnected".into(),
+                status: status.to_string(),
+                status_reason: body.status_reason.clone(),
+                connection_state_updated_time: NEVER.into(),
+                status_updated_time: NEVER.into(),
+                last_activity_time: NEVER.into(),
+                cloud_to_device_message_count: 0,
+                authentication: Authentication {
+                    kind: "sas".into(),
+                    symmetric_key: SymmetricKey {
+                        primary_key: Some(keys.primary_key.clone().unwrap_or_else(roost_iothub::sas::generate_key)),
+                        secondary_key: Some(keys.secondary_key.clone().unwrap_or_else(roost_iothub::sas::generate_key)),
                     },
-                    capabilities: body.capabilities.clone().unwrap_or(Capabilities { iot_edge: false }),
+                    x509_thumbprint: X509Thumbprint::default(),
                 },
-            };
-            self.store.put_device(&device, true).map_err(HubError::server)?;
-            tracing::info!(device = %device.device_id, status = %device.status, "device written");
-            Ok(device_response(&device))
-        })
+                capabilities: body.capabilities.clone().unwrap_or(Capabilities { iot_edge: false }),
+            },
+        };
+        writes.put(&device, true).map_err(HubError::server)?;
+        Ok(device)
     }
 
     fn delete(&self, id: &str, req: &Req) -> Result<Resp, HubError> {
         let if_match = req.headers().get("if-match").and_then(|v| v.to_str().ok()).map(|v| unquote(v).to_string());
         self.store.exclusive(|| {
-            let existing = self.store.device(id).map_err(HubError::server)?.ok_or_else(|| HubError::device_not_found(id))?;
-            if let Some(tag) = if_match.as_deref() {
-                if tag != "*" && tag != existing.etag {
-                    return Err(HubError::precondition_failed());
-                }
-            }
-            self.store.delete_device(id).map_err(HubError::server)?;
+            let mut writes = self.store.writes();
+            self.delete_device(&mut writes, id, if_match.as_deref())?;
+            writes.commit().map_err(HubError::server)?;
             tracing::info!(device = %id, "device deleted");
             Ok(httpd::empty(StatusCode::NO_CONTENT))
+        })
+    }
+
+    fn delete_device(&self, writes: &mut Writes<'_>, id: &str, if_match: Option<&str>) -> Result<(), HubError> {
+        let existing = self.store.device(id).map_err(HubError::server)?.ok_or_else(|| HubError::device_not_found(id))?;
+        if let Some(tag) = if_match {
+            if tag != "*" && tag != existing.etag {
+                return Err(HubError::precondition_failed());
+            }
+        }
+        writes.delete(id);
+        Ok(())
+    }
+
+    /// `POST /devices`: up to 100 create/update/delete operations, committed together
+    /// (spec §4: `[ExportImportDevice]` → `{isSuccessful, errors, warnings}`).
+    fn bulk(&self, req: &Req) -> Result<Resp, HubError> {
+        let items: Vec<BulkItem> =
+            serde_json::from_slice(req.body()).map_err(|e| HubError::bad_request(format!("invalid bulk request: {e}")))?;
+        if items.len() > MAX_BULK {
+            return Err(HubError::bad_request(format!("at most {MAX_BULK} devices per bulk request, got {}", items.len())));
+        }
+        let mut seen = std::collections::HashSet::new();
+        if let Some(dup) = items.iter().find(|i| !seen.insert(i.id.as_str())) {
+            return Err(HubError::bad_request(format!("device {} appears twice in one bulk request", dup.id)));
+        }
+        self.store.exclusive(|| {
+            let mut writes = self.store.writes();
+            let mut errors = Vec::new();
+            for item in &items {
+                let etag = item.e_tag.as_deref().map(unquote);
+                let result = match item.import_mode.as_str() {
+                    "create" => self.write_device(&mut writes, &item.id, &item.device, None).map(drop),
+                    "update" => self.write_device(&mut writes, &item.id, &item.device, Some("*")).map(drop),
+                    "updateIfMatchETag" => self.write_device(&mut writes, &item.id, &item.device, Some(etag.unwrap_or(""))).map(drop),
+                    "delete" => self.delete_device(&mut writes, &item.id, None),
+                    "deleteIfMatchETag" => self.delete_device(&mut writes, &item.id, Some(etag.unwrap_or(""))),
+                    other => Err(HubError::bad_request(format!("importMode {other} is not supported"))),
+                };
+                if let Err(e) = result {
+                    errors.push(json!({
+                        "deviceId": item.id,
+                        "errorCode": e.name,
+                        "errorStatus": e.message,
+                        "operation": item.import_mode,
+                    }));
+                }
+            }
+            writes.commit().map_err(HubError::server)?;
+            let ok = errors.is_empty();
+            tracing::info!(devices = items.len(), failed = errors.len(), "bulk registry operation");
+            let body = json!({ "isSuccessful": ok, "errors": errors, "warnings": [] });
+            Ok(httpd::json(if ok { StatusCode::OK } else { StatusCode::BAD_REQUEST }, &body))
         })
     }
 

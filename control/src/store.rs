@@ -118,38 +118,22 @@ impl Store {
         f()
     }
 
-    /// Writes a device and, when `change` is given, appends it to the registry log (one batch).
+    /// Writes a device and, when `change` is set, appends it to the registry log (one batch).
     pub fn put_device(&self, device: &Device, change: bool) -> Result<(), StoreError> {
-        let json = serde_json::to_vec(device).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        let mut batch = WriteBatch::default();
-        batch.put_cf(self.cf(CF_DEVICES), device.device_id.as_bytes(), json);
-        let change = change.then(|| RegistryChange::Upsert(device.auth()));
-        self.commit(batch, change)
+        let mut w = self.writes();
+        w.put(device, change)?;
+        w.commit()
     }
 
     pub fn delete_device(&self, id: &str) -> Result<(), StoreError> {
-        let mut batch = WriteBatch::default();
-        batch.delete_cf(self.cf(CF_DEVICES), id.as_bytes());
-        self.commit(batch, Some(RegistryChange::Delete { device_id: id.to_string() }))
+        let mut w = self.writes();
+        w.delete(id);
+        w.commit()
     }
 
-    fn commit(&self, mut batch: WriteBatch, change: Option<RegistryChange>) -> Result<(), StoreError> {
-        let mut seq = None;
-        if let Some(change) = &change {
-            let next = self.registry_seq()? + 1;
-            let bytes = rkyv::to_bytes::<rkyv::rancor::Error>(change).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-            batch.put_cf(self.cf(CF_CHANGES), next.to_be_bytes(), bytes.as_slice());
-            batch.put_cf(self.cf(CF_META), SEQ_KEY, next.to_le_bytes());
-            seq = Some(next);
-        }
-        let mut opts = WriteOptions::default();
-        opts.set_sync(true);
-        self.db.write_opt(batch, &opts)?;
-        if let (Some(seq), Some(change)) = (seq, change) {
-            // No receivers is fine: engines catch up from the log when they connect.
-            let _ = self.changes.send((seq, change));
-        }
-        Ok(())
+    /// A group of device writes committed as one synced batch (bulk operations).
+    pub fn writes(&self) -> Writes<'_> {
+        Writes { store: self, batch: WriteBatch::default(), changes: Vec::new() }
     }
 
     /// New registry changes as they are committed.
@@ -197,5 +181,51 @@ impl Store {
         f(&mut d);
         let json = serde_json::to_vec(&d).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         Ok(self.db.put_cf(self.cf(CF_DEVICES), id.as_bytes(), json)?)
+    }
+}
+
+/// Device writes that commit together, with their registry changes in order.
+pub struct Writes<'a> {
+    store: &'a Store,
+    batch: WriteBatch,
+    changes: Vec<RegistryChange>,
+}
+
+impl Writes<'_> {
+    pub fn put(&mut self, device: &Device, change: bool) -> Result<(), StoreError> {
+        let json = serde_json::to_vec(device).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        self.batch.put_cf(self.store.cf(CF_DEVICES), device.device_id.as_bytes(), json);
+        if change {
+            self.changes.push(RegistryChange::Upsert(device.auth()));
+        }
+        Ok(())
+    }
+
+    pub fn delete(&mut self, id: &str) {
+        self.batch.delete_cf(self.store.cf(CF_DEVICES), id.as_bytes());
+        self.changes.push(RegistryChange::Delete { device_id: id.to_string() });
+    }
+
+    /// Writes everything (synced) and then announces the changes to engine links.
+    pub fn commit(mut self) -> Result<(), StoreError> {
+        let store = self.store;
+        let first = store.registry_seq()? + 1;
+        for (i, change) in self.changes.iter().enumerate() {
+            let seq = first + i as u64;
+            let bytes = rkyv::to_bytes::<rkyv::rancor::Error>(change).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            self.batch.put_cf(store.cf(CF_CHANGES), seq.to_be_bytes(), bytes.as_slice());
+        }
+        if !self.changes.is_empty() {
+            let last = first + self.changes.len() as u64 - 1;
+            self.batch.put_cf(store.cf(CF_META), SEQ_KEY, last.to_le_bytes());
+        }
+        let mut opts = WriteOptions::default();
+        opts.set_sync(true);
+        store.db.write_opt(self.batch, &opts)?;
+        for (i, change) in self.changes.into_iter().enumerate() {
+            // No receivers is fine: engines catch up from the log when they connect.
+            let _ = store.changes.send((first + i as u64, change));
+        }
+        Ok(())
     }
 }

@@ -268,3 +268,47 @@ def test_service_key_in_hub_json_matches_connection_string(shared_hub):
     assert fields["HostName"] == shared_hub.hostname
     assert fields["SharedAccessKeyName"] == "iothubowner"
     assert base64.b64decode(fields["SharedAccessKey"], validate=True)
+
+
+def test_bulk_registry_operations(shared_hub):
+    """POST /devices (bulk ExportImportDevice): create many in one call, per-device errors,
+    and the created identities reach the engine (a device connects with its key)."""
+    hub = shared_hub
+    url = f"{hub.service_url}/devices"
+    params = {"api-version": "2021-04-12"}
+    key = random_key()
+    ids = [unique_id("bulk") for _ in range(3)]
+    create = [{"id": i, "importMode": "create", "status": "enabled",
+               "authentication": {"type": "sas", "symmetricKey": {"primaryKey": key, "secondaryKey": key}}}
+              for i in ids]
+    r = requests.post(url, params=params, headers=hub.service_headers(), data=json.dumps(create),
+                      verify=hub.ca_path, timeout=10)
+    assert r.status_code == 200, r.text
+    assert r.json() == {"isSuccessful": True, "errors": [], "warnings": []}
+    client = hub.connected_client(device_connection_string(hub.hostname, ids[0], key))
+    shutdown_client(client)
+
+    # Creating an existing device fails for that device only; the new one is created.
+    extra = unique_id("bulk")
+    again = [create[1], {**create[1], "id": extra}]
+    r = requests.post(url, params=params, headers=hub.service_headers(), data=json.dumps(again),
+                      verify=hub.ca_path, timeout=10)
+    assert r.status_code == 400, r.text
+    result = r.json()
+    assert result["isSuccessful"] is False
+    assert [(e["deviceId"], e["errorCode"]) for e in result["errors"]] == [(ids[1], "DeviceAlreadyExists")]
+    r = requests.get(f"{url}/{extra}", params=params, headers=hub.service_headers(), verify=hub.ca_path, timeout=10)
+    assert r.status_code == 200, r.text
+
+    # Bulk delete, and more than 100 entries is refused whole.
+    delete = [{"id": i, "importMode": "delete"} for i in ids + [extra]]
+    r = requests.post(url, params=params, headers=hub.service_headers(), data=json.dumps(delete),
+                      verify=hub.ca_path, timeout=10)
+    assert r.status_code == 200 and r.json()["isSuccessful"], r.text
+    for i in ids + [extra]:
+        r = requests.get(f"{url}/{i}", params=params, headers=hub.service_headers(), verify=hub.ca_path, timeout=10)
+        assert r.status_code == 404, r.text
+    too_many = [{"id": f"x{n}", "importMode": "create"} for n in range(101)]
+    r = requests.post(url, params=params, headers=hub.service_headers(), data=json.dumps(too_many),
+                      verify=hub.ca_path, timeout=10)
+    assert r.status_code == 400, r.text

@@ -96,6 +96,9 @@ impl Conn {
             if self.session.state() == State::Closed {
                 return "client_disconnect";
             }
+            if let Some(reason) = self.signal.pending_close() {
+                return reason;
+            }
             self.deadline.set(self.session.poll_timeout());
 
             let filled = self.rbuf.len();

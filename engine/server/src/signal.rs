@@ -34,6 +34,12 @@ impl Signal {
         self.wake();
     }
 
+    /// The close request, if any, without waiting: a connection flooded with input checks this
+    /// each turn, since its read never pends and so never yields to [`Signal::wait`].
+    pub fn pending_close(&self) -> Option<&'static str> {
+        self.close.get()
+    }
+
     fn wake(&self) {
         if let Some(w) = self.waker.borrow_mut().take() {
             w.wake();
