@@ -1,11 +1,13 @@
 //! The built-in `events` endpoint: an append-only log in the engine's RocksDB, one partition
-//! (column family `events-{k}`) per shard, keyed by big-endian offset so iteration is in order.
+//! (column family `events-{k}`) per shard. Each group commit stores its records as one value
+//! ([`batch`]) keyed by the big-endian offset of its first record, so iteration is in order.
 //!
 //! Appends are group-committed: a shard puts records into the open batch and gets that batch's
 //! id back; one committer task per shard writes a closed batch with a single (synced) WAL write
 //! on glommio's blocking pool while the next batch fills. A PUBACK waits for its batch id to be
 //! durable, so one fsync covers every message that arrived during the previous one.
 
+mod batch;
 mod partition;
 mod reader;
 

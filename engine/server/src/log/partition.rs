@@ -9,6 +9,8 @@ use std::time::Instant;
 
 use rocksdb::{WriteBatch, WriteOptions, DB};
 
+use super::batch;
+
 use crate::metrics::ShardMetrics;
 
 /// How durable an acknowledged message is.
@@ -27,7 +29,8 @@ pub struct LogFailed(pub String);
 
 struct State {
     next_offset: u64,
-    open: WriteBatch,
+    /// Records of the open batch, back to back (see [`batch`]).
+    open: Vec<u8>,
     open_len: usize,
     /// Id of the batch new appends go into; batches `< open_id` are closed.
     open_id: u64,
@@ -54,9 +57,12 @@ impl Partition {
         let handle = db.cf_handle(&cf).ok_or_else(|| LogFailed(format!("missing column family {cf}")))?;
         let mut it = db.raw_iterator_cf(handle);
         it.seek_to_last();
-        let next_offset = match it.key() {
-            Some(k) => decode_offset(k).map(|o| o + 1).ok_or_else(|| LogFailed(format!("corrupt key in {cf}")))?,
-            None => 0,
+        let next_offset = match (it.key(), it.value()) {
+            (Some(k), Some(v)) => {
+                let first = decode_offset(k).ok_or_else(|| LogFailed(format!("corrupt key in {cf}")))?;
+                first + batch::count(v).map_err(|e| LogFailed(format!("{cf}: {e}")))?
+            }
+            _ => 0,
         };
         drop(it);
         Ok(Rc::new(Self {
@@ -65,7 +71,7 @@ impl Partition {
             durability,
             state: RefCell::new(State {
                 next_offset,
-                open: WriteBatch::default(),
+                open: Vec::new(),
                 open_len: 0,
                 open_id: 1,
                 durable_id: 0,
@@ -79,15 +85,13 @@ impl Partition {
     }
 
     /// Adds a record to the open batch; returns the batch id to wait on with [`Self::durable`].
-    // hot path: one memcpy into the batch, no syscall; the committer does the I/O.
+    // hot path: one memcpy into the open batch, no syscall; the committer does the I/O.
     pub fn append(&self, record: &[u8]) -> Result<u64, LogFailed> {
         let mut st = self.state.borrow_mut();
         if let Some(f) = &st.failed {
             return Err(f.clone());
         }
-        let cf = self.db.cf_handle(&self.cf).ok_or_else(|| LogFailed(format!("missing column family {}", self.cf)))?;
-        let offset = st.next_offset;
-        st.open.put_cf(cf, offset.to_be_bytes(), record);
+        batch::push(&mut st.open, record);
         st.next_offset += 1;
         st.open_len += 1;
         if st.opened_at.is_none() {
@@ -146,21 +150,26 @@ impl Partition {
             if !ready {
                 return;
             }
-            let (batch, id, count, opened_at) = {
+            let (records, first, id, count, opened_at) = {
                 let mut st = self.state.borrow_mut();
-                let batch = std::mem::take(&mut st.open);
+                let records = std::mem::take(&mut st.open);
+                let count = std::mem::take(&mut st.open_len);
+                let first = st.next_offset - count as u64;
                 let id = st.open_id;
                 st.open_id += 1;
-                let count = std::mem::take(&mut st.open_len);
-                (batch, id, count, st.opened_at.take())
+                (records, first, id, count, st.opened_at.take())
             };
             let db = self.db.clone();
+            let cf = self.cf.clone();
             let sync = self.durability == Durability::Synced;
             let result = glommio::executor()
                 .spawn_blocking(move || {
+                    let handle = db.cf_handle(&cf).ok_or_else(|| LogFailed(format!("missing column family {cf}")))?;
+                    let mut wb = WriteBatch::default();
+                    wb.put_cf(handle, first.to_be_bytes(), &records);
                     let mut opts = WriteOptions::default();
                     opts.set_sync(sync);
-                    db.write_opt(batch, &opts).map_err(|e| LogFailed(e.to_string()))
+                    db.write_opt(wb, &opts).map_err(|e| LogFailed(e.to_string()))
                 })
                 .await;
             let mut st = self.state.borrow_mut();

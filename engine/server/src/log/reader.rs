@@ -4,12 +4,13 @@
 use std::time::{Duration, UNIX_EPOCH};
 
 use base64::Engine as _;
-use rocksdb::{IteratorMode, WriteOptions, DB};
+use rocksdb::{WriteOptions, DB};
 use roost_model::{ArchivedMessage, Message};
 use roost_registry::rocks::CF_META;
 use serde::Serialize;
 use serde_json::{Map, Value};
 
+use super::batch;
 use super::partition::decode_offset;
 
 /// Bounds of one partition: records `first .. next` are stored.
@@ -44,9 +45,12 @@ pub fn partitions(db: &DB) -> Vec<PartitionInfo> {
         it.seek_to_first();
         let first = it.key().and_then(decode_offset);
         it.seek_to_last();
-        let last = it.key().and_then(decode_offset);
-        let (first, next) = match (first, last) {
-            (Some(f), Some(l)) => (f, l + 1),
+        let next = match (it.key().and_then(decode_offset), it.value()) {
+            (Some(last), Some(v)) => batch::count(v).ok().map(|n| last + n),
+            _ => None,
+        };
+        let (first, next) = match (first, next) {
+            (Some(f), Some(n)) => (f, n),
             _ => (0, 0),
         };
         out.push(PartitionInfo { partition: k, first, next });
@@ -57,18 +61,36 @@ pub fn partitions(db: &DB) -> Vec<PartitionInfo> {
 /// Up to `max` records of `partition` from `from`; returns them and the offset to read next.
 pub fn read_records(db: &DB, partition: usize, from: u64, max: usize) -> Result<(Vec<Record>, u64), String> {
     let cf = db.cf_handle(&super::partition_cf(partition)).ok_or_else(|| format!("no partition {partition}"))?;
-    let start = from.to_be_bytes();
     let mut out = Vec::new();
     let mut next = from;
-    for item in db.iterator_cf(cf, IteratorMode::From(&start, rocksdb::Direction::Forward)).take(max) {
-        let (key, value) = item.map_err(|e| e.to_string())?;
-        let offset = decode_offset(&key).ok_or("corrupt offset key")?;
-        let mut aligned = rkyv::util::AlignedVec::<16>::with_capacity(value.len());
-        aligned.extend_from_slice(&value);
-        let view = Message::view(&aligned).map_err(|e| format!("corrupt record at {partition}/{offset}: {e}"))?;
-        out.push(to_record(partition, offset, view));
-        next = offset + 1;
+    let mut it = db.raw_iterator_cf(cf);
+    // The batch holding `from` starts at or before it.
+    it.seek_for_prev(from.to_be_bytes());
+    if !it.valid() {
+        it.seek_to_first();
     }
+    let mut aligned = rkyv::util::AlignedVec::<16>::new();
+    while out.len() < max {
+        let (Some(key), Some(value)) = (it.key(), it.value()) else { break };
+        let first = decode_offset(key).ok_or("corrupt offset key")?;
+        for (i, record) in batch::records(value).enumerate() {
+            let offset = first + i as u64;
+            let record = record.map_err(|e| format!("partition {partition} at {first}: {e}"))?;
+            if offset < from {
+                continue;
+            }
+            if out.len() >= max {
+                break;
+            }
+            aligned.clear();
+            aligned.extend_from_slice(record);
+            let view = Message::view(&aligned).map_err(|e| format!("corrupt record at {partition}/{offset}: {e}"))?;
+            out.push(to_record(partition, offset, view));
+            next = offset + 1;
+        }
+        it.next();
+    }
+    it.status().map_err(|e| e.to_string())?;
     Ok((out, next))
 }
 
