@@ -13,7 +13,7 @@
 #        QUICK=1 benchmarks/compare.sh    smoke run with small sizes (under 2 minutes)
 #
 # Overrides (environment): BROKERS="roost mosquitto rumqttd", SCENARIOS="a b c d", PAYLOAD,
-# A_SECS, B_SECS, B_DEVICES, B_RATE, B_INFLIGHT, IDLE, HOLD, D_SECS, D_LOOPS, WARMUP, DRAIN,
+# A_SECS, B_SECS, B_DEVICES, B_RATE, B_INFLIGHT, IDLE, HOLD, D_SECS, D_LOOPS, WARMUP, DRAIN, MAX_DRAIN,
 # THREADS, PORT_BASE, DOC (the Markdown file to update), ROOST_BIN / BENCH_BIN (use these
 # binaries and skip the build), KEEP_WORK=1 (keep the work directory).
 #
@@ -26,9 +26,9 @@ TARGET_DIR=${CARGO_TARGET_DIR:-$REPO/target}
 QUICK=${QUICK:-0}
 
 if [[ $QUICK == 1 ]]; then
-  d_a=3 d_b=3 d_devices=100 d_rate=2000 d_idle=500 d_hold=2 d_d=3 d_loops=4 d_warmup=1 d_drain=5
+  d_a=3 d_b=3 d_devices=100 d_rate=2000 d_idle=500 d_hold=2 d_d=3 d_loops=4 d_warmup=1 d_drain=3 d_max_drain=20
 else
-  d_a=20 d_b=20 d_devices=1000 d_rate=20000 d_idle=50000 d_hold=10 d_d=15 d_loops=8 d_warmup=2 d_drain=10
+  d_a=20 d_b=20 d_devices=1000 d_rate=20000 d_idle=50000 d_hold=10 d_d=15 d_loops=8 d_warmup=2 d_drain=10 d_max_drain=120
 fi
 BROKERS=${BROKERS:-roost mosquitto rumqttd}
 SCENARIOS=${SCENARIOS:-a b c d}
@@ -44,6 +44,7 @@ D_SECS=${D_SECS:-$d_d}
 D_LOOPS=${D_LOOPS:-$d_loops}
 WARMUP=${WARMUP:-$d_warmup}
 DRAIN=${DRAIN:-$d_drain}
+MAX_DRAIN=${MAX_DRAIN:-$d_max_drain}
 THREADS=${THREADS:-}
 PORT_BASE=${PORT_BASE:-21000}
 DOC=${DOC:-$REPO/docs/benchmarks.md}
@@ -253,8 +254,8 @@ target_args() { # broker tls(0|1)
 
 scenario_args() { # scenario
   case $1 in
-    a) echo "--connections 1 --qos 0 --payload $PAYLOAD --rate 0 --duration $A_SECS --warmup $WARMUP --drain-timeout $DRAIN" ;;
-    b) echo "--connections $B_DEVICES --qos 1 --inflight $B_INFLIGHT --payload $PAYLOAD --rate $B_RATE --duration $B_SECS --warmup $WARMUP --drain-timeout $DRAIN" ;;
+    a) echo "--connections 1 --qos 0 --payload $PAYLOAD --rate 0 --duration $A_SECS --warmup $WARMUP --drain-timeout $DRAIN --max-drain $MAX_DRAIN" ;;
+    b) echo "--connections $B_DEVICES --qos 1 --inflight $B_INFLIGHT --payload $PAYLOAD --rate $B_RATE --duration $B_SECS --warmup $WARMUP --drain-timeout $DRAIN --max-drain $MAX_DRAIN" ;;
     c) echo "--idle --connections $IDLE --hold $HOLD" ;;
     d) echo "--connect-rate --connections $D_LOOPS --duration $D_SECS" ;;
   esac
@@ -349,7 +350,7 @@ log "all runs done in ${elapsed} s"
 # The Markdown section.
 
 export WORK RESULTS NOTES COMMANDS DOC started elapsed machine roost_version bench_version mosq_version rumq_version
-export QUICK SCENARIOS BROKERS PAYLOAD A_SECS B_SECS B_DEVICES B_RATE B_INFLIGHT IDLE HOLD D_SECS D_LOOPS WARMUP DRAIN
+export QUICK SCENARIOS BROKERS PAYLOAD A_SECS B_SECS B_DEVICES B_RATE B_INFLIGHT IDLE HOLD D_SECS D_LOOPS WARMUP DRAIN MAX_DRAIN
 python3 - <<'PY'
 import json, os, re
 from pathlib import Path

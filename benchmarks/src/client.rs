@@ -23,7 +23,10 @@ pub struct FrameReader {
 
 impl FrameReader {
     pub fn new(max_frame: usize) -> Self {
-        FrameReader { buf: BytesMut::new(), limits: Limits { max_frame } }
+        FrameReader {
+            buf: BytesMut::new(),
+            limits: Limits { max_frame },
+        }
     }
 
     /// The next complete packet already buffered, without reading.
@@ -44,7 +47,10 @@ impl FrameReader {
     }
 
     /// The next packet, reading as needed; `Ok(None)` if the stream ended.
-    pub async fn next<R: AsyncRead + Unpin>(&mut self, r: &mut R) -> anyhow::Result<Option<Packet>> {
+    pub async fn next<R: AsyncRead + Unpin>(
+        &mut self,
+        r: &mut R,
+    ) -> anyhow::Result<Option<Packet>> {
         loop {
             if let Some(p) = self.buffered()? {
                 return Ok(Some(p));
@@ -58,14 +64,22 @@ impl FrameReader {
 
 /// Sends `connect` and waits for an accepting CONNACK; the reader keeps whatever came after it.
 /// A refusal is an error that downcasts to [`Refused`].
-pub async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, connect: &[u8], max_frame: usize, timeout: Duration) -> anyhow::Result<FrameReader> {
+pub async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    connect: &[u8],
+    max_frame: usize,
+    timeout: Duration,
+) -> anyhow::Result<FrameReader> {
     let work = async {
         s.write_all(connect).await.context("sending CONNECT")?;
         let mut reader = FrameReader::new(max_frame);
         match reader.next(s).await? {
             Some(Packet::ConnAck(ack)) if ack.code == ConnectReturnCode::Accepted => Ok(reader),
             Some(Packet::ConnAck(ack)) => Err(anyhow::Error::new(Refused(ack.code))),
-            Some(other) => bail!("expected CONNACK, the broker sent {:?}", other.packet_type()),
+            Some(other) => bail!(
+                "expected CONNACK, the broker sent {:?}",
+                other.packet_type()
+            ),
             None => bail!("the broker closed the connection before CONNACK"),
         }
     };
@@ -112,8 +126,14 @@ mod tests {
             server.write_all(&out).await.expect("write");
             server
         });
-        let err = handshake(&mut client, b"\x10\x00", 1024, Duration::from_secs(5)).await.err().expect("refused");
-        assert!(matches!(err.downcast_ref::<Refused>(), Some(Refused(ConnectReturnCode::NotAuthorized))));
+        let err = handshake(&mut client, b"\x10\x00", 1024, Duration::from_secs(5))
+            .await
+            .err()
+            .expect("refused");
+        assert!(matches!(
+            err.downcast_ref::<Refused>(),
+            Some(Refused(ConnectReturnCode::NotAuthorized))
+        ));
         drop(srv.await);
     }
 }

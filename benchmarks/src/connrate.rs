@@ -37,7 +37,12 @@ pub async fn run(args: &Args, setup: Setup) -> anyhow::Result<Outcome> {
         let connect = t.connect_frame(i)?;
         let timeout = setup.connect_timeout;
         set.spawn(async move {
-            let mut r = LoopResult { connects: 0, errors: 0, first_error: None, latency: latency_histogram()? };
+            let mut r = LoopResult {
+                connects: 0,
+                errors: 0,
+                first_error: None,
+                latency: latency_histogram()?,
+            };
             while Instant::now() < end {
                 let began = Instant::now();
                 match t.open_with(&connect, timeout).await {
@@ -76,7 +81,14 @@ pub async fn run(args: &Args, setup: Setup) -> anyhow::Result<Outcome> {
     if let Some(l) = &args.label {
         rep.put("label", l.as_str());
     }
-    rep.put("target", if matches!(t.kind, Kind::Roost { .. }) { "roost" } else { "mqtt" });
+    rep.put(
+        "target",
+        if matches!(t.kind, Kind::Roost { .. }) {
+            "roost"
+        } else {
+            "mqtt"
+        },
+    );
     rep.put("addr", t.addr.to_string());
     rep.put("tls", t.transport.is_tls());
     rep.put("tls_resume", args.tls_resume);
@@ -87,20 +99,38 @@ pub async fn run(args: &Args, setup: Setup) -> anyhow::Result<Outcome> {
     rep.put("connect_errors", errors);
     rep.latency("handshake", &latency);
     if setup.pids.is_empty() {
-        for k in ["server_cpu_s", "server_cpu_ms_per_connect", "server_rss_before_kib", "server_rss_after_kib"] {
+        for k in [
+            "server_cpu_s",
+            "server_cpu_ms_per_connect",
+            "server_rss_before_kib",
+            "server_rss_after_kib",
+        ] {
             rep.put(k, serde_json::Value::Null);
         }
     } else {
         let cpu = after.cpu_secs - before.cpu_secs;
         rep.num("server_cpu_s", cpu);
-        rep.num("server_cpu_ms_per_connect", if connects > 0 { cpu * 1000.0 / connects as f64 } else { f64::NAN });
+        rep.num(
+            "server_cpu_ms_per_connect",
+            if connects > 0 {
+                cpu * 1000.0 / connects as f64
+            } else {
+                f64::NAN
+            },
+        );
         rep.put("server_rss_before_kib", before.rss_kib);
         rep.put("server_rss_after_kib", after.rss_kib);
     }
     let failure = match (connects, first_error) {
-        (0, e) => Some(format!("no connect succeeded: {}", e.unwrap_or_else(|| "no attempt was made".into()))),
+        (0, e) => Some(format!(
+            "no connect succeeded: {}",
+            e.unwrap_or_else(|| "no attempt was made".into())
+        )),
         (_, Some(e)) => Some(format!("{errors} connects failed; the first: {e}")),
         (_, None) => None,
     };
-    Ok(Outcome { report: rep, failure })
+    Ok(Outcome {
+        report: rep,
+        failure,
+    })
 }

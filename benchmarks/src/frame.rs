@@ -32,12 +32,24 @@ pub struct PublishTemplate {
 impl PublishTemplate {
     /// Encodes a PUBLISH of `payload_len` bytes on `topic`, stamped with `run` and `conn`
     /// (the rest of the payload is a fixed filler).
-    pub fn new(topic: &str, qos: QoS, payload_len: usize, run: u64, conn: u32) -> Result<Self, FrameError> {
+    pub fn new(
+        topic: &str,
+        qos: QoS,
+        payload_len: usize,
+        run: u64,
+        conn: u32,
+    ) -> Result<Self, FrameError> {
         if payload_len < STAMP_LEN {
             return Err(FrameError::PayloadTooSmall(payload_len));
         }
         let mut payload = vec![b'.'; payload_len];
-        Stamp { run, conn, seq: 0, sent_ns: 0 }.write(&mut payload);
+        Stamp {
+            run,
+            conn,
+            seq: 0,
+            sent_ns: 0,
+        }
+        .write(&mut payload);
         let topic = Str::new(topic).map_err(|_| FrameError::BadString("topic"))?;
         let topic_len = topic.len();
         let has_pkid = qos != QoS::AtMostOnce;
@@ -82,8 +94,16 @@ impl PublishTemplate {
 
 /// CONNECT with a clean session, as an IoT Hub device (username + SAS) or an anonymous peer
 /// client (neither).
-pub fn connect(client_id: &str, username: Option<&str>, password: Option<&str>, keep_alive: u16) -> Result<Bytes, FrameError> {
-    let username = username.map(Str::new).transpose().map_err(|_| FrameError::BadString("username"))?;
+pub fn connect(
+    client_id: &str,
+    username: Option<&str>,
+    password: Option<&str>,
+    keep_alive: u16,
+) -> Result<Bytes, FrameError> {
+    let username = username
+        .map(Str::new)
+        .transpose()
+        .map_err(|_| FrameError::BadString("username"))?;
     let packet = Packet::Connect(Connect {
         protocol_name: Str::from_static("MQTT"),
         protocol_level: 4,
@@ -99,7 +119,10 @@ pub fn connect(client_id: &str, username: Option<&str>, password: Option<&str>, 
 
 pub fn subscribe(pkid: u16, filter: &str, qos: QoS) -> Result<Bytes, FrameError> {
     let filter = Str::new(filter).map_err(|_| FrameError::BadString("filter"))?;
-    Ok(encode(&Packet::Subscribe(Subscribe { pkid, filters: vec![(filter, qos)] })))
+    Ok(encode(&Packet::Subscribe(Subscribe {
+        pkid,
+        filters: vec![(filter, qos)],
+    })))
 }
 
 pub fn disconnect() -> Bytes {
@@ -123,8 +146,12 @@ mod tests {
     use super::*;
 
     fn parse_one(bytes: &[u8]) -> Packet {
-        let limits = Limits { max_frame: usize::MAX };
-        let len = check(bytes, &limits).expect("valid header").expect("complete frame");
+        let limits = Limits {
+            max_frame: usize::MAX,
+        };
+        let len = check(bytes, &limits)
+            .expect("valid header")
+            .expect("complete frame");
         assert_eq!(len, bytes.len(), "exactly one frame");
         parse(Bytes::copy_from_slice(bytes)).expect("parses")
     }
@@ -138,7 +165,14 @@ mod tests {
 
     #[test]
     fn patched_qos1_frame_parses_with_the_new_pkid_and_stamp() {
-        let t = PublishTemplate::new("devices/d1/messages/events/run=abc", QoS::AtLeastOnce, 100, 42, 7).expect("template");
+        let t = PublishTemplate::new(
+            "devices/d1/messages/events/run=abc",
+            QoS::AtLeastOnce,
+            100,
+            42,
+            7,
+        )
+        .expect("template");
         let mut out = Vec::new();
         t.put(&mut out, 513, 9, 1_000_000_007);
         t.put(&mut out, 65535, 10, 1_000_000_008);
@@ -148,7 +182,15 @@ mod tests {
         assert_eq!(first.pkid, 513);
         assert_eq!(first.topic.as_str(), "devices/d1/messages/events/run=abc");
         assert_eq!(first.payload.len(), 100);
-        assert_eq!(Stamp::read(&first.payload), Some(Stamp { run: 42, conn: 7, seq: 9, sent_ns: 1_000_000_007 }));
+        assert_eq!(
+            Stamp::read(&first.payload),
+            Some(Stamp {
+                run: 42,
+                conn: 7,
+                seq: 9,
+                sent_ns: 1_000_000_007
+            })
+        );
         let second = publish(parse_one(&out[t.len()..]));
         assert_eq!(second.pkid, 65535);
         assert_eq!(Stamp::read(&second.payload).map(|s| s.seq), Some(10));
@@ -161,7 +203,15 @@ mod tests {
         t.put(&mut out, 777, 5, 6);
         let p = publish(parse_one(&out));
         assert_eq!((p.qos, p.pkid), (QoS::AtMostOnce, 0));
-        assert_eq!(Stamp::read(&p.payload), Some(Stamp { run: 1, conn: 3, seq: 5, sent_ns: 6 }));
+        assert_eq!(
+            Stamp::read(&p.payload),
+            Some(Stamp {
+                run: 1,
+                conn: 3,
+                seq: 5,
+                sent_ns: 6
+            })
+        );
 
         let t = PublishTemplate::new("bench/3", QoS::AtMostOnce, 64, 1, 3).expect("template");
         let mut out = Vec::new();
@@ -178,7 +228,15 @@ mod tests {
         t.put(&mut out, 1234, 77, 88);
         let p = publish(parse_one(&out));
         assert_eq!(p.pkid, 1234);
-        assert_eq!(Stamp::read(&p.payload), Some(Stamp { run: 5, conn: 0, seq: 77, sent_ns: 88 }));
+        assert_eq!(
+            Stamp::read(&p.payload),
+            Some(Stamp {
+                run: 5,
+                conn: 0,
+                seq: 77,
+                sent_ns: 88
+            })
+        );
     }
 
     #[test]
@@ -191,7 +249,15 @@ mod tests {
 
     #[test]
     fn control_frames_parse() {
-        match parse_one(&connect("d1", Some("h/d1/?api-version=2021-04-12"), Some("SharedAccessSignature x"), 60).expect("connect")) {
+        match parse_one(
+            &connect(
+                "d1",
+                Some("h/d1/?api-version=2021-04-12"),
+                Some("SharedAccessSignature x"),
+                60,
+            )
+            .expect("connect"),
+        ) {
             Packet::Connect(c) => {
                 assert_eq!(c.client_id.as_str(), "d1");
                 assert!(c.clean_session);

@@ -37,21 +37,42 @@ pub struct Client {
 impl Client {
     /// A client for `base` (`http://host:port` or `https://host:port`; a path is ignored).
     /// `https` needs `tls` (the config and the name the certificate must carry).
-    pub fn new(base: &str, tls: Option<(Arc<rustls::ClientConfig>, String)>) -> anyhow::Result<Self> {
+    pub fn new(
+        base: &str,
+        tls: Option<(Arc<rustls::ClientConfig>, String)>,
+    ) -> anyhow::Result<Self> {
         let uri: hyper::Uri = base.parse().with_context(|| format!("bad URL {base}"))?;
-        let host = uri.host().context("URL has no host")?.trim_matches(['[', ']']).to_string();
+        let host = uri
+            .host()
+            .context("URL has no host")?
+            .trim_matches(['[', ']'])
+            .to_string();
         let https = uri.scheme_str() == Some("https");
         let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
         let tls = match (https, tls) {
             (false, _) => None,
             (true, None) => bail!("{base} is https but no TLS configuration was given"),
-            (true, Some((cfg, name))) => Some((cfg, ServerName::try_from(name).context("bad TLS server name")?)),
+            (true, Some((cfg, name))) => Some((
+                cfg,
+                ServerName::try_from(name).context("bad TLS server name")?,
+            )),
         };
-        Ok(Client { host, port, tls, sender: None })
+        Ok(Client {
+            host,
+            port,
+            tls,
+            sender: None,
+        })
     }
 
     /// Sends one request; `path` includes the query.
-    pub async fn request(&mut self, method: Method, path: &str, headers: &[(&str, String)], body: Option<Vec<u8>>) -> anyhow::Result<Response> {
+    pub async fn request(
+        &mut self,
+        method: Method,
+        path: &str,
+        headers: &[(&str, String)],
+        body: Option<Vec<u8>>,
+    ) -> anyhow::Result<Response> {
         let body = Bytes::from(body.unwrap_or_default());
         // A kept-alive connection may have been closed by the server since: retry once fresh.
         for attempt in 0..2 {
@@ -71,15 +92,31 @@ impl Client {
             match sent {
                 Ok(Ok(r)) => return Ok(r),
                 Ok(Err(_)) if attempt == 0 => self.sender = None,
-                Ok(Err(e)) => return Err(e).with_context(|| format!("{method} {path} on {}:{}", self.host, self.port)),
-                Err(_) => bail!("{method} {path} on {}:{} took longer than {REQUEST_TIMEOUT:?}", self.host, self.port),
+                Ok(Err(e)) => {
+                    return Err(e)
+                        .with_context(|| format!("{method} {path} on {}:{}", self.host, self.port))
+                }
+                Err(_) => bail!(
+                    "{method} {path} on {}:{} took longer than {REQUEST_TIMEOUT:?}",
+                    self.host,
+                    self.port
+                ),
             }
         }
         bail!("{method} {path}: connection kept failing")
     }
 
-    fn build(&self, method: Method, path: &str, headers: &[(&str, String)], body: Bytes) -> anyhow::Result<Request<Full<Bytes>>> {
-        let mut req = Request::builder().method(method).uri(path).header("host", format!("{}:{}", self.host, self.port));
+    fn build(
+        &self,
+        method: Method,
+        path: &str,
+        headers: &[(&str, String)],
+        body: Bytes,
+    ) -> anyhow::Result<Request<Full<Bytes>>> {
+        let mut req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", format!("{}:{}", self.host, self.port));
         for (k, v) in headers {
             req = req.header(*k, v);
         }
@@ -87,7 +124,9 @@ impl Client {
     }
 
     async fn open(&self) -> anyhow::Result<SendRequest<Full<Bytes>>> {
-        let tcp = TcpStream::connect((self.host.as_str(), self.port)).await.with_context(|| format!("cannot reach {}:{}", self.host, self.port))?;
+        let tcp = TcpStream::connect((self.host.as_str(), self.port))
+            .await
+            .with_context(|| format!("cannot reach {}:{}", self.host, self.port))?;
         tcp.set_nodelay(true)?;
         match &self.tls {
             None => handshake(TokioIo::new(tcp)).await,

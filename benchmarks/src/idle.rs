@@ -20,10 +20,19 @@ pub async fn run(args: &Args, setup: Setup) -> anyhow::Result<Outcome> {
     let n = args.connections;
     let before = procfs::sample(&setup.pids)?;
     let t0 = Instant::now();
-    let conns = target::open_all(t.clone(), n, args.connect_concurrency, setup.connect_timeout).await?;
+    let conns = target::open_all(
+        t.clone(),
+        n,
+        args.connect_concurrency,
+        setup.connect_timeout,
+    )
+    .await?;
     let connect_secs = t0.elapsed().as_secs_f64();
     let connected = procfs::sample(&setup.pids)?;
-    eprintln!("roost-bench: {n} connections open in {connect_secs:.1} s; holding {} s", args.hold);
+    eprintln!(
+        "roost-bench: {n} connections open in {connect_secs:.1} s; holding {} s",
+        args.hold
+    );
 
     // Nothing polls the sockets while they are held: the generator's own memory stays flat and
     // the server sees pure idle connections.
@@ -69,7 +78,14 @@ pub async fn run(args: &Args, setup: Setup) -> anyhow::Result<Outcome> {
     if let Some(l) = &args.label {
         rep.put("label", l.as_str());
     }
-    rep.put("target", if matches!(t.kind, Kind::Roost { .. }) { "roost" } else { "mqtt" });
+    rep.put(
+        "target",
+        if matches!(t.kind, Kind::Roost { .. }) {
+            "roost"
+        } else {
+            "mqtt"
+        },
+    );
     rep.put("addr", t.addr.to_string());
     rep.put("tls", t.transport.is_tls());
     rep.put("connections", n);
@@ -78,7 +94,14 @@ pub async fn run(args: &Args, setup: Setup) -> anyhow::Result<Outcome> {
     rep.num("hold_s", args.hold);
     rep.put("alive_after_hold", alive);
     if setup.pids.is_empty() {
-        for k in ["server_rss_before_kib", "server_rss_connected_kib", "server_rss_held_kib", "server_rss_after_kib", "rss_per_conn_bytes", "server_cpu_s"] {
+        for k in [
+            "server_rss_before_kib",
+            "server_rss_connected_kib",
+            "server_rss_held_kib",
+            "server_rss_after_kib",
+            "rss_per_conn_bytes",
+            "server_cpu_s",
+        ] {
             rep.put(k, serde_json::Value::Null);
         }
     } else {
@@ -87,9 +110,21 @@ pub async fn run(args: &Args, setup: Setup) -> anyhow::Result<Outcome> {
         rep.put("server_rss_held_kib", held.rss_kib);
         rep.put("server_rss_after_kib", after.rss_kib);
         // Measured at the end of the hold: the steady state of an idle fleet.
-        rep.num("rss_per_conn_bytes", (held.rss_kib as f64 - before.rss_kib as f64) * 1024.0 / n as f64);
+        rep.num(
+            "rss_per_conn_bytes",
+            (held.rss_kib as f64 - before.rss_kib as f64) * 1024.0 / n as f64,
+        );
         rep.num("server_cpu_s", after.cpu_secs - before.cpu_secs);
     }
-    let failure = first_dead.map(|i| format!("{} of {n} connections did not survive the hold (first: {})", n - alive, t.client_id(i)));
-    Ok(Outcome { report: rep, failure })
+    let failure = first_dead.map(|i| {
+        format!(
+            "{} of {n} connections did not survive the hold (first: {})",
+            n - alive,
+            t.client_id(i)
+        )
+    });
+    Ok(Outcome {
+        report: rep,
+        failure,
+    })
 }

@@ -135,9 +135,13 @@ struct Args {
     /// Seconds of publishing before the measured window (excluded from rates and latencies).
     #[arg(long, default_value_t = 0.0)]
     warmup: f64,
-    /// Seconds to keep waiting for PUBACKs and read-back messages after publishing ends.
+    /// Seconds to keep waiting, after publishing ends, for PUBACKs and for read-back messages
+    /// (reading stops once nothing new arrived for this long).
     #[arg(long, default_value_t = 10.0)]
     drain_timeout: f64,
+    /// Longest the reader keeps catching up on a backlog after publishing ends, in seconds.
+    #[arg(long, default_value_t = 60.0)]
+    max_drain: f64,
     /// Hard limit in seconds on the publishing of a --messages run without --duration.
     #[arg(long, default_value_t = 300.0)]
     max_time: f64,
@@ -187,17 +191,29 @@ impl Args {
     fn validate(&self) -> anyhow::Result<()> {
         let secs = |name: &str, v: f64| -> anyhow::Result<()> {
             if !(v.is_finite() && v >= 0.0 && v <= MAX_RUN.as_secs_f64()) {
-                bail!("--{name} must be between 0 and {} seconds", MAX_RUN.as_secs());
+                bail!(
+                    "--{name} must be between 0 and {} seconds",
+                    MAX_RUN.as_secs()
+                );
             }
             Ok(())
         };
-        for (name, v) in [("warmup", self.warmup), ("drain-timeout", self.drain_timeout), ("max-time", self.max_time), ("hold", self.hold)] {
+        for (name, v) in [
+            ("warmup", self.warmup),
+            ("drain-timeout", self.drain_timeout),
+            ("max-drain", self.max_drain),
+            ("max-time", self.max_time),
+            ("hold", self.hold),
+        ] {
             secs(name, v)?;
         }
         if let Some(d) = self.duration {
             secs("duration", d)?;
             if d + self.warmup > MAX_RUN.as_secs_f64() {
-                bail!("--warmup + --duration must stay within {} s", MAX_RUN.as_secs());
+                bail!(
+                    "--warmup + --duration must stay within {} s",
+                    MAX_RUN.as_secs()
+                );
             }
         }
         if !(self.connect_timeout > 0.0 && self.connect_timeout <= 120.0) {
@@ -213,17 +229,28 @@ impl Args {
             bail!("--rate must be a non-negative number");
         }
         if self.payload < stamp::STAMP_LEN {
-            bail!("--payload must be at least {} bytes (the stamp)", stamp::STAMP_LEN);
+            bail!(
+                "--payload must be at least {} bytes (the stamp)",
+                stamp::STAMP_LEN
+            );
         }
         if self.payload > 256 * 1024 {
             bail!("--payload must be at most 262144 bytes (IoT Hub's message limit)");
         }
-        if !self.prefix.chars().all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c)) || self.prefix.is_empty() {
+        if !self
+            .prefix
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c))
+            || self.prefix.is_empty()
+        {
             bail!("--prefix may only hold letters, digits and - _ . :");
         }
         if self.idle {
             if self.hold > target::MAX_SILENCE.as_secs_f64() {
-                bail!("--hold must be at most {} s (connections carry no keep-alive traffic)", target::MAX_SILENCE.as_secs());
+                bail!(
+                    "--hold must be at most {} s (connections carry no keep-alive traffic)",
+                    target::MAX_SILENCE.as_secs()
+                );
             }
             return Ok(());
         }
@@ -239,12 +266,18 @@ impl Args {
         if self.messages == Some(0) {
             bail!("--messages must be at least 1");
         }
-        let per_conn = self.messages.map(|m| pace::quota(m, self.connections, 0)).unwrap_or(0);
+        let per_conn = self
+            .messages
+            .map(|m| pace::quota(m, self.connections, 0))
+            .unwrap_or(0);
         if per_conn > u64::from(u32::MAX) {
             bail!("--messages gives more than 2^32 messages per connection");
         }
         if self.duration.is_none() && self.max_time > target::MAX_SILENCE.as_secs_f64() {
-            bail!("--max-time must be at most {} s", target::MAX_SILENCE.as_secs());
+            bail!(
+                "--max-time must be at most {} s",
+                target::MAX_SILENCE.as_secs()
+            );
         }
         Ok(())
     }
@@ -256,8 +289,19 @@ fn main() -> ExitCode {
         eprintln!("roost-bench: {e:#}");
         return ExitCode::from(2);
     }
-    let threads = args.threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)).max(1);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(threads).enable_all().build() {
+    let threads = args
+        .threads
+        .unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        })
+        .max(1);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("roost-bench: cannot start the runtime: {e}");
@@ -333,18 +377,35 @@ async fn setup(args: &Args) -> anyhow::Result<Setup> {
     let connect_timeout = Duration::from_secs_f64(args.connect_timeout);
     let target = match args.target {
         TargetKind::Mqtt => {
-            let addr = args.addr.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 1883)));
+            let addr = args
+                .addr
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 1883)));
             let transport = transport(args, args.ca.clone(), "localhost")?;
-            Target { kind: Kind::Mqtt, addr, transport, sources: Sources::for_target(addr), prefix: args.prefix.clone(), run, max_frame }
+            Target {
+                kind: Kind::Mqtt,
+                addr,
+                transport,
+                sources: Sources::for_target(addr),
+                prefix: args.prefix.clone(),
+                run,
+                max_frame,
+            }
         }
         TargetKind::Roost => {
-            let dir = args.hub.as_ref().context("--target roost needs --hub DATA_DIR")?;
+            let dir = args
+                .hub
+                .as_ref()
+                .context("--target roost needs --hub DATA_DIR")?;
             let hub = Hub::read(dir)?;
             let addr = match args.addr {
                 Some(a) => a,
                 None => hub.mqtt_addr(args.tls)?,
             };
-            let transport = transport(args, Some(args.ca.clone().unwrap_or_else(|| hub.ca.clone())), &hub.hostname)?;
+            let transport = transport(
+                args,
+                Some(args.ca.clone().unwrap_or_else(|| hub.ca.clone())),
+                &hub.hostname,
+            )?;
             let key = match &args.device_key {
                 Some(k) => {
                     STANDARD.decode(k).context("--device-key is not base64")?;
@@ -352,23 +413,44 @@ async fn setup(args: &Args) -> anyhow::Result<Setup> {
                 }
                 None => STANDARD.encode(DEFAULT_DEVICE_KEY),
             };
-            let ids: Vec<String> = (0..args.connections).map(|i| format!("{}{i}", args.prefix)).collect();
+            let ids: Vec<String> = (0..args.connections)
+                .map(|i| format!("{}{i}", args.prefix))
+                .collect();
             let t0 = Instant::now();
-            let done = hub.ensure_devices(&ids, &key).await.context("creating the devices")?;
+            let done = hub
+                .ensure_devices(&ids, &key)
+                .await
+                .context("creating the devices")?;
             eprintln!(
                 "roost-bench: {} devices ready in {:.1} s ({}; {} existed already)",
                 ids.len(),
                 t0.elapsed().as_secs_f64(),
-                if done.bulk { "bulk API" } else { "one PUT each" },
+                if done.bulk {
+                    "bulk API"
+                } else {
+                    "one PUT each"
+                },
                 done.existed
             );
-            let target =
-                Target { kind: Kind::Roost { hub, key }, addr, transport, sources: Sources::for_target(addr), prefix: args.prefix.clone(), run, max_frame };
-            wait_for_engine(&target, args.connections - 1, connect_timeout).await?;
+            let target = Target {
+                kind: Kind::Roost { hub, key },
+                addr,
+                transport,
+                sources: Sources::for_target(addr),
+                prefix: args.prefix.clone(),
+                run,
+                max_frame,
+            };
+            let probe = done.last.unwrap_or(args.connections - 1);
+            wait_for_engine(&target, probe, connect_timeout).await?;
             target
         }
     };
-    Ok(Setup { target: Arc::new(target), pids: args.server_pids.clone(), connect_timeout })
+    Ok(Setup {
+        target: Arc::new(target),
+        pids: args.server_pids.clone(),
+        connect_timeout,
+    })
 }
 
 fn transport(args: &Args, ca: Option<PathBuf>, default_name: &str) -> anyhow::Result<Transport> {
@@ -376,7 +458,11 @@ fn transport(args: &Args, ca: Option<PathBuf>, default_name: &str) -> anyhow::Re
         return Ok(Transport::Plain);
     }
     let ca = ca.context("--tls needs --ca PATH")?;
-    Transport::tls(&ca, args.server_name.as_deref().unwrap_or(default_name), args.tls_resume)
+    Transport::tls(
+        &ca,
+        args.server_name.as_deref().unwrap_or(default_name),
+        args.tls_resume,
+    )
 }
 
 /// New devices reach the engine through the control link a moment after the service API
@@ -391,17 +477,33 @@ async fn wait_for_engine(target: &Target, last: usize, timeout: Duration) -> any
                 let _ = stream.shutdown().await;
                 return Ok(());
             }
-            Err(e) if matches!(e.downcast_ref::<Refused>(), Some(Refused(ConnectReturnCode::NotAuthorized))) && Instant::now() < deadline => {
+            Err(e)
+                if matches!(
+                    e.downcast_ref::<Refused>(),
+                    Some(Refused(ConnectReturnCode::NotAuthorized))
+                ) && Instant::now() < deadline =>
+            {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            Err(e) => return Err(e).with_context(|| format!("device {} cannot connect to {}", target.client_id(last), target.addr)),
+            Err(e) => {
+                return Err(e).with_context(|| {
+                    format!(
+                        "device {} cannot connect to {}",
+                        target.client_id(last),
+                        target.addr
+                    )
+                })
+            }
         }
     }
 }
 
 /// Unix time in nanoseconds.
 pub fn unix_nanos() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -422,19 +524,30 @@ mod tests {
         assert!(parse(&["--messages", "0"]).validate().is_err());
         assert!(parse(&["--duration", "4000"]).validate().is_err());
         assert!(parse(&["--connect-rate"]).validate().is_err());
-        assert!(parse(&["--connect-rate", "--duration", "2"]).validate().is_ok());
+        assert!(parse(&["--connect-rate", "--duration", "2"])
+            .validate()
+            .is_ok());
         assert!(parse(&["--idle", "--hold", "2"]).validate().is_ok());
         assert!(parse(&["--idle", "--hold", "2000"]).validate().is_err());
     }
 
     #[test]
     fn bad_values_are_refused_before_connecting() {
-        assert!(parse(&["--duration", "1", "--payload", "23"]).validate().is_err());
-        assert!(parse(&["--duration", "1", "--connections", "0"]).validate().is_err());
-        assert!(parse(&["--duration", "1", "--prefix", "a/b"]).validate().is_err());
+        assert!(parse(&["--duration", "1", "--payload", "23"])
+            .validate()
+            .is_err());
+        assert!(parse(&["--duration", "1", "--connections", "0"])
+            .validate()
+            .is_err());
+        assert!(parse(&["--duration", "1", "--prefix", "a/b"])
+            .validate()
+            .is_err());
         assert!(parse(&["--duration", "1", "--rate=-5"]).validate().is_err());
         assert!(Args::try_parse_from(["roost-bench", "--qos", "2"]).is_err());
         assert!(Args::try_parse_from(["roost-bench", "--idle", "--connect-rate"]).is_err());
-        assert!(Args::try_parse_from(["roost-bench", "--target", "roost", "--duration", "1"]).is_err(), "roost needs --hub");
+        assert!(
+            Args::try_parse_from(["roost-bench", "--target", "roost", "--duration", "1"]).is_err(),
+            "roost needs --hub"
+        );
     }
 }

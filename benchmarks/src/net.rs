@@ -40,11 +40,15 @@ pub struct Sources {
 
 impl Sources {
     pub fn for_target(target: SocketAddr) -> Self {
-        Sources { next: AtomicU64::new(0), enabled: target.ip().is_loopback() && target.is_ipv4() }
+        Sources {
+            next: AtomicU64::new(0),
+            enabled: target.ip().is_loopback() && target.is_ipv4(),
+        }
     }
 
     pub fn next(&self) -> Option<Ipv4Addr> {
-        self.enabled.then(|| source_addr(self.next.fetch_add(1, Ordering::Relaxed)))
+        self.enabled
+            .then(|| source_addr(self.next.fetch_add(1, Ordering::Relaxed)))
     }
 }
 
@@ -52,7 +56,10 @@ impl Sources {
 #[derive(Clone)]
 pub enum Transport {
     Plain,
-    Tls { connector: TlsConnector, name: ServerName<'static> },
+    Tls {
+        connector: TlsConnector,
+        name: ServerName<'static>,
+    },
 }
 
 impl Transport {
@@ -61,10 +68,13 @@ impl Transport {
     /// fleet of devices that each connect once.
     pub fn tls(ca: &Path, server_name: &str, resume: bool) -> anyhow::Result<Self> {
         let mut roots = rustls::RootCertStore::empty();
-        let certs = CertificateDer::pem_file_iter(ca).with_context(|| format!("cannot read CA {}", ca.display()))?;
+        let certs = CertificateDer::pem_file_iter(ca)
+            .with_context(|| format!("cannot read CA {}", ca.display()))?;
         for cert in certs {
             let cert = cert.with_context(|| format!("bad certificate in {}", ca.display()))?;
-            roots.add(cert).with_context(|| format!("unusable CA certificate in {}", ca.display()))?;
+            roots
+                .add(cert)
+                .with_context(|| format!("unusable CA certificate in {}", ca.display()))?;
         }
         if roots.is_empty() {
             bail!("no certificate in {}", ca.display());
@@ -77,8 +87,12 @@ impl Transport {
         if !resume {
             cfg.resumption = rustls::client::Resumption::disabled();
         }
-        let name = ServerName::try_from(server_name.to_string()).with_context(|| format!("bad TLS server name {server_name:?}"))?;
-        Ok(Transport::Tls { connector: TlsConnector::from(Arc::new(cfg)), name })
+        let name = ServerName::try_from(server_name.to_string())
+            .with_context(|| format!("bad TLS server name {server_name:?}"))?;
+        Ok(Transport::Tls {
+            connector: TlsConnector::from(Arc::new(cfg)),
+            name,
+        })
     }
 
     pub fn is_tls(&self) -> bool {
@@ -94,18 +108,31 @@ pub enum Stream {
 
 /// Opens TCP (from `source` when given) and, for TLS, completes the handshake; all within
 /// `timeout`.
-pub async fn connect(target: SocketAddr, source: Option<Ipv4Addr>, transport: &Transport, timeout: Duration) -> anyhow::Result<Stream> {
+pub async fn connect(
+    target: SocketAddr,
+    source: Option<Ipv4Addr>,
+    transport: &Transport,
+    timeout: Duration,
+) -> anyhow::Result<Stream> {
     let work = async {
         let socket = TcpSocket::new_v4().context("socket")?;
         if let Some(ip) = source {
-            socket.bind(SocketAddr::new(IpAddr::V4(ip), 0)).with_context(|| format!("bind to {ip}"))?;
+            socket
+                .bind(SocketAddr::new(IpAddr::V4(ip), 0))
+                .with_context(|| format!("bind to {ip}"))?;
         }
-        let tcp = socket.connect(target).await.with_context(|| format!("TCP connect to {target}"))?;
+        let tcp = socket
+            .connect(target)
+            .await
+            .with_context(|| format!("TCP connect to {target}"))?;
         tcp.set_nodelay(true)?;
         match transport {
             Transport::Plain => Ok(Stream::Plain(tcp)),
             Transport::Tls { connector, name } => {
-                let tls = connector.connect(name.clone(), tcp).await.with_context(|| format!("TLS handshake with {target}"))?;
+                let tls = connector
+                    .connect(name.clone(), tcp)
+                    .await
+                    .with_context(|| format!("TLS handshake with {target}"))?;
                 Ok(Stream::Tls(Box::new(tls)))
             }
         }
@@ -117,7 +144,11 @@ pub async fn connect(target: SocketAddr, source: Option<Ipv4Addr>, transport: &T
 }
 
 impl AsyncRead for Stream {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut TaskContext<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
@@ -126,7 +157,11 @@ impl AsyncRead for Stream {
 }
 
 impl AsyncWrite for Stream {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut TaskContext<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
@@ -152,7 +187,10 @@ impl AsyncWrite for Stream {
 pub fn open_files_limit() -> Option<u64> {
     let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
     let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
-    let soft = line.trim_start_matches("Max open files").split_whitespace().next()?;
+    let soft = line
+        .trim_start_matches("Max open files")
+        .split_whitespace()
+        .next()?;
     if soft == "unlimited" {
         return Some(u64::MAX);
     }

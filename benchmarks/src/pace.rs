@@ -62,11 +62,23 @@ mod tests {
 
     #[test]
     fn quotas_add_up_to_the_total() {
-        for (total, conns) in [(0u64, 3usize), (10, 3), (1_000_000, 7), (5, 10), (20_000, 1000)] {
+        for (total, conns) in [
+            (0u64, 3usize),
+            (10, 3),
+            (1_000_000, 7),
+            (5, 10),
+            (20_000, 1000),
+        ] {
             let sum: u64 = (0..conns).map(|i| quota(total, conns, i)).sum();
             assert_eq!(sum, total, "total {total} over {conns}");
-            let max = (0..conns).map(|i| quota(total, conns, i)).max().unwrap_or(0);
-            let min = (0..conns).map(|i| quota(total, conns, i)).min().unwrap_or(0);
+            let max = (0..conns)
+                .map(|i| quota(total, conns, i))
+                .max()
+                .unwrap_or(0);
+            let min = (0..conns)
+                .map(|i| quota(total, conns, i))
+                .min()
+                .unwrap_or(0);
             assert!(max - min <= 1, "shares differ by at most one");
         }
         assert_eq!(quota(10, 0, 0), 0);
@@ -101,7 +113,9 @@ mod tests {
     fn over_a_run_the_schedule_delivers_the_rate() {
         // 1000 connections at 20/s for 20 s: 400 000 messages, within one per connection.
         let rate = per_conn_rate(20_000.0, 1000);
-        let total: u64 = (0..1000).map(|_| due(rate, Duration::from_secs(20)) - 1).sum();
+        let total: u64 = (0..1000)
+            .map(|_| due(rate, Duration::from_secs(20)) - 1)
+            .sum();
         assert_eq!(total, 400_000);
     }
 

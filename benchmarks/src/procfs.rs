@@ -18,10 +18,13 @@ pub struct Sample {
 pub fn sample(pids: &[u32]) -> anyhow::Result<Sample> {
     let mut total = Sample::default();
     for &pid in pids {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).with_context(|| format!("server pid {pid} is not running"))?;
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .with_context(|| format!("server pid {pid} is not running"))?;
         let ticks = cpu_ticks(&stat).with_context(|| format!("cannot parse /proc/{pid}/stat"))?;
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).with_context(|| format!("server pid {pid} is not running"))?;
-        let rss = vm_rss_kib(&status).with_context(|| format!("no VmRSS in /proc/{pid}/status (has the server exited?)"))?;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .with_context(|| format!("server pid {pid} is not running"))?;
+        let rss = vm_rss_kib(&status)
+            .with_context(|| format!("no VmRSS in /proc/{pid}/status (has the server exited?)"))?;
         total.cpu_secs += ticks as f64 / TICKS_PER_SEC;
         total.rss_kib += rss;
     }

@@ -70,9 +70,20 @@ struct Slot {
 
 /// Runs connection `conn` until its schedule ends and its acknowledgements are in (or the drain
 /// time is over), then sends DISCONNECT.
-pub async fn run(mut stream: Stream, mut reader: FrameReader, template: PublishTemplate, quota: Option<u64>, phase: Duration, s: Schedule) -> anyhow::Result<ConnResult> {
+pub async fn run(
+    mut stream: Stream,
+    mut reader: FrameReader,
+    template: PublishTemplate,
+    quota: Option<u64>,
+    phase: Duration,
+    s: Schedule,
+) -> anyhow::Result<ConnResult> {
     let qos1 = s.qos != QoS::AtMostOnce;
-    let window = if qos1 { s.inflight.clamp(1, usize::from(u16::MAX)) } else { 0 };
+    let window = if qos1 {
+        s.inflight.clamp(1, usize::from(u16::MAX))
+    } else {
+        0
+    };
     let mut slots: Vec<Option<Slot>> = vec![None; window];
     let mut in_flight = 0usize;
     let batch_max = (BATCH_BYTES / template.len()).clamp(1, 4096) as u64;
@@ -104,7 +115,13 @@ pub async fn run(mut stream: Stream, mut reader: FrameReader, template: PublishT
         if r.sent >= quota || end.is_some_and(|e| now >= e) || r.sent >= u64::from(u32::MAX) {
             break;
         }
-        let owed = if s.rate > 0.0 { pace::due(s.rate, now - start).min(quota).saturating_sub(r.sent) } else { quota - r.sent };
+        let owed = if s.rate > 0.0 {
+            pace::due(s.rate, now - start)
+                .min(quota)
+                .saturating_sub(r.sent)
+        } else {
+            quota - r.sent
+        };
         let mut n = owed.min(batch_max);
         if qos1 {
             n = free_ids(&slots, r.sent, n);
@@ -116,7 +133,10 @@ pub async fn run(mut stream: Stream, mut reader: FrameReader, template: PublishT
                 let seq = r.sent + k;
                 let pkid = if qos1 {
                     let idx = (seq % window as u64) as usize;
-                    slots[idx] = Some(Slot { seq: seq as u32, sent_ns });
+                    slots[idx] = Some(Slot {
+                        seq: seq as u32,
+                        sent_ns,
+                    });
                     idx as u16 + 1
                 } else {
                     0
@@ -152,7 +172,11 @@ pub async fn run(mut stream: Stream, mut reader: FrameReader, template: PublishT
         while next_tick <= now {
             next_tick += tick;
         }
-        let wake = if s.rate > 0.0 { next_tick } else { end.unwrap_or(now + Duration::from_secs(1)) };
+        let wake = if s.rate > 0.0 {
+            next_tick
+        } else {
+            end.unwrap_or(now + Duration::from_secs(1))
+        };
         let wake = end.map_or(wake, |e| wake.min(e));
         tokio::select! {
             got = reader.fill(&mut stream) => {
@@ -195,7 +219,9 @@ pub async fn run(mut stream: Stream, mut reader: FrameReader, template: PublishT
 fn free_ids(slots: &[Option<Slot>], sent: u64, want: u64) -> u64 {
     let window = slots.len() as u64;
     let want = want.min(window);
-    (0..want).take_while(|k| slots[((sent + k) % window) as usize].is_none()).count() as u64
+    (0..want)
+        .take_while(|k| slots[((sent + k) % window) as usize].is_none())
+        .count() as u64
 }
 
 async fn write(stream: &mut Stream, buf: &[u8]) -> std::io::Result<()> {
@@ -203,11 +229,20 @@ async fn write(stream: &mut Stream, buf: &[u8]) -> std::io::Result<()> {
     stream.flush().await
 }
 
-fn handle_acks(reader: &mut FrameReader, slots: &mut [Option<Slot>], in_flight: &mut usize, r: &mut ConnResult, measure_from_ns: u64) -> anyhow::Result<()> {
+fn handle_acks(
+    reader: &mut FrameReader,
+    slots: &mut [Option<Slot>],
+    in_flight: &mut usize,
+    r: &mut ConnResult,
+    measure_from_ns: u64,
+) -> anyhow::Result<()> {
     let now_ns = unix_nanos();
     while let Some(p) = reader.buffered()? {
         let Packet::PubAck(pkid) = p else { continue };
-        let slot = (pkid as usize).checked_sub(1).and_then(|i| slots.get_mut(i)).and_then(Option::take);
+        let slot = (pkid as usize)
+            .checked_sub(1)
+            .and_then(|i| slots.get_mut(i))
+            .and_then(Option::take);
         let Some(slot) = slot else {
             r.unexpected_acks += 1;
             continue;

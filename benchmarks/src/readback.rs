@@ -52,7 +52,11 @@ impl SeqSet {
 
     /// Members of `self` that `other` lacks.
     pub fn missing_from(&self, other: &SeqSet) -> u64 {
-        self.0.iter().enumerate().map(|(i, w)| u64::from((w & !other.0.get(i).copied().unwrap_or(0)).count_ones())).sum()
+        self.0
+            .iter()
+            .enumerate()
+            .map(|(i, w)| u64::from((w & !other.0.get(i).copied().unwrap_or(0)).count_ones()))
+            .sum()
     }
 }
 
@@ -115,28 +119,65 @@ pub fn latency_histogram() -> anyhow::Result<Histogram<u64>> {
     Ok(Histogram::new_with_bounds(1, 600_000_000, 3)?)
 }
 
-/// When the reader may stop: once `expected` unique messages arrived (known when publishing
-/// ends), or at the deadline (publishing end + drain timeout), whichever is first.
+/// When the reader may stop: once every message published arrived (the count is known when
+/// publishing ends), or once nothing new arrived for `drain` after publishing ended, and at the
+/// latest `max_drain` after publishing ended. A reader still catching up on a backlog keeps
+/// reading; one waiting for messages that will never come stops after `drain`.
 pub struct Goal {
     start: Instant,
+    drain_ms: u64,
+    max_drain_ms: u64,
     expected: AtomicU64,
-    deadline_ms: AtomicU64,
+    /// Publishing end, ms since `start` (`u64::MAX` while publishing).
+    end_ms: AtomicU64,
+    /// Last time the reader got a new message, ms since `start`.
+    progress_ms: AtomicU64,
 }
 
 impl Goal {
-    pub fn new() -> Self {
-        Goal { start: Instant::now(), expected: AtomicU64::new(u64::MAX), deadline_ms: AtomicU64::new(u64::MAX) }
+    pub fn new(drain: Duration, max_drain: Duration) -> Self {
+        Goal {
+            start: Instant::now(),
+            drain_ms: drain.as_millis() as u64,
+            max_drain_ms: max_drain.max(drain).as_millis() as u64,
+            expected: AtomicU64::new(u64::MAX),
+            end_ms: AtomicU64::new(u64::MAX),
+            progress_ms: AtomicU64::new(0),
+        }
     }
 
-    /// Publishing is over: `expected` messages went out; stop at `deadline` at the latest.
-    pub fn set(&self, expected: u64, deadline: Instant) {
-        let ms = deadline.saturating_duration_since(self.start).as_millis() as u64;
-        self.deadline_ms.store(ms, Ordering::Release);
+    fn ms(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.start).as_millis() as u64
+    }
+
+    /// Publishing ended at `end` with `expected` messages out.
+    pub fn set(&self, expected: u64, end: Instant) {
         self.expected.store(expected, Ordering::Release);
+        self.end_ms.store(self.ms(end), Ordering::Release);
+    }
+
+    /// The reader got new messages now.
+    pub fn progress(&self) {
+        self.progress_ms
+            .fetch_max(self.ms(Instant::now()), Ordering::Relaxed);
     }
 
     pub fn reached(&self, unique: u64) -> bool {
-        unique >= self.expected.load(Ordering::Acquire) || self.start.elapsed().as_millis() as u64 >= self.deadline_ms.load(Ordering::Acquire)
+        self.reached_at(unique, Instant::now())
+    }
+
+    fn reached_at(&self, unique: u64, now: Instant) -> bool {
+        if unique >= self.expected.load(Ordering::Acquire) {
+            return true;
+        }
+        let end = self.end_ms.load(Ordering::Acquire);
+        if end == u64::MAX {
+            return false;
+        }
+        let now = self.ms(now);
+        let quiet_since = end.max(self.progress_ms.load(Ordering::Relaxed));
+        now >= end.saturating_add(self.max_drain_ms)
+            || now >= quiet_since.saturating_add(self.drain_ms)
     }
 }
 
@@ -191,7 +232,11 @@ impl OpsReader {
         if positions.is_empty() {
             bail!("the events log has no partitions");
         }
-        Ok(OpsReader { ops_url: ops_url.to_string(), positions, run_prop: run_prop.into() })
+        Ok(OpsReader {
+            ops_url: ops_url.to_string(),
+            positions,
+            run_prop: run_prop.into(),
+        })
     }
 
     /// Reads until the goal is reached; also returns how many records were still unread in the
@@ -203,7 +248,11 @@ impl OpsReader {
         for &(partition, from) in &self.positions {
             let (tx, goal, unique) = (tx.clone(), goal.clone(), unique.clone());
             let (url, run_prop) = (self.ops_url.clone(), self.run_prop.clone());
-            fetchers.spawn(async move { fetch(&url, partition, from, &run_prop, tx, &goal, &unique).await.map(|next| (partition, next)) });
+            fetchers.spawn(async move {
+                fetch(&url, partition, from, &run_prop, tx, &goal, &unique)
+                    .await
+                    .map(|next| (partition, next))
+            });
         }
         drop(tx);
         while let Some(batch) = rx.recv().await {
@@ -212,7 +261,9 @@ impl OpsReader {
             }
             tally.stray += batch.stray;
             tally.last_at = Some(batch.at);
-            unique.store(tally.unique, Ordering::Relaxed);
+            if tally.unique > unique.swap(tally.unique, Ordering::Relaxed) {
+                goal.progress();
+            }
         }
         let mut read_to = Vec::new();
         while let Some(done) = fetchers.join_next().await {
@@ -221,7 +272,14 @@ impl OpsReader {
         let ends = partition_ends(&self.ops_url).await?;
         let behind = ends
             .iter()
-            .map(|(p, end)| end.saturating_sub(read_to.iter().find(|(q, _)| q == p).map_or(*end, |(_, n)| *n)))
+            .map(|(p, end)| {
+                end.saturating_sub(
+                    read_to
+                        .iter()
+                        .find(|(q, _)| q == p)
+                        .map_or(*end, |(_, n)| *n),
+                )
+            })
             .sum();
         Ok((tally, behind))
     }
@@ -230,16 +288,31 @@ impl OpsReader {
 /// `(partition, next offset)` of every partition of the events log.
 async fn partition_ends(ops_url: &str) -> anyhow::Result<Vec<(usize, u64)>> {
     let mut client = http::Client::new(ops_url, None)?;
-    let resp = client.request(Method::GET, "/events/partitions", &[], None).await.context("reading the events partitions")?;
+    let resp = client
+        .request(Method::GET, "/events/partitions", &[], None)
+        .await
+        .context("reading the events partitions")?;
     if resp.status != 200 {
-        bail!("GET {ops_url}/events/partitions answered {}: {}", resp.status, resp.text());
+        bail!(
+            "GET {ops_url}/events/partitions answered {}: {}",
+            resp.status,
+            resp.text()
+        );
     }
     let p: Partitions = serde_json::from_slice(&resp.body).context("events partitions JSON")?;
     Ok(p.partitions.iter().map(|p| (p.partition, p.next)).collect())
 }
 
 /// Reads one partition from `next` until the goal is reached; returns where it got to.
-async fn fetch(ops_url: &str, partition: usize, mut next: u64, run_prop: &str, tx: mpsc::Sender<Batch>, goal: &Goal, unique: &AtomicU64) -> anyhow::Result<u64> {
+async fn fetch(
+    ops_url: &str,
+    partition: usize,
+    mut next: u64,
+    run_prop: &str,
+    tx: mpsc::Sender<Batch>,
+    goal: &Goal,
+    unique: &AtomicU64,
+) -> anyhow::Result<u64> {
     let mut client = http::Client::new(ops_url, None)?;
     while !goal.reached(unique.load(Ordering::Relaxed)) {
         let path = format!("/events/partitions/{partition}/records?from={next}&max={PAGE}");
@@ -248,13 +321,19 @@ async fn fetch(ops_url: &str, partition: usize, mut next: u64, run_prop: &str, t
             bail!("GET {path} answered {}: {}", resp.status, resp.text());
         }
         let (now_ns, at) = (unix_nanos(), Instant::now());
-        let page: Page<'_> = serde_json::from_slice(&resp.body).with_context(|| format!("records JSON from {path}"))?;
+        let page: Page<'_> = serde_json::from_slice(&resp.body)
+            .with_context(|| format!("records JSON from {path}"))?;
         next = page.next.max(next);
         if page.records.is_empty() {
             tokio::time::sleep(IDLE_POLL).await;
             continue;
         }
-        let mut batch = Batch { payloads: Vec::with_capacity(page.records.len()), stray: 0, now_ns, at };
+        let mut batch = Batch {
+            payloads: Vec::with_capacity(page.records.len()),
+            stray: 0,
+            now_ns,
+            at,
+        };
         for r in &page.records {
             if r.properties.get("run").map(|v| v.as_ref()) != Some(run_prop) {
                 continue;
@@ -282,11 +361,27 @@ pub struct Subscriber {
 }
 
 impl Subscriber {
-    pub async fn connect(target: SocketAddr, transport: &Transport, client_id: &str, filter: &str, qos: QoS, max_frame: usize) -> anyhow::Result<Self> {
+    pub async fn connect(
+        target: SocketAddr,
+        transport: &Transport,
+        client_id: &str,
+        filter: &str,
+        qos: QoS,
+        max_frame: usize,
+    ) -> anyhow::Result<Self> {
         let timeout = Duration::from_secs(10);
-        let mut stream = net::connect(target, Sources::for_target(target).next(), transport, timeout).await.context("subscriber")?;
+        let mut stream = net::connect(
+            target,
+            Sources::for_target(target).next(),
+            transport,
+            timeout,
+        )
+        .await
+        .context("subscriber")?;
         let connect = frame::connect(client_id, None, None, 1177)?;
-        let mut reader = handshake(&mut stream, &connect, max_frame, timeout).await.context("subscriber CONNECT")?;
+        let mut reader = handshake(&mut stream, &connect, max_frame, timeout)
+            .await
+            .context("subscriber CONNECT")?;
         stream.write_all(&frame::subscribe(1, filter, qos)?).await?;
         let granted = tokio::time::timeout(timeout, async {
             loop {
@@ -303,19 +398,29 @@ impl Subscriber {
             Some(SubackCode::Granted(q)) => q,
             _ => bail!("the broker refused the subscription to {filter}"),
         };
-        Ok(Subscriber { stream, reader, qos })
+        Ok(Subscriber {
+            stream,
+            reader,
+            qos,
+        })
     }
 
     pub async fn run(mut self, mut tally: Tally, goal: Arc<Goal>) -> anyhow::Result<Tally> {
         let mut acks = BytesMut::new();
         while !goal.reached(tally.unique) {
-            match tokio::time::timeout(Duration::from_millis(50), self.reader.fill(&mut self.stream)).await {
+            match tokio::time::timeout(
+                Duration::from_millis(50),
+                self.reader.fill(&mut self.stream),
+            )
+            .await
+            {
                 Err(_) => continue,
                 Ok(Err(e)) => return Err(e.context("subscriber read")),
                 Ok(Ok(0)) => bail!("the broker closed the subscriber connection"),
                 Ok(Ok(_)) => {}
             }
             let now = unix_nanos();
+            let before = tally.unique;
             while let Some(p) = self.reader.buffered()? {
                 if let Packet::Publish(p) = p {
                     tally.record(&p.payload, now);
@@ -325,8 +430,14 @@ impl Subscriber {
                 }
             }
             tally.last_at = Some(Instant::now());
+            if tally.unique > before {
+                goal.progress();
+            }
             if !acks.is_empty() {
-                self.stream.write_all(&acks).await.context("subscriber PUBACK")?;
+                self.stream
+                    .write_all(&acks)
+                    .await
+                    .context("subscriber PUBACK")?;
                 acks.clear();
             }
         }
@@ -341,7 +452,13 @@ mod tests {
 
     fn payload(run: u64, conn: u32, seq: u32, sent_ns: u64) -> Vec<u8> {
         let mut p = vec![0; 30];
-        Stamp { run, conn, seq, sent_ns }.write(&mut p);
+        Stamp {
+            run,
+            conn,
+            seq,
+            sent_ns,
+        }
+        .write(&mut p);
         p
     }
 
@@ -375,13 +492,43 @@ mod tests {
 
     #[test]
     fn goal_waits_for_publishing_to_end() {
-        let g = Goal::new();
-        assert!(!g.reached(1_000_000));
-        g.set(10, Instant::now() + Duration::from_secs(60));
-        assert!(!g.reached(9));
-        assert!(g.reached(10));
-        g.set(10, Instant::now());
-        assert!(g.reached(0));
+        let g = Goal::new(Duration::from_secs(10), Duration::from_secs(60));
+        let t0 = g.start;
+        assert!(
+            !g.reached_at(1_000_000, t0 + Duration::from_secs(3600)),
+            "still publishing"
+        );
+        g.set(10, t0 + Duration::from_secs(5));
+        assert!(!g.reached_at(9, t0 + Duration::from_secs(6)));
+        assert!(
+            g.reached_at(10, t0 + Duration::from_secs(6)),
+            "everything arrived"
+        );
+        assert!(
+            g.reached_at(9, t0 + Duration::from_secs(15)),
+            "nothing new for the drain time"
+        );
+    }
+
+    #[test]
+    fn goal_keeps_reading_while_catching_up_but_not_forever() {
+        let g = Goal::new(Duration::from_secs(10), Duration::from_secs(60));
+        let t0 = g.start;
+        g.set(100, t0);
+        g.progress_ms.store(30_000, Ordering::Relaxed);
+        assert!(
+            !g.reached_at(50, t0 + Duration::from_secs(35)),
+            "progress 5 s ago"
+        );
+        assert!(
+            g.reached_at(50, t0 + Duration::from_secs(40)),
+            "quiet for the drain time"
+        );
+        g.progress_ms.store(59_000, Ordering::Relaxed);
+        assert!(
+            g.reached_at(50, t0 + Duration::from_secs(60)),
+            "max drain reached"
+        );
     }
 
     #[test]
@@ -389,8 +536,16 @@ mod tests {
         let json = br#"{"records":[{"partition":0,"offset":1,"body":"aGk=","bodyEncoding":"base64","properties":{"run":"r1"}},{"body":"x\u0000y","bodyEncoding":"utf-8","properties":{}}],"next":3}"#;
         let page: Page<'_> = serde_json::from_slice(json).expect("parses");
         assert_eq!(page.next, 3);
-        assert_eq!(page.records[0].properties.get("run").map(|v| v.as_ref()), Some("r1"));
-        assert_eq!(STANDARD.decode(page.records[0].body.as_bytes()).expect("b64"), b"hi");
+        assert_eq!(
+            page.records[0].properties.get("run").map(|v| v.as_ref()),
+            Some("r1")
+        );
+        assert_eq!(
+            STANDARD
+                .decode(page.records[0].body.as_bytes())
+                .expect("b64"),
+            b"hi"
+        );
         assert_eq!(page.records[1].body.as_bytes(), b"x\0y");
     }
 }

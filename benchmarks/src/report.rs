@@ -26,11 +26,24 @@ impl Report {
     /// `{prefix}_p50_us`, `_p99_us`, `_p999_us`, `_max_us` and `_count` of a µs histogram; null
     /// percentiles when it is empty.
     pub fn latency(&mut self, prefix: &str, h: &Histogram<u64>) {
-        let q = |q: f64| if h.is_empty() { Value::Null } else { Value::from(h.value_at_quantile(q)) };
+        let q = |q: f64| {
+            if h.is_empty() {
+                Value::Null
+            } else {
+                Value::from(h.value_at_quantile(q))
+            }
+        };
         self.put(&format!("{prefix}_p50_us"), q(0.5));
         self.put(&format!("{prefix}_p99_us"), q(0.99));
         self.put(&format!("{prefix}_p999_us"), q(0.999));
-        self.put(&format!("{prefix}_max_us"), if h.is_empty() { Value::Null } else { Value::from(h.max()) });
+        self.put(
+            &format!("{prefix}_max_us"),
+            if h.is_empty() {
+                Value::Null
+            } else {
+                Value::from(h.max())
+            },
+        );
         self.put(&format!("{prefix}_count"), h.len());
     }
 
@@ -63,7 +76,12 @@ impl Report {
 /// 1234567 → "1,234,567".
 fn group(n: u64) -> String {
     let digits = n.to_string();
-    let parts: Vec<&str> = digits.as_bytes().rchunks(3).rev().filter_map(|c| std::str::from_utf8(c).ok()).collect();
+    let parts: Vec<&str> = digits
+        .as_bytes()
+        .rchunks(3)
+        .rev()
+        .filter_map(|c| std::str::from_utf8(c).ok())
+        .collect();
     parts.join(",")
 }
 
@@ -106,7 +124,10 @@ mod tests {
     #[test]
     fn empty_histogram_gives_nulls() {
         let mut r = Report::default();
-        r.latency("puback", &Histogram::<u64>::new_with_bounds(1, 1000, 3).expect("histogram"));
+        r.latency(
+            "puback",
+            &Histogram::<u64>::new_with_bounds(1, 1000, 3).expect("histogram"),
+        );
         let v: Value = serde_json::from_str(&r.json()).expect("json");
         assert_eq!(v["puback_p99_us"], Value::Null);
         assert_eq!(v["puback_count"], 0);

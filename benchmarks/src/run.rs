@@ -32,17 +32,28 @@ pub async fn run(args: &Args, setup: Setup) -> anyhow::Result<Outcome> {
         None
     } else {
         Some(match &t.kind {
-            Kind::Roost { hub, .. } => Reader::Ops(OpsReader::start(&hub.ops_url, t.run_prop()).await?),
+            Kind::Roost { hub, .. } => {
+                Reader::Ops(OpsReader::start(&hub.ops_url, t.run_prop()).await?)
+            }
             Kind::Mqtt => {
                 let id = format!("{}sub-{:x}", t.prefix, t.run & 0xffff_ffff);
-                Reader::Sub(Subscriber::connect(t.addr, &t.transport, &id, "bench/#", qos, t.max_frame).await?)
+                Reader::Sub(
+                    Subscriber::connect(t.addr, &t.transport, &id, "bench/#", qos, t.max_frame)
+                        .await?,
+                )
             }
         })
     };
 
     let before = procfs::sample(&setup.pids)?;
     let t0 = Instant::now();
-    let conns = target::open_all(t.clone(), n, args.connect_concurrency, setup.connect_timeout).await?;
+    let conns = target::open_all(
+        t.clone(),
+        n,
+        args.connect_concurrency,
+        setup.connect_timeout,
+    )
+    .await?;
     let connect_secs = t0.elapsed().as_secs_f64();
     let connected = procfs::sample(&setup.pids)?;
     eprintln!("roost-bench: {n} connections open in {connect_secs:.1} s; publishing");
@@ -55,9 +66,17 @@ pub async fn run(args: &Args, setup: Setup) -> anyhow::Result<Outcome> {
     };
     let drain = Duration::from_secs_f64(args.drain_timeout);
     let rate = pace::per_conn_rate(args.rate, n);
-    let schedule = Schedule { qos, inflight: usize::from(args.inflight), rate, start, measure_from, end: Some(end), drain };
+    let schedule = Schedule {
+        qos,
+        inflight: usize::from(args.inflight),
+        rate,
+        start,
+        measure_from,
+        end: Some(end),
+        drain,
+    };
 
-    let goal = Arc::new(Goal::new());
+    let goal = Arc::new(Goal::new(drain, Duration::from_secs_f64(args.max_drain)));
     let measure_from_ns = publish::instant_to_unix_ns(measure_from);
     let reader_task = match reader {
         None => None,
@@ -66,7 +85,10 @@ pub async fn run(args: &Args, setup: Setup) -> anyhow::Result<Outcome> {
             let goal = goal.clone();
             Some(tokio::spawn(async move {
                 match r {
-                    Reader::Ops(r) => r.run(tally, goal).await.map(|(t, behind)| (t, Some(behind))),
+                    Reader::Ops(r) => r
+                        .run(tally, goal)
+                        .await
+                        .map(|(t, behind)| (t, Some(behind))),
                     Reader::Sub(s) => s.run(tally, goal).await.map(|t| (t, None)),
                 }
             }))
@@ -79,8 +101,17 @@ pub async fn run(args: &Args, setup: Setup) -> anyhow::Result<Outcome> {
         let template = PublishTemplate::new(&t.topic(i), qos, args.payload, t.run, i as u32)?;
         let quota = args.messages.map(|m| pace::quota(m, n, i));
         // Flat out there is no tick to spread.
-        let phase = if rate > 0.0 { pace::phase(i, n, tick) } else { Duration::ZERO };
-        set.spawn(async move { (i, publish::run(stream, frames, template, quota, phase, schedule).await) });
+        let phase = if rate > 0.0 {
+            pace::phase(i, n, tick)
+        } else {
+            Duration::ZERO
+        };
+        set.spawn(async move {
+            (
+                i,
+                publish::run(stream, frames, template, quota, phase, schedule).await,
+            )
+        });
     }
     let mut results: Vec<Option<ConnResult>> = (0..n).map(|_| None).collect();
     let mut failure = None;
@@ -88,14 +119,17 @@ pub async fn run(args: &Args, setup: Setup) -> anyhow::Result<Outcome> {
         let (i, r) = done.context("a connection task panicked")?;
         let r = r.with_context(|| format!("connection {i}"))?;
         if let (None, Some(e)) = (&failure, &r.error) {
-            failure = Some(format!("connection {i} ({}) failed during the run: {e}", t.client_id(i)));
+            failure = Some(format!(
+                "connection {i} ({}) failed during the run: {e}",
+                t.client_id(i)
+            ));
         }
         results[i] = Some(r);
     }
     let results: Vec<ConnResult> = results.into_iter().flatten().collect();
     let publish_end = results.iter().map(|r| r.finished).max().unwrap_or(start);
     let sent: u64 = results.iter().map(|r| r.sent).sum();
-    goal.set(sent, publish_end + drain);
+    goal.set(sent, publish_end);
     let (tally, behind) = match reader_task {
         None => (None, None),
         Some(task) => match task.await.context("the reader panicked")? {
@@ -108,12 +142,14 @@ pub async fn run(args: &Args, setup: Setup) -> anyhow::Result<Outcome> {
     };
     let after = procfs::sample(&setup.pids)?;
     if let Some(b) = behind.filter(|&b| b > 0) {
-        eprintln!("roost-bench: the reader fell behind: {b} records were still unread when the drain timeout ended (lost is an upper bound; raise --drain-timeout)");
+        eprintln!("roost-bench: the reader fell behind: {b} records were still unread when it stopped (lost is an upper bound; raise --max-drain)");
     }
 
     // The figures.
     // Connections are phase-shifted by up to one tick: the window is their mean window.
-    let window = (results.iter().map(|r| r.window.as_secs_f64()).sum::<f64>() / results.len().max(1) as f64).max(1e-9);
+    let window = (results.iter().map(|r| r.window.as_secs_f64()).sum::<f64>()
+        / results.len().max(1) as f64)
+        .max(1e-9);
     let sent_in_window: u64 = results.iter().map(|r| r.sent_in_window).sum();
     let acked: u64 = results.iter().map(|r| r.acked).sum();
     let acked_in_window: u64 = results.iter().map(|r| r.acked_in_window).sum();
@@ -129,12 +165,26 @@ pub async fn run(args: &Args, setup: Setup) -> anyhow::Result<Outcome> {
     if let Some(l) = &args.label {
         rep.put("label", l.as_str());
     }
-    rep.put("target", if matches!(t.kind, Kind::Roost { .. }) { "roost" } else { "mqtt" });
+    rep.put(
+        "target",
+        if matches!(t.kind, Kind::Roost { .. }) {
+            "roost"
+        } else {
+            "mqtt"
+        },
+    );
     rep.put("addr", t.addr.to_string());
     rep.put("tls", t.transport.is_tls());
     rep.put("connections", n);
     rep.put("qos", args.qos);
-    rep.put("inflight", if args.qos == 1 { serde_json::Value::from(args.inflight) } else { serde_json::Value::Null });
+    rep.put(
+        "inflight",
+        if args.qos == 1 {
+            serde_json::Value::from(args.inflight)
+        } else {
+            serde_json::Value::Null
+        },
+    );
     rep.put("payload_bytes", args.payload);
     rep.num("rate_target_msgs_per_s", args.rate);
     rep.num("connect_s", connect_secs);
@@ -154,22 +204,56 @@ pub async fn run(args: &Args, setup: Setup) -> anyhow::Result<Outcome> {
             let lost: u64 = results
                 .iter()
                 .zip(&tally.received)
-                .map(|(r, got)| if args.qos == 1 { r.acked_set.missing_from(got) } else { r.sent.saturating_sub(got.len()) })
+                .map(|(r, got)| {
+                    if args.qos == 1 {
+                        r.acked_set.missing_from(got)
+                    } else {
+                        r.sent.saturating_sub(got.len())
+                    }
+                })
                 .sum();
-            let read_span = tally.last_at.map(|l| l.saturating_duration_since(measure_from).as_secs_f64()).unwrap_or(0.0);
+            let read_span = tally
+                .last_at
+                .map(|l| l.saturating_duration_since(measure_from).as_secs_f64())
+                .unwrap_or(0.0);
             rep.put("read", tally.unique);
-            rep.num("out_msgs_per_s", if read_span > 0.0 { tally.measured as f64 / read_span } else { 0.0 });
+            rep.num(
+                "out_msgs_per_s",
+                if read_span > 0.0 {
+                    tally.measured as f64 / read_span
+                } else {
+                    0.0
+                },
+            );
             rep.put("lost", lost);
-            rep.num("lost_pct", if sent > 0 { lost as f64 * 100.0 / sent as f64 } else { 0.0 });
+            rep.num(
+                "lost_pct",
+                if sent > 0 {
+                    lost as f64 * 100.0 / sent as f64
+                } else {
+                    0.0
+                },
+            );
             rep.put("duplicates", tally.duplicates);
             rep.put("stray", tally.stray);
             // Records left unread in roost's log at the deadline: the reader fell behind, and
             // "lost" may be messages it did not get to.
-            rep.put("reader_behind", behind.map_or(serde_json::Value::Null, serde_json::Value::from));
+            rep.put(
+                "reader_behind",
+                behind.map_or(serde_json::Value::Null, serde_json::Value::from),
+            );
             rep.latency("e2e", &tally.e2e);
         }
         None => {
-            for k in ["read", "out_msgs_per_s", "lost", "lost_pct", "duplicates", "stray", "reader_behind"] {
+            for k in [
+                "read",
+                "out_msgs_per_s",
+                "lost",
+                "lost_pct",
+                "duplicates",
+                "stray",
+                "reader_behind",
+            ] {
                 rep.put(k, serde_json::Value::Null);
             }
         }
@@ -179,22 +263,50 @@ pub async fn run(args: &Args, setup: Setup) -> anyhow::Result<Outcome> {
     }
     server_figures(&mut rep, &setup.pids, before, connected, after, n, sent);
     rep.put("connection_errors", errors);
-    Ok(Outcome { report: rep, failure })
+    Ok(Outcome {
+        report: rep,
+        failure,
+    })
 }
 
 /// CPU per million messages and RSS figures; nulls when no server pid was given.
-pub fn server_figures(rep: &mut Report, pids: &[u32], before: procfs::Sample, connected: procfs::Sample, after: procfs::Sample, conns: usize, msgs: u64) {
+pub fn server_figures(
+    rep: &mut Report,
+    pids: &[u32],
+    before: procfs::Sample,
+    connected: procfs::Sample,
+    after: procfs::Sample,
+    conns: usize,
+    msgs: u64,
+) {
     if pids.is_empty() {
-        for k in ["server_cpu_s", "server_cpu_s_per_m_msgs", "server_rss_before_kib", "server_rss_connected_kib", "server_rss_after_kib", "rss_per_conn_bytes"] {
+        for k in [
+            "server_cpu_s",
+            "server_cpu_s_per_m_msgs",
+            "server_rss_before_kib",
+            "server_rss_connected_kib",
+            "server_rss_after_kib",
+            "rss_per_conn_bytes",
+        ] {
             rep.put(k, serde_json::Value::Null);
         }
         return;
     }
     let cpu = after.cpu_secs - connected.cpu_secs;
     rep.num("server_cpu_s", cpu);
-    rep.num("server_cpu_s_per_m_msgs", if msgs > 0 { cpu * 1e6 / msgs as f64 } else { f64::NAN });
+    rep.num(
+        "server_cpu_s_per_m_msgs",
+        if msgs > 0 {
+            cpu * 1e6 / msgs as f64
+        } else {
+            f64::NAN
+        },
+    );
     rep.put("server_rss_before_kib", before.rss_kib);
     rep.put("server_rss_connected_kib", connected.rss_kib);
     rep.put("server_rss_after_kib", after.rss_kib);
-    rep.num("rss_per_conn_bytes", (connected.rss_kib as f64 - before.rss_kib as f64) * 1024.0 / conns as f64);
+    rep.num(
+        "rss_per_conn_bytes",
+        (connected.rss_kib as f64 - before.rss_kib as f64) * 1024.0 / conns as f64,
+    );
 }

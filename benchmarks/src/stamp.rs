@@ -30,9 +30,26 @@ impl Stamp {
 
     /// Reads the stamp at the start of a payload; `None` if it is too short to carry one.
     pub fn read(payload: &[u8]) -> Option<Stamp> {
-        let be64 = |at: usize| payload.get(at..at + 8)?.try_into().ok().map(u64::from_be_bytes);
-        let be32 = |at: usize| payload.get(at..at + 4)?.try_into().ok().map(u32::from_be_bytes);
-        Some(Stamp { run: be64(0)?, conn: be32(8)?, seq: be32(SEQ_AT)?, sent_ns: be64(SENT_AT)? })
+        let be64 = |at: usize| {
+            payload
+                .get(at..at + 8)?
+                .try_into()
+                .ok()
+                .map(u64::from_be_bytes)
+        };
+        let be32 = |at: usize| {
+            payload
+                .get(at..at + 4)?
+                .try_into()
+                .ok()
+                .map(u32::from_be_bytes)
+        };
+        Some(Stamp {
+            run: be64(0)?,
+            conn: be32(8)?,
+            seq: be32(SEQ_AT)?,
+            sent_ns: be64(SENT_AT)?,
+        })
     }
 }
 
@@ -49,7 +66,12 @@ mod tests {
 
     #[test]
     fn stamp_round_trips() {
-        let s = Stamp { run: 0x0102_0304_0506_0708, conn: 70_000, seq: u32::MAX, sent_ns: 1_700_000_000_123_456_789 };
+        let s = Stamp {
+            run: 0x0102_0304_0506_0708,
+            conn: 70_000,
+            seq: u32::MAX,
+            sent_ns: 1_700_000_000_123_456_789,
+        };
         let mut payload = vec![0xAA; 100];
         s.write(&mut payload);
         assert_eq!(Stamp::read(&payload), Some(s));
@@ -59,11 +81,24 @@ mod tests {
 
     #[test]
     fn patch_changes_only_seq_and_time() {
-        let s = Stamp { run: 7, conn: 3, seq: 1, sent_ns: 2 };
+        let s = Stamp {
+            run: 7,
+            conn: 3,
+            seq: 1,
+            sent_ns: 2,
+        };
         let mut payload = vec![0; STAMP_LEN];
         s.write(&mut payload);
         patch(&mut payload, 99, 12345);
-        assert_eq!(Stamp::read(&payload), Some(Stamp { run: 7, conn: 3, seq: 99, sent_ns: 12345 }));
+        assert_eq!(
+            Stamp::read(&payload),
+            Some(Stamp {
+                run: 7,
+                conn: 3,
+                seq: 99,
+                sent_ns: 12345
+            })
+        );
     }
 
     #[test]
@@ -76,7 +111,13 @@ mod tests {
     #[test]
     fn layout_is_big_endian_at_documented_offsets() {
         let mut payload = [0u8; STAMP_LEN];
-        Stamp { run: 1, conn: 2, seq: 3, sent_ns: 4 }.write(&mut payload);
+        Stamp {
+            run: 1,
+            conn: 2,
+            seq: 3,
+            sent_ns: 4,
+        }
+        .write(&mut payload);
         assert_eq!(payload[7], 1);
         assert_eq!(payload[11], 2);
         assert_eq!(payload[SEQ_AT + 3], 3);

@@ -12,9 +12,9 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 use crate::client::{handshake, FrameReader};
+use crate::frame;
 use crate::hub::{self, Hub};
 use crate::net::{self, Sources, Stream, Transport};
-use crate::frame;
 
 /// Keep-alive sent in CONNECT: IoT Hub's largest (1177 s). Runs are shorter than the 1.5×
 /// silence a broker allows, so no PINGREQ is ever needed.
@@ -61,16 +61,27 @@ impl Target {
         let id = self.client_id(i);
         match &self.kind {
             Kind::Roost { hub, key } => {
-                let (client_id, username, token) = hub::device_credentials(&hub.hostname, &id, key, TOKEN_TTL_SECS)?;
-                Ok(frame::connect(&client_id, Some(&username), Some(&token), KEEP_ALIVE)?)
+                let (client_id, username, token) =
+                    hub::device_credentials(&hub.hostname, &id, key, TOKEN_TTL_SECS)?;
+                Ok(frame::connect(
+                    &client_id,
+                    Some(&username),
+                    Some(&token),
+                    KEEP_ALIVE,
+                )?)
             }
             Kind::Mqtt => Ok(frame::connect(&id, None, None, KEEP_ALIVE)?),
         }
     }
 
     /// Connects connection `i` and completes its MQTT handshake with `connect`.
-    pub async fn open_with(&self, connect: &[u8], timeout: Duration) -> anyhow::Result<(Stream, FrameReader)> {
-        let mut stream = net::connect(self.addr, self.sources.next(), &self.transport, timeout).await?;
+    pub async fn open_with(
+        &self,
+        connect: &[u8],
+        timeout: Duration,
+    ) -> anyhow::Result<(Stream, FrameReader)> {
+        let mut stream =
+            net::connect(self.addr, self.sources.next(), &self.transport, timeout).await?;
         let reader = handshake(&mut stream, connect, self.max_frame, timeout).await?;
         Ok((stream, reader))
     }
@@ -89,7 +100,12 @@ fn roost_topic(device: &str, run_prop: &str) -> String {
 
 /// Opens connections `0..n` with at most `concurrency` handshakes in flight; any failure fails
 /// the whole set (the rest are dropped).
-pub async fn open_all(target: Arc<Target>, n: usize, concurrency: usize, timeout: Duration) -> anyhow::Result<Vec<(Stream, FrameReader)>> {
+pub async fn open_all(
+    target: Arc<Target>,
+    n: usize,
+    concurrency: usize,
+    timeout: Duration,
+) -> anyhow::Result<Vec<(Stream, FrameReader)>> {
     let permits = Arc::new(Semaphore::new(concurrency.max(1)));
     let mut set = JoinSet::new();
     let mut out: Vec<Option<(Stream, FrameReader)>> = (0..n).map(|_| None).collect();
@@ -104,14 +120,29 @@ pub async fn open_all(target: Arc<Target>, n: usize, concurrency: usize, timeout
         // Collect finished ones as we go, so a failure stops the loop early.
         while let Some(done) = set.try_join_next() {
             let (i, r) = done?;
-            out[i] = Some(r.with_context(|| format!("connection {i} ({}) to {}", target.client_id(i), target.addr))?);
+            out[i] = Some(r.with_context(|| {
+                format!(
+                    "connection {i} ({}) to {}",
+                    target.client_id(i),
+                    target.addr
+                )
+            })?);
         }
     }
     while let Some(done) = set.join_next().await {
         let (i, r) = done?;
-        out[i] = Some(r.with_context(|| format!("connection {i} ({}) to {}", target.client_id(i), target.addr))?);
+        out[i] = Some(r.with_context(|| {
+            format!(
+                "connection {i} ({}) to {}",
+                target.client_id(i),
+                target.addr
+            )
+        })?);
     }
-    out.into_iter().enumerate().map(|(i, c)| c.with_context(|| format!("connection {i} did not finish"))).collect()
+    out.into_iter()
+        .enumerate()
+        .map(|(i, c)| c.with_context(|| format!("connection {i} did not finish")))
+        .collect()
 }
 
 #[cfg(test)]
@@ -120,7 +151,15 @@ mod tests {
 
     fn mqtt_target() -> Target {
         let addr: SocketAddr = "127.0.0.1:1883".parse().expect("addr");
-        Target { kind: Kind::Mqtt, addr, transport: Transport::Plain, sources: Sources::for_target(addr), prefix: "b-".into(), run: 0xab, max_frame: 1 << 20 }
+        Target {
+            kind: Kind::Mqtt,
+            addr,
+            transport: Transport::Plain,
+            sources: Sources::for_target(addr),
+            prefix: "b-".into(),
+            run: 0xab,
+            max_frame: 1 << 20,
+        }
     }
 
     #[test]
@@ -135,10 +174,18 @@ mod tests {
     fn roost_topic_carries_the_run_property() {
         let topic = roost_topic("b-3", "00000000000000ab");
         let parsed = roost_iothub::topic::parse_publish_topic(&topic).expect("a telemetry topic");
-        let roost_iothub::topic::DeviceTopic::Telemetry { device, bag, .. } = parsed else { panic!("not telemetry") };
+        let roost_iothub::topic::DeviceTopic::Telemetry { device, bag, .. } = parsed else {
+            panic!("not telemetry")
+        };
         assert_eq!(device, "b-3");
         let bag = roost_iothub::props::decode_bag(bag).expect("bag");
-        assert_eq!(bag.system.content_type.as_deref(), Some("application/octet-stream"));
-        assert_eq!(bag.app, vec![("run".to_string(), "00000000000000ab".to_string())]);
+        assert_eq!(
+            bag.system.content_type.as_deref(),
+            Some("application/octet-stream")
+        );
+        assert_eq!(
+            bag.app,
+            vec![("run".to_string(), "00000000000000ab".to_string())]
+        );
     }
 }

@@ -69,7 +69,7 @@ pub struct EngineConfig {
 pub fn run(config: EngineConfig, on_ready: impl FnOnce() + Send + 'static) -> anyhow::Result<()> {
     let certs = CertPaths::new(&config.data_dir);
     let db_path = config.data_dir.join("engine");
-    let db = log::open_db(&db_path, config.cores).with_context(|| format!("opening {}", db_path.display()))?;
+    let db = log::open_db(&db_path, config.cores).map_err(|e| anyhow::anyhow!("opening {}: {e}", db_path.display()))?;
     let metrics = Arc::new(Metrics::new());
 
     // Boot from the persisted replica: the data plane must work before control answers.

@@ -27,7 +27,7 @@ pub fn partition_cf(k: usize) -> String {
 
 /// Opens (creating when absent) the engine database with the registry, meta and `partitions`
 /// event column families; event partitions from an earlier run with more shards stay readable.
-pub fn open_db(path: &Path, partitions: usize) -> Result<Arc<DB>, rocksdb::Error> {
+pub fn open_db(path: &Path, partitions: usize) -> Result<Arc<DB>, String> {
     let mut opts = Options::default();
     opts.create_if_missing(true);
     opts.create_missing_column_families(true);
@@ -37,6 +37,38 @@ pub fn open_db(path: &Path, partitions: usize) -> Result<Arc<DB>, rocksdb::Error
             names.push(required);
         }
     }
-    let cfs = names.into_iter().map(|n| ColumnFamilyDescriptor::new(n, Options::default()));
-    Ok(Arc::new(DB::open_cf_descriptors(&opts, path, cfs)?))
+    let cfs = names.iter().map(|n| ColumnFamilyDescriptor::new(n, Options::default()));
+    let db = DB::open_cf_descriptors(&opts, path, cfs).map_err(|e| e.to_string())?;
+    check_format(&db, &names)?;
+    Ok(Arc::new(db))
+}
+
+/// Version of the on-disk log layout ([`batch`]); bumped when it changes.
+const LOG_FORMAT: &[u8] = b"2";
+const FORMAT_KEY: &[u8] = b"log_format";
+
+/// Refuses a database written in another log layout instead of misreading it; stamps a new one.
+fn check_format(db: &DB, names: &[String]) -> Result<(), String> {
+    let meta = db.cf_handle(CF_META).ok_or("missing meta column family")?;
+    match db.get_cf(meta, FORMAT_KEY).map_err(|e| e.to_string())? {
+        Some(v) if v == LOG_FORMAT => Ok(()),
+        Some(v) => Err(format!(
+            "the events log is in format {} but this roost reads format {}; use a new --data-dir",
+            String::from_utf8_lossy(&v),
+            String::from_utf8_lossy(LOG_FORMAT)
+        )),
+        None => {
+            let has_records = names.iter().filter(|n| n.starts_with("events-")).any(|n| {
+                db.cf_handle(n).is_some_and(|cf| {
+                    let mut it = db.raw_iterator_cf(cf);
+                    it.seek_to_first();
+                    it.valid()
+                })
+            });
+            if has_records {
+                return Err("the events log predates format versioning (format 1); use a new --data-dir".into());
+            }
+            db.put_cf(meta, FORMAT_KEY, LOG_FORMAT).map_err(|e| e.to_string())
+        }
+    }
 }
