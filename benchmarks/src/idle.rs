@@ -100,6 +100,7 @@ pub async fn run(args: &Args, setup: Setup) -> anyhow::Result<Outcome> {
             "server_rss_held_kib",
             "server_rss_after_kib",
             "rss_per_conn_bytes",
+            "rss_per_conn_held_bytes",
             "server_cpu_s",
         ] {
             rep.put(k, serde_json::Value::Null);
@@ -109,11 +110,10 @@ pub async fn run(args: &Args, setup: Setup) -> anyhow::Result<Outcome> {
         rep.put("server_rss_connected_kib", connected.rss_kib);
         rep.put("server_rss_held_kib", held.rss_kib);
         rep.put("server_rss_after_kib", after.rss_kib);
-        // Measured at the end of the hold: the steady state of an idle fleet.
-        rep.num(
-            "rss_per_conn_bytes",
-            (held.rss_kib as f64 - before.rss_kib as f64) * 1024.0 / n as f64,
-        );
+        let per_conn = |rss: u64| (rss as f64 - before.rss_kib as f64) * 1024.0 / n as f64;
+        rep.num("rss_per_conn_bytes", per_conn(connected.rss_kib));
+        // At the end of the hold: the steady state of an idle fleet.
+        rep.num("rss_per_conn_held_bytes", per_conn(held.rss_kib));
         rep.num("server_cpu_s", after.cpu_secs - before.cpu_secs);
     }
     let failure = first_dead.map(|i| {

@@ -157,7 +157,7 @@ pub async fn run(
                 tokio::select! {
                     biased;
                     got = reader.fill(&mut stream) => {
-                        if let Err(e) = got.and_then(|n| if n == 0 { bail!("the broker closed the connection") } else { Ok(()) }) {
+                        if let Err(e) = got.and_then(still_open) {
                             r.error = Some(e.to_string());
                             break;
                         }
@@ -180,7 +180,7 @@ pub async fn run(
         let wake = end.map_or(wake, |e| wake.min(e));
         tokio::select! {
             got = reader.fill(&mut stream) => {
-                if let Err(e) = got.and_then(|n| if n == 0 { bail!("the broker closed the connection") } else { Ok(()) }) {
+                if let Err(e) = got.and_then(still_open) {
                     r.error = Some(e.to_string());
                     break;
                 }
@@ -197,7 +197,7 @@ pub async fn run(
     while r.error.is_none() && in_flight > 0 {
         tokio::select! {
             got = reader.fill(&mut stream) => {
-                if let Err(e) = got.and_then(|n| if n == 0 { bail!("the broker closed the connection") } else { Ok(()) }) {
+                if let Err(e) = got.and_then(still_open) {
                     r.error = Some(e.to_string());
                     break;
                 }
@@ -222,6 +222,14 @@ fn free_ids(slots: &[Option<Slot>], sent: u64, want: u64) -> u64 {
     (0..want)
         .take_while(|k| slots[((sent + k) % window) as usize].is_none())
         .count() as u64
+}
+
+/// A read of `n` bytes: 0 means the broker closed the connection.
+fn still_open(n: usize) -> anyhow::Result<()> {
+    if n == 0 {
+        bail!("the broker closed the connection");
+    }
+    Ok(())
 }
 
 async fn write(stream: &mut Stream, buf: &[u8]) -> std::io::Result<()> {
