@@ -25,7 +25,10 @@ use crate::telemetry::{self, MAX_D2C_BODY};
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time a client has to send CONNECT after the transport is up.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
-const READ_CHUNK: usize = 4096;
+/// Read sizes adapt between these: small while a device is quiet (an idle connection should
+/// hold little), large while it streams (fewer reads per message).
+const MIN_READ: usize = 512;
+const MAX_READ: usize = 64 * 1024;
 /// Largest frame read: a 256 KiB body plus topic and headroom (spec §2.3: allow about 300 KB).
 const MAX_FRAME: usize = 300 * 1024;
 /// How often a busy connection refreshes the device's lastActivityTime at control.
@@ -51,6 +54,8 @@ struct Conn {
     /// QoS 1 publishes waiting for their log batch: (batch id, packet id), in arrival order.
     unacked: VecDeque<(u64, u16)>,
     rbuf: BytesMut,
+    /// Bytes asked for by the next read.
+    read_size: usize,
     wbuf: BytesMut,
     last_activity: Instant,
 }
@@ -69,6 +74,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(shard: Rc<Shard>, mut io: 
         refused: false,
         unacked: VecDeque::new(),
         rbuf: BytesMut::new(),
+        read_size: MIN_READ,
         wbuf: BytesMut::new(),
         last_activity: now,
     };
@@ -100,9 +106,13 @@ impl Conn {
                 return reason;
             }
             self.deadline.set(self.session.poll_timeout());
+            // A connection whose input never runs dry must still let the shard's other tasks
+            // (the log committer, other connections) run, and must not outrun the log.
+            glommio::yield_if_needed().await;
+            self.shard.log.room().await;
 
             let filled = self.rbuf.len();
-            self.rbuf.resize(filled + READ_CHUNK, 0);
+            self.rbuf.resize(filled + self.read_size, 0);
             let woken = {
                 let spare = &mut self.rbuf[filled..];
                 let sig = &self.signal;
@@ -122,6 +132,11 @@ impl Conn {
                 _ => 0,
             };
             self.rbuf.truncate(filled + got);
+            if got == self.read_size {
+                self.read_size = (self.read_size * 2).min(MAX_READ);
+            } else if got > 0 && got < self.read_size / 4 {
+                self.read_size = (self.read_size / 2).max(MIN_READ);
+            }
 
             let step = match woken {
                 Woken::Read(Ok(0)) => Err(if self.identity.is_some() { "connection_lost" } else { "closed_before_connect" }),
@@ -140,8 +155,8 @@ impl Conn {
             if let Err(reason) = step {
                 return reason;
             }
-            if self.rbuf.is_empty() && self.rbuf.capacity() > 4 * READ_CHUNK {
-                // Idle connections should not pin a large buffer after a big message.
+            if self.rbuf.is_empty() && self.rbuf.capacity() > 2 * self.read_size {
+                // A connection that went quiet should not pin the buffer of its busy past.
                 self.rbuf = BytesMut::new();
             }
         }
@@ -160,7 +175,8 @@ impl Conn {
 
     fn on_bytes(&mut self) -> Result<(), Reason> {
         let limits = Limits { max_frame: MAX_FRAME };
-        let now = Instant::now();
+        // One clock read per read batch, not per message: every message in it arrived together.
+        let now = Clock { mono: Instant::now(), wall: unix_now() };
         loop {
             let len = match roost_mqtt::check(&self.rbuf, &limits) {
                 Ok(Some(len)) => len,
@@ -179,18 +195,18 @@ impl Conn {
         Ok(())
     }
 
-    fn on_packet(&mut self, now: Instant, packet: Packet) -> Result<(), Reason> {
+    fn on_packet(&mut self, now: Clock, packet: Packet) -> Result<(), Reason> {
         if let Packet::Connect(c) = &packet {
             if c.protocol_level != 4 && c.protocol_level != 3 {
                 self.refuse(auth::Refusal::UnsupportedProtocol);
                 return Ok(());
             }
         }
-        self.session.handle_packet(now, packet).map_err(|v| v.error_code())?;
+        self.session.handle_packet(now.mono, packet).map_err(|v| v.error_code())?;
         while let Some(event) = self.session.poll_event() {
             match event {
                 Event::Connect(c) => self.on_connect(&c),
-                Event::Publish(p) => self.on_publish(p)?,
+                Event::Publish(p) => self.on_publish(p, now)?,
                 Event::Subscribe(s) => {
                     let codes: Vec<SubackCode> = s.filters.iter().map(|(f, q)| grant(f.as_str(), *q)).collect();
                     self.session.grant_subscribe(s.pkid, &codes);
@@ -233,7 +249,7 @@ impl Conn {
     }
 
     // hot path: parse the property bag, archive into the shard's scratch buffer, one append.
-    fn on_publish(&mut self, p: Publish) -> Result<(), Reason> {
+    fn on_publish(&mut self, p: Publish, clock: Clock) -> Result<(), Reason> {
         let Some(identity) = &self.identity else { return Err("publish_before_connect") };
         let topic = parse_publish_topic(p.topic.as_str()).map_err(|_| "not_iothub_topic")?;
         let DeviceTopic::Telemetry { device, module, bag } = topic else {
@@ -246,7 +262,7 @@ impl Conn {
             return Err("payload_too_large");
         }
         let bag = roost_iothub::props::decode_bag(bag).map_err(|e| e.error_code())?;
-        let now = unix_now();
+        let now = clock.wall;
         let message = telemetry::record(identity, bag, p.retain, &p.payload, now.as_millis() as u64);
         let batch = {
             let mut scratch = self.shard.scratch.borrow_mut();
@@ -262,7 +278,7 @@ impl Conn {
         if p.qos == QoS::AtLeastOnce {
             self.unacked.push_back((batch, p.pkid));
         }
-        let at = Instant::now();
+        let at = clock.mono;
         if at.duration_since(self.last_activity) >= ACTIVITY_EVERY {
             self.last_activity = at;
             let _ = self.shard.shared.link.send(EngineFrame::Activity {
@@ -302,6 +318,13 @@ fn grant(filter: &str, qos: QoS) -> SubackCode {
         return SubackCode::Failure;
     }
     SubackCode::Granted(if qos == QoS::AtMostOnce { QoS::AtMostOnce } else { QoS::AtLeastOnce })
+}
+
+/// The time a batch of input was read, monotonic and wall.
+#[derive(Clone, Copy)]
+struct Clock {
+    mono: Instant,
+    wall: Duration,
 }
 
 fn unix_now() -> Duration {

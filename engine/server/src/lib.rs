@@ -107,6 +107,8 @@ pub fn run(config: EngineConfig, on_ready: impl FnOnce() + Send + 'static) -> an
             .name(&format!("shard-{id}"))
             // Locked memory is scarce (ulimit -l 8 MiB); 1 MiB per shard fits (DEPENDENCIES.md).
             .io_memory(1 << 20)
+            // Task quota: a busy connection yields within a millisecond (see conn.rs).
+            .preempt_timer(Duration::from_millis(1))
             .spawn(move || shard::run(id, shared, listeners, commands, ready))
             .map_err(|e| anyhow::anyhow!("starting shard {id}: {e}"))?;
         handles.push(handle);

@@ -42,6 +42,37 @@ pub fn records(batch: &[u8]) -> impl Iterator<Item = Result<&[u8], CorruptBatch>
     })
 }
 
+/// Largest stored value: a commit with more records is stored as several values, so no value
+/// nears RocksDB's limits however much a commit carries.
+pub const MAX_VALUE: usize = 4 << 20;
+
+/// Splits a commit's records into stored values of at most [`MAX_VALUE`] bytes (a single larger
+/// record gets a value of its own); yields each value's first-record index and bytes.
+pub fn chunks(batch: &[u8]) -> impl Iterator<Item = (u64, &[u8])> {
+    let mut rest = batch;
+    let mut index = 0u64;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let (mut len, mut n) = (0usize, 0u64);
+        while len < rest.len() {
+            let Some(prefix) = rest[len..].first_chunk::<4>() else { break };
+            let next = len + 4 + u32::from_le_bytes(*prefix) as usize;
+            if n > 0 && next > MAX_VALUE {
+                break;
+            }
+            len = next.min(rest.len());
+            n += 1;
+        }
+        let (chunk, tail) = rest.split_at(len);
+        rest = tail;
+        let first = index;
+        index += n;
+        Some((first, chunk))
+    })
+}
+
 /// How many records a stored batch holds.
 pub fn count(batch: &[u8]) -> Result<u64, CorruptBatch> {
     let mut n = 0;
@@ -65,6 +96,27 @@ mod tests {
         let got: Vec<&[u8]> = records(&b).collect::<Result<_, _>>().expect("valid");
         assert_eq!(got, vec![&b"one"[..], b"", b"three"]);
         assert_eq!(count(&b), Ok(3));
+    }
+
+    #[test]
+    fn large_commits_split_into_bounded_values_on_record_boundaries() {
+        let record = vec![7u8; 1000];
+        let mut b = Vec::new();
+        for _ in 0..10_000 {
+            push(&mut b, &record);
+        }
+        let parts: Vec<(u64, &[u8])> = chunks(&b).collect();
+        assert!(parts.len() > 2, "10 MB must not be one value");
+        let mut expect_first = 0;
+        for (first, value) in &parts {
+            assert_eq!(*first, expect_first);
+            assert!(value.len() <= MAX_VALUE);
+            expect_first += count(value).expect("whole records");
+        }
+        assert_eq!(expect_first, 10_000);
+        let mut one = Vec::new();
+        push(&mut one, &vec![1u8; MAX_VALUE + 10]);
+        assert_eq!(chunks(&one).count(), 1, "an oversized record still gets its own value");
     }
 
     #[test]

@@ -27,10 +27,18 @@ pub enum Durability {
 #[error("events log write failed: {0}")]
 pub struct LogFailed(pub String);
 
+/// Largest batch buffer kept for reuse.
+const MAX_SPARE: usize = 8 << 20;
+/// Open-batch size past which appenders wait for the committer.
+const MAX_OPEN: usize = 16 << 20;
+
 struct State {
     next_offset: u64,
     /// Records of the open batch, back to back (see [`batch`]).
     open: Vec<u8>,
+    /// The previous batch's buffer, back from the committer, reused so a busy partition does
+    /// not fault in fresh pages for every batch.
+    spare: Vec<u8>,
     open_len: usize,
     /// Id of the batch new appends go into; batches `< open_id` are closed.
     open_id: u64,
@@ -72,6 +80,7 @@ impl Partition {
             state: RefCell::new(State {
                 next_offset,
                 open: Vec::new(),
+                spare: Vec::new(),
                 open_len: 0,
                 open_id: 1,
                 durable_id: 0,
@@ -119,6 +128,20 @@ impl Partition {
         .await
     }
 
+    /// Resolves once the open batch has room: appends past [`MAX_OPEN`] bytes wait for the
+    /// committer, so a flood cannot grow memory without bound.
+    pub async fn room(&self) {
+        poll_fn(|cx| {
+            let mut st = self.state.borrow_mut();
+            if st.open.len() < MAX_OPEN || st.failed.is_some() {
+                return Poll::Ready(());
+            }
+            st.waiters.push(cx.waker().clone());
+            Poll::Pending
+        })
+        .await
+    }
+
     /// Whether batch `id` is already durable (no waiting).
     pub fn is_durable(&self, id: u64) -> bool {
         self.state.borrow().durable_id >= id
@@ -152,7 +175,8 @@ impl Partition {
             }
             let (records, first, id, count, opened_at) = {
                 let mut st = self.state.borrow_mut();
-                let records = std::mem::take(&mut st.open);
+                let spare = std::mem::take(&mut st.spare);
+                let records = std::mem::replace(&mut st.open, spare);
                 let count = std::mem::take(&mut st.open_len);
                 let first = st.next_offset - count as u64;
                 let id = st.open_id;
@@ -162,17 +186,27 @@ impl Partition {
             let db = self.db.clone();
             let cf = self.cf.clone();
             let sync = self.durability == Durability::Synced;
-            let result = glommio::executor()
+            let (result, mut records) = glommio::executor()
                 .spawn_blocking(move || {
-                    let handle = db.cf_handle(&cf).ok_or_else(|| LogFailed(format!("missing column family {cf}")))?;
-                    let mut wb = WriteBatch::default();
-                    wb.put_cf(handle, first.to_be_bytes(), &records);
-                    let mut opts = WriteOptions::default();
-                    opts.set_sync(sync);
-                    db.write_opt(wb, &opts).map_err(|e| LogFailed(e.to_string()))
+                    let write = || {
+                        let handle = db.cf_handle(&cf).ok_or_else(|| LogFailed(format!("missing column family {cf}")))?;
+                        let mut wb = WriteBatch::default();
+                        for (index, value) in batch::chunks(&records) {
+                            wb.put_cf(handle, (first + index).to_be_bytes(), value);
+                        }
+                        let mut opts = WriteOptions::default();
+                        opts.set_sync(sync);
+                        db.write_opt(wb, &opts).map_err(|e| LogFailed(e.to_string()))
+                    };
+                    (write(), records)
                 })
                 .await;
             let mut st = self.state.borrow_mut();
+            // A burst's huge buffer is not kept for good.
+            if records.capacity() <= MAX_SPARE {
+                records.clear();
+                st.spare = records;
+            }
             match result {
                 Ok(()) => {
                     st.durable_id = id;
