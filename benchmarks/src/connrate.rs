@@ -11,7 +11,6 @@ use tokio::task::JoinSet;
 
 use crate::readback::latency_histogram;
 use crate::report::Report;
-use crate::target::Kind;
 use crate::{frame, procfs, Args, Outcome, Setup};
 
 /// Pause after a failed connect, so a refusing broker is not hammered in a tight loop.
@@ -76,21 +75,7 @@ pub async fn run(args: &Args, setup: Setup) -> anyhow::Result<Outcome> {
     let elapsed = start.elapsed().as_secs_f64();
     let after = procfs::sample(&setup.pids)?;
 
-    let mut rep = Report::default();
-    rep.put("mode", "connect-rate");
-    if let Some(l) = &args.label {
-        rep.put("label", l.as_str());
-    }
-    rep.put(
-        "target",
-        if matches!(t.kind, Kind::Roost { .. }) {
-            "roost"
-        } else {
-            "mqtt"
-        },
-    );
-    rep.put("addr", t.addr.to_string());
-    rep.put("tls", t.transport.is_tls());
+    let mut rep = Report::with_header("connect-rate", args.label.as_deref(), &t);
     rep.put("tls_resume", args.tls_resume);
     rep.put("loops", n);
     rep.num("duration_s", elapsed);

@@ -9,7 +9,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::task::JoinSet;
 
 use crate::report::Report;
-use crate::target::{self, Kind};
+use crate::target;
 use crate::{frame, procfs, Args, Outcome, Setup};
 
 /// How long a held connection has to answer the final PINGREQ.
@@ -73,21 +73,7 @@ pub async fn run(args: &Args, setup: Setup) -> anyhow::Result<Outcome> {
     }
     let after = procfs::sample(&setup.pids)?;
 
-    let mut rep = Report::default();
-    rep.put("mode", "idle");
-    if let Some(l) = &args.label {
-        rep.put("label", l.as_str());
-    }
-    rep.put(
-        "target",
-        if matches!(t.kind, Kind::Roost { .. }) {
-            "roost"
-        } else {
-            "mqtt"
-        },
-    );
-    rep.put("addr", t.addr.to_string());
-    rep.put("tls", t.transport.is_tls());
+    let mut rep = Report::with_header("idle", args.label.as_deref(), &t);
     rep.put("connections", n);
     rep.num("connect_s", connect_secs);
     rep.num("connects_per_s", n as f64 / connect_secs.max(1e-9));

@@ -375,21 +375,23 @@ async fn setup(args: &Args) -> anyhow::Result<Setup> {
     let run = unix_nanos() ^ (u64::from(std::process::id()) << 40);
     let max_frame = args.payload + 64 * 1024;
     let connect_timeout = Duration::from_secs_f64(args.connect_timeout);
+    // Either kind: only who it is, where and how it connects differ; the rest is the run's.
+    let target_of = |kind, addr, transport| Target {
+        kind,
+        addr,
+        transport,
+        sources: Sources::for_target(addr),
+        prefix: args.prefix.clone(),
+        run,
+        max_frame,
+    };
     let target = match args.target {
         TargetKind::Mqtt => {
             let addr = args
                 .addr
                 .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 1883)));
             let transport = transport(args, args.ca.clone(), "localhost")?;
-            Target {
-                kind: Kind::Mqtt,
-                addr,
-                transport,
-                sources: Sources::for_target(addr),
-                prefix: args.prefix.clone(),
-                run,
-                max_frame,
-            }
+            target_of(Kind::Mqtt, addr, transport)
         }
         TargetKind::Roost => {
             let dir = args
@@ -432,15 +434,7 @@ async fn setup(args: &Args) -> anyhow::Result<Setup> {
                 },
                 done.existed
             );
-            let target = Target {
-                kind: Kind::Roost { hub, key },
-                addr,
-                transport,
-                sources: Sources::for_target(addr),
-                prefix: args.prefix.clone(),
-                run,
-                max_frame,
-            };
+            let target = target_of(Kind::Roost { hub, key }, addr, transport);
             let probe = done.last.unwrap_or(args.connections - 1);
             wait_for_engine(&target, probe, connect_timeout).await?;
             target

@@ -157,11 +157,9 @@ pub async fn run(
                 tokio::select! {
                     biased;
                     got = reader.fill(&mut stream) => {
-                        if let Err(e) = got.and_then(still_open) {
-                            r.error = Some(e.to_string());
+                        if !handle_read(got, &mut reader, &mut slots, &mut in_flight, &mut r, measure_from_ns)? {
                             break;
                         }
-                        handle_acks(&mut reader, &mut slots, &mut in_flight, &mut r, measure_from_ns)?;
                     }
                     _ = std::future::ready(()) => {}
                 }
@@ -180,11 +178,9 @@ pub async fn run(
         let wake = end.map_or(wake, |e| wake.min(e));
         tokio::select! {
             got = reader.fill(&mut stream) => {
-                if let Err(e) = got.and_then(still_open) {
-                    r.error = Some(e.to_string());
+                if !handle_read(got, &mut reader, &mut slots, &mut in_flight, &mut r, measure_from_ns)? {
                     break;
                 }
-                handle_acks(&mut reader, &mut slots, &mut in_flight, &mut r, measure_from_ns)?;
             }
             _ = tokio::time::sleep_until(wake.into()) => {}
         }
@@ -197,11 +193,9 @@ pub async fn run(
     while r.error.is_none() && in_flight > 0 {
         tokio::select! {
             got = reader.fill(&mut stream) => {
-                if let Err(e) = got.and_then(still_open) {
-                    r.error = Some(e.to_string());
+                if !handle_read(got, &mut reader, &mut slots, &mut in_flight, &mut r, measure_from_ns)? {
                     break;
                 }
-                handle_acks(&mut reader, &mut slots, &mut in_flight, &mut r, measure_from_ns)?;
             }
             _ = tokio::time::sleep_until(deadline.into()) => break,
         }
@@ -237,13 +231,20 @@ async fn write(stream: &mut Stream, buf: &[u8]) -> std::io::Result<()> {
     stream.flush().await
 }
 
-fn handle_acks(
+/// Takes in what a read brought: a failed or closed read is recorded in `r` and ends the
+/// connection (`false`); otherwise the PUBACKs now buffered free their slots.
+fn handle_read(
+    got: anyhow::Result<usize>,
     reader: &mut FrameReader,
     slots: &mut [Option<Slot>],
     in_flight: &mut usize,
     r: &mut ConnResult,
     measure_from_ns: u64,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<bool> {
+    if let Err(e) = got.and_then(still_open) {
+        r.error = Some(e.to_string());
+        return Ok(false);
+    }
     let now_ns = unix_nanos();
     while let Some(p) = reader.buffered()? {
         let Packet::PubAck(pkid) = p else { continue };
@@ -263,7 +264,7 @@ fn handle_acks(
             let _ = r.puback.record(now_ns.saturating_sub(slot.sent_ns) / 1000);
         }
     }
-    Ok(())
+    Ok(true)
 }
 
 /// The Unix time (ns) of a monotonic instant, via the offset between the two clocks now.

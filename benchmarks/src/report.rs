@@ -4,12 +4,32 @@
 use hdrhistogram::Histogram;
 use serde_json::{Map, Value};
 
+use crate::target::{Kind, Target};
+
 #[derive(Default)]
 pub struct Report {
     fields: Vec<(String, Value)>,
 }
 
 impl Report {
+    /// A report that opens with what ran against what: `mode`, `label` (when given), `target`,
+    /// `addr` and `tls`, in that order, so every mode's report starts the same way.
+    pub fn with_header(mode: &str, label: Option<&str>, target: &Target) -> Report {
+        let mut rep = Report::default();
+        rep.put("mode", mode);
+        if let Some(l) = label {
+            rep.put("label", l);
+        }
+        let kind = match target.kind {
+            Kind::Roost { .. } => "roost",
+            Kind::Mqtt => "mqtt",
+        };
+        rep.put("target", kind);
+        rep.put("addr", target.addr.to_string());
+        rep.put("tls", target.transport.is_tls());
+        rep
+    }
+
     pub fn put(&mut self, key: &str, value: impl Into<Value>) {
         self.fields.push((key.to_string(), value.into()));
     }
@@ -119,6 +139,31 @@ mod tests {
         let t = r.table();
         assert!(t.contains("published") && t.contains("1,500,000"), "{t}");
         assert!(t.contains("123,457"), "{t}");
+    }
+
+    #[test]
+    fn header_opens_every_report_in_one_order() {
+        let addr: std::net::SocketAddr = "127.0.0.1:1883".parse().expect("addr");
+        let t = Target {
+            kind: Kind::Mqtt,
+            addr,
+            transport: crate::net::Transport::Plain,
+            sources: crate::net::Sources::for_target(addr),
+            prefix: "b-".into(),
+            run: 1,
+            max_frame: 1 << 20,
+        };
+        let keys = |r: &Report| r.fields.iter().map(|(k, _)| k.clone()).collect::<Vec<_>>();
+        let r = Report::with_header("idle", Some("a/mosquitto"), &t);
+        assert_eq!(keys(&r), ["mode", "label", "target", "addr", "tls"]);
+        let v: Value = serde_json::from_str(&r.json()).expect("json");
+        assert_eq!(v["mode"], "idle");
+        assert_eq!(v["label"], "a/mosquitto");
+        assert_eq!(v["target"], "mqtt");
+        assert_eq!(v["addr"], "127.0.0.1:1883");
+        assert_eq!(v["tls"], false);
+        let r = Report::with_header("publish", None, &t);
+        assert_eq!(keys(&r), ["mode", "target", "addr", "tls"]);
     }
 
     #[test]

@@ -160,21 +160,7 @@ pub async fn run(args: &Args, setup: Setup) -> anyhow::Result<Outcome> {
         puback.add(&r.puback).context("merging PUBACK histograms")?;
     }
 
-    let mut rep = Report::default();
-    rep.put("mode", "publish");
-    if let Some(l) = &args.label {
-        rep.put("label", l.as_str());
-    }
-    rep.put(
-        "target",
-        if matches!(t.kind, Kind::Roost { .. }) {
-            "roost"
-        } else {
-            "mqtt"
-        },
-    );
-    rep.put("addr", t.addr.to_string());
-    rep.put("tls", t.transport.is_tls());
+    let mut rep = Report::with_header("publish", args.label.as_deref(), &t);
     rep.put("connections", n);
     rep.put("qos", args.qos);
     rep.put(

@@ -45,6 +45,11 @@ impl Target {
         format!("{}{i}", self.prefix)
     }
 
+    /// Connection `i` as errors name it: index, client id and address.
+    fn describe(&self, i: usize) -> String {
+        format!("connection {i} ({}) to {}", self.client_id(i), self.addr)
+    }
+
     /// The `run` application property value roost records carry.
     pub fn run_prop(&self) -> String {
         format!("{:016x}", self.run)
@@ -120,24 +125,12 @@ pub async fn open_all(
         // Collect finished ones as we go, so a failure stops the loop early.
         while let Some(done) = set.try_join_next() {
             let (i, r) = done?;
-            out[i] = Some(r.with_context(|| {
-                format!(
-                    "connection {i} ({}) to {}",
-                    target.client_id(i),
-                    target.addr
-                )
-            })?);
+            out[i] = Some(r.with_context(|| target.describe(i))?);
         }
     }
     while let Some(done) = set.join_next().await {
         let (i, r) = done?;
-        out[i] = Some(r.with_context(|| {
-            format!(
-                "connection {i} ({}) to {}",
-                target.client_id(i),
-                target.addr
-            )
-        })?);
+        out[i] = Some(r.with_context(|| target.describe(i))?);
     }
     out.into_iter()
         .enumerate()
