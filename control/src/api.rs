@@ -356,3 +356,112 @@ fn generation_id() -> String {
     let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b);
     format!("{:018}", u64::from_le_bytes(b) % 1_000_000_000_000_000_000)
 }
+
+#[cfg(test)]
+mod tests {
+    use base64::Engine as _;
+    use bytes::Bytes;
+    use hyper::Request;
+
+    use super::*;
+
+    fn api() -> (Api, std::path::PathBuf) {
+        let dir = std::env::temp_dir().join(format!("roost-api-test-{}-{}", std::process::id(), tracking_id()));
+        let store = Store::open(&dir).expect("store opens");
+        let api = Api { store, hostname: "localhost".into(), metrics: Arc::new(ControlMetrics::new()) };
+        (api, dir)
+    }
+
+    fn token(api: &Api, policy: &str, valid_for: i64) -> String {
+        let p = api.store.policy(policy).expect("store").expect("default policy exists");
+        let key = base64::engine::general_purpose::STANDARD.decode(&p.primary_key).expect("base64 key");
+        let expiry = (unix_now() as i64 + valid_for) as u64;
+        roost_iothub::sas::sign(&roost_iothub::sas::encode_resource("localhost"), &key, expiry, Some(policy))
+    }
+
+    fn request(method: &str, path: &str, token: Option<String>, body: &str) -> Req {
+        let mut r = Request::builder().method(method).uri(format!("{path}?api-version=2021-04-12"));
+        if let Some(t) = token {
+            r = r.header("authorization", t);
+        }
+        r.body(Bytes::from(body.to_string())).expect("request")
+    }
+
+    fn status(api: &Api, req: &Req) -> u16 {
+        match api.route(req) {
+            Ok(r) => r.status().as_u16(),
+            Err(e) => e.status.as_u16(),
+        }
+    }
+
+    const DEVICE: &str = r#"{"deviceId":"d1","authentication":{"type":"sas","symmetricKey":{}}}"#;
+
+    #[test]
+    fn each_policy_gets_exactly_its_rights() {
+        let (api, dir) = api();
+        // (policy, may read the registry, may write it)
+        let cases = [
+            ("iothubowner", true, true),
+            ("registryReadWrite", true, true),
+            ("registryRead", true, false),
+            ("service", false, false),
+            ("device", false, false),
+        ];
+        for (policy, read, write) in cases {
+            let put = request("PUT", "/devices/d1", Some(token(&api, policy, 3600)), DEVICE);
+            let expect_put = if write { 200 } else { 401 };
+            assert_eq!(status(&api, &put), expect_put, "{policy} PUT");
+            let get = request("GET", "/devices/d1", Some(token(&api, policy, 3600)), "");
+            let expect_get = match (read, write) {
+                (false, _) => 401,
+                (true, true) => 200,
+                (true, false) => 404,
+            };
+            assert_eq!(status(&api, &get), expect_get, "{policy} GET");
+            if write {
+                let del = request("DELETE", "/devices/d1", Some(token(&api, policy, 3600)), "");
+                assert_eq!(status(&api, &del), 204, "{policy} DELETE");
+            }
+        }
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn bad_tokens_are_401_with_an_iothub_error_body() {
+        let (api, dir) = api();
+        let expired = request("GET", "/devices", Some(token(&api, "iothubowner", -3600)), "");
+        let missing = request("GET", "/devices", None, "");
+        let mut forged = token(&api, "iothubowner", 3600);
+        forged = forged.replace("skn=iothubowner", "skn=registryRead");
+        let forged = request("GET", "/devices", Some(forged), "");
+        for req in [expired, missing, forged] {
+            let err = api.route(&req).expect_err("refused");
+            assert_eq!(err.status, StatusCode::UNAUTHORIZED);
+            let resp = err.response();
+            assert_eq!(resp.headers().get("iothub-errorcode").map(|v| v.as_bytes()), Some(&b"IotHubUnauthorized"[..]));
+        }
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn etags_follow_iothub_if_match_rules() {
+        let (api, dir) = api();
+        let owner = || Some(token(&api, "iothubowner", 3600));
+        let put = |if_match: Option<&str>| {
+            let mut req = request("PUT", "/devices/d1", owner(), DEVICE);
+            if let Some(m) = if_match {
+                req.headers_mut().insert("if-match", m.parse().expect("header"));
+            }
+            api.route(&req)
+        };
+        assert_eq!(put(Some("\"abc\"")).expect_err("missing device").status, StatusCode::NOT_FOUND);
+        let created = put(None).expect("created");
+        assert_eq!(created.status(), StatusCode::OK, "PUT create answers 200, not 201");
+        assert_eq!(put(None).expect_err("exists").status, StatusCode::CONFLICT);
+        assert_eq!(put(Some("\"stale\"")).expect_err("stale etag").status, StatusCode::PRECONDITION_FAILED);
+        let etag = created.headers().get("etag").expect("etag").to_str().expect("ascii").to_string();
+        assert_eq!(put(Some(&etag)).expect("matching etag").status(), StatusCode::OK);
+        assert_eq!(put(Some("\"*\"")).expect("quoted wildcard").status(), StatusCode::OK);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}

@@ -31,6 +31,10 @@ const MIN_READ: usize = 512;
 const MAX_READ: usize = 64 * 1024;
 /// Largest frame read: a 256 KiB body plus topic and headroom (spec §2.3: allow about 300 KB).
 const MAX_FRAME: usize = 300 * 1024;
+/// A peer that takes longer than this to accept our bytes is dropped (it stopped reading).
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Time given to the last bytes and the TLS close of a connection being closed.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// How often a busy connection refreshes the device's lastActivityTime at control.
 const ACTIVITY_EVERY: Duration = Duration::from_secs(5);
 
@@ -79,11 +83,17 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(shard: Rc<Shard>, mut io: 
         last_activity: now,
     };
     let reason = conn.run(&mut io).await;
-    // Best effort: the peer may already be gone.
-    if !conn.wbuf.is_empty() {
-        let _ = io.write_all(&conn.wbuf).await;
-    }
-    let _ = io.close().await;
+    // Best effort, bounded: the peer may be gone or may have stopped reading.
+    let goodbye = async {
+        if !conn.wbuf.is_empty() {
+            let _ = io.write_all(&conn.wbuf).await;
+        }
+        let _ = io.close().await;
+    };
+    let give_up = async {
+        glommio::timer::Timer::new(CLOSE_TIMEOUT).await;
+    };
+    future::or(goodbye, give_up).await;
     conn.finish(reason);
 }
 
@@ -91,8 +101,13 @@ impl Conn {
     async fn run<S: AsyncRead + AsyncWrite + Unpin>(&mut self, io: &mut S) -> Reason {
         loop {
             if self.session.poll_transmit(&mut self.wbuf) {
-                if io.write_all(&self.wbuf).await.is_err() || io.flush().await.is_err() {
-                    return "io_error";
+                let write = async { io.write_all(&self.wbuf).await.is_ok() && io.flush().await.is_ok() };
+                let stalled = async {
+                    glommio::timer::Timer::new(WRITE_TIMEOUT).await;
+                    false
+                };
+                if !future::or(write, stalled).await {
+                    return "write_failed_or_stalled";
                 }
                 self.wbuf.clear();
             }
