@@ -319,7 +319,8 @@ if [[ " $BROKERS " == *" rumqttd "* ]]; then
   export PATH="$HOME/.cargo/bin:$PATH"
   if ! command -v rumqttd >/dev/null; then
     log "installing rumqttd $RUMQTTD_VERSION (cargo install)"
-    cargo install rumqttd --version "$RUMQTTD_VERSION" --locked
+    # Not --locked: its lock file pins metrics 0.22.1, which current Rust rejects (E0521).
+    cargo install rumqttd --version "$RUMQTTD_VERSION"
   fi
 fi
 # The Debian package starts a system mosquitto on :1883; it is not used (own ports here).

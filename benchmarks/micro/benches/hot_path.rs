@@ -93,15 +93,34 @@ fn log_append(c: &mut Criterion) {
     let record = message().archive_into(rkyv::util::AlignedVec::new()).expect("archives");
     let mut offset = 0u64;
     let mut g = c.benchmark_group("log");
-    for (name, sync, batch) in [("append 1 written", false, 1usize), ("append 64 written", false, 64), ("append 64 synced", true, 64)] {
+    // What the first slice did (one put per record) against what the log does now (a group
+    // commit's records as one value, `roost_server::log::batch`).
+    for (name, sync, batch, one_value) in [
+        ("64 records, a put each, written", false, 64usize, false),
+        ("64 records, one value, written", false, 64, true),
+        ("64 records, one value, synced", true, 64, true),
+        ("1024 records, one value, written", false, 1024, true),
+    ] {
         g.throughput(Throughput::Elements(batch as u64));
         g.bench_function(name, |b| {
+            let mut records = Vec::new();
             b.iter_batched(
                 || {
                     let mut wb = rocksdb::WriteBatch::default();
-                    for _ in 0..batch {
-                        wb.put(offset.to_be_bytes(), record.as_slice());
-                        offset += 1;
+                    if one_value {
+                        records.clear();
+                        for _ in 0..batch {
+                            roost_server::log::batch::push(&mut records, record.as_slice());
+                        }
+                        for (i, value) in roost_server::log::batch::chunks(&records) {
+                            wb.put((offset + i).to_be_bytes(), value);
+                        }
+                        offset += batch as u64;
+                    } else {
+                        for _ in 0..batch {
+                            wb.put(offset.to_be_bytes(), record.as_slice());
+                            offset += 1;
+                        }
                     }
                     wb
                 },

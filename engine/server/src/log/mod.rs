@@ -7,7 +7,7 @@
 //! on glommio's blocking pool while the next batch fills. A PUBACK waits for its batch id to be
 //! durable, so one fsync covers every message that arrived during the previous one.
 
-mod batch;
+pub mod batch;
 mod partition;
 mod reader;
 
