@@ -83,6 +83,14 @@ pub fn json(status: StatusCode, body: &impl serde::Serialize) -> Resp {
     r
 }
 
+/// A response whose body is JSON the caller already wrote.
+pub fn json_raw(status: StatusCode, body: String) -> Resp {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut().insert("content-type", hyper::header::HeaderValue::from_static("application/json; charset=utf-8"));
+    r
+}
+
 pub fn empty(status: StatusCode) -> Resp {
     let mut r = Response::new(Full::new(Bytes::new()));
     *r.status_mut() = status;

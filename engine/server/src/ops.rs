@@ -70,8 +70,9 @@ impl Ops {
             Ok(m) => m,
             Err(r) => return r,
         };
-        match log::read_records(&self.db, p, from, max) {
-            Ok((records, next)) => httpd::json(StatusCode::OK, &json!({ "records": records, "next": next })),
+        let mut records = log::RecordsJson::new();
+        match log::read_records(&self.db, p, from, max, &mut records) {
+            Ok(next) => httpd::json_raw(StatusCode::OK, records.finish("next", &next.to_string())),
             Err(e) => httpd::text(StatusCode::NOT_FOUND, e),
         }
     }
@@ -86,7 +87,7 @@ impl Ops {
             Ok(m) => m,
             Err(r) => return r,
         };
-        let mut records = Vec::new();
+        let mut records = log::RecordsJson::new();
         let mut positions = BTreeMap::new();
         for info in log::partitions(&self.db) {
             let start = match log::checkpoint(&self.db, group, info.partition) {
@@ -95,15 +96,16 @@ impl Ops {
                 Ok(None) => info.first,
                 Err(e) => return httpd::text(StatusCode::INTERNAL_SERVER_ERROR, e),
             };
-            let (mut got, next) = match log::read_records(&self.db, info.partition, start, remaining) {
-                Ok(r) => r,
+            let before = records.count();
+            let next = match log::read_records(&self.db, info.partition, start, remaining, &mut records) {
+                Ok(next) => next,
                 Err(e) => return httpd::text(StatusCode::INTERNAL_SERVER_ERROR, e),
             };
-            remaining -= got.len();
-            records.append(&mut got);
+            remaining -= records.count() - before;
             positions.insert(info.partition.to_string(), next);
         }
-        httpd::json(StatusCode::OK, &json!({ "records": records, "positions": positions }))
+        let positions = serde_json::to_string(&positions).unwrap_or_else(|_| "{}".into());
+        httpd::json_raw(StatusCode::OK, records.finish("positions", &positions))
     }
 
     fn checkpoint(&self, group: &str, req: &Req) -> Resp {

@@ -8,11 +8,13 @@
 //! durable, so one fsync covers every message that arrived during the previous one.
 
 pub mod batch;
+mod json;
 mod partition;
 mod reader;
 
 pub use partition::{Durability, LogFailed, Partition};
-pub use reader::{checkpoint, commit_checkpoint, partitions, read_records, PartitionInfo, Record};
+pub use json::RecordsJson;
+pub use reader::{checkpoint, commit_checkpoint, partitions, read_records, PartitionInfo};
 
 use std::path::Path;
 use std::sync::Arc;

@@ -1,16 +1,13 @@
 //! Reading the events log: partitions, records as JSON, and consumer-group checkpoints.
 //! Used by the ops port's consumer API; runs off the shards.
 
-use std::time::{Duration, UNIX_EPOCH};
-
-use base64::Engine as _;
 use rocksdb::{WriteOptions, DB};
-use roost_model::{ArchivedMessage, Message};
+use roost_model::Message;
 use roost_registry::rocks::CF_META;
 use serde::Serialize;
-use serde_json::{Map, Value};
 
 use super::batch;
+use super::json::RecordsJson;
 use super::partition::decode_offset;
 
 /// Bounds of one partition: records `first .. next` are stored.
@@ -19,21 +16,6 @@ pub struct PartitionInfo {
     pub partition: usize,
     pub first: u64,
     pub next: u64,
-}
-
-/// One record as the consumer API returns it.
-#[derive(Debug, Serialize)]
-pub struct Record {
-    pub partition: usize,
-    pub offset: u64,
-    #[serde(rename = "enqueuedTime")]
-    pub enqueued_time: String,
-    pub body: String,
-    #[serde(rename = "bodyEncoding")]
-    pub body_encoding: &'static str,
-    #[serde(rename = "systemProperties")]
-    pub system_properties: Map<String, Value>,
-    pub properties: Map<String, Value>,
 }
 
 /// The partitions of the log, in order.
@@ -58,10 +40,11 @@ pub fn partitions(db: &DB) -> Vec<PartitionInfo> {
     out
 }
 
-/// Up to `max` records of `partition` from `from`; returns them and the offset to read next.
-pub fn read_records(db: &DB, partition: usize, from: u64, max: usize) -> Result<(Vec<Record>, u64), String> {
+/// Appends up to `max` records of `partition` from `from` to `out`; returns the offset to read
+/// next.
+pub fn read_records(db: &DB, partition: usize, from: u64, max: usize, out: &mut RecordsJson) -> Result<u64, String> {
     let cf = db.cf_handle(&super::partition_cf(partition)).ok_or_else(|| format!("no partition {partition}"))?;
-    let mut out = Vec::new();
+    let mut taken = 0;
     let mut next = from;
     let mut it = db.raw_iterator_cf(cf);
     // The batch holding `from` starts at or before it.
@@ -70,7 +53,7 @@ pub fn read_records(db: &DB, partition: usize, from: u64, max: usize) -> Result<
         it.seek_to_first();
     }
     let mut aligned = rkyv::util::AlignedVec::<16>::new();
-    while out.len() < max {
+    while taken < max {
         let (Some(key), Some(value)) = (it.key(), it.value()) else { break };
         let first = decode_offset(key).ok_or("corrupt offset key")?;
         for (i, record) in batch::records(value).enumerate() {
@@ -79,65 +62,20 @@ pub fn read_records(db: &DB, partition: usize, from: u64, max: usize) -> Result<
             if offset < from {
                 continue;
             }
-            if out.len() >= max {
+            if taken >= max {
                 break;
             }
             aligned.clear();
             aligned.extend_from_slice(record);
             let view = Message::view(&aligned).map_err(|e| format!("corrupt record at {partition}/{offset}: {e}"))?;
-            out.push(to_record(partition, offset, view));
+            out.push(partition, offset, view);
+            taken += 1;
             next = offset + 1;
         }
         it.next();
     }
     it.status().map_err(|e| e.to_string())?;
-    Ok((out, next))
-}
-
-fn iso_ms(ms: u64) -> String {
-    humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
-}
-
-fn to_record(partition: usize, offset: u64, m: &ArchivedMessage) -> Record {
-    let s = &m.system;
-    let mut sys = Map::new();
-    let mut put = |k: &str, v: Option<&str>| {
-        if let Some(v) = v {
-            sys.insert(k.to_string(), Value::String(v.to_string()));
-        }
-    };
-    put("message-id", s.message_id.as_deref());
-    put("correlation-id", s.correlation_id.as_deref());
-    put("user-id", s.user_id.as_deref());
-    put("content-type", s.content_type.as_deref());
-    put("content-encoding", s.content_encoding.as_deref());
-    put("absolute-expiry-time", s.expiry.as_deref());
-    put("iothub-outputname", s.output_name.as_deref());
-    put("iothub-interface-id", s.interface_id.as_deref());
-    put("iothub-creation-time-utc", s.creation_time.as_deref());
-    put("dt-subject", s.subject.as_deref());
-    put("iothub-connection-device-id", Some(s.connection_device_id.as_str()));
-    put("iothub-connection-module-id", s.connection_module_id.as_deref());
-    put("iothub-connection-auth-generation-id", Some(s.auth_generation_id.as_str()));
-    put("iothub-connection-auth-method", Some(s.auth_method.as_str()));
-    put("dt-dataschema", s.data_schema.as_deref());
-    let enqueued = iso_ms(m.enqueued_ms.to_native());
-    put("iothub-enqueuedtime", Some(&enqueued));
-    put("iothub-message-source", Some(m.source.as_str()));
-    let properties = m.app.iter().map(|kv| (kv.0.to_string(), Value::String(kv.1.to_string()))).collect();
-    let (body, body_encoding) = match std::str::from_utf8(m.body.as_slice()) {
-        Ok(text) => (text.to_string(), "utf-8"),
-        Err(_) => (base64::engine::general_purpose::STANDARD.encode(m.body.as_slice()), "base64"),
-    };
-    Record {
-        partition,
-        offset,
-        enqueued_time: enqueued,
-        body,
-        body_encoding,
-        system_properties: sys,
-        properties,
-    }
+    Ok(next)
 }
 
 fn checkpoint_key(group: &str, partition: usize) -> Vec<u8> {
