@@ -12,6 +12,9 @@ use crate::api::iso_now;
 use crate::metrics::ControlMetrics;
 use crate::store::Store;
 
+/// Most registry changes sent in one `Deltas` frame.
+const MAX_DELTAS_PER_FRAME: usize = 1024;
+
 pub struct LinkServer {
     pub store: Arc<Store>,
     pub metrics: Arc<ControlMetrics>,
@@ -83,9 +86,34 @@ impl LinkServer {
             tokio::select! {
                 change = changes.recv() => match change {
                     Ok((seq, change)) if seq == sent + 1 => {
-                        let frame = ControlFrame::Deltas { from_seq: sent, changes: vec![change] };
-                        if let Err(e) = send.write_all(&frame.encode()).await { break e.to_string(); }
+                        // Everything already committed goes in the same frame: a bulk import
+                        // reaches the engine as one delta, not one replica swap per device.
+                        let from_seq = sent;
+                        let mut batch = vec![change];
                         sent = seq;
+                        let mut resync = false;
+                        while batch.len() < MAX_DELTAS_PER_FRAME {
+                            match changes.try_recv() {
+                                Ok((seq, change)) if seq == sent + 1 => {
+                                    batch.push(change);
+                                    sent = seq;
+                                }
+                                Ok((seq, _)) if seq <= sent => {}
+                                Err(tokio::sync::broadcast::error::TryRecvError::Empty) => break,
+                                _ => {
+                                    resync = true;
+                                    break;
+                                }
+                            }
+                        }
+                        let frame = ControlFrame::Deltas { from_seq, changes: batch };
+                        if let Err(e) = send.write_all(&frame.encode()).await { break e.to_string(); }
+                        if resync {
+                            match self.catch_up(&mut send, sent).await {
+                                Ok(seq) => sent = seq,
+                                Err(e) => break e,
+                            }
+                        }
                     }
                     Ok((seq, _)) if seq <= sent => {}
                     Ok(_) | Err(RecvError::Lagged(_)) => match self.catch_up(&mut send, sent).await {
