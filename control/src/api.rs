@@ -9,11 +9,14 @@ use roost_iothub::sas::SasToken;
 use roost_server::httpd::{self, percent_decode, query_param, Req, Resp};
 use serde_json::json;
 
-use crate::device::{Authentication, AuthenticationWrite, Capabilities, Device, DeviceWrite, SymmetricKey, X509Thumbprint, NEVER};
-use crate::store::Writes;
+use crate::device::{
+    Authentication, AuthenticationWrite, Capabilities, Device, DeviceWrite, SymmetricKey,
+    X509Thumbprint, NEVER,
+};
 use crate::metrics::ControlMetrics;
 use crate::policies::Right;
 use crate::store::Store;
+use crate::store::Writes;
 
 /// Most operations one bulk request may carry (IoT Hub's limit).
 const MAX_BULK: usize = 100;
@@ -47,7 +50,12 @@ pub struct HubError {
 
 impl HubError {
     fn new(status: StatusCode, code: u32, name: &'static str, message: impl Into<String>) -> Self {
-        Self { status, code, name, message: message.into() }
+        Self {
+            status,
+            code,
+            name,
+            message: message.into(),
+        }
     }
     fn unauthorized(why: &str) -> Self {
         Self::new(StatusCode::UNAUTHORIZED, 401003, "IotHubUnauthorized", why)
@@ -56,13 +64,28 @@ impl HubError {
         Self::new(StatusCode::BAD_REQUEST, 400004, "ArgumentInvalid", why)
     }
     fn device_not_found(id: &str) -> Self {
-        Self::new(StatusCode::NOT_FOUND, 404001, "DeviceNotFound", format!("Device {id} not registered"))
+        Self::new(
+            StatusCode::NOT_FOUND,
+            404001,
+            "DeviceNotFound",
+            format!("Device {id} not registered"),
+        )
     }
     fn precondition_failed() -> Self {
-        Self::new(StatusCode::PRECONDITION_FAILED, 412001, "PreconditionFailed", "Precondition failed: the etag does not match")
+        Self::new(
+            StatusCode::PRECONDITION_FAILED,
+            412001,
+            "PreconditionFailed",
+            "Precondition failed: the etag does not match",
+        )
     }
     fn server(e: impl std::fmt::Display) -> Self {
-        Self::new(StatusCode::INTERNAL_SERVER_ERROR, 500001, "ServerError", e.to_string())
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            500001,
+            "ServerError",
+            e.to_string(),
+        )
     }
 
     fn response(&self) -> Resp {
@@ -94,7 +117,10 @@ pub fn iso_now() -> String {
 }
 
 fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// Strips the quotes of an etag as sent in `If-Match` or a body.
@@ -113,18 +139,45 @@ impl Api {
 
     fn route(&self, req: &Req) -> Result<Resp, HubError> {
         let path = req.uri().path().to_string();
-        let segments: Vec<String> = path.trim_matches('/').split('/').map(percent_decode).collect();
+        let segments: Vec<String> = path
+            .trim_matches('/')
+            .split('/')
+            .map(percent_decode)
+            .collect();
         let segments: Vec<&str> = segments.iter().map(String::as_str).collect();
         let result = match (req.method(), segments.as_slice()) {
-            (&Method::GET, ["devices"]) => self.authorize(req, Right::RegistryRead).and_then(|_| self.list(req)),
-            (&Method::GET, ["devices", id]) => self.authorize(req, Right::RegistryRead).and_then(|_| self.get(id)),
-            (&Method::PUT, ["devices", id]) => self.authorize(req, Right::RegistryWrite).and_then(|_| self.put(id, req)),
-            (&Method::POST, ["devices"]) => self.authorize(req, Right::RegistryWrite).and_then(|_| self.bulk(req)),
-            (&Method::DELETE, ["devices", id]) => self.authorize(req, Right::RegistryWrite).and_then(|_| self.delete(id, req)),
-            (&Method::GET, ["statistics", "devices"]) => self.authorize(req, Right::RegistryRead).and_then(|_| self.stats()),
-            _ => Err(HubError::new(StatusCode::NOT_FOUND, 404000, "NotFound", format!("no such resource: {path}"))),
+            (&Method::GET, ["devices"]) => self
+                .authorize(req, Right::RegistryRead)
+                .and_then(|_| self.list(req)),
+            (&Method::GET, ["devices", id]) => self
+                .authorize(req, Right::RegistryRead)
+                .and_then(|_| self.get(id)),
+            (&Method::PUT, ["devices", id]) => self
+                .authorize(req, Right::RegistryWrite)
+                .and_then(|_| self.put(id, req)),
+            (&Method::POST, ["devices"]) => self
+                .authorize(req, Right::RegistryWrite)
+                .and_then(|_| self.bulk(req)),
+            (&Method::DELETE, ["devices", id]) => self
+                .authorize(req, Right::RegistryWrite)
+                .and_then(|_| self.delete(id, req)),
+            (&Method::GET, ["statistics", "devices"]) => self
+                .authorize(req, Right::RegistryRead)
+                .and_then(|_| self.stats()),
+            _ => Err(HubError::new(
+                StatusCode::NOT_FOUND,
+                404000,
+                "NotFound",
+                format!("no such resource: {path}"),
+            )),
         };
-        self.metrics.requests.with_label_values(&[result.as_ref().map_or_else(|e| e.status, |r| r.status()).as_str()]).inc();
+        self.metrics
+            .requests
+            .with_label_values(&[result
+                .as_ref()
+                .map_or_else(|e| e.status, |r| r.status())
+                .as_str()])
+            .inc();
         result
     }
 
@@ -135,8 +188,12 @@ impl Api {
             .get("authorization")
             .and_then(|v| v.to_str().ok())
             .ok_or_else(|| HubError::unauthorized("missing Authorization header"))?;
-        let token = SasToken::parse(header).map_err(|e| HubError::unauthorized(&format!("malformed SAS token ({})", e.error_code())))?;
-        let name = token.key_name().ok_or_else(|| HubError::unauthorized("the token names no shared access policy (skn)"))?;
+        let token = SasToken::parse(header).map_err(|e| {
+            HubError::unauthorized(&format!("malformed SAS token ({})", e.error_code()))
+        })?;
+        let name = token.key_name().ok_or_else(|| {
+            HubError::unauthorized("the token names no shared access policy (skn)")
+        })?;
         let policy = self
             .store
             .policy(name)
@@ -144,17 +201,25 @@ impl Api {
             .ok_or_else(|| HubError::unauthorized("unknown shared access policy"))?;
         let target = format!("{}{}", self.hostname, req.uri().path());
         if !roost_iothub::sas::authorizes(token.resource(), &target) {
-            return Err(HubError::unauthorized("the token's resource does not cover this hub"));
+            return Err(HubError::unauthorized(
+                "the token's resource does not cover this hub",
+            ));
         }
         let keys = [policy.primary_key.as_str(), policy.secondary_key.as_str()].map(|k| {
             use base64::Engine as _;
-            base64::engine::general_purpose::STANDARD.decode(k).unwrap_or_default()
+            base64::engine::general_purpose::STANDARD
+                .decode(k)
+                .unwrap_or_default()
         });
         token
             .verify(&[&keys[0], &keys[1]], unix_now())
-            .map_err(|e| HubError::unauthorized(&format!("SAS token rejected ({})", e.error_code())))?;
+            .map_err(|e| {
+                HubError::unauthorized(&format!("SAS token rejected ({})", e.error_code()))
+            })?;
         if !policy.allows(right) {
-            return Err(HubError::unauthorized(&format!("policy {name} lacks {right:?}")));
+            return Err(HubError::unauthorized(&format!(
+                "policy {name} lacks {right:?}"
+            )));
         }
         Ok(())
     }
@@ -162,21 +227,32 @@ impl Api {
     fn list(&self, req: &Req) -> Result<Resp, HubError> {
         let top = match query_param(req, "top") {
             None => 1000,
-            Some(t) => t.parse::<usize>().map_err(|_| HubError::bad_request("top must be a number"))?.min(1000),
+            Some(t) => t
+                .parse::<usize>()
+                .map_err(|_| HubError::bad_request("top must be a number"))?
+                .min(1000),
         };
         let devices = self.store.devices(top).map_err(HubError::server)?;
         Ok(httpd::json(StatusCode::OK, &devices))
     }
 
     fn get(&self, id: &str) -> Result<Resp, HubError> {
-        let device = self.store.device(id).map_err(HubError::server)?.ok_or_else(|| HubError::device_not_found(id))?;
+        let device = self
+            .store
+            .device(id)
+            .map_err(HubError::server)?
+            .ok_or_else(|| HubError::device_not_found(id))?;
         Ok(device_response(&device))
     }
 
     fn put(&self, id: &str, req: &Req) -> Result<Resp, HubError> {
-        let body: DeviceWrite =
-            serde_json::from_slice(req.body()).map_err(|e| HubError::bad_request(format!("invalid device JSON: {e}")))?;
-        let if_match = req.headers().get("if-match").and_then(|v| v.to_str().ok()).map(|v| unquote(v).to_string());
+        let body: DeviceWrite = serde_json::from_slice(req.body())
+            .map_err(|e| HubError::bad_request(format!("invalid device JSON: {e}")))?;
+        let if_match = req
+            .headers()
+            .get("if-match")
+            .and_then(|v| v.to_str().ok())
+            .map(|v| unquote(v).to_string());
         self.store.exclusive(|| {
             let mut writes = self.store.writes();
             let device = self.write_device(&mut writes, id, &body, if_match.as_deref())?;
@@ -188,36 +264,63 @@ impl Api {
 
     /// Creates or updates one device inside `writes`, following IoT Hub's `If-Match` rules:
     /// none = create only, `*` = create or update, an etag = update that version only.
-    fn write_device(&self, writes: &mut Writes<'_>, id: &str, body: &DeviceWrite, if_match: Option<&str>) -> Result<Device, HubError> {
-        roost_model::DeviceId::parse(id).map_err(|e| HubError::bad_request(format!("invalid device id: {e}")))?;
+    fn write_device(
+        &self,
+        writes: &mut Writes<'_>,
+        id: &str,
+        body: &DeviceWrite,
+        if_match: Option<&str>,
+    ) -> Result<Device, HubError> {
+        roost_model::DeviceId::parse(id)
+            .map_err(|e| HubError::bad_request(format!("invalid device id: {e}")))?;
         if body.device_id.as_deref().is_some_and(|b| b != id) {
-            return Err(HubError::bad_request("deviceId in the body does not match the path"));
+            return Err(HubError::bad_request(
+                "deviceId in the body does not match the path",
+            ));
         }
         let status = match body.status.as_deref() {
             None | Some("enabled") => "enabled",
             Some("disabled") => "disabled",
-            Some(other) => return Err(HubError::bad_request(format!("status must be enabled or disabled, not {other}"))),
+            Some(other) => {
+                return Err(HubError::bad_request(format!(
+                    "status must be enabled or disabled, not {other}"
+                )))
+            }
         };
         let empty = AuthenticationWrite::default();
         let auth = body.authentication.as_ref().unwrap_or(&empty);
         if let Some(kind) = auth.kind.as_deref() {
             if kind != "sas" {
-                return Err(HubError::bad_request(format!("authentication type {kind} is not supported yet; use sas")));
+                return Err(HubError::bad_request(format!(
+                    "authentication type {kind} is not supported yet; use sas"
+                )));
             }
         }
         let keys = auth.symmetric_key.clone().unwrap_or_default();
-        for k in [&keys.primary_key, &keys.secondary_key].into_iter().flatten() {
+        for k in [&keys.primary_key, &keys.secondary_key]
+            .into_iter()
+            .flatten()
+        {
             if !crate::device::valid_key(k) {
-                return Err(HubError::bad_request("symmetric keys must be base64 of 16 to 64 bytes"));
+                return Err(HubError::bad_request(
+                    "symmetric keys must be base64 of 16 to 64 bytes",
+                ));
             }
         }
         let existing = self.store.device(id).map_err(HubError::server)?;
         let now = iso_now();
         let device = match (existing, if_match) {
             (Some(_), None) => {
-                return Err(HubError::new(StatusCode::CONFLICT, 409001, "DeviceAlreadyExists", format!("Device {id} already exists")))
+                return Err(HubError::new(
+                    StatusCode::CONFLICT,
+                    409001,
+                    "DeviceAlreadyExists",
+                    format!("Device {id} already exists"),
+                ))
             }
-            (Some(d), Some(tag)) if tag != "*" && tag != d.etag => return Err(HubError::precondition_failed()),
+            (Some(d), Some(tag)) if tag != "*" && tag != d.etag => {
+                return Err(HubError::precondition_failed())
+            }
             (None, Some(tag)) if tag != "*" => return Err(HubError::device_not_found(id)),
             (Some(mut d), Some(_)) => {
                 if d.status != status {
@@ -252,12 +355,23 @@ impl Api {
                 authentication: Authentication {
                     kind: "sas".into(),
                     symmetric_key: SymmetricKey {
-                        primary_key: Some(keys.primary_key.clone().unwrap_or_else(roost_iothub::sas::generate_key)),
-                        secondary_key: Some(keys.secondary_key.clone().unwrap_or_else(roost_iothub::sas::generate_key)),
+                        primary_key: Some(
+                            keys.primary_key
+                                .clone()
+                                .unwrap_or_else(roost_iothub::sas::generate_key),
+                        ),
+                        secondary_key: Some(
+                            keys.secondary_key
+                                .clone()
+                                .unwrap_or_else(roost_iothub::sas::generate_key),
+                        ),
                     },
                     x509_thumbprint: X509Thumbprint::default(),
                 },
-                capabilities: body.capabilities.clone().unwrap_or(Capabilities { iot_edge: false }),
+                capabilities: body
+                    .capabilities
+                    .clone()
+                    .unwrap_or(Capabilities { iot_edge: false }),
             },
         };
         writes.put(&device, true).map_err(HubError::server)?;
@@ -265,7 +379,11 @@ impl Api {
     }
 
     fn delete(&self, id: &str, req: &Req) -> Result<Resp, HubError> {
-        let if_match = req.headers().get("if-match").and_then(|v| v.to_str().ok()).map(|v| unquote(v).to_string());
+        let if_match = req
+            .headers()
+            .get("if-match")
+            .and_then(|v| v.to_str().ok())
+            .map(|v| unquote(v).to_string());
         self.store.exclusive(|| {
             let mut writes = self.store.writes();
             self.delete_device(&mut writes, id, if_match.as_deref())?;
@@ -275,8 +393,17 @@ impl Api {
         })
     }
 
-    fn delete_device(&self, writes: &mut Writes<'_>, id: &str, if_match: Option<&str>) -> Result<(), HubError> {
-        let existing = self.store.device(id).map_err(HubError::server)?.ok_or_else(|| HubError::device_not_found(id))?;
+    fn delete_device(
+        &self,
+        writes: &mut Writes<'_>,
+        id: &str,
+        if_match: Option<&str>,
+    ) -> Result<(), HubError> {
+        let existing = self
+            .store
+            .device(id)
+            .map_err(HubError::server)?
+            .ok_or_else(|| HubError::device_not_found(id))?;
         if let Some(tag) = if_match {
             if tag != "*" && tag != existing.etag {
                 return Err(HubError::precondition_failed());
@@ -289,14 +416,20 @@ impl Api {
     /// `POST /devices`: up to 100 create/update/delete operations, committed together
     /// (spec §4: `[ExportImportDevice]` → `{isSuccessful, errors, warnings}`).
     fn bulk(&self, req: &Req) -> Result<Resp, HubError> {
-        let items: Vec<BulkItem> =
-            serde_json::from_slice(req.body()).map_err(|e| HubError::bad_request(format!("invalid bulk request: {e}")))?;
+        let items: Vec<BulkItem> = serde_json::from_slice(req.body())
+            .map_err(|e| HubError::bad_request(format!("invalid bulk request: {e}")))?;
         if items.len() > MAX_BULK {
-            return Err(HubError::bad_request(format!("at most {MAX_BULK} devices per bulk request, got {}", items.len())));
+            return Err(HubError::bad_request(format!(
+                "at most {MAX_BULK} devices per bulk request, got {}",
+                items.len()
+            )));
         }
         let mut seen = std::collections::HashSet::new();
         if let Some(dup) = items.iter().find(|i| !seen.insert(i.id.as_str())) {
-            return Err(HubError::bad_request(format!("device {} appears twice in one bulk request", dup.id)));
+            return Err(HubError::bad_request(format!(
+                "device {} appears twice in one bulk request",
+                dup.id
+            )));
         }
         self.store.exclusive(|| {
             let mut writes = self.store.writes();
@@ -304,12 +437,27 @@ impl Api {
             for item in &items {
                 let etag = item.e_tag.as_deref().map(unquote);
                 let result = match item.import_mode.as_str() {
-                    "create" => self.write_device(&mut writes, &item.id, &item.device, None).map(drop),
-                    "update" => self.write_device(&mut writes, &item.id, &item.device, Some("*")).map(drop),
-                    "updateIfMatchETag" => self.write_device(&mut writes, &item.id, &item.device, Some(etag.unwrap_or(""))).map(drop),
+                    "create" => self
+                        .write_device(&mut writes, &item.id, &item.device, None)
+                        .map(drop),
+                    "update" => self
+                        .write_device(&mut writes, &item.id, &item.device, Some("*"))
+                        .map(drop),
+                    "updateIfMatchETag" => self
+                        .write_device(
+                            &mut writes,
+                            &item.id,
+                            &item.device,
+                            Some(etag.unwrap_or("")),
+                        )
+                        .map(drop),
                     "delete" => self.delete_device(&mut writes, &item.id, None),
-                    "deleteIfMatchETag" => self.delete_device(&mut writes, &item.id, Some(etag.unwrap_or(""))),
-                    other => Err(HubError::bad_request(format!("importMode {other} is not supported"))),
+                    "deleteIfMatchETag" => {
+                        self.delete_device(&mut writes, &item.id, Some(etag.unwrap_or("")))
+                    }
+                    other => Err(HubError::bad_request(format!(
+                        "importMode {other} is not supported"
+                    ))),
                 };
                 if let Err(e) = result {
                     errors.push(json!({
@@ -322,9 +470,20 @@ impl Api {
             }
             writes.commit().map_err(HubError::server)?;
             let ok = errors.is_empty();
-            tracing::info!(devices = items.len(), failed = errors.len(), "bulk registry operation");
+            tracing::info!(
+                devices = items.len(),
+                failed = errors.len(),
+                "bulk registry operation"
+            );
             let body = json!({ "isSuccessful": ok, "errors": errors, "warnings": [] });
-            Ok(httpd::json(if ok { StatusCode::OK } else { StatusCode::BAD_REQUEST }, &body))
+            Ok(httpd::json(
+                if ok {
+                    StatusCode::OK
+                } else {
+                    StatusCode::BAD_REQUEST
+                },
+                &body,
+            ))
         })
     }
 
@@ -366,21 +525,42 @@ mod tests {
     use super::*;
 
     fn api() -> (Api, std::path::PathBuf) {
-        let dir = std::env::temp_dir().join(format!("roost-api-test-{}-{}", std::process::id(), tracking_id()));
+        let dir = std::env::temp_dir().join(format!(
+            "roost-api-test-{}-{}",
+            std::process::id(),
+            tracking_id()
+        ));
         let store = Store::open(&dir).expect("store opens");
-        let api = Api { store, hostname: "localhost".into(), metrics: Arc::new(ControlMetrics::new()) };
+        let api = Api {
+            store,
+            hostname: "localhost".into(),
+            metrics: Arc::new(ControlMetrics::new()),
+        };
         (api, dir)
     }
 
     fn token(api: &Api, policy: &str, valid_for: i64) -> String {
-        let p = api.store.policy(policy).expect("store").expect("default policy exists");
-        let key = base64::engine::general_purpose::STANDARD.decode(&p.primary_key).expect("base64 key");
+        let p = api
+            .store
+            .policy(policy)
+            .expect("store")
+            .expect("default policy exists");
+        let key = base64::engine::general_purpose::STANDARD
+            .decode(&p.primary_key)
+            .expect("base64 key");
         let expiry = (unix_now() as i64 + valid_for) as u64;
-        roost_iothub::sas::sign(&roost_iothub::sas::encode_resource("localhost"), &key, expiry, Some(policy))
+        roost_iothub::sas::sign(
+            &roost_iothub::sas::encode_resource("localhost"),
+            &key,
+            expiry,
+            Some(policy),
+        )
     }
 
     fn request(method: &str, path: &str, token: Option<String>, body: &str) -> Req {
-        let mut r = Request::builder().method(method).uri(format!("{path}?api-version=2021-04-12"));
+        let mut r = Request::builder()
+            .method(method)
+            .uri(format!("{path}?api-version=2021-04-12"));
         if let Some(t) = token {
             r = r.header("authorization", t);
         }
@@ -408,7 +588,12 @@ mod tests {
             ("device", false, false),
         ];
         for (policy, read, write) in cases {
-            let put = request("PUT", "/devices/d1", Some(token(&api, policy, 3600)), DEVICE);
+            let put = request(
+                "PUT",
+                "/devices/d1",
+                Some(token(&api, policy, 3600)),
+                DEVICE,
+            );
             let expect_put = if write { 200 } else { 401 };
             assert_eq!(status(&api, &put), expect_put, "{policy} PUT");
             let get = request("GET", "/devices/d1", Some(token(&api, policy, 3600)), "");
@@ -429,7 +614,12 @@ mod tests {
     #[test]
     fn bad_tokens_are_401_with_an_iothub_error_body() {
         let (api, dir) = api();
-        let expired = request("GET", "/devices", Some(token(&api, "iothubowner", -3600)), "");
+        let expired = request(
+            "GET",
+            "/devices",
+            Some(token(&api, "iothubowner", -3600)),
+            "",
+        );
         let missing = request("GET", "/devices", None, "");
         let mut forged = token(&api, "iothubowner", 3600);
         forged = forged.replace("skn=iothubowner", "skn=registryRead");
@@ -438,7 +628,10 @@ mod tests {
             let err = api.route(&req).expect_err("refused");
             assert_eq!(err.status, StatusCode::UNAUTHORIZED);
             let resp = err.response();
-            assert_eq!(resp.headers().get("iothub-errorcode").map(|v| v.as_bytes()), Some(&b"IotHubUnauthorized"[..]));
+            assert_eq!(
+                resp.headers().get("iothub-errorcode").map(|v| v.as_bytes()),
+                Some(&b"IotHubUnauthorized"[..])
+            );
         }
         let _ = std::fs::remove_dir_all(dir);
     }
@@ -450,18 +643,41 @@ mod tests {
         let put = |if_match: Option<&str>| {
             let mut req = request("PUT", "/devices/d1", owner(), DEVICE);
             if let Some(m) = if_match {
-                req.headers_mut().insert("if-match", m.parse().expect("header"));
+                req.headers_mut()
+                    .insert("if-match", m.parse().expect("header"));
             }
             api.route(&req)
         };
-        assert_eq!(put(Some("\"abc\"")).expect_err("missing device").status, StatusCode::NOT_FOUND);
+        assert_eq!(
+            put(Some("\"abc\"")).expect_err("missing device").status,
+            StatusCode::NOT_FOUND
+        );
         let created = put(None).expect("created");
-        assert_eq!(created.status(), StatusCode::OK, "PUT create answers 200, not 201");
+        assert_eq!(
+            created.status(),
+            StatusCode::OK,
+            "PUT create answers 200, not 201"
+        );
         assert_eq!(put(None).expect_err("exists").status, StatusCode::CONFLICT);
-        assert_eq!(put(Some("\"stale\"")).expect_err("stale etag").status, StatusCode::PRECONDITION_FAILED);
-        let etag = created.headers().get("etag").expect("etag").to_str().expect("ascii").to_string();
-        assert_eq!(put(Some(&etag)).expect("matching etag").status(), StatusCode::OK);
-        assert_eq!(put(Some("\"*\"")).expect("quoted wildcard").status(), StatusCode::OK);
+        assert_eq!(
+            put(Some("\"stale\"")).expect_err("stale etag").status,
+            StatusCode::PRECONDITION_FAILED
+        );
+        let etag = created
+            .headers()
+            .get("etag")
+            .expect("etag")
+            .to_str()
+            .expect("ascii")
+            .to_string();
+        assert_eq!(
+            put(Some(&etag)).expect("matching etag").status(),
+            StatusCode::OK
+        );
+        assert_eq!(
+            put(Some("\"*\"")).expect("quoted wildcard").status(),
+            StatusCode::OK
+        );
         let _ = std::fs::remove_dir_all(dir);
     }
 }

@@ -6,7 +6,8 @@ use std::path::Path;
 
 use anyhow::Context;
 use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose,
 };
 use roost_server::tls::{CertPaths, LINK_SERVER_NAME};
 
@@ -16,31 +17,49 @@ pub fn ensure(data_dir: &Path, hostname: &str) -> anyhow::Result<CertPaths> {
     if paths.ca().exists() && paths.server().exists() && paths.cluster().exists() {
         return Ok(paths);
     }
-    std::fs::create_dir_all(&paths.dir).with_context(|| format!("creating {}", paths.dir.display()))?;
+    std::fs::create_dir_all(&paths.dir)
+        .with_context(|| format!("creating {}", paths.dir.display()))?;
 
     let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params.distinguished_name.push(DnType::CommonName, "roost local CA");
-    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "roost local CA");
+    ca_params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
     let ca_key = KeyPair::generate()?;
     let ca_cert = ca_params.self_signed(&ca_key)?;
     let ca_pem = ca_cert.pem();
     let ca_key_pem = ca_key.serialize_pem();
     let issuer = Issuer::new(ca_params, ca_key);
 
-    let mut names = vec![hostname.to_string(), "localhost".to_string(), "127.0.0.1".to_string()];
+    let mut names = vec![
+        hostname.to_string(),
+        "localhost".to_string(),
+        "127.0.0.1".to_string(),
+    ];
     names.dedup();
     let server_key = KeyPair::generate()?;
     let mut server_params = CertificateParams::new(names)?;
-    server_params.distinguished_name.push(DnType::CommonName, hostname);
+    server_params
+        .distinguished_name
+        .push(DnType::CommonName, hostname);
     server_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     server_params.use_authority_key_identifier_extension = true;
     let server_cert = server_params.signed_by(&server_key, &issuer)?;
 
     let cluster_key = KeyPair::generate()?;
     let mut cluster_params = CertificateParams::new(vec![LINK_SERVER_NAME.to_string()])?;
-    cluster_params.distinguished_name.push(DnType::CommonName, LINK_SERVER_NAME);
-    cluster_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+    cluster_params
+        .distinguished_name
+        .push(DnType::CommonName, LINK_SERVER_NAME);
+    cluster_params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
     cluster_params.use_authority_key_identifier_extension = true;
     let cluster_cert = cluster_params.signed_by(&cluster_key, &issuer)?;
 

@@ -15,7 +15,11 @@ use crate::client;
 use crate::hubfile::{self, HubInfo};
 
 #[derive(Parser)]
-#[command(name = "roost", version, about = "roost: a self-hosted IoT hub that speaks Azure IoT Hub's protocols")]
+#[command(
+    name = "roost",
+    version,
+    about = "roost: a self-hosted IoT hub that speaks Azure IoT Hub's protocols"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Cmd,
@@ -183,12 +187,21 @@ fn durability(d: DurabilityArg) -> roost_server::Durability {
 }
 
 fn cores(c: Option<usize>) -> usize {
-    c.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)).max(1)
+    c.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    })
+    .max(1)
 }
 
 /// A loopback URL for a listen address (0.0.0.0 is reachable as 127.0.0.1).
 fn local_url(scheme: &str, addr: SocketAddr) -> String {
-    let ip = if addr.ip().is_unspecified() { "127.0.0.1".to_string() } else { addr.ip().to_string() };
+    let ip = if addr.ip().is_unspecified() {
+        "127.0.0.1".to_string()
+    } else {
+        addr.ip().to_string()
+    };
     format!("{scheme}://{ip}:{}", addr.port())
 }
 
@@ -244,7 +257,12 @@ pub fn run_up(args: UpArgs) -> anyhow::Result<()> {
     let d = data_dir.to_string_lossy().to_string();
     let mut control = Command::new(&exe)
         .args(["control", "--data-dir", &d, "--hostname", &args.hostname])
-        .args(["--service", &args.service.to_string(), "--ops", &args.control_ops.to_string()])
+        .args([
+            "--service",
+            &args.service.to_string(),
+            "--ops",
+            &args.control_ops.to_string(),
+        ])
         .args(["--link", &args.link.to_string()])
         .spawn()
         .context("starting control")?;
@@ -257,12 +275,22 @@ pub fn run_up(args: UpArgs) -> anyhow::Result<()> {
     let mut engine_cmd = Command::new(&exe);
     engine_cmd
         .args(["engine", "--data-dir", &d, "--hostname", &args.hostname])
-        .args(["--control", &args.link.to_string(), "--mqtt", &args.mqtt.to_string(), "--ops", &args.ops.to_string()])
+        .args([
+            "--control",
+            &args.link.to_string(),
+            "--mqtt",
+            &args.mqtt.to_string(),
+            "--ops",
+            &args.ops.to_string(),
+        ])
         .args(["--cores", &cores(args.cores).to_string()])
-        .args(["--durability", match args.durability {
-            DurabilityArg::Synced => "synced",
-            DurabilityArg::Written => "written",
-        }]);
+        .args([
+            "--durability",
+            match args.durability {
+                DurabilityArg::Synced => "synced",
+                DurabilityArg::Written => "written",
+            },
+        ]);
     if let Some(p) = args.plain_mqtt {
         engine_cmd.args(["--plain-mqtt", &p.to_string()]);
     }
@@ -274,23 +302,37 @@ pub fn run_up(args: UpArgs) -> anyhow::Result<()> {
     let hub = hubfile::read(&data_dir)?;
     println!("roost is up.");
     println!("  hub host name      {}", hub.hostname);
-    println!("  MQTT over TLS      {} (device SDKs: port 8883 is their fixed default)", args.mqtt);
+    println!(
+        "  MQTT over TLS      {} (device SDKs: port 8883 is their fixed default)",
+        args.mqtt
+    );
     if let Some(p) = args.plain_mqtt {
         println!("  plain MQTT         {p} (benchmarks only)");
     }
     println!("  service API        {}", hub.service_url);
-    println!("  engine ops         {}/metrics, /healthz, /events", local_url("http", args.ops));
-    println!("  control ops        {}/metrics", local_url("http", args.control_ops));
+    println!(
+        "  engine ops         {}/metrics, /healthz, /events",
+        local_url("http", args.ops)
+    );
+    println!(
+        "  control ops        {}/metrics",
+        local_url("http", args.control_ops)
+    );
     println!("  CA certificate     {}", hub.ca.display());
     println!("  service connection string (iothubowner):");
     println!("    {}", hub.service_connection_string);
-    println!("  all of this is in  {}", hubfile::path(&data_dir).display());
+    println!(
+        "  all of this is in  {}",
+        hubfile::path(&data_dir).display()
+    );
     println!();
     println!("Next: roost device create my-device --data-dir {d}");
     println!("      roost events tail --follow --data-dir {d}");
     println!("Ctrl-C stops the hub.");
 
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let exited = runtime.block_on(async {
         let mut tick = tokio::time::interval(Duration::from_millis(200));
         let signal = roost_server::wait_for_shutdown_signal();
@@ -346,14 +388,20 @@ impl Drop for Children {
 
 fn wait_healthy(child: &mut Child, ops: SocketAddr, what: &str) -> anyhow::Result<()> {
     let url = format!("{}/healthz", local_url("http", ops));
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         if let Some(status) = child.try_wait()? {
             bail!("{what} exited during start-up ({status})");
         }
         let ok = runtime.block_on(async {
-            tokio::time::timeout(Duration::from_secs(2), client::request(Method::GET, &url, &[], None, None)).await
+            tokio::time::timeout(
+                Duration::from_secs(2),
+                client::request(Method::GET, &url, &[], None, None),
+            )
+            .await
         });
         if matches!(ok, Ok(Ok(ref r)) if r.status == 200) {
             return Ok(());
@@ -376,19 +424,41 @@ struct Service {
 impl Service {
     fn new(data_dir: &Path) -> anyhow::Result<Self> {
         let hub = hubfile::read(data_dir)?;
-        let cs = roost_iothub::connstr::ServiceConnectionString::parse(&hub.service_connection_string)
-            .map_err(|e| anyhow::anyhow!("service connection string in hub.json: {e}"))?;
-        let key = roost_iothub::sas::decode_key(&cs.key).map_err(|e| anyhow::anyhow!("service key: {e}"))?;
-        let tls = roost_server::tls::ca_client_config(&roost_server::tls::CertPaths { dir: hub.ca.parent().map(Path::to_path_buf).unwrap_or_default() })?;
-        Ok(Self { hub, tls, key_name: cs.key_name, key })
+        let cs =
+            roost_iothub::connstr::ServiceConnectionString::parse(&hub.service_connection_string)
+                .map_err(|e| anyhow::anyhow!("service connection string in hub.json: {e}"))?;
+        let key = roost_iothub::sas::decode_key(&cs.key)
+            .map_err(|e| anyhow::anyhow!("service key: {e}"))?;
+        let tls = roost_server::tls::ca_client_config(&roost_server::tls::CertPaths {
+            dir: hub.ca.parent().map(Path::to_path_buf).unwrap_or_default(),
+        })?;
+        Ok(Self {
+            hub,
+            tls,
+            key_name: cs.key_name,
+            key,
+        })
     }
 
-    async fn call(&self, method: Method, path: &str, body: Option<Value>) -> anyhow::Result<client::Response> {
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> anyhow::Result<client::Response> {
         let expiry = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs() + 3600;
         let resource = roost_iothub::sas::encode_resource(&self.hub.hostname);
         let token = roost_iothub::sas::sign(&resource, &self.key, expiry, Some(&self.key_name));
-        let url = format!("{}{}{}api-version=2021-04-12", self.hub.service_url, path, if path.contains('?') { "&" } else { "?" });
-        let mut headers = vec![("authorization", token), ("accept", "application/json".to_string())];
+        let url = format!(
+            "{}{}{}api-version=2021-04-12",
+            self.hub.service_url,
+            path,
+            if path.contains('?') { "&" } else { "?" }
+        );
+        let mut headers = vec![
+            ("authorization", token),
+            ("accept", "application/json".to_string()),
+        ];
         let body = match body {
             Some(b) => {
                 headers.push(("content-type", "application/json; charset=utf-8".into()));
@@ -397,7 +467,14 @@ impl Service {
             None => None,
         };
         let server_name = self.hub.hostname.clone();
-        client::request(method, &url, &headers, body, Some((self.tls.clone(), server_name))).await
+        client::request(
+            method,
+            &url,
+            &headers,
+            body,
+            Some((self.tls.clone(), server_name)),
+        )
+        .await
     }
 }
 
@@ -420,22 +497,36 @@ fn path_id(id: &str) -> String {
 
 pub fn run_device(action: DeviceCmd, data_dir: &Path) -> anyhow::Result<()> {
     let svc = Service::new(data_dir)?;
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     runtime.block_on(async {
         match action {
             DeviceCmd::Create { id, disabled } => {
-                roost_model::DeviceId::parse(&id).map_err(|e| anyhow::anyhow!("invalid device id {id:?}: {e}"))?;
+                roost_model::DeviceId::parse(&id)
+                    .map_err(|e| anyhow::anyhow!("invalid device id {id:?}: {e}"))?;
                 let body = json!({
                     "deviceId": id,
                     "status": if disabled { "disabled" } else { "enabled" },
                     "authentication": { "type": "sas", "symmetricKey": {} },
                     "capabilities": { "iotEdge": false },
                 });
-                let resp = svc.call(Method::PUT, &format!("/devices/{}", path_id(&id)), Some(body)).await?;
+                let resp = svc
+                    .call(
+                        Method::PUT,
+                        &format!("/devices/{}", path_id(&id)),
+                        Some(body),
+                    )
+                    .await?;
                 check(&resp)?;
                 let device: Value = serde_json::from_slice(&resp.body)?;
-                let key = device["authentication"]["symmetricKey"]["primaryKey"].as_str().context("the hub returned no key")?;
-                println!("HostName={};DeviceId={};SharedAccessKey={}", svc.hub.hostname, id, key);
+                let key = device["authentication"]["symmetricKey"]["primaryKey"]
+                    .as_str()
+                    .context("the hub returned no key")?;
+                println!(
+                    "HostName={};DeviceId={};SharedAccessKey={}",
+                    svc.hub.hostname, id, key
+                );
             }
             DeviceCmd::List => {
                 let resp = svc.call(Method::GET, "/devices?top=1000", None).await?;
@@ -444,7 +535,9 @@ pub fn run_device(action: DeviceCmd, data_dir: &Path) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&v)?);
             }
             DeviceCmd::Show { id } => {
-                let resp = svc.call(Method::GET, &format!("/devices/{}", path_id(&id)), None).await?;
+                let resp = svc
+                    .call(Method::GET, &format!("/devices/{}", path_id(&id)), None)
+                    .await?;
                 check(&resp)?;
                 let v: Value = serde_json::from_slice(&resp.body)?;
                 println!("{}", serde_json::to_string_pretty(&v)?);
@@ -456,7 +549,9 @@ pub fn run_device(action: DeviceCmd, data_dir: &Path) -> anyhow::Result<()> {
                 println!("deleted {id}");
             }
             DeviceCmd::Keys { id } => {
-                let resp = svc.call(Method::GET, &format!("/devices/{}", path_id(&id)), None).await?;
+                let resp = svc
+                    .call(Method::GET, &format!("/devices/{}", path_id(&id)), None)
+                    .await?;
                 check(&resp)?;
                 let v: Value = serde_json::from_slice(&resp.body)?;
                 let k = &v["authentication"]["symmetricKey"];
@@ -469,21 +564,43 @@ pub fn run_device(action: DeviceCmd, data_dir: &Path) -> anyhow::Result<()> {
 }
 
 pub fn run_events(action: EventsCmd, data_dir: &Path) -> anyhow::Result<()> {
-    let EventsCmd::Tail { group, from, max, json, follow } = action;
+    let EventsCmd::Tail {
+        group,
+        from,
+        max,
+        json,
+        follow,
+    } = action;
     let hub = hubfile::read(data_dir)?;
-    let ops = hub.ops_url.clone().context("hub.json has no ops_url: is the engine running?")?;
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let ops = hub
+        .ops_url
+        .clone()
+        .context("hub.json has no ops_url: is the engine running?")?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     runtime.block_on(async move {
         let mut printed = 0usize;
         // Without a group, positions live in this process only.
         let mut positions: Vec<(usize, u64)> = Vec::new();
         if group.is_none() {
-            let resp = client::request(Method::GET, &format!("{ops}/events/partitions"), &[], None, None).await?;
+            let resp = client::request(
+                Method::GET,
+                &format!("{ops}/events/partitions"),
+                &[],
+                None,
+                None,
+            )
+            .await?;
             check(&resp)?;
             let v: Value = serde_json::from_slice(&resp.body)?;
             for p in v["partitions"].as_array().cloned().unwrap_or_default() {
                 let k = p["partition"].as_u64().unwrap_or(0) as usize;
-                let start = if from == From::Latest { p["next"].as_u64() } else { p["first"].as_u64() };
+                let start = if from == From::Latest {
+                    p["next"].as_u64()
+                } else {
+                    p["first"].as_u64()
+                };
                 positions.push((k, start.unwrap_or(0)));
             }
         }
@@ -492,7 +609,11 @@ pub fn run_events(action: EventsCmd, data_dir: &Path) -> anyhow::Result<()> {
             let mut records = Vec::new();
             match &group {
                 Some(g) => {
-                    let url = format!("{ops}/events/groups/{}/records?max={budget}&from={}", path_id(g), from.as_str());
+                    let url = format!(
+                        "{ops}/events/groups/{}/records?max={budget}&from={}",
+                        path_id(g),
+                        from.as_str()
+                    );
                     let resp = client::request(Method::GET, &url, &[], None, None).await?;
                     check(&resp)?;
                     let v: Value = serde_json::from_slice(&resp.body)?;
@@ -516,7 +637,8 @@ pub fn run_events(action: EventsCmd, data_dir: &Path) -> anyhow::Result<()> {
                         if left == 0 {
                             break;
                         }
-                        let url = format!("{ops}/events/partitions/{k}/records?from={next}&max={left}");
+                        let url =
+                            format!("{ops}/events/partitions/{k}/records?from={next}&max={left}");
                         let resp = client::request(Method::GET, &url, &[], None, None).await?;
                         check(&resp)?;
                         let v: Value = serde_json::from_slice(&resp.body)?;

@@ -31,10 +31,24 @@ pub async fn request(
 ) -> anyhow::Result<Response> {
     let uri: hyper::Uri = url.parse().with_context(|| format!("bad URL {url}"))?;
     let host = uri.host().context("URL has no host")?.to_string();
-    let port = uri.port_u16().unwrap_or(if uri.scheme_str() == Some("https") { 443 } else { 80 });
-    let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await.with_context(|| format!("cannot reach {host}:{port}"))?;
-    let path = uri.path_and_query().map(|p| p.as_str().to_string()).unwrap_or_else(|| "/".into());
-    let mut req = Request::builder().method(method).uri(path).header("host", host.clone());
+    let port = uri
+        .port_u16()
+        .unwrap_or(if uri.scheme_str() == Some("https") {
+            443
+        } else {
+            80
+        });
+    let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
+        .await
+        .with_context(|| format!("cannot reach {host}:{port}"))?;
+    let path = uri
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "/".into());
+    let mut req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", host.clone());
     for (k, v) in headers {
         req = req.header(*k, v);
     }
@@ -42,7 +56,10 @@ pub async fn request(
     match tls {
         Some((cfg, server_name)) => {
             let name = ServerName::try_from(server_name).context("bad TLS server name")?;
-            let stream = tokio_rustls::TlsConnector::from(cfg).connect(name, tcp).await.context("TLS handshake with the hub failed")?;
+            let stream = tokio_rustls::TlsConnector::from(cfg)
+                .connect(name, tcp)
+                .await
+                .context("TLS handshake with the hub failed")?;
             send(TokioIo::new(stream), req).await
         }
         None => send(TokioIo::new(tcp), req).await,

@@ -94,5 +94,7 @@ impl Device {
 
 /// Checks a client-supplied key: base64 of 16 to 64 bytes (IoT Hub's rule).
 pub fn valid_key(k: &str) -> bool {
-    base64::engine::general_purpose::STANDARD.decode(k).is_ok_and(|b| (16..=64).contains(&b.len()))
+    base64::engine::general_purpose::STANDARD
+        .decode(k)
+        .is_ok_and(|b| (16..=64).contains(&b.len()))
 }

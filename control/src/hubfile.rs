@@ -19,7 +19,8 @@ pub fn merge(data_dir: &Path, patch: Value) -> anyhow::Result<()> {
     };
     merge_value(&mut current, patch);
     let tmp = data_dir.join(".hub.json.tmp");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(&current)?).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::write(&tmp, serde_json::to_vec_pretty(&current)?)
+        .with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, &p).with_context(|| format!("writing {}", p.display()))?;
     Ok(())
 }
@@ -47,13 +48,20 @@ pub struct HubInfo {
 
 pub fn read(data_dir: &Path) -> anyhow::Result<HubInfo> {
     let p = path(data_dir);
-    let bytes = std::fs::read(&p).with_context(|| format!("no hub at {} (is `roost up` running with this --data-dir?)", p.display()))?;
-    let v: Value = serde_json::from_slice(&bytes).with_context(|| format!("{} is not valid JSON", p.display()))?;
+    let bytes = std::fs::read(&p).with_context(|| {
+        format!(
+            "no hub at {} (is `roost up` running with this --data-dir?)",
+            p.display()
+        )
+    })?;
+    let v: Value = serde_json::from_slice(&bytes)
+        .with_context(|| format!("{} is not valid JSON", p.display()))?;
     let s = |k: &str| v.get(k).and_then(Value::as_str).map(str::to_string);
     Ok(HubInfo {
         hostname: s("hostname").context("hub.json lacks hostname")?,
         ca: s("ca").context("hub.json lacks ca")?.into(),
-        service_connection_string: s("service_connection_string").context("hub.json lacks service_connection_string")?,
+        service_connection_string: s("service_connection_string")
+            .context("hub.json lacks service_connection_string")?,
         service_url: s("service_url").context("hub.json lacks service_url")?,
         ops_url: s("ops_url"),
     })
@@ -68,6 +76,9 @@ mod tests {
     fn merge_keeps_the_other_process_keys() {
         let mut v = json!({"hostname": "h", "ports": {"service": 1}});
         merge_value(&mut v, json!({"ports": {"mqtt": 2}, "ops_url": "u"}));
-        assert_eq!(v, json!({"hostname": "h", "ports": {"service": 1, "mqtt": 2}, "ops_url": "u"}));
+        assert_eq!(
+            v,
+            json!({"hostname": "h", "ports": {"service": 1, "mqtt": 2}, "ops_url": "u"})
+        );
     }
 }

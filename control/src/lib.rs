@@ -46,13 +46,17 @@ pub struct ControlConfig {
 
 /// Runs the control plane until SIGINT or SIGTERM; `on_ready` once every port listens.
 pub fn run(config: ControlConfig, on_ready: impl FnOnce() + Send + 'static) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&config.data_dir).with_context(|| format!("creating {}", config.data_dir.display()))?;
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("creating {}", config.data_dir.display()))?;
     let data_dir = std::fs::canonicalize(&config.data_dir)?;
     let certs = certs::ensure(&data_dir, &config.hostname)?;
-    let store = store::Store::open(&data_dir.join("control")).context("opening the control store")?;
+    let store =
+        store::Store::open(&data_dir.join("control")).context("opening the control store")?;
     let metrics = Arc::new(metrics::ControlMetrics::new());
 
-    let owner = store.policy("iothubowner")?.context("the iothubowner policy is missing")?;
+    let owner = store
+        .policy("iothubowner")?
+        .context("the iothubowner policy is missing")?;
     hubfile::merge(
         &data_dir,
         json!({
@@ -68,7 +72,10 @@ pub fn run(config: ControlConfig, on_ready: impl FnOnce() + Send + 'static) -> a
         }),
     )?;
 
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
     runtime.block_on(async move {
         let service_tls = tokio_rustls::TlsAcceptor::from(roost_server::tls::device_server_config(&certs)?);
         let service = tokio::net::TcpListener::bind(config.service)

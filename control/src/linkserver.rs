@@ -138,15 +138,29 @@ impl LinkServer {
         if have == current {
             return Ok(have);
         }
-        let deltas = if have < current { self.store.changes_between(have, current).map_err(|e| e.to_string())? } else { None };
+        let deltas = if have < current {
+            self.store
+                .changes_between(have, current)
+                .map_err(|e| e.to_string())?
+        } else {
+            None
+        };
         let (frame, seq) = match deltas {
-            Some(changes) => (ControlFrame::Deltas { from_seq: have, changes }, current),
+            Some(changes) => (
+                ControlFrame::Deltas {
+                    from_seq: have,
+                    changes,
+                },
+                current,
+            ),
             None => {
                 let (seq, devices) = self.store.snapshot().map_err(|e| e.to_string())?;
                 (ControlFrame::Snapshot { seq, devices }, seq)
             }
         };
-        send.write_all(&frame.encode()).await.map_err(|e| e.to_string())?;
+        send.write_all(&frame.encode())
+            .await
+            .map_err(|e| e.to_string())?;
         Ok(seq)
     }
 
@@ -159,7 +173,11 @@ impl LinkServer {
         };
         self.metrics.link_frames_in.with_label_values(&[kind]).inc();
         let result = match frame {
-            EngineFrame::ConnectionState { device_id, connected: up, at_ms } => {
+            EngineFrame::ConnectionState {
+                device_id,
+                connected: up,
+                at_ms,
+            } => {
                 if up {
                     connected.insert(device_id.clone());
                 } else {
@@ -185,17 +203,22 @@ impl LinkServer {
 }
 
 fn iso_ms(ms: u64) -> String {
-    humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms)).to_string()
+    humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms))
+        .to_string()
 }
 
 async fn read_frame(recv: &mut quinn::RecvStream) -> Result<EngineFrame, String> {
     let mut prefix = [0u8; 4];
-    recv.read_exact(&mut prefix).await.map_err(|e| e.to_string())?;
+    recv.read_exact(&mut prefix)
+        .await
+        .map_err(|e| e.to_string())?;
     let len = roost_model::link::frame_len(prefix).map_err(|e| e.to_string())?;
     if len > 1024 * 1024 {
         return Err(format!("engine frame of {len} bytes is too large"));
     }
     let mut body = vec![0u8; len];
-    recv.read_exact(&mut body).await.map_err(|e| e.to_string())?;
+    recv.read_exact(&mut body)
+        .await
+        .map_err(|e| e.to_string())?;
     EngineFrame::decode(&body).map_err(|e| e.to_string())
 }

@@ -14,26 +14,55 @@ impl ControlMetrics {
     pub fn new() -> Self {
         let registry = Registry::new();
         let requests = IntCounterVec::new(
-            Opts::new("roost_control_http_requests_total", "Service API requests, by HTTP status."),
+            Opts::new(
+                "roost_control_http_requests_total",
+                "Service API requests, by HTTP status.",
+            ),
             &["status"],
         )
         .expect("static metric");
         let link_frames_in = IntCounterVec::new(
-            Opts::new("roost_control_link_frames_in_total", "Frames received from engines, by kind."),
+            Opts::new(
+                "roost_control_link_frames_in_total",
+                "Frames received from engines, by kind.",
+            ),
             &["kind"],
         )
         .expect("static metric");
-        let registry_sequence = IntGauge::new("roost_control_registry_sequence", "Sequence of the last registry change.").expect("static metric");
-        let links_current = IntGauge::new("roost_control_links_current", "Engines connected over the control link.").expect("static metric");
-        for m in [Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>, Box::new(link_frames_in.clone()), Box::new(registry_sequence.clone()), Box::new(links_current.clone())] {
-            registry.register(m).expect("each metric is registered once");
+        let registry_sequence = IntGauge::new(
+            "roost_control_registry_sequence",
+            "Sequence of the last registry change.",
+        )
+        .expect("static metric");
+        let links_current = IntGauge::new(
+            "roost_control_links_current",
+            "Engines connected over the control link.",
+        )
+        .expect("static metric");
+        for m in [
+            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(link_frames_in.clone()),
+            Box::new(registry_sequence.clone()),
+            Box::new(links_current.clone()),
+        ] {
+            registry
+                .register(m)
+                .expect("each metric is registered once");
         }
-        Self { registry, requests, registry_sequence, links_current, link_frames_in }
+        Self {
+            registry,
+            requests,
+            registry_sequence,
+            links_current,
+            link_frames_in,
+        }
     }
 
     pub fn encode(&self) -> String {
         let mut out = String::new();
-        if let Err(e) = prometheus::TextEncoder::new().encode_utf8(&self.registry.gather(), &mut out) {
+        if let Err(e) =
+            prometheus::TextEncoder::new().encode_utf8(&self.registry.gather(), &mut out)
+        {
             tracing::warn!(error = %e, "metrics encoding failed");
         }
         out

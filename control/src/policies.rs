@@ -36,7 +36,10 @@ pub fn defaults() -> Vec<Policy> {
         rights,
     };
     vec![
-        make("iothubowner", vec![RegistryRead, RegistryWrite, ServiceConnect, DeviceConnect]),
+        make(
+            "iothubowner",
+            vec![RegistryRead, RegistryWrite, ServiceConnect, DeviceConnect],
+        ),
         make("service", vec![ServiceConnect]),
         make("device", vec![DeviceConnect]),
         make("registryRead", vec![RegistryRead]),

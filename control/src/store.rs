@@ -7,7 +7,9 @@
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use rocksdb::{ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteBatch, WriteOptions, DB};
+use rocksdb::{
+    ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteBatch, WriteOptions, DB,
+};
 use roost_model::link::{DeviceAuth, RegistryChange};
 use tokio::sync::broadcast;
 
@@ -42,19 +44,27 @@ impl Store {
         let mut opts = Options::default();
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
-        let cfs = [CF_DEVICES, CF_CHANGES, CF_META].map(|n| ColumnFamilyDescriptor::new(n, Options::default()));
+        let cfs = [CF_DEVICES, CF_CHANGES, CF_META]
+            .map(|n| ColumnFamilyDescriptor::new(n, Options::default()));
         let db = DB::open_cf_descriptors(&opts, path, cfs)?;
         let (changes, _) = broadcast::channel(4096);
-        let store = Arc::new(Self { db, write_lock: Mutex::new(()), changes });
+        let store = Arc::new(Self {
+            db,
+            write_lock: Mutex::new(()),
+            changes,
+        });
         if store.meta(POLICIES_KEY)?.is_none() {
-            let json = serde_json::to_vec(&policies::defaults()).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            let json = serde_json::to_vec(&policies::defaults())
+                .map_err(|e| StoreError::Corrupt(e.to_string()))?;
             store.put_meta(POLICIES_KEY, &json)?;
         }
         Ok(store)
     }
 
     fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
-        self.db.cf_handle(name).expect("column families are created at open")
+        self.db
+            .cf_handle(name)
+            .expect("column families are created at open")
     }
 
     fn meta(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
@@ -69,7 +79,11 @@ impl Store {
 
     fn u64_meta(&self, key: &[u8]) -> Result<u64, StoreError> {
         match self.meta(key)? {
-            Some(v) => Ok(u64::from_le_bytes(v.as_slice().try_into().map_err(|_| StoreError::Corrupt("counter".into()))?)),
+            Some(v) => Ok(u64::from_le_bytes(
+                v.as_slice()
+                    .try_into()
+                    .map_err(|_| StoreError::Corrupt("counter".into()))?,
+            )),
             None => Ok(0),
         }
     }
@@ -90,14 +104,20 @@ impl Store {
 
     pub fn device(&self, id: &str) -> Result<Option<Device>, StoreError> {
         match self.db.get_cf(self.cf(CF_DEVICES), id.as_bytes())? {
-            Some(v) => Ok(Some(serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt(e.to_string()))?)),
+            Some(v) => Ok(Some(
+                serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+            )),
             None => Ok(None),
         }
     }
 
     pub fn devices(&self, limit: usize) -> Result<Vec<Device>, StoreError> {
         let mut out = Vec::new();
-        for item in self.db.iterator_cf(self.cf(CF_DEVICES), IteratorMode::Start).take(limit) {
+        for item in self
+            .db
+            .iterator_cf(self.cf(CF_DEVICES), IteratorMode::Start)
+            .take(limit)
+        {
             let (_, v) = item?;
             out.push(serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt(e.to_string()))?);
         }
@@ -133,7 +153,11 @@ impl Store {
 
     /// A group of device writes committed as one synced batch (bulk operations).
     pub fn writes(&self) -> Writes<'_> {
-        Writes { store: self, batch: WriteBatch::default(), changes: Vec::new() }
+        Writes {
+            store: self,
+            batch: WriteBatch::default(),
+            changes: Vec::new(),
+        }
     }
 
     /// New registry changes as they are committed.
@@ -142,13 +166,24 @@ impl Store {
     }
 
     /// Changes after `from_seq` up to and including `to_seq`, or None if the log lacks some.
-    pub fn changes_between(&self, from_seq: u64, to_seq: u64) -> Result<Option<Vec<RegistryChange>>, StoreError> {
+    pub fn changes_between(
+        &self,
+        from_seq: u64,
+        to_seq: u64,
+    ) -> Result<Option<Vec<RegistryChange>>, StoreError> {
         let start = (from_seq + 1).to_be_bytes();
         let mut out = Vec::new();
         let mut expect = from_seq + 1;
-        for item in self.db.iterator_cf(self.cf(CF_CHANGES), IteratorMode::From(&start, Direction::Forward)) {
+        for item in self.db.iterator_cf(
+            self.cf(CF_CHANGES),
+            IteratorMode::From(&start, Direction::Forward),
+        ) {
             let (k, v) = item?;
-            let seq = u64::from_be_bytes(k.as_ref().try_into().map_err(|_| StoreError::Corrupt("change key".into()))?);
+            let seq = u64::from_be_bytes(
+                k.as_ref()
+                    .try_into()
+                    .map_err(|_| StoreError::Corrupt("change key".into()))?,
+            );
             if seq > to_seq {
                 break;
             }
@@ -177,7 +212,9 @@ impl Store {
     /// Updates connection state or activity without changing the etag or the registry log.
     pub fn touch(&self, id: &str, f: impl FnOnce(&mut Device)) -> Result<(), StoreError> {
         let _guard = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(mut d) = self.device(id)? else { return Ok(()) };
+        let Some(mut d) = self.device(id)? else {
+            return Ok(());
+        };
         f(&mut d);
         let json = serde_json::to_vec(&d).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         Ok(self.db.put_cf(self.cf(CF_DEVICES), id.as_bytes(), json)?)
@@ -194,7 +231,8 @@ pub struct Writes<'a> {
 impl Writes<'_> {
     pub fn put(&mut self, device: &Device, change: bool) -> Result<(), StoreError> {
         let json = serde_json::to_vec(device).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        self.batch.put_cf(self.store.cf(CF_DEVICES), device.device_id.as_bytes(), json);
+        self.batch
+            .put_cf(self.store.cf(CF_DEVICES), device.device_id.as_bytes(), json);
         if change {
             self.changes.push(RegistryChange::Upsert(device.auth()));
         }
@@ -202,8 +240,11 @@ impl Writes<'_> {
     }
 
     pub fn delete(&mut self, id: &str) {
-        self.batch.delete_cf(self.store.cf(CF_DEVICES), id.as_bytes());
-        self.changes.push(RegistryChange::Delete { device_id: id.to_string() });
+        self.batch
+            .delete_cf(self.store.cf(CF_DEVICES), id.as_bytes());
+        self.changes.push(RegistryChange::Delete {
+            device_id: id.to_string(),
+        });
     }
 
     /// Writes everything (synced) and then announces the changes to engine links.
@@ -212,12 +253,15 @@ impl Writes<'_> {
         let first = store.registry_seq()? + 1;
         for (i, change) in self.changes.iter().enumerate() {
             let seq = first + i as u64;
-            let bytes = rkyv::to_bytes::<rkyv::rancor::Error>(change).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-            self.batch.put_cf(store.cf(CF_CHANGES), seq.to_be_bytes(), bytes.as_slice());
+            let bytes = rkyv::to_bytes::<rkyv::rancor::Error>(change)
+                .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            self.batch
+                .put_cf(store.cf(CF_CHANGES), seq.to_be_bytes(), bytes.as_slice());
         }
         if !self.changes.is_empty() {
             let last = first + self.changes.len() as u64 - 1;
-            self.batch.put_cf(store.cf(CF_META), SEQ_KEY, last.to_le_bytes());
+            self.batch
+                .put_cf(store.cf(CF_META), SEQ_KEY, last.to_le_bytes());
         }
         let mut opts = WriteOptions::default();
         opts.set_sync(true);

@@ -31,7 +31,9 @@ fn frame_decode(c: &mut Criterion) {
     g.throughput(Throughput::Elements(1));
     g.bench_function("check+parse publish 100B", |b| {
         b.iter(|| {
-            let len = roost_mqtt::check(black_box(&frame), &limits).expect("valid").expect("complete");
+            let len = roost_mqtt::check(black_box(&frame), &limits)
+                .expect("valid")
+                .expect("complete");
             black_box(roost_mqtt::parse(frame.slice(..len)).expect("parses"))
         })
     });
@@ -39,13 +41,23 @@ fn frame_decode(c: &mut Criterion) {
 }
 
 fn bag_decode(c: &mut Criterion) {
-    let bag = TOPIC.split_once("messages/events/").expect("telemetry topic").1;
-    c.bench_function("props/decode_bag 5 props", |b| b.iter(|| black_box(props::decode_bag(black_box(bag)).expect("valid"))));
+    let bag = TOPIC
+        .split_once("messages/events/")
+        .expect("telemetry topic")
+        .1;
+    c.bench_function("props/decode_bag 5 props", |b| {
+        b.iter(|| black_box(props::decode_bag(black_box(bag)).expect("valid")))
+    });
 }
 
 fn sas_verify(c: &mut Criterion) {
     let key = [7u8; 32];
-    let token = sas::sign(&sas::encode_resource("localhost/devices/dev-0001"), &key, 4_000_000_000, None);
+    let token = sas::sign(
+        &sas::encode_resource("localhost/devices/dev-0001"),
+        &key,
+        4_000_000_000,
+        None,
+    );
     c.bench_function("sas/parse+verify", |b| {
         b.iter(|| {
             let t = sas::SasToken::parse(black_box(&token)).expect("parses");
@@ -67,7 +79,10 @@ fn message() -> Message {
             auth_method: r#"{"scope":"device","type":"sas","issuer":"iothub"}"#.into(),
             ..Default::default()
         },
-        app: vec![("alert".into(), "high temp".into()), ("n".into(), "1".into())],
+        app: vec![
+            ("alert".into(), "high temp".into()),
+            ("n".into(), "1".into()),
+        ],
         body: vec![b'x'; 100],
     }
 }
@@ -77,7 +92,9 @@ fn archive(c: &mut Criterion) {
     let mut buf = Some(rkyv::util::AlignedVec::new());
     c.bench_function("rkyv/archive message 100B into reused buffer", |b| {
         b.iter(|| {
-            let out = msg.archive_into(buf.take().expect("buffer")).expect("archives");
+            let out = msg
+                .archive_into(buf.take().expect("buffer"))
+                .expect("archives");
             black_box(out.len());
             buf = Some(out);
         })
@@ -90,7 +107,9 @@ fn log_append(c: &mut Criterion) {
     let mut opts = rocksdb::Options::default();
     opts.create_if_missing(true);
     let db = rocksdb::DB::open(&opts, &dir).expect("open db");
-    let record = message().archive_into(rkyv::util::AlignedVec::new()).expect("archives");
+    let record = message()
+        .archive_into(rkyv::util::AlignedVec::new())
+        .expect("archives");
     let mut offset = 0u64;
     let mut g = c.benchmark_group("log");
     // What the first slice did (one put per record) against what the log does now (a group
@@ -138,5 +157,12 @@ fn log_append(c: &mut Criterion) {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-criterion_group!(benches, frame_decode, bag_decode, sas_verify, archive, log_append);
+criterion_group!(
+    benches,
+    frame_decode,
+    bag_decode,
+    sas_verify,
+    archive,
+    log_append
+);
 criterion_main!(benches);

@@ -32,7 +32,10 @@ pub enum ControlFrame {
     /// The whole registry as of `seq`; replaces the replica.
     Snapshot { seq: u64, devices: Vec<DeviceAuth> },
     /// Changes `from_seq + 1 ..= from_seq + changes.len()`.
-    Deltas { from_seq: u64, changes: Vec<RegistryChange> },
+    Deltas {
+        from_seq: u64,
+        changes: Vec<RegistryChange>,
+    },
 }
 
 /// Engine → control.
@@ -42,7 +45,11 @@ pub enum EngineFrame {
     /// First frame on a link: who the engine is and how far its replica goes.
     Hello { node: String, registry_seq: u64 },
     /// A device connected or disconnected; `at_ms` is Unix milliseconds.
-    ConnectionState { device_id: String, connected: bool, at_ms: u64 },
+    ConnectionState {
+        device_id: String,
+        connected: bool,
+        at_ms: u64,
+    },
     /// The last time a device was heard from (sent at most once per device per second).
     Activity { device_id: String, at_ms: u64 },
     /// Sent every few seconds so control can tell a live link from a dead one.
@@ -66,7 +73,8 @@ macro_rules! frame_codec {
         impl $ty {
             /// Length-prefixed archive of the frame.
             pub fn encode(&self) -> Vec<u8> {
-                let body = rkyv::to_bytes::<rkyv::rancor::Error>(self).expect("archiving owned link frames cannot fail");
+                let body = rkyv::to_bytes::<rkyv::rancor::Error>(self)
+                    .expect("archiving owned link frames cannot fail");
                 let mut out = Vec::with_capacity(4 + body.len());
                 out.extend_from_slice(&(body.len() as u32).to_le_bytes());
                 out.extend_from_slice(&body);
@@ -77,7 +85,8 @@ macro_rules! frame_codec {
             pub fn decode(body: &[u8]) -> Result<Self, FrameError> {
                 let mut aligned = rkyv::util::AlignedVec::<16>::with_capacity(body.len());
                 aligned.extend_from_slice(body);
-                rkyv::from_bytes::<$ty, rkyv::rancor::Error>(&aligned).map_err(|e| FrameError::Invalid(e.to_string()))
+                rkyv::from_bytes::<$ty, rkyv::rancor::Error>(&aligned)
+                    .map_err(|e| FrameError::Invalid(e.to_string()))
             }
         }
     };
@@ -111,14 +120,19 @@ mod tests {
                     secondary_key: vec![2; 32],
                     generation_id: "g".into(),
                 }),
-                RegistryChange::Delete { device_id: "d2".into() },
+                RegistryChange::Delete {
+                    device_id: "d2".into(),
+                },
             ],
         };
         let bytes = f.encode();
         let len = frame_len(bytes[..4].try_into().expect("4 bytes")).expect("len");
         assert_eq!(len, bytes.len() - 4);
         assert_eq!(ControlFrame::decode(&bytes[4..]).expect("decode"), f);
-        let e = EngineFrame::Hello { node: "n".into(), registry_seq: 3 };
+        let e = EngineFrame::Hello {
+            node: "n".into(),
+            registry_seq: 3,
+        };
         assert_eq!(EngineFrame::decode(&e.encode()[4..]).expect("decode"), e);
     }
 

@@ -76,7 +76,10 @@ pub struct Message {
 
 impl Message {
     /// Archives the message into `out` (cleared first), ready to be appended to the log.
-    pub fn archive_into(&self, out: rkyv::util::AlignedVec) -> Result<rkyv::util::AlignedVec, rkyv::rancor::Error> {
+    pub fn archive_into(
+        &self,
+        out: rkyv::util::AlignedVec,
+    ) -> Result<rkyv::util::AlignedVec, rkyv::rancor::Error> {
         let mut out = out;
         out.clear();
         rkyv::api::high::to_bytes_in::<_, rkyv::rancor::Error>(self, out)
@@ -112,20 +115,25 @@ mod tests {
     #[test]
     fn archive_then_view_keeps_every_field() {
         let msg = sample();
-        let bytes = msg.archive_into(rkyv::util::AlignedVec::new()).expect("archive");
+        let bytes = msg
+            .archive_into(rkyv::util::AlignedVec::new())
+            .expect("archive");
         let view = Message::view(&bytes).expect("view");
         assert_eq!(view.system.message_id.as_deref(), Some("mid-1"));
         assert_eq!(view.system.connection_device_id.as_str(), "dev-1");
         assert_eq!(view.app[0].1.as_str(), "high temp");
         assert_eq!(view.body.as_slice(), msg.body.as_slice());
         assert_eq!(view.enqueued_ms.to_native(), 1_700_000_000_123);
-        let back: Message = rkyv::deserialize::<Message, rkyv::rancor::Error>(view).expect("deserialize");
+        let back: Message =
+            rkyv::deserialize::<Message, rkyv::rancor::Error>(view).expect("deserialize");
         assert_eq!(back, msg);
     }
 
     #[test]
     fn a_truncated_record_is_an_error_not_a_panic() {
-        let bytes = sample().archive_into(rkyv::util::AlignedVec::new()).expect("archive");
+        let bytes = sample()
+            .archive_into(rkyv::util::AlignedVec::new())
+            .expect("archive");
         for cut in 0..bytes.len() {
             let mut v = rkyv::util::AlignedVec::<16>::new();
             v.extend_from_slice(&bytes[..cut]);

@@ -15,7 +15,10 @@ pub struct Projection {
 
 impl Projection {
     pub fn new(seq: u64, devices: impl IntoIterator<Item = DeviceAuth>) -> Self {
-        let devices = devices.into_iter().map(|d| (d.device_id.clone(), Arc::new(d))).collect();
+        let devices = devices
+            .into_iter()
+            .map(|d| (d.device_id.clone(), Arc::new(d)))
+            .collect();
         Self { seq, devices }
     }
 
@@ -47,7 +50,8 @@ impl Projection {
         for change in changes {
             match change {
                 RegistryChange::Upsert(d) => {
-                    next.devices.insert(d.device_id.clone(), Arc::new(d.clone()));
+                    next.devices
+                        .insert(d.device_id.clone(), Arc::new(d.clone()));
                 }
                 RegistryChange::Delete { device_id } => {
                     next.devices.remove(device_id);
@@ -68,7 +72,9 @@ pub struct Registry {
 
 impl Registry {
     pub fn new(initial: Projection) -> Self {
-        Self { current: ArcSwap::from_pointee(initial) }
+        Self {
+            current: ArcSwap::from_pointee(initial),
+        }
     }
 
     /// The projection in force now.
@@ -101,14 +107,19 @@ mod tests {
         let before = reg.load();
         let next = before.with_changes(&[
             RegistryChange::Upsert(dev("a", false)),
-            RegistryChange::Delete { device_id: "b".into() },
+            RegistryChange::Delete {
+                device_id: "b".into(),
+            },
         ]);
         reg.replace(next);
         let after = reg.load();
         assert_eq!(after.seq(), 7);
         assert!(!after.device("a").expect("a").enabled);
         assert!(after.device("b").is_none());
-        assert!(before.device("a").expect("a").enabled, "readers holding the old view keep it");
+        assert!(
+            before.device("a").expect("a").enabled,
+            "readers holding the old view keep it"
+        );
         assert!(before.device("b").is_some());
     }
 }

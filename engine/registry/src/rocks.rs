@@ -25,19 +25,28 @@ impl RocksReplica {
     }
 
     fn cf(&self, name: &str) -> Result<&rocksdb::ColumnFamily, StoreError> {
-        self.db.cf_handle(name).ok_or_else(|| StoreError::Db(format!("missing column family {name}")))
+        self.db
+            .cf_handle(name)
+            .ok_or_else(|| StoreError::Db(format!("missing column family {name}")))
     }
 
     fn put_device(&self, batch: &mut WriteBatch, d: &DeviceAuth) -> Result<(), StoreError> {
-        let bytes = rkyv::to_bytes::<rkyv::rancor::Error>(d).map_err(|e| StoreError::Db(e.to_string()))?;
-        batch.put_cf(self.cf(CF_REGISTRY)?, d.device_id.as_bytes(), bytes.as_slice());
+        let bytes =
+            rkyv::to_bytes::<rkyv::rancor::Error>(d).map_err(|e| StoreError::Db(e.to_string()))?;
+        batch.put_cf(
+            self.cf(CF_REGISTRY)?,
+            d.device_id.as_bytes(),
+            bytes.as_slice(),
+        );
         Ok(())
     }
 
     fn write(&self, batch: WriteBatch) -> Result<(), StoreError> {
         let mut opts = rocksdb::WriteOptions::default();
         opts.set_sync(true);
-        self.db.write_opt(batch, &opts).map_err(|e| StoreError::Db(e.to_string()))
+        self.db
+            .write_opt(batch, &opts)
+            .map_err(|e| StoreError::Db(e.to_string()))
     }
 }
 
@@ -48,11 +57,18 @@ fn db_err(e: rocksdb::Error) -> StoreError {
 impl ReplicaStore for RocksReplica {
     fn load(&self) -> Result<(u64, Vec<DeviceAuth>), StoreError> {
         let seq = match self.db.get_cf(self.cf(CF_META)?, SEQ_KEY).map_err(db_err)? {
-            Some(v) => u64::from_le_bytes(v.as_slice().try_into().map_err(|_| StoreError::Corrupt("registry_seq".into()))?),
+            Some(v) => u64::from_le_bytes(
+                v.as_slice()
+                    .try_into()
+                    .map_err(|_| StoreError::Corrupt("registry_seq".into()))?,
+            ),
             None => 0,
         };
         let mut devices = Vec::new();
-        for item in self.db.iterator_cf(self.cf(CF_REGISTRY)?, rocksdb::IteratorMode::Start) {
+        for item in self
+            .db
+            .iterator_cf(self.cf(CF_REGISTRY)?, rocksdb::IteratorMode::Start)
+        {
             let (key, value) = item.map_err(db_err)?;
             let mut aligned = rkyv::util::AlignedVec::<16>::with_capacity(value.len());
             aligned.extend_from_slice(&value);
@@ -83,7 +99,9 @@ impl ReplicaStore for RocksReplica {
         for change in changes {
             match change {
                 RegistryChange::Upsert(d) => self.put_device(&mut batch, d)?,
-                RegistryChange::Delete { device_id } => batch.delete_cf(self.cf(CF_REGISTRY)?, device_id.as_bytes()),
+                RegistryChange::Delete { device_id } => {
+                    batch.delete_cf(self.cf(CF_REGISTRY)?, device_id.as_bytes())
+                }
             }
         }
         let seq = from_seq + changes.len() as u64;

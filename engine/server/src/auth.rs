@@ -63,7 +63,12 @@ impl Refusal {
 ///
 /// The signature is checked before the device's status, so a disabled device is only reported
 /// as disabled to a client that holds its key.
-pub fn authenticate(c: &Connect, registry: &Projection, hostname: &str, now_unix: u64) -> Result<Identity, Refusal> {
+pub fn authenticate(
+    c: &Connect,
+    registry: &Projection,
+    hostname: &str,
+    now_unix: u64,
+) -> Result<Identity, Refusal> {
     let username = c.username.as_ref().ok_or(Refusal::BadUsername)?;
     let user = Username::parse(username.as_str()).map_err(|_| Refusal::BadUsername)?;
     let device = user.device.as_str();
@@ -151,7 +156,11 @@ mod tests {
     #[test]
     fn primary_and_secondary_keys_authenticate() {
         for key in [[7u8; 32], [9u8; 32]] {
-            let c = connect("dev-1", Some(PY_USER), Some(token("localhost/devices/dev-1", &key, NOW + 3600)));
+            let c = connect(
+                "dev-1",
+                Some(PY_USER),
+                Some(token("localhost/devices/dev-1", &key, NOW + 3600)),
+            );
             let id = authenticate(&c, &registry(true), "localhost", NOW).expect("accepted");
             assert_eq!(id.device_id, "dev-1");
             assert_eq!(id.generation_id, "638000000000000001");
@@ -162,26 +171,85 @@ mod tests {
     fn refusals_carry_their_reason() {
         let good = token("localhost/devices/dev-1", &[7; 32], NOW + 3600);
         let cases = [
-            (connect("dev-1", Some(PY_USER), Some(token("localhost/devices/dev-1", &[1; 32], NOW + 3600))), true, "signature_mismatch"),
-            (connect("dev-1", Some(PY_USER), Some(token("localhost/devices/dev-1", &[7; 32], NOW - 3600))), true, "token_expired"),
-            (connect("dev-1", Some(PY_USER), Some(good.clone())), false, "device_disabled"),
-            (connect("dev-2", Some("localhost/dev-2/?api-version=2019-10-01"), Some(token("localhost/devices/dev-2", &[7; 32], NOW + 3600))), true, "unknown_device"),
-            (connect("other", Some(PY_USER), Some(good.clone())), true, "client_id_mismatch"),
-            (connect("dev-1", None, Some(good.clone())), true, "bad_username"),
+            (
+                connect(
+                    "dev-1",
+                    Some(PY_USER),
+                    Some(token("localhost/devices/dev-1", &[1; 32], NOW + 3600)),
+                ),
+                true,
+                "signature_mismatch",
+            ),
+            (
+                connect(
+                    "dev-1",
+                    Some(PY_USER),
+                    Some(token("localhost/devices/dev-1", &[7; 32], NOW - 3600)),
+                ),
+                true,
+                "token_expired",
+            ),
+            (
+                connect("dev-1", Some(PY_USER), Some(good.clone())),
+                false,
+                "device_disabled",
+            ),
+            (
+                connect(
+                    "dev-2",
+                    Some("localhost/dev-2/?api-version=2019-10-01"),
+                    Some(token("localhost/devices/dev-2", &[7; 32], NOW + 3600)),
+                ),
+                true,
+                "unknown_device",
+            ),
+            (
+                connect("other", Some(PY_USER), Some(good.clone())),
+                true,
+                "client_id_mismatch",
+            ),
+            (
+                connect("dev-1", None, Some(good.clone())),
+                true,
+                "bad_username",
+            ),
             (connect("dev-1", Some(PY_USER), None), true, "no_password"),
-            (connect("dev-1", Some(PY_USER), Some("garbage".into())), true, "bad_token"),
-            (connect("dev-1", Some(PY_USER), Some(token("otherhub/devices/dev-1", &[7; 32], NOW + 3600))), true, "wrong_audience"),
+            (
+                connect("dev-1", Some(PY_USER), Some("garbage".into())),
+                true,
+                "bad_token",
+            ),
+            (
+                connect(
+                    "dev-1",
+                    Some(PY_USER),
+                    Some(token("otherhub/devices/dev-1", &[7; 32], NOW + 3600)),
+                ),
+                true,
+                "wrong_audience",
+            ),
         ];
         for (c, enabled, reason) in cases {
             let err = authenticate(&c, &registry(enabled), "localhost", NOW).expect_err(reason);
             assert_eq!(err.reason(), reason);
-            assert_eq!(err.connack_code(), ConnectReturnCode::NotAuthorized, "{reason}");
+            assert_eq!(
+                err.connack_code(),
+                ConnectReturnCode::NotAuthorized,
+                "{reason}"
+            );
         }
     }
 
     #[test]
     fn a_disabled_device_with_a_wrong_key_is_reported_as_a_bad_signature() {
-        let c = connect("dev-1", Some(PY_USER), Some(token("localhost/devices/dev-1", &[1; 32], NOW + 3600)));
-        assert_eq!(authenticate(&c, &registry(false), "localhost", NOW).expect_err("refused"), Refusal::SignatureMismatch);
+        let c = connect(
+            "dev-1",
+            Some(PY_USER),
+            Some(token("localhost/devices/dev-1", &[1; 32], NOW + 3600)),
+        );
+        assert_eq!(
+            authenticate(&c, &registry(false), "localhost", NOW).expect_err("refused"),
+            Refusal::SignatureMismatch
+        );
     }
 }

@@ -101,7 +101,8 @@ impl Conn {
     async fn run<S: AsyncRead + AsyncWrite + Unpin>(&mut self, io: &mut S) -> Reason {
         loop {
             if self.session.poll_transmit(&mut self.wbuf) {
-                let write = async { io.write_all(&self.wbuf).await.is_ok() && io.flush().await.is_ok() };
+                let write =
+                    async { io.write_all(&self.wbuf).await.is_ok() && io.flush().await.is_ok() };
                 let stalled = async {
                     glommio::timer::Timer::new(WRITE_TIMEOUT).await;
                     false
@@ -154,7 +155,11 @@ impl Conn {
             }
 
             let step = match woken {
-                Woken::Read(Ok(0)) => Err(if self.identity.is_some() { "connection_lost" } else { "closed_before_connect" }),
+                Woken::Read(Ok(0)) => Err(if self.identity.is_some() {
+                    "connection_lost"
+                } else {
+                    "closed_before_connect"
+                }),
                 Woken::Read(Ok(_)) => self.on_bytes(),
                 Woken::Read(Err(_)) => Err("io_error"),
                 Woken::Durable(Ok(())) => {
@@ -163,9 +168,10 @@ impl Conn {
                 }
                 Woken::Durable(Err(_)) => Err("log_write_failed"),
                 Woken::Signal(Wake::Close(reason)) => Err(reason),
-                Woken::Signal(Wake::CheckTimeout) => {
-                    self.session.handle_timeout(Instant::now()).map_err(|v| v.error_code())
-                }
+                Woken::Signal(Wake::CheckTimeout) => self
+                    .session
+                    .handle_timeout(Instant::now())
+                    .map_err(|v| v.error_code()),
             };
             if let Err(reason) = step {
                 return reason;
@@ -189,9 +195,14 @@ impl Conn {
     }
 
     fn on_bytes(&mut self) -> Result<(), Reason> {
-        let limits = Limits { max_frame: MAX_FRAME };
+        let limits = Limits {
+            max_frame: MAX_FRAME,
+        };
         // One clock read per read batch, not per message: every message in it arrived together.
-        let now = Clock { mono: Instant::now(), wall: unix_now() };
+        let now = Clock {
+            mono: Instant::now(),
+            wall: unix_now(),
+        };
         loop {
             let len = match roost_mqtt::check(&self.rbuf, &limits) {
                 Ok(Some(len)) => len,
@@ -217,13 +228,19 @@ impl Conn {
                 return Ok(());
             }
         }
-        self.session.handle_packet(now.mono, packet).map_err(|v| v.error_code())?;
+        self.session
+            .handle_packet(now.mono, packet)
+            .map_err(|v| v.error_code())?;
         while let Some(event) = self.session.poll_event() {
             match event {
                 Event::Connect(c) => self.on_connect(&c),
                 Event::Publish(p) => self.on_publish(p, now)?,
                 Event::Subscribe(s) => {
-                    let codes: Vec<SubackCode> = s.filters.iter().map(|(f, q)| grant(f.as_str(), *q)).collect();
+                    let codes: Vec<SubackCode> = s
+                        .filters
+                        .iter()
+                        .map(|(f, q)| grant(f.as_str(), *q))
+                        .collect();
                     self.session.grant_subscribe(s.pkid, &codes);
                 }
                 Event::Unsubscribe(u) => self.session.ack_unsubscribe(u.pkid),
@@ -242,7 +259,12 @@ impl Conn {
 
     fn on_connect(&mut self, c: &roost_mqtt::Connect) {
         let registry = self.shard.shared.registry.load();
-        match auth::authenticate(c, &registry, &self.shard.shared.hostname, unix_now().as_secs()) {
+        match auth::authenticate(
+            c,
+            &registry,
+            &self.shard.shared.hostname,
+            unix_now().as_secs(),
+        ) {
             Err(refusal) => {
                 tracing::debug!(reason = refusal.reason(), client_id = %c.client_id.as_str(), "CONNECT refused");
                 self.refuse(refusal);
@@ -265,9 +287,16 @@ impl Conn {
 
     // hot path: parse the property bag, archive into the shard's scratch buffer, one append.
     fn on_publish(&mut self, p: Publish, clock: Clock) -> Result<(), Reason> {
-        let Some(identity) = &self.identity else { return Err("publish_before_connect") };
+        let Some(identity) = &self.identity else {
+            return Err("publish_before_connect");
+        };
         let topic = parse_publish_topic(p.topic.as_str()).map_err(|_| "not_iothub_topic")?;
-        let DeviceTopic::Telemetry { device, module, bag } = topic else {
+        let DeviceTopic::Telemetry {
+            device,
+            module,
+            bag,
+        } = topic
+        else {
             return Err("unsupported_topic");
         };
         if device != identity.device_id || module != identity.module_id.as_deref() {
@@ -278,7 +307,8 @@ impl Conn {
         }
         let bag = roost_iothub::props::decode_bag(bag).map_err(|e| e.error_code())?;
         let now = clock.wall;
-        let message = telemetry::record(identity, bag, p.retain, &p.payload, now.as_millis() as u64);
+        let message =
+            telemetry::record(identity, bag, p.retain, &p.payload, now.as_millis() as u64);
         let batch = {
             let mut scratch = self.shard.scratch.borrow_mut();
             let buf = std::mem::take(&mut *scratch);
@@ -306,12 +336,17 @@ impl Conn {
 
     fn finish(self, reason: Reason) {
         let shard = &self.shard;
-        shard.unregister(self.gid, self.identity.as_ref().map(|i| i.device_id.as_str()));
+        shard.unregister(
+            self.gid,
+            self.identity.as_ref().map(|i| i.device_id.as_str()),
+        );
         if self.refused {
             return;
         }
         shard.metrics.disconnects.inc(reason);
-        let Some(identity) = self.identity else { return };
+        let Some(identity) = self.identity else {
+            return;
+        };
         shard.metrics.connections_current.dec();
         tracing::debug!(device = %identity.device_id, reason, "device disconnected");
         // A replaced connection's successor already reported Connected; do not undo it.
@@ -327,12 +362,21 @@ impl Conn {
 
 /// SUBACK code for a filter: the documented IoT Hub filters at QoS ≤ 1, anything else refused.
 fn grant(filter: &str, qos: QoS) -> SubackCode {
-    const ALLOWED_PREFIXES: [&str; 3] = ["$iothub/twin/res/#", "$iothub/methods/POST/#", "$iothub/twin/PATCH/properties/desired/#"];
-    let device_bound = filter.starts_with("devices/") && (filter.ends_with("/messages/devicebound/#") || filter.contains("/inputs/"));
+    const ALLOWED_PREFIXES: [&str; 3] = [
+        "$iothub/twin/res/#",
+        "$iothub/methods/POST/#",
+        "$iothub/twin/PATCH/properties/desired/#",
+    ];
+    let device_bound = filter.starts_with("devices/")
+        && (filter.ends_with("/messages/devicebound/#") || filter.contains("/inputs/"));
     if !(ALLOWED_PREFIXES.contains(&filter) || device_bound) {
         return SubackCode::Failure;
     }
-    SubackCode::Granted(if qos == QoS::AtMostOnce { QoS::AtMostOnce } else { QoS::AtLeastOnce })
+    SubackCode::Granted(if qos == QoS::AtMostOnce {
+        QoS::AtMostOnce
+    } else {
+        QoS::AtLeastOnce
+    })
 }
 
 /// The time a batch of input was read, monotonic and wall.
@@ -343,5 +387,7 @@ struct Clock {
 }
 
 fn unix_now() -> Duration {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default()
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
 }

@@ -69,7 +69,8 @@ pub struct EngineConfig {
 pub fn run(config: EngineConfig, on_ready: impl FnOnce() + Send + 'static) -> anyhow::Result<()> {
     let certs = CertPaths::new(&config.data_dir);
     let db_path = config.data_dir.join("engine");
-    let db = log::open_db(&db_path, config.cores).map_err(|e| anyhow::anyhow!("opening {}: {e}", db_path.display()))?;
+    let db = log::open_db(&db_path, config.cores)
+        .map_err(|e| anyhow::anyhow!("opening {}: {e}", db_path.display()))?;
     let metrics = Arc::new(Metrics::new());
 
     // Boot from the persisted replica: the data plane must work before control answers.
@@ -84,10 +85,15 @@ pub fn run(config: EngineConfig, on_ready: impl FnOnce() + Send + 'static) -> an
         Some(addr) => Some((addr, tls::device_server_config(&certs)?)),
         None => None,
     };
-    let listeners = Listeners { mqtt_tls: tls, mqtt_plain: config.plain_mqtt };
+    let listeners = Listeners {
+        mqtt_tls: tls,
+        mqtt_plain: config.plain_mqtt,
+    };
 
     let (link_tx, link_rx) = tokio::sync::mpsc::unbounded_channel();
-    let (cmd_txs, cmd_rxs): (Vec<_>, Vec<_>) = (0..config.cores).map(|_| crossbeam::channel::unbounded()).unzip();
+    let (cmd_txs, cmd_rxs): (Vec<_>, Vec<_>) = (0..config.cores)
+        .map(|_| crossbeam::channel::unbounded())
+        .unzip();
     let shared = Arc::new(Shared {
         hostname: config.hostname.clone(),
         registry: registry.clone(),
@@ -99,7 +105,9 @@ pub fn run(config: EngineConfig, on_ready: impl FnOnce() + Send + 'static) -> an
     });
 
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
     let mut handles = Vec::new();
     for (id, commands) in cmd_rxs.into_iter().enumerate() {
         let (shared, listeners, ready) = (shared.clone(), listeners.clone(), ready_tx.clone());
@@ -141,7 +149,9 @@ pub fn run(config: EngineConfig, on_ready: impl FnOnce() + Send + 'static) -> an
         shards: cmd_txs.clone(),
     });
 
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     runtime.block_on(async {
         let ops_listener = tokio::net::TcpListener::bind(config.ops)
             .await

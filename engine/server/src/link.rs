@@ -81,8 +81,13 @@ fn coalesce(pending: &mut HashMap<String, EngineFrame>, ev: EngineFrame) {
     pending.insert(key, ev);
 }
 
-async fn connect(endpoint: &quinn::Endpoint, ctx: &LinkContext) -> Result<quinn::Connection, String> {
-    let connecting = endpoint.connect(ctx.control, LINK_SERVER_NAME).map_err(|e| e.to_string())?;
+async fn connect(
+    endpoint: &quinn::Endpoint,
+    ctx: &LinkContext,
+) -> Result<quinn::Connection, String> {
+    let connecting = endpoint
+        .connect(ctx.control, LINK_SERVER_NAME)
+        .map_err(|e| e.to_string())?;
     tokio::time::timeout(Duration::from_secs(5), connecting)
         .await
         .map_err(|_| "handshake timed out".to_string())?
@@ -90,15 +95,21 @@ async fn connect(endpoint: &quinn::Endpoint, ctx: &LinkContext) -> Result<quinn:
 }
 
 async fn write_frame(send: &mut quinn::SendStream, frame: &EngineFrame) -> Result<(), String> {
-    send.write_all(&frame.encode()).await.map_err(|e| e.to_string())
+    send.write_all(&frame.encode())
+        .await
+        .map_err(|e| e.to_string())
 }
 
 async fn read_frame(recv: &mut quinn::RecvStream) -> Result<ControlFrame, String> {
     let mut prefix = [0u8; 4];
-    recv.read_exact(&mut prefix).await.map_err(|e| e.to_string())?;
+    recv.read_exact(&mut prefix)
+        .await
+        .map_err(|e| e.to_string())?;
     let len = roost_model::link::frame_len(prefix).map_err(|e| e.to_string())?;
     let mut body = vec![0u8; len];
-    recv.read_exact(&mut body).await.map_err(|e| e.to_string())?;
+    recv.read_exact(&mut body)
+        .await
+        .map_err(|e| e.to_string())?;
     ControlFrame::decode(&body).map_err(|e| e.to_string())
 }
 
@@ -112,7 +123,10 @@ async fn serve(
         Ok(s) => s,
         Err(e) => return e.to_string(),
     };
-    let hello = EngineFrame::Hello { node: ctx.node.clone(), registry_seq: ctx.registry.load().seq() };
+    let hello = EngineFrame::Hello {
+        node: ctx.node.clone(),
+        registry_seq: ctx.registry.load().seq(),
+    };
     if let Err(e) = write_frame(&mut send, &hello).await {
         return e;
     }
@@ -165,28 +179,43 @@ fn apply(ctx: &LinkContext, frame: ControlFrame) -> Result<(), String> {
     let current = ctx.registry.load();
     let (next, revoked) = match frame {
         ControlFrame::Snapshot { seq, devices } => {
-            ctx.replica.replace(seq, &devices).map_err(|e| e.to_string())?;
+            ctx.replica
+                .replace(seq, &devices)
+                .map_err(|e| e.to_string())?;
             let next = Projection::new(seq, devices);
             let revoked: Vec<String> = revoked_by_snapshot(&current, &next);
             (next, revoked)
         }
         ControlFrame::Deltas { from_seq, changes } => {
             if from_seq != current.seq() {
-                return Err(format!("delta from {from_seq} does not follow replica at {}", current.seq()));
+                return Err(format!(
+                    "delta from {from_seq} does not follow replica at {}",
+                    current.seq()
+                ));
             }
-            ctx.replica.apply(from_seq, &changes).map_err(|e| e.to_string())?;
+            ctx.replica
+                .apply(from_seq, &changes)
+                .map_err(|e| e.to_string())?;
             let revoked = changes.iter().filter_map(revoked_by_change).collect();
             (current.with_changes(&changes), revoked)
         }
     };
     ctx.metrics.registry_sequence.set(next.seq() as i64);
     ctx.metrics.registry_devices.set(next.len() as i64);
-    tracing::debug!(seq = next.seq(), devices = next.len(), "registry replica updated");
+    tracing::debug!(
+        seq = next.seq(),
+        devices = next.len(),
+        "registry replica updated"
+    );
     ctx.registry.replace(next);
     let now = std::time::Instant::now();
     for device_id in revoked {
         for tx in &ctx.shards {
-            let _ = tx.send(ShardCommand::Kick { device_id: device_id.clone(), before: now, reason: "device_revoked" });
+            let _ = tx.send(ShardCommand::Kick {
+                device_id: device_id.clone(),
+                before: now,
+                reason: "device_revoked",
+            });
         }
     }
     Ok(())
@@ -194,7 +223,11 @@ fn apply(ctx: &LinkContext, frame: ControlFrame) -> Result<(), String> {
 
 fn revoked_by_change(change: &RegistryChange) -> Option<String> {
     match change {
-        RegistryChange::Upsert(DeviceAuth { device_id, enabled: false, .. }) => Some(device_id.clone()),
+        RegistryChange::Upsert(DeviceAuth {
+            device_id,
+            enabled: false,
+            ..
+        }) => Some(device_id.clone()),
         RegistryChange::Upsert(_) => None,
         RegistryChange::Delete { device_id } => Some(device_id.clone()),
     }

@@ -7,7 +7,8 @@ use std::collections::HashMap;
 
 use prometheus::local::{LocalHistogram, LocalIntCounter};
 use prometheus::{
-    exponential_buckets, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    exponential_buckets, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
 };
 
 /// The engine's metric families. Shared by every shard and the ops endpoint.
@@ -28,18 +29,25 @@ pub struct Metrics {
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
-    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("metric definitions are static and valid");
-    registry.register(Box::new(c.clone())).expect("each metric is registered once");
+    let c = IntCounterVec::new(Opts::new(name, help), labels)
+        .expect("metric definitions are static and valid");
+    registry
+        .register(Box::new(c.clone()))
+        .expect("each metric is registered once");
     c
 }
 
 impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
-        let connections_current =
-            IntGaugeVec::new(Opts::new("roost_mqtt_connections_current", "Open MQTT connections."), &["shard"])
-                .expect("static metric");
-        registry.register(Box::new(connections_current.clone())).expect("registered once");
+        let connections_current = IntGaugeVec::new(
+            Opts::new("roost_mqtt_connections_current", "Open MQTT connections."),
+            &["shard"],
+        )
+        .expect("static metric");
+        registry
+            .register(Box::new(connections_current.clone()))
+            .expect("registered once");
         let log_append_latency = HistogramVec::new(
             HistogramOpts::new(
                 "roost_log_append_latency_seconds",
@@ -49,23 +57,71 @@ impl Metrics {
             &["shard"],
         )
         .expect("static metric");
-        registry.register(Box::new(log_append_latency.clone())).expect("registered once");
+        registry
+            .register(Box::new(log_append_latency.clone()))
+            .expect("registered once");
         let gauge = |name: &str, help: &str| {
             let g = IntGauge::new(name, help).expect("static metric");
-            registry.register(Box::new(g.clone())).expect("registered once");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("registered once");
             g
         };
-        let link_connected = gauge("roost_link_connected", "1 while the control link is up, else 0.");
-        let registry_sequence = gauge("roost_registry_sequence", "Registry sequence the engine's replica is complete up to.");
-        let registry_devices = gauge("roost_registry_devices", "Devices in the engine's registry replica.");
+        let link_connected = gauge(
+            "roost_link_connected",
+            "1 while the control link is up, else 0.",
+        );
+        let registry_sequence = gauge(
+            "roost_registry_sequence",
+            "Registry sequence the engine's replica is complete up to.",
+        );
+        let registry_devices = gauge(
+            "roost_registry_devices",
+            "Devices in the engine's registry replica.",
+        );
         Self {
-            connections_accepted: counter(&registry, "roost_mqtt_connections_accepted_total", "MQTT connections that completed CONNECT.", &["shard"]),
-            connack_refused: counter(&registry, "roost_mqtt_connack_refused_total", "CONNECTs refused, by reason.", &["shard", "reason"]),
-            disconnects: counter(&registry, "roost_mqtt_disconnects_total", "MQTT connections closed, by reason.", &["shard", "reason"]),
-            messages_in: counter(&registry, "roost_messages_in_total", "Device-to-cloud messages accepted.", &["shard", "protocol"]),
-            bytes_in: counter(&registry, "roost_messages_in_bytes_total", "Payload bytes of device-to-cloud messages accepted.", &["shard", "protocol"]),
-            log_appends: counter(&registry, "roost_log_appends_total", "Records appended to the events log.", &["shard"]),
-            log_commits: counter(&registry, "roost_log_commits_total", "Group commits of the events log (one sync each).", &["shard"]),
+            connections_accepted: counter(
+                &registry,
+                "roost_mqtt_connections_accepted_total",
+                "MQTT connections that completed CONNECT.",
+                &["shard"],
+            ),
+            connack_refused: counter(
+                &registry,
+                "roost_mqtt_connack_refused_total",
+                "CONNECTs refused, by reason.",
+                &["shard", "reason"],
+            ),
+            disconnects: counter(
+                &registry,
+                "roost_mqtt_disconnects_total",
+                "MQTT connections closed, by reason.",
+                &["shard", "reason"],
+            ),
+            messages_in: counter(
+                &registry,
+                "roost_messages_in_total",
+                "Device-to-cloud messages accepted.",
+                &["shard", "protocol"],
+            ),
+            bytes_in: counter(
+                &registry,
+                "roost_messages_in_bytes_total",
+                "Payload bytes of device-to-cloud messages accepted.",
+                &["shard", "protocol"],
+            ),
+            log_appends: counter(
+                &registry,
+                "roost_log_appends_total",
+                "Records appended to the events log.",
+                &["shard"],
+            ),
+            log_commits: counter(
+                &registry,
+                "roost_log_commits_total",
+                "Group commits of the events log (one sync each).",
+                &["shard"],
+            ),
             connections_current,
             log_append_latency,
             link_connected,
@@ -145,13 +201,21 @@ pub struct Reasons {
 
 impl Reasons {
     fn new(family: IntCounterVec, shard: String) -> Self {
-        Self { family, shard, by_reason: RefCell::new(HashMap::new()) }
+        Self {
+            family,
+            shard,
+            by_reason: RefCell::new(HashMap::new()),
+        }
     }
 
     pub fn inc(&self, reason: &'static str) {
         let mut map = self.by_reason.borrow_mut();
         map.entry(reason)
-            .or_insert_with(|| self.family.with_label_values(&[&self.shard, reason]).local())
+            .or_insert_with(|| {
+                self.family
+                    .with_label_values(&[&self.shard, reason])
+                    .local()
+            })
             .inc();
     }
 
@@ -173,10 +237,20 @@ mod tests {
         s.messages_in.inc_by(3);
         s.refused.inc("unknown_device");
         s.refused.inc("unknown_device");
-        assert!(!m.encode().contains("roost_messages_in_total{protocol=\"mqtt\",shard=\"1\"} 3"));
+        assert!(!m
+            .encode()
+            .contains("roost_messages_in_total{protocol=\"mqtt\",shard=\"1\"} 3"));
         s.flush();
         let text = m.encode();
-        assert!(text.contains("roost_messages_in_total{protocol=\"mqtt\",shard=\"1\"} 3"), "{text}");
-        assert!(text.contains("roost_mqtt_connack_refused_total{reason=\"unknown_device\",shard=\"1\"} 2"), "{text}");
+        assert!(
+            text.contains("roost_messages_in_total{protocol=\"mqtt\",shard=\"1\"} 3"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "roost_mqtt_connack_refused_total{reason=\"unknown_device\",shard=\"1\"} 2"
+            ),
+            "{text}"
+        );
     }
 }

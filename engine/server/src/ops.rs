@@ -45,22 +45,31 @@ impl Ops {
                 let mut r = httpd::text(StatusCode::OK, self.metrics.encode());
                 r.headers_mut().insert(
                     "content-type",
-                    hyper::header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+                    hyper::header::HeaderValue::from_static(
+                        "text/plain; version=0.0.4; charset=utf-8",
+                    ),
                 );
                 r
             }
-            (&Method::GET, ["events", "partitions"]) => {
-                httpd::json(StatusCode::OK, &json!({ "partitions": log::partitions(&self.db) }))
-            }
+            (&Method::GET, ["events", "partitions"]) => httpd::json(
+                StatusCode::OK,
+                &json!({ "partitions": log::partitions(&self.db) }),
+            ),
             (&Method::GET, ["events", "partitions", p, "records"]) => self.read_partition(p, req),
-            (&Method::GET, ["events", "groups", g, "records"]) => self.read_group(&httpd::percent_decode(g), req),
-            (&Method::POST, ["events", "groups", g, "checkpoint"]) => self.checkpoint(&httpd::percent_decode(g), req),
+            (&Method::GET, ["events", "groups", g, "records"]) => {
+                self.read_group(&httpd::percent_decode(g), req)
+            }
+            (&Method::POST, ["events", "groups", g, "checkpoint"]) => {
+                self.checkpoint(&httpd::percent_decode(g), req)
+            }
             _ => httpd::text(StatusCode::NOT_FOUND, "no such ops endpoint\n"),
         }
     }
 
     fn read_partition(&self, p: &str, req: &Req) -> Resp {
-        let Ok(p) = p.parse::<usize>() else { return bad("partition must be a number") };
+        let Ok(p) = p.parse::<usize>() else {
+            return bad("partition must be a number");
+        };
         let from = match query_param(req, "from").map(|v| v.parse::<u64>()) {
             None => 0,
             Some(Ok(v)) => v,
@@ -97,10 +106,11 @@ impl Ops {
                 Err(e) => return httpd::text(StatusCode::INTERNAL_SERVER_ERROR, e),
             };
             let before = records.count();
-            let next = match log::read_records(&self.db, info.partition, start, remaining, &mut records) {
-                Ok(next) => next,
-                Err(e) => return httpd::text(StatusCode::INTERNAL_SERVER_ERROR, e),
-            };
+            let next =
+                match log::read_records(&self.db, info.partition, start, remaining, &mut records) {
+                    Ok(next) => next,
+                    Err(e) => return httpd::text(StatusCode::INTERNAL_SERVER_ERROR, e),
+                };
             remaining -= records.count() - before;
             positions.insert(info.partition.to_string(), next);
         }
@@ -114,7 +124,9 @@ impl Ops {
         };
         let mut positions = Vec::new();
         for (p, next) in body {
-            let Ok(p) = p.parse::<usize>() else { return bad("partition keys must be numbers") };
+            let Ok(p) = p.parse::<usize>() else {
+                return bad("partition keys must be numbers");
+            };
             positions.push((p, next));
         }
         match log::commit_checkpoint(&self.db, group, &positions) {

@@ -29,7 +29,11 @@ use crate::signal::Signal;
 pub enum ShardCommand {
     /// Close the connection of `device_id` if it connected before `before` (commands travel
     /// slowly; a newer connection than the one that sent the kick must survive it).
-    Kick { device_id: String, before: Instant, reason: &'static str },
+    Kick {
+        device_id: String,
+        before: Instant,
+        reason: &'static str,
+    },
     /// Stop accepting, close every connection, flush the log and return.
     Shutdown,
 }
@@ -82,7 +86,13 @@ impl Shard {
         let gid = ((self.id as u64) << 48) | n;
         let signal = Rc::new(Signal::default());
         let deadline = Rc::new(Cell::new(None));
-        self.conns.borrow_mut().insert(gid, ConnEntry { signal: signal.clone(), deadline: deadline.clone() });
+        self.conns.borrow_mut().insert(
+            gid,
+            ConnEntry {
+                signal: signal.clone(),
+                deadline: deadline.clone(),
+            },
+        );
         (gid, signal, deadline)
     }
 
@@ -90,7 +100,10 @@ impl Shard {
     /// and asking every other shard to do the same (one connection per identity, spec §2.3).
     pub fn claim_device(&self, device_id: &str, gid: u64) {
         let now = Instant::now();
-        let previous = self.devices.borrow_mut().insert(device_id.to_string(), (gid, now));
+        let previous = self
+            .devices
+            .borrow_mut()
+            .insert(device_id.to_string(), (gid, now));
         if let Some((old, _)) = previous.filter(|(old, _)| *old != gid) {
             if let Some(e) = self.conns.borrow().get(&old) {
                 e.signal.close("replaced_by_new_connection");
@@ -118,7 +131,9 @@ impl Shard {
     }
 
     fn kick(&self, device_id: &str, before: Instant, reason: &'static str) {
-        let Some((gid, since)) = self.devices.borrow().get(device_id).copied() else { return };
+        let Some((gid, since)) = self.devices.borrow().get(device_id).copied() else {
+            return;
+        };
         if since >= before {
             return;
         }
@@ -176,8 +191,13 @@ pub async fn run(
 
     let mut acceptors = Vec::new();
     let mut bind = |addr: SocketAddr, tls: Option<Arc<ServerConfig>>| -> Result<(), String> {
-        let listener = TcpListener::bind(addr).map_err(|e| format!("shard {id}: cannot listen on {addr}: {e}"))?;
-        acceptors.push(glommio::spawn_local(accept_loop(shard.clone(), listener, tls)));
+        let listener = TcpListener::bind(addr)
+            .map_err(|e| format!("shard {id}: cannot listen on {addr}: {e}"))?;
+        acceptors.push(glommio::spawn_local(accept_loop(
+            shard.clone(),
+            listener,
+            tls,
+        )));
         Ok(())
     };
     let bound = listeners
@@ -197,7 +217,11 @@ pub async fn run(
         let mut shutdown = false;
         while let Ok(cmd) = commands.try_recv() {
             match cmd {
-                ShardCommand::Kick { device_id, before, reason } => shard.kick(&device_id, before, reason),
+                ShardCommand::Kick {
+                    device_id,
+                    before,
+                    reason,
+                } => shard.kick(&device_id, before, reason),
                 ShardCommand::Shutdown => shutdown = true,
             }
         }

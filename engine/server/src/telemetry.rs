@@ -11,7 +11,13 @@ pub const MAX_D2C_BODY: usize = 256 * 1024;
 const SAS_AUTH_METHOD: &str = r#"{"scope":"device","type":"sas","issuer":"iothub"}"#;
 
 /// The record for one telemetry message: the device's properties plus what the hub stamps.
-pub fn record(id: &Identity, bag: PropertyBag, retain: bool, body: &[u8], enqueued_ms: u64) -> Message {
+pub fn record(
+    id: &Identity,
+    bag: PropertyBag,
+    retain: bool,
+    body: &[u8],
+    enqueued_ms: u64,
+) -> Message {
     let s = bag.system;
     let mut app = bag.app;
     if retain {

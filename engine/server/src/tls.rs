@@ -23,7 +23,9 @@ pub struct CertPaths {
 
 impl CertPaths {
     pub fn new(data_dir: &Path) -> Self {
-        Self { dir: data_dir.join("certs") }
+        Self {
+            dir: data_dir.join("certs"),
+        }
     }
     pub fn ca(&self) -> PathBuf {
         self.dir.join("ca.pem")
@@ -59,8 +61,13 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 }
 
 pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let read_err = |detail: String| TlsError::Read { path: path.to_path_buf(), detail };
-    let certs: Result<Vec<_>, _> = CertificateDer::pem_file_iter(path).map_err(|e| read_err(e.to_string()))?.collect();
+    let read_err = |detail: String| TlsError::Read {
+        path: path.to_path_buf(),
+        detail,
+    };
+    let certs: Result<Vec<_>, _> = CertificateDer::pem_file_iter(path)
+        .map_err(|e| read_err(e.to_string()))?
+        .collect();
     let certs = certs.map_err(|e| read_err(e.to_string()))?;
     if certs.is_empty() {
         return Err(read_err("no certificate in file".into()));
@@ -69,7 +76,10 @@ pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError>
 }
 
 pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
-    PrivateKeyDer::from_pem_file(path).map_err(|e| TlsError::Read { path: path.to_path_buf(), detail: e.to_string() })
+    PrivateKeyDer::from_pem_file(path).map_err(|e| TlsError::Read {
+        path: path.to_path_buf(),
+        detail: e.to_string(),
+    })
 }
 
 fn roots(ca: &Path) -> Result<RootCertStore, TlsError> {
@@ -93,14 +103,18 @@ pub fn device_server_config(paths: &CertPaths) -> Result<Arc<ServerConfig>, TlsE
 
 /// The control plane's end of the link: requires a client certificate issued by the CA.
 pub fn link_server_config(paths: &CertPaths) -> Result<ServerConfig, TlsError> {
-    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots(&paths.ca())?), provider())
-        .build()
-        .map_err(|e| TlsError::Config(e.to_string()))?;
+    let verifier =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots(&paths.ca())?), provider())
+            .build()
+            .map_err(|e| TlsError::Config(e.to_string()))?;
     let mut cfg = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| TlsError::Config(e.to_string()))?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(load_certs(&paths.cluster())?, load_key(&paths.cluster_key())?)
+        .with_single_cert(
+            load_certs(&paths.cluster())?,
+            load_key(&paths.cluster_key())?,
+        )
         .map_err(|e| TlsError::Config(e.to_string()))?;
     cfg.alpn_protocols = vec![LINK_ALPN.to_vec()];
     Ok(cfg)
@@ -112,7 +126,10 @@ pub fn link_client_config(paths: &CertPaths) -> Result<ClientConfig, TlsError> {
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| TlsError::Config(e.to_string()))?
         .with_root_certificates(roots(&paths.ca())?)
-        .with_client_auth_cert(load_certs(&paths.cluster())?, load_key(&paths.cluster_key())?)
+        .with_client_auth_cert(
+            load_certs(&paths.cluster())?,
+            load_key(&paths.cluster_key())?,
+        )
         .map_err(|e| TlsError::Config(e.to_string()))?;
     cfg.alpn_protocols = vec![LINK_ALPN.to_vec()];
     Ok(cfg)

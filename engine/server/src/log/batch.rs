@@ -57,7 +57,9 @@ pub fn chunks(batch: &[u8]) -> impl Iterator<Item = (u64, &[u8])> {
         }
         let (mut len, mut n) = (0usize, 0u64);
         while len < rest.len() {
-            let Some(prefix) = rest[len..].first_chunk::<4>() else { break };
+            let Some(prefix) = rest[len..].first_chunk::<4>() else {
+                break;
+            };
             let next = len + 4 + u32::from_le_bytes(*prefix) as usize;
             if n > 0 && next > MAX_VALUE {
                 break;
@@ -116,7 +118,11 @@ mod tests {
         assert_eq!(expect_first, 10_000);
         let mut one = Vec::new();
         push(&mut one, &vec![1u8; MAX_VALUE + 10]);
-        assert_eq!(chunks(&one).count(), 1, "an oversized record still gets its own value");
+        assert_eq!(
+            chunks(&one).count(),
+            1,
+            "an oversized record still gets its own value"
+        );
     }
 
     #[test]

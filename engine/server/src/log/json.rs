@@ -19,7 +19,10 @@ pub struct RecordsJson {
 impl RecordsJson {
     /// Starts `{"records":[`.
     pub fn new() -> Self {
-        Self { buf: String::from("{\"records\":["), count: 0 }
+        Self {
+            buf: String::from("{\"records\":["),
+            count: 0,
+        }
     }
 
     pub fn count(&self) -> usize {
@@ -58,7 +61,10 @@ fn iso_ms(ms: u64) -> String {
 
 fn write_record(out: &mut String, partition: usize, offset: u64, m: &ArchivedMessage) {
     let enqueued = iso_ms(m.enqueued_ms.to_native());
-    let _ = write!(out, "{{\"partition\":{partition},\"offset\":{offset},\"enqueuedTime\":");
+    let _ = write!(
+        out,
+        "{{\"partition\":{partition},\"offset\":{offset},\"enqueuedTime\":"
+    );
     write_str(out, &enqueued);
     match std::str::from_utf8(m.body.as_slice()) {
         Ok(text) => {
@@ -95,10 +101,22 @@ fn write_record(out: &mut String, partition: usize, offset: u64, m: &ArchivedMes
     put("iothub-interface-id", s.interface_id.as_deref());
     put("iothub-creation-time-utc", s.creation_time.as_deref());
     put("dt-subject", s.subject.as_deref());
-    put("iothub-connection-device-id", Some(s.connection_device_id.as_str()));
-    put("iothub-connection-module-id", s.connection_module_id.as_deref());
-    put("iothub-connection-auth-generation-id", Some(s.auth_generation_id.as_str()));
-    put("iothub-connection-auth-method", Some(s.auth_method.as_str()));
+    put(
+        "iothub-connection-device-id",
+        Some(s.connection_device_id.as_str()),
+    );
+    put(
+        "iothub-connection-module-id",
+        s.connection_module_id.as_deref(),
+    );
+    put(
+        "iothub-connection-auth-generation-id",
+        Some(s.auth_generation_id.as_str()),
+    );
+    put(
+        "iothub-connection-auth-method",
+        Some(s.auth_method.as_str()),
+    );
     put("dt-dataschema", s.data_schema.as_deref());
     put("iothub-enqueuedtime", Some(&enqueued));
     put("iothub-message-source", Some(m.source.as_str()));
@@ -164,10 +182,16 @@ mod tests {
             app: vec![(tricky.into(), "v".into()), ("empty".into(), String::new())],
             body: b"{\"t\":1}".to_vec(),
         };
-        let binary = Message { body: vec![0xff, 0x00, 0x80], app: vec![], ..msg.clone() };
+        let binary = Message {
+            body: vec![0xff, 0x00, 0x80],
+            app: vec![],
+            ..msg.clone()
+        };
         let mut json = RecordsJson::new();
         for (i, m) in [&msg, &binary].into_iter().enumerate() {
-            let bytes = m.archive_into(rkyv::util::AlignedVec::new()).expect("archive");
+            let bytes = m
+                .archive_into(rkyv::util::AlignedVec::new())
+                .expect("archive");
             json.push(3, 10 + i as u64, Message::view(&bytes).expect("view"));
         }
         assert_eq!(json.count(), 2);
@@ -180,10 +204,19 @@ mod tests {
         assert_eq!(r["body"], "{\"t\":1}");
         assert_eq!(r["bodyEncoding"], "utf-8");
         assert_eq!(r["systemProperties"]["message-id"], tricky);
-        assert_eq!(r["systemProperties"]["iothub-connection-auth-method"], r#"{"scope":"device"}"#);
-        assert_eq!(r["systemProperties"]["iothub-enqueuedtime"], "2027-01-15T08:00:00.123Z");
+        assert_eq!(
+            r["systemProperties"]["iothub-connection-auth-method"],
+            r#"{"scope":"device"}"#
+        );
+        assert_eq!(
+            r["systemProperties"]["iothub-enqueuedtime"],
+            "2027-01-15T08:00:00.123Z"
+        );
         assert_eq!(r["systemProperties"]["iothub-message-source"], "Telemetry");
-        assert!(r["systemProperties"].get("correlation-id").is_none(), "absent properties are omitted");
+        assert!(
+            r["systemProperties"].get("correlation-id").is_none(),
+            "absent properties are omitted"
+        );
         assert_eq!(r["properties"][tricky], "v");
         assert_eq!(r["properties"]["empty"], "");
         let b = &v["records"][1];

@@ -12,8 +12,8 @@ mod json;
 mod partition;
 mod reader;
 
-pub use partition::{Durability, LogFailed, Partition};
 pub use json::RecordsJson;
+pub use partition::{Durability, LogFailed, Partition};
 pub use reader::{checkpoint, commit_checkpoint, partitions, read_records, PartitionInfo};
 
 use std::path::Path;
@@ -34,12 +34,17 @@ pub fn open_db(path: &Path, partitions: usize) -> Result<Arc<DB>, String> {
     opts.create_if_missing(true);
     opts.create_missing_column_families(true);
     let mut names: Vec<String> = DB::list_cf(&opts, path).unwrap_or_default();
-    for required in [CF_REGISTRY.to_string(), CF_META.to_string()].into_iter().chain((0..partitions).map(partition_cf)) {
+    for required in [CF_REGISTRY.to_string(), CF_META.to_string()]
+        .into_iter()
+        .chain((0..partitions).map(partition_cf))
+    {
         if !names.contains(&required) {
             names.push(required);
         }
     }
-    let cfs = names.iter().map(|n| ColumnFamilyDescriptor::new(n, Options::default()));
+    let cfs = names
+        .iter()
+        .map(|n| ColumnFamilyDescriptor::new(n, Options::default()));
     let db = DB::open_cf_descriptors(&opts, path, cfs).map_err(|e| e.to_string())?;
     check_format(&db, &names)?;
     Ok(Arc::new(db))
@@ -68,9 +73,13 @@ fn check_format(db: &DB, names: &[String]) -> Result<(), String> {
                 })
             });
             if has_records {
-                return Err("the events log predates format versioning (format 1); use a new --data-dir".into());
+                return Err(
+                    "the events log predates format versioning (format 1); use a new --data-dir"
+                        .into(),
+                );
             }
-            db.put_cf(meta, FORMAT_KEY, LOG_FORMAT).map_err(|e| e.to_string())
+            db.put_cf(meta, FORMAT_KEY, LOG_FORMAT)
+                .map_err(|e| e.to_string())
         }
     }
 }

@@ -62,12 +62,15 @@ pub struct Partition {
 impl Partition {
     /// Opens partition `cf`, resuming after its last stored offset.
     pub fn open(db: Arc<DB>, cf: String, durability: Durability) -> Result<Rc<Self>, LogFailed> {
-        let handle = db.cf_handle(&cf).ok_or_else(|| LogFailed(format!("missing column family {cf}")))?;
+        let handle = db
+            .cf_handle(&cf)
+            .ok_or_else(|| LogFailed(format!("missing column family {cf}")))?;
         let mut it = db.raw_iterator_cf(handle);
         it.seek_to_last();
         let next_offset = match (it.key(), it.value()) {
             (Some(k), Some(v)) => {
-                let first = decode_offset(k).ok_or_else(|| LogFailed(format!("corrupt key in {cf}")))?;
+                let first =
+                    decode_offset(k).ok_or_else(|| LogFailed(format!("corrupt key in {cf}")))?;
                 first + batch::count(v).map_err(|e| LogFailed(format!("{cf}: {e}")))?
             }
             _ => 0,
@@ -189,14 +192,17 @@ impl Partition {
             let (result, mut records) = glommio::executor()
                 .spawn_blocking(move || {
                     let write = || {
-                        let handle = db.cf_handle(&cf).ok_or_else(|| LogFailed(format!("missing column family {cf}")))?;
+                        let handle = db
+                            .cf_handle(&cf)
+                            .ok_or_else(|| LogFailed(format!("missing column family {cf}")))?;
                         let mut wb = WriteBatch::default();
                         for (index, value) in batch::chunks(&records) {
                             wb.put_cf(handle, (first + index).to_be_bytes(), value);
                         }
                         let mut opts = WriteOptions::default();
                         opts.set_sync(sync);
-                        db.write_opt(wb, &opts).map_err(|e| LogFailed(e.to_string()))
+                        db.write_opt(wb, &opts)
+                            .map_err(|e| LogFailed(e.to_string()))
                     };
                     (write(), records)
                 })
@@ -213,7 +219,9 @@ impl Partition {
                     metrics.log_appends.inc_by(count as u64);
                     metrics.log_commits.inc();
                     if let Some(t) = opened_at {
-                        metrics.log_append_latency.observe(t.elapsed().as_secs_f64());
+                        metrics
+                            .log_append_latency
+                            .observe(t.elapsed().as_secs_f64());
                     }
                 }
                 Err(e) => {

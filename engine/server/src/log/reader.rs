@@ -22,7 +22,9 @@ pub struct PartitionInfo {
 pub fn partitions(db: &DB) -> Vec<PartitionInfo> {
     let mut out = Vec::new();
     for k in 0.. {
-        let Some(cf) = db.cf_handle(&super::partition_cf(k)) else { break };
+        let Some(cf) = db.cf_handle(&super::partition_cf(k)) else {
+            break;
+        };
         let mut it = db.raw_iterator_cf(cf);
         it.seek_to_first();
         let first = it.key().and_then(decode_offset);
@@ -35,15 +37,27 @@ pub fn partitions(db: &DB) -> Vec<PartitionInfo> {
             (Some(f), Some(n)) => (f, n),
             _ => (0, 0),
         };
-        out.push(PartitionInfo { partition: k, first, next });
+        out.push(PartitionInfo {
+            partition: k,
+            first,
+            next,
+        });
     }
     out
 }
 
 /// Appends up to `max` records of `partition` from `from` to `out`; returns the offset to read
 /// next.
-pub fn read_records(db: &DB, partition: usize, from: u64, max: usize, out: &mut RecordsJson) -> Result<u64, String> {
-    let cf = db.cf_handle(&super::partition_cf(partition)).ok_or_else(|| format!("no partition {partition}"))?;
+pub fn read_records(
+    db: &DB,
+    partition: usize,
+    from: u64,
+    max: usize,
+    out: &mut RecordsJson,
+) -> Result<u64, String> {
+    let cf = db
+        .cf_handle(&super::partition_cf(partition))
+        .ok_or_else(|| format!("no partition {partition}"))?;
     let mut taken = 0;
     let mut next = from;
     let mut it = db.raw_iterator_cf(cf);
@@ -54,7 +68,9 @@ pub fn read_records(db: &DB, partition: usize, from: u64, max: usize, out: &mut 
     }
     let mut aligned = rkyv::util::AlignedVec::<16>::new();
     while taken < max {
-        let (Some(key), Some(value)) = (it.key(), it.value()) else { break };
+        let (Some(key), Some(value)) = (it.key(), it.value()) else {
+            break;
+        };
         let first = decode_offset(key).ok_or("corrupt offset key")?;
         for (i, record) in batch::records(value).enumerate() {
             let offset = first + i as u64;
@@ -67,7 +83,8 @@ pub fn read_records(db: &DB, partition: usize, from: u64, max: usize, out: &mut 
             }
             aligned.clear();
             aligned.extend_from_slice(record);
-            let view = Message::view(&aligned).map_err(|e| format!("corrupt record at {partition}/{offset}: {e}"))?;
+            let view = Message::view(&aligned)
+                .map_err(|e| format!("corrupt record at {partition}/{offset}: {e}"))?;
             out.push(partition, offset, view);
             taken += 1;
             next = offset + 1;
@@ -85,8 +102,13 @@ fn checkpoint_key(group: &str, partition: usize) -> Vec<u8> {
 /// The next offset consumer group `group` will read in `partition`, if it has checkpointed.
 pub fn checkpoint(db: &DB, group: &str, partition: usize) -> Result<Option<u64>, String> {
     let cf = db.cf_handle(CF_META).ok_or("missing meta column family")?;
-    match db.get_cf(cf, checkpoint_key(group, partition)).map_err(|e| e.to_string())? {
-        Some(v) => Ok(Some(u64::from_le_bytes(v.as_slice().try_into().map_err(|_| "corrupt checkpoint")?))),
+    match db
+        .get_cf(cf, checkpoint_key(group, partition))
+        .map_err(|e| e.to_string())?
+    {
+        Some(v) => Ok(Some(u64::from_le_bytes(
+            v.as_slice().try_into().map_err(|_| "corrupt checkpoint")?,
+        ))),
         None => Ok(None),
     }
 }
