@@ -113,7 +113,11 @@ fn tracking_id() -> String {
 }
 
 pub fn iso_now() -> String {
-    humantime::format_rfc3339_millis(SystemTime::now()).to_string()
+    let ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    roost_iothub::time::iso_ms(ms)
 }
 
 fn unix_now() -> u64 {

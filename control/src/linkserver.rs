@@ -8,6 +8,9 @@ use std::sync::Arc;
 use roost_model::link::{ControlFrame, EngineFrame};
 use tokio::sync::broadcast::error::RecvError;
 
+use roost_iothub::time::iso_ms;
+use roost_server::link::read_frame_body;
+
 use crate::api::iso_now;
 use crate::metrics::ControlMetrics;
 use crate::store::Store;
@@ -202,23 +205,10 @@ impl LinkServer {
     }
 }
 
-fn iso_ms(ms: u64) -> String {
-    humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms))
-        .to_string()
-}
+/// Engines send small frames; a larger one is a broken or hostile peer.
+const MAX_ENGINE_FRAME: usize = 1024 * 1024;
 
 async fn read_frame(recv: &mut quinn::RecvStream) -> Result<EngineFrame, String> {
-    let mut prefix = [0u8; 4];
-    recv.read_exact(&mut prefix)
-        .await
-        .map_err(|e| e.to_string())?;
-    let len = roost_model::link::frame_len(prefix).map_err(|e| e.to_string())?;
-    if len > 1024 * 1024 {
-        return Err(format!("engine frame of {len} bytes is too large"));
-    }
-    let mut body = vec![0u8; len];
-    recv.read_exact(&mut body)
-        .await
-        .map_err(|e| e.to_string())?;
+    let body = read_frame_body(recv, MAX_ENGINE_FRAME).await?;
     EngineFrame::decode(&body).map_err(|e| e.to_string())
 }

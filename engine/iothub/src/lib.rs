@@ -22,6 +22,7 @@ pub mod connstr;
 mod encoding;
 pub mod props;
 pub mod sas;
+pub mod time;
 pub mod topic;
 pub mod username;
 

@@ -19,7 +19,7 @@
 pub mod auth;
 mod conn;
 pub mod httpd;
-mod link;
+pub mod link;
 pub mod log;
 pub mod metrics;
 mod ops;

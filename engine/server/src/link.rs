@@ -100,16 +100,26 @@ async fn write_frame(send: &mut quinn::SendStream, frame: &EngineFrame) -> Resul
         .map_err(|e| e.to_string())
 }
 
-async fn read_frame(recv: &mut quinn::RecvStream) -> Result<ControlFrame, String> {
+/// Reads one length-prefixed link frame's body, refusing one longer than `max` before
+/// allocating for it. Both ends of the link read with this.
+pub async fn read_frame_body(recv: &mut quinn::RecvStream, max: usize) -> Result<Vec<u8>, String> {
     let mut prefix = [0u8; 4];
     recv.read_exact(&mut prefix)
         .await
         .map_err(|e| e.to_string())?;
     let len = roost_model::link::frame_len(prefix).map_err(|e| e.to_string())?;
+    if len > max {
+        return Err(format!("link frame of {len} bytes exceeds {max}"));
+    }
     let mut body = vec![0u8; len];
     recv.read_exact(&mut body)
         .await
         .map_err(|e| e.to_string())?;
+    Ok(body)
+}
+
+async fn read_frame(recv: &mut quinn::RecvStream) -> Result<ControlFrame, String> {
+    let body = read_frame_body(recv, roost_model::link::MAX_FRAME).await?;
     ControlFrame::decode(&body).map_err(|e| e.to_string())
 }
 

@@ -5,7 +5,6 @@
 //! allocation per property.
 
 use std::fmt::Write as _;
-use std::time::{Duration, UNIX_EPOCH};
 
 use base64::Engine as _;
 use roost_model::ArchivedMessage;
@@ -55,12 +54,8 @@ impl Default for RecordsJson {
     }
 }
 
-fn iso_ms(ms: u64) -> String {
-    humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
-}
-
 fn write_record(out: &mut String, partition: usize, offset: u64, m: &ArchivedMessage) {
-    let enqueued = iso_ms(m.enqueued_ms.to_native());
+    let enqueued = roost_iothub::time::iso_ms(m.enqueued_ms.to_native());
     let _ = write!(
         out,
         "{{\"partition\":{partition},\"offset\":{offset},\"enqueuedTime\":"
