@@ -1,7 +1,7 @@
 //! Idle mode: open N connections, hold them without traffic, measure the server's RSS per
 //! connection, check every connection still answers a PINGREQ, disconnect.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context;
 use roost_mqtt::Packet;
@@ -9,8 +9,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::task::JoinSet;
 
 use crate::report::Report;
-use crate::target;
-use crate::{frame, procfs, Args, Outcome, Setup};
+use crate::{frame, open_measured, procfs, Args, Opened, Outcome, Setup};
 
 /// How long a held connection has to answer the final PINGREQ.
 const PING_TIMEOUT: Duration = Duration::from_secs(10);
@@ -18,17 +17,12 @@ const PING_TIMEOUT: Duration = Duration::from_secs(10);
 pub async fn run(args: &Args, setup: Setup) -> anyhow::Result<Outcome> {
     let t = setup.target.clone();
     let n = args.connections;
-    let before = procfs::sample(&setup.pids)?;
-    let t0 = Instant::now();
-    let conns = target::open_all(
-        t.clone(),
-        n,
-        args.connect_concurrency,
-        setup.connect_timeout,
-    )
-    .await?;
-    let connect_secs = t0.elapsed().as_secs_f64();
-    let connected = procfs::sample(&setup.pids)?;
+    let Opened {
+        conns,
+        before,
+        connected,
+        connect_secs,
+    } = open_measured(args, &setup).await?;
     eprintln!(
         "roost-bench: {n} connections open in {connect_secs:.1} s; holding {} s",
         args.hold

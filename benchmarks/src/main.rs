@@ -361,6 +361,36 @@ pub struct Setup {
     pub connect_timeout: Duration,
 }
 
+/// All `--connections` open, with the server sampled before and after opening them.
+struct Opened {
+    conns: Vec<(net::Stream, client::FrameReader)>,
+    before: procfs::Sample,
+    connected: procfs::Sample,
+    connect_secs: f64,
+}
+
+/// Opens every connection of a run and samples the server around it (the RSS-per-connection
+/// and CPU figures of the idle and publish modes start from these samples).
+async fn open_measured(args: &Args, setup: &Setup) -> anyhow::Result<Opened> {
+    let before = procfs::sample(&setup.pids)?;
+    let t0 = std::time::Instant::now();
+    let conns = target::open_all(
+        setup.target.clone(),
+        args.connections,
+        args.connect_concurrency,
+        setup.connect_timeout,
+    )
+    .await?;
+    let connect_secs = t0.elapsed().as_secs_f64();
+    let connected = procfs::sample(&setup.pids)?;
+    Ok(Opened {
+        conns,
+        before,
+        connected,
+        connect_secs,
+    })
+}
+
 async fn setup(args: &Args) -> anyhow::Result<Setup> {
     for &pid in &args.server_pids {
         procfs::sample(&[pid]).with_context(|| format!("--server-pid {pid}"))?;

@@ -11,8 +11,8 @@ use crate::frame::PublishTemplate;
 use crate::publish::{self, ConnResult, Schedule};
 use crate::readback::{latency_histogram, Goal, OpsReader, Subscriber, Tally};
 use crate::report::Report;
-use crate::target::{self, Kind};
-use crate::{pace, procfs, Args, Outcome, Setup};
+use crate::target::Kind;
+use crate::{open_measured, pace, procfs, Args, Opened, Outcome, Setup};
 
 /// Delay between the last connect and the first publish, so every task is parked at its start.
 const START_DELAY: Duration = Duration::from_millis(100);
@@ -45,17 +45,12 @@ pub async fn run(args: &Args, setup: Setup) -> anyhow::Result<Outcome> {
         })
     };
 
-    let before = procfs::sample(&setup.pids)?;
-    let t0 = Instant::now();
-    let conns = target::open_all(
-        t.clone(),
-        n,
-        args.connect_concurrency,
-        setup.connect_timeout,
-    )
-    .await?;
-    let connect_secs = t0.elapsed().as_secs_f64();
-    let connected = procfs::sample(&setup.pids)?;
+    let Opened {
+        conns,
+        before,
+        connected,
+        connect_secs,
+    } = open_measured(args, &setup).await?;
     eprintln!("roost-bench: {n} connections open in {connect_secs:.1} s; publishing");
 
     let start = Instant::now() + START_DELAY;
