@@ -127,6 +127,12 @@ fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
+/// The request's `If-Match` etag, quotes stripped.
+fn if_match(req: &Req) -> Option<String> {
+    let value = req.headers().get("if-match")?.to_str().ok()?;
+    Some(unquote(value).to_string())
+}
+
 /// Strips the quotes of an etag as sent in `If-Match` or a body.
 fn unquote(s: &str) -> &str {
     s.trim().trim_matches('"')
@@ -252,11 +258,7 @@ impl Api {
     fn put(&self, id: &str, req: &Req) -> Result<Resp, HubError> {
         let body: DeviceWrite = serde_json::from_slice(req.body())
             .map_err(|e| HubError::bad_request(format!("invalid device JSON: {e}")))?;
-        let if_match = req
-            .headers()
-            .get("if-match")
-            .and_then(|v| v.to_str().ok())
-            .map(|v| unquote(v).to_string());
+        let if_match = if_match(req);
         self.store.exclusive(|| {
             let mut writes = self.store.writes();
             let device = self.write_device(&mut writes, id, &body, if_match.as_deref())?;
@@ -383,11 +385,7 @@ impl Api {
     }
 
     fn delete(&self, id: &str, req: &Req) -> Result<Resp, HubError> {
-        let if_match = req
-            .headers()
-            .get("if-match")
-            .and_then(|v| v.to_str().ok())
-            .map(|v| unquote(v).to_string());
+        let if_match = if_match(req);
         self.store.exclusive(|| {
             let mut writes = self.store.writes();
             self.delete_device(&mut writes, id, if_match.as_deref())?;
