@@ -523,6 +523,8 @@ class RawMqttDevice:
         self.disconnected = threading.Event()
         self.disconnect_rc: int | None = None
         self.acked_mids: list[int] = []  # list.append is atomic; no lock shared with paho
+        self.loop_error: BaseException | None = None
+        self._thread: threading.Thread | None = None
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_publish = self._on_publish
@@ -538,10 +540,25 @@ class RawMqttDevice:
     def _on_publish(self, client, userdata, mid):
         self.acked_mids.append(mid)
 
+    def _network_loop(self) -> None:
+        # paho's own loop_start() thread dies without calling on_disconnect when a TLS send
+        # meets a peer that vanished (ssl.SSLEOFError escapes paho 1.x), so the network loop
+        # runs here and a loop that ends for any reason counts as a disconnect.
+        try:
+            self.client.loop_forever()
+        except BaseException as exc:  # noqa: BLE001 - recorded for the test to inspect
+            self.loop_error = exc
+        finally:
+            self.disconnected.set()
+
+    def _start_loop(self) -> None:
+        self._thread = threading.Thread(target=self._network_loop, name=f"mqtt-{self.device_id}", daemon=True)
+        self._thread.start()
+
     def connect(self, timeout: float = 20.0) -> None:
         """TCP+TLS connect (synchronous in paho), start the network thread, wait for CONNACK 0."""
         self.client.connect(self.hostname, self.mqtt_port, keepalive=self.keepalive)
-        self.client.loop_start()
+        self._start_loop()
         assert self.connack.wait(timeout), f"no CONNACK within {timeout}s"
         assert self.connack_rc == 0, f"CONNACK refused: rc={self.connack_rc}"
 
@@ -549,7 +566,7 @@ class RawMqttDevice:
         """Connect expecting a refusing CONNACK; returns its return code (Python's SDK maps 4 and 5
         to CredentialError)."""
         self.client.connect(self.hostname, self.mqtt_port, keepalive=self.keepalive)
-        self.client.loop_start()
+        self._start_loop()
         assert self.connack.wait(timeout), f"no CONNACK within {timeout}s"
         assert self.connack_rc != 0, "CONNACK accepted, expected a refusal"
         return self.connack_rc
@@ -568,10 +585,8 @@ class RawMqttDevice:
             self.client.disconnect()
         except Exception:  # noqa: BLE001 - cleanup
             pass
-        try:
-            self.client.loop_stop()
-        except Exception:  # noqa: BLE001 - cleanup
-            pass
+        if self._thread is not None:
+            self._thread.join(timeout=5)
 
 
 # --------------------------------------------------------------------------------------------

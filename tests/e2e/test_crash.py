@@ -37,7 +37,7 @@ def test_acked_messages_survive_engine_sigkill(hub):
     acked_at_kill = len(dev.acked_mids)
     hub.kill_engine()
     dev.wait_disconnected(timeout=10)
-    dev.client.loop_stop()
+    dev.close()
 
     assert all(m in mid_to_seq for m in dev.acked_mids), "PUBACK for a packet id never published"
     acked = {mid_to_seq[m] for m in dev.acked_mids}
