@@ -153,6 +153,17 @@ impl ServerSession {
         self.state
     }
 
+    /// Frees the event and output queues when both are empty (a connection going idle); they
+    /// grow back with the next packet.
+    pub fn release_idle_memory(&mut self) {
+        if self.events.is_empty() && self.events.capacity() > 0 {
+            self.events = VecDeque::new();
+        }
+        if self.outgoing.is_empty() && self.outgoing.capacity() > 0 {
+            self.outgoing = VecDeque::new();
+        }
+    }
+
     /// Feeds one packet received at `now`. On `Err` the session is closed.
     pub fn handle_packet(&mut self, now: Instant, packet: Packet) -> Result<(), Violation> {
         let result = match self.state {

@@ -12,7 +12,6 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::BytesMut;
 use futures_lite::future;
-use futures_lite::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use roost_iothub::topic::{parse_publish_topic, DeviceTopic};
 use roost_model::link::EngineFrame;
 use roost_mqtt::{Event, Limits, Packet, Publish, QoS, ServerSession, State, SubackCode};
@@ -21,14 +20,11 @@ use crate::auth::{self, Identity};
 use crate::shard::Shard;
 use crate::signal::{Signal, Wake};
 use crate::telemetry::{self, MAX_D2C_BODY};
+use crate::wire::Wire;
 
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time a client has to send CONNECT after the transport is up.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
-/// Read sizes adapt between these: small while a device is quiet (an idle connection should
-/// hold little), large while it streams (fewer reads per message).
-const MIN_READ: usize = 512;
-const MAX_READ: usize = 64 * 1024;
 /// Largest frame read: a 256 KiB body plus topic and headroom (spec §2.3: allow about 300 KB).
 const MAX_FRAME: usize = 300 * 1024;
 /// A peer that takes longer than this to accept our bytes is dropped (it stopped reading).
@@ -42,7 +38,7 @@ const ACTIVITY_EVERY: Duration = Duration::from_secs(5);
 type Reason = &'static str;
 
 enum Woken {
-    Read(std::io::Result<usize>),
+    Read(Result<usize, crate::wire::WireError>),
     Durable(Result<(), crate::log::LogFailed>),
     Signal(Wake),
 }
@@ -57,15 +53,26 @@ struct Conn {
     refused: bool,
     /// QoS 1 publishes waiting for their log batch: (batch id, packet id), in arrival order.
     unacked: VecDeque<(u64, u16)>,
+    /// Plaintext received and not yet a whole frame. Empty, with no allocation, between
+    /// bursts: reads go through the shard's buffer.
     rbuf: BytesMut,
-    /// Bytes asked for by the next read.
-    read_size: usize,
     wbuf: BytesMut,
     last_activity: Instant,
 }
 
 /// Serves one accepted connection (plain or TLS) to the end.
-pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(shard: Rc<Shard>, mut io: S) {
+pub async fn serve(shard: Rc<Shard>, mut wire: Wire) {
+    let mut rbuf = BytesMut::new();
+    let handshake = async { Some(wire.handshake(&shard.rx, &mut rbuf).await) };
+    let timeout = async {
+        glommio::timer::Timer::new(HANDSHAKE_TIMEOUT).await;
+        None
+    };
+    match future::or(handshake, timeout).await {
+        Some(Ok(())) => {}
+        Some(Err(_)) => return shard.metrics.disconnects.inc("tls_handshake_failed"),
+        None => return shard.metrics.disconnects.inc("tls_handshake_timeout"),
+    }
     let (gid, signal, deadline) = shard.register();
     let now = Instant::now();
     let mut conn = Conn {
@@ -77,18 +84,17 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(shard: Rc<Shard>, mut io: 
         identity: None,
         refused: false,
         unacked: VecDeque::new(),
-        rbuf: BytesMut::new(),
-        read_size: MIN_READ,
+        rbuf,
         wbuf: BytesMut::new(),
         last_activity: now,
     };
-    let reason = conn.run(&mut io).await;
+    let reason = conn.run(&mut wire).await;
     // Best effort, bounded: the peer may be gone or may have stopped reading.
     let goodbye = async {
         if !conn.wbuf.is_empty() {
-            let _ = io.write_all(&conn.wbuf).await;
+            let _ = wire.write_all(&conn.wbuf).await;
         }
-        let _ = io.close().await;
+        let _ = wire.close().await;
     };
     let give_up = async {
         glommio::timer::Timer::new(CLOSE_TIMEOUT).await;
@@ -98,11 +104,16 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(shard: Rc<Shard>, mut io: 
 }
 
 impl Conn {
-    async fn run<S: AsyncRead + AsyncWrite + Unpin>(&mut self, io: &mut S) -> Reason {
+    async fn run(&mut self, wire: &mut Wire) -> Reason {
+        // Bytes that came with the end of the TLS handshake.
+        if !self.rbuf.is_empty() {
+            if let Err(reason) = self.on_bytes() {
+                return reason;
+            }
+        }
         loop {
             if self.session.poll_transmit(&mut self.wbuf) {
-                let write =
-                    async { io.write_all(&self.wbuf).await.is_ok() && io.flush().await.is_ok() };
+                let write = async { wire.write_all(&self.wbuf).await.is_ok() };
                 let stalled = async {
                     glommio::timer::Timer::new(WRITE_TIMEOUT).await;
                     false
@@ -122,17 +133,21 @@ impl Conn {
                 return reason;
             }
             self.deadline.set(self.session.poll_timeout());
+            if self.rbuf.is_empty() && self.unacked.is_empty() {
+                // Going quiet: an idle connection holds no buffers.
+                self.release_buffers();
+            }
             // A connection whose input never runs dry must still let the shard's other tasks
             // (the log committer, other connections) run, and must not outrun the log.
             glommio::yield_if_needed().await;
             self.shard.log.room().await;
 
             let filled = self.rbuf.len();
-            self.rbuf.resize(filled + self.read_size, 0);
             let woken = {
-                let spare = &mut self.rbuf[filled..];
+                let rbuf = &mut self.rbuf;
+                let rx = &self.shard.rx;
                 let sig = &self.signal;
-                let read = async { Woken::Read(io.read(spare).await) };
+                let read = async { Woken::Read(wire.read(rx, rbuf).await) };
                 let signal = async { Woken::Signal(sig.wait().await) };
                 match self.unacked.front().map(|(batch, _)| *batch) {
                     Some(batch) => {
@@ -143,24 +158,15 @@ impl Conn {
                     None => future::or(read, signal).await,
                 }
             };
-            let got = match &woken {
-                Woken::Read(Ok(n)) => *n,
-                _ => 0,
-            };
-            self.rbuf.truncate(filled + got);
-            if got == self.read_size {
-                self.read_size = (self.read_size * 2).min(MAX_READ);
-            } else if got > 0 && got < self.read_size / 4 {
-                self.read_size = (self.read_size / 2).max(MIN_READ);
-            }
-
+            // A read that lost the race may still have delivered bytes (it appends before it
+            // finishes sending TLS output); whatever arrived is handled now.
             let step = match woken {
                 Woken::Read(Ok(0)) => Err(if self.identity.is_some() {
                     "connection_lost"
                 } else {
                     "closed_before_connect"
                 }),
-                Woken::Read(Ok(_)) => self.on_bytes(),
+                Woken::Read(Ok(_)) => Ok(()),
                 Woken::Read(Err(_)) => Err("io_error"),
                 Woken::Durable(Ok(())) => {
                     self.ack_durable();
@@ -173,14 +179,32 @@ impl Conn {
                     .handle_timeout(Instant::now())
                     .map_err(|v| v.error_code()),
             };
+            let step = step.and_then(|()| {
+                if self.rbuf.len() > filled {
+                    self.on_bytes()
+                } else {
+                    Ok(())
+                }
+            });
             if let Err(reason) = step {
                 return reason;
             }
-            if self.rbuf.is_empty() && self.rbuf.capacity() > 2 * self.read_size {
-                // A connection that went quiet should not pin the buffer of its busy past.
-                self.rbuf = BytesMut::new();
-            }
         }
+    }
+
+    /// Frees what a quiet connection does not need: the read and write buffers and the
+    /// session's queues grow back on the next burst.
+    fn release_buffers(&mut self) {
+        if self.rbuf.capacity() > 0 {
+            self.rbuf = BytesMut::new();
+        }
+        if self.wbuf.is_empty() && self.wbuf.capacity() > 0 {
+            self.wbuf = BytesMut::new();
+        }
+        if self.unacked.capacity() > 0 {
+            self.unacked = VecDeque::new();
+        }
+        self.session.release_idle_memory();
     }
 
     /// PUBACKs every publish whose batch is durable, in order.

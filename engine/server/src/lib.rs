@@ -14,7 +14,8 @@
 //!
 //! Layout: `shard` (executor, listeners, connection table), `conn` (one MQTT connection),
 //! `auth`, `telemetry` (PUBLISH → record), `log` (events log), `metrics`, `link` (control link),
-//! `ops` + `httpd` (HTTP), `tls` (certificates), `signal` (per-connection wake-ups).
+//! `ops` + `httpd` (HTTP), `tls` (certificates), `signal` (per-connection wake-ups), `wire`
+//! (a connection's bytes: plain or TLS, received through the shard's buffer).
 
 pub mod auth;
 mod conn;
@@ -27,6 +28,7 @@ pub mod shard;
 mod signal;
 pub mod telemetry;
 pub mod tls;
+mod wire;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -10,7 +10,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam::channel::{Receiver, Sender};
-use futures_lite::future;
 use glommio::net::TcpListener;
 use glommio::timer::Timer;
 use rkyv::util::AlignedVec;
@@ -23,6 +22,7 @@ use crate::conn;
 use crate::log::{partition_cf, Durability, Partition};
 use crate::metrics::{Metrics, ShardMetrics};
 use crate::signal::Signal;
+use crate::wire::{RxBuf, Wire};
 
 /// Work sent to a shard from another thread.
 #[derive(Debug, Clone)]
@@ -73,6 +73,8 @@ pub struct Shard {
     next_conn: Cell<u64>,
     /// Reused buffer for archiving records, so an append does not allocate.
     pub scratch: RefCell<AlignedVec>,
+    /// The buffer every connection of the shard receives into (see `wire`).
+    pub rx: RxBuf,
 }
 
 /// How often a shard flushes counters, drains commands and checks deadlines.
@@ -187,6 +189,7 @@ pub async fn run(
         devices: RefCell::new(HashMap::new()),
         next_conn: Cell::new(0),
         scratch: RefCell::new(AlignedVec::new()),
+        rx: RxBuf::new(),
     });
 
     let mut acceptors = Vec::new();
@@ -257,23 +260,17 @@ async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, tls: Option<Arc<Se
             }
         };
         let _ = stream.set_nodelay(true);
-        let shard = shard.clone();
-        match tls.clone() {
-            None => glommio::spawn_local(conn::serve(shard, stream)).detach(),
-            Some(cfg) => glommio::spawn_local(async move {
-                let acceptor = futures_rustls::TlsAcceptor::from(cfg);
-                let handshake = async { Some(acceptor.accept(stream).await) };
-                let timeout = async {
-                    Timer::new(conn::HANDSHAKE_TIMEOUT).await;
-                    None
-                };
-                match future::or(handshake, timeout).await {
-                    Some(Ok(tls_stream)) => conn::serve(shard, tls_stream).await,
-                    Some(Err(_)) => shard.metrics.disconnects.inc("tls_handshake_failed"),
-                    None => shard.metrics.disconnects.inc("tls_handshake_timeout"),
+        let wire = match &tls {
+            None => Wire::plain(stream),
+            Some(cfg) => match Wire::tls(stream, cfg.clone()) {
+                Ok(wire) => wire,
+                Err(e) => {
+                    tracing::warn!(shard = shard.id, error = %e, "cannot start TLS");
+                    shard.metrics.disconnects.inc("tls_handshake_failed");
+                    continue;
                 }
-            })
-            .detach(),
+            },
         };
+        glommio::spawn_local(conn::serve(shard.clone(), wire)).detach();
     }
 }
