@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use crossbeam::channel::{Receiver, Sender};
 use glommio::net::TcpListener;
 use glommio::timer::Timer;
+use glommio::{Latency, Shares};
 use rkyv::util::AlignedVec;
 use rocksdb::DB;
 use roost_model::link::EngineFrame;
@@ -76,6 +77,10 @@ pub struct Shard {
     /// The buffer every connection of the shard receives into (see `wire`).
     pub rx: RxBuf,
 }
+
+/// How soon the log committer runs after its commit finished, under load (a glommio latency
+/// budget: the connections' task queue is preempted for it).
+const COMMIT_LATENCY: Duration = Duration::from_millis(1);
 
 /// How often a shard flushes counters, drains commands and checks deadlines.
 const TICK: Duration = Duration::from_millis(100);
@@ -179,7 +184,22 @@ pub async fn run(
             return;
         }
     };
-    let committer = glommio::spawn_local(log.clone().run_committer(metrics.clone()));
+    // The committer runs in its own latency-sensitive task queue: when a commit finishes on the
+    // blocking thread, glommio preempts the connections' queue at once to resume it, instead
+    // of letting it wait behind every runnable connection (PUBACK latency under load).
+    let log_queue = glommio::executor().create_task_queue(
+        Shares::default(),
+        Latency::Matters(COMMIT_LATENCY),
+        "log-committer",
+    );
+    let committer =
+        match glommio::spawn_local_into(log.clone().run_committer(metrics.clone()), log_queue) {
+            Ok(task) => task,
+            Err(e) => {
+                let _ = ready.send(Err(format!("shard {id}: cannot start the log committer: {e}")));
+                return;
+            }
+        };
     let shard = Rc::new(Shard {
         id,
         shared,
