@@ -196,7 +196,9 @@ pub async fn run(
         match glommio::spawn_local_into(log.clone().run_committer(metrics.clone()), log_queue) {
             Ok(task) => task,
             Err(e) => {
-                let _ = ready.send(Err(format!("shard {id}: cannot start the log committer: {e}")));
+                let _ = ready.send(Err(format!(
+                    "shard {id}: cannot start the log committer: {e}"
+                )));
                 return;
             }
         };

@@ -32,6 +32,9 @@ use rustls::ServerConfig;
 /// Size of a shard's receive buffer: one `recv` takes at most this much. Larger than a whole
 /// TLS record (18,437 bytes on the wire), so a record always fits with what was left over.
 pub const RX_BUF: usize = 64 * 1024;
+/// Most TLS input a connection may hold unprocessed: rustls joins a handshake message of up to
+/// 64 KiB across records and refuses larger ones; past handshakes it is one unfinished record.
+const MAX_HELD: usize = 0xffff + 2 * 18_437;
 
 /// The shard-wide buffer every connection of the shard receives into. Borrowed only inside a
 /// single poll, never across an await.
@@ -296,6 +299,9 @@ impl Tls {
             }
             fresh => {
                 if let Some(buf) = fresh {
+                    if self.incoming.len() + buf.len() > MAX_HELD {
+                        return Err(WireError::Protocol("TLS input over the limit"));
+                    }
                     self.incoming.extend_from_slice(buf);
                 }
                 let mut held = std::mem::take(&mut self.incoming);
@@ -607,6 +613,39 @@ mod tests {
         );
         let err = result.unwrap_err();
         assert!(err.starts_with("tls:"), "{err}");
+    }
+
+    #[test]
+    fn a_handshake_message_larger_than_64k_is_refused_not_buffered() {
+        let (server_cfg, _) = configs();
+        let result = with_server(
+            move |s| {
+                Box::pin(async move {
+                    let mut wire = Wire::tls(s, server_cfg).unwrap();
+                    let mut plain = BytesMut::new();
+                    let r = wire.handshake(&RxBuf::new(), &mut plain).await;
+                    let held = wire.tls.as_ref().map_or(0, |t| t.incoming.len());
+                    (r.map_err(|e| e.to_string()), held)
+                })
+            },
+            |addr| {
+                // A ClientHello header announcing 16 MiB, then handshake records of filler.
+                let mut s = std::net::TcpStream::connect(addr).unwrap();
+                let mut first = vec![0x16, 0x03, 0x01, 0x40, 0x00, 0x01, 0xff, 0xff, 0xff];
+                first.resize(5 + 0x4000, 0x41);
+                let _ = s.write_all(&first);
+                let mut filler = vec![0x16, 0x03, 0x03, 0x40, 0x00];
+                filler.resize(5 + 0x4000, 0x41);
+                for _ in 0..64 {
+                    if s.write_all(&filler).is_err() {
+                        break;
+                    }
+                }
+            },
+        );
+        let (result, held) = result;
+        assert!(result.unwrap_err().starts_with("tls:"));
+        assert!(held <= MAX_HELD, "held {held} bytes");
     }
 
     #[test]
