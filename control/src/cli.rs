@@ -85,6 +85,10 @@ pub struct UpArgs {
     pub cores: Option<usize>,
     #[arg(long, value_enum, default_value = "synced")]
     pub durability: DurabilityArg,
+    /// Group commit: shortest time in microseconds between two syncs of a log partition (a
+    /// batch of 64 KiB or more is synced at once). 0 syncs as soon as the last sync ended.
+    #[arg(long, default_value_t = 2000)]
+    pub commit_window_us: u64,
 }
 
 #[derive(Args, Clone)]
@@ -108,6 +112,10 @@ pub struct EngineArgs {
     pub node: String,
     #[arg(long, value_enum, default_value = "synced")]
     pub durability: DurabilityArg,
+    /// Group commit: shortest time in microseconds between two syncs of a log partition (a
+    /// batch of 64 KiB or more is synced at once). 0 syncs as soon as the last sync ended.
+    #[arg(long, default_value_t = 2000)]
+    pub commit_window_us: u64,
 }
 
 #[derive(Args, Clone)]
@@ -223,6 +231,7 @@ pub fn run_engine(args: EngineArgs) -> anyhow::Result<()> {
         cores: cores(args.cores),
         node: args.node.clone(),
         durability: durability(args.durability),
+        commit_window: std::time::Duration::from_micros(args.commit_window_us),
     };
     let mut ports = json!({ "mqtt": args.mqtt.port(), "ops": args.ops.port() });
     if let Some(p) = args.plain_mqtt {
@@ -290,7 +299,8 @@ pub fn run_up(args: UpArgs) -> anyhow::Result<()> {
                 DurabilityArg::Synced => "synced",
                 DurabilityArg::Written => "written",
             },
-        ]);
+        ])
+        .args(["--commit-window-us", &args.commit_window_us.to_string()]);
     if let Some(p) = args.plain_mqtt {
         engine_cmd.args(["--plain-mqtt", &p.to_string()]);
     }

@@ -64,6 +64,9 @@ pub struct EngineConfig {
     /// Name the engine gives itself on the control link.
     pub node: String,
     pub durability: Durability,
+    /// Shortest time between two commits of a partition: a trickle of messages shares one
+    /// sync per window; a batch of 64 KiB or more is committed at once.
+    pub commit_window: Duration,
 }
 
 /// Runs the engine until SIGINT or SIGTERM. `on_ready` is called once every shard listens and
@@ -102,6 +105,7 @@ pub fn run(config: EngineConfig, on_ready: impl FnOnce() + Send + 'static) -> an
         metrics: metrics.clone(),
         db: db.clone(),
         durability: config.durability,
+        commit_window: config.commit_window,
         link: link_tx,
         shards: cmd_txs.clone(),
     });

@@ -46,6 +46,7 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     pub db: Arc<DB>,
     pub durability: Durability,
+    pub commit_window: Duration,
     pub link: tokio::sync::mpsc::UnboundedSender<EngineFrame>,
     pub shards: Vec<Sender<ShardCommand>>,
 }
@@ -177,7 +178,12 @@ pub async fn run(
     ready: std::sync::mpsc::Sender<Result<(), String>>,
 ) {
     let metrics = Rc::new(shared.metrics.shard(id));
-    let log = match Partition::open(shared.db.clone(), partition_cf(id), shared.durability) {
+    let log = match Partition::open(
+        shared.db.clone(),
+        partition_cf(id),
+        shared.durability,
+        shared.commit_window,
+    ) {
         Ok(log) => log,
         Err(e) => {
             let _ = ready.send(Err(format!("shard {id}: {e}")));

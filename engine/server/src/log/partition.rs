@@ -5,7 +5,7 @@ use std::future::poll_fn;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::task::{Poll, Waker};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use rocksdb::{WriteBatch, WriteOptions, DB};
 
@@ -29,6 +29,8 @@ pub struct LogFailed(pub String);
 
 /// Largest batch buffer kept for reuse.
 const MAX_SPARE: usize = 8 << 20;
+/// Open-batch size at which a commit starts without waiting out the commit window.
+const FULL_BATCH: usize = 64 << 10;
 /// Open-batch size past which appenders wait for the committer.
 const MAX_OPEN: usize = 16 << 20;
 
@@ -55,13 +57,20 @@ pub struct Partition {
     db: Arc<DB>,
     cf: String,
     durability: Durability,
+    /// Shortest time between the starts of two commits (see [`Partition::run_committer`]).
+    window: Duration,
     state: RefCell<State>,
     stopping: Cell<bool>,
 }
 
 impl Partition {
     /// Opens partition `cf`, resuming after its last stored offset.
-    pub fn open(db: Arc<DB>, cf: String, durability: Durability) -> Result<Rc<Self>, LogFailed> {
+    pub fn open(
+        db: Arc<DB>,
+        cf: String,
+        durability: Durability,
+        window: Duration,
+    ) -> Result<Rc<Self>, LogFailed> {
         let handle = db
             .cf_handle(&cf)
             .ok_or_else(|| LogFailed(format!("missing column family {cf}")))?;
@@ -80,6 +89,7 @@ impl Partition {
             db,
             cf,
             durability,
+            window,
             state: RefCell::new(State {
                 next_offset,
                 open: Vec::new(),
@@ -160,6 +170,7 @@ impl Partition {
 
     /// The group-commit loop: one per partition, spawned on its shard.
     pub async fn run_committer(self: Rc<Self>, metrics: Rc<ShardMetrics>) {
+        let mut last_start: Option<Instant> = None;
         loop {
             let ready = poll_fn(|cx| {
                 let mut st = self.state.borrow_mut();
@@ -176,6 +187,14 @@ impl Partition {
             if !ready {
                 return;
             }
+            // Group commit: at most one sync per window, so a trickle from many devices shares
+            // its fsync; a batch already worth a sync of its own goes at once.
+            if let Some(since) = last_start.map(|t| t.elapsed()) {
+                if since < self.window && self.state.borrow().open.len() < FULL_BATCH {
+                    glommio::timer::Timer::new(self.window - since).await;
+                }
+            }
+            last_start = Some(Instant::now());
             let (records, first, id, count, opened_at) = {
                 let mut st = self.state.borrow_mut();
                 let spare = std::mem::take(&mut st.spare);
