@@ -15,7 +15,7 @@ up: build
 	$(CARGO_TARGET_DIR)/release/roost up
 
 test: setup
-	$(CARGO) build --bin roost
+	$(CARGO) build --bin roost --bin roost-bench
 	$(CARGO) test --workspace
 	ROOST_BIN=$(CARGO_TARGET_DIR)/debug/roost .venv/bin/python -m pytest tests/e2e -q
 
@@ -23,5 +23,5 @@ test-rust:
 	$(CARGO) test --workspace
 
 test-e2e:
-	$(CARGO) build --bin roost
+	$(CARGO) build --bin roost --bin roost-bench
 	ROOST_BIN=$(CARGO_TARGET_DIR)/debug/roost .venv/bin/python -m pytest tests/e2e -q

@@ -4,7 +4,8 @@ The tests start the real `roost` binary (control and engine as separate processe
 on free 127.0.0.1 ports with a temporary data directory, and drive it with the unmodified official
 Python SDKs (`azure-iot-device`, `azure-iot-hub`), raw paho-mqtt and raw HTTP.
 
-Binary: $ROOST_BIN, else $CARGO_TARGET_DIR/debug/roost, else <repo>/target/debug/roost.
+Binary: $ROOST_BIN, else $CARGO_TARGET_DIR/debug/roost, else <repo>/target/debug/roost; the load
+generator: $BENCH_BIN, else roost-bench beside it.
 
 Readiness is always a poll with a deadline (health endpoints, metrics, registry state), never a
 fixed sleep. Every process a test starts is killed at teardown, and the tail of its log is attached
@@ -62,6 +63,14 @@ def roost_bin() -> Path:
     target = os.environ.get("CARGO_TARGET_DIR")
     base = Path(target).resolve() if target else REPO_ROOT / "target"
     return base / "debug" / "roost"
+
+
+def bench_bin() -> Path:
+    """roost-bench, the load generator: $BENCH_BIN, else next to the roost binary."""
+    explicit = os.environ.get("BENCH_BIN")
+    if explicit:
+        return Path(explicit).resolve()
+    return roost_bin().parent / "roost-bench"
 
 
 def _child_env() -> dict[str, str]:
@@ -984,6 +993,15 @@ def roost_binary() -> Path:
     if not (path.is_file() and os.access(path, os.X_OK)):
         pytest.fail(f"roost binary not found at {path}: run `cargo build` first, "
                     f"or set ROOST_BIN / CARGO_TARGET_DIR", pytrace=False)
+    return path
+
+
+@pytest.fixture(scope="session")
+def bench_binary() -> Path:
+    path = bench_bin()
+    if not (path.is_file() and os.access(path, os.X_OK)):
+        pytest.fail(f"roost-bench not found at {path}: run `cargo build --bin roost-bench` first, "
+                    f"or set BENCH_BIN", pytrace=False)
     return path
 
 

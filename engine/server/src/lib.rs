@@ -23,6 +23,7 @@ pub mod httpd;
 pub mod link;
 pub mod log;
 pub mod metrics;
+mod nudge;
 mod ops;
 pub mod shard;
 mod signal;
@@ -99,6 +100,7 @@ pub fn run(config: EngineConfig, on_ready: impl FnOnce() + Send + 'static) -> an
     let (cmd_txs, cmd_rxs): (Vec<_>, Vec<_>) = (0..config.cores)
         .map(|_| crossbeam::channel::unbounded())
         .unzip();
+    let nudges: Vec<nudge::Nudge> = (0..config.cores).map(|_| nudge::Nudge::default()).collect();
     let shared = Arc::new(Shared {
         hostname: config.hostname.clone(),
         registry: registry.clone(),
@@ -108,6 +110,7 @@ pub fn run(config: EngineConfig, on_ready: impl FnOnce() + Send + 'static) -> an
         commit_window: config.commit_window,
         link: link_tx,
         shards: cmd_txs.clone(),
+        nudges: nudges.clone(),
     });
 
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
@@ -135,6 +138,7 @@ pub fn run(config: EngineConfig, on_ready: impl FnOnce() + Send + 'static) -> an
             Err(_) => anyhow::bail!("a shard did not start (see its error above)"),
         }
     }
+    let nudger = nudge::Nudger::start(nudges).context("starting the shard nudge thread")?;
 
     let mut link_client = quinn::ClientConfig::new(Arc::new(
         quinn::crypto::rustls::QuicClientConfig::try_from(tls::link_client_config(&certs)?)
@@ -180,6 +184,7 @@ pub fn run(config: EngineConfig, on_ready: impl FnOnce() + Send + 'static) -> an
             tracing::error!("a shard ended abnormally");
         }
     }
+    drop(nudger);
     db.flush_wal(true).context("flushing the events log")?;
     Ok(())
 }

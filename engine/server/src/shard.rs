@@ -49,6 +49,8 @@ pub struct Shared {
     pub commit_window: Duration,
     pub link: tokio::sync::mpsc::UnboundedSender<EngineFrame>,
     pub shards: Vec<Sender<ShardCommand>>,
+    /// Each shard's wake-up from outside (`nudge.rs`), by shard id.
+    pub nudges: Vec<crate::nudge::Nudge>,
 }
 
 /// Where a shard listens.
@@ -78,10 +80,6 @@ pub struct Shard {
     /// The buffer every connection of the shard receives into (see `wire`).
     pub rx: RxBuf,
 }
-
-/// How soon the log committer runs after its commit finished, under load (a glommio latency
-/// budget: the connections' task queue is preempted for it).
-const COMMIT_LATENCY: Duration = Duration::from_millis(1);
 
 /// How often a shard flushes counters, drains commands and checks deadlines.
 const TICK: Duration = Duration::from_millis(100);
@@ -190,12 +188,17 @@ pub async fn run(
             return;
         }
     };
-    // The committer runs in its own latency-sensitive task queue: when a commit finishes on the
-    // blocking thread, glommio preempts the connections' queue at once to resume it, instead
-    // of letting it wait behind every runnable connection (PUBACK latency under load).
+    if let Some(n) = shared.nudges.get(id) {
+        glommio::spawn_local(n.clone().listen()).detach();
+    }
+    // The committer runs in its own task queue: when its commit finishes it is scheduled by
+    // its queue's (small) runtime, ahead of the connections' queue, instead of waiting behind
+    // every runnable connection (PUBACK latency under load). Not `Latency::Matters`: that makes
+    // every finished commit force an eventfd wake-up, which in glommio 0.9 can park a shard
+    // that still has runnable tasks (see `nudge.rs`).
     let log_queue = glommio::executor().create_task_queue(
         Shares::default(),
-        Latency::Matters(COMMIT_LATENCY),
+        Latency::NotImportant,
         "log-committer",
     );
     let committer =
