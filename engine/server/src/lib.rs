@@ -15,7 +15,8 @@
 //! Layout: `shard` (executor, listeners, connection table), `conn` (one MQTT connection),
 //! `auth`, `telemetry` (PUBLISH → record), `log` (events log), `metrics`, `link` (control link),
 //! `ops` + `httpd` (HTTP), `tls` (certificates), `signal` (per-connection wake-ups), `wire`
-//! (a connection's bytes: plain or TLS, received through the shard's buffer).
+//! (a connection's bytes: plain or TLS, received through the shard's buffer), `nudge` (wakes
+//! every shard from outside, against a glommio 0.9 park).
 
 pub mod auth;
 mod conn;
