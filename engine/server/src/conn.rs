@@ -119,6 +119,9 @@ impl Conn {
                     false
                 };
                 if !future::or(write, stalled).await {
+                    // Some of it may be out already; sending it again at goodbye would break
+                    // the stream.
+                    self.wbuf.clear();
                     return "write_failed_or_stalled";
                 }
                 self.wbuf.clear();
@@ -159,7 +162,13 @@ impl Conn {
                 }
             };
             // A read that lost the race may still have delivered bytes (it appends before it
-            // finishes sending TLS output); whatever arrived is handled now.
+            // finishes sending TLS output); whatever arrived is handled first, so a packet that
+            // came in time is not judged by a keep-alive check that fired meanwhile.
+            if self.rbuf.len() > filled {
+                if let Err(reason) = self.on_bytes() {
+                    return reason;
+                }
+            }
             let step = match woken {
                 Woken::Read(Ok(0)) => Err(if self.identity.is_some() {
                     "connection_lost"
@@ -179,13 +188,6 @@ impl Conn {
                     .handle_timeout(Instant::now())
                     .map_err(|v| v.error_code()),
             };
-            let step = step.and_then(|()| {
-                if self.rbuf.len() > filled {
-                    self.on_bytes()
-                } else {
-                    Ok(())
-                }
-            });
             if let Err(reason) = step {
                 return reason;
             }

@@ -122,8 +122,18 @@ impl Wire {
     }
 
     /// Runs the TLS handshake to completion (no-op for plain TCP). Application data that arrived
-    /// with the client's last handshake flight is appended to `plain`.
+    /// with the client's last handshake flight is appended to `plain`. On failure the alert
+    /// rustls chose (no common version or cipher suite, a malformed message) is sent first.
     pub async fn handshake(&mut self, rx: &RxBuf, plain: &mut BytesMut) -> Result<(), WireError> {
+        let result = self.drive_handshake(rx, plain).await;
+        if result.is_err() {
+            // Best effort: the caller bounds the whole handshake in time.
+            let _ = self.flush_tls().await;
+        }
+        result
+    }
+
+    async fn drive_handshake(&mut self, rx: &RxBuf, plain: &mut BytesMut) -> Result<(), WireError> {
         loop {
             let Some(tls) = self.tls.as_deref_mut() else {
                 return Ok(());
@@ -288,6 +298,20 @@ impl Tls {
         plain: &mut BytesMut,
         out: Out<'_>,
     ) -> Result<Pumped, WireError> {
+        // rustls panics on some misuse of the unbuffered API (input it had seen, then not shown
+        // again); a bug of that kind must cost one connection, not the shard.
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.pump_unguarded(fresh, plain, out)
+        }))
+        .unwrap_or(Err(WireError::Protocol("TLS state machine failure")))
+    }
+
+    fn pump_unguarded(
+        &mut self,
+        fresh: Option<&mut [u8]>,
+        plain: &mut BytesMut,
+        out: Out<'_>,
+    ) -> Result<Pumped, WireError> {
         match fresh {
             // The common case: nothing held over, process straight from the shard buffer.
             Some(buf) if self.incoming.is_empty() => {
@@ -326,7 +350,14 @@ impl Tls {
         loop {
             let UnbufferedStatus { mut discard, state } =
                 self.conn.process_tls_records(&mut buf[used..]);
-            let step = match state? {
+            let state = match state {
+                Ok(state) => state,
+                Err(e) => {
+                    self.queue_alert(&mut buf[used + discard..]);
+                    return Err(e.into());
+                }
+            };
+            let step = match state {
                 ConnectionState::ReadTraffic(mut records) => {
                     while let Some(record) = records.next_record() {
                         let record = record?;
@@ -385,6 +416,22 @@ impl Tls {
                 }
                 return Ok((used, pumped));
             }
+        }
+    }
+}
+
+impl Tls {
+    /// After rustls failed, moves the alert it queued (if any) to `outgoing`: the unbuffered API
+    /// hands it out on the next call, as handshake data to encode, before it looks at input.
+    /// `rest` must be the input rustls has not discarded (it keeps offsets into it).
+    fn queue_alert(&mut self, rest: &mut [u8]) {
+        let UnbufferedStatus { state, .. } = self.conn.process_tls_records(rest);
+        if let Ok(ConnectionState::EncodeTlsData(mut encode)) = state {
+            let _ = append_with(&mut self.outgoing, 64, |dst| match encode.encode(dst) {
+                Ok(n) => Ok(n),
+                Err(EncodeError::InsufficientSize(s)) => Err(Some(s.required_size)),
+                Err(EncodeError::AlreadyEncoded) => Ok(0),
+            });
         }
     }
 }
@@ -605,10 +652,18 @@ mod tests {
             },
             |addr| {
                 let mut s = std::net::TcpStream::connect(addr).unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
                 s.write_all(b"\x10\x20MQTT not over TLS at all, sorry")
                     .unwrap();
                 let mut rest = Vec::new();
                 let _ = s.read_to_end(&mut rest);
+                // The server says why before it closes: one fatal alert record.
+                assert_eq!(
+                    rest.first(),
+                    Some(&0x15),
+                    "expected a TLS alert, got {rest:?}"
+                );
+                assert_eq!(rest.get(5), Some(&2), "alert level fatal: {rest:?}");
             },
         );
         let err = result.unwrap_err();
@@ -646,6 +701,51 @@ mod tests {
         let (result, held) = result;
         assert!(result.unwrap_err().starts_with("tls:"));
         assert!(held <= MAX_HELD, "held {held} bytes");
+    }
+
+    #[test]
+    fn a_corrupted_record_fails_the_read_and_the_close_still_works() {
+        let (server_cfg, roots) = configs();
+        let outcome = with_server(
+            move |s| {
+                Box::pin(async move {
+                    let rx = RxBuf::new();
+                    let mut wire = Wire::tls(s, server_cfg).unwrap();
+                    let mut plain = BytesMut::new();
+                    wire.handshake(&rx, &mut plain).await.unwrap();
+                    let mut got = 0;
+                    let err = loop {
+                        match wire.read(&rx, &mut plain).await {
+                            Ok(0) => break "end of stream".to_string(),
+                            Ok(n) => got += n,
+                            Err(e) => break e.to_string(),
+                        }
+                    };
+                    // rustls has seen the bad record; closing must not trip over it.
+                    let closed = wire.close().await.is_ok();
+                    (got, err, closed)
+                })
+            },
+            |addr| {
+                let mut c = client(addr, roots, &rustls::version::TLS13);
+                c.write_all(b"ok").unwrap();
+                c.flush().unwrap();
+                std::thread::sleep(Duration::from_millis(100));
+                c.conn.writer().write_all(b"tampered").unwrap();
+                let mut record = Vec::new();
+                while c.conn.wants_write() {
+                    c.conn.write_tls(&mut record).unwrap();
+                }
+                let last = record.len() - 1;
+                record[last] ^= 0x01; // the tag no longer matches
+                c.sock.write_all(&record).unwrap();
+                let mut rest = Vec::new();
+                let _ = c.sock.read_to_end(&mut rest);
+            },
+        );
+        let (got, err, _closed) = outcome;
+        assert_eq!(got, 2, "the good record was delivered");
+        assert!(err.starts_with("tls:"), "{err}");
     }
 
     #[test]
