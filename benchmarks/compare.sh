@@ -8,12 +8,14 @@
 #   (b) 1,000 devices at a fixed total rate, QoS 1
 #   (c) 50,000 idle TLS connections: server RSS per connection
 #   (d) TLS connect rate (connect + CONNACK + DISCONNECT loops)
+#   (h) the (b) fleet at half of each broker's own maximum: a flat-out run first (H_MAX_SECS)
+#       finds the QoS 1 rate it acknowledges, then the measured run goes at half of that
 #
 # Usage: benchmarks/compare.sh            full run (about 3 minutes of measurement plus set-up)
 #        QUICK=1 benchmarks/compare.sh    smoke run with small sizes (under 2 minutes)
 #
-# Overrides (environment): BROKERS="roost mosquitto rumqttd", SCENARIOS="a b c d", PAYLOAD,
-# A_SECS, B_SECS, B_DEVICES, B_RATE, B_INFLIGHT, IDLE, HOLD, D_SECS, D_LOOPS, WARMUP, DRAIN, MAX_DRAIN,
+# Overrides (environment): BROKERS="roost mosquitto rumqttd", SCENARIOS="a b c d h", PAYLOAD,
+# A_SECS, B_SECS, H_MAX_SECS, B_DEVICES, B_RATE, B_INFLIGHT, IDLE, HOLD, D_SECS, D_LOOPS, WARMUP, DRAIN, MAX_DRAIN,
 # THREADS, PORT_BASE, DOC (the Markdown file to update), ROOST_BIN / BENCH_BIN (use these
 # binaries and skip the build), KEEP_WORK=1 (keep the work directory).
 #
@@ -26,15 +28,16 @@ TARGET_DIR=${CARGO_TARGET_DIR:-$REPO/target}
 QUICK=${QUICK:-0}
 
 if [[ $QUICK == 1 ]]; then
-  d_a=3 d_b=3 d_devices=100 d_rate=2000 d_idle=500 d_hold=2 d_d=3 d_loops=4 d_warmup=1 d_drain=3 d_max_drain=20
+  d_a=3 d_b=3 d_hmax=3 d_devices=100 d_rate=2000 d_idle=500 d_hold=2 d_d=3 d_loops=4 d_warmup=1 d_drain=3 d_max_drain=20
 else
-  d_a=20 d_b=20 d_devices=1000 d_rate=20000 d_idle=50000 d_hold=10 d_d=15 d_loops=8 d_warmup=2 d_drain=10 d_max_drain=120
+  d_a=20 d_b=20 d_hmax=10 d_devices=1000 d_rate=20000 d_idle=50000 d_hold=10 d_d=15 d_loops=8 d_warmup=2 d_drain=10 d_max_drain=120
 fi
 BROKERS=${BROKERS:-roost mosquitto rumqttd}
-SCENARIOS=${SCENARIOS:-a b c d}
+SCENARIOS=${SCENARIOS:-a b c d h}
 PAYLOAD=${PAYLOAD:-100}
 A_SECS=${A_SECS:-$d_a}
 B_SECS=${B_SECS:-$d_b}
+H_MAX_SECS=${H_MAX_SECS:-$d_hmax}
 B_DEVICES=${B_DEVICES:-$d_devices}
 B_RATE=${B_RATE:-$d_rate}
 B_INFLIGHT=${B_INFLIGHT:-100}
@@ -260,36 +263,70 @@ scenario_args() { # scenario
     a) echo "--connections 1 --qos 0 --payload $PAYLOAD --rate 0 --duration $A_SECS --warmup $WARMUP --drain-timeout $DRAIN --max-drain $MAX_DRAIN" ;;
     b) echo "--connections $B_DEVICES --qos 1 --inflight $B_INFLIGHT --payload $PAYLOAD --rate $B_RATE --duration $B_SECS --warmup $WARMUP --drain-timeout $DRAIN --max-drain $MAX_DRAIN" ;;
     c) echo "--idle --connections $IDLE --hold $HOLD" ;;
+    h) echo "--connections $B_DEVICES --qos 1 --inflight $B_INFLIGHT --payload $PAYLOAD --warmup $WARMUP" ;; # + rate, duration: see measure
     d) echo "--connect-rate --connections $D_LOOPS --duration $D_SECS" ;;
   esac
 }
 
-measure() { # scenario broker
-  local sc=$1 broker=$2 tls=0
-  [[ $sc == c || $sc == d ]] && tls=1
-  case $broker in
-    roost) start_roost "$sc" ;;
-    mosquitto) start_mosquitto "$sc" ;;
-    rumqttd) start_rumqttd "$sc" ;;
+start_server() { # scenario broker
+  case $2 in
+    roost) start_roost "$1" ;;
+    mosquitto) start_mosquitto "$1" ;;
+    rumqttd) start_rumqttd "$1" ;;
   esac
+}
+
+run_bench() { # scenario broker name [extra roost-bench arguments...]: results in $RESULTS/<name>-<broker>.*
+  local sc=$1 broker=$2 name=$3 tls=0
+  shift 3
+  [[ $sc == c || $sc == d ]] && tls=1
   local targs sargs
   read -ra targs <<<"$(target_args "$broker" "$tls")"
   read -ra sargs <<<"$(scenario_args "$sc")"
-  local args=("${targs[@]}" "${sargs[@]}" --server-pid "$SERVER_PID" --json --label "$sc/$broker")
+  local args=("${targs[@]}" "${sargs[@]}" "$@" --server-pid "$SERVER_PID" --json --label "$name/$broker")
   [[ -n $THREADS ]] && args+=(--threads "$THREADS")
-  printf '%s\n' "[$sc/$broker] $(basename "$BENCH_BIN") ${args[*]}" | sed "s|$WORK|\$WORK|g" >>"$COMMANDS"
-  log "($sc) $broker: roost-bench ${args[*]}"
+  printf '%s\n' "[$name/$broker] $(basename "$BENCH_BIN") ${args[*]}" | sed "s|$WORK|\$WORK|g" >>"$COMMANDS"
+  log "($name) $broker: roost-bench ${args[*]}"
   local rc=0
   # In the background and waited for, so an interrupt reaches the trap at once.
-  "$BENCH_BIN" "${args[@]}" >"$RESULTS/$sc-$broker.json" 2>"$RESULTS/$sc-$broker.log" &
+  "$BENCH_BIN" "${args[@]}" >"$RESULTS/$name-$broker.json" 2>"$RESULTS/$name-$broker.log" &
   BENCH_PID=$!
   wait "$BENCH_PID" || rc=$?
   BENCH_PID=
-  echo "$rc" >"$RESULTS/$sc-$broker.rc"
+  echo "$rc" >"$RESULTS/$name-$broker.rc"
   if [[ $rc != 0 ]]; then
-    note "($sc) $broker: roost-bench exited $rc: $(grep '^roost-bench:' "$RESULTS/$sc-$broker.log" | tail -1)"
+    note "($name) $broker: roost-bench exited $rc: $(grep '^roost-bench:' "$RESULTS/$name-$broker.log" | tail -1)"
   fi
-  grep -h 'fell behind' "$RESULTS/$sc-$broker.log" | sed "s/^/($sc) $broker: /" >>"$NOTES" || true
+  grep -h 'fell behind' "$RESULTS/$name-$broker.log" | sed "s/^/($name) $broker: /" >>"$NOTES" || true
+  return "$rc"
+}
+
+json_field() { # file field: a number from roost-bench's JSON line, or nothing
+  python3 -c 'import json,sys; v=json.loads(open(sys.argv[1]).read().strip().splitlines()[-1]).get(sys.argv[2]); print("" if v is None else int(v))' "$1" "$2" 2>/dev/null || true
+}
+
+measure() { # scenario broker
+  local sc=$1 broker=$2
+  if [[ $sc != h ]]; then
+    start_server "$sc" "$broker"
+    run_bench "$sc" "$broker" "$sc" || true
+    stop_servers
+    return
+  fi
+  # (h): the maximum first (flat out, no reader: what the broker acknowledges), then half of it.
+  start_server b "$broker"
+  run_bench h "$broker" h-max --rate 0 --duration "$H_MAX_SECS" --no-readback || true
+  stop_servers
+  local max
+  max=$(json_field "$RESULTS/h-max-$broker.json" acked_msgs_per_s)
+  if [[ -z $max || $max -lt 2 ]]; then
+    note "(h) $broker: no maximum measured, half-rate run skipped"
+    echo 1 >"$RESULTS/h-$broker.rc"
+    return
+  fi
+  note "(h) $broker: flat-out maximum $max acknowledged msg/s without a reader; measured at $((max / 2)) msg/s"
+  start_server b "$broker"
+  run_bench h "$broker" h --rate "$((max / 2))" --duration "$B_SECS" --drain-timeout "$DRAIN" --max-drain "$MAX_DRAIN" || true
   stop_servers
 }
 
@@ -359,7 +396,7 @@ log "all runs done in ${elapsed} s"
 # The Markdown section.
 
 export WORK RESULTS NOTES COMMANDS DOC started elapsed machine roost_version bench_version mosq_version rumq_version
-export QUICK SCENARIOS BROKERS PAYLOAD A_SECS B_SECS B_DEVICES B_RATE B_INFLIGHT IDLE HOLD D_SECS D_LOOPS WARMUP DRAIN MAX_DRAIN
+export QUICK SCENARIOS BROKERS PAYLOAD A_SECS B_SECS H_MAX_SECS B_DEVICES B_RATE B_INFLIGHT IDLE HOLD D_SECS D_LOOPS WARMUP DRAIN MAX_DRAIN
 python3 - <<'PY'
 import json, os, re
 from pathlib import Path
@@ -371,6 +408,7 @@ titles = {
     "b": f"(b) {env['B_DEVICES']} devices, QoS 1, {env['B_RATE']} msg/s total, {env['B_SECS']} s",
     "c": f"(c) {env['IDLE']} idle TLS connections, {env['HOLD']} s hold",
     "d": f"(d) TLS connect rate, {env['D_LOOPS']} loops, {env['D_SECS']} s",
+    "h": f"(h) {env['B_DEVICES']} devices, QoS 1, at half of each broker's maximum (its acknowledged msg/s flat out with no reader, {env['H_MAX_SECS']} s, in the notes), {env['B_SECS']} s",
 }
 
 def fmt(v, unit="", scale=1.0, digits=0):
@@ -397,7 +435,7 @@ def row(sc, broker):
         fmt(d.get("puback_p99_us"), " ms", 1000, 2),
         fmt(d.get("server_cpu_s_per_m_msgs"), "", 1, 1),
         fmt(d.get("server_rss_held_kib", d.get("server_rss_after_kib")), " MiB", 1024, 1),
-        fmt(d.get("rss_per_conn_bytes"), " KiB", 1024, 1) if sc in ("b", "c") else "–",
+        fmt(d.get("rss_per_conn_bytes"), " KiB", 1024, 1) if sc in ("b", "c", "h") else "–",
         fmt(d.get("connects_per_s")),
         "ok" if rc == "0" else f"exit {rc}",
     ]
