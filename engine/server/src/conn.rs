@@ -20,7 +20,7 @@ use crate::auth::{self, Identity};
 use crate::shard::Shard;
 use crate::signal::{Signal, Wake};
 use crate::telemetry::{self, MAX_D2C_BODY};
-use crate::wire::Wire;
+use crate::wire::{Wire, WireError};
 
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time a client has to send CONNECT after the transport is up.
@@ -38,7 +38,7 @@ const ACTIVITY_EVERY: Duration = Duration::from_secs(5);
 type Reason = &'static str;
 
 enum Woken {
-    Read(Result<usize, crate::wire::WireError>),
+    Read(Result<usize, WireError>),
     Durable(Result<(), crate::log::LogFailed>),
     Signal(Wake),
 }
@@ -176,7 +176,9 @@ impl Conn {
                     "closed_before_connect"
                 }),
                 Woken::Read(Ok(_)) => Ok(()),
-                Woken::Read(Err(_)) => Err("io_error"),
+                Woken::Read(Err(WireError::Io(_))) => Err("io_error"),
+                // A record that fails to decrypt or parse, an alert from the peer.
+                Woken::Read(Err(_)) => Err("tls_error"),
                 Woken::Durable(Ok(())) => {
                     self.ack_durable();
                     Ok(())
