@@ -987,22 +987,22 @@ def pytest_runtest_makereport(item, call):
             report.sections.append((f"roost log: {label} ({path})", tail_file(path, 80)))
 
 
+def _executable(path: Path, what: str, how: str) -> Path:
+    if not (path.is_file() and os.access(path, os.X_OK)):
+        pytest.fail(f"{what} not found at {path}: {how}", pytrace=False)
+    return path
+
+
 @pytest.fixture(scope="session")
 def roost_binary() -> Path:
-    path = roost_bin()
-    if not (path.is_file() and os.access(path, os.X_OK)):
-        pytest.fail(f"roost binary not found at {path}: run `cargo build` first, "
-                    f"or set ROOST_BIN / CARGO_TARGET_DIR", pytrace=False)
-    return path
+    return _executable(roost_bin(), "roost binary",
+                       "run `cargo build` first, or set ROOST_BIN / CARGO_TARGET_DIR")
 
 
 @pytest.fixture(scope="session")
 def bench_binary() -> Path:
-    path = bench_bin()
-    if not (path.is_file() and os.access(path, os.X_OK)):
-        pytest.fail(f"roost-bench not found at {path}: run `cargo build --bin roost-bench` first, "
-                    f"or set BENCH_BIN", pytrace=False)
-    return path
+    return _executable(bench_bin(), "roost-bench",
+                       "run `cargo build --bin roost-bench` first, or set BENCH_BIN")
 
 
 @pytest.fixture

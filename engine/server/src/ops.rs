@@ -29,7 +29,7 @@ const MAX_READ: usize = 10_000;
 impl Ops {
     pub async fn handle(self: Arc<Self>, req: Req) -> Resp {
         let path = req.uri().path().to_string();
-        let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+        let segments = path_segments(&path);
         // Bounded reads (at most MAX_READ records, usually from the memtable) are served on
         // this thread: handing each to a blocking-pool thread cost more than the read (about
         // 40 µs of CPU per empty poll, in thread wake-ups). Consumer-group requests, which
@@ -38,9 +38,7 @@ impl Ops {
             return self.route(req.method(), &segments, &req);
         }
         let result = tokio::task::spawn_blocking(move || {
-            let path = req.uri().path().to_string();
-            let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
-            self.route(req.method(), &segments, &req)
+            self.route(req.method(), &path_segments(&path), &req)
         })
         .await;
         result.unwrap_or_else(|e| httpd::text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
@@ -142,6 +140,11 @@ impl Ops {
             Err(e) => httpd::text(StatusCode::INTERNAL_SERVER_ERROR, e),
         }
     }
+}
+
+/// `/events/groups/g/records` → `["events", "groups", "g", "records"]`.
+fn path_segments(path: &str) -> Vec<&str> {
+    path.trim_matches('/').split('/').collect()
 }
 
 fn bad(why: &str) -> Resp {

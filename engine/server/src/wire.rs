@@ -26,7 +26,9 @@ use bytes::BytesMut;
 use futures_lite::io::{AsyncRead, AsyncWriteExt};
 use glommio::net::TcpStream;
 use rustls::server::UnbufferedServerConnection;
-use rustls::unbuffered::{ConnectionState, EncodeError, EncryptError, UnbufferedStatus};
+use rustls::unbuffered::{
+    ConnectionState, EncodeError, EncodeTlsData, EncryptError, UnbufferedStatus,
+};
 use rustls::ServerConfig;
 
 /// Size of a shard's receive buffer: one `recv` takes at most this much. Larger than a whole
@@ -367,11 +369,7 @@ impl Tls {
                     None
                 }
                 ConnectionState::EncodeTlsData(mut encode) => {
-                    append_with(&mut self.outgoing, 4096, |dst| match encode.encode(dst) {
-                        Ok(n) => Ok(n),
-                        Err(EncodeError::InsufficientSize(s)) => Err(Some(s.required_size)),
-                        Err(EncodeError::AlreadyEncoded) => Ok(0),
-                    })?;
+                    append_encoded(&mut self.outgoing, &mut encode)?;
                     None
                 }
                 // Encoded bytes wait in `outgoing`; the caller writes them before it reads again.
@@ -427,11 +425,7 @@ impl Tls {
     fn queue_alert(&mut self, rest: &mut [u8]) {
         let UnbufferedStatus { state, .. } = self.conn.process_tls_records(rest);
         if let Ok(ConnectionState::EncodeTlsData(mut encode)) = state {
-            let _ = append_with(&mut self.outgoing, 64, |dst| match encode.encode(dst) {
-                Ok(n) => Ok(n),
-                Err(EncodeError::InsufficientSize(s)) => Err(Some(s.required_size)),
-                Err(EncodeError::AlreadyEncoded) => Ok(0),
-            });
+            let _ = append_encoded(&mut self.outgoing, &mut encode);
         }
     }
 }
@@ -458,6 +452,18 @@ fn append_with(
             }
         }
     }
+}
+
+/// Appends the handshake record rustls hands out in an `EncodeTlsData` state.
+fn append_encoded<Data>(
+    dst: &mut Vec<u8>,
+    encode: &mut EncodeTlsData<'_, Data>,
+) -> Result<(), WireError> {
+    append_with(dst, 4096, |out| match encode.encode(out) {
+        Ok(n) => Ok(n),
+        Err(EncodeError::InsufficientSize(s)) => Err(Some(s.required_size)),
+        Err(EncodeError::AlreadyEncoded) => Ok(0),
+    })
 }
 
 /// The size rustls asked for, or `None` for any other encryption failure.
@@ -540,6 +546,25 @@ mod tests {
         handle.join().unwrap()
     }
 
+    /// A TLS wire over `s` with its handshake done: (receive buffer, wire, plaintext so far).
+    async fn accepted(s: TcpStream, cfg: Arc<ServerConfig>) -> (RxBuf, Wire, BytesMut) {
+        let rx = RxBuf::new();
+        let mut wire = Wire::tls(s, cfg).unwrap();
+        let mut plain = BytesMut::new();
+        wire.handshake(&rx, &mut plain).await.unwrap();
+        (rx, wire, plain)
+    }
+
+    /// The TLS bytes the client would send for `data`, encrypted but not sent.
+    fn sealed(c: &mut StreamOwned<ClientConnection, std::net::TcpStream>, data: &[u8]) -> Vec<u8> {
+        c.conn.writer().write_all(data).unwrap();
+        let mut out = Vec::new();
+        while c.conn.wants_write() {
+            c.conn.write_tls(&mut out).unwrap();
+        }
+        out
+    }
+
     /// Echoes plaintext until the peer ends the stream; returns how many bytes went through.
     async fn echo(mut wire: Wire) -> Result<usize, WireError> {
         let rx = RxBuf::new();
@@ -611,11 +636,7 @@ mod tests {
                 c.read_exact(&mut one).unwrap();
                 // Encrypt a record without sending it, then send it in three pieces.
                 let sent = pattern(5_000);
-                c.conn.writer().write_all(&sent).unwrap();
-                let mut wire_bytes = Vec::new();
-                while c.conn.wants_write() {
-                    c.conn.write_tls(&mut wire_bytes).unwrap();
-                }
+                let wire_bytes = sealed(&mut c, &sent);
                 for piece in [
                     &wire_bytes[..3],
                     &wire_bytes[3..2_000],
@@ -709,10 +730,7 @@ mod tests {
         let outcome = with_server(
             move |s| {
                 Box::pin(async move {
-                    let rx = RxBuf::new();
-                    let mut wire = Wire::tls(s, server_cfg).unwrap();
-                    let mut plain = BytesMut::new();
-                    wire.handshake(&rx, &mut plain).await.unwrap();
+                    let (rx, mut wire, mut plain) = accepted(s, server_cfg).await;
                     let mut got = 0;
                     let err = loop {
                         match wire.read(&rx, &mut plain).await {
@@ -731,11 +749,7 @@ mod tests {
                 c.write_all(b"ok").unwrap();
                 c.flush().unwrap();
                 std::thread::sleep(Duration::from_millis(100));
-                c.conn.writer().write_all(b"tampered").unwrap();
-                let mut record = Vec::new();
-                while c.conn.wants_write() {
-                    c.conn.write_tls(&mut record).unwrap();
-                }
+                let mut record = sealed(&mut c, b"tampered");
                 let last = record.len() - 1;
                 record[last] ^= 0x01; // the tag no longer matches
                 c.sock.write_all(&record).unwrap();
@@ -774,10 +788,7 @@ mod tests {
         let got = with_server(
             move |s| {
                 Box::pin(async move {
-                    let rx = RxBuf::new();
-                    let mut wire = Wire::tls(s, server_cfg).unwrap();
-                    let mut plain = BytesMut::new();
-                    wire.handshake(&rx, &mut plain).await.unwrap();
+                    let (rx, mut wire, mut plain) = accepted(s, server_cfg).await;
                     loop {
                         let read = async { Some(wire.read(&rx, &mut plain).await) };
                         let tick = async {
