@@ -3,7 +3,7 @@
 CARGO ?= cargo
 export CARGO_TARGET_DIR ?= $(CURDIR)/target
 
-.PHONY: setup up build test test-rust test-e2e bench
+.PHONY: setup up build test test-setup test-rust test-e2e bench
 
 setup:
 	./scripts/setup.sh
@@ -14,10 +14,14 @@ build: setup
 up: build
 	$(CARGO_TARGET_DIR)/release/roost up
 
-test: setup
+test: setup test-setup
 	$(CARGO) build --bin roost --bin roost-bench
 	$(CARGO) test --workspace
 	ROOST_BIN=$(CARGO_TARGET_DIR)/debug/roost .venv/bin/python -m pytest tests/e2e -q
+
+# The set-up's detection on simulated fresh machines (needs root: a private mount namespace).
+test-setup:
+	./scripts/test_setup.sh
 
 test-rust:
 	$(CARGO) test --workspace
