@@ -3,7 +3,7 @@
 CARGO ?= cargo
 export CARGO_TARGET_DIR ?= $(CURDIR)/target
 
-.PHONY: setup up build test test-setup test-rust test-e2e bench
+.PHONY: setup up build test test-setup test-layering test-rust test-e2e bench
 
 setup:
 	./scripts/setup.sh
@@ -14,7 +14,7 @@ build: setup
 up: build
 	$(CARGO_TARGET_DIR)/release/roost up
 
-test: setup test-setup
+test: setup test-setup test-layering
 	$(CARGO) build --bin roost --bin roost-bench
 	$(CARGO) test --workspace
 	ROOST_BIN=$(CARGO_TARGET_DIR)/debug/roost .venv/bin/python -m pytest tests/e2e -q
@@ -22,6 +22,10 @@ test: setup test-setup
 # The set-up's detection on simulated fresh machines (needs root: a private mount namespace).
 test-setup:
 	./scripts/test_setup.sh
+
+# DESIGN.md §3's layering, on the real dependency graph.
+test-layering:
+	./scripts/check_layering.sh
 
 test-rust:
 	$(CARGO) test --workspace

@@ -3,146 +3,70 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
 use hyper::Method;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::CertificateDer;
+use roost_common::client::Response;
+use roost_common::hubfile;
+use roost_common::service::{ServiceClient, API_VERSION};
 use serde_json::{json, Value};
 
-use crate::http;
-
-/// The IoT Hub API version in usernames and service calls.
-pub const API_VERSION: &str = "2021-04-12";
 /// Bulk registry requests carry at most this many devices (IoT Hub's limit).
 const BULK_MAX: usize = 100;
 
-/// The parts of `<data>/hub.json` the generator uses.
+/// The parts of `<data>/hub.json` the generator uses (read with `roost_common::hubfile`).
 #[derive(Debug, Clone)]
 pub struct Hub {
     pub hostname: String,
     pub ca: PathBuf,
-    pub service_url: String,
     pub ops_url: String,
-    service_key_name: String,
-    service_key: Vec<u8>,
-    pub mqtt_port: Option<u16>,
-    pub plain_mqtt_port: Option<u16>,
+    info: hubfile::HubInfo,
 }
 
 impl Hub {
     pub fn read(data_dir: &Path) -> anyhow::Result<Hub> {
-        let path = data_dir.join("hub.json");
-        let bytes = std::fs::read(&path).with_context(|| {
-            format!(
-                "no hub at {} (is `roost up` running with this --data-dir?)",
-                path.display()
-            )
-        })?;
-        let v: Value = serde_json::from_slice(&bytes)
-            .with_context(|| format!("{} is not JSON", path.display()))?;
-        let s = |k: &str| {
-            v.get(k)
-                .and_then(Value::as_str)
-                .map(str::to_string)
-                .with_context(|| format!("{} lacks {k}", path.display()))
-        };
-        let port = |k: &str| {
-            v.get("ports")
-                .and_then(|p| p.get(k))
-                .and_then(Value::as_u64)
-                .and_then(|p| u16::try_from(p).ok())
-        };
-        let cs =
-            roost_iothub::connstr::ServiceConnectionString::parse(&s("service_connection_string")?)
-                .map_err(|e| anyhow::anyhow!("service connection string in hub.json: {e}"))?;
-        let service_key = roost_iothub::sas::decode_key(&cs.key)
-            .map_err(|e| anyhow::anyhow!("service key in hub.json: {e}"))?;
+        let info = hubfile::read(data_dir)?;
         Ok(Hub {
-            hostname: s("hostname")?,
-            ca: s("ca")?.into(),
-            service_url: s("service_url")?,
-            ops_url: s("ops_url").context("is the engine running?")?,
-            service_key_name: cs.key_name,
-            service_key,
-            mqtt_port: port("mqtt"),
-            plain_mqtt_port: port("plain_mqtt"),
+            hostname: info.hostname.clone(),
+            ca: info.ca.clone(),
+            ops_url: info.ops_url(data_dir)?.to_string(),
+            info,
         })
     }
 
     /// The MQTT address on loopback: the TLS listener or the plain one.
     pub fn mqtt_addr(&self, tls: bool) -> anyhow::Result<SocketAddr> {
         let port = if tls {
-            self.mqtt_port.context("hub.json has no ports.mqtt")?
+            self.info.mqtt_port.context("hub.json has no ports.mqtt")?
         } else {
-            self.plain_mqtt_port.context("hub.json has no ports.plain_mqtt: start the hub with `roost up --plain-mqtt ADDR`, or pass --tls")?
+            self.info.plain_mqtt_port.context("hub.json has no ports.plain_mqtt: start the hub with `roost up --plain-mqtt ADDR`, or pass --tls")?
         };
         Ok(SocketAddr::from(([127, 0, 0, 1], port)))
     }
 
-    fn service_token(&self) -> String {
-        let resource = roost_iothub::sas::encode_resource(&self.hostname);
-        roost_iothub::sas::sign(
-            &resource,
-            &self.service_key,
-            unix_now() + 3600,
-            Some(&self.service_key_name),
-        )
-    }
-
-    async fn service_client(&self) -> anyhow::Result<http::Client> {
-        let mut roots = rustls::RootCertStore::empty();
-        for cert in CertificateDer::pem_file_iter(&self.ca)
-            .with_context(|| format!("cannot read {}", self.ca.display()))?
-        {
-            roots.add(cert?)?;
-        }
-        let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-        http::Client::new(
-            &self.service_url,
-            Some((Arc::new(cfg), self.hostname.clone())),
-        )
-    }
-
     async fn call(
         &self,
-        client: &mut http::Client,
+        client: &mut ServiceClient,
         method: Method,
         path: &str,
         body: Value,
         if_match: bool,
-    ) -> anyhow::Result<http::Response> {
-        let mut headers = vec![
-            ("authorization", self.service_token()),
-            ("accept", "application/json".to_string()),
-            (
-                "content-type",
-                "application/json; charset=utf-8".to_string(),
-            ),
-        ];
-        if if_match {
-            headers.push(("if-match", "\"*\"".to_string()));
-        }
-        let path = format!("{path}?api-version={API_VERSION}");
-        client
-            .request(method, &path, &headers, Some(serde_json::to_vec(&body)?))
-            .await
+    ) -> anyhow::Result<Response> {
+        let any = [("if-match", "\"*\"".to_string())];
+        let extra: &[(&str, String)] = if if_match { &any } else { &[] };
+        Ok(client
+            .call(method, path, Some(serde_json::to_vec(&body)?), extra)
+            .await?)
     }
 
     /// Makes sure devices `ids` exist with symmetric key `key` (primary and secondary):
     /// bulk `create`, then bulk `update` for those that already existed (their key may differ);
     /// single `PUT` with `If-Match: *` if the hub has no bulk endpoint.
     pub async fn ensure_devices(&self, ids: &[String], key: &str) -> anyhow::Result<Provisioned> {
-        let mut client = self.service_client().await?;
+        let mut client = ServiceClient::new(self.info.clone())?;
         let mut out = Provisioned::default();
         for (c, chunk) in ids.chunks(BULK_MAX).enumerate() {
             let base = c * BULK_MAX;
@@ -189,7 +113,7 @@ impl Hub {
 
     async fn put_device(
         &self,
-        client: &mut http::Client,
+        client: &mut ServiceClient,
         id: &str,
         key: &str,
     ) -> anyhow::Result<()> {
@@ -242,7 +166,7 @@ fn bulk_body(ids: &[String], mode: &str, key: &str) -> Value {
 
 /// The devices of a bulk `create` answer that failed only because they already exist; any
 /// other failure is an error.
-fn existing_from_bulk(resp: &http::Response, chunk: &[String]) -> anyhow::Result<Vec<String>> {
+fn existing_from_bulk(resp: &Response, chunk: &[String]) -> anyhow::Result<Vec<String>> {
     let parsed: Option<Value> = serde_json::from_slice(&resp.body).ok();
     let result = match (resp.status, parsed) {
         (200 | 400, Some(v)) if v.get("isSuccessful").is_some() => v,
@@ -306,8 +230,8 @@ pub fn unix_now() -> u64 {
 mod tests {
     use super::*;
 
-    fn resp(status: u16, body: Value) -> http::Response {
-        http::Response {
+    fn resp(status: u16, body: Value) -> Response {
+        Response {
             status,
             body: serde_json::to_vec(&body).expect("json").into(),
         }

@@ -24,7 +24,6 @@
 mod client;
 mod connrate;
 mod frame;
-mod http;
 mod hub;
 mod idle;
 mod net;

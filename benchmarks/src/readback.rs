@@ -23,7 +23,7 @@ use tokio::task::JoinSet;
 use crate::client::{handshake, FrameReader};
 use crate::net::{self, Sources, Transport};
 use crate::stamp::Stamp;
-use crate::{frame, http, unix_nanos};
+use crate::{frame, unix_nanos};
 
 /// Records asked for per consumer-API call.
 const PAGE: usize = 5000;
@@ -287,7 +287,7 @@ impl OpsReader {
 
 /// `(partition, next offset)` of every partition of the events log.
 async fn partition_ends(ops_url: &str) -> anyhow::Result<Vec<(usize, u64)>> {
-    let mut client = http::Client::new(ops_url, None)?;
+    let mut client = roost_common::client::Client::new(ops_url, None)?;
     let resp = client
         .request(Method::GET, "/events/partitions", &[], None)
         .await
@@ -313,7 +313,7 @@ async fn fetch(
     goal: &Goal,
     unique: &AtomicU64,
 ) -> anyhow::Result<u64> {
-    let mut client = http::Client::new(ops_url, None)?;
+    let mut client = roost_common::client::Client::new(ops_url, None)?;
     while !goal.reached(unique.load(Ordering::Relaxed)) {
         let path = format!("/events/partitions/{partition}/records?from={next}&max={PAGE}");
         let resp = client.request(Method::GET, &path, &[], None).await?;

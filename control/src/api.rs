@@ -5,8 +5,8 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use hyper::{Method, StatusCode};
+use roost_common::httpd::{self, percent_decode, query_param, Req, Resp};
 use roost_iothub::sas::SasToken;
-use roost_server::httpd::{self, percent_decode, query_param, Req, Resp};
 use serde_json::json;
 
 use crate::device::{
@@ -127,6 +127,18 @@ fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
+/// A policy's two keys, decoded. A stored key that is not base64 is a fault of the store, and
+/// a server error: it must never turn into an empty key that an empty-key signature matches.
+fn policy_keys(policy: &crate::policies::Policy) -> Result<[Vec<u8>; 2], HubError> {
+    let decode = |k: &str| {
+        roost_iothub::sas::decode_key(k).map_err(|_| {
+            tracing::error!(policy = %policy.name, "a stored shared access policy key is not base64");
+            HubError::server(format!("shared access policy {} has a corrupt key", policy.name))
+        })
+    };
+    Ok([decode(&policy.primary_key)?, decode(&policy.secondary_key)?])
+}
+
 /// The request's `If-Match` etag, quotes stripped.
 fn if_match(req: &Req) -> Option<String> {
     let value = req.headers().get("if-match")?.to_str().ok()?;
@@ -215,12 +227,7 @@ impl Api {
                 "the token's resource does not cover this hub",
             ));
         }
-        let keys = [policy.primary_key.as_str(), policy.secondary_key.as_str()].map(|k| {
-            use base64::Engine as _;
-            base64::engine::general_purpose::STANDARD
-                .decode(k)
-                .unwrap_or_default()
-        });
+        let keys = policy_keys(&policy)?;
         token
             .verify(&[&keys[0], &keys[1]], unix_now())
             .map_err(|e| {
@@ -681,5 +688,24 @@ mod tests {
             StatusCode::OK
         );
         let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn a_corrupt_policy_key_is_a_server_error_never_an_empty_key() {
+        let policy = crate::policies::Policy {
+            name: "broken".into(),
+            primary_key: "not base64!".into(),
+            secondary_key: base64::engine::general_purpose::STANDARD.encode([1u8; 32]),
+            rights: vec![Right::RegistryRead],
+        };
+        let err = policy_keys(&policy).expect_err("corrupt key");
+        assert_eq!(err.status, StatusCode::INTERNAL_SERVER_ERROR);
+        let good = crate::policies::Policy {
+            primary_key: base64::engine::general_purpose::STANDARD.encode([2u8; 32]),
+            ..policy
+        };
+        let keys = policy_keys(&good).expect("valid keys");
+        assert_eq!(keys[0], vec![2u8; 32]);
+        assert_eq!(keys[1], vec![1u8; 32]);
     }
 }

@@ -9,7 +9,7 @@ use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose,
 };
-use roost_server::tls::{CertPaths, LINK_SERVER_NAME};
+use roost_common::tls::{CertPaths, LINK_SERVER_NAME};
 
 /// Creates the CA and certificates under `<data>/certs/` unless they already exist.
 pub fn ensure(data_dir: &Path, hostname: &str) -> anyhow::Result<CertPaths> {

@@ -1,22 +1,20 @@
-//! roost-control: the control plane (`roost control`) and the `roost` command line.
+//! roost-control: the control plane (`roost control`).
 //!
 //! What it is: the registry of record (device identities and shared access policies in
 //! RocksDB), the service REST API on :8443 that the Azure IoT service SDKs speak, and the QUIC
 //! server of the control link that keeps every engine's registry replica current and collects
 //! connection state. It also generates the hub's certificates and writes `hub.json`.
 //!
-//! What it is not: on the data path. No device message passes through control; engines keep
-//! working from their replicas while it is down.
+//! What it is not: on the data path, nor a glommio user. No device message passes through
+//! control; engines keep working from their replicas while it is down. The `roost` binary that
+//! runs it lives in `control/cli` (crate `roost-cli`), above this crate and the engine.
 //!
 //! Layout: `store` (RocksDB), `device` + `policies` (data), `api` (REST), `linkserver` (QUIC),
-//! `certs`, `hubfile`, `metrics`; `client` and `cli` serve the `roost` binary.
+//! `certs`, `metrics`. HTTP serving, certificate loading and hub.json come from `roost-common`.
 
 pub mod api;
 pub mod certs;
-pub mod cli;
-pub mod client;
 pub mod device;
-pub mod hubfile;
 pub mod linkserver;
 pub mod metrics;
 pub mod policies;
@@ -28,7 +26,9 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use hyper::StatusCode;
-use roost_server::httpd;
+use roost_common::shutdown::wait_for_shutdown_signal;
+use roost_common::{httpd, hubfile, tls};
+use roost_model::link::{Epoch, EpochPayload};
 use serde_json::json;
 
 /// Everything `roost control` is told on its command line.
@@ -77,7 +77,7 @@ pub fn run(config: ControlConfig, on_ready: impl FnOnce() + Send + 'static) -> a
         .enable_all()
         .build()?;
     runtime.block_on(async move {
-        let service_tls = tokio_rustls::TlsAcceptor::from(roost_server::tls::device_server_config(&certs)?);
+        let service_tls = tokio_rustls::TlsAcceptor::from(tls::device_server_config(&certs)?);
         let service = tokio::net::TcpListener::bind(config.service)
             .await
             .with_context(|| format!("cannot listen on service address {}", config.service))?;
@@ -102,7 +102,7 @@ pub fn run(config: ControlConfig, on_ready: impl FnOnce() + Send + 'static) -> a
             }
         }));
 
-        let link_tls = quinn::crypto::rustls::QuicServerConfig::try_from(roost_server::tls::link_server_config(&certs)?)
+        let link_tls = quinn::crypto::rustls::QuicServerConfig::try_from(tls::link_server_config(&certs)?)
             .map_err(|e| anyhow::anyhow!("control link TLS: {e}"))?;
         let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(link_tls));
         let mut transport = quinn::TransportConfig::default();
@@ -111,12 +111,20 @@ pub fn run(config: ControlConfig, on_ready: impl FnOnce() + Send + 'static) -> a
         server_config.transport_config(Arc::new(transport));
         let endpoint = quinn::Endpoint::server(server_config, config.link)
             .with_context(|| format!("cannot listen on link address {}", config.link))?;
-        let link = Arc::new(linkserver::LinkServer { store: store.clone(), metrics: metrics.clone() });
+        // The config epoch engines run. Its payload is empty until routing fills it, so every
+        // control computes the same epoch 1; the routing issue stores epochs in the store.
+        let (epoch, _) = tokio::sync::watch::channel(Epoch::new(1, EpochPayload::default()));
+        let link = Arc::new(linkserver::LinkServer {
+            store: store.clone(),
+            metrics: metrics.clone(),
+            epoch,
+            commands: Arc::new(linkserver::Commands::default()),
+        });
         tokio::spawn(link.run(endpoint.clone()));
 
         tracing::info!(service = %config.service, ops = %config.ops, link = %config.link, hostname = %config.hostname, "control ready");
         on_ready();
-        roost_server::wait_for_shutdown_signal().await;
+        wait_for_shutdown_signal().await;
         tracing::info!("control stopping");
         endpoint.close(0u32.into(), b"control stopping");
         anyhow::Ok(())

@@ -1,26 +1,151 @@
 //! Control's end of the QUIC control link: brings each engine's registry replica up to date
 //! (deltas from the change log when it has them, a snapshot otherwise), streams new changes in
-//! order, and records the connection state engines report.
+//! order, keeps every engine on control's config epoch (sent after `Hello`, re-sent when a
+//! heartbeat shows another, not re-sent once rejected), records the connection state engines
+//! report, and carries commands for a device session to the engine holding it ([`Commands`]).
 
-use std::collections::HashSet;
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use roost_model::link::{ControlFrame, EngineFrame};
+use roost_common::link::LinkError;
+use roost_model::link::{
+    CommandOutcome, ControlFrame, DeviceCommand, EngineFrame, Epoch, EpochHash, FrameError,
+};
 use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::{mpsc, oneshot, watch};
 
+use roost_common::link::read_frame_body;
 use roost_iothub::time::iso_ms;
-use roost_server::link::read_frame_body;
 
 use crate::api::iso_now;
 use crate::metrics::ControlMetrics;
-use crate::store::Store;
+use crate::store::{Store, StoreError};
 
 /// Most registry changes sent in one `Deltas` frame.
 const MAX_DELTAS_PER_FRAME: usize = 1024;
 
+/// Why an engine's link ended.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkClosed {
+    #[error("link connection: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    #[error("reading from the engine: {0}")]
+    Read(#[from] LinkError),
+    #[error("the engine sent a frame that is not one: {0}")]
+    Frame(#[from] FrameError),
+    #[error("expected Hello first, got a {0} frame")]
+    NoHello(&'static str),
+    #[error("writing to the engine: {0}")]
+    Write(#[from] quinn::WriteError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("the engine closed the link")]
+    EngineClosed,
+    #[error("control is stopping")]
+    Stopping,
+    #[error("the store's change feed closed")]
+    StoreClosed,
+}
+
+/// An epoch a heartbeat says an engine lacks is re-sent at most this often.
+const EPOCH_RESEND: Duration = Duration::from_secs(5);
+
 pub struct LinkServer {
     pub store: Arc<Store>,
     pub metrics: Arc<ControlMetrics>,
+    /// The config epoch every engine should run.
+    pub epoch: watch::Sender<Epoch>,
+    pub commands: Arc<Commands>,
+}
+
+/// Commands for device sessions: which link holds which device, and who waits for which answer.
+#[derive(Default)]
+pub struct Commands {
+    next_id: AtomicU64,
+    links: Mutex<HashMap<u64, LinkEntry>>,
+    waiting: Mutex<HashMap<u64, oneshot::Sender<CommandOutcome>>>,
+}
+
+struct LinkEntry {
+    frames: mpsc::UnboundedSender<ControlFrame>,
+    devices: HashSet<String>,
+}
+
+fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Commands {
+    fn add_link(&self, frames: mpsc::UnboundedSender<ControlFrame>) -> u64 {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        locked(&self.links).insert(
+            id,
+            LinkEntry {
+                frames,
+                devices: HashSet::new(),
+            },
+        );
+        id
+    }
+
+    fn remove_link(&self, link: u64) {
+        locked(&self.links).remove(&link);
+    }
+
+    fn connection_state(&self, link: u64, device_id: &str, connected: bool) {
+        if let Some(l) = locked(&self.links).get_mut(&link) {
+            if connected {
+                l.devices.insert(device_id.to_string());
+            } else {
+                l.devices.remove(device_id);
+            }
+        }
+    }
+
+    fn answer(&self, id: u64, outcome: CommandOutcome) {
+        if let Some(tx) = locked(&self.waiting).remove(&id) {
+            let _ = tx.send(outcome);
+        }
+    }
+
+    /// Sends `command` to the session of `client_id` (`device` or `device/module`) on the
+    /// engine its device is connected to, and waits up to `timeout` for the engine's answer.
+    pub async fn send(
+        &self,
+        client_id: &str,
+        command: DeviceCommand,
+        timeout: Duration,
+    ) -> CommandOutcome {
+        let device = client_id.split('/').next().unwrap_or(client_id);
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        {
+            let links = locked(&self.links);
+            let Some(link) = links.values().find(|l| l.devices.contains(device)) else {
+                return CommandOutcome::NotConnected;
+            };
+            locked(&self.waiting).insert(id, tx);
+            let frame = ControlFrame::Command {
+                id,
+                client_id: client_id.to_string(),
+                command,
+            };
+            if link.frames.send(frame).is_err() {
+                locked(&self.waiting).remove(&id);
+                return CommandOutcome::NotConnected;
+            }
+        }
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(outcome)) => outcome,
+            // The link went away with the command unanswered, or the engine took too long.
+            _ => {
+                locked(&self.waiting).remove(&id);
+                CommandOutcome::TimedOut
+            }
+        }
+    }
 }
 
 impl LinkServer {
@@ -38,7 +163,10 @@ impl LinkServer {
                 me.metrics.links_current.inc();
                 let remote = conn.remote_address();
                 let mut connected = HashSet::new();
-                let why = me.serve(&conn, &mut connected).await;
+                let (frames_tx, frames_rx) = mpsc::unbounded_channel();
+                let link = me.commands.add_link(frames_tx);
+                let why = me.serve(&conn, link, frames_rx, &mut connected).await;
+                me.commands.remove_link(link);
                 me.metrics.links_current.dec();
                 tracing::info!(%remote, reason = %why, "engine link closed");
                 // The engine is gone: its devices are no longer connected to it.
@@ -53,32 +181,50 @@ impl LinkServer {
         }
     }
 
-    async fn serve(&self, conn: &quinn::Connection, connected: &mut HashSet<String>) -> String {
+    async fn serve(
+        &self,
+        conn: &quinn::Connection,
+        link: u64,
+        mut outgoing: mpsc::UnboundedReceiver<ControlFrame>,
+        connected: &mut HashSet<String>,
+    ) -> LinkClosed {
         let (mut send, mut recv) = match conn.accept_bi().await {
             Ok(s) => s,
-            Err(e) => return e.to_string(),
+            Err(e) => return e.into(),
         };
         // Subscribe before reading the state, so no change falls between the two.
         let mut changes = self.store.subscribe();
-        let hello = match read_frame(&mut recv).await {
-            Ok(EngineFrame::Hello { node, registry_seq }) => {
-                tracing::info!(%node, registry_seq, "engine connected");
-                registry_seq
+        let mut epochs = self.epoch.subscribe();
+        let mut sync = EpochSync::default();
+        let (hello, engine_epoch) = match read_frame(&mut recv).await {
+            Ok(EngineFrame::Hello {
+                node,
+                registry_seq,
+                epoch,
+            }) => {
+                tracing::info!(%node, registry_seq, epoch = ?epoch, "engine connected");
+                (registry_seq, epoch)
             }
-            Ok(other) => return format!("expected Hello, got {other:?}"),
+            Ok(other) => return LinkClosed::NoHello(frame_kind(&other)),
             Err(e) => return e,
         };
         let mut sent = match self.catch_up(&mut send, hello).await {
             Ok(seq) => seq,
             Err(e) => return e,
         };
+        let current = epochs.borrow_and_update().clone();
+        if let Some(frame) = sync.on_report(&current, engine_epoch, Instant::now()) {
+            if let Err(e) = send.write_all(&frame.encode()).await {
+                return e.into();
+            }
+        }
         let (frames_tx, mut frames_rx) = tokio::sync::mpsc::channel(1024);
         let reader = tokio::spawn(async move {
             loop {
                 match read_frame(&mut recv).await {
                     Ok(f) => {
                         if frames_tx.send(f).await.is_err() {
-                            return "link closing".to_string();
+                            return LinkClosed::Stopping;
                         }
                     }
                     Err(e) => return e,
@@ -110,7 +256,7 @@ impl LinkServer {
                             }
                         }
                         let frame = ControlFrame::Deltas { from_seq, changes: batch };
-                        if let Err(e) = send.write_all(&frame.encode()).await { break e.to_string(); }
+                        if let Err(e) = send.write_all(&frame.encode()).await { break e.into(); }
                         if resync {
                             match self.catch_up(&mut send, sent).await {
                                 Ok(seq) => sent = seq,
@@ -123,28 +269,46 @@ impl LinkServer {
                         Ok(seq) => sent = seq,
                         Err(e) => break e,
                     },
-                    Err(RecvError::Closed) => break "store closed".into(),
+                    Err(RecvError::Closed) => break LinkClosed::StoreClosed,
                 },
                 frame = frames_rx.recv() => match frame {
-                    Some(f) => self.on_engine_frame(f, connected),
-                    None => break "engine closed the link".into(),
+                    Some(f) => {
+                        let current = self.epoch.borrow().clone();
+                        let resend = self.on_engine_frame(f, link, connected, &mut sync, &current);
+                        if let Some(frame) = resend {
+                            if let Err(e) = send.write_all(&frame.encode()).await { break e.into(); }
+                        }
+                    }
+                    None => break LinkClosed::EngineClosed,
                 },
+                changed = epochs.changed() => {
+                    if changed.is_err() { break LinkClosed::Stopping; }
+                    let current = epochs.borrow_and_update().clone();
+                    let frame = sync.on_new_epoch(&current, Instant::now());
+                    if let Err(e) = send.write_all(&frame.encode()).await { break e.into(); }
+                }
+                frame = outgoing.recv() => {
+                    let Some(frame) = frame else { break LinkClosed::Stopping };
+                    if let Err(e) = send.write_all(&frame.encode()).await { break e.into(); }
+                }
             }
         };
         reader.abort();
-        why
+        // A read error ends the reader first; report it rather than the closed channel.
+        match (why, reader.await) {
+            (LinkClosed::EngineClosed, Ok(e)) => e,
+            (why, _) => why,
+        }
     }
 
     /// Sends what an engine at `have` lacks; returns the sequence it now has.
-    async fn catch_up(&self, send: &mut quinn::SendStream, have: u64) -> Result<u64, String> {
-        let current = self.store.registry_seq().map_err(|e| e.to_string())?;
+    async fn catch_up(&self, send: &mut quinn::SendStream, have: u64) -> Result<u64, LinkClosed> {
+        let current = self.store.registry_seq()?;
         if have == current {
             return Ok(have);
         }
         let deltas = if have < current {
-            self.store
-                .changes_between(have, current)
-                .map_err(|e| e.to_string())?
+            self.store.changes_between(have, current)?
         } else {
             None
         };
@@ -157,24 +321,26 @@ impl LinkServer {
                 current,
             ),
             None => {
-                let (seq, devices) = self.store.snapshot().map_err(|e| e.to_string())?;
+                let (seq, devices) = self.store.snapshot()?;
                 (ControlFrame::Snapshot { seq, devices }, seq)
             }
         };
-        send.write_all(&frame.encode())
-            .await
-            .map_err(|e| e.to_string())?;
+        send.write_all(&frame.encode()).await?;
         Ok(seq)
     }
 
-    fn on_engine_frame(&self, frame: EngineFrame, connected: &mut HashSet<String>) {
-        let kind = match &frame {
-            EngineFrame::Hello { .. } => "hello",
-            EngineFrame::ConnectionState { .. } => "connection_state",
-            EngineFrame::Activity { .. } => "activity",
-            EngineFrame::Heartbeat { .. } => "heartbeat",
-        };
+    /// Records what an engine reported; returns a frame to send back (an epoch to re-send).
+    fn on_engine_frame(
+        &self,
+        frame: EngineFrame,
+        link: u64,
+        connected: &mut HashSet<String>,
+        sync: &mut EpochSync,
+        current: &Epoch,
+    ) -> Option<ControlFrame> {
+        let kind = frame_kind(&frame);
         self.metrics.link_frames_in.with_label_values(&[kind]).inc();
+        let mut reply = None;
         let result = match frame {
             EngineFrame::ConnectionState {
                 device_id,
@@ -186,6 +352,7 @@ impl LinkServer {
                 } else {
                     connected.remove(&device_id);
                 }
+                self.commands.connection_state(link, &device_id, up);
                 let at = iso_ms(at_ms);
                 self.store.touch(&device_id, |d| {
                     d.connection_state = if up { "Connected" } else { "Disconnected" }.into();
@@ -197,18 +364,191 @@ impl LinkServer {
                 let at = iso_ms(at_ms);
                 self.store.touch(&device_id, |d| d.last_activity_time = at)
             }
-            EngineFrame::Hello { .. } | EngineFrame::Heartbeat { .. } => Ok(()),
+            EngineFrame::Heartbeat { epoch, .. } => {
+                reply = sync.on_report(current, epoch, Instant::now());
+                Ok(())
+            }
+            EngineFrame::Applied { hash } => {
+                tracing::info!(%hash, "engine runs the config epoch");
+                sync.on_applied(hash);
+                Ok(())
+            }
+            EngineFrame::Rejected { hash, code, detail } => {
+                tracing::warn!(%hash, %code, %detail, "engine rejected the config epoch");
+                sync.on_rejected(hash);
+                Ok(())
+            }
+            EngineFrame::CommandResult { id, outcome } => {
+                self.commands.answer(id, outcome);
+                Ok(())
+            }
+            EngineFrame::Hello { .. } => Ok(()),
         };
         if let Err(e) = result {
             tracing::warn!(error = %e, "recording an engine report failed");
         }
+        reply
+    }
+}
+
+/// Keeps one engine on control's epoch: what was sent when, and what it refused.
+#[derive(Debug, Default)]
+struct EpochSync {
+    sent: Option<(EpochHash, Instant)>,
+    rejected: Option<EpochHash>,
+}
+
+impl EpochSync {
+    /// The engine reported running `theirs` (in `Hello` or a heartbeat): the epoch to send, if
+    /// it runs another and has not refused this one, at most once per [`EPOCH_RESEND`].
+    fn on_report(
+        &mut self,
+        current: &Epoch,
+        theirs: Option<EpochHash>,
+        now: Instant,
+    ) -> Option<ControlFrame> {
+        if theirs == Some(current.hash) || self.rejected == Some(current.hash) {
+            return None;
+        }
+        if let Some((hash, at)) = self.sent {
+            if hash == current.hash && now.duration_since(at) < EPOCH_RESEND {
+                return None;
+            }
+        }
+        self.sent = Some((current.hash, now));
+        Some(ControlFrame::Apply {
+            epoch: current.clone(),
+        })
+    }
+
+    fn on_new_epoch(&mut self, current: &Epoch, now: Instant) -> ControlFrame {
+        self.rejected = None;
+        self.sent = Some((current.hash, now));
+        ControlFrame::Apply {
+            epoch: current.clone(),
+        }
+    }
+
+    fn on_applied(&mut self, hash: EpochHash) {
+        if self.rejected == Some(hash) {
+            self.rejected = None;
+        }
+    }
+
+    fn on_rejected(&mut self, hash: EpochHash) {
+        self.rejected = Some(hash);
     }
 }
 
 /// Engines send small frames; a larger one is a broken or hostile peer.
 const MAX_ENGINE_FRAME: usize = 1024 * 1024;
 
-async fn read_frame(recv: &mut quinn::RecvStream) -> Result<EngineFrame, String> {
+async fn read_frame(recv: &mut quinn::RecvStream) -> Result<EngineFrame, LinkClosed> {
     let body = read_frame_body(recv, MAX_ENGINE_FRAME).await?;
-    EngineFrame::decode(&body).map_err(|e| e.to_string())
+    Ok(EngineFrame::decode(&body)?)
+}
+
+/// The metric label of an engine frame.
+fn frame_kind(frame: &EngineFrame) -> &'static str {
+    match frame {
+        EngineFrame::Hello { .. } => "hello",
+        EngineFrame::ConnectionState { .. } => "connection_state",
+        EngineFrame::Activity { .. } => "activity",
+        EngineFrame::Heartbeat { .. } => "heartbeat",
+        EngineFrame::Applied { .. } => "applied",
+        EngineFrame::Rejected { .. } => "rejected",
+        EngineFrame::CommandResult { .. } => "command_result",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use roost_model::link::EpochPayload;
+
+    use super::*;
+
+    #[test]
+    fn an_engine_on_another_epoch_gets_it_again_but_not_after_refusing_it() {
+        let t0 = Instant::now();
+        let current = Epoch::new(2, EpochPayload::default());
+        let old = Epoch::new(1, EpochPayload::default()).hash;
+        let mut sync = EpochSync::default();
+        assert!(
+            sync.on_report(&current, Some(current.hash), t0).is_none(),
+            "in step"
+        );
+        assert!(matches!(
+            sync.on_report(&current, Some(old), t0),
+            Some(ControlFrame::Apply { .. })
+        ));
+        assert!(
+            sync.on_report(&current, None, t0 + Duration::from_secs(1))
+                .is_none(),
+            "just sent"
+        );
+        assert!(
+            sync.on_report(&current, None, t0 + EPOCH_RESEND).is_some(),
+            "re-sent on mismatch"
+        );
+        sync.on_rejected(current.hash);
+        assert!(
+            sync.on_report(&current, Some(old), t0 + EPOCH_RESEND * 3)
+                .is_none(),
+            "refused: not again"
+        );
+        let next = Epoch::new(3, EpochPayload::default());
+        assert!(matches!(
+            sync.on_new_epoch(&next, t0),
+            ControlFrame::Apply { .. }
+        ));
+        assert!(
+            sync.on_report(&next, Some(old), t0 + EPOCH_RESEND)
+                .is_some(),
+            "a new epoch is tried"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_command_goes_to_the_link_holding_the_device_and_waits_for_its_answer() {
+        let commands = Arc::new(Commands::default());
+        let (tx_a, mut rx_a) = mpsc::unbounded_channel();
+        let (tx_b, mut rx_b) = mpsc::unbounded_channel();
+        let a = commands.add_link(tx_a);
+        let b = commands.add_link(tx_b);
+        commands.connection_state(a, "dev-a", true);
+        commands.connection_state(b, "dev-b", true);
+        let cmd = || DeviceCommand::Disconnect {
+            reason: "test".into(),
+        };
+        assert_eq!(
+            commands.send("nobody", cmd(), Duration::from_secs(1)).await,
+            CommandOutcome::NotConnected
+        );
+        let waiting = {
+            let commands = commands.clone();
+            tokio::spawn(async move {
+                commands
+                    .send("dev-b/mod", cmd(), Duration::from_secs(5))
+                    .await
+            })
+        };
+        let Some(ControlFrame::Command { id, client_id, .. }) = rx_b.recv().await else {
+            panic!("the command must go to link b");
+        };
+        assert_eq!(client_id, "dev-b/mod");
+        assert!(rx_a.try_recv().is_err(), "not to link a");
+        commands.answer(id, CommandOutcome::Delivered);
+        assert_eq!(waiting.await.expect("task"), CommandOutcome::Delivered);
+        // No answer: timed out, and a late answer is dropped.
+        let outcome = commands
+            .send("dev-a", cmd(), Duration::from_millis(20))
+            .await;
+        assert_eq!(outcome, CommandOutcome::TimedOut);
+        assert!(locked(&commands.waiting).is_empty());
+        commands.connection_state(a, "dev-a", false);
+        assert_eq!(
+            commands.send("dev-a", cmd(), Duration::from_secs(1)).await,
+            CommandOutcome::NotConnected
+        );
+    }
 }

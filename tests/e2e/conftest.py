@@ -75,7 +75,7 @@ def bench_bin() -> Path:
 
 def _child_env() -> dict[str, str]:
     env = dict(os.environ)
-    env.setdefault("RUST_LOG", "info")
+    env.setdefault("ROOST_LOG", "info")
     env.setdefault("RUST_BACKTRACE", "1")
     return env
 
@@ -407,6 +407,19 @@ def make_device_client(conn_str: str, ca_pem: str, mqtt_port: int, **kwargs: Any
     kwargs.setdefault("server_verification_cert", ca_pem)
     kwargs.setdefault("connection_retry", False)
     client = IoTHubDeviceClient.create_from_connection_string(conn_str, **kwargs)
+    _device_clients.append(client)
+    return client
+
+
+def make_module_client(conn_str: str, ca_pem: str, mqtt_port: int, **kwargs: Any):
+    """An `IoTHubModuleClient` (MQTT over TLS) for a connection string with `ModuleId`, set up
+    like `make_device_client`. Shut down at teardown."""
+    from azure.iot.device import IoTHubModuleClient
+
+    redirect_mqtt_to(mqtt_port)
+    kwargs.setdefault("server_verification_cert", ca_pem)
+    kwargs.setdefault("connection_retry", False)
+    client = IoTHubModuleClient.create_from_connection_string(conn_str, **kwargs)
     _device_clients.append(client)
     return client
 

@@ -12,6 +12,7 @@ from azure.iot.device import Message
 from msrest.exceptions import HttpOperationError
 
 from conftest import (
+    make_module_client,
     STATE_TIMEOUT,
     call_with_timeout,
     device_connection_string,
@@ -166,6 +167,36 @@ def test_second_connection_replaces_first(shared_hub):
     call_with_timeout(second.send_message, Message(body), what="send on the second connection")
     assert [record_body(r) for r in telemetry_of(hub.records(), device_id)] == [body.encode()]
     hub.wait_connection_state(rm, device_id, "Connected")
+
+
+def test_a_device_and_its_module_stay_connected_side_by_side(shared_hub):
+    """A module connects as client `device/module`: another identity than its device, so
+    neither connection replaces the other (the connection table was keyed by device id, and
+    each kicked the other)."""
+    hub = shared_hub
+    device_id, conn_str = known_device(hub, "withmod")
+    replaced = "roost_mqtt_disconnects_total"
+    before = hub.metrics()
+    current = metric_sum_of(before, "roost_mqtt_connections_current")
+    device = hub.connected_client(conn_str)
+    module = make_module_client(f"{conn_str};ModuleId=sensor", hub.ca_pem, hub.mqtt_port)
+    call_with_timeout(module.connect, what="module connect")
+    hub.wait_metric("roost_mqtt_connections_current", lambda v: v >= current + 2,
+                    f">= {current + 2} (device and module)")
+    call_with_timeout(device.send_message, Message(f"device {device_id}"), what="device send")
+    call_with_timeout(module.send_message, Message(f"module {device_id}"), what="module send")
+    records = wait_until(lambda: (r := telemetry_of(hub.records(), device_id)) and len(r) >= 2 and r,
+                         15, "both messages in the log")
+    by_module = {r["systemProperties"].get("iothub-connection-module-id"): record_body(r) for r in records}
+    assert by_module == {None: f"device {device_id}".encode(), "sensor": f"module {device_id}".encode()}
+    assert device.connected and module.connected, "neither connection was closed"
+    assert hub.metric_sum(replaced, reason="replaced_by_new_connection") == \
+        metric_sum_of(before, replaced, reason="replaced_by_new_connection")
+    # The same module connecting again does replace its own earlier connection, not the device.
+    second = make_module_client(f"{conn_str};ModuleId=sensor", hub.ca_pem, hub.mqtt_port)
+    call_with_timeout(second.connect, what="second module connect")
+    wait_until(lambda: not module.connected, 10, "the first module connection to be replaced")
+    assert device.connected and second.connected
 
 
 # ------------------------------------------------------------------------------------------

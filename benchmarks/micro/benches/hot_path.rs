@@ -113,7 +113,7 @@ fn log_append(c: &mut Criterion) {
     let mut offset = 0u64;
     let mut g = c.benchmark_group("log");
     // What the first slice did (one put per record) against what the log does now (a group
-    // commit's records as one value, `roost_server::log::batch`).
+    // commit's records as one value, `roost_storage::batch`).
     for (name, sync, batch, one_value) in [
         ("64 records, a put each, written", false, 64usize, false),
         ("64 records, one value, written", false, 64, true),
@@ -129,9 +129,9 @@ fn log_append(c: &mut Criterion) {
                     if one_value {
                         records.clear();
                         for _ in 0..batch {
-                            roost_server::log::batch::push(&mut records, record.as_slice());
+                            roost_storage::batch::push(&mut records, record.as_slice());
                         }
-                        for (i, value) in roost_server::log::batch::chunks(&records) {
+                        for (i, value) in roost_storage::batch::chunks(&records) {
                             wb.put((offset + i).to_be_bytes(), value);
                         }
                         offset += batch as u64;

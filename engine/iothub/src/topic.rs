@@ -138,6 +138,23 @@ pub fn telemetry_topic(device: &str, module: Option<&str>, bag: &str) -> String 
     }
 }
 
+/// Whether a device may subscribe to `filter` (spec §2.4–§2.6): the twin response, method
+/// and desired-properties filters IoT Hub documents, and the cloud-to-device filter of a device
+/// (`devices/{id}/messages/devicebound/#`) or the inputs of a module. Anything else is refused
+/// (SUBACK 0x80), as IoT Hub does.
+pub fn device_may_subscribe(filter: &str) -> bool {
+    const SERVICE_FILTERS: [&str; 3] = [
+        "$iothub/twin/res/#",
+        "$iothub/methods/POST/#",
+        "$iothub/twin/PATCH/properties/desired/#",
+    ];
+    if SERVICE_FILTERS.contains(&filter) {
+        return true;
+    }
+    filter.starts_with("devices/")
+        && (filter.ends_with("/messages/devicebound/#") || filter.contains("/inputs/"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -273,5 +290,28 @@ mod tests {
         );
         let topic = telemetry_topic("d1", None, "");
         assert_eq!(parse_publish_topic(&topic), Ok(telemetry("d1", None, "")));
+    }
+
+    #[test]
+    fn devices_may_subscribe_only_to_the_documented_filters() {
+        for ok in [
+            "$iothub/twin/res/#",
+            "$iothub/methods/POST/#",
+            "$iothub/twin/PATCH/properties/desired/#",
+            "devices/dev-1/messages/devicebound/#",
+            "devices/dev-1/modules/m/inputs/#",
+        ] {
+            assert!(device_may_subscribe(ok), "{ok}");
+        }
+        for refused in [
+            "#",
+            "$iothub/#",
+            "$iothub/twin/res/200",
+            "devices/dev-1/messages/events/#",
+            "devices/#",
+            "other/topic",
+        ] {
+            assert!(!device_may_subscribe(refused), "{refused}");
+        }
     }
 }

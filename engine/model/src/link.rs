@@ -25,6 +25,155 @@ pub enum RegistryChange {
     Delete { device_id: String },
 }
 
+/// What a config epoch carries. Empty for now: the routing issue fills in routes and plugins.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, Default, PartialEq, Eq)]
+#[rkyv(derive(Debug))]
+pub struct EpochPayload {
+    /// The source of `routes.lua`.
+    pub routes: String,
+    /// Plugins by name: (name, handler source).
+    pub plugins: Vec<(String, String)>,
+    /// Named limits (name, value).
+    pub limits: Vec<(String, u64)>,
+}
+
+/// The content hash of an epoch: SHA-256 over its version and payload.
+#[derive(Archive, Serialize, Deserialize, Clone, Copy, Default, PartialEq, Eq, Hash)]
+#[rkyv(derive(Debug))]
+pub struct EpochHash(pub [u8; 32]);
+
+impl std::fmt::Display for EpochHash {
+    /// The first 8 bytes in hex: enough to tell epochs apart in logs.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for b in &self.0[..8] {
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Debug for EpochHash {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "EpochHash({self})")
+    }
+}
+
+/// An immutable config epoch (DESIGN.md §2): built by control, applied whole by an engine.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[rkyv(derive(Debug))]
+pub struct Epoch {
+    pub version: u64,
+    pub hash: EpochHash,
+    pub payload: EpochPayload,
+}
+
+impl Epoch {
+    /// The epoch `version` with `payload`, hashed.
+    pub fn new(version: u64, payload: EpochPayload) -> Self {
+        let hash = Self::content_hash(version, &payload);
+        Self {
+            version,
+            hash,
+            payload,
+        }
+    }
+
+    /// The hash `version` and `payload` must carry.
+    pub fn content_hash(version: u64, payload: &EpochPayload) -> EpochHash {
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        ctx.update(&version.to_le_bytes());
+        ctx.update(&(payload.routes.len() as u64).to_le_bytes());
+        ctx.update(payload.routes.as_bytes());
+        for (name, source) in &payload.plugins {
+            for part in [name.as_bytes(), source.as_bytes()] {
+                ctx.update(&(part.len() as u64).to_le_bytes());
+                ctx.update(part);
+            }
+        }
+        for (name, value) in &payload.limits {
+            ctx.update(&(name.len() as u64).to_le_bytes());
+            ctx.update(name.as_bytes());
+            ctx.update(&value.to_le_bytes());
+        }
+        let mut out = [0u8; 32];
+        out.copy_from_slice(ctx.finish().as_ref());
+        EpochHash(out)
+    }
+
+    /// Whether the hash matches the content (a frame damaged or forged in between does not).
+    pub fn hash_is_valid(&self) -> bool {
+        Self::content_hash(self.version, &self.payload) == self.hash
+    }
+}
+
+/// Something control asks the session of one connected client (device or module) to do; the
+/// session's outbound inbox holds these (DESIGN.md §2, "one device session").
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[rkyv(derive(Debug))]
+pub enum DeviceCommand {
+    /// A cloud-to-device message.
+    C2d {
+        message_id: String,
+        properties: Vec<(String, String)>,
+        body: Vec<u8>,
+    },
+    /// A direct method invocation; the device answers with `rid`.
+    MethodRequest {
+        name: String,
+        rid: String,
+        payload: Vec<u8>,
+    },
+    /// A change to the desired properties, at twin version `version`.
+    DesiredPatch { version: u64, body: Vec<u8> },
+    /// The answer to a twin request the device made.
+    TwinResponse {
+        rid: String,
+        status: u16,
+        version: Option<u64>,
+        body: Vec<u8>,
+    },
+    /// Close the connection; `reason` is a bounded label.
+    Disconnect { reason: String },
+}
+
+impl DeviceCommand {
+    /// A stable label for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            DeviceCommand::C2d { .. } => "c2d",
+            DeviceCommand::MethodRequest { .. } => "method_request",
+            DeviceCommand::DesiredPatch { .. } => "desired_patch",
+            DeviceCommand::TwinResponse { .. } => "twin_response",
+            DeviceCommand::Disconnect { .. } => "disconnect",
+        }
+    }
+}
+
+/// What became of a command.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[rkyv(derive(Debug))]
+pub enum CommandOutcome {
+    /// In the session's inbox of the client's connection.
+    Delivered,
+    /// No connection of that client on this engine.
+    NotConnected,
+    /// The client's inbox is full.
+    InboxFull,
+    /// The shard did not answer in time.
+    TimedOut,
+}
+
+impl CommandOutcome {
+    pub fn error_code(&self) -> &'static str {
+        match self {
+            CommandOutcome::Delivered => "delivered",
+            CommandOutcome::NotConnected => "not_connected",
+            CommandOutcome::InboxFull => "inbox_full",
+            CommandOutcome::TimedOut => "timed_out",
+        }
+    }
+}
+
 /// Control → engine.
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 #[rkyv(derive(Debug))]
@@ -36,14 +185,28 @@ pub enum ControlFrame {
         from_seq: u64,
         changes: Vec<RegistryChange>,
     },
+    /// Run this config epoch; answered with `Applied` or `Rejected`.
+    Apply { epoch: Epoch },
+    /// Deliver `command` to the connection of `client_id` (`device` or `device/module`);
+    /// answered with `CommandResult { id }`.
+    Command {
+        id: u64,
+        client_id: String,
+        command: DeviceCommand,
+    },
 }
 
 /// Engine → control.
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 #[rkyv(derive(Debug))]
 pub enum EngineFrame {
-    /// First frame on a link: who the engine is and how far its replica goes.
-    Hello { node: String, registry_seq: u64 },
+    /// First frame on a link: who the engine is, how far its replica goes and which epoch it
+    /// runs.
+    Hello {
+        node: String,
+        registry_seq: u64,
+        epoch: Option<EpochHash>,
+    },
     /// A device connected or disconnected; `at_ms` is Unix milliseconds.
     ConnectionState {
         device_id: String,
@@ -52,8 +215,22 @@ pub enum EngineFrame {
     },
     /// The last time a device was heard from (sent at most once per device per second).
     Activity { device_id: String, at_ms: u64 },
-    /// Sent every few seconds so control can tell a live link from a dead one.
-    Heartbeat { registry_seq: u64 },
+    /// Sent every few seconds so control can tell a live link from a dead one, and re-send the
+    /// epoch when the engine runs another.
+    Heartbeat {
+        registry_seq: u64,
+        epoch: Option<EpochHash>,
+    },
+    /// The epoch with this hash is in force.
+    Applied { hash: EpochHash },
+    /// The epoch with this hash was refused; the engine keeps the one it had.
+    Rejected {
+        hash: EpochHash,
+        code: String,
+        detail: String,
+    },
+    /// What became of command `id`.
+    CommandResult { id: u64, outcome: CommandOutcome },
 }
 
 /// Why a frame could not be read.
@@ -132,8 +309,44 @@ mod tests {
         let e = EngineFrame::Hello {
             node: "n".into(),
             registry_seq: 3,
+            epoch: Some(Epoch::new(1, EpochPayload::default()).hash),
         };
         assert_eq!(EngineFrame::decode(&e.encode()[4..]).expect("decode"), e);
+        let c = ControlFrame::Command {
+            id: 9,
+            client_id: "d/m".into(),
+            command: DeviceCommand::MethodRequest {
+                name: "reboot".into(),
+                rid: "1".into(),
+                payload: b"{}".to_vec(),
+            },
+        };
+        assert_eq!(ControlFrame::decode(&c.encode()[4..]).expect("decode"), c);
+    }
+
+    #[test]
+    fn epoch_hash_covers_version_and_every_part_of_the_payload() {
+        let base = Epoch::new(1, EpochPayload::default());
+        assert!(base.hash_is_valid());
+        assert_ne!(base.hash, Epoch::new(2, EpochPayload::default()).hash);
+        let routes = EpochPayload {
+            routes: "return {}".into(),
+            ..EpochPayload::default()
+        };
+        assert_ne!(base.hash, Epoch::new(1, routes).hash);
+        // Length prefixes: moving a byte between name and source changes the hash.
+        let a = EpochPayload {
+            plugins: vec![("ab".into(), "c".into())],
+            ..EpochPayload::default()
+        };
+        let b = EpochPayload {
+            plugins: vec![("a".into(), "bc".into())],
+            ..EpochPayload::default()
+        };
+        assert_ne!(Epoch::new(1, a).hash, Epoch::new(1, b).hash);
+        let mut forged = base.clone();
+        forged.version = 5;
+        assert!(!forged.hash_is_valid());
     }
 
     #[test]

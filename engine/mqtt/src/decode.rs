@@ -204,10 +204,15 @@ fn pkid(r: &mut Reader<'_>) -> Result<u16, Error> {
 
 /// A topic name is non-empty and has no wildcard (§4.7.3, §3.3.2.1).
 fn topic_name(s: Str) -> Result<Str, Error> {
-    if s.is_empty() || s.as_bytes().iter().any(|&b| b == b'+' || b == b'#') {
+    if !is_topic_name(&s) {
         return Err(Error::InvalidTopicName);
     }
     Ok(s)
+}
+
+/// The topic-name rule on its own, for topics the server sends.
+pub(crate) fn is_topic_name(s: &Str) -> bool {
+    !s.is_empty() && !s.as_bytes().iter().any(|&b| b == b'+' || b == b'#')
 }
 
 /// A topic filter is non-empty; `+` fills a whole level; `#` fills the last level (§4.7.1).

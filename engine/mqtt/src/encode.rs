@@ -107,16 +107,46 @@ fn connect(c: &Connect, out: &mut BytesMut) {
 }
 
 fn publish(p: &Publish, out: &mut BytesMut) {
+    let flags = PublishFlags {
+        dup: p.dup,
+        qos: p.qos,
+        retain: p.retain,
+    };
+    encode_publish(flags, &p.topic, p.pkid, &p.payload, out);
+}
+
+/// The fixed-header flags of a PUBLISH (§3.3.1).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct PublishFlags {
+    pub dup: bool,
+    pub qos: QoS,
+    pub retain: bool,
+}
+
+/// The remaining length of a PUBLISH: topic, packet id (QoS 1 and 2 only), payload.
+pub(crate) fn publish_remaining(topic: &Str, qos: QoS, payload_len: usize) -> usize {
+    let pkid_len = if qos == QoS::AtMostOnce { 0 } else { 2 };
+    str_len(topic) + pkid_len + payload_len
+}
+
+/// A PUBLISH from its fields, so the session can encode a message it keeps in its in-flight
+/// window without building (and cloning into) a [`Publish`]. `pkid` is ignored for QoS 0.
+pub(crate) fn encode_publish(
+    flags: PublishFlags,
+    topic: &Str,
+    pkid: u16,
+    payload: &[u8],
+    out: &mut BytesMut,
+) {
     // hot path: C2D and twin/method deliveries; one reserve (in put_header), no temporaries.
-    let has_pkid = p.qos != QoS::AtMostOnce;
-    let len = str_len(&p.topic) + if has_pkid { 2 } else { 0 } + p.payload.len();
-    let flags = (u8::from(p.dup) << 3) | ((p.qos as u8) << 1) | u8::from(p.retain);
-    put_header(out, ((PacketType::Publish as u8) << 4) | flags, len);
-    put_str(&p.topic, out);
-    if has_pkid {
-        out.put_u16(p.pkid);
+    let len = publish_remaining(topic, flags.qos, payload.len());
+    let bits = (u8::from(flags.dup) << 3) | ((flags.qos as u8) << 1) | u8::from(flags.retain);
+    put_header(out, ((PacketType::Publish as u8) << 4) | bits, len);
+    put_str(topic, out);
+    if flags.qos != QoS::AtMostOnce {
+        out.put_u16(pkid);
     }
-    out.put_slice(&p.payload);
+    out.put_slice(payload);
 }
 
 fn subscribe(s: &Subscribe, out: &mut BytesMut) {

@@ -89,6 +89,19 @@ pub fn check(buf: &[u8], limits: &Limits) -> Result<Option<usize>, Error> {
     Ok(Some(len))
 }
 
+/// The whole frame length for a body of `remaining` bytes, fixed header included; `None` if
+/// MQTT cannot frame it (more than 268,435,455 bytes).
+pub(crate) fn frame_len(remaining: usize) -> Option<usize> {
+    let length_bytes = match remaining {
+        0..=127 => 1,
+        128..=16_383 => 2,
+        16_384..=2_097_151 => 3,
+        2_097_152..=MAX_REMAINING => 4,
+        _ => return None,
+    };
+    Some(1 + length_bytes + remaining)
+}
+
 /// Writes a fixed header.
 ///
 /// # Panics
@@ -143,7 +156,14 @@ mod tests {
             let header = FixedHeader::read(&bytes).expect("valid").expect("complete");
             assert_eq!(header.remaining, len);
             assert_eq!(header.header_len, 1 + encoded.len());
+            assert_eq!(frame_len(len), Some(header.total_len()), "frame_len({len})");
         }
+    }
+
+    #[test]
+    fn frame_len_refuses_unencodable_length() {
+        assert_eq!(frame_len(MAX_REMAINING + 1), None);
+        assert_eq!(frame_len(usize::MAX), None);
     }
 
     #[test]

@@ -4,25 +4,53 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 
-use crate::encode::{encode_connack, encode_pingresp, encode_puback, encode_suback};
+use crate::encode::{
+    encode_connack, encode_pingresp, encode_puback, encode_publish, encode_suback, PublishFlags,
+};
+use crate::outbound::{check_outbound, Inflight, SendError, Window};
 use crate::packet::{
     Connect, ConnectReturnCode, PacketType, Publish, QoS, SubackCode, Subscribe, Unsubscribe,
 };
-use crate::{Error, Packet};
+use crate::{parse, Error, Limits, Packet, Str};
 
 /// The longest silence IoT Hub tolerates, whatever the keep-alive: the Azure load balancer's
 /// idle timeout (wire spec §2.3).
 const MAX_IDLE: Duration = Duration::from_secs(1767);
+
+/// What a session is allowed; owned by it, so every protocol decision uses the same numbers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionConfig {
+    /// Time the client has to send CONNECT once the connection is open.
+    pub connect_timeout: Duration,
+    /// The one frame limit, both ways: the driver frames input with it
+    /// (`check(&buf, session.limits())`) and [`ServerSession::send_publish`] refuses a PUBLISH
+    /// that would exceed it.
+    pub limits: Limits,
+    /// QoS 1 messages sent and not yet acknowledged before `send_publish` answers
+    /// [`SendError::WindowFull`]. 0 refuses every QoS 1 send; 65,535 is every packet id.
+    pub max_inflight: u16,
+}
+
+impl Default for SessionConfig {
+    /// 30 s to CONNECT, IoT Hub's frame limit ([`Limits::default`]), 16 messages in flight.
+    fn default() -> Self {
+        SessionConfig {
+            connect_timeout: Duration::from_secs(30),
+            limits: Limits::default(),
+            max_inflight: 16,
+        }
+    }
+}
 
 /// Where a session is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum State {
     /// Waiting for the first packet, which must be CONNECT.
     AwaitingConnect,
-    /// CONNECT handed out as [`Event::Connect`]; waiting for [`ServerSession::accept`] or
-    /// [`ServerSession::refuse`].
+    /// CONNECT handed out as [`Event::Connect`]; waiting for [`ServerSession::accept`],
+    /// [`ServerSession::accept_resumed`] or [`ServerSession::refuse`].
     Authenticating,
     /// CONNACK 0 queued; packets flow.
     Connected,
@@ -45,7 +73,11 @@ pub enum Event {
     Unsubscribe(Unsubscribe),
     /// The client said goodbye: drop its will, close the connection.
     Disconnect,
-    /// The client acknowledged a QoS 1 delivery (for IoT Hub, a C2D message is complete).
+    /// The client acknowledged a QoS 1 message sent by
+    /// [`ServerSession::send_publish`] (or resumed with
+    /// [`ServerSession::accept_resumed`]) and transmitted on this connection; its slot in the
+    /// window is free. Once per message: a PUBACK for any other packet id is ignored. For
+    /// IoT Hub, a C2D message is complete.
     PubAck(u16),
 }
 
@@ -98,7 +130,8 @@ impl Violation {
 }
 
 /// A packet the session owes the client, held as its fields and encoded straight into the
-/// caller's buffer by `poll_transmit`. Only SUBACK allocates (its code list); PUBACK does not.
+/// caller's buffer by `poll_transmit`. Only SUBACK allocates (its code list); PUBACK and
+/// PUBLISH do not.
 #[derive(Debug)]
 enum Outgoing {
     ConnAck(bool, ConnectReturnCode),
@@ -106,46 +139,101 @@ enum Outgoing {
     SubAck(u16, Vec<SubackCode>),
     UnsubAck(u16),
     PingResp,
+    /// A QoS 0 PUBLISH; it is nowhere else.
+    Publish0 {
+        topic: Str,
+        payload: Bytes,
+        retain: bool,
+    },
+    /// A QoS 1 PUBLISH, by packet id: the message itself is in the window, so it is not held
+    /// twice and a resend after reconnect is the same bytes.
+    Publish1(u16),
 }
 
-/// The server side of one MQTT 3.1.1 connection: it checks packet order and keep-alive and
-/// answers PINGREQ itself; the application decides everything else.
+impl Outgoing {
+    fn is_publish(&self) -> bool {
+        matches!(self, Outgoing::Publish0 { .. } | Outgoing::Publish1(_))
+    }
+}
+
+/// The server side of one MQTT 3.1.1 connection: it checks packet order and keep-alive,
+/// answers PINGREQ itself, and keeps the window of QoS 1 messages it sends; the application
+/// decides everything else.
 ///
 /// It does no I/O and reads no clock: `now` comes in with every input. The driver (one per
 /// connection) loops:
 ///
-/// 1. `new(now, connect_timeout)` when the connection opens.
-/// 2. For each frame from the socket ([`check`](crate::check) then [`parse`](crate::parse)):
-///    `handle_packet(now, packet)`, or `handle_decode_error(err)` if it did not parse.
+/// 1. `new(now, config)` when the connection opens.
+/// 2. For each frame from the socket: [`check`](crate::check)`(&buf, session.limits())`, then
+///    `handle_frame(now, frame)` for a complete frame, or `handle_decode_error(err)` if
+///    `check` failed (a frame too large). `handle_frame` parses and answers what does not
+///    parse (an MQTT 5 CONNECT gets CONNACK 1), so no protocol decision is left to the driver.
 ///    While the state is [`State::Authenticating`], stop reading: clients may pipeline packets
 ///    behind CONNECT (§3.1.4), and they must wait in the socket until CONNACK is decided.
-/// 3. Drain `poll_event` and act on each event; the answers (`accept`, `refuse`,
-///    `ack_publish`, `grant_subscribe`, `ack_unsubscribe`) may come later, from other tasks.
-/// 4. `poll_transmit(buf)` and write `buf` to the socket.
-/// 5. Arm a timer for `poll_timeout()`; when it fires, `handle_timeout(now)`.
-/// 6. Once `state()` is [`State::Closed`] (or any call returned a [`Violation`]), flush
-///    `poll_transmit` and close the socket.
+/// 3. Drain `poll_event` and act on each event; the answers (`accept`, `accept_resumed`,
+///    `refuse`, `ack_publish`, `grant_subscribe`, `ack_unsubscribe`) may come later, from
+///    other tasks. A CleanSession=0 client that has a kept [`Inflight`] is answered with
+///    `accept_resumed(inflight)`, which redelivers it before anything else is sent.
+/// 4. Once `Connected`, `send_publish(topic, payload, qos, retain)` for each message to the
+///    client. QoS 1 sends stop at `max_inflight`: while `can_send()` is false, hold messages
+///    back; each [`Event::PubAck`] frees a slot.
+/// 5. `poll_transmit(buf)` and write `buf` to the socket.
+/// 6. Arm a timer for `poll_timeout()`; when it fires, `handle_timeout(now)`.
+/// 7. Once `state()` is [`State::Closed`] (or any call returned a [`Violation`]), flush
+///    `poll_transmit` and close the socket; then `take_inflight()` and keep what it returns
+///    for the client's next connection (or requeue it, for a CleanSession=1 client).
+///
+/// ```
+/// use std::time::Instant;
+/// use bytes::{Bytes, BytesMut};
+/// use roost_mqtt::{check, Event, QoS, ServerSession, SessionConfig, Str};
+///
+/// let now = Instant::now();
+/// let mut session = ServerSession::new(now, SessionConfig::default());
+/// // CONNECT from "d1", MQTT 3.1.1, CleanSession=1, keep-alive 60, as read from a socket.
+/// let mut rbuf = BytesMut::from(&b"\x10\x0e\x00\x04MQTT\x04\x02\x00\x3c\x00\x02d1"[..]);
+/// while let Some(len) = check(&rbuf, session.limits())? {
+///     session.handle_frame(now, rbuf.split_to(len).freeze())?;
+/// }
+/// assert!(matches!(session.poll_event(), Some(Event::Connect(_))));
+/// session.accept(false);
+/// let topic = Str::from_static("devices/d1/messages/devicebound/");
+/// let pkid = session.send_publish(topic, Bytes::from_static(b"hi"), QoS::AtLeastOnce, false)?;
+/// assert_eq!(pkid, Some(1));
+/// let mut wbuf = BytesMut::new();
+/// assert!(session.poll_transmit(&mut wbuf)); // CONNACK, then the PUBLISH
+/// assert_eq!(session.inflight_len(), 1); // until the client's PUBACK
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[derive(Debug)]
 pub struct ServerSession {
     state: State,
+    config: SessionConfig,
     /// Connect deadline before CONNECT, keep-alive deadline after; `None` when there is none.
     deadline: Option<Instant>,
     /// Silence allowed between packets; `None` for keep-alive 0.
     idle_timeout: Option<Duration>,
+    /// From the CONNECT: a clean session is never resumed (§3.1.2.4).
+    clean_session: bool,
     events: VecDeque<Event>,
     outgoing: VecDeque<Outgoing>,
+    /// Outbound QoS 1 messages not yet acknowledged.
+    window: Window,
 }
 
 impl ServerSession {
     /// A session for a connection opened at `now`; CONNECT must arrive within
-    /// `connect_timeout`.
-    pub fn new(now: Instant, connect_timeout: Duration) -> Self {
+    /// `config.connect_timeout`.
+    pub fn new(now: Instant, config: SessionConfig) -> Self {
         ServerSession {
             state: State::AwaitingConnect,
-            deadline: now.checked_add(connect_timeout),
+            config,
+            deadline: now.checked_add(config.connect_timeout),
             idle_timeout: None,
+            clean_session: true,
             events: VecDeque::new(),
             outgoing: VecDeque::new(),
+            window: Window::new(config.max_inflight),
         }
     }
 
@@ -153,14 +241,36 @@ impl ServerSession {
         self.state
     }
 
-    /// Frees the event and output queues when both are empty (a connection going idle); they
-    /// grow back with the next packet.
+    /// The frame limit to give [`check`](crate::check); the same one bounds what the session
+    /// sends.
+    pub fn limits(&self) -> &Limits {
+        &self.config.limits
+    }
+
+    pub fn config(&self) -> &SessionConfig {
+        &self.config
+    }
+
+    /// Frees the event and output queues when both are empty (a connection going idle), and
+    /// the window's buffer when nothing is in flight; they grow back with the next packet.
     pub fn release_idle_memory(&mut self) {
         if self.events.is_empty() && self.events.capacity() > 0 {
             self.events = VecDeque::new();
         }
         if self.outgoing.is_empty() && self.outgoing.capacity() > 0 {
             self.outgoing = VecDeque::new();
+        }
+        self.window.release_idle_memory();
+    }
+
+    /// Feeds one complete frame received at `now`, as split off by [`check`](crate::check):
+    /// parses it and hands the packet to `handle_packet`, or the error to
+    /// `handle_decode_error`. On `Err` the session is closed (and `poll_transmit` may hold a
+    /// CONNACK 1 for an MQTT 5 client).
+    pub fn handle_frame(&mut self, now: Instant, frame: Bytes) -> Result<(), Violation> {
+        match parse(frame) {
+            Ok(packet) => self.handle_packet(now, packet),
+            Err(error) => Err(self.handle_decode_error(error)),
         }
     }
 
@@ -181,9 +291,10 @@ impl ServerSession {
         result
     }
 
-    /// Reports a frame that failed to parse; the session closes. If it was the first frame and
-    /// its protocol level is unsupported (an MQTT 5 client), CONNACK 1 is queued first, as
-    /// §3.1.2.2 requires.
+    /// Reports a frame that failed to parse, or a [`check`](crate::check) error; the session
+    /// closes. If it was the first frame and its protocol level is unsupported (an MQTT 5
+    /// client), CONNACK 1 is queued first, as §3.1.2.2 requires. `handle_frame` calls this
+    /// itself.
     pub fn handle_decode_error(&mut self, error: Error) -> Violation {
         if self.state == State::AwaitingConnect
             && matches!(error, Error::UnsupportedProtocolLevel(_))
@@ -205,6 +316,7 @@ impl ServerSession {
             0 => None,
             secs => Some((Duration::from_secs(u64::from(secs)) * 3 / 2).min(MAX_IDLE)),
         };
+        self.clean_session = connect.clean_session;
         self.touch(now);
         self.state = State::Authenticating;
         self.events.push_back(Event::Connect(connect));
@@ -217,7 +329,17 @@ impl ServerSession {
         let event = match packet {
             Packet::Publish(p) if p.qos == QoS::ExactlyOnce => return Err(Violation::QoS2Publish),
             Packet::Publish(p) => Event::Publish(p),
-            Packet::PubAck(pkid) => Event::PubAck(pkid),
+            // A PUBACK for an id not in flight (never sent, already acknowledged, or sent on an
+            // earlier connection and not yet resent on this one) is ignored, as brokers do:
+            // the spec names no error for it, and an event would let a client complete a
+            // message it never received.
+            Packet::PubAck(pkid) => {
+                self.touch(now);
+                if self.window.ack(pkid) {
+                    self.events.push_back(Event::PubAck(pkid));
+                }
+                return Ok(());
+            }
             Packet::Subscribe(s) => Event::Subscribe(s),
             Packet::Unsubscribe(u) => Event::Unsubscribe(u),
             Packet::PingReq => {
@@ -243,11 +365,13 @@ impl ServerSession {
         self.events.pop_front()
     }
 
-    /// Appends every packet the session owes the client to `out`; true if it wrote any.
+    /// Appends every packet the session owes the client to `out`, in the order they were
+    /// queued; true if it wrote any. A QoS 1 PUBLISH written here counts as sent: from now on
+    /// the client may acknowledge it, and a resend carries DUP=1.
     pub fn poll_transmit(&mut self, out: &mut BytesMut) -> bool {
-        // hot path: all PUBACKs queued since the last call go into the caller's buffer together,
-        // so a burst of acknowledgements is one socket write.
-        let wrote = !self.outgoing.is_empty();
+        // hot path: all PUBACKs and PUBLISHes queued since the last call go into the caller's
+        // buffer together, so a burst is one socket write.
+        let start = out.len();
         while let Some(packet) = self.outgoing.pop_front() {
             match packet {
                 Outgoing::ConnAck(present, code) => encode_connack(present, code, out),
@@ -255,9 +379,24 @@ impl ServerSession {
                 Outgoing::SubAck(pkid, codes) => encode_suback(pkid, &codes, out),
                 Outgoing::UnsubAck(pkid) => Packet::UnsubAck(pkid).encode(out),
                 Outgoing::PingResp => encode_pingresp(out),
+                Outgoing::Publish0 {
+                    topic,
+                    payload,
+                    retain,
+                } => {
+                    let flags = PublishFlags {
+                        dup: false,
+                        qos: QoS::AtMostOnce,
+                        retain,
+                    };
+                    encode_publish(flags, &topic, 0, &payload, out);
+                }
+                Outgoing::Publish1(pkid) => {
+                    self.window.transmit(pkid, out);
+                }
             }
         }
-        wrote
+        out.len() > start
     }
 
     /// When `handle_timeout` must next be called; `None` if no deadline is armed.
@@ -280,17 +419,108 @@ impl ServerSession {
         Err(violation)
     }
 
-    /// Accepts the CONNECT: queues CONNACK 0 and moves to `Connected`. Ignored unless
-    /// `Authenticating` (the session may have timed out while the application decided).
+    /// Accepts the CONNECT: queues CONNACK 0 and moves to `Connected`, with nothing in flight.
+    /// `session_present` is sent as false if the CONNECT asked for a clean session
+    /// (§3.2.2.2). Ignored unless `Authenticating` (the session may have timed out while the
+    /// application decided).
     pub fn accept(&mut self, session_present: bool) {
         if self.state != State::Authenticating {
             return;
         }
         self.outgoing.push_back(Outgoing::ConnAck(
-            session_present,
+            session_present && !self.clean_session,
             ConnectReturnCode::Accepted,
         ));
         self.state = State::Connected;
+    }
+
+    /// Accepts a CleanSession=0 CONNECT whose session the server kept: queues CONNACK 0 with
+    /// session-present 1, then every message of `inflight` again, oldest first, with its own
+    /// packet id and DUP=1 if it had been transmitted (§4.4, §4.6), before anything sent
+    /// after this call. The messages count against `max_inflight` (a window kept under a
+    /// larger limit stays over-full until acknowledged).
+    ///
+    /// Returns `inflight` untouched if it did not take it: the session is not
+    /// `Authenticating` (nothing is sent, as for `accept`), or the CONNECT asked for a clean
+    /// session, which must start empty (§3.1.2.4): then it is accepted as by `accept(false)`,
+    /// and what becomes of the messages is the application's decision.
+    #[must_use = "an Inflight handed back would otherwise be lost"]
+    pub fn accept_resumed(&mut self, inflight: Inflight) -> Option<Inflight> {
+        if self.state != State::Authenticating {
+            return Some(inflight);
+        }
+        if self.clean_session {
+            self.accept(false);
+            return Some(inflight);
+        }
+        self.outgoing
+            .push_back(Outgoing::ConnAck(true, ConnectReturnCode::Accepted));
+        self.outgoing
+            .extend(self.window.resume(inflight).map(Outgoing::Publish1));
+        self.state = State::Connected;
+        None
+    }
+
+    /// Queues a PUBLISH to the client; `poll_transmit` writes it, in order with everything
+    /// else. QoS 0: `Ok(None)`, sent once, never tracked. QoS 1: `Ok(Some(pkid))` with a packet
+    /// id from 1..=65535 not in flight; the message stays in the window until the client's
+    /// PUBACK ([`Event::PubAck`]) or `take_inflight`.
+    ///
+    /// `Err` queues nothing: [`SendError::NotConnected`] unless `Connected`,
+    /// [`SendError::QoS2Unsupported`], [`SendError::InvalidTopicName`],
+    /// [`SendError::PacketTooLarge`] beyond the session's frame limit, and for QoS 1
+    /// [`SendError::WindowFull`] (check `can_send` first).
+    pub fn send_publish(
+        &mut self,
+        topic: Str,
+        payload: Bytes,
+        qos: QoS,
+        retain: bool,
+    ) -> Result<Option<u16>, SendError> {
+        // hot path: a C2D message or a twin/method response; the queues' buffers are reused, so
+        // nothing is allocated.
+        if self.state != State::Connected {
+            return Err(SendError::NotConnected);
+        }
+        if qos == QoS::ExactlyOnce {
+            return Err(SendError::QoS2Unsupported);
+        }
+        check_outbound(&topic, qos, payload.len(), self.config.limits.max_frame)?;
+        if qos == QoS::AtMostOnce {
+            self.outgoing.push_back(Outgoing::Publish0 {
+                topic,
+                payload,
+                retain,
+            });
+            return Ok(None);
+        }
+        let pkid = self
+            .window
+            .push(topic, payload, retain)
+            .ok_or(SendError::WindowFull)?;
+        self.outgoing.push_back(Outgoing::Publish1(pkid));
+        Ok(Some(pkid))
+    }
+
+    /// True if a QoS 1 `send_publish` would be accepted now: `Connected` with a free slot in
+    /// the window.
+    pub fn can_send(&self) -> bool {
+        self.state == State::Connected && !self.window.is_full()
+    }
+
+    /// QoS 1 messages sent (or queued) and not yet acknowledged.
+    pub fn inflight_len(&self) -> usize {
+        self.window.len()
+    }
+
+    /// Ends the session (if it has not ended) and hands over its unacknowledged QoS 1
+    /// messages, oldest first, with the window left empty. Call it once the connection is
+    /// over: for a CleanSession=0 client, keep the result by client id and pass it to
+    /// `accept_resumed` on the next connection; for CleanSession=1 the MQTT session ends here
+    /// and the messages are the application's to requeue or drop.
+    pub fn take_inflight(&mut self) -> Inflight {
+        self.close();
+        self.window.take()
     }
 
     /// Refuses the CONNECT with `code` (not `Accepted`): queues the CONNACK and closes. The
@@ -333,9 +563,12 @@ impl ServerSession {
         self.deadline = self.idle_timeout.and_then(|idle| now.checked_add(idle));
     }
 
+    /// Queued PUBLISHes are dropped: the connection is going away, a QoS 0 message may be
+    /// lost, and a QoS 1 one stays in the window for `take_inflight`.
     fn close(&mut self) {
         self.state = State::Closed;
         self.deadline = None;
+        self.outgoing.retain(|o| !o.is_publish());
     }
 }
 
@@ -412,7 +645,11 @@ mod tests {
 
     /// A session at `t0` that has accepted a client with `keep_alive`.
     fn connected(t0: Instant, keep_alive: u16) -> ServerSession {
-        let mut s = ServerSession::new(t0, Duration::from_secs(10));
+        connected_with(t0, keep_alive, timeout(Duration::from_secs(10)))
+    }
+
+    fn connected_with(t0: Instant, keep_alive: u16, config: SessionConfig) -> ServerSession {
+        let mut s = ServerSession::new(t0, config);
         feed(&mut s, t0, &connect(keep_alive)).expect("CONNECT accepted");
         assert!(matches!(events(&mut s)[..], [Event::Connect(_)]));
         s.accept(false);
@@ -430,10 +667,18 @@ mod tests {
         Duration::from_secs(n)
     }
 
+    /// The default configuration with `connect_timeout`.
+    fn timeout(connect_timeout: Duration) -> SessionConfig {
+        SessionConfig {
+            connect_timeout,
+            ..SessionConfig::default()
+        }
+    }
+
     #[test]
     fn connect_then_accept_sends_connack_0() {
         let t0 = Instant::now();
-        let mut s = ServerSession::new(t0, secs(10));
+        let mut s = ServerSession::new(t0, timeout(secs(10)));
         assert_eq!(s.state(), State::AwaitingConnect);
         feed(&mut s, t0, &connect(60)).expect("CONNECT");
         assert_eq!(s.state(), State::Authenticating);
@@ -452,7 +697,7 @@ mod tests {
     #[test]
     fn refuse_sends_connack_5_and_closes() {
         let t0 = Instant::now();
-        let mut s = ServerSession::new(t0, secs(10));
+        let mut s = ServerSession::new(t0, timeout(secs(10)));
         feed(&mut s, t0, &connect(60)).expect("CONNECT");
         s.refuse(ConnectReturnCode::NotAuthorized);
         assert_eq!(s.state(), State::Closed);
@@ -592,7 +837,7 @@ mod tests {
     #[test]
     fn first_packet_must_be_connect() {
         let t0 = Instant::now();
-        let mut s = ServerSession::new(t0, secs(10));
+        let mut s = ServerSession::new(t0, timeout(secs(10)));
         let result = feed(&mut s, t0, &Packet::PingReq);
         assert_eq!(
             result,
@@ -605,7 +850,7 @@ mod tests {
     #[test]
     fn connect_timeout() {
         let t0 = Instant::now();
-        let mut s = ServerSession::new(t0, secs(10));
+        let mut s = ServerSession::new(t0, timeout(secs(10)));
         assert_eq!(s.poll_timeout(), Some(t0 + secs(10)));
         assert_eq!(s.handle_timeout(t0 + secs(9)), Ok(()));
         assert_eq!(
@@ -625,7 +870,7 @@ mod tests {
     #[test]
     fn connect_arrival_replaces_connect_deadline_with_keep_alive() {
         let t0 = Instant::now();
-        let mut s = ServerSession::new(t0, secs(10));
+        let mut s = ServerSession::new(t0, timeout(secs(10)));
         feed(&mut s, t0 + secs(5), &connect(60)).expect("CONNECT");
         assert_eq!(s.poll_timeout(), Some(t0 + secs(95)));
         // Authentication outliving the keep-alive window closes the session; a late accept is
@@ -649,7 +894,7 @@ mod tests {
         );
         assert_eq!(s.state(), State::Closed);
 
-        let mut s = ServerSession::new(t0, secs(10));
+        let mut s = ServerSession::new(t0, timeout(secs(10)));
         feed(&mut s, t0, &connect(60)).expect("CONNECT");
         assert_eq!(
             feed(&mut s, t0, &connect(60)),
@@ -660,7 +905,7 @@ mod tests {
     #[test]
     fn packet_before_connack_is_a_violation() {
         let t0 = Instant::now();
-        let mut s = ServerSession::new(t0, secs(10));
+        let mut s = ServerSession::new(t0, timeout(secs(10)));
         feed(&mut s, t0, &connect(60)).expect("CONNECT");
         let result = feed(&mut s, t0, &publish(QoS::AtLeastOnce, 1));
         assert_eq!(
@@ -750,7 +995,18 @@ mod tests {
     #[test]
     fn client_puback_is_an_event() {
         let t0 = Instant::now();
-        let mut s = connected(t0, 60);
+        // Only a PUBACK for a message in flight is an event: put 42 of them in flight.
+        let config = SessionConfig {
+            max_inflight: 64,
+            ..SessionConfig::default()
+        };
+        let mut s = connected_with(t0, 60, config);
+        let topic = Str::from_static("devices/d1/messages/devicebound/");
+        for want in 1..=42 {
+            let sent = s.send_publish(topic.clone(), Bytes::new(), QoS::AtLeastOnce, false);
+            assert_eq!(sent, Ok(Some(want)));
+        }
+        assert_eq!(sent(&mut s).len(), 42);
         feed(&mut s, t0, &Packet::PubAck(42)).expect("PUBACK");
         assert_eq!(events(&mut s), [Event::PubAck(42)]);
     }
@@ -758,7 +1014,7 @@ mod tests {
     #[test]
     fn mqtt5_connect_gets_connack_1() {
         let t0 = Instant::now();
-        let mut s = ServerSession::new(t0, secs(10));
+        let mut s = ServerSession::new(t0, timeout(secs(10)));
         let frame = Bytes::from_static(b"\x10\x0d\x00\x04MQTT\x05\x02\x00\x3c\x00\x00\x00");
         let err = parse(frame).expect_err("MQTT 5 is refused");
         let violation = s.handle_decode_error(err);

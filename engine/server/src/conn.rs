@@ -1,41 +1,40 @@
-//! One MQTT connection on a shard: reads frames, drives the sans-IO session, authenticates,
-//! appends telemetry to the log and sends each PUBACK once its batch is durable.
+//! The MQTT adapter: one MQTT connection on a shard. It reads frames into `roost-mqtt`'s
+//! sans-IO session (every protocol decision is the state machine's), turns a CONNECT into a
+//! SAS claim and a telemetry PUBLISH into a record for the protocol-neutral
+//! [`DeviceSession`], sends PUBACK once the session says the record is durable, and publishes
+//! what control puts in the session's inbox on the topics the device subscribed to.
 //!
 //! A connection is a single task. It waits on whichever comes first — bytes from the peer, the
-//! log making the oldest unacknowledged batch durable, or its [`Signal`] (kick, deadline) — so
-//! reading never stalls behind a sync and acknowledgements keep the order of the publishes.
+//! log making the oldest unacknowledged batch durable, or its signal (kick, deadline, inbox) —
+//! so reading never stalls behind a sync and acknowledgements keep the order of the publishes.
 
-use std::cell::Cell;
-use std::collections::VecDeque;
-use std::rc::Rc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use futures_lite::future;
-use roost_iothub::topic::{parse_publish_topic, DeviceTopic};
-use roost_model::link::EngineFrame;
-use roost_mqtt::{Event, Limits, Packet, Publish, QoS, ServerSession, State, SubackCode};
+use roost_iothub::props::{encode_bag, PropertyBag, SystemProps};
+use roost_iothub::topic::{device_may_subscribe, parse_publish_topic, DeviceTopic};
+use roost_model::link::DeviceCommand;
+use roost_mqtt::{
+    ConnectReturnCode, Error as MqttError, Event, QoS, ServerSession, SessionConfig, State, Str,
+    SubackCode,
+};
+use roost_session::auth::mqtt_credentials;
+use roost_session::telemetry::{self, MAX_D2C_BODY};
+use roost_session::DisconnectReason;
 
-use crate::auth::{self, Identity};
+use crate::session::{unix_now, DeviceSession};
 use crate::shard::Shard;
-use crate::signal::{Signal, Wake};
-use crate::telemetry::{self, MAX_D2C_BODY};
+use crate::signal::Wake;
 use crate::wire::{Wire, WireError};
 
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Time a client has to send CONNECT after the transport is up.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
-/// Largest frame read: a 256 KiB body plus topic and headroom (spec §2.3: allow about 300 KB).
-const MAX_FRAME: usize = 300 * 1024;
 /// A peer that takes longer than this to accept our bytes is dropped (it stopped reading).
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Time given to the last bytes and the TLS close of a connection being closed.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
-/// How often a busy connection refreshes the device's lastActivityTime at control.
-const ACTIVITY_EVERY: Duration = Duration::from_secs(5);
 
-/// Why a connection ended; the metric label of `roost_mqtt_disconnects_total`.
-type Reason = &'static str;
+type Reason = DisconnectReason;
 
 enum Woken {
     Read(Result<usize, WireError>),
@@ -43,25 +42,27 @@ enum Woken {
     Signal(Wake),
 }
 
+/// The device-bound filters a session subscribed to, with the QoS granted for each.
+#[derive(Default, Clone, Copy)]
+struct Subscribed {
+    c2d: Option<QoS>,
+    methods: Option<QoS>,
+    twin_responses: Option<QoS>,
+    desired: Option<QoS>,
+}
+
 struct Conn {
-    shard: Rc<Shard>,
-    gid: u64,
-    signal: Rc<Signal>,
-    deadline: Rc<Cell<Option<Instant>>>,
-    session: ServerSession,
-    identity: Option<Identity>,
-    refused: bool,
-    /// QoS 1 publishes waiting for their log batch: (batch id, packet id), in arrival order.
-    unacked: VecDeque<(u64, u16)>,
+    session: DeviceSession<u16>,
+    mqtt: ServerSession,
+    subscribed: Subscribed,
     /// Plaintext received and not yet a whole frame. Empty, with no allocation, between
     /// bursts: reads go through the shard's buffer.
     rbuf: BytesMut,
     wbuf: BytesMut,
-    last_activity: Instant,
 }
 
 /// Serves one accepted connection (plain or TLS) to the end.
-pub async fn serve(shard: Rc<Shard>, mut wire: Wire) {
+pub async fn serve(shard: std::rc::Rc<Shard>, mut wire: Wire) {
     let mut rbuf = BytesMut::new();
     let handshake = async { Some(wire.handshake(&shard.rx, &mut rbuf).await) };
     let timeout = async {
@@ -70,25 +71,30 @@ pub async fn serve(shard: Rc<Shard>, mut wire: Wire) {
     };
     match future::or(handshake, timeout).await {
         Some(Ok(())) => {}
-        Some(Err(_)) => return shard.metrics.disconnects.inc("tls_handshake_failed"),
-        None => return shard.metrics.disconnects.inc("tls_handshake_timeout"),
+        Some(Err(_)) => {
+            return shard
+                .metrics
+                .disconnects
+                .inc(DisconnectReason::TlsHandshakeFailed.error_code())
+        }
+        None => {
+            return shard
+                .metrics
+                .disconnects
+                .inc(DisconnectReason::TlsHandshakeTimeout.error_code())
+        }
     }
-    let (gid, signal, deadline) = shard.register();
     let now = Instant::now();
     let mut conn = Conn {
-        shard: shard.clone(),
-        gid,
-        signal,
-        deadline,
-        session: ServerSession::new(now, CONNECT_TIMEOUT),
-        identity: None,
-        refused: false,
-        unacked: VecDeque::new(),
+        session: DeviceSession::open(shard),
+        mqtt: ServerSession::new(now, SessionConfig::default()),
+        subscribed: Subscribed::default(),
         rbuf,
         wbuf: BytesMut::new(),
-        last_activity: now,
     };
     let reason = conn.run(&mut wire).await;
+    // What the session still owes (a refusing CONNACK) goes out with the goodbye.
+    conn.mqtt.poll_transmit(&mut conn.wbuf);
     // Best effort, bounded: the peer may be gone or may have stopped reading.
     let goodbye = async {
         if !conn.wbuf.is_empty() {
@@ -100,7 +106,7 @@ pub async fn serve(shard: Rc<Shard>, mut wire: Wire) {
         glommio::timer::Timer::new(CLOSE_TIMEOUT).await;
     };
     future::or(goodbye, give_up).await;
-    conn.finish(reason);
+    conn.session.finish(reason);
 }
 
 impl Conn {
@@ -112,7 +118,7 @@ impl Conn {
             }
         }
         loop {
-            if self.session.poll_transmit(&mut self.wbuf) {
+            if self.mqtt.poll_transmit(&mut self.wbuf) {
                 let write = async { wire.write_all(&self.wbuf).await.is_ok() };
                 let stalled = async {
                     glommio::timer::Timer::new(WRITE_TIMEOUT).await;
@@ -122,39 +128,40 @@ impl Conn {
                     // Some of it may be out already; sending it again at goodbye would break
                     // the stream.
                     self.wbuf.clear();
-                    return "write_failed_or_stalled";
+                    return DisconnectReason::WriteStalled;
                 }
                 self.wbuf.clear();
             }
-            if self.refused {
-                return "connack_refused";
+            match self.mqtt.state() {
+                State::Closed if self.session.identity().is_none() => {
+                    return DisconnectReason::Refused
+                }
+                State::Closed => return DisconnectReason::ClientDisconnect,
+                _ => {}
             }
-            if self.session.state() == State::Closed {
-                return "client_disconnect";
-            }
-            if let Some(reason) = self.signal.pending_close() {
+            if let Some(reason) = self.session.signal().pending_close() {
                 return reason;
             }
-            self.deadline.set(self.session.poll_timeout());
-            if self.rbuf.is_empty() && self.unacked.is_empty() {
+            self.session.set_deadline(self.mqtt.poll_timeout());
+            if self.rbuf.is_empty() && self.session.is_quiet() {
                 // Going quiet: an idle connection holds no buffers.
                 self.release_buffers();
             }
             // A connection whose input never runs dry must still let the shard's other tasks
             // (the log committer, other connections) run, and must not outrun the log.
             glommio::yield_if_needed().await;
-            self.shard.log.room().await;
+            self.session.shard.log.room().await;
 
             let filled = self.rbuf.len();
             let woken = {
                 let rbuf = &mut self.rbuf;
-                let rx = &self.shard.rx;
-                let sig = &self.signal;
-                let read = async { Woken::Read(wire.read(rx, rbuf).await) };
+                let shard = self.session.shard.clone();
+                let sig = self.session.signal();
+                let read = async { Woken::Read(wire.read(&shard.rx, rbuf).await) };
                 let signal = async { Woken::Signal(sig.wait().await) };
-                match self.unacked.front().map(|(batch, _)| *batch) {
+                match self.session.oldest_unacked_batch() {
                     Some(batch) => {
-                        let log = self.shard.log.clone();
+                        let log = shard.log.clone();
                         let durable = async move { Woken::Durable(log.durable(batch).await) };
                         future::or(read, future::or(durable, signal)).await
                     }
@@ -170,25 +177,26 @@ impl Conn {
                 }
             }
             let step = match woken {
-                Woken::Read(Ok(0)) => Err(if self.identity.is_some() {
-                    "connection_lost"
+                Woken::Read(Ok(0)) => Err(if self.session.identity().is_some() {
+                    DisconnectReason::ConnectionLost
                 } else {
-                    "closed_before_connect"
+                    DisconnectReason::ClosedBeforeConnect
                 }),
                 Woken::Read(Ok(_)) => Ok(()),
-                Woken::Read(Err(WireError::Io(_))) => Err("io_error"),
+                Woken::Read(Err(WireError::Io(_))) => Err(DisconnectReason::IoError),
                 // A record that fails to decrypt or parse, an alert from the peer.
-                Woken::Read(Err(_)) => Err("tls_error"),
+                Woken::Read(Err(_)) => Err(DisconnectReason::TlsError),
                 Woken::Durable(Ok(())) => {
                     self.ack_durable();
                     Ok(())
                 }
-                Woken::Durable(Err(_)) => Err("log_write_failed"),
+                Woken::Durable(Err(_)) => Err(DisconnectReason::LogWriteFailed),
                 Woken::Signal(Wake::Close(reason)) => Err(reason),
                 Woken::Signal(Wake::CheckTimeout) => self
-                    .session
+                    .mqtt
                     .handle_timeout(Instant::now())
-                    .map_err(|v| v.error_code()),
+                    .map_err(|v| DisconnectReason::Protocol(v.error_code())),
+                Woken::Signal(Wake::Inbox) => self.drain_inbox(),
             };
             if let Err(reason) = step {
                 return reason;
@@ -205,42 +213,41 @@ impl Conn {
         if self.wbuf.is_empty() && self.wbuf.capacity() > 0 {
             self.wbuf = BytesMut::new();
         }
-        if self.unacked.capacity() > 0 {
-            self.unacked = VecDeque::new();
-        }
         self.session.release_idle_memory();
+        self.mqtt.release_idle_memory();
     }
 
     /// PUBACKs every publish whose batch is durable, in order.
     fn ack_durable(&mut self) {
-        while let Some((batch, pkid)) = self.unacked.front().copied() {
-            if !self.shard.log.is_durable(batch) {
-                break;
-            }
-            self.unacked.pop_front();
-            self.session.ack_publish(pkid);
+        for pkid in self.session.durable_acks() {
+            self.mqtt.ack_publish(pkid);
         }
     }
 
     fn on_bytes(&mut self) -> Result<(), Reason> {
-        let limits = Limits {
-            max_frame: MAX_FRAME,
-        };
         // One clock read per read batch, not per message: every message in it arrived together.
-        let now = Clock {
-            mono: Instant::now(),
-            wall: unix_now(),
-        };
+        let now = Instant::now();
+        let wall_ms = unix_now().as_millis() as u64;
         loop {
-            let len = match roost_mqtt::check(&self.rbuf, &limits) {
+            let len = match roost_mqtt::check(&self.rbuf, self.mqtt.limits()) {
                 Ok(Some(len)) => len,
                 Ok(None) => break,
-                Err(e) => return Err(e.error_code()),
+                Err(e) => {
+                    let v = self.mqtt.handle_decode_error(e);
+                    return Err(DisconnectReason::Protocol(v.error_code()));
+                }
             };
             let frame = self.rbuf.split_to(len).freeze();
-            let packet = roost_mqtt::parse(frame).map_err(|e| e.error_code())?;
-            self.on_packet(now, packet)?;
-            if self.refused || self.session.state() == State::Closed {
+            if let Err(v) = self.mqtt.handle_frame(now, frame) {
+                if let roost_mqtt::Violation::Malformed(MqttError::UnsupportedProtocolLevel(_)) = v
+                {
+                    // CONNACK 1 is queued; count it as the refusal it is.
+                    self.session.refuse("unsupported_protocol");
+                }
+                return Err(DisconnectReason::Protocol(v.error_code()));
+            }
+            self.on_events(now, wall_ms)?;
+            if self.mqtt.state() == State::Closed {
                 break;
             }
         }
@@ -249,173 +256,193 @@ impl Conn {
         Ok(())
     }
 
-    fn on_packet(&mut self, now: Clock, packet: Packet) -> Result<(), Reason> {
-        if let Packet::Connect(c) = &packet {
-            if c.protocol_level != 4 && c.protocol_level != 3 {
-                self.refuse(auth::Refusal::UnsupportedProtocol);
-                return Ok(());
-            }
-        }
-        self.session
-            .handle_packet(now.mono, packet)
-            .map_err(|v| v.error_code())?;
-        while let Some(event) = self.session.poll_event() {
+    fn on_events(&mut self, now: Instant, wall_ms: u64) -> Result<(), Reason> {
+        while let Some(event) = self.mqtt.poll_event() {
             match event {
-                Event::Connect(c) => self.on_connect(&c),
-                Event::Publish(p) => self.on_publish(p, now)?,
+                Event::Connect(c) => {
+                    let outcome = match mqtt_credentials(
+                        c.client_id.as_str(),
+                        c.username.as_ref().map(|u| u.as_str()),
+                        c.password.as_deref(),
+                    ) {
+                        Ok(claim) => self.session.authenticate(&claim).map(|_| ()),
+                        Err(refusal) => {
+                            self.session.refuse(refusal.reason());
+                            Err(refusal)
+                        }
+                    };
+                    match outcome {
+                        Ok(()) => self.mqtt.accept(false),
+                        Err(refusal) => {
+                            tracing::debug!(reason = refusal.reason(), client_id = %c.client_id.as_str(), "CONNECT refused");
+                            self.mqtt.refuse(ConnectReturnCode::NotAuthorized);
+                        }
+                    }
+                }
+                Event::Publish(p) => self.on_publish(p, now, wall_ms)?,
                 Event::Subscribe(s) => {
                     let codes: Vec<SubackCode> = s
                         .filters
                         .iter()
-                        .map(|(f, q)| grant(f.as_str(), *q))
+                        .map(|(f, q)| self.grant(f.as_str(), *q))
                         .collect();
-                    self.session.grant_subscribe(s.pkid, &codes);
+                    self.mqtt.grant_subscribe(s.pkid, &codes);
+                    // Commands that waited for a subscription may go now.
+                    self.drain_inbox()?;
                 }
-                Event::Unsubscribe(u) => self.session.ack_unsubscribe(u.pkid),
-                Event::Disconnect => return Err("client_disconnect"),
-                Event::PubAck(_) => {}
+                Event::Unsubscribe(u) => self.mqtt.ack_unsubscribe(u.pkid),
+                Event::Disconnect => return Err(DisconnectReason::ClientDisconnect),
+                Event::PubAck(_) => self.drain_inbox()?,
             }
         }
         Ok(())
     }
 
-    fn refuse(&mut self, refusal: auth::Refusal) {
-        self.shard.metrics.refused.inc(refusal.reason());
-        self.session.refuse(refusal.connack_code());
-        self.refused = true;
+    /// SUBACK code for a filter (IoT Hub's policy, spec §2.3), remembering device-bound ones.
+    fn grant(&mut self, filter: &str, qos: QoS) -> SubackCode {
+        if !device_may_subscribe(filter) {
+            return SubackCode::Failure;
+        }
+        let granted = if qos == QoS::AtMostOnce {
+            QoS::AtMostOnce
+        } else {
+            QoS::AtLeastOnce
+        };
+        let s = &mut self.subscribed;
+        match filter {
+            "$iothub/twin/res/#" => s.twin_responses = Some(granted),
+            "$iothub/methods/POST/#" => s.methods = Some(granted),
+            "$iothub/twin/PATCH/properties/desired/#" => s.desired = Some(granted),
+            f if f.ends_with("/messages/devicebound/#") => s.c2d = Some(granted),
+            _ => {}
+        }
+        SubackCode::Granted(granted)
     }
 
-    fn on_connect(&mut self, c: &roost_mqtt::Connect) {
-        let registry = self.shard.shared.registry.load();
-        match auth::authenticate(
-            c,
-            &registry,
-            &self.shard.shared.hostname,
-            unix_now().as_secs(),
-        ) {
-            Err(refusal) => {
-                tracing::debug!(reason = refusal.reason(), client_id = %c.client_id.as_str(), "CONNECT refused");
-                self.refuse(refusal);
-            }
-            Ok(identity) => {
-                self.shard.claim_device(&identity.device_id, self.gid);
-                self.session.accept(false);
-                self.shard.metrics.connections_accepted.inc();
-                self.shard.metrics.connections_current.inc();
-                let _ = self.shard.shared.link.send(EngineFrame::ConnectionState {
-                    device_id: identity.device_id.clone(),
-                    connected: true,
-                    at_ms: unix_now().as_millis() as u64,
-                });
-                tracing::debug!(device = %identity.device_id, shard = self.shard.id, "device connected");
-                self.identity = Some(identity);
+    /// Publishes what control put in the inbox, oldest first, while the in-flight window has
+    /// room. A command the device has not subscribed for is dropped and counted (IoT Hub
+    /// delivers nothing to an unsubscribed device; control answers its caller).
+    fn drain_inbox(&mut self) -> Result<(), Reason> {
+        while self.mqtt.can_send() {
+            let Some(command) = self.session.next_command() else {
+                return Ok(());
+            };
+            let kind = command.kind();
+            let Some(identity) = self.session.identity() else {
+                return Ok(());
+            };
+            let (topic, body, qos) = match command {
+                DeviceCommand::Disconnect { .. } => return Err(DisconnectReason::ClosedByService),
+                DeviceCommand::C2d {
+                    message_id,
+                    properties,
+                    body,
+                } => {
+                    let Some(qos) = self.subscribed.c2d else {
+                        self.dropped(kind);
+                        continue;
+                    };
+                    let bag = encode_bag(&PropertyBag {
+                        system: SystemProps {
+                            message_id: Some(message_id),
+                            ..SystemProps::default()
+                        },
+                        app: properties,
+                    });
+                    let device = &identity.device_id;
+                    (
+                        format!("devices/{device}/messages/devicebound/{bag}"),
+                        body,
+                        qos,
+                    )
+                }
+                DeviceCommand::MethodRequest { name, rid, payload } => {
+                    let Some(qos) = self.subscribed.methods else {
+                        self.dropped(kind);
+                        continue;
+                    };
+                    (
+                        format!("$iothub/methods/POST/{name}/?$rid={rid}"),
+                        payload,
+                        qos,
+                    )
+                }
+                DeviceCommand::DesiredPatch { version, body } => {
+                    let Some(qos) = self.subscribed.desired else {
+                        self.dropped(kind);
+                        continue;
+                    };
+                    (
+                        format!("$iothub/twin/PATCH/properties/desired/?$version={version}"),
+                        body,
+                        qos,
+                    )
+                }
+                DeviceCommand::TwinResponse {
+                    rid,
+                    status,
+                    version,
+                    body,
+                } => {
+                    let Some(qos) = self.subscribed.twin_responses else {
+                        self.dropped(kind);
+                        continue;
+                    };
+                    let version = version
+                        .map(|v| format!("&$version={v}"))
+                        .unwrap_or_default();
+                    (
+                        format!("$iothub/twin/res/{status}/?$rid={rid}{version}"),
+                        body,
+                        qos,
+                    )
+                }
+            };
+            if let Err(e) = self
+                .mqtt
+                .send_publish(Str::from(topic), Bytes::from(body), qos, false)
+            {
+                tracing::debug!(error = %e, kind, "cannot publish a command");
+                self.dropped(kind);
             }
         }
+        Ok(())
     }
 
-    // hot path: parse the property bag, archive into the shard's scratch buffer, one append.
-    fn on_publish(&mut self, p: Publish, clock: Clock) -> Result<(), Reason> {
-        let Some(identity) = &self.identity else {
-            return Err("publish_before_connect");
+    fn dropped(&self, kind: &'static str) {
+        self.session.shard.metrics.commands_dropped.inc(kind);
+    }
+
+    // hot path: parse the property bag, build the record, one append.
+    fn on_publish(
+        &mut self,
+        p: roost_mqtt::Publish,
+        now: Instant,
+        wall_ms: u64,
+    ) -> Result<(), Reason> {
+        let Some(identity) = self.session.identity() else {
+            return Err(DisconnectReason::PublishBeforeConnect);
         };
-        let topic = parse_publish_topic(p.topic.as_str()).map_err(|_| "not_iothub_topic")?;
+        let topic =
+            parse_publish_topic(p.topic.as_str()).map_err(|_| DisconnectReason::NotIotHubTopic)?;
         let DeviceTopic::Telemetry {
             device,
             module,
             bag,
         } = topic
         else {
-            return Err("unsupported_topic");
+            return Err(DisconnectReason::UnsupportedTopic);
         };
         if device != identity.device_id || module != identity.module_id.as_deref() {
-            return Err("topic_device_mismatch");
+            return Err(DisconnectReason::TopicDeviceMismatch);
         }
         if p.payload.len() > MAX_D2C_BODY {
-            return Err("payload_too_large");
+            return Err(DisconnectReason::PayloadTooLarge);
         }
-        let bag = roost_iothub::props::decode_bag(bag).map_err(|e| e.error_code())?;
-        let now = clock.wall;
-        let message =
-            telemetry::record(identity, bag, p.retain, &p.payload, now.as_millis() as u64);
-        let batch = {
-            let mut scratch = self.shard.scratch.borrow_mut();
-            let buf = std::mem::take(&mut *scratch);
-            let buf = message.archive_into(buf).map_err(|_| "archive_failed")?;
-            let batch = self.shard.log.append(&buf);
-            *scratch = buf;
-            batch.map_err(|_| "log_write_failed")?
-        };
-        let m = &self.shard.metrics;
-        m.messages_in.inc();
-        m.bytes_in.inc_by(p.payload.len() as u64);
-        if p.qos == QoS::AtLeastOnce {
-            self.unacked.push_back((batch, p.pkid));
-        }
-        let at = clock.mono;
-        if at.duration_since(self.last_activity) >= ACTIVITY_EVERY {
-            self.last_activity = at;
-            let _ = self.shard.shared.link.send(EngineFrame::Activity {
-                device_id: identity.device_id.clone(),
-                at_ms: now.as_millis() as u64,
-            });
-        }
-        Ok(())
+        let bag = roost_iothub::props::decode_bag(bag)
+            .map_err(|e| DisconnectReason::Protocol(e.error_code()))?;
+        let message = telemetry::record(identity, bag, p.retain, &p.payload, wall_ms);
+        let ack = (p.qos == QoS::AtLeastOnce).then_some(p.pkid);
+        self.session.ingest(&message, ack, p.payload.len(), now)
     }
-
-    fn finish(self, reason: Reason) {
-        let shard = &self.shard;
-        shard.unregister(
-            self.gid,
-            self.identity.as_ref().map(|i| i.device_id.as_str()),
-        );
-        if self.refused {
-            return;
-        }
-        shard.metrics.disconnects.inc(reason);
-        let Some(identity) = self.identity else {
-            return;
-        };
-        shard.metrics.connections_current.dec();
-        tracing::debug!(device = %identity.device_id, reason, "device disconnected");
-        // A replaced connection's successor already reported Connected; do not undo it.
-        if reason != "replaced_by_new_connection" {
-            let _ = shard.shared.link.send(EngineFrame::ConnectionState {
-                device_id: identity.device_id,
-                connected: false,
-                at_ms: unix_now().as_millis() as u64,
-            });
-        }
-    }
-}
-
-/// SUBACK code for a filter: the documented IoT Hub filters at QoS ≤ 1, anything else refused.
-fn grant(filter: &str, qos: QoS) -> SubackCode {
-    const ALLOWED_PREFIXES: [&str; 3] = [
-        "$iothub/twin/res/#",
-        "$iothub/methods/POST/#",
-        "$iothub/twin/PATCH/properties/desired/#",
-    ];
-    let device_bound = filter.starts_with("devices/")
-        && (filter.ends_with("/messages/devicebound/#") || filter.contains("/inputs/"));
-    if !(ALLOWED_PREFIXES.contains(&filter) || device_bound) {
-        return SubackCode::Failure;
-    }
-    SubackCode::Granted(if qos == QoS::AtMostOnce {
-        QoS::AtMostOnce
-    } else {
-        QoS::AtLeastOnce
-    })
-}
-
-/// The time a batch of input was read, monotonic and wall.
-#[derive(Clone, Copy)]
-struct Clock {
-    mono: Instant,
-    wall: Duration,
-}
-
-fn unix_now() -> Duration {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
 }

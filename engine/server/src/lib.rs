@@ -1,35 +1,37 @@
 //! roost-server: the data plane (`roost engine`).
 //!
 //! What it is: one glommio executor per core ("shard"), each with SO_REUSEPORT listeners for
-//! MQTT (TLS, and plain when asked), its own connections, its own partition of the `events` log
+//! the configured [`ListenerSpec`]s, its own connections, its own partition of the `events` log
 //! and its own counters; plus one tokio thread for everything that is not the data path — the
-//! QUIC control link, the ops HTTP port (metrics, health, events consumer API) and signals.
-//! It is the only crate that imports glommio.
+//! QUIC control link, the router that owns the device directory, the ops HTTP port (metrics,
+//! health, events consumer API) and signals. It is the only crate that imports glommio.
 //!
-//! What it is not: the registry of record or an API for services (that is `roost-control`).
+//! What it is not: the registry of record or an API for services (that is `roost-control`),
+//! nor storage (`roost-storage` traits, RocksDB in `roost-rocks`), nor protocol logic
+//! (`roost-mqtt`, `roost-session`, `roost-iothub` are sans-IO).
 //!
 //! The key decision: shared nothing on the data path. A connection lives on the core that
 //! accepted it; shard state is `Rc`/`Cell`; other threads reach a shard only through its command
 //! channel, and the registry reaches shards as an immutable projection swapped whole.
 //!
-//! Layout: `shard` (executor, listeners, connection table), `conn` (one MQTT connection),
-//! `auth`, `telemetry` (PUBLISH → record), `log` (events log), `metrics`, `link` (control link),
-//! `ops` + `httpd` (HTTP), `tls` (certificates), `signal` (per-connection wake-ups), `wire`
-//! (a connection's bytes: plain or TLS, received through the shard's buffer), `nudge` (wakes
-//! every shard from outside, against a glommio 0.9 park).
+//! Layout: `shard` (executor, listeners, connection table, deadline wheel), `session` (the
+//! protocol-neutral device session), `conn` (the MQTT adapter), `router` (directory, commands),
+//! `link` (control link, epochs, the one apply path), `listeners` (listeners as data), `log`
+//! (group commit of the events log), `metrics`, `ops` (HTTP), `signal` (per-connection
+//! wake-ups), `wire` (a connection's bytes: plain or TLS, received through the shard's buffer),
+//! `nudge` (wakes every shard from outside, against a glommio 0.9 park).
 
-pub mod auth;
 mod conn;
-pub mod httpd;
 pub mod link;
+pub mod listeners;
 pub mod log;
 pub mod metrics;
 mod nudge;
 mod ops;
+pub mod router;
+mod session;
 pub mod shard;
 mod signal;
-pub mod telemetry;
-pub mod tls;
 mod wire;
 
 use std::net::SocketAddr;
@@ -39,12 +41,18 @@ use std::time::Duration;
 
 use anyhow::Context;
 use glommio::{LocalExecutorBuilder, Placement};
-use roost_registry::{Projection, Registry, ReplicaStore, RocksReplica};
+use roost_common::httpd;
+use roost_common::shutdown::wait_for_shutdown_signal;
+use roost_common::tls::{self, CertPaths};
+use roost_rocks::EngineDb;
+use roost_storage::{LogStore, ReplicaStore};
 
+use link::{EngineState, Origin, Update};
+pub use listeners::{ListenerSpec, Protocol};
 pub use log::Durability;
 use metrics::Metrics;
-use shard::{Listeners, ShardCommand, Shared};
-use tls::CertPaths;
+use router::RouterTx;
+use shard::{ShardCommand, ShardListener, Shared};
 
 /// Everything `roost engine` is told on its command line.
 #[derive(Debug, Clone)]
@@ -55,10 +63,8 @@ pub struct EngineConfig {
     pub hostname: String,
     /// The control plane's QUIC link address.
     pub control: SocketAddr,
-    /// MQTT over TLS (IoT Hub's :8883).
-    pub mqtt: Option<SocketAddr>,
-    /// Plain MQTT, for benchmarks only.
-    pub plain_mqtt: Option<SocketAddr>,
+    /// Where devices connect: every shard listens on each.
+    pub listeners: Vec<ListenerSpec>,
     /// Ops HTTP: /metrics, /healthz, events consumer API.
     pub ops: SocketAddr,
     /// Number of shards (one per core by default).
@@ -75,42 +81,58 @@ pub struct EngineConfig {
 /// the ops port is up.
 pub fn run(config: EngineConfig, on_ready: impl FnOnce() + Send + 'static) -> anyhow::Result<()> {
     let certs = CertPaths::new(&config.data_dir);
-    let db_path = config.data_dir.join("engine");
-    let db = log::open_db(&db_path, config.cores)
-        .map_err(|e| anyhow::anyhow!("opening {}: {e}", db_path.display()))?;
+    let db = EngineDb::open(&config.data_dir.join("engine"), config.cores)?;
+    let log: Arc<dyn LogStore> = Arc::new(db.log());
+    let replica: Arc<dyn ReplicaStore> = Arc::new(db.replica());
     let metrics = Arc::new(Metrics::new());
+    let (router, router_rx) = RouterTx::channel();
 
-    // Boot from the persisted replica: the data plane must work before control answers.
-    let replica = RocksReplica::new(db.clone());
+    // Start-up is "apply the persisted state to an empty engine", through the code that applies
+    // what control sends: the data plane works before control answers.
+    let state = Arc::new(EngineState::empty(
+        replica.clone(),
+        metrics.clone(),
+        router.clone(),
+    ));
     let (seq, devices) = replica.load().context("loading the registry replica")?;
     tracing::info!(seq, devices = devices.len(), "registry replica loaded");
-    let registry = Arc::new(Registry::new(Projection::new(seq, devices)));
-    metrics.registry_sequence.set(seq as i64);
-    metrics.registry_devices.set(registry.load().len() as i64);
+    link::apply(&state, Update::Snapshot { seq, devices }, Origin::Replica)?;
+    match replica.load_epoch().context("loading the applied epoch")? {
+        None => tracing::info!("no config epoch applied yet"),
+        Some(epoch) => {
+            let version = epoch.version;
+            if let Err(e) = link::apply(&state, Update::Epoch(epoch), Origin::Replica) {
+                tracing::error!(version, error = %e, "the persisted config epoch no longer applies; waiting for control");
+            }
+        }
+    }
 
-    let tls = match config.mqtt {
-        Some(addr) => Some((addr, tls::device_server_config(&certs)?)),
-        None => None,
-    };
-    let listeners = Listeners {
-        mqtt_tls: tls,
-        mqtt_plain: config.plain_mqtt,
-    };
+    let mut listeners = Vec::new();
+    for spec in &config.listeners {
+        let tls = match spec.tls {
+            true => Some(tls::device_server_config(&certs)?),
+            false => None,
+        };
+        listeners.push(ShardListener {
+            protocol: spec.protocol,
+            addr: spec.addr,
+            tls,
+        });
+    }
 
-    let (link_tx, link_rx) = tokio::sync::mpsc::unbounded_channel();
+    let (to_control, from_router) = tokio::sync::mpsc::unbounded_channel();
     let (cmd_txs, cmd_rxs): (Vec<_>, Vec<_>) = (0..config.cores)
         .map(|_| crossbeam::channel::unbounded())
         .unzip();
     let nudges: Vec<nudge::Nudge> = (0..config.cores).map(|_| nudge::Nudge::default()).collect();
     let shared = Arc::new(Shared {
         hostname: config.hostname.clone(),
-        registry: registry.clone(),
+        registry: state.registry.clone(),
         metrics: metrics.clone(),
-        db: db.clone(),
+        log: log.clone(),
         durability: config.durability,
         commit_window: config.commit_window,
-        link: link_tx,
-        shards: cmd_txs.clone(),
+        router: router.clone(),
         nudges: nudges.clone(),
     });
 
@@ -154,10 +176,7 @@ pub fn run(config: EngineConfig, on_ready: impl FnOnce() + Send + 'static) -> an
         node: config.node.clone(),
         control: config.control,
         client: link_client,
-        registry,
-        replica: Box::new(replica),
-        metrics: metrics.clone(),
-        shards: cmd_txs.clone(),
+        state,
     });
 
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -167,10 +186,12 @@ pub fn run(config: EngineConfig, on_ready: impl FnOnce() + Send + 'static) -> an
         let ops_listener = tokio::net::TcpListener::bind(config.ops)
             .await
             .with_context(|| format!("cannot listen on ops address {}", config.ops))?;
-        let ops = Arc::new(ops::Ops { db: db.clone(), metrics });
+        let ops = Arc::new(ops::Ops { log: log.clone(), metrics: metrics.clone() });
         tokio::spawn(httpd::serve(ops_listener, None, move |req| ops.clone().handle(req)));
-        tokio::spawn(link::run(link_ctx, link_rx));
-        tracing::info!(mqtt = ?config.mqtt, plain_mqtt = ?config.plain_mqtt, ops = %config.ops, shards = config.cores, "engine ready");
+        tokio::spawn(router::run(router_rx, cmd_txs.clone(), to_control.clone(), metrics.clone()));
+        tokio::spawn(link::run(link_ctx, from_router, to_control));
+        let listening: Vec<String> = config.listeners.iter().map(ToString::to_string).collect();
+        tracing::info!(listeners = ?listening, ops = %config.ops, shards = config.cores, "engine ready");
         on_ready();
         wait_for_shutdown_signal().await;
         anyhow::Ok(())
@@ -186,21 +207,8 @@ pub fn run(config: EngineConfig, on_ready: impl FnOnce() + Send + 'static) -> an
         }
     }
     drop(nudger);
-    db.flush_wal(true).context("flushing the events log")?;
+    drop(router);
+    db.flush_wal()
+        .map_err(|e| anyhow::anyhow!("flushing the events log: {e}"))?;
     Ok(())
-}
-
-/// Resolves on SIGINT or SIGTERM.
-pub async fn wait_for_shutdown_signal() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-            return;
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
 }

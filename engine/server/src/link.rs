@@ -1,234 +1,185 @@
 //! The engine's end of the control link (DESIGN.md §6), on the engine's tokio thread — never on
-//! a shard. It keeps the registry replica current (snapshot, then ordered deltas; persisted
-//! before it is published to the shards) and reports connection state back. While control is
-//! away it keeps the latest state per device and reconnects with backoff; the shards go on
-//! with the replica they have.
+//! a shard. It keeps the registry replica current (snapshot, then ordered deltas), runs the
+//! config epochs control sends (validated, persisted, then put in force; answered `Applied` or
+//! `Rejected`), hands commands for a device session to the router, and reports back. While
+//! control is away it keeps the latest state per device and reconnects with backoff; the shards
+//! go on with the replica and the epoch they have.
+//!
+//! One code path: start-up applies the persisted replica and epoch with [`apply`], the same
+//! function that applies what control sends, only without writing them again.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crossbeam::channel::Sender;
-use roost_model::link::{ControlFrame, DeviceAuth, EngineFrame, RegistryChange};
-use roost_registry::{Projection, Registry, ReplicaStore};
-use tokio::sync::mpsc::UnboundedReceiver;
+use roost_common::link::{read_frame_body, LinkError};
+use roost_common::tls::LINK_SERVER_NAME;
+use roost_model::link::{ControlFrame, DeviceAuth, EngineFrame, Epoch, EpochHash, RegistryChange};
+use roost_registry::{Projection, Registry};
+use roost_storage::{ReplicaStore, StoreError};
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 
 use crate::metrics::Metrics;
-use crate::shard::ShardCommand;
-use crate::tls::LINK_SERVER_NAME;
+use crate::router::{RouterInput, RouterTx};
 
-/// What the link needs from the engine.
+/// What the engine runs, as the link changes it: the registry projection and the epoch.
+pub struct EngineState {
+    pub registry: Arc<Registry>,
+    pub replica: Arc<dyn ReplicaStore>,
+    epoch: Mutex<Option<Epoch>>,
+    pub metrics: Arc<Metrics>,
+    pub router: RouterTx,
+}
+
+impl EngineState {
+    /// An empty engine: no devices, no epoch. [`apply`] fills it.
+    pub fn empty(replica: Arc<dyn ReplicaStore>, metrics: Arc<Metrics>, router: RouterTx) -> Self {
+        Self {
+            registry: Arc::new(Registry::new(Projection::default())),
+            replica,
+            epoch: Mutex::new(None),
+            metrics,
+            router,
+        }
+    }
+
+    /// The hash of the epoch in force, if any.
+    pub fn epoch_hash(&self) -> Option<EpochHash> {
+        self.epoch
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|e| e.hash)
+    }
+}
+
+/// What the link needs beyond the engine state.
 pub struct LinkContext {
     pub node: String,
     pub control: SocketAddr,
     pub client: quinn::ClientConfig,
-    pub registry: Arc<Registry>,
-    pub replica: Box<dyn ReplicaStore + Send + Sync>,
-    pub metrics: Arc<Metrics>,
-    pub shards: Vec<Sender<ShardCommand>>,
+    pub state: Arc<EngineState>,
 }
 
-const HEARTBEAT: Duration = Duration::from_secs(2);
-const MAX_BACKOFF: Duration = Duration::from_secs(2);
-
-/// Runs the link forever: connect, serve, back off, repeat.
-pub async fn run(ctx: Arc<LinkContext>, mut events: UnboundedReceiver<EngineFrame>) {
-    let mut endpoint = match quinn::Endpoint::client(SocketAddr::from(([0, 0, 0, 0], 0))) {
-        Ok(e) => e,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot open the control link's UDP socket");
-            return;
-        }
-    };
-    endpoint.set_default_client_config(ctx.client.clone());
-    let mut pending: HashMap<String, EngineFrame> = HashMap::new();
-    let mut backoff = Duration::from_millis(100);
-    loop {
-        match connect(&endpoint, &ctx).await {
-            Ok(conn) => {
-                backoff = Duration::from_millis(100);
-                ctx.metrics.link_connected.set(1);
-                tracing::info!(control = %ctx.control, "control link up");
-                let why = serve(&ctx, conn, &mut events, &mut pending).await;
-                tracing::warn!(reason = %why, "control link down");
-                ctx.metrics.link_connected.set(0);
-            }
-            Err(e) => tracing::debug!(error = %e, "control unreachable"),
-        }
-        // While control is away, keep only the latest report per device.
-        let wait = tokio::time::sleep(backoff);
-        tokio::pin!(wait);
-        loop {
-            tokio::select! {
-                _ = &mut wait => break,
-                ev = events.recv() => match ev {
-                    Some(ev) => coalesce(&mut pending, ev),
-                    None => return,
-                },
-            }
-        }
-        backoff = (backoff * 2).min(MAX_BACKOFF);
-    }
+/// Where an update comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// From control: persisted before it is put in force.
+    Control,
+    /// From the engine's own replica store at start-up: already durable.
+    Replica,
 }
 
-fn coalesce(pending: &mut HashMap<String, EngineFrame>, ev: EngineFrame) {
-    let key = match &ev {
-        EngineFrame::ConnectionState { device_id, .. } => format!("c/{device_id}"),
-        EngineFrame::Activity { device_id, .. } => format!("a/{device_id}"),
-        _ => return,
-    };
-    pending.insert(key, ev);
+/// One change to what the engine runs.
+#[derive(Debug)]
+pub enum Update {
+    Snapshot {
+        seq: u64,
+        devices: Vec<DeviceAuth>,
+    },
+    Deltas {
+        from_seq: u64,
+        changes: Vec<RegistryChange>,
+    },
+    Epoch(Epoch),
 }
 
-async fn connect(
-    endpoint: &quinn::Endpoint,
-    ctx: &LinkContext,
-) -> Result<quinn::Connection, String> {
-    let connecting = endpoint
-        .connect(ctx.control, LINK_SERVER_NAME)
-        .map_err(|e| e.to_string())?;
-    tokio::time::timeout(Duration::from_secs(5), connecting)
-        .await
-        .map_err(|_| "handshake timed out".to_string())?
-        .map_err(|e| e.to_string())
+/// Why an update was not applied.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error("delta from {from_seq} does not follow the replica at {have}")]
+    OutOfOrder { from_seq: u64, have: u64 },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// An epoch was refused; the engine keeps the one it had.
+    #[error("epoch refused ({code}): {detail}")]
+    Rejected { code: &'static str, detail: String },
 }
 
-async fn write_frame(send: &mut quinn::SendStream, frame: &EngineFrame) -> Result<(), String> {
-    send.write_all(&frame.encode())
-        .await
-        .map_err(|e| e.to_string())
-}
-
-/// Reads one length-prefixed link frame's body, refusing one longer than `max` before
-/// allocating for it. Both ends of the link read with this.
-pub async fn read_frame_body(recv: &mut quinn::RecvStream, max: usize) -> Result<Vec<u8>, String> {
-    let mut prefix = [0u8; 4];
-    recv.read_exact(&mut prefix)
-        .await
-        .map_err(|e| e.to_string())?;
-    let len = roost_model::link::frame_len(prefix).map_err(|e| e.to_string())?;
-    if len > max {
-        return Err(format!("link frame of {len} bytes exceeds {max}"));
-    }
-    let mut body = vec![0u8; len];
-    recv.read_exact(&mut body)
-        .await
-        .map_err(|e| e.to_string())?;
-    Ok(body)
-}
-
-async fn read_frame(recv: &mut quinn::RecvStream) -> Result<ControlFrame, String> {
-    let body = read_frame_body(recv, roost_model::link::MAX_FRAME).await?;
-    ControlFrame::decode(&body).map_err(|e| e.to_string())
-}
-
-async fn serve(
-    ctx: &Arc<LinkContext>,
-    conn: quinn::Connection,
-    events: &mut UnboundedReceiver<EngineFrame>,
-    pending: &mut HashMap<String, EngineFrame>,
-) -> String {
-    let (mut send, mut recv) = match conn.open_bi().await {
-        Ok(s) => s,
-        Err(e) => return e.to_string(),
-    };
-    let hello = EngineFrame::Hello {
-        node: ctx.node.clone(),
-        registry_seq: ctx.registry.load().seq(),
-    };
-    if let Err(e) = write_frame(&mut send, &hello).await {
-        return e;
-    }
-    for (_, ev) in pending.drain() {
-        if let Err(e) = write_frame(&mut send, &ev).await {
-            return e;
+impl ApplyError {
+    pub fn error_code(&self) -> &'static str {
+        match self {
+            ApplyError::OutOfOrder { .. } => "out_of_order",
+            ApplyError::Store(_) => "persist_failed",
+            ApplyError::Rejected { code, .. } => code,
         }
     }
-    // Frames from control are applied by their own task so a slow apply never stalls reports.
-    let reader_ctx = ctx.clone();
-    let mut reader = tokio::spawn(async move {
-        loop {
-            let frame = match read_frame(&mut recv).await {
-                Ok(f) => f,
-                Err(e) => return e,
-            };
-            if let Err(e) = apply(&reader_ctx, frame) {
-                return e;
-            }
-        }
-    });
-    let mut heartbeat = tokio::time::interval(HEARTBEAT);
-    let why = loop {
-        tokio::select! {
-            res = &mut reader => break match res {
-                Ok(e) => e,
-                Err(e) => e.to_string(),
-            },
-            ev = events.recv() => {
-                let Some(ev) = ev else { break "engine stopping".into() };
-                if let Err(e) = write_frame(&mut send, &ev).await {
-                    coalesce(pending, ev);
-                    break e;
-                }
-            }
-            _ = heartbeat.tick() => {
-                let hb = EngineFrame::Heartbeat { registry_seq: ctx.registry.load().seq() };
-                if let Err(e) = write_frame(&mut send, &hb).await { break e; }
-            }
-        }
-    };
-    reader.abort();
-    conn.close(0u32.into(), b"bye");
-    why
 }
 
-/// Applies one frame: persist first, then publish to the shards, then close connections of
-/// devices that may no longer connect.
-fn apply(ctx: &LinkContext, frame: ControlFrame) -> Result<(), String> {
-    let current = ctx.registry.load();
-    let (next, revoked) = match frame {
-        ControlFrame::Snapshot { seq, devices } => {
-            ctx.replica
-                .replace(seq, &devices)
-                .map_err(|e| e.to_string())?;
+/// Checks an epoch before anything is built from it. The payload is empty until the routing
+/// issue defines what it carries; anything in it now is something this engine cannot run.
+fn validate(epoch: &Epoch) -> Result<(), ApplyError> {
+    if !epoch.hash_is_valid() {
+        return Err(ApplyError::Rejected {
+            code: "hash_mismatch",
+            detail: format!("epoch {} does not hash to {}", epoch.version, epoch.hash),
+        });
+    }
+    let p = &epoch.payload;
+    if !p.routes.is_empty() || !p.plugins.is_empty() || !p.limits.is_empty() {
+        return Err(ApplyError::Rejected {
+            code: "unsupported_payload",
+            detail: "this engine runs no routes, plugins or limits from an epoch yet".into(),
+        });
+    }
+    Ok(())
+}
+
+/// Applies one update: validate, persist (unless it came from the replica), put in force, then
+/// close the connections of devices that may no longer connect.
+pub fn apply(state: &EngineState, update: Update, origin: Origin) -> Result<(), ApplyError> {
+    let persist = origin == Origin::Control;
+    match update {
+        Update::Epoch(epoch) => {
+            validate(&epoch)?;
+            if persist {
+                state.replica.save_epoch(&epoch)?;
+            }
+            tracing::info!(version = epoch.version, hash = %epoch.hash, "config epoch in force");
+            state.metrics.epoch_version.set(epoch.version as i64);
+            *state.epoch.lock().unwrap_or_else(|p| p.into_inner()) = Some(epoch);
+            return Ok(());
+        }
+        Update::Snapshot { seq, devices } => {
+            if persist {
+                state.replica.replace(seq, &devices)?;
+            }
+            let current = state.registry.load();
             let next = Projection::new(seq, devices);
-            let revoked: Vec<String> = revoked_by_snapshot(&current, &next);
-            (next, revoked)
+            let revoked = revoked_by_snapshot(&current, &next);
+            publish(state, next, revoked);
         }
-        ControlFrame::Deltas { from_seq, changes } => {
+        Update::Deltas { from_seq, changes } => {
+            let current = state.registry.load();
             if from_seq != current.seq() {
-                return Err(format!(
-                    "delta from {from_seq} does not follow replica at {}",
-                    current.seq()
-                ));
+                return Err(ApplyError::OutOfOrder {
+                    from_seq,
+                    have: current.seq(),
+                });
             }
-            ctx.replica
-                .apply(from_seq, &changes)
-                .map_err(|e| e.to_string())?;
+            if persist {
+                state.replica.apply(from_seq, &changes)?;
+            }
             let revoked = changes.iter().filter_map(revoked_by_change).collect();
-            (current.with_changes(&changes), revoked)
+            publish(state, current.with_changes(&changes), revoked);
         }
-    };
-    ctx.metrics.registry_sequence.set(next.seq() as i64);
-    ctx.metrics.registry_devices.set(next.len() as i64);
+    }
+    Ok(())
+}
+
+fn publish(state: &EngineState, next: Projection, revoked: Vec<String>) {
+    state.metrics.registry_sequence.set(next.seq() as i64);
+    state.metrics.registry_devices.set(next.len() as i64);
     tracing::debug!(
         seq = next.seq(),
         devices = next.len(),
         "registry replica updated"
     );
-    ctx.registry.replace(next);
-    let now = std::time::Instant::now();
+    state.registry.replace(next);
     for device_id in revoked {
-        for tx in &ctx.shards {
-            let _ = tx.send(ShardCommand::Kick {
-                device_id: device_id.clone(),
-                before: now,
-                reason: "device_revoked",
-            });
-        }
+        state.router.send(RouterInput::Revoke { device_id });
     }
-    Ok(())
 }
 
 fn revoked_by_change(change: &RegistryChange) -> Option<String> {
@@ -248,4 +199,369 @@ fn revoked_by_snapshot(old: &Projection, new: &Projection) -> Vec<String> {
         .filter(|id| new.device(id).is_none_or(|d| !d.enabled))
         .map(str::to_string)
         .collect()
+}
+
+const HEARTBEAT: Duration = Duration::from_secs(2);
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+
+/// Runs the link forever: connect, serve, back off, repeat. `events` carries frames for
+/// control (from the router); frames the link itself answers go through `answers`.
+pub async fn run(
+    ctx: Arc<LinkContext>,
+    mut events: UnboundedReceiver<EngineFrame>,
+    answers: UnboundedSender<EngineFrame>,
+) {
+    let mut endpoint = match quinn::Endpoint::client(SocketAddr::from(([0, 0, 0, 0], 0))) {
+        Ok(e) => e,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot open the control link's UDP socket");
+            return;
+        }
+    };
+    endpoint.set_default_client_config(ctx.client.clone());
+    let mut pending: HashMap<String, EngineFrame> = HashMap::new();
+    let mut backoff = Duration::from_millis(100);
+    let metrics = &ctx.state.metrics;
+    loop {
+        match connect(&endpoint, &ctx).await {
+            Ok(conn) => {
+                backoff = Duration::from_millis(100);
+                metrics.link_connected.set(1);
+                tracing::info!(control = %ctx.control, "control link up");
+                let why = serve(&ctx, conn, &mut events, &answers, &mut pending).await;
+                tracing::warn!(reason = %why, "control link down");
+                metrics.link_connected.set(0);
+            }
+            Err(e) => tracing::debug!(error = %e, "control unreachable"),
+        }
+        // While control is away, keep only the latest report per device.
+        let wait = tokio::time::sleep(backoff);
+        tokio::pin!(wait);
+        loop {
+            tokio::select! {
+                _ = &mut wait => break,
+                ev = events.recv() => match ev {
+                    Some(ev) => coalesce(&mut pending, ev),
+                    None => return,
+                },
+            }
+        }
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+/// Keeps what control must learn after a reconnect; answers to an earlier link (command
+/// results, epoch verdicts) are dropped: control times the former out and learns the epoch
+/// from `Hello`.
+fn coalesce(pending: &mut HashMap<String, EngineFrame>, ev: EngineFrame) {
+    let key = match &ev {
+        EngineFrame::ConnectionState { device_id, .. } => format!("c/{device_id}"),
+        EngineFrame::Activity { device_id, .. } => format!("a/{device_id}"),
+        _ => return,
+    };
+    pending.insert(key, ev);
+}
+
+/// Why the link went down.
+#[derive(Debug, thiserror::Error)]
+enum LinkDown {
+    #[error("connect: {0}")]
+    Connect(#[from] quinn::ConnectError),
+    #[error("handshake timed out")]
+    HandshakeTimeout,
+    #[error(transparent)]
+    Connection(#[from] quinn::ConnectionError),
+    #[error("write: {0}")]
+    Write(#[from] quinn::WriteError),
+    #[error("read: {0}")]
+    Read(#[from] LinkError),
+    #[error("control sent a frame that is not one: {0}")]
+    Frame(#[from] roost_model::link::FrameError),
+    #[error("applying an update: {0}")]
+    Apply(#[from] ApplyError),
+    #[error("the engine is stopping")]
+    Stopping,
+    #[error("the reader task ended: {0}")]
+    Reader(String),
+}
+
+async fn connect(
+    endpoint: &quinn::Endpoint,
+    ctx: &LinkContext,
+) -> Result<quinn::Connection, LinkDown> {
+    let connecting = endpoint.connect(ctx.control, LINK_SERVER_NAME)?;
+    Ok(tokio::time::timeout(Duration::from_secs(5), connecting)
+        .await
+        .map_err(|_| LinkDown::HandshakeTimeout)??)
+}
+
+async fn write_frame(send: &mut quinn::SendStream, frame: &EngineFrame) -> Result<(), LinkDown> {
+    Ok(send.write_all(&frame.encode()).await?)
+}
+
+async fn read_frame(recv: &mut quinn::RecvStream) -> Result<ControlFrame, LinkDown> {
+    let body = read_frame_body(recv, roost_model::link::MAX_FRAME).await?;
+    Ok(ControlFrame::decode(&body)?)
+}
+
+async fn serve(
+    ctx: &Arc<LinkContext>,
+    conn: quinn::Connection,
+    events: &mut UnboundedReceiver<EngineFrame>,
+    answers: &UnboundedSender<EngineFrame>,
+    pending: &mut HashMap<String, EngineFrame>,
+) -> LinkDown {
+    let (mut send, mut recv) = match conn.open_bi().await {
+        Ok(s) => s,
+        Err(e) => return e.into(),
+    };
+    let state = &ctx.state;
+    let hello = EngineFrame::Hello {
+        node: ctx.node.clone(),
+        registry_seq: state.registry.load().seq(),
+        epoch: state.epoch_hash(),
+    };
+    if let Err(e) = write_frame(&mut send, &hello).await {
+        return e;
+    }
+    for (_, ev) in pending.drain() {
+        if let Err(e) = write_frame(&mut send, &ev).await {
+            return e;
+        }
+    }
+    // Frames from control are handled by their own task so a slow apply never stalls reports;
+    // the synced replica writes run on the blocking pool, not on the thread that serves the
+    // ops port.
+    let reader_state = ctx.state.clone();
+    let answers = answers.clone();
+    let mut reader = tokio::spawn(async move {
+        loop {
+            let frame = match read_frame(&mut recv).await {
+                Ok(f) => f,
+                Err(e) => return e,
+            };
+            if let Err(e) = on_control_frame(&reader_state, frame, &answers).await {
+                return e;
+            }
+        }
+    });
+    let mut heartbeat = tokio::time::interval(HEARTBEAT);
+    let why = loop {
+        tokio::select! {
+            res = &mut reader => break match res {
+                Ok(e) => e,
+                Err(e) => LinkDown::Reader(e.to_string()),
+            },
+            ev = events.recv() => {
+                let Some(ev) = ev else { break LinkDown::Stopping };
+                if let Err(e) = write_frame(&mut send, &ev).await {
+                    coalesce(pending, ev);
+                    break e;
+                }
+            }
+            _ = heartbeat.tick() => {
+                let hb = EngineFrame::Heartbeat {
+                    registry_seq: state.registry.load().seq(),
+                    epoch: state.epoch_hash(),
+                };
+                if let Err(e) = write_frame(&mut send, &hb).await { break e; }
+            }
+        }
+    };
+    reader.abort();
+    conn.close(0u32.into(), b"bye");
+    why
+}
+
+async fn on_control_frame(
+    state: &Arc<EngineState>,
+    frame: ControlFrame,
+    answers: &UnboundedSender<EngineFrame>,
+) -> Result<(), LinkDown> {
+    let update = match frame {
+        ControlFrame::Command {
+            id,
+            client_id,
+            command,
+        } => {
+            state.router.send(RouterInput::Command {
+                id,
+                client_id,
+                command,
+            });
+            return Ok(());
+        }
+        ControlFrame::Snapshot { seq, devices } => Update::Snapshot { seq, devices },
+        ControlFrame::Deltas { from_seq, changes } => Update::Deltas { from_seq, changes },
+        ControlFrame::Apply { epoch } => Update::Epoch(epoch),
+    };
+    let epoch_hash = match &update {
+        Update::Epoch(e) => Some(e.hash),
+        _ => None,
+    };
+    let worker = state.clone();
+    let result = tokio::task::spawn_blocking(move || apply(&worker, update, Origin::Control))
+        .await
+        .map_err(|e| LinkDown::Reader(e.to_string()))?;
+    let Some(hash) = epoch_hash else {
+        // A registry update that cannot be applied leaves the replica behind: drop the link,
+        // and the reconnect's Hello makes control send what is missing.
+        return result.map_err(LinkDown::from);
+    };
+    let metrics = &state.metrics;
+    let answer = match result {
+        Ok(()) => {
+            metrics.epochs.with_label_values(&["applied"]).inc();
+            EngineFrame::Applied { hash }
+        }
+        Err(e) => {
+            tracing::warn!(%hash, code = e.error_code(), error = %e, "config epoch rejected; keeping the previous one");
+            metrics.epochs.with_label_values(&[e.error_code()]).inc();
+            EngineFrame::Rejected {
+                hash,
+                code: e.error_code().to_string(),
+                detail: e.to_string(),
+            }
+        }
+    };
+    let _ = answers.send(answer);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use roost_model::link::EpochPayload;
+    use roost_storage::MemStore;
+
+    use super::*;
+
+    fn dev(id: &str, enabled: bool) -> DeviceAuth {
+        DeviceAuth {
+            device_id: id.into(),
+            enabled,
+            primary_key: vec![1],
+            secondary_key: vec![2],
+            generation_id: "g".into(),
+        }
+    }
+
+    fn engine(store: Arc<MemStore>) -> (EngineState, UnboundedReceiver<RouterInput>) {
+        let (router, rx) = RouterTx::channel();
+        let state = EngineState::empty(store, Arc::new(Metrics::new()), router);
+        (state, rx)
+    }
+
+    /// Start-up as the engine does it: the persisted replica and epoch, through `apply`.
+    fn boot(state: &EngineState, store: &MemStore) {
+        let (seq, devices) = store.load().expect("load");
+        apply(state, Update::Snapshot { seq, devices }, Origin::Replica).expect("replica");
+        if let Some(e) = store.load_epoch().expect("load epoch") {
+            apply(state, Update::Epoch(e), Origin::Replica).expect("epoch");
+        }
+    }
+
+    #[test]
+    fn what_control_sent_is_what_a_restarted_engine_runs() {
+        let store = Arc::new(MemStore::new(0));
+        let (state, _rx) = engine(store.clone());
+        boot(&state, &store);
+        assert_eq!(state.epoch_hash(), None, "an empty engine runs no epoch");
+        apply(
+            &state,
+            Update::Snapshot {
+                seq: 2,
+                devices: vec![dev("a", true), dev("b", true)],
+            },
+            Origin::Control,
+        )
+        .expect("snapshot");
+        apply(
+            &state,
+            Update::Deltas {
+                from_seq: 2,
+                changes: vec![RegistryChange::Upsert(dev("c", true))],
+            },
+            Origin::Control,
+        )
+        .expect("delta");
+        let epoch = Epoch::new(1, EpochPayload::default());
+        apply(&state, Update::Epoch(epoch.clone()), Origin::Control).expect("epoch");
+
+        let (restarted, _rx) = engine(store.clone());
+        boot(&restarted, &store);
+        assert_eq!(restarted.registry.load().seq(), 3);
+        assert_eq!(restarted.registry.load().len(), 3);
+        assert_eq!(restarted.epoch_hash(), Some(epoch.hash));
+    }
+
+    #[test]
+    fn a_bad_epoch_is_rejected_and_the_previous_one_kept() {
+        let store = Arc::new(MemStore::new(0));
+        let (state, _rx) = engine(store.clone());
+        let good = Epoch::new(1, EpochPayload::default());
+        apply(&state, Update::Epoch(good.clone()), Origin::Control).expect("good");
+        let mut forged = Epoch::new(2, EpochPayload::default());
+        forged.version = 3;
+        let err = apply(&state, Update::Epoch(forged), Origin::Control).expect_err("forged");
+        assert_eq!(err.error_code(), "hash_mismatch");
+        let routes = Epoch::new(
+            4,
+            EpochPayload {
+                routes: "return {}".into(),
+                ..EpochPayload::default()
+            },
+        );
+        let err = apply(&state, Update::Epoch(routes), Origin::Control).expect_err("payload");
+        assert_eq!(err.error_code(), "unsupported_payload");
+        assert_eq!(state.epoch_hash(), Some(good.hash));
+        assert_eq!(
+            store.load_epoch().expect("load"),
+            Some(good),
+            "nothing else persisted"
+        );
+    }
+
+    #[test]
+    fn deltas_out_of_order_are_refused_and_revocations_reach_the_router() {
+        let store = Arc::new(MemStore::new(0));
+        let (state, mut rx) = engine(store.clone());
+        apply(
+            &state,
+            Update::Snapshot {
+                seq: 1,
+                devices: vec![dev("a", true), dev("b", true)],
+            },
+            Origin::Control,
+        )
+        .expect("snapshot");
+        let err = apply(
+            &state,
+            Update::Deltas {
+                from_seq: 5,
+                changes: vec![],
+            },
+            Origin::Control,
+        )
+        .expect_err("gap");
+        assert_eq!(err.error_code(), "out_of_order");
+        apply(
+            &state,
+            Update::Deltas {
+                from_seq: 1,
+                changes: vec![
+                    RegistryChange::Upsert(dev("a", false)),
+                    RegistryChange::Delete {
+                        device_id: "b".into(),
+                    },
+                ],
+            },
+            Origin::Control,
+        )
+        .expect("delta");
+        let mut revoked = Vec::new();
+        while let Ok(RouterInput::Revoke { device_id }) = rx.try_recv() {
+            revoked.push(device_id);
+        }
+        assert_eq!(revoked, vec!["a".to_string(), "b".to_string()]);
+    }
 }

@@ -18,12 +18,19 @@ pub struct Metrics {
     connections_accepted: IntCounterVec,
     connack_refused: IntCounterVec,
     disconnects: IntCounterVec,
+    commands_dropped: IntCounterVec,
     messages_in: IntCounterVec,
     bytes_in: IntCounterVec,
     log_appends: IntCounterVec,
     log_append_latency: HistogramVec,
     log_commits: IntCounterVec,
     pub link_connected: IntGauge,
+    /// Version of the config epoch in force (0: none yet).
+    pub epoch_version: IntGauge,
+    /// Epochs applied or rejected, by `result` (`applied` or the rejection code).
+    pub epochs: IntCounterVec,
+    /// Commands from control, by `kind` and `outcome`.
+    pub commands: IntCounterVec,
     pub registry_sequence: IntGauge,
     pub registry_devices: IntGauge,
 }
@@ -71,6 +78,10 @@ impl Metrics {
             "roost_link_connected",
             "1 while the control link is up, else 0.",
         );
+        let epoch_version = gauge(
+            "roost_link_epoch_version",
+            "Version of the config epoch the engine runs (0 before the first).",
+        );
         let registry_sequence = gauge(
             "roost_registry_sequence",
             "Registry sequence the engine's replica is complete up to.",
@@ -80,6 +91,18 @@ impl Metrics {
             "Devices in the engine's registry replica.",
         );
         Self {
+            epochs: counter(
+                &registry,
+                "roost_link_epochs_total",
+                "Config epochs applied or rejected, by result (applied, or the rejection code).",
+                &["result"],
+            ),
+            commands: counter(
+                &registry,
+                "roost_link_commands_total",
+                "Commands from control for a device session, by kind and outcome.",
+                &["kind", "outcome"],
+            ),
             connections_accepted: counter(
                 &registry,
                 "roost_mqtt_connections_accepted_total",
@@ -97,6 +120,12 @@ impl Metrics {
                 "roost_mqtt_disconnects_total",
                 "MQTT connections closed, by reason.",
                 &["shard", "reason"],
+            ),
+            commands_dropped: counter(
+                &registry,
+                "roost_session_commands_dropped_total",
+                "Commands from control a session could not send to its device, by kind (not subscribed, or refused by the protocol).",
+                &["shard", "kind"],
             ),
             messages_in: counter(
                 &registry,
@@ -125,6 +154,7 @@ impl Metrics {
             connections_current,
             log_append_latency,
             link_connected,
+            epoch_version,
             registry_sequence,
             registry_devices,
             registry,
@@ -153,7 +183,8 @@ impl Metrics {
             log_commits: self.log_commits.with_label_values(&[&s]).local(),
             log_append_latency: self.log_append_latency.with_label_values(&[&s]).local(),
             refused: Reasons::new(self.connack_refused.clone(), s.clone()),
-            disconnects: Reasons::new(self.disconnects.clone(), s),
+            disconnects: Reasons::new(self.disconnects.clone(), s.clone()),
+            commands_dropped: Reasons::new(self.commands_dropped.clone(), s),
         }
     }
 }
@@ -176,6 +207,7 @@ pub struct ShardMetrics {
     pub log_append_latency: LocalHistogram,
     pub refused: Reasons,
     pub disconnects: Reasons,
+    pub commands_dropped: Reasons,
 }
 
 impl ShardMetrics {
@@ -189,6 +221,7 @@ impl ShardMetrics {
         self.log_append_latency.flush();
         self.refused.flush();
         self.disconnects.flush();
+        self.commands_dropped.flush();
     }
 }
 

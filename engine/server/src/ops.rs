@@ -11,15 +11,16 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use hyper::{Method, StatusCode};
-use rocksdb::DB;
+use roost_common::httpd::{self, query_param, Req, Resp};
+use roost_storage::json::RecordsJson;
+use roost_storage::log::read_records;
+use roost_storage::{LogError, LogStore};
 use serde_json::json;
 
-use crate::httpd::{self, query_param, Req, Resp};
-use crate::log;
 use crate::metrics::Metrics;
 
 pub struct Ops {
-    pub db: Arc<DB>,
+    pub log: Arc<dyn LogStore>,
     pub metrics: Arc<Metrics>,
 }
 
@@ -57,10 +58,10 @@ impl Ops {
                 );
                 r
             }
-            (&Method::GET, ["events", "partitions"]) => httpd::json(
-                StatusCode::OK,
-                &json!({ "partitions": log::partitions(&self.db) }),
-            ),
+            (&Method::GET, ["events", "partitions"]) => match self.log.partitions() {
+                Ok(p) => httpd::json(StatusCode::OK, &json!({ "partitions": p })),
+                Err(e) => failed(&e),
+            },
             (&Method::GET, ["events", "partitions", p, "records"]) => self.read_partition(p, req),
             (&Method::GET, ["events", "groups", g, "records"]) => {
                 self.read_group(&httpd::percent_decode(g), req)
@@ -85,10 +86,11 @@ impl Ops {
             Ok(m) => m,
             Err(r) => return r,
         };
-        let mut records = log::RecordsJson::new();
-        match log::read_records(&self.db, p, from, max, &mut records) {
+        let mut records = RecordsJson::new();
+        match read_records(self.log.as_ref(), p, from, max, &mut records) {
             Ok(next) => httpd::json_raw(StatusCode::OK, records.finish("next", &next.to_string())),
-            Err(e) => httpd::text(StatusCode::NOT_FOUND, e),
+            Err(e @ LogError::NoPartition(_)) => httpd::text(StatusCode::NOT_FOUND, e.to_string()),
+            Err(e) => failed(&e),
         }
     }
 
@@ -102,25 +104,37 @@ impl Ops {
             Ok(m) => m,
             Err(r) => return r,
         };
-        let mut records = log::RecordsJson::new();
+        let mut records = RecordsJson::new();
         let mut positions = BTreeMap::new();
-        for info in log::partitions(&self.db) {
-            let start = match log::checkpoint(&self.db, group, info.partition) {
+        let partitions = match self.log.partitions() {
+            Ok(p) => p,
+            Err(e) => return failed(&e),
+        };
+        for info in partitions {
+            let start = match self.log.checkpoint(group, info.partition) {
                 Ok(Some(c)) => c,
                 Ok(None) if latest => info.next,
                 Ok(None) => info.first,
-                Err(e) => return httpd::text(StatusCode::INTERNAL_SERVER_ERROR, e),
+                Err(e) => return failed(&e),
             };
             let before = records.count();
-            let next =
-                match log::read_records(&self.db, info.partition, start, remaining, &mut records) {
-                    Ok(next) => next,
-                    Err(e) => return httpd::text(StatusCode::INTERNAL_SERVER_ERROR, e),
-                };
+            let next = match read_records(
+                self.log.as_ref(),
+                info.partition,
+                start,
+                remaining,
+                &mut records,
+            ) {
+                Ok(next) => next,
+                Err(e) => return failed(&e),
+            };
             remaining -= records.count() - before;
             positions.insert(info.partition.to_string(), next);
         }
-        let positions = serde_json::to_string(&positions).unwrap_or_else(|_| "{}".into());
+        let positions = match serde_json::to_string(&positions) {
+            Ok(p) => p,
+            Err(e) => return httpd::text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        };
         httpd::json_raw(StatusCode::OK, records.finish("positions", &positions))
     }
 
@@ -135,9 +149,9 @@ impl Ops {
             };
             positions.push((p, next));
         }
-        match log::commit_checkpoint(&self.db, group, &positions) {
+        match self.log.commit_checkpoint(group, &positions) {
             Ok(()) => httpd::empty(StatusCode::NO_CONTENT),
-            Err(e) => httpd::text(StatusCode::INTERNAL_SERVER_ERROR, e),
+            Err(e) => failed(&e),
         }
     }
 }
@@ -145,6 +159,11 @@ impl Ops {
 /// `/events/groups/g/records` → `["events", "groups", "g", "records"]`.
 fn path_segments(path: &str) -> Vec<&str> {
     path.trim_matches('/').split('/').collect()
+}
+
+fn failed(e: &LogError) -> Resp {
+    tracing::error!(error = %e, "events log read failed");
+    httpd::text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n"))
 }
 
 fn bad(why: &str) -> Resp {

@@ -1,6 +1,6 @@
 //! A shard: one glommio executor on one core, with its listeners, its connections, its log
 //! partition and its counters. Nothing here is shared with another thread except through the
-//! [`Shared`] context (read-only) and the command channels.
+//! [`Shared`] context (read-only), the command channels and the router's input.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -9,31 +9,37 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam::channel::{Receiver, Sender};
+use crossbeam::channel::Receiver;
 use glommio::net::TcpListener;
 use glommio::timer::Timer;
 use glommio::{Latency, Shares};
 use rkyv::util::AlignedVec;
-use rocksdb::DB;
-use roost_model::link::EngineFrame;
+use roost_model::link::{CommandOutcome, DeviceCommand};
 use roost_registry::Registry;
+use roost_session::{Deadlines, DisconnectReason, Holder, Inbox};
+use roost_storage::LogStore;
 use rustls::ServerConfig;
 
 use crate::conn;
-use crate::log::{partition_cf, Durability, Partition};
+use crate::listeners::Protocol;
+use crate::log::{Durability, Partition};
 use crate::metrics::{Metrics, ShardMetrics};
+use crate::router::{RouterInput, RouterTx};
 use crate::signal::Signal;
 use crate::wire::{RxBuf, Wire};
 
 /// Work sent to a shard from another thread.
 #[derive(Debug, Clone)]
 pub enum ShardCommand {
-    /// Close the connection of `device_id` if it connected before `before` (commands travel
-    /// slowly; a newer connection than the one that sent the kick must survive it).
-    Kick {
-        device_id: String,
-        before: Instant,
-        reason: &'static str,
+    /// Close connection `conn` (an engine-wide connection id) if it is still open. Ids are
+    /// never reused, so a kick meant for a replaced connection cannot close its successor.
+    Kick { conn: u64, reason: DisconnectReason },
+    /// Put `command` into the inbox of connection `conn`; the outcome goes back to the router
+    /// as command `id`'s answer.
+    Deliver {
+        id: u64,
+        conn: u64,
+        command: DeviceCommand,
     },
     /// Stop accepting, close every connection, flush the log and return.
     Shutdown,
@@ -44,25 +50,31 @@ pub struct Shared {
     pub hostname: String,
     pub registry: Arc<Registry>,
     pub metrics: Arc<Metrics>,
-    pub db: Arc<DB>,
+    pub log: Arc<dyn LogStore>,
     pub durability: Durability,
     pub commit_window: Duration,
-    pub link: tokio::sync::mpsc::UnboundedSender<EngineFrame>,
-    pub shards: Vec<Sender<ShardCommand>>,
+    /// The engine's router: claims, releases, command answers and reports for control.
+    pub router: RouterTx,
     /// Each shard's wake-up from outside (`nudge.rs`), by shard id.
     pub nudges: Vec<crate::nudge::Nudge>,
 }
 
-/// Where a shard listens.
+/// A listener as a shard binds it.
 #[derive(Clone)]
-pub struct Listeners {
-    pub mqtt_tls: Option<(SocketAddr, Arc<ServerConfig>)>,
-    pub mqtt_plain: Option<SocketAddr>,
+pub struct ShardListener {
+    pub protocol: Protocol,
+    pub addr: SocketAddr,
+    pub tls: Option<Arc<ServerConfig>>,
 }
 
-struct ConnEntry {
-    signal: Rc<Signal>,
-    deadline: Rc<Cell<Option<Instant>>>,
+/// What a connection shares with its shard: how to wake it, its deadline, its inbox.
+#[derive(Default)]
+pub struct ConnHandles {
+    pub signal: Signal,
+    deadline: Cell<Option<Instant>>,
+    /// The deadline the connection is filed under in the shard's wheel, if any.
+    filed: Cell<Option<Instant>>,
+    pub inbox: RefCell<Inbox>,
 }
 
 /// Per-shard state.
@@ -71,94 +83,126 @@ pub struct Shard {
     pub shared: Arc<Shared>,
     pub metrics: Rc<ShardMetrics>,
     pub log: Rc<Partition>,
-    conns: RefCell<HashMap<u64, ConnEntry>>,
-    /// Device → (connection id, when it authenticated).
-    devices: RefCell<HashMap<String, (u64, Instant)>>,
+    conns: RefCell<HashMap<u64, Rc<ConnHandles>>>,
+    /// Client id (`device` or `device/module`) → its connection on this shard.
+    clients: RefCell<HashMap<String, u64>>,
     next_conn: Cell<u64>,
+    deadlines: RefCell<Deadlines<(u64, Instant)>>,
     /// Reused buffer for archiving records, so an append does not allocate.
     pub scratch: RefCell<AlignedVec>,
     /// The buffer every connection of the shard receives into (see `wire`).
     pub rx: RxBuf,
 }
 
-/// How often a shard flushes counters, drains commands and checks deadlines.
+/// How often a shard flushes counters, drains commands and fires due deadlines; also the
+/// precision of connection deadlines.
 const TICK: Duration = Duration::from_millis(100);
 
 impl Shard {
     /// Registers a new connection; returns its engine-wide id and its handles.
-    pub fn register(&self) -> (u64, Rc<Signal>, Rc<Cell<Option<Instant>>>) {
+    pub fn register(&self) -> (u64, Rc<ConnHandles>) {
         let n = self.next_conn.get();
         self.next_conn.set(n + 1);
         let gid = ((self.id as u64) << 48) | n;
-        let signal = Rc::new(Signal::default());
-        let deadline = Rc::new(Cell::new(None));
-        self.conns.borrow_mut().insert(
-            gid,
-            ConnEntry {
-                signal: signal.clone(),
-                deadline: deadline.clone(),
-            },
-        );
-        (gid, signal, deadline)
+        let handles = Rc::new(ConnHandles::default());
+        self.conns.borrow_mut().insert(gid, handles.clone());
+        (gid, handles)
     }
 
-    /// Records that `gid` is now `device_id`'s connection, closing any earlier one on this shard
-    /// and asking every other shard to do the same (one connection per identity, spec §2.3).
-    pub fn claim_device(&self, device_id: &str, gid: u64) {
-        let now = Instant::now();
-        let previous = self
-            .devices
-            .borrow_mut()
-            .insert(device_id.to_string(), (gid, now));
-        if let Some((old, _)) = previous.filter(|(old, _)| *old != gid) {
+    /// Sets connection `gid`'s next deadline. It is filed in the wheel only when it comes
+    /// earlier than the one filed; a deadline that moves later is found when the earlier one
+    /// fires (see `roost_session::Deadlines`).
+    pub fn set_deadline(&self, gid: u64, handles: &ConnHandles, at: Option<Instant>) {
+        handles.deadline.set(at);
+        let Some(at) = at else { return };
+        if handles.filed.get().is_some_and(|f| f <= at) {
+            return;
+        }
+        handles.filed.set(Some(at));
+        self.deadlines.borrow_mut().insert((gid, at), at);
+    }
+
+    fn fire_deadlines(&self, now: Instant) {
+        let due = self.deadlines.borrow_mut().expired(now);
+        if due.is_empty() {
+            return;
+        }
+        let conns = self.conns.borrow();
+        for (gid, at) in due {
+            let Some(h) = conns.get(&gid) else { continue };
+            if h.filed.get() != Some(at) {
+                continue; // re-filed earlier since; that entry is the live one
+            }
+            h.filed.set(None);
+            match h.deadline.get() {
+                Some(d) if d <= now => h.signal.check_timeout(),
+                Some(d) => {
+                    h.filed.set(Some(d));
+                    self.deadlines.borrow_mut().insert((gid, d), d);
+                }
+                None => {}
+            }
+        }
+    }
+
+    /// Records that `gid` is now `client_id`'s connection: an earlier one on this shard is
+    /// closed at once, and the router (which knows every shard's) closes one elsewhere.
+    pub fn claim(&self, client_id: &str, device_id: &str, gid: u64) {
+        let previous = self.clients.borrow_mut().insert(client_id.to_string(), gid);
+        if let Some(old) = previous.filter(|old| *old != gid) {
             if let Some(e) = self.conns.borrow().get(&old) {
-                e.signal.close("replaced_by_new_connection");
+                e.signal.close(DisconnectReason::ReplacedByNewConnection);
             }
         }
-        for (k, tx) in self.shared.shards.iter().enumerate() {
-            if k != self.id {
-                let _ = tx.send(ShardCommand::Kick {
-                    device_id: device_id.to_string(),
-                    before: now,
-                    reason: "replaced_by_new_connection",
-                });
-            }
-        }
+        self.shared.router.send(RouterInput::Claimed {
+            client_id: client_id.to_string(),
+            device_id: device_id.to_string(),
+            holder: Holder {
+                shard: self.id,
+                conn: gid,
+            },
+        });
     }
 
-    pub fn unregister(&self, gid: u64, device_id: Option<&str>) {
+    pub fn unregister(&self, gid: u64, client_id: Option<&str>) {
         self.conns.borrow_mut().remove(&gid);
-        if let Some(d) = device_id {
-            let mut devices = self.devices.borrow_mut();
-            if devices.get(d).is_some_and(|(g, _)| *g == gid) {
-                devices.remove(d);
-            }
+        let Some(c) = client_id else { return };
+        let mut clients = self.clients.borrow_mut();
+        if clients.get(c) == Some(&gid) {
+            clients.remove(c);
+        }
+        self.shared.router.send(RouterInput::Released {
+            client_id: c.to_string(),
+            conn: gid,
+        });
+    }
+
+    fn kick(&self, conn: u64, reason: DisconnectReason) {
+        if let Some(e) = self.conns.borrow().get(&conn) {
+            e.signal.close(reason);
         }
     }
 
-    fn kick(&self, device_id: &str, before: Instant, reason: &'static str) {
-        let Some((gid, since)) = self.devices.borrow().get(device_id).copied() else {
-            return;
+    fn deliver(&self, id: u64, conn: u64, command: DeviceCommand) {
+        let kind = command.kind();
+        let outcome = match self.conns.borrow().get(&conn) {
+            None => CommandOutcome::NotConnected,
+            Some(h) => match h.inbox.borrow_mut().push(command) {
+                Ok(()) => {
+                    h.signal.inbox();
+                    CommandOutcome::Delivered
+                }
+                Err(_) => CommandOutcome::InboxFull,
+            },
         };
-        if since >= before {
-            return;
-        }
-        if let Some(e) = self.conns.borrow().get(&gid) {
-            e.signal.close(reason);
-        }
+        self.shared
+            .router
+            .send(RouterInput::CommandDone { id, kind, outcome });
     }
 
-    fn close_all(&self, reason: &'static str) {
+    fn close_all(&self, reason: DisconnectReason) {
         for e in self.conns.borrow().values() {
             e.signal.close(reason);
-        }
-    }
-
-    fn poke_expired(&self, now: Instant) {
-        for e in self.conns.borrow().values() {
-            if e.deadline.get().is_some_and(|d| d <= now) {
-                e.signal.check_timeout();
-            }
         }
     }
 
@@ -171,14 +215,14 @@ impl Shard {
 pub async fn run(
     id: usize,
     shared: Arc<Shared>,
-    listeners: Listeners,
+    listeners: Vec<ShardListener>,
     commands: Receiver<ShardCommand>,
     ready: std::sync::mpsc::Sender<Result<(), String>>,
 ) {
     let metrics = Rc::new(shared.metrics.shard(id));
     let log = match Partition::open(
-        shared.db.clone(),
-        partition_cf(id),
+        shared.log.clone(),
+        id,
         shared.durability,
         shared.commit_window,
     ) {
@@ -217,31 +261,31 @@ pub async fn run(
         metrics,
         log,
         conns: RefCell::new(HashMap::new()),
-        devices: RefCell::new(HashMap::new()),
+        clients: RefCell::new(HashMap::new()),
         next_conn: Cell::new(0),
+        deadlines: RefCell::new(Deadlines::new(Instant::now(), TICK)),
         scratch: RefCell::new(AlignedVec::new()),
         rx: RxBuf::new(),
     });
 
     let mut acceptors = Vec::new();
-    let mut bind = |addr: SocketAddr, tls: Option<Arc<ServerConfig>>| -> Result<(), String> {
-        let listener = TcpListener::bind(addr)
-            .map_err(|e| format!("shard {id}: cannot listen on {addr}: {e}"))?;
+    for l in &listeners {
+        let listener = match TcpListener::bind(l.addr) {
+            Ok(listener) => listener,
+            Err(e) => {
+                let _ = ready.send(Err(format!(
+                    "shard {id}: cannot listen on {} ({}): {e}",
+                    l.addr,
+                    l.protocol.name()
+                )));
+                return;
+            }
+        };
         acceptors.push(glommio::spawn_local(accept_loop(
             shard.clone(),
             listener,
-            tls,
+            l.clone(),
         )));
-        Ok(())
-    };
-    let bound = listeners
-        .mqtt_tls
-        .clone()
-        .map_or(Ok(()), |(addr, tls)| bind(addr, Some(tls)))
-        .and_then(|_| listeners.mqtt_plain.map_or(Ok(()), |addr| bind(addr, None)));
-    if let Err(e) = bound {
-        let _ = ready.send(Err(e));
-        return;
     }
     let _ = ready.send(Ok(()));
     tracing::debug!(shard = id, "shard listening");
@@ -251,15 +295,12 @@ pub async fn run(
         let mut shutdown = false;
         while let Ok(cmd) = commands.try_recv() {
             match cmd {
-                ShardCommand::Kick {
-                    device_id,
-                    before,
-                    reason,
-                } => shard.kick(&device_id, before, reason),
+                ShardCommand::Kick { conn, reason } => shard.kick(conn, reason),
+                ShardCommand::Deliver { id, conn, command } => shard.deliver(id, conn, command),
                 ShardCommand::Shutdown => shutdown = true,
             }
         }
-        shard.poke_expired(Instant::now());
+        shard.fire_deadlines(Instant::now());
         shard.metrics.flush();
         if shutdown {
             break;
@@ -269,7 +310,7 @@ pub async fn run(
     for a in acceptors {
         a.cancel().await;
     }
-    shard.close_all("server_shutdown");
+    shard.close_all(DisconnectReason::ServerShutdown);
     // Give connections a moment to flush their last acknowledgements, bounded.
     let deadline = Instant::now() + Duration::from_secs(2);
     while shard.connection_count() > 0 && Instant::now() < deadline {
@@ -280,7 +321,7 @@ pub async fn run(
     shard.metrics.flush();
 }
 
-async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, tls: Option<Arc<ServerConfig>>) {
+async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, spec: ShardListener) {
     loop {
         let stream = match listener.accept().await {
             Ok(s) => s,
@@ -291,17 +332,24 @@ async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, tls: Option<Arc<Se
             }
         };
         let _ = stream.set_nodelay(true);
-        let wire = match &tls {
+        let wire = match &spec.tls {
             None => Wire::plain(stream),
             Some(cfg) => match Wire::tls(stream, cfg.clone()) {
                 Ok(wire) => wire,
                 Err(e) => {
                     tracing::warn!(shard = shard.id, error = %e, "cannot start TLS");
-                    shard.metrics.disconnects.inc("tls_handshake_failed");
+                    shard
+                        .metrics
+                        .disconnects
+                        .inc(DisconnectReason::TlsHandshakeFailed.error_code());
                     continue;
                 }
             },
         };
-        glommio::spawn_local(conn::serve(shard.clone(), wire)).detach();
+        match spec.protocol {
+            Protocol::Mqtt => {
+                glommio::spawn_local(conn::serve(shard.clone(), wire)).detach();
+            }
+        }
     }
 }

@@ -7,9 +7,7 @@ use std::sync::Arc;
 use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
-use rocksdb::{WriteBatch, WriteOptions, DB};
-
-use super::batch;
+use roost_storage::{batch, LogError, LogStore};
 
 use crate::metrics::ShardMetrics;
 
@@ -22,10 +20,11 @@ pub enum Durability {
     Written,
 }
 
-/// Why a record could not be made durable.
+/// Why a record could not be made durable: the store's error, after which the partition
+/// refuses further appends.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("events log write failed: {0}")]
-pub struct LogFailed(pub String);
+pub struct LogFailed(#[from] pub LogError);
 
 /// Largest batch buffer kept for reuse.
 const MAX_SPARE: usize = 8 << 20;
@@ -54,8 +53,8 @@ struct State {
 
 /// A shard's partition: cheap appends on the shard, durability from [`Partition::run_committer`].
 pub struct Partition {
-    db: Arc<DB>,
-    cf: String,
+    store: Arc<dyn LogStore>,
+    partition: usize,
     durability: Durability,
     /// Shortest time between the starts of two commits (see [`Partition::run_committer`]).
     window: Duration,
@@ -64,30 +63,17 @@ pub struct Partition {
 }
 
 impl Partition {
-    /// Opens partition `cf`, resuming after its last stored offset.
+    /// Opens partition `partition` of `store`, resuming after its last stored offset.
     pub fn open(
-        db: Arc<DB>,
-        cf: String,
+        store: Arc<dyn LogStore>,
+        partition: usize,
         durability: Durability,
         window: Duration,
     ) -> Result<Rc<Self>, LogFailed> {
-        let handle = db
-            .cf_handle(&cf)
-            .ok_or_else(|| LogFailed(format!("missing column family {cf}")))?;
-        let mut it = db.raw_iterator_cf(handle);
-        it.seek_to_last();
-        let next_offset = match (it.key(), it.value()) {
-            (Some(k), Some(v)) => {
-                let first =
-                    decode_offset(k).ok_or_else(|| LogFailed(format!("corrupt key in {cf}")))?;
-                first + batch::count(v).map_err(|e| LogFailed(format!("{cf}: {e}")))?
-            }
-            _ => 0,
-        };
-        drop(it);
+        let next_offset = store.next_offset(partition)?;
         Ok(Rc::new(Self {
-            db,
-            cf,
+            store,
+            partition,
             durability,
             window,
             state: RefCell::new(State {
@@ -205,25 +191,15 @@ impl Partition {
                 st.open_id += 1;
                 (records, first, id, count, st.opened_at.take())
             };
-            let db = self.db.clone();
-            let cf = self.cf.clone();
+            let store = self.store.clone();
+            let partition = self.partition;
             let sync = self.durability == Durability::Synced;
             let (result, mut records) = glommio::executor()
                 .spawn_blocking(move || {
-                    let write = || {
-                        let handle = db
-                            .cf_handle(&cf)
-                            .ok_or_else(|| LogFailed(format!("missing column family {cf}")))?;
-                        let mut wb = WriteBatch::default();
-                        for (index, value) in batch::chunks(&records) {
-                            wb.put_cf(handle, (first + index).to_be_bytes(), value);
-                        }
-                        let mut opts = WriteOptions::default();
-                        opts.set_sync(sync);
-                        db.write_opt(wb, &opts)
-                            .map_err(|e| LogFailed(e.to_string()))
-                    };
-                    (write(), records)
+                    let written = store
+                        .write_batch(partition, first, &records, sync)
+                        .map_err(LogFailed::from);
+                    (written, records)
                 })
                 .await;
             let mut st = self.state.borrow_mut();
@@ -244,7 +220,7 @@ impl Partition {
                     }
                 }
                 Err(e) => {
-                    tracing::error!(partition = %self.cf, error = %e.0, "events log write failed; refusing further appends");
+                    tracing::error!(partition = self.partition, error = %e.0, "events log write failed; refusing further appends");
                     st.failed = Some(e);
                 }
             }
@@ -256,8 +232,4 @@ impl Partition {
             }
         }
     }
-}
-
-pub(crate) fn decode_offset(key: &[u8]) -> Option<u64> {
-    Some(u64::from_be_bytes(key.try_into().ok()?))
 }

@@ -3,16 +3,17 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
-use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use hyper::Method;
+use roost_common::client::{self, request_once};
+use roost_common::hubfile;
+use roost_common::service::ServiceClient;
+use roost_common::shutdown::wait_for_shutdown_signal;
+use roost_server::{ListenerSpec, Protocol};
 use serde_json::{json, Value};
-
-use crate::client;
-use crate::hubfile::{self, HubInfo};
 
 #[derive(Parser)]
 #[command(
@@ -57,6 +58,41 @@ pub enum DurabilityArg {
     Written,
 }
 
+/// Where the engine listens for devices: the one place a protocol or port is added.
+#[derive(Args, Clone)]
+pub struct ListenArgs {
+    /// A device listener, PROTOCOL[+tls]=ADDRESS; repeat for more. Without any (and without
+    /// --mqtt) the engine listens on mqtt+tls=0.0.0.0:8883, IoT Hub's MQTT port.
+    #[arg(long = "listen", value_name = "SPEC")]
+    pub listen: Vec<ListenerSpec>,
+    /// Shorthand for --listen mqtt+tls=ADDR.
+    #[arg(long, value_name = "ADDR")]
+    pub mqtt: Option<SocketAddr>,
+    /// Shorthand for --listen mqtt=ADDR: plain (unencrypted) MQTT, for benchmarks only.
+    #[arg(long, value_name = "ADDR")]
+    pub plain_mqtt: Option<SocketAddr>,
+}
+
+impl ListenArgs {
+    /// The listeners, shorthands included, with the default when none names MQTT over TLS.
+    pub fn specs(&self) -> Vec<ListenerSpec> {
+        let mut specs = self.listen.clone();
+        if let Some(addr) = self.mqtt {
+            specs.push(ListenerSpec::new(Protocol::Mqtt, addr, true));
+        }
+        if let Some(addr) = self.plain_mqtt {
+            specs.push(ListenerSpec::new(Protocol::Mqtt, addr, false));
+        }
+        if self.listen.is_empty() && self.mqtt.is_none() {
+            specs.insert(
+                0,
+                ListenerSpec::new(Protocol::Mqtt, SocketAddr::from(([0, 0, 0, 0], 8883)), true),
+            );
+        }
+        specs
+    }
+}
+
 #[derive(Args, Clone)]
 pub struct UpArgs {
     #[arg(long, default_value = "./roost-data")]
@@ -64,11 +100,8 @@ pub struct UpArgs {
     /// The host name devices connect to; it goes into certificates and connection strings.
     #[arg(long, default_value = "localhost")]
     pub hostname: String,
-    #[arg(long, default_value = "0.0.0.0:8883")]
-    pub mqtt: SocketAddr,
-    /// Also serve plain (unencrypted) MQTT here — for benchmarks only.
-    #[arg(long)]
-    pub plain_mqtt: Option<SocketAddr>,
+    #[command(flatten)]
+    pub listen: ListenArgs,
     #[arg(long, default_value = "0.0.0.0:8443")]
     pub service: SocketAddr,
     /// Engine ops port: /metrics, /healthz, events consumer API.
@@ -100,10 +133,8 @@ pub struct EngineArgs {
     pub hostname: Option<String>,
     #[arg(long, default_value = "127.0.0.1:8472")]
     pub control: SocketAddr,
-    #[arg(long, default_value = "0.0.0.0:8883")]
-    pub mqtt: SocketAddr,
-    #[arg(long)]
-    pub plain_mqtt: Option<SocketAddr>,
+    #[command(flatten)]
+    pub listen: ListenArgs,
     #[arg(long, default_value = "127.0.0.1:9464")]
     pub ops: SocketAddr,
     #[arg(long)]
@@ -221,22 +252,22 @@ pub fn run_engine(args: EngineArgs) -> anyhow::Result<()> {
         .clone()
         .or_else(|| hubfile::read(&data_dir).ok().map(|h| h.hostname))
         .unwrap_or_else(|| "localhost".into());
+    let listeners = args.listen.specs();
+    let mut ports = json!({ "ops": args.ops.port() });
+    for l in &listeners {
+        ports[l.hub_port_key()] = json!(l.addr.port());
+    }
     let config = roost_server::EngineConfig {
         data_dir: data_dir.clone(),
         hostname,
         control: args.control,
-        mqtt: Some(args.mqtt),
-        plain_mqtt: args.plain_mqtt,
+        listeners,
         ops: args.ops,
         cores: cores(args.cores),
         node: args.node.clone(),
         durability: durability(args.durability),
         commit_window: std::time::Duration::from_micros(args.commit_window_us),
     };
-    let mut ports = json!({ "mqtt": args.mqtt.port(), "ops": args.ops.port() });
-    if let Some(p) = args.plain_mqtt {
-        ports["plain_mqtt"] = json!(p.port());
-    }
     let patch = json!({ "ports": ports, "ops_url": local_url("http", args.ops) });
     roost_server::run(config, move || {
         if let Err(e) = hubfile::merge(&data_dir, patch) {
@@ -246,8 +277,8 @@ pub fn run_engine(args: EngineArgs) -> anyhow::Result<()> {
 }
 
 pub fn run_control(args: ControlArgs) -> anyhow::Result<()> {
-    crate::run(
-        crate::ControlConfig {
+    roost_control::run(
+        roost_control::ControlConfig {
             data_dir: args.data_dir,
             hostname: args.hostname,
             service: args.service,
@@ -287,8 +318,6 @@ pub fn run_up(args: UpArgs) -> anyhow::Result<()> {
         .args([
             "--control",
             &args.link.to_string(),
-            "--mqtt",
-            &args.mqtt.to_string(),
             "--ops",
             &args.ops.to_string(),
         ])
@@ -301,8 +330,9 @@ pub fn run_up(args: UpArgs) -> anyhow::Result<()> {
             },
         ])
         .args(["--commit-window-us", &args.commit_window_us.to_string()]);
-    if let Some(p) = args.plain_mqtt {
-        engine_cmd.args(["--plain-mqtt", &p.to_string()]);
+    let listeners = args.listen.specs();
+    for l in &listeners {
+        engine_cmd.args(["--listen", &l.to_string()]);
     }
     let mut engine = engine_cmd.spawn().context("starting engine")?;
     let healthy = wait_healthy(&mut engine, args.ops, "engine");
@@ -312,12 +342,15 @@ pub fn run_up(args: UpArgs) -> anyhow::Result<()> {
     let hub = hubfile::read(&data_dir)?;
     println!("roost is up.");
     println!("  hub host name      {}", hub.hostname);
-    println!(
-        "  MQTT over TLS      {} (device SDKs: port 8883 is their fixed default)",
-        args.mqtt
-    );
-    if let Some(p) = args.plain_mqtt {
-        println!("  plain MQTT         {p} (benchmarks only)");
+    for l in &listeners {
+        let (name, note) = match (l.protocol, l.tls) {
+            (Protocol::Mqtt, true) => (
+                "MQTT over TLS",
+                "(device SDKs: port 8883 is their fixed default)",
+            ),
+            (Protocol::Mqtt, false) => ("plain MQTT", "(benchmarks only)"),
+        };
+        println!("  {name:<18} {} {note}", l.addr);
     }
     println!("  service API        {}", hub.service_url);
     println!(
@@ -345,7 +378,7 @@ pub fn run_up(args: UpArgs) -> anyhow::Result<()> {
         .build()?;
     let exited = runtime.block_on(async {
         let mut tick = tokio::time::interval(Duration::from_millis(200));
-        let signal = roost_server::wait_for_shutdown_signal();
+        let signal = wait_for_shutdown_signal();
         tokio::pin!(signal);
         loop {
             tokio::select! {
@@ -409,7 +442,7 @@ fn wait_healthy(child: &mut Child, ops: SocketAddr, what: &str) -> anyhow::Resul
         let ok = runtime.block_on(async {
             tokio::time::timeout(
                 Duration::from_secs(2),
-                client::request(Method::GET, &url, &[], None, None),
+                request_once(Method::GET, &url, &[], None, None),
             )
             .await
         });
@@ -420,71 +453,6 @@ fn wait_healthy(child: &mut Child, ops: SocketAddr, what: &str) -> anyhow::Resul
             bail!("{what} did not become healthy at {url} within 60 s");
         }
         std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// A service-API client configured from hub.json.
-struct Service {
-    hub: HubInfo,
-    tls: Arc<rustls::ClientConfig>,
-    key_name: String,
-    key: Vec<u8>,
-}
-
-impl Service {
-    fn new(data_dir: &Path) -> anyhow::Result<Self> {
-        let hub = hubfile::read(data_dir)?;
-        let cs =
-            roost_iothub::connstr::ServiceConnectionString::parse(&hub.service_connection_string)
-                .map_err(|e| anyhow::anyhow!("service connection string in hub.json: {e}"))?;
-        let key = roost_iothub::sas::decode_key(&cs.key)
-            .map_err(|e| anyhow::anyhow!("service key: {e}"))?;
-        let tls = roost_server::tls::ca_client_config(&roost_server::tls::CertPaths {
-            dir: hub.ca.parent().map(Path::to_path_buf).unwrap_or_default(),
-        })?;
-        Ok(Self {
-            hub,
-            tls,
-            key_name: cs.key_name,
-            key,
-        })
-    }
-
-    async fn call(
-        &self,
-        method: Method,
-        path: &str,
-        body: Option<Value>,
-    ) -> anyhow::Result<client::Response> {
-        let expiry = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs() + 3600;
-        let resource = roost_iothub::sas::encode_resource(&self.hub.hostname);
-        let token = roost_iothub::sas::sign(&resource, &self.key, expiry, Some(&self.key_name));
-        let url = format!(
-            "{}{}{}api-version=2021-04-12",
-            self.hub.service_url,
-            path,
-            if path.contains('?') { "&" } else { "?" }
-        );
-        let mut headers = vec![
-            ("authorization", token),
-            ("accept", "application/json".to_string()),
-        ];
-        let body = match body {
-            Some(b) => {
-                headers.push(("content-type", "application/json; charset=utf-8".into()));
-                Some(serde_json::to_vec(&b)?)
-            }
-            None => None,
-        };
-        let server_name = self.hub.hostname.clone();
-        client::request(
-            method,
-            &url,
-            &headers,
-            body,
-            Some((self.tls.clone(), server_name)),
-        )
-        .await
     }
 }
 
@@ -506,7 +474,7 @@ fn path_id(id: &str) -> String {
 }
 
 pub fn run_device(action: DeviceCmd, data_dir: &Path) -> anyhow::Result<()> {
-    let svc = Service::new(data_dir)?;
+    let mut svc = ServiceClient::new(hubfile::read(data_dir)?)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -525,7 +493,8 @@ pub fn run_device(action: DeviceCmd, data_dir: &Path) -> anyhow::Result<()> {
                     .call(
                         Method::PUT,
                         &format!("/devices/{}", path_id(&id)),
-                        Some(body),
+                        Some(serde_json::to_vec(&body)?),
+                        &[],
                     )
                     .await?;
                 check(&resp)?;
@@ -539,14 +508,21 @@ pub fn run_device(action: DeviceCmd, data_dir: &Path) -> anyhow::Result<()> {
                 );
             }
             DeviceCmd::List => {
-                let resp = svc.call(Method::GET, "/devices?top=1000", None).await?;
+                let resp = svc
+                    .call(Method::GET, "/devices?top=1000", None, &[])
+                    .await?;
                 check(&resp)?;
                 let v: Value = serde_json::from_slice(&resp.body)?;
                 println!("{}", serde_json::to_string_pretty(&v)?);
             }
             DeviceCmd::Show { id } => {
                 let resp = svc
-                    .call(Method::GET, &format!("/devices/{}", path_id(&id)), None)
+                    .call(
+                        Method::GET,
+                        &format!("/devices/{}", path_id(&id)),
+                        None,
+                        &[],
+                    )
                     .await?;
                 check(&resp)?;
                 let v: Value = serde_json::from_slice(&resp.body)?;
@@ -554,13 +530,18 @@ pub fn run_device(action: DeviceCmd, data_dir: &Path) -> anyhow::Result<()> {
             }
             DeviceCmd::Delete { id } => {
                 let headers_path = format!("/devices/{}", path_id(&id));
-                let resp = svc.call(Method::DELETE, &headers_path, None).await?;
+                let resp = svc.call(Method::DELETE, &headers_path, None, &[]).await?;
                 check(&resp)?;
                 println!("deleted {id}");
             }
             DeviceCmd::Keys { id } => {
                 let resp = svc
-                    .call(Method::GET, &format!("/devices/{}", path_id(&id)), None)
+                    .call(
+                        Method::GET,
+                        &format!("/devices/{}", path_id(&id)),
+                        None,
+                        &[],
+                    )
                     .await?;
                 check(&resp)?;
                 let v: Value = serde_json::from_slice(&resp.body)?;
@@ -582,10 +563,7 @@ pub fn run_events(action: EventsCmd, data_dir: &Path) -> anyhow::Result<()> {
         follow,
     } = action;
     let hub = hubfile::read(data_dir)?;
-    let ops = hub
-        .ops_url
-        .clone()
-        .context("hub.json has no ops_url: is the engine running?")?;
+    let ops = hub.ops_url(data_dir)?.to_string();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -594,7 +572,7 @@ pub fn run_events(action: EventsCmd, data_dir: &Path) -> anyhow::Result<()> {
         // Without a group, positions live in this process only.
         let mut positions: Vec<(usize, u64)> = Vec::new();
         if group.is_none() {
-            let resp = client::request(
+            let resp = request_once(
                 Method::GET,
                 &format!("{ops}/events/partitions"),
                 &[],
@@ -624,7 +602,7 @@ pub fn run_events(action: EventsCmd, data_dir: &Path) -> anyhow::Result<()> {
                         path_id(g),
                         from.as_str()
                     );
-                    let resp = client::request(Method::GET, &url, &[], None, None).await?;
+                    let resp = request_once(Method::GET, &url, &[], None, None).await?;
                     check(&resp)?;
                     let v: Value = serde_json::from_slice(&resp.body)?;
                     records = v["records"].as_array().cloned().unwrap_or_default();
@@ -638,7 +616,7 @@ pub fn run_events(action: EventsCmd, data_dir: &Path) -> anyhow::Result<()> {
                     if !done.is_empty() {
                         let url = format!("{ops}/events/groups/{}/checkpoint", path_id(g));
                         let body = serde_json::to_vec(&Value::Object(done))?;
-                        check(&client::request(Method::POST, &url, &[], Some(body), None).await?)?;
+                        check(&request_once(Method::POST, &url, &[], Some(body), None).await?)?;
                     }
                 }
                 None => {
@@ -649,7 +627,7 @@ pub fn run_events(action: EventsCmd, data_dir: &Path) -> anyhow::Result<()> {
                         }
                         let url =
                             format!("{ops}/events/partitions/{k}/records?from={next}&max={left}");
-                        let resp = client::request(Method::GET, &url, &[], None, None).await?;
+                        let resp = request_once(Method::GET, &url, &[], None, None).await?;
                         check(&resp)?;
                         let v: Value = serde_json::from_slice(&resp.body)?;
                         let mut got = v["records"].as_array().cloned().unwrap_or_default();
@@ -667,7 +645,7 @@ pub fn run_events(action: EventsCmd, data_dir: &Path) -> anyhow::Result<()> {
             if records.is_empty() {
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_millis(300)) => {}
-                    _ = roost_server::wait_for_shutdown_signal() => return Ok(()),
+                    _ = wait_for_shutdown_signal() => return Ok(()),
                 }
             }
         }

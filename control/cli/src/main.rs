@@ -1,7 +1,9 @@
 //! `roost`: one binary for the hub's processes and its command line (DESIGN.md §9).
 
+mod cli;
+
 use clap::Parser;
-use roost_control::cli::{self, Cli, Cmd};
+use cli::{Cli, Cmd};
 
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()

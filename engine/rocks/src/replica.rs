@@ -1,17 +1,16 @@
-//! The replica store on RocksDB: one column family of device records, plus the sequence.
+//! The replica store on RocksDB: one column family of device records, plus the sequence and
+//! the applied epoch in `meta`.
 
 use std::sync::Arc;
 
 use rocksdb::{WriteBatch, DB};
-use roost_model::link::{DeviceAuth, RegistryChange};
+use roost_model::link::{DeviceAuth, Epoch, RegistryChange};
+use roost_storage::{ReplicaStore, StoreError};
 
-use crate::{ReplicaStore, StoreError};
+use crate::{CF_META, CF_REGISTRY};
 
-/// Column family holding `device_id → rkyv(DeviceAuth)`.
-pub const CF_REGISTRY: &str = "registry";
-/// Column family for small engine bookkeeping values.
-pub const CF_META: &str = "meta";
 const SEQ_KEY: &[u8] = b"registry_seq";
+const EPOCH_KEY: &[u8] = b"epoch";
 
 /// A [`ReplicaStore`] in the engine's RocksDB (which must have the `registry` and `meta`
 /// column families).
@@ -20,7 +19,7 @@ pub struct RocksReplica {
 }
 
 impl RocksReplica {
-    pub fn new(db: Arc<DB>) -> Self {
+    pub(crate) fn new(db: Arc<DB>) -> Self {
         Self { db }
     }
 
@@ -50,20 +49,28 @@ impl RocksReplica {
     }
 }
 
+impl RocksReplica {
+    fn seq(&self) -> Result<u64, StoreError> {
+        Ok(
+            match self.db.get_cf(self.cf(CF_META)?, SEQ_KEY).map_err(db_err)? {
+                Some(v) => u64::from_le_bytes(
+                    v.as_slice()
+                        .try_into()
+                        .map_err(|_| StoreError::Corrupt("registry_seq".into()))?,
+                ),
+                None => 0,
+            },
+        )
+    }
+}
+
 fn db_err(e: rocksdb::Error) -> StoreError {
     StoreError::Db(e.to_string())
 }
 
 impl ReplicaStore for RocksReplica {
     fn load(&self) -> Result<(u64, Vec<DeviceAuth>), StoreError> {
-        let seq = match self.db.get_cf(self.cf(CF_META)?, SEQ_KEY).map_err(db_err)? {
-            Some(v) => u64::from_le_bytes(
-                v.as_slice()
-                    .try_into()
-                    .map_err(|_| StoreError::Corrupt("registry_seq".into()))?,
-            ),
-            None => 0,
-        };
+        let seq = self.seq()?;
         let mut devices = Vec::new();
         for item in self
             .db
@@ -95,6 +102,10 @@ impl ReplicaStore for RocksReplica {
     }
 
     fn apply(&self, from_seq: u64, changes: &[RegistryChange]) -> Result<(), StoreError> {
+        let have = self.seq()?;
+        if from_seq != have {
+            return Err(StoreError::OutOfOrder { from_seq, have });
+        }
         let mut batch = WriteBatch::default();
         for change in changes {
             match change {
@@ -106,6 +117,29 @@ impl ReplicaStore for RocksReplica {
         }
         let seq = from_seq + changes.len() as u64;
         batch.put_cf(self.cf(CF_META)?, SEQ_KEY, seq.to_le_bytes());
+        self.write(batch)
+    }
+
+    fn load_epoch(&self) -> Result<Option<Epoch>, StoreError> {
+        let Some(v) = self
+            .db
+            .get_cf(self.cf(CF_META)?, EPOCH_KEY)
+            .map_err(db_err)?
+        else {
+            return Ok(None);
+        };
+        let mut aligned = rkyv::util::AlignedVec::<16>::with_capacity(v.len());
+        aligned.extend_from_slice(&v);
+        rkyv::from_bytes::<Epoch, rkyv::rancor::Error>(&aligned)
+            .map(Some)
+            .map_err(|_| StoreError::Corrupt("epoch".into()))
+    }
+
+    fn save_epoch(&self, epoch: &Epoch) -> Result<(), StoreError> {
+        let bytes = rkyv::to_bytes::<rkyv::rancor::Error>(epoch)
+            .map_err(|e| StoreError::Db(e.to_string()))?;
+        let mut batch = WriteBatch::default();
+        batch.put_cf(self.cf(CF_META)?, EPOCH_KEY, bytes.as_slice());
         self.write(batch)
     }
 }

@@ -1,8 +1,10 @@
-//! CONNECT authentication against the registry projection (spec §1.2, §2.1).
+//! Authenticating a client against the registry projection with a SAS token (spec §1.2,
+//! §2.1). [`authenticate_sas`] is protocol-neutral: a claimed identity and a token. Each
+//! protocol adapter turns what its client sends into that claim; [`mqtt_credentials`] does it
+//! for an MQTT CONNECT (username, client id, password).
 
 use roost_iothub::sas::SasToken;
 use roost_iothub::username::Username;
-use roost_mqtt::{Connect, ConnectReturnCode};
 use roost_registry::Projection;
 
 /// Who a connection authenticated as.
@@ -16,10 +18,19 @@ pub struct Identity {
     pub token_expiry: u64,
 }
 
+impl Identity {
+    /// `device` or `device/module`: how the directory and the connection table know it.
+    pub fn client_id(&self) -> String {
+        match &self.module_id {
+            Some(m) => format!("{}/{m}", self.device_id),
+            None => self.device_id.clone(),
+        }
+    }
+}
+
 /// Why a CONNECT was refused. Each variant's [`Refusal::reason`] is a metric label.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Refusal {
-    UnsupportedProtocol,
     BadUsername,
     ClientIdMismatch,
     NoPassword,
@@ -35,7 +46,6 @@ pub enum Refusal {
 impl Refusal {
     pub fn reason(&self) -> &'static str {
         match self {
-            Refusal::UnsupportedProtocol => "unsupported_protocol",
             Refusal::BadUsername => "bad_username",
             Refusal::ClientIdMismatch => "client_id_mismatch",
             Refusal::NoPassword => "no_password",
@@ -48,45 +58,76 @@ impl Refusal {
             Refusal::DeviceDisabled => "device_disabled",
         }
     }
+}
 
-    /// The CONNACK code: the Python SDK maps 4 and 5 to CredentialError; IoT Hub uses 5 for
-    /// identities it will not let in, including a username that names another client.
-    pub fn connack_code(&self) -> ConnectReturnCode {
-        match self {
-            Refusal::UnsupportedProtocol => ConnectReturnCode::UnacceptableProtocolVersion,
-            _ => ConnectReturnCode::NotAuthorized,
+/// Who a client claims to be, and the SAS token it offers as proof.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SasClaim<'a> {
+    pub device_id: String,
+    pub module_id: Option<String>,
+    /// The model id the client announced (IoT Plug and Play), if any.
+    pub model_id: Option<String>,
+    pub token: &'a str,
+}
+
+impl SasClaim<'_> {
+    /// `device` or `device/module`: the identity's client id, and its key in the directory.
+    pub fn client_id(&self) -> String {
+        match &self.module_id {
+            Some(m) => format!("{}/{m}", self.device_id),
+            None => self.device_id.clone(),
         }
     }
 }
 
-/// Checks a CONNECT's username, client id and SAS token against the registry.
+/// The claim an MQTT CONNECT makes: the username names the identity (spec §2.1), the client id
+/// must be that identity, the password is the SAS token.
+pub fn mqtt_credentials<'a>(
+    client_id: &str,
+    username: Option<&str>,
+    password: Option<&'a [u8]>,
+) -> Result<SasClaim<'a>, Refusal> {
+    let username = username.ok_or(Refusal::BadUsername)?;
+    let user = Username::parse(username).map_err(|_| Refusal::BadUsername)?;
+    let password = password.ok_or(Refusal::NoPassword)?;
+    let token = std::str::from_utf8(password).map_err(|_| Refusal::BadToken("not_utf8"))?;
+    let claim = SasClaim {
+        device_id: user.device.as_str().to_string(),
+        module_id: user.module.as_ref().map(|m| m.as_str().to_string()),
+        model_id: user.model_id,
+        token,
+    };
+    if client_id != claim.client_id() {
+        return Err(Refusal::ClientIdMismatch);
+    }
+    Ok(claim)
+}
+
+/// Checks a claimed identity's SAS token against the registry: the token must be a device
+/// token (no policy name) for exactly this identity, signed with one of the device's keys and
+/// unexpired, and the device must be enabled.
 ///
 /// The signature is checked before the device's status, so a disabled device is only reported
 /// as disabled to a client that holds its key.
-pub fn authenticate(
-    c: &Connect,
+pub fn authenticate_sas(
+    claim: &SasClaim<'_>,
     registry: &Projection,
     hostname: &str,
     now_unix: u64,
 ) -> Result<Identity, Refusal> {
-    let username = c.username.as_ref().ok_or(Refusal::BadUsername)?;
-    let user = Username::parse(username.as_str()).map_err(|_| Refusal::BadUsername)?;
-    let device = user.device.as_str();
-    let module = user.module.as_ref().map(|m| m.as_str());
-    let expected_client = match module {
-        Some(m) => format!("{device}/{m}"),
-        None => device.to_string(),
-    };
-    if c.client_id.as_str() != expected_client {
-        return Err(Refusal::ClientIdMismatch);
-    }
-    let password = c.password.as_ref().ok_or(Refusal::NoPassword)?;
-    let password = std::str::from_utf8(password).map_err(|_| Refusal::BadToken("not_utf8"))?;
+    let device = claim.device_id.as_str();
+    let module = claim.module_id.as_deref();
+    let password = claim.token;
     let token = SasToken::parse(password).map_err(|e| Refusal::BadToken(e.error_code()))?;
     if token.key_name().is_some() {
         return Err(Refusal::PolicyToken);
     }
-    let target = format!("{hostname}/devices/{expected_client}");
+    // The resource a device or module token is for (spec §1.2): `{host}/devices/{d}` or
+    // `{host}/devices/{d}/modules/{m}` — the client id `d/m` is not a resource path.
+    let target = match module {
+        Some(m) => format!("{hostname}/devices/{device}/modules/{m}"),
+        None => format!("{hostname}/devices/{device}"),
+    };
     if !roost_iothub::sas::authorizes(token.resource(), &target) {
         return Err(Refusal::WrongAudience);
     }
@@ -106,17 +147,15 @@ pub fn authenticate(
         device_id: device.to_string(),
         module_id: module.map(str::to_string),
         generation_id: entry.generation_id.clone(),
-        model_id: user.model_id.clone(),
+        model_id: claim.model_id.clone(),
         token_expiry: token.expiry(),
     })
 }
 
 #[cfg(test)]
 mod tests {
-    use bytes::Bytes;
     use roost_iothub::sas;
     use roost_model::link::DeviceAuth;
-    use roost_mqtt::Str;
 
     use super::*;
 
@@ -136,17 +175,33 @@ mod tests {
         )
     }
 
+    struct Connect {
+        client_id: String,
+        username: Option<String>,
+        password: Option<String>,
+    }
+
     fn connect(client_id: &str, username: Option<&str>, password: Option<String>) -> Connect {
         Connect {
-            protocol_name: Str::from("MQTT"),
-            protocol_level: 4,
-            clean_session: false,
-            keep_alive: 60,
-            client_id: Str::from(client_id),
-            will: None,
-            username: username.map(Str::from),
-            password: password.map(Bytes::from),
+            client_id: client_id.into(),
+            username: username.map(str::to_string),
+            password,
         }
+    }
+
+    /// What the MQTT adapter does with a CONNECT.
+    fn authenticate(
+        c: &Connect,
+        registry: &Projection,
+        hostname: &str,
+        now: u64,
+    ) -> Result<Identity, Refusal> {
+        let claim = mqtt_credentials(
+            &c.client_id,
+            c.username.as_deref(),
+            c.password.as_deref().map(str::as_bytes),
+        )?;
+        authenticate_sas(&claim, registry, hostname, now)
     }
 
     fn token(resource: &str, key: &[u8], expiry: u64) -> String {
@@ -232,11 +287,6 @@ mod tests {
         for (c, enabled, reason) in cases {
             let err = authenticate(&c, &registry(enabled), "localhost", NOW).expect_err(reason);
             assert_eq!(err.reason(), reason);
-            assert_eq!(
-                err.connack_code(),
-                ConnectReturnCode::NotAuthorized,
-                "{reason}"
-            );
         }
     }
 
@@ -250,6 +300,43 @@ mod tests {
         assert_eq!(
             authenticate(&c, &registry(false), "localhost", NOW).expect_err("refused"),
             Refusal::SignatureMismatch
+        );
+    }
+
+    #[test]
+    fn a_module_authenticates_with_a_token_for_its_module_resource() {
+        // What the Python SDK's module client sends (client id `d/m`, username with the module).
+        let user = "localhost/dev-1/mod-a/?api-version=2019-10-01&DeviceClientType=azure-iot-device-iothub-py%2F2.14.0";
+        let good = token(
+            "localhost/devices/dev-1/modules/mod-a",
+            &[7; 32],
+            NOW + 3600,
+        );
+        let c = connect("dev-1/mod-a", Some(user), Some(good));
+        let id = authenticate(&c, &registry(true), "localhost", NOW).expect("module accepted");
+        assert_eq!(id.device_id, "dev-1");
+        assert_eq!(id.module_id.as_deref(), Some("mod-a"));
+        assert_eq!(id.client_id(), "dev-1/mod-a");
+        // A token for another module, or the wrong client id, is refused.
+        let other = token(
+            "localhost/devices/dev-1/modules/mod-b",
+            &[7; 32],
+            NOW + 3600,
+        );
+        let c = connect("dev-1/mod-a", Some(user), Some(other));
+        assert_eq!(
+            authenticate(&c, &registry(true), "localhost", NOW).expect_err("other module"),
+            Refusal::WrongAudience
+        );
+        let good = token(
+            "localhost/devices/dev-1/modules/mod-a",
+            &[7; 32],
+            NOW + 3600,
+        );
+        let c = connect("dev-1", Some(user), Some(good));
+        assert_eq!(
+            authenticate(&c, &registry(true), "localhost", NOW).expect_err("client id"),
+            Refusal::ClientIdMismatch
         );
     }
 }

@@ -82,8 +82,18 @@ pub fn text(status: StatusCode, body: impl Into<String>) -> Resp {
     r
 }
 
+/// A JSON response; a body that cannot be serialised is a 500, never an empty success.
 pub fn json(status: StatusCode, body: &impl serde::Serialize) -> Resp {
-    let bytes = serde_json::to_vec(body).unwrap_or_default();
+    let bytes = match serde_json::to_vec(body) {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot serialise a response body");
+            return text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "cannot serialise the response",
+            );
+        }
+    };
     let mut r = Response::new(Full::new(Bytes::from(bytes)));
     *r.status_mut() = status;
     r.headers_mut().insert(
@@ -123,4 +133,24 @@ pub fn percent_decode(s: &str) -> String {
     percent_encoding::percent_decode_str(s)
         .decode_utf8_lossy()
         .into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Unserialisable;
+    impl serde::Serialize for Unserialisable {
+        fn serialize<S: serde::Serializer>(&self, _: S) -> Result<S::Ok, S::Error> {
+            Err(serde::ser::Error::custom("no"))
+        }
+    }
+
+    #[test]
+    fn a_body_that_fails_to_serialise_is_a_500() {
+        let r = json(StatusCode::OK, &Unserialisable);
+        assert_eq!(r.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        let ok = json(StatusCode::OK, &serde_json::json!({"a": 1}));
+        assert_eq!(ok.status(), StatusCode::OK);
+    }
 }

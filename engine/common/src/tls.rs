@@ -27,6 +27,12 @@ impl CertPaths {
             dir: data_dir.join("certs"),
         }
     }
+    /// The set a CA file belongs to (the CLI and the load generator find it through hub.json).
+    pub fn of_ca(ca: &Path) -> Self {
+        Self {
+            dir: ca.parent().map(Path::to_path_buf).unwrap_or_default(),
+        }
+    }
     pub fn ca(&self) -> PathBuf {
         self.dir.join("ca.pem")
     }

@@ -1,0 +1,199 @@
+//! The device session on a shard (DESIGN.md §2, "one device session under every protocol"):
+//! everything about a device connection that does not depend on its protocol — registration
+//! with the shard, authentication and the claim of its client id (which kicks an older
+//! connection of the same identity, here or on another shard), ingest into the shard's log
+//! with acknowledgements released in order once durable, activity and connection-state
+//! reports to control, the outbound inbox control's commands arrive in, its deadline in the
+//! shard's wheel, and the end with a [`DisconnectReason`].
+//!
+//! A protocol adapter (`conn.rs` for MQTT) owns one and adds only framing: it turns its
+//! protocol's CONNECT into a `SasClaim`, its publish into a record, and its acknowledgement
+//! into the token `A` the session hands back once the record is durable.
+
+use std::rc::Rc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use roost_model::link::{DeviceCommand, EngineFrame};
+use roost_model::Message;
+use roost_session::auth::{authenticate_sas, SasClaim};
+use roost_session::{DisconnectReason, Identity, Ingest, Refusal};
+
+use crate::shard::{ConnHandles, Shard};
+use crate::signal::Signal;
+
+/// How often a busy session refreshes the device's lastActivityTime at control.
+const ACTIVITY_EVERY: Duration = Duration::from_secs(5);
+
+pub struct DeviceSession<A> {
+    pub shard: Rc<Shard>,
+    gid: u64,
+    handles: Rc<ConnHandles>,
+    identity: Option<Identity>,
+    client_id: Option<String>,
+    refused: bool,
+    ingest: Ingest<A>,
+    last_activity: Instant,
+}
+
+impl<A> DeviceSession<A> {
+    /// A session for a connection that has just opened on `shard`.
+    pub fn open(shard: Rc<Shard>) -> Self {
+        let (gid, handles) = shard.register();
+        Self {
+            shard,
+            gid,
+            handles,
+            identity: None,
+            client_id: None,
+            refused: false,
+            ingest: Ingest::default(),
+            last_activity: Instant::now(),
+        }
+    }
+
+    pub fn signal(&self) -> &Signal {
+        &self.handles.signal
+    }
+
+    /// The protocol's next deadline (connect, keep-alive); `None` for none.
+    pub fn set_deadline(&self, at: Option<Instant>) {
+        self.shard.set_deadline(self.gid, &self.handles, at);
+    }
+
+    pub fn identity(&self) -> Option<&Identity> {
+        self.identity.as_ref()
+    }
+
+    /// Checks `claim` against the registry; on success the session is that identity and holds
+    /// its client id. A refusal is counted with its reason.
+    pub fn authenticate(&mut self, claim: &SasClaim<'_>) -> Result<&Identity, Refusal> {
+        let registry = self.shard.shared.registry.load();
+        let identity = match authenticate_sas(
+            claim,
+            &registry,
+            &self.shard.shared.hostname,
+            unix_now().as_secs(),
+        ) {
+            Ok(identity) => identity,
+            Err(refusal) => {
+                self.refuse(refusal.reason());
+                return Err(refusal);
+            }
+        };
+        let client_id = identity.client_id();
+        self.shard.claim(&client_id, &identity.device_id, self.gid);
+        let m = &self.shard.metrics;
+        m.connections_accepted.inc();
+        m.connections_current.inc();
+        self.shard
+            .shared
+            .router
+            .report(EngineFrame::ConnectionState {
+                device_id: identity.device_id.clone(),
+                connected: true,
+                at_ms: unix_now().as_millis() as u64,
+            });
+        tracing::debug!(client = %client_id, shard = self.shard.id, "device connected");
+        self.client_id = Some(client_id);
+        Ok(self.identity.insert(identity))
+    }
+
+    /// Counts a refusal the protocol decided before authentication (an unsupported version).
+    pub fn refuse(&mut self, reason: &'static str) {
+        self.shard.metrics.refused.inc(reason);
+        self.refused = true;
+    }
+
+    /// Appends `message` to the shard's log. `ack` (if the protocol owes one) comes back from
+    /// [`Self::durable_acks`] once the record is durable.
+    // hot path: archive into the shard's scratch buffer, one memcpy into the open batch.
+    pub fn ingest(
+        &mut self,
+        message: &Message,
+        ack: Option<A>,
+        body_len: usize,
+        mono_now: Instant,
+    ) -> Result<(), DisconnectReason> {
+        let Some(identity) = &self.identity else {
+            return Err(DisconnectReason::PublishBeforeConnect);
+        };
+        let batch = {
+            let mut scratch = self.shard.scratch.borrow_mut();
+            let buf = std::mem::take(&mut *scratch);
+            let buf = message
+                .archive_into(buf)
+                .map_err(|_| DisconnectReason::ArchiveFailed)?;
+            let batch = self.shard.log.append(&buf);
+            *scratch = buf;
+            batch.map_err(|_| DisconnectReason::LogWriteFailed)?
+        };
+        let m = &self.shard.metrics;
+        m.messages_in.inc();
+        m.bytes_in.inc_by(body_len as u64);
+        if let Some(ack) = ack {
+            self.ingest.push(batch, ack);
+        }
+        if mono_now.duration_since(self.last_activity) >= ACTIVITY_EVERY {
+            self.last_activity = mono_now;
+            self.shard.shared.router.report(EngineFrame::Activity {
+                device_id: identity.device_id.clone(),
+                at_ms: message.enqueued_ms,
+            });
+        }
+        Ok(())
+    }
+
+    /// The log batch the oldest owed acknowledgement waits for.
+    pub fn oldest_unacked_batch(&self) -> Option<u64> {
+        self.ingest.oldest_batch()
+    }
+
+    /// Acknowledgements whose records are durable now, in order.
+    pub fn durable_acks(&mut self) -> impl Iterator<Item = A> + '_ {
+        let log = &self.shard.log;
+        self.ingest.durable(|b| log.is_durable(b))
+    }
+
+    /// The oldest command control sent this session, if any.
+    pub fn next_command(&self) -> Option<DeviceCommand> {
+        self.handles.inbox.borrow_mut().pop()
+    }
+
+    /// Whether nothing is owed to the client (a quiet session may free its buffers).
+    pub fn is_quiet(&self) -> bool {
+        self.ingest.is_empty() && self.handles.inbox.borrow().is_empty()
+    }
+
+    pub fn release_idle_memory(&mut self) {
+        self.ingest.release_idle_memory();
+    }
+
+    /// Ends the session: unregisters it, counts why, tells control the device left (unless a
+    /// newer connection of it already said it arrived).
+    pub fn finish(self, reason: DisconnectReason) {
+        let shard = &self.shard;
+        shard.unregister(self.gid, self.client_id.as_deref());
+        if self.refused {
+            return;
+        }
+        shard.metrics.disconnects.inc(reason.error_code());
+        let Some(identity) = self.identity else {
+            return;
+        };
+        shard.metrics.connections_current.dec();
+        tracing::debug!(device = %identity.device_id, reason = reason.error_code(), "device disconnected");
+        if !reason.superseded() {
+            shard.shared.router.report(EngineFrame::ConnectionState {
+                device_id: identity.device_id,
+                connected: false,
+                at_ms: unix_now().as_millis() as u64,
+            });
+        }
+    }
+}
+
+pub fn unix_now() -> Duration {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+}

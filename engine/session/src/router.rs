@@ -1,0 +1,430 @@
+//! The engine's router, sans-IO: it owns the [`Directory`] and the [`CommandTracker`], takes
+//! what the shards and the control link report, and says what must happen next. The engine
+//! runs it on its control-link thread (one owner, no lock); tests drive it in memory.
+//!
+//! Inputs, in the order they happened: shards' claims and releases, their answers to
+//! deliveries, device revocations from registry changes, commands from control, and the
+//! clock. Outputs: a kick or a delivery for a shard, a frame for control.
+
+use std::time::{Duration, Instant};
+
+use roost_model::link::{CommandOutcome, DeviceCommand, EngineFrame};
+
+use crate::commands::{CommandTracker, Route};
+use crate::directory::{Directory, Holder};
+use crate::reason::DisconnectReason;
+
+/// Something the router was told.
+#[derive(Debug, Clone)]
+pub enum RouterInput {
+    /// A frame for control from a shard (connection state, activity), passed through.
+    Report(EngineFrame),
+    /// Connection `holder` authenticated as `client_id` (of device `device_id`).
+    Claimed {
+        client_id: String,
+        device_id: String,
+        holder: Holder,
+    },
+    /// Connection `conn` of `client_id` ended.
+    Released { client_id: String, conn: u64 },
+    /// A shard's answer to delivery `id`.
+    CommandDone {
+        id: u64,
+        kind: &'static str,
+        outcome: CommandOutcome,
+    },
+    /// From control: deliver `command` to `client_id`.
+    Command {
+        id: u64,
+        client_id: String,
+        command: DeviceCommand,
+    },
+    /// The device may no longer connect (disabled, deleted, keys changed): close every
+    /// connection of it and its modules.
+    Revoke { device_id: String },
+}
+
+/// Something the router wants done.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RouterOutput {
+    Kick {
+        shard: usize,
+        conn: u64,
+        reason: DisconnectReason,
+    },
+    Deliver {
+        shard: usize,
+        id: u64,
+        conn: u64,
+        command: DeviceCommand,
+    },
+    /// A frame for control.
+    ToControl(EngineFrame),
+    /// A command finished (for metrics): its kind and outcome.
+    Finished {
+        kind: &'static str,
+        outcome: CommandOutcome,
+    },
+}
+
+#[derive(Debug)]
+pub struct Router {
+    directory: Directory,
+    tracker: CommandTracker,
+    /// Kind of each command in flight, for the metric of its outcome.
+    kinds: std::collections::HashMap<u64, &'static str>,
+}
+
+impl Router {
+    /// A router that answers `TimedOut` for a delivery a shard has not answered in `timeout`.
+    pub fn new(timeout: Duration) -> Self {
+        Self {
+            directory: Directory::default(),
+            tracker: CommandTracker::new(timeout),
+            kinds: std::collections::HashMap::new(),
+        }
+    }
+
+    pub fn directory(&self) -> &Directory {
+        &self.directory
+    }
+
+    /// Handles one input received at `now`; appends what must happen to `out`.
+    pub fn handle(&mut self, now: Instant, input: RouterInput, out: &mut Vec<RouterOutput>) {
+        match input {
+            RouterInput::Report(frame) => out.push(RouterOutput::ToControl(frame)),
+            RouterInput::Claimed {
+                client_id, holder, ..
+            } => {
+                if let Some(old) = self.directory.claim(&client_id, holder) {
+                    out.push(RouterOutput::Kick {
+                        shard: old.shard,
+                        conn: old.conn,
+                        reason: DisconnectReason::ReplacedByNewConnection,
+                    });
+                }
+            }
+            RouterInput::Released { client_id, conn } => {
+                self.directory.release(&client_id, conn);
+            }
+            RouterInput::Revoke { device_id } => {
+                for (_, h) in self.directory.clients_of_device(&device_id) {
+                    out.push(RouterOutput::Kick {
+                        shard: h.shard,
+                        conn: h.conn,
+                        reason: DisconnectReason::DeviceRevoked,
+                    });
+                }
+            }
+            RouterInput::Command {
+                id,
+                client_id,
+                command,
+            } => {
+                let kind = command.kind();
+                match self.tracker.submit(&self.directory, now, id, &client_id) {
+                    Route::Shard(h) => {
+                        self.kinds.insert(id, kind);
+                        out.push(RouterOutput::Deliver {
+                            shard: h.shard,
+                            id,
+                            conn: h.conn,
+                            command,
+                        });
+                    }
+                    Route::Done(outcome) => Self::answer(out, id, kind, outcome),
+                }
+            }
+            RouterInput::CommandDone { id, kind, outcome } => {
+                if let Some(outcome) = self.tracker.on_answer(id, outcome) {
+                    self.kinds.remove(&id);
+                    Self::answer(out, id, kind, outcome);
+                }
+            }
+        }
+    }
+
+    /// Answers every delivery whose shard did not answer in time.
+    pub fn handle_timeout(&mut self, now: Instant, out: &mut Vec<RouterOutput>) {
+        for id in self.tracker.handle_timeout(now) {
+            let kind = self.kinds.remove(&id).unwrap_or("unknown");
+            Self::answer(out, id, kind, CommandOutcome::TimedOut);
+        }
+    }
+
+    /// When [`Self::handle_timeout`] must next run.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.tracker.poll_timeout()
+    }
+
+    fn answer(out: &mut Vec<RouterOutput>, id: u64, kind: &'static str, outcome: CommandOutcome) {
+        out.push(RouterOutput::ToControl(EngineFrame::CommandResult {
+            id,
+            outcome,
+        }));
+        out.push(RouterOutput::Finished { kind, outcome });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The command path, two-ended in memory: control → router → shard → the session's inbox
+    //! → the answer back, with fake shards holding fake sessions (an inbox per connection).
+
+    use std::collections::HashMap;
+
+    use super::*;
+    use crate::inbox::Inbox;
+
+    /// A shard as the router sees it: connections by id, each with a session inbox.
+    #[derive(Default)]
+    struct FakeShard {
+        sessions: HashMap<u64, Inbox>,
+        closed: Vec<(u64, DisconnectReason)>,
+        /// Deliveries this shard swallows without answering (a stuck shard).
+        stuck: bool,
+    }
+
+    struct Engine {
+        router: Router,
+        shards: Vec<FakeShard>,
+        to_control: Vec<EngineFrame>,
+        finished: Vec<(&'static str, CommandOutcome)>,
+        now: Instant,
+    }
+
+    impl Engine {
+        fn new(shards: usize) -> Self {
+            Self {
+                router: Router::new(Duration::from_secs(10)),
+                shards: (0..shards).map(|_| FakeShard::default()).collect(),
+                to_control: Vec::new(),
+                finished: Vec::new(),
+                now: Instant::now(),
+            }
+        }
+
+        /// Feeds one input and carries every output to its destination until nothing moves
+        /// (bounded: a livelock fails instead of hanging).
+        fn drive(&mut self, input: RouterInput) {
+            let mut inputs = vec![input];
+            for _ in 0..1000 {
+                let Some(input) = inputs.pop() else { return };
+                let mut out = Vec::new();
+                self.router.handle(self.now, input, &mut out);
+                for o in out {
+                    if let Some(next) = self.carry(o) {
+                        inputs.push(next);
+                    }
+                }
+            }
+            panic!("the command path did not settle");
+        }
+
+        fn carry(&mut self, o: RouterOutput) -> Option<RouterInput> {
+            match o {
+                RouterOutput::ToControl(f) => {
+                    self.to_control.push(f);
+                    None
+                }
+                RouterOutput::Finished { kind, outcome } => {
+                    self.finished.push((kind, outcome));
+                    None
+                }
+                RouterOutput::Kick {
+                    shard,
+                    conn,
+                    reason,
+                } => {
+                    let s = &mut self.shards[shard];
+                    if s.sessions.remove(&conn).is_some() {
+                        s.closed.push((conn, reason));
+                    }
+                    None
+                }
+                RouterOutput::Deliver {
+                    shard,
+                    id,
+                    conn,
+                    command,
+                } => {
+                    let s = &mut self.shards[shard];
+                    if s.stuck {
+                        return None;
+                    }
+                    let kind = command.kind();
+                    let outcome = match s.sessions.get_mut(&conn) {
+                        None => CommandOutcome::NotConnected,
+                        Some(inbox) => match inbox.push(command) {
+                            Ok(()) => CommandOutcome::Delivered,
+                            Err(_) => CommandOutcome::InboxFull,
+                        },
+                    };
+                    Some(RouterInput::CommandDone { id, kind, outcome })
+                }
+            }
+        }
+
+        fn connect(&mut self, shard: usize, conn: u64, client_id: &str) {
+            self.shards[shard].sessions.insert(conn, Inbox::new(2));
+            let device_id = client_id.split('/').next().unwrap_or(client_id).to_string();
+            self.drive(RouterInput::Claimed {
+                client_id: client_id.into(),
+                device_id,
+                holder: Holder { shard, conn },
+            });
+        }
+
+        fn disconnect(&mut self, shard: usize, conn: u64, client_id: &str) {
+            self.shards[shard].sessions.remove(&conn);
+            self.drive(RouterInput::Released {
+                client_id: client_id.into(),
+                conn,
+            });
+        }
+
+        fn command(&mut self, id: u64, client_id: &str) -> CommandOutcome {
+            self.drive(RouterInput::Command {
+                id,
+                client_id: client_id.into(),
+                command: DeviceCommand::MethodRequest {
+                    name: "reboot".into(),
+                    rid: id.to_string(),
+                    payload: b"{}".to_vec(),
+                },
+            });
+            self.outcome(id).expect("answered")
+        }
+
+        fn outcome(&self, id: u64) -> Option<CommandOutcome> {
+            self.to_control.iter().rev().find_map(|f| match f {
+                EngineFrame::CommandResult { id: i, outcome } if *i == id => Some(*outcome),
+                _ => None,
+            })
+        }
+    }
+
+    fn rid(cmd: &DeviceCommand) -> &str {
+        match cmd {
+            DeviceCommand::MethodRequest { rid, .. } => rid,
+            _ => "",
+        }
+    }
+
+    #[test]
+    fn a_command_reaches_the_inbox_of_the_right_connection_and_is_answered() {
+        let mut e = Engine::new(2);
+        e.connect(0, 10, "dev");
+        e.connect(1, 20, "dev/mod");
+        assert_eq!(e.command(1, "dev/mod"), CommandOutcome::Delivered);
+        assert_eq!(e.command(2, "dev"), CommandOutcome::Delivered);
+        let module_inbox = e.shards[1].sessions.get_mut(&20).expect("module session");
+        assert_eq!(rid(&module_inbox.pop().expect("one command")), "1");
+        assert!(
+            module_inbox.pop().is_none(),
+            "the device's command went elsewhere"
+        );
+        let device_inbox = e.shards[0].sessions.get_mut(&10).expect("device session");
+        assert_eq!(rid(&device_inbox.pop().expect("one command")), "2");
+        assert!(
+            e.shards.iter().all(|s| s.closed.is_empty()),
+            "device and module coexist"
+        );
+        assert_eq!(
+            e.finished,
+            vec![
+                ("method_request", CommandOutcome::Delivered),
+                ("method_request", CommandOutcome::Delivered)
+            ]
+        );
+    }
+
+    #[test]
+    fn an_offline_client_is_not_connected_and_a_full_inbox_says_so() {
+        let mut e = Engine::new(1);
+        assert_eq!(e.command(1, "dev"), CommandOutcome::NotConnected);
+        e.connect(0, 10, "dev");
+        assert_eq!(e.command(2, "dev"), CommandOutcome::Delivered);
+        assert_eq!(e.command(3, "dev"), CommandOutcome::Delivered);
+        assert_eq!(e.command(4, "dev"), CommandOutcome::InboxFull);
+        e.disconnect(0, 10, "dev");
+        assert_eq!(e.command(5, "dev"), CommandOutcome::NotConnected);
+    }
+
+    #[test]
+    fn a_reconnect_on_another_shard_kicks_the_old_connection_and_takes_its_commands() {
+        let mut e = Engine::new(2);
+        e.connect(0, 10, "dev");
+        e.connect(1, 20, "dev");
+        assert_eq!(
+            e.shards[0].closed,
+            vec![(10, DisconnectReason::ReplacedByNewConnection)]
+        );
+        // The old connection's release arrives late: the new one stays in the directory.
+        e.drive(RouterInput::Released {
+            client_id: "dev".into(),
+            conn: 10,
+        });
+        assert_eq!(e.command(1, "dev"), CommandOutcome::Delivered);
+        assert!(e.shards[1].sessions[&20].len() == 1);
+    }
+
+    #[test]
+    fn a_revoked_device_loses_its_own_and_its_modules_connections_only() {
+        let mut e = Engine::new(2);
+        e.connect(0, 10, "dev");
+        e.connect(1, 20, "dev/mod");
+        e.connect(1, 30, "dev2");
+        e.drive(RouterInput::Revoke {
+            device_id: "dev".into(),
+        });
+        assert_eq!(
+            e.shards[0].closed,
+            vec![(10, DisconnectReason::DeviceRevoked)]
+        );
+        assert_eq!(
+            e.shards[1].closed,
+            vec![(20, DisconnectReason::DeviceRevoked)]
+        );
+        assert!(e.shards[1].sessions.contains_key(&30));
+    }
+
+    #[test]
+    fn a_shard_that_does_not_answer_times_out_once() {
+        let mut e = Engine::new(1);
+        e.connect(0, 10, "dev");
+        e.shards[0].stuck = true;
+        e.drive(RouterInput::Command {
+            id: 7,
+            client_id: "dev".into(),
+            command: DeviceCommand::Disconnect {
+                reason: "test".into(),
+            },
+        });
+        assert_eq!(e.outcome(7), None);
+        let deadline = e.router.poll_timeout().expect("armed");
+        let mut out = Vec::new();
+        e.router
+            .handle_timeout(deadline - Duration::from_millis(1), &mut out);
+        assert!(out.is_empty());
+        e.router.handle_timeout(deadline, &mut out);
+        for o in out {
+            e.carry(o);
+        }
+        assert_eq!(e.outcome(7), Some(CommandOutcome::TimedOut));
+        assert_eq!(e.finished, vec![("disconnect", CommandOutcome::TimedOut)]);
+        // A late answer is dropped, not sent twice.
+        e.drive(RouterInput::CommandDone {
+            id: 7,
+            kind: "disconnect",
+            outcome: CommandOutcome::Delivered,
+        });
+        assert_eq!(
+            e.to_control
+                .iter()
+                .filter(|f| matches!(f, EngineFrame::CommandResult { .. }))
+                .count(),
+            1
+        );
+    }
+}
