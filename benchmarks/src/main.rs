@@ -16,7 +16,7 @@
 //! - `run`, `idle`, `connrate`: the three modes.
 //! - `publish`: one publishing connection (pacing, inflight window, PUBACK latency).
 //! - `readback`: reading messages back and the [`readback::Tally`] of what arrived.
-//! - `target`, `hub`, `http`: whom we connect as; roost's hub.json and service API.
+//! - `target`, `hub`: whom we connect as; roost's hub.json and service API (through `roost-common`).
 //! - `net`, `client`, `frame`, `stamp`, `pace`: sockets, MQTT framing, pre-encoded frames,
 //!   the payload stamp, rate arithmetic.
 //! - `procfs`, `report`: server cost from /proc; the printed result.

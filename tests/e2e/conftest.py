@@ -397,31 +397,30 @@ def redirect_mqtt_to(port: int) -> None:
 _device_clients: list[Any] = []
 
 
+def _make_client(cls: Any, conn_str: str, ca_pem: str, mqtt_port: int, **kwargs: Any):
+    redirect_mqtt_to(mqtt_port)
+    kwargs.setdefault("server_verification_cert", ca_pem)
+    kwargs.setdefault("connection_retry", False)
+    client = cls.create_from_connection_string(conn_str, **kwargs)
+    _device_clients.append(client)
+    return client
+
+
 def make_device_client(conn_str: str, ca_pem: str, mqtt_port: int, **kwargs: Any):
     """An `IoTHubDeviceClient` (MQTT over TLS) for `conn_str`, trusting `ca_pem`, redirected to
     `mqtt_port`. Defaults to connection_retry=False so that a dropped connection stays dropped
     (tests assert on that); pass connection_retry=True to override. Shut down at teardown."""
     from azure.iot.device import IoTHubDeviceClient
 
-    redirect_mqtt_to(mqtt_port)
-    kwargs.setdefault("server_verification_cert", ca_pem)
-    kwargs.setdefault("connection_retry", False)
-    client = IoTHubDeviceClient.create_from_connection_string(conn_str, **kwargs)
-    _device_clients.append(client)
-    return client
+    return _make_client(IoTHubDeviceClient, conn_str, ca_pem, mqtt_port, **kwargs)
 
 
 def make_module_client(conn_str: str, ca_pem: str, mqtt_port: int, **kwargs: Any):
-    """An `IoTHubModuleClient` (MQTT over TLS) for a connection string with `ModuleId`, set up
-    like `make_device_client`. Shut down at teardown."""
+    """An `IoTHubModuleClient` for a connection string with `ModuleId`, set up like
+    `make_device_client`."""
     from azure.iot.device import IoTHubModuleClient
 
-    redirect_mqtt_to(mqtt_port)
-    kwargs.setdefault("server_verification_cert", ca_pem)
-    kwargs.setdefault("connection_retry", False)
-    client = IoTHubModuleClient.create_from_connection_string(conn_str, **kwargs)
-    _device_clients.append(client)
-    return client
+    return _make_client(IoTHubModuleClient, conn_str, ca_pem, mqtt_port, **kwargs)
 
 
 def shutdown_client(client: Any) -> None:

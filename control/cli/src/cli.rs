@@ -473,6 +473,13 @@ fn path_id(id: &str) -> String {
     percent_encoding::utf8_percent_encode(id, percent_encoding::NON_ALPHANUMERIC).to_string()
 }
 
+async fn get_device(svc: &mut ServiceClient, id: &str) -> anyhow::Result<Value> {
+    let path = format!("/devices/{}", path_id(id));
+    let resp = svc.call(Method::GET, &path, None, &[]).await?;
+    check(&resp)?;
+    Ok(serde_json::from_slice(&resp.body)?)
+}
+
 pub fn run_device(action: DeviceCmd, data_dir: &Path) -> anyhow::Result<()> {
     let mut svc = ServiceClient::new(hubfile::read(data_dir)?)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -516,16 +523,7 @@ pub fn run_device(action: DeviceCmd, data_dir: &Path) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&v)?);
             }
             DeviceCmd::Show { id } => {
-                let resp = svc
-                    .call(
-                        Method::GET,
-                        &format!("/devices/{}", path_id(&id)),
-                        None,
-                        &[],
-                    )
-                    .await?;
-                check(&resp)?;
-                let v: Value = serde_json::from_slice(&resp.body)?;
+                let v = get_device(&mut svc, &id).await?;
                 println!("{}", serde_json::to_string_pretty(&v)?);
             }
             DeviceCmd::Delete { id } => {
@@ -535,16 +533,7 @@ pub fn run_device(action: DeviceCmd, data_dir: &Path) -> anyhow::Result<()> {
                 println!("deleted {id}");
             }
             DeviceCmd::Keys { id } => {
-                let resp = svc
-                    .call(
-                        Method::GET,
-                        &format!("/devices/{}", path_id(&id)),
-                        None,
-                        &[],
-                    )
-                    .await?;
-                check(&resp)?;
-                let v: Value = serde_json::from_slice(&resp.body)?;
+                let v = get_device(&mut svc, &id).await?;
                 let k = &v["authentication"]["symmetricKey"];
                 println!("primary   {}", k["primaryKey"].as_str().unwrap_or(""));
                 println!("secondary {}", k["secondaryKey"].as_str().unwrap_or(""));

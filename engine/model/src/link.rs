@@ -17,6 +17,19 @@ pub struct DeviceAuth {
     pub generation_id: String,
 }
 
+impl DeviceAuth {
+    /// An identity with SAS keys and a fixed generation id (for tests and tools).
+    pub fn with_keys(device_id: &str, enabled: bool, primary: &[u8], secondary: &[u8]) -> Self {
+        Self {
+            device_id: device_id.into(),
+            enabled,
+            primary_key: primary.to_vec(),
+            secondary_key: secondary.to_vec(),
+            generation_id: "g".into(),
+        }
+    }
+}
+
 /// One change to the registry, in sequence order.
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 #[rkyv(derive(Debug))]

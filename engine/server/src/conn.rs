@@ -446,3 +446,4 @@ impl Conn {
         self.session.ingest(&message, ack, p.payload.len(), now)
     }
 }
+

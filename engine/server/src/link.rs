@@ -436,13 +436,7 @@ mod tests {
     use super::*;
 
     fn dev(id: &str, enabled: bool) -> DeviceAuth {
-        DeviceAuth {
-            device_id: id.into(),
-            enabled,
-            primary_key: vec![1],
-            secondary_key: vec![2],
-            generation_id: "g".into(),
-        }
+        DeviceAuth::with_keys(id, enabled, &[1], &[2])
     }
 
     fn engine(store: Arc<MemStore>) -> (EngineState, UnboundedReceiver<RouterInput>) {

@@ -29,7 +29,6 @@ pub struct DeviceSession<A> {
     gid: u64,
     handles: Rc<ConnHandles>,
     identity: Option<Identity>,
-    client_id: Option<String>,
     refused: bool,
     ingest: Ingest<A>,
     last_activity: Instant,
@@ -44,7 +43,6 @@ impl<A> DeviceSession<A> {
             gid,
             handles,
             identity: None,
-            client_id: None,
             refused: false,
             ingest: Ingest::default(),
             last_activity: Instant::now(),
@@ -94,7 +92,6 @@ impl<A> DeviceSession<A> {
                 at_ms: unix_now().as_millis() as u64,
             });
         tracing::debug!(client = %client_id, shard = self.shard.id, "device connected");
-        self.client_id = Some(client_id);
         Ok(self.identity.insert(identity))
     }
 
@@ -172,7 +169,8 @@ impl<A> DeviceSession<A> {
     /// newer connection of it already said it arrived).
     pub fn finish(self, reason: DisconnectReason) {
         let shard = &self.shard;
-        shard.unregister(self.gid, self.client_id.as_deref());
+        let client_id = self.identity.as_ref().map(Identity::client_id);
+        shard.unregister(self.gid, client_id.as_deref());
         if self.refused {
             return;
         }

@@ -180,13 +180,7 @@ mod tests {
     use super::*;
 
     fn dev(id: &str) -> DeviceAuth {
-        DeviceAuth {
-            device_id: id.into(),
-            enabled: true,
-            primary_key: vec![1],
-            secondary_key: vec![2],
-            generation_id: "g".into(),
-        }
+        DeviceAuth::with_keys(id, true, &[1], &[2])
     }
 
     #[test]
