@@ -22,6 +22,8 @@ from conftest import (
 
 LINK = "roost_link_connected"
 SEQ = "roost_registry_sequence"
+EPOCH = "roost_link_epoch_version"
+EPOCHS = "roost_link_epochs_total"
 
 
 class Sender(threading.Thread):
@@ -68,6 +70,9 @@ def test_engine_keeps_working_without_control(hub):
     conn_str = hub.create_device(device_id)
     client = hub.connected_client(conn_str)
     hub.wait_metric(LINK, lambda v: v == 1, "== 1 (control link up)")
+    # Control sent its config epoch after the engine's Hello; the engine applied it.
+    hub.wait_metric(EPOCH, lambda v: v == 1, "== 1 (control's epoch in force)")
+    assert hub.metric_sum(EPOCHS, result="applied") >= 1
 
     # ---- stop control while the device is sending; sends keep succeeding and landing
     sender = Sender(client, "during")
@@ -92,6 +97,9 @@ def test_engine_keeps_working_without_control(hub):
     hub.start_engine()
     assert hub.metric_sum(LINK) == 0
     assert hub.metric_sum(SEQ) >= seq_before, "the engine did not boot from its persisted registry replica"
+    # ... and its persisted epoch, through the same apply path, before any link.
+    assert hub.metric_sum(EPOCH) == 1, "the engine did not boot with its persisted config epoch"
+    assert hub.metric_sum(EPOCHS, result="applied") == 0, "nothing came from control yet"
     client = hub.connected_client(conn_str)
     call_with_timeout(client.send_message, Message("after engine restart"), what="send after engine restart")
     stored = bodies(hub, device_id)
@@ -105,6 +113,9 @@ def test_engine_keeps_working_without_control(hub):
     seq = hub.metric_sum(SEQ)
     newcomer = hub.create_device(unique_id("newcomer"))
     hub.wait_metric(SEQ, lambda v: v > seq, f"> {seq} (the new device's delta reached the engine)", timeout=15)
+    # Hello carried the epoch's hash, so control sent no epoch: the engine already runs it. (An
+    # epoch sent after Hello would have been applied, and counted, before this later delta.)
+    assert hub.metric_sum(EPOCHS) == 0, "control re-sent an epoch the engine already runs"
     shutdown_client(hub.connected_client(newcomer))
     # The device connected while control was down was not disturbed by control's return.
     assert client.connected
