@@ -13,6 +13,7 @@ root=$(cd "$here/.." && pwd)
 if [ "${1:-}" = "--inside" ]; then
   # ---- inside the namespace: $2 = case name, $3 = scratch dir ----
   case_name=$2 scratch=$3
+  unset LIBCLANG_PATH # only the case about it sets it
   declare -A upper_of=()
   overlay_dir() { # mounts an overlay on directory $1 (once) and prints its upper dir
     local d=$1
@@ -53,11 +54,14 @@ if [ "${1:-}" = "--inside" ]; then
     done
   }
   # Stand-ins for everything setup checks, so each case changes only what it is about.
-  all_present() {
+  all_but_headers() {
     add /usr/lib/x86_64-linux-gnu/libclang-14.so.14
-    add /usr/lib/llvm-14/lib/clang/14.0.6/include/stddef.h
     add /usr/bin/g++; add /usr/bin/make
     add /usr/sbin/mosquitto; add /usr/bin/mosquitto_pub; add /usr/bin/nats-server
+  }
+  all_present() {
+    all_but_headers
+    add /usr/lib/llvm-14/lib/clang/14.0.6/include/stddef.h
   }
   fresh_debian_libclang() { # a fresh Debian 12: libclang-cpp only
     # shellcheck disable=SC2046
@@ -69,7 +73,9 @@ if [ "${1:-}" = "--inside" ]; then
     fresh-debian) all_present; fresh_debian_libclang ;;
     all-present) all_present ;;
     libclang-without-headers)
-      all_present; hide /usr/lib/clang /usr/lib/llvm-*/lib/clang ;;  # parents before children: an overlay on a parent would cover one on its child
+      # Hide first: an overlay on a parent (/usr/lib) would cover stand-ins added below it.
+      hide /usr/lib/clang /usr/lib/llvm-*/lib/clang; all_but_headers
+      [ -n "$(libclang_files)" ] || { echo "case setup failed: no libclang stand-in visible" >&2; exit 3; } ;;
     libclang-path)
       # LIBCLANG_PATH overrides the search: a libclang elsewhere counts, the system dirs do not.
       all_present; fresh_debian_libclang

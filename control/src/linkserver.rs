@@ -70,7 +70,8 @@ pub struct Commands {
 
 struct LinkEntry {
     frames: mpsc::UnboundedSender<ControlFrame>,
-    devices: HashSet<String>,
+    /// Client ids (`device`, `device/module`) the engine reported connected.
+    clients: HashSet<String>,
 }
 
 fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -84,7 +85,7 @@ impl Commands {
             id,
             LinkEntry {
                 frames,
-                devices: HashSet::new(),
+                clients: HashSet::new(),
             },
         );
         id
@@ -94,12 +95,12 @@ impl Commands {
         locked(&self.links).remove(&link);
     }
 
-    fn connection_state(&self, link: u64, device_id: &str, connected: bool) {
+    fn connection_state(&self, link: u64, client_id: &str, connected: bool) {
         if let Some(l) = locked(&self.links).get_mut(&link) {
             if connected {
-                l.devices.insert(device_id.to_string());
+                l.clients.insert(client_id.to_string());
             } else {
-                l.devices.remove(device_id);
+                l.clients.remove(client_id);
             }
         }
     }
@@ -111,19 +112,18 @@ impl Commands {
     }
 
     /// Sends `command` to the session of `client_id` (`device` or `device/module`) on the
-    /// engine its device is connected to, and waits up to `timeout` for the engine's answer.
+    /// engine it is connected to, and waits up to `timeout` for the engine's answer.
     pub async fn send(
         &self,
         client_id: &str,
         command: DeviceCommand,
         timeout: Duration,
     ) -> CommandOutcome {
-        let device = client_id.split('/').next().unwrap_or(client_id);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         {
             let links = locked(&self.links);
-            let Some(link) = links.values().find(|l| l.devices.contains(device)) else {
+            let Some(link) = links.values().find(|l| l.clients.contains(client_id)) else {
                 return CommandOutcome::NotConnected;
             };
             locked(&self.waiting).insert(id, tx);
@@ -344,15 +344,25 @@ impl LinkServer {
         let result = match frame {
             EngineFrame::ConnectionState {
                 device_id,
+                module_id,
                 connected: up,
                 at_ms,
             } => {
+                let client_id = match &module_id {
+                    Some(m) => format!("{device_id}/{m}"),
+                    None => device_id.clone(),
+                };
+                self.commands.connection_state(link, &client_id, up);
+                // A module's connection is the module's, not its device's (module twins with
+                // their own connection state come with the cloud-to-device issue).
+                if module_id.is_some() {
+                    return reply;
+                }
                 if up {
                     connected.insert(device_id.clone());
                 } else {
                     connected.remove(&device_id);
                 }
-                self.commands.connection_state(link, &device_id, up);
                 let at = iso_ms(at_ms);
                 self.store.touch(&device_id, |d| {
                     d.connection_state = if up { "Connected" } else { "Disconnected" }.into();
@@ -516,7 +526,7 @@ mod tests {
         let a = commands.add_link(tx_a);
         let b = commands.add_link(tx_b);
         commands.connection_state(a, "dev-a", true);
-        commands.connection_state(b, "dev-b", true);
+        commands.connection_state(b, "dev-b/mod", true);
         let cmd = || DeviceCommand::Disconnect {
             reason: "test".into(),
         };

@@ -197,6 +197,17 @@ def test_a_device_and_its_module_stay_connected_side_by_side(shared_hub):
     call_with_timeout(second.connect, what="second module connect")
     wait_until(lambda: not module.connected, 10, "the first module connection to be replaced")
     assert device.connected and second.connected
+    # The module leaving is not the device leaving: the device's connection state stays
+    # Connected. A later client's report reaches control after the module's (one ordered
+    # stream), so once it shows, the module's has been recorded too.
+    rm = hub.registry_manager()
+    hub.wait_connection_state(rm, device_id, "Connected")
+    shutdown_client(second)
+    marker_id = unique_id("marker")
+    marker = hub.connected_client(hub.create_device(marker_id))
+    hub.wait_connection_state(rm, marker_id, "Connected")
+    assert hub.connection_state(rm, device_id) == "Connected", "a module's disconnect marked its device disconnected"
+    shutdown_client(marker)
 
 
 # ------------------------------------------------------------------------------------------

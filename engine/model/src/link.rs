@@ -220,9 +220,12 @@ pub enum EngineFrame {
         registry_seq: u64,
         epoch: Option<EpochHash>,
     },
-    /// A device connected or disconnected; `at_ms` is Unix milliseconds.
+    /// A client (a device, or a module of it) connected or disconnected; `at_ms` is Unix
+    /// milliseconds. Sent by the engine's router in the order of the claims, so a replaced
+    /// connection's end never follows its successor's start.
     ConnectionState {
         device_id: String,
+        module_id: Option<String>,
         connected: bool,
         at_ms: u64,
     },

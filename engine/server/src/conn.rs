@@ -51,6 +51,25 @@ struct Subscribed {
     desired: Option<QoS>,
 }
 
+impl Subscribed {
+    /// The slot `filter` fills, if it is one of the device-bound filters.
+    fn slot(&mut self, filter: &str) -> Option<&mut Option<QoS>> {
+        match filter {
+            "$iothub/twin/res/#" => Some(&mut self.twin_responses),
+            "$iothub/methods/POST/#" => Some(&mut self.methods),
+            "$iothub/twin/PATCH/properties/desired/#" => Some(&mut self.desired),
+            f if f.ends_with("/messages/devicebound/#") => Some(&mut self.c2d),
+            _ => None,
+        }
+    }
+
+    fn forget(&mut self, filter: &str) {
+        if let Some(slot) = self.slot(filter) {
+            *slot = None;
+        }
+    }
+}
+
 struct Conn {
     session: DeviceSession<u16>,
     mqtt: ServerSession,
@@ -287,10 +306,13 @@ impl Conn {
                         .map(|(f, q)| self.grant(f.as_str(), *q))
                         .collect();
                     self.mqtt.grant_subscribe(s.pkid, &codes);
-                    // Commands that waited for a subscription may go now.
-                    self.drain_inbox()?;
                 }
-                Event::Unsubscribe(u) => self.mqtt.ack_unsubscribe(u.pkid),
+                Event::Unsubscribe(u) => {
+                    for f in &u.filters {
+                        self.subscribed.forget(f.as_str());
+                    }
+                    self.mqtt.ack_unsubscribe(u.pkid);
+                }
                 Event::Disconnect => return Err(DisconnectReason::ClientDisconnect),
                 Event::PubAck(_) => self.drain_inbox()?,
             }
@@ -308,21 +330,20 @@ impl Conn {
         } else {
             QoS::AtLeastOnce
         };
-        let s = &mut self.subscribed;
-        match filter {
-            "$iothub/twin/res/#" => s.twin_responses = Some(granted),
-            "$iothub/methods/POST/#" => s.methods = Some(granted),
-            "$iothub/twin/PATCH/properties/desired/#" => s.desired = Some(granted),
-            f if f.ends_with("/messages/devicebound/#") => s.c2d = Some(granted),
-            _ => {}
+        if let Some(slot) = self.subscribed.slot(filter) {
+            *slot = Some(granted);
         }
         SubackCode::Granted(granted)
     }
 
     /// Publishes what control put in the inbox, oldest first, while the in-flight window has
-    /// room. A command the device has not subscribed for is dropped and counted (IoT Hub
-    /// delivers nothing to an unsubscribed device; control answers its caller).
+    /// room. A command for a topic the device has not subscribed to (now) is dropped and
+    /// counted: IoT Hub delivers nothing to an unsubscribed device, and when to hold a command
+    /// for a subscription yet to come is the cloud-to-device issue's to decide.
     fn drain_inbox(&mut self) -> Result<(), Reason> {
+        if self.session.identity().is_none() {
+            return Ok(());
+        }
         while self.mqtt.can_send() {
             let Some(command) = self.session.next_command() else {
                 return Ok(());
@@ -446,4 +467,3 @@ impl Conn {
         self.session.ingest(&message, ack, p.payload.len(), now)
     }
 }
-

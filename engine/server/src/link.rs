@@ -28,6 +28,9 @@ pub struct EngineState {
     pub registry: Arc<Registry>,
     pub replica: Arc<dyn ReplicaStore>,
     epoch: Mutex<Option<Epoch>>,
+    /// Held for the whole of an apply: an apply still running for a link that has gone cannot
+    /// interleave with one for its successor.
+    applying: Mutex<()>,
     pub metrics: Arc<Metrics>,
     pub router: RouterTx,
 }
@@ -39,6 +42,7 @@ impl EngineState {
             registry: Arc::new(Registry::new(Projection::default())),
             replica,
             epoch: Mutex::new(None),
+            applying: Mutex::new(()),
             metrics,
             router,
         }
@@ -129,6 +133,7 @@ fn validate(epoch: &Epoch) -> Result<(), ApplyError> {
 /// Applies one update: validate, persist (unless it came from the replica), put in force, then
 /// close the connections of devices that may no longer connect.
 pub fn apply(state: &EngineState, update: Update, origin: Origin) -> Result<(), ApplyError> {
+    let _one_at_a_time = state.applying.lock().unwrap_or_else(|p| p.into_inner());
     let persist = origin == Origin::Control;
     match update {
         Update::Epoch(epoch) => {
@@ -255,7 +260,11 @@ pub async fn run(
 /// from `Hello`.
 fn coalesce(pending: &mut HashMap<String, EngineFrame>, ev: EngineFrame) {
     let key = match &ev {
-        EngineFrame::ConnectionState { device_id, .. } => format!("c/{device_id}"),
+        EngineFrame::ConnectionState {
+            device_id,
+            module_id,
+            ..
+        } => format!("c/{device_id}/{}", module_id.as_deref().unwrap_or("")),
         EngineFrame::Activity { device_id, .. } => format!("a/{device_id}"),
         _ => return,
     };
@@ -410,6 +419,12 @@ async fn on_control_frame(
     };
     let metrics = &state.metrics;
     let answer = match result {
+        // The engine could not write it: not a verdict on the epoch. Drop the link; the
+        // reconnect's Hello makes control send it again.
+        Err(e @ ApplyError::Store(_)) => {
+            metrics.epochs.with_label_values(&[e.error_code()]).inc();
+            return Err(e.into());
+        }
         Ok(()) => {
             metrics.epochs.with_label_values(&["applied"]).inc();
             EngineFrame::Applied { hash }

@@ -78,25 +78,22 @@ impl<A> DeviceSession<A> {
                 return Err(refusal);
             }
         };
-        let client_id = identity.client_id();
-        self.shard.claim(&client_id, &identity.device_id, self.gid);
+        // The router reports the client connected, in claim order with every shard's.
+        self.shard.claim(&identity, self.gid);
         let m = &self.shard.metrics;
         m.connections_accepted.inc();
         m.connections_current.inc();
-        self.shard
-            .shared
-            .router
-            .report(EngineFrame::ConnectionState {
-                device_id: identity.device_id.clone(),
-                connected: true,
-                at_ms: unix_now().as_millis() as u64,
-            });
-        tracing::debug!(client = %client_id, shard = self.shard.id, "device connected");
+        tracing::debug!(client = %identity.client_id(), shard = self.shard.id, "device connected");
         Ok(self.identity.insert(identity))
     }
 
-    /// Counts a refusal the protocol decided before authentication (an unsupported version).
+    /// Counts a refusal the protocol decided before authentication (an unsupported version, a
+    /// malformed username). Ignored once authenticated: a session that has an identity ends as
+    /// a disconnect, never as a refusal.
     pub fn refuse(&mut self, reason: &'static str) {
+        if self.identity.is_some() {
+            return;
+        }
         self.shard.metrics.refused.inc(reason);
         self.refused = true;
     }
@@ -165,28 +162,24 @@ impl<A> DeviceSession<A> {
         self.ingest.release_idle_memory();
     }
 
-    /// Ends the session: unregisters it, counts why, tells control the device left (unless a
-    /// newer connection of it already said it arrived).
+    /// Ends the session: unregisters it (the router tells control the client left, unless a
+    /// newer connection of it holds its client id by now), counts why, and counts the commands
+    /// still in its inbox as dropped.
     pub fn finish(self, reason: DisconnectReason) {
         let shard = &self.shard;
-        let client_id = self.identity.as_ref().map(Identity::client_id);
-        shard.unregister(self.gid, client_id.as_deref());
+        shard.unregister(self.gid, self.identity.as_ref());
+        while let Some(command) = self.next_command() {
+            shard.metrics.commands_dropped.inc(command.kind());
+        }
         if self.refused {
             return;
         }
         shard.metrics.disconnects.inc(reason.error_code());
-        let Some(identity) = self.identity else {
+        let Some(identity) = &self.identity else {
             return;
         };
         shard.metrics.connections_current.dec();
         tracing::debug!(device = %identity.device_id, reason = reason.error_code(), "device disconnected");
-        if !reason.superseded() {
-            shard.shared.router.report(EngineFrame::ConnectionState {
-                device_id: identity.device_id,
-                connected: false,
-                at_ms: unix_now().as_millis() as u64,
-            });
-        }
     }
 }
 

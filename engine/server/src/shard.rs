@@ -16,7 +16,7 @@ use glommio::{Latency, Shares};
 use rkyv::util::AlignedVec;
 use roost_model::link::{CommandOutcome, DeviceCommand};
 use roost_registry::Registry;
-use roost_session::{Deadlines, DisconnectReason, Holder, Inbox};
+use roost_session::{Deadlines, DisconnectReason, Holder, Identity, Inbox};
 use roost_storage::LogStore;
 use rustls::ServerConfig;
 
@@ -25,6 +25,7 @@ use crate::listeners::Protocol;
 use crate::log::{Durability, Partition};
 use crate::metrics::{Metrics, ShardMetrics};
 use crate::router::{RouterInput, RouterTx};
+use crate::session::unix_now;
 use crate::signal::Signal;
 use crate::wire::{RxBuf, Wire};
 
@@ -94,6 +95,10 @@ pub struct Shard {
     pub rx: RxBuf,
 }
 
+fn unix_ms() -> u64 {
+    unix_now().as_millis() as u64
+}
+
 /// How often a shard flushes counters, drains commands and fires due deadlines; also the
 /// precision of connection deadlines.
 const TICK: Duration = Duration::from_millis(100);
@@ -145,35 +150,46 @@ impl Shard {
         }
     }
 
-    /// Records that `gid` is now `client_id`'s connection: an earlier one on this shard is
-    /// closed at once, and the router (which knows every shard's) closes one elsewhere.
-    pub fn claim(&self, client_id: &str, device_id: &str, gid: u64) {
-        let previous = self.clients.borrow_mut().insert(client_id.to_string(), gid);
+    /// Records that `gid` is now `identity`'s connection: an earlier one of the same client id
+    /// on this shard is closed at once, and the router (which knows every shard's) closes one
+    /// elsewhere and tells control the client connected.
+    pub fn claim(&self, identity: &Identity, gid: u64) {
+        let client_id = identity.client_id();
+        let previous = self.clients.borrow_mut().insert(client_id.clone(), gid);
         if let Some(old) = previous.filter(|old| *old != gid) {
             if let Some(e) = self.conns.borrow().get(&old) {
                 e.signal.close(DisconnectReason::ReplacedByNewConnection);
             }
         }
         self.shared.router.send(RouterInput::Claimed {
-            client_id: client_id.to_string(),
-            device_id: device_id.to_string(),
+            client_id,
+            device_id: identity.device_id.clone(),
+            module_id: identity.module_id.clone(),
             holder: Holder {
                 shard: self.id,
                 conn: gid,
             },
+            at_ms: unix_ms(),
         });
     }
 
-    pub fn unregister(&self, gid: u64, client_id: Option<&str>) {
+    /// Connection `gid` ended; if it had authenticated as `identity`, its client id is released.
+    pub fn unregister(&self, gid: u64, identity: Option<&Identity>) {
         self.conns.borrow_mut().remove(&gid);
-        let Some(c) = client_id else { return };
-        let mut clients = self.clients.borrow_mut();
-        if clients.get(c) == Some(&gid) {
-            clients.remove(c);
+        let Some(identity) = identity else { return };
+        let client_id = identity.client_id();
+        {
+            let mut clients = self.clients.borrow_mut();
+            if clients.get(&client_id) == Some(&gid) {
+                clients.remove(&client_id);
+            }
         }
         self.shared.router.send(RouterInput::Released {
-            client_id: c.to_string(),
+            client_id,
+            device_id: identity.device_id.clone(),
+            module_id: identity.module_id.clone(),
             conn: gid,
+            at_ms: unix_ms(),
         });
     }
 
@@ -187,6 +203,11 @@ impl Shard {
         let kind = command.kind();
         let outcome = match self.conns.borrow().get(&conn) {
             None => CommandOutcome::NotConnected,
+            // A disconnect takes effect at once: not behind a full inbox or a full window.
+            Some(h) if matches!(command, DeviceCommand::Disconnect { .. }) => {
+                h.signal.close(DisconnectReason::ClosedByService);
+                CommandOutcome::Delivered
+            }
             Some(h) => match h.inbox.borrow_mut().push(command) {
                 Ok(()) => {
                     h.signal.inbox();

@@ -56,7 +56,20 @@ impl CommandTracker {
 
     /// The shard's answer for `id`; `None` if it came after the timeout (already answered).
     pub fn on_answer(&mut self, id: u64, outcome: CommandOutcome) -> Option<CommandOutcome> {
-        self.pending.remove(&id).map(|_| outcome)
+        let answered = self.pending.remove(&id).map(|_| outcome);
+        self.drop_answered();
+        answered
+    }
+
+    /// Removes answered commands from the front of the deadline queue, so it holds only what
+    /// is still pending (plus answered ones behind a pending one, bounded by the timeout).
+    fn drop_answered(&mut self) {
+        while let Some((deadline, id)) = self.order.front() {
+            if self.pending.get(id) == Some(deadline) {
+                break;
+            }
+            self.order.pop_front();
+        }
     }
 
     /// Every command whose deadline has passed at `now`; each is answered `TimedOut`.
@@ -73,15 +86,14 @@ impl CommandTracker {
                 expired.push(id);
             }
         }
+        self.drop_answered();
         expired
     }
 
     /// When [`Self::handle_timeout`] must next run.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.order
-            .iter()
-            .find(|(deadline, id)| self.pending.get(id) == Some(deadline))
-            .map(|(d, _)| *d)
+        // The front is always pending (see `drop_answered`).
+        self.order.front().map(|(d, _)| *d)
     }
 
     pub fn in_flight(&self) -> usize {
@@ -128,5 +140,6 @@ mod tests {
         assert_eq!(t.on_answer(3, CommandOutcome::Delivered), None, "too late");
         assert_eq!(t.in_flight(), 0);
         assert_eq!(t.poll_timeout(), None);
+        assert!(t.order.is_empty(), "nothing answered is kept");
     }
 }

@@ -74,12 +74,6 @@ impl DisconnectReason {
             DisconnectReason::Protocol(code) => code,
         }
     }
-
-    /// Whether the successor connection already reported the device connected, so this end
-    /// must not report it disconnected.
-    pub fn superseded(&self) -> bool {
-        matches!(self, DisconnectReason::ReplacedByNewConnection)
-    }
 }
 
 #[cfg(test)]

@@ -19,14 +19,23 @@ use crate::reason::DisconnectReason;
 pub enum RouterInput {
     /// A frame for control from a shard (connection state, activity), passed through.
     Report(EngineFrame),
-    /// Connection `holder` authenticated as `client_id` (of device `device_id`).
+    /// Connection `holder` authenticated as `client_id` (device `device_id`, module
+    /// `module_id`) at Unix milliseconds `at_ms`.
     Claimed {
         client_id: String,
         device_id: String,
+        module_id: Option<String>,
         holder: Holder,
+        at_ms: u64,
     },
-    /// Connection `conn` of `client_id` ended.
-    Released { client_id: String, conn: u64 },
+    /// Connection `conn` of `client_id` ended at `at_ms`.
+    Released {
+        client_id: String,
+        device_id: String,
+        module_id: Option<String>,
+        conn: u64,
+        at_ms: u64,
+    },
     /// A shard's answer to delivery `id`.
     CommandDone {
         id: u64,
@@ -94,7 +103,11 @@ impl Router {
         match input {
             RouterInput::Report(frame) => out.push(RouterOutput::ToControl(frame)),
             RouterInput::Claimed {
-                client_id, holder, ..
+                client_id,
+                device_id,
+                module_id,
+                holder,
+                at_ms,
             } => {
                 if let Some(old) = self.directory.claim(&client_id, holder) {
                     out.push(RouterOutput::Kick {
@@ -103,9 +116,30 @@ impl Router {
                         reason: DisconnectReason::ReplacedByNewConnection,
                     });
                 }
+                out.push(RouterOutput::ToControl(EngineFrame::ConnectionState {
+                    device_id,
+                    module_id,
+                    connected: true,
+                    at_ms,
+                }));
             }
-            RouterInput::Released { client_id, conn } => {
-                self.directory.release(&client_id, conn);
+            RouterInput::Released {
+                client_id,
+                device_id,
+                module_id,
+                conn,
+                at_ms,
+            } => {
+                // Only the connection that still holds the client id says it left: the end of
+                // a replaced connection is not the end of the client's presence.
+                if self.directory.release(&client_id, conn) {
+                    out.push(RouterOutput::ToControl(EngineFrame::ConnectionState {
+                        device_id,
+                        module_id,
+                        connected: false,
+                        at_ms,
+                    }));
+                }
             }
             RouterInput::Revoke { device_id } => {
                 for (_, h) in self.directory.clients_of_device(&device_id) {
@@ -267,20 +301,41 @@ mod tests {
 
         fn connect(&mut self, shard: usize, conn: u64, client_id: &str) {
             self.shards[shard].sessions.insert(conn, Inbox::new(2));
-            let device_id = client_id.split('/').next().unwrap_or(client_id).to_string();
+            let (device_id, module_id) = split(client_id);
             self.drive(RouterInput::Claimed {
                 client_id: client_id.into(),
                 device_id,
+                module_id,
                 holder: Holder { shard, conn },
+                at_ms: 1,
             });
         }
 
         fn disconnect(&mut self, shard: usize, conn: u64, client_id: &str) {
             self.shards[shard].sessions.remove(&conn);
-            self.drive(RouterInput::Released {
-                client_id: client_id.into(),
-                conn,
-            });
+            self.drive(released(client_id, conn));
+        }
+
+        /// (client id, connected) of every connection-state report, in order.
+        fn presence(&self) -> Vec<(String, bool)> {
+            self.to_control
+                .iter()
+                .filter_map(|f| match f {
+                    EngineFrame::ConnectionState {
+                        device_id,
+                        module_id,
+                        connected,
+                        ..
+                    } => Some((
+                        match module_id {
+                            Some(m) => format!("{device_id}/{m}"),
+                            None => device_id.clone(),
+                        },
+                        *connected,
+                    )),
+                    _ => None,
+                })
+                .collect()
         }
 
         fn command(&mut self, id: u64, client_id: &str) -> CommandOutcome {
@@ -301,6 +356,24 @@ mod tests {
                 EngineFrame::CommandResult { id: i, outcome } if *i == id => Some(*outcome),
                 _ => None,
             })
+        }
+    }
+
+    fn split(client_id: &str) -> (String, Option<String>) {
+        match client_id.split_once('/') {
+            Some((d, m)) => (d.to_string(), Some(m.to_string())),
+            None => (client_id.to_string(), None),
+        }
+    }
+
+    fn released(client_id: &str, conn: u64) -> RouterInput {
+        let (device_id, module_id) = split(client_id);
+        RouterInput::Released {
+            client_id: client_id.into(),
+            device_id,
+            module_id,
+            conn,
+            at_ms: 2,
         }
     }
 
@@ -360,13 +433,17 @@ mod tests {
             e.shards[0].closed,
             vec![(10, DisconnectReason::ReplacedByNewConnection)]
         );
-        // The old connection's release arrives late: the new one stays in the directory.
-        e.drive(RouterInput::Released {
-            client_id: "dev".into(),
-            conn: 10,
-        });
+        // The old connection's release arrives late: the new one stays in the directory, and
+        // control hears nothing of the old one leaving.
+        e.drive(released("dev", 10));
         assert_eq!(e.command(1, "dev"), CommandOutcome::Delivered);
         assert!(e.shards[1].sessions[&20].len() == 1);
+        assert_eq!(
+            e.presence(),
+            vec![("dev".to_string(), true), ("dev".to_string(), true)]
+        );
+        e.disconnect(1, 20, "dev");
+        assert_eq!(e.presence().last(), Some(&("dev".to_string(), false)));
     }
 
     #[test]
