@@ -19,7 +19,7 @@ test: setup test-setup test-layering
 	$(CARGO) test --workspace
 	ROOST_BIN=$(CARGO_TARGET_DIR)/debug/roost .venv/bin/python -m pytest tests/e2e -q
 
-# The set-up's detection on simulated fresh machines (needs root: a private mount namespace).
+# The set-up's detection on simulated fresh machines (private mount namespaces; user namespaces when not root).
 test-setup:
 	./scripts/test_setup.sh
 

@@ -2,7 +2,7 @@
 # Tests scripts/setup.sh's detection on simulated machines. Each case runs `setup.sh packages` in a
 # private mount namespace where overlays hide files of this machine (overlayfs whiteouts) and add
 # stand-ins, with a recording `apt-get` first on PATH; the case then checks which packages setup
-# asked for. Needs root (unshare -m, mount); `make test` runs it.
+# asked for. Runs as root or as a user (in a user namespace); `make test` runs it.
 #
 # The first case is the one that broke a new user: a fresh Debian 12 ships libclang-cpp.so.14
 # but no libclang bindgen can load, and the old check took the one for the other.
@@ -25,12 +25,16 @@ if [ "${1:-}" = "--inside" ]; then
     fi
   }
   # Changes go through the merged view, so overlayfs itself records them in the upper dir.
-  hide() { # the path reads as absent (overlayfs leaves a whiteout)
+  hide() { # a file reads as absent (overlayfs leaves a whiteout); a directory as empty (tmpfs)
     local p
     for p in "$@"; do
       [ -e "$p" ] || [ -L "$p" ] || continue
-      overlay_dir "$(dirname "$p")"
-      rm -rf "$p"
+      if [ -d "$p" ] && [ ! -L "$p" ]; then
+        mount -t tmpfs -o mode=0755 tmpfs "$p"
+      else
+        overlay_dir "$(dirname "$p")"
+        rm -f "$p"
+      fi
     done
   }
   add() { # a stand-in executable, creating missing parents under the nearest existing directory
@@ -73,7 +77,6 @@ if [ "${1:-}" = "--inside" ]; then
     fresh-debian) all_present; fresh_debian_libclang ;;
     all-present) all_present ;;
     libclang-without-headers)
-      # Hide first: an overlay on a parent (/usr/lib) would cover stand-ins added below it.
       hide /usr/lib/clang /usr/lib/llvm-*/lib/clang; all_but_headers
       [ -n "$(libclang_files)" ] || { echo "case setup failed: no libclang stand-in visible" >&2; exit 3; } ;;
     libclang-path)
@@ -98,15 +101,19 @@ EOF
 fi
 
 # ---- outside: run each case and check what it asked apt-get for ----
-if [ "$(id -u)" -ne 0 ]; then
-  echo "test_setup: needs root (a private mount namespace with overlays)" >&2
+# As root, a private mount namespace; otherwise a user namespace too (overlayfs mounts and
+# whiteouts work there on Linux 5.11 and later).
+ns=(unshare -m --propagation private)
+[ "$(id -u)" -eq 0 ] || ns=(unshare -r -m --propagation private)
+if ! "${ns[@]}" true 2>/dev/null; then
+  echo "test_setup: cannot create a mount namespace (${ns[*]}); this test needs one" >&2
   exit 1
 fi
 fails=0
 run_case() { # $1 case, $2 expected exit (0|1), $3 packages that must be installed, $4 that must not
   local c=$1 want_rc=$2 want=$3 dont=$4 scratch rc=0 installed p
   scratch=$(mktemp -d)
-  unshare -m --propagation private "$0" --inside "$c" "$scratch" || rc=$?
+  "${ns[@]}" "$0" --inside "$c" "$scratch" || rc=$?
   installed=$(grep '^install' "$scratch/apt-get.log" 2>/dev/null || true)
   local ok=1
   [ "$rc" -eq "$want_rc" ] || { echo "  exit $rc, want $want_rc"; ok=0; }
@@ -124,6 +131,8 @@ run_case() { # $1 case, $2 expected exit (0|1), $3 packages that must be install
     sed 's/^/  setup: /' "$scratch/out"
     fails=$((fails + 1))
   fi
+  # overlayfs leaves its work dirs mode 000; as a user, make them removable first.
+  chmod -R u+rwx "$scratch" 2>/dev/null || true
   rm -rf "$scratch"
 }
 # A fake apt-get installs nothing, so setup reports what is still missing and fails (exit 1).
