@@ -14,8 +14,11 @@ build: setup
 up: build
 	$(CARGO_TARGET_DIR)/release/roost up
 
+# One build of everything the tests need, resolved as `cargo test --workspace` resolves it (with
+# dev-dependencies): building the binaries alone resolves bindgen's features differently and
+# compiles RocksDB's C++ a second time.
 test: setup test-setup test-layering
-	$(CARGO) build --bin roost --bin roost-bench
+	$(CARGO) build --workspace --all-targets
 	$(CARGO) test --workspace
 	ROOST_BIN=$(CARGO_TARGET_DIR)/debug/roost .venv/bin/python -m pytest tests/e2e -q
 
@@ -31,5 +34,5 @@ test-rust:
 	$(CARGO) test --workspace
 
 test-e2e:
-	$(CARGO) build --bin roost --bin roost-bench
+	$(CARGO) build --workspace --all-targets
 	ROOST_BIN=$(CARGO_TARGET_DIR)/debug/roost .venv/bin/python -m pytest tests/e2e -q
