@@ -15,8 +15,8 @@ up: build
 	$(CARGO_TARGET_DIR)/release/roost up
 
 # One build of everything the tests need, resolved as `cargo test --workspace` resolves it (with
-# dev-dependencies): building the binaries alone resolves bindgen's features differently and
-# compiles RocksDB's C++ a second time.
+# dev-dependencies): building the binaries alone resolves the build scripts' dependencies
+# differently and compiles RocksDB's C++ a second time.
 test: setup test-setup test-layering
 	$(CARGO) build --workspace --all-targets
 	$(CARGO) test --workspace
