@@ -91,8 +91,12 @@ impl Commands {
         id
     }
 
-    fn remove_link(&self, link: u64) {
-        locked(&self.links).remove(&link);
+    /// Forgets `link`; returns the client ids its engine had reported connected.
+    fn remove_link(&self, link: u64) -> HashSet<String> {
+        locked(&self.links)
+            .remove(&link)
+            .map(|l| l.clients)
+            .unwrap_or_default()
     }
 
     fn connection_state(&self, link: u64, client_id: &str, connected: bool) {
@@ -162,17 +166,17 @@ impl LinkServer {
                 };
                 me.metrics.links_current.inc();
                 let remote = conn.remote_address();
-                let mut connected = HashSet::new();
                 let (frames_tx, frames_rx) = mpsc::unbounded_channel();
                 let link = me.commands.add_link(frames_tx);
-                let why = me.serve(&conn, link, frames_rx, &mut connected).await;
-                me.commands.remove_link(link);
+                let why = me.serve(&conn, link, frames_rx).await;
+                let clients = me.commands.remove_link(link);
                 me.metrics.links_current.dec();
                 tracing::info!(%remote, reason = %why, "engine link closed");
-                // The engine is gone: its devices are no longer connected to it.
+                // The engine is gone: its devices are no longer connected to it (a module's
+                // client id, `device/module`, has no device record of its own yet).
                 let now = iso_now();
-                for id in connected {
-                    let _ = me.store.touch(&id, |d| {
+                for id in clients.iter().filter(|c| !c.contains('/')) {
+                    let _ = me.store.touch(id, |d| {
                         d.connection_state = "Disconnected".into();
                         d.connection_state_updated_time = now.clone();
                     });
@@ -186,7 +190,6 @@ impl LinkServer {
         conn: &quinn::Connection,
         link: u64,
         mut outgoing: mpsc::UnboundedReceiver<ControlFrame>,
-        connected: &mut HashSet<String>,
     ) -> LinkClosed {
         let (mut send, mut recv) = match conn.accept_bi().await {
             Ok(s) => s,
@@ -274,7 +277,7 @@ impl LinkServer {
                 frame = frames_rx.recv() => match frame {
                     Some(f) => {
                         let current = self.epoch.borrow().clone();
-                        let resend = self.on_engine_frame(f, link, connected, &mut sync, &current);
+                        let resend = self.on_engine_frame(f, link, &mut sync, &current);
                         if let Some(frame) = resend {
                             if let Err(e) = send.write_all(&frame.encode()).await { break e.into(); }
                         }
@@ -334,7 +337,6 @@ impl LinkServer {
         &self,
         frame: EngineFrame,
         link: u64,
-        connected: &mut HashSet<String>,
         sync: &mut EpochSync,
         current: &Epoch,
     ) -> Option<ControlFrame> {
@@ -357,11 +359,6 @@ impl LinkServer {
                 // their own connection state come with the cloud-to-device issue).
                 if module_id.is_some() {
                     return reply;
-                }
-                if up {
-                    connected.insert(device_id.clone());
-                } else {
-                    connected.remove(&device_id);
                 }
                 let at = iso_ms(at_ms);
                 self.store.touch(&device_id, |d| {
