@@ -22,7 +22,7 @@ const BULK_MAX: usize = 100;
 pub struct Hub {
     pub hostname: String,
     pub ca: PathBuf,
-    pub ops_url: String,
+    pub ops: crate::readback::OpsEndpoint,
     info: hubfile::HubInfo,
 }
 
@@ -32,7 +32,10 @@ impl Hub {
         Ok(Hub {
             hostname: info.hostname.clone(),
             ca: info.ca.clone(),
-            ops_url: info.ops_url(data_dir)?.to_string(),
+            ops: crate::readback::OpsEndpoint {
+                url: info.ops_url(data_dir)?.to_string(),
+                auth: info.ops_auth(),
+            },
             info,
         })
     }

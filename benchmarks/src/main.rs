@@ -13,7 +13,8 @@
 //!
 //! # Layout
 //! - `main`: command line and the set-up shared by the modes (target, devices, runtime).
-//! - `run`, `idle`, `connrate`: the three modes.
+//! - `run`, `idle`, `connrate`, `flood`: the four modes (`flood` is an unauthenticated
+//!   attacker, run beside a publish run).
 //! - `publish`: one publishing connection (pacing, inflight window, PUBACK latency).
 //! - `readback`: reading messages back and the [`readback::Tally`] of what arrived.
 //! - `target`, `hub`: whom we connect as; roost's hub.json and service API (through `roost-common`).
@@ -23,6 +24,7 @@
 
 mod client;
 mod connrate;
+mod flood;
 mod frame;
 mod hub;
 mod idle;
@@ -166,6 +168,23 @@ struct Args {
     /// Connect-rate mode: --connections loops of connect + CONNACK + DISCONNECT for --duration.
     #[arg(long)]
     connect_rate: bool,
+    /// Flood mode (an unauthenticated attacker, plain TCP, for --duration): silent sockets,
+    /// failing CONNECTs and oversize frames; see --flood-silent, --flood-bad-rate,
+    /// --flood-oversize-rate.
+    #[arg(long, conflicts_with_all = ["idle", "connect_rate"])]
+    flood: bool,
+    /// Flood: sockets that connect and never send (held until the server closes them).
+    #[arg(long, default_value_t = 0)]
+    flood_silent: usize,
+    /// Flood: bytes of an unfinished CONNECT each silent socket sends first (0: none).
+    #[arg(long, default_value_t = 0)]
+    flood_silent_bytes: usize,
+    /// Flood: CONNECTs with a failing token per second.
+    #[arg(long, default_value_t = 0.0)]
+    flood_bad_rate: f64,
+    /// Flood: sockets per second whose first frame claims 256 MiB.
+    #[arg(long, default_value_t = 0.0)]
+    flood_oversize_rate: f64,
     /// Handshakes in flight at once while opening connections.
     #[arg(long, default_value_t = 200)]
     connect_concurrency: usize,
@@ -259,6 +278,26 @@ impl Args {
             }
             return Ok(());
         }
+        if self.flood {
+            if self.duration.is_none() {
+                bail!("--flood needs --duration");
+            }
+            for (name, r) in [
+                ("flood-bad-rate", self.flood_bad_rate),
+                ("flood-oversize-rate", self.flood_oversize_rate),
+            ] {
+                if !(r.is_finite() && (0.0..=100_000.0).contains(&r)) {
+                    bail!("--{name} must be between 0 and 100000 per second");
+                }
+            }
+            if self.flood_silent_bytes > 1024 * 1024 {
+                bail!("--flood-silent-bytes must be at most 1048576");
+            }
+            if self.flood_silent > 200_000 {
+                bail!("--flood-silent must be at most 200000");
+            }
+            return Ok(());
+        }
         if self.duration.is_none() && self.messages.is_none() {
             bail!("a publish run must be bounded: give --duration SECONDS and/or --messages N");
         }
@@ -313,6 +352,8 @@ fn main() -> ExitCode {
             idle::run(&args, setup).await
         } else if args.connect_rate {
             connrate::run(&args, setup).await
+        } else if args.flood {
+            flood::run(&args, setup).await
         } else {
             run::run(&args, setup).await
         }
@@ -395,7 +436,7 @@ async fn setup(args: &Args) -> anyhow::Result<Setup> {
         procfs::sample(&[pid]).with_context(|| format!("--server-pid {pid}"))?;
     }
     // Each connection is a file descriptor here (and one at the server).
-    let needed = args.connections as u64 + 64;
+    let needed = args.connections as u64 + args.flood_silent as u64 + 64;
     if let Some(limit) = net::open_files_limit() {
         if limit < needed {
             bail!("{} connections need about {needed} open files but the limit is {limit}: raise it (ulimit -n)", args.connections);

@@ -209,10 +209,36 @@ struct Record<'a> {
     properties: HashMap<Cow<'a, str>, Cow<'a, str>>,
 }
 
+/// The engine's ops port: its URL and the header its requests carry (the ops token).
+#[derive(Debug, Clone)]
+pub struct OpsEndpoint {
+    pub url: String,
+    pub auth: Vec<(&'static str, String)>,
+}
+
+impl OpsEndpoint {
+    async fn get(
+        &self,
+        client: &mut roost_common::client::Client,
+        path: &str,
+    ) -> anyhow::Result<roost_common::client::Response> {
+        let resp = client.request(Method::GET, path, &self.auth, None).await?;
+        if resp.status != 200 {
+            bail!(
+                "GET {}{path} answered {}: {}",
+                self.url,
+                resp.status,
+                resp.text()
+            );
+        }
+        Ok(resp)
+    }
+}
+
 /// A reader of roost's `events` log from the offsets it had when the reader was created: one
 /// fetcher per partition (requests and JSON decoding in parallel), feeding one tally.
 pub struct OpsReader {
-    ops_url: String,
+    ops: OpsEndpoint,
     positions: Vec<(usize, u64)>,
     run_prop: Arc<str>,
 }
@@ -227,13 +253,13 @@ struct Batch {
 
 impl OpsReader {
     /// Notes where every partition ends now; only messages after that are read.
-    pub async fn start(ops_url: &str, run_prop: String) -> anyhow::Result<Self> {
-        let positions = partition_ends(ops_url).await?;
+    pub async fn start(ops: &OpsEndpoint, run_prop: String) -> anyhow::Result<Self> {
+        let positions = partition_ends(ops).await?;
         if positions.is_empty() {
             bail!("the events log has no partitions");
         }
         Ok(OpsReader {
-            ops_url: ops_url.to_string(),
+            ops: ops.clone(),
             positions,
             run_prop: run_prop.into(),
         })
@@ -247,9 +273,9 @@ impl OpsReader {
         let mut fetchers = JoinSet::new();
         for &(partition, from) in &self.positions {
             let (tx, goal, unique) = (tx.clone(), goal.clone(), unique.clone());
-            let (url, run_prop) = (self.ops_url.clone(), self.run_prop.clone());
+            let (ops, run_prop) = (self.ops.clone(), self.run_prop.clone());
             fetchers.spawn(async move {
-                fetch(&url, partition, from, &run_prop, tx, &goal, &unique)
+                fetch(&ops, partition, from, &run_prop, tx, &goal, &unique)
                     .await
                     .map(|next| (partition, next))
             });
@@ -269,7 +295,7 @@ impl OpsReader {
         while let Some(done) = fetchers.join_next().await {
             read_to.push(done.context("a partition reader panicked")??);
         }
-        let ends = partition_ends(&self.ops_url).await?;
+        let ends = partition_ends(&self.ops).await?;
         let behind = ends
             .iter()
             .map(|(p, end)| {
@@ -286,26 +312,19 @@ impl OpsReader {
 }
 
 /// `(partition, next offset)` of every partition of the events log.
-async fn partition_ends(ops_url: &str) -> anyhow::Result<Vec<(usize, u64)>> {
-    let mut client = roost_common::client::Client::new(ops_url, None)?;
-    let resp = client
-        .request(Method::GET, "/events/partitions", &[], None)
+async fn partition_ends(ops: &OpsEndpoint) -> anyhow::Result<Vec<(usize, u64)>> {
+    let mut client = roost_common::client::Client::new(&ops.url, None)?;
+    let resp = ops
+        .get(&mut client, "/events/partitions")
         .await
         .context("reading the events partitions")?;
-    if resp.status != 200 {
-        bail!(
-            "GET {ops_url}/events/partitions answered {}: {}",
-            resp.status,
-            resp.text()
-        );
-    }
     let p: Partitions = serde_json::from_slice(&resp.body).context("events partitions JSON")?;
     Ok(p.partitions.iter().map(|p| (p.partition, p.next)).collect())
 }
 
 /// Reads one partition from `next` until the goal is reached; returns where it got to.
 async fn fetch(
-    ops_url: &str,
+    ops: &OpsEndpoint,
     partition: usize,
     mut next: u64,
     run_prop: &str,
@@ -313,13 +332,10 @@ async fn fetch(
     goal: &Goal,
     unique: &AtomicU64,
 ) -> anyhow::Result<u64> {
-    let mut client = roost_common::client::Client::new(ops_url, None)?;
+    let mut client = roost_common::client::Client::new(&ops.url, None)?;
     while !goal.reached(unique.load(Ordering::Relaxed)) {
         let path = format!("/events/partitions/{partition}/records?from={next}&max={PAGE}");
-        let resp = client.request(Method::GET, &path, &[], None).await?;
-        if resp.status != 200 {
-            bail!("GET {path} answered {}: {}", resp.status, resp.text());
-        }
+        let resp = ops.get(&mut client, &path).await?;
         let (now_ns, at) = (unix_nanos(), Instant::now());
         let page: Page<'_> = serde_json::from_slice(&resp.body)
             .with_context(|| format!("records JSON from {path}"))?;

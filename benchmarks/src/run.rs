@@ -32,9 +32,7 @@ pub async fn run(args: &Args, setup: Setup) -> anyhow::Result<Outcome> {
         None
     } else {
         Some(match &t.kind {
-            Kind::Roost { hub, .. } => {
-                Reader::Ops(OpsReader::start(&hub.ops_url, t.run_prop()).await?)
-            }
+            Kind::Roost { hub, .. } => Reader::Ops(OpsReader::start(&hub.ops, t.run_prop()).await?),
             Kind::Mqtt => {
                 let id = format!("{}sub-{:x}", t.prefix, t.run & 0xffff_ffff);
                 Reader::Sub(

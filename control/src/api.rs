@@ -4,7 +4,8 @@
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use hyper::{Method, StatusCode};
+use hyper::http::request::Parts;
+use hyper::{HeaderMap, Method, StatusCode};
 use roost_common::httpd::{self, percent_decode, query_param, Req, Resp};
 use roost_iothub::sas::SasToken;
 use serde_json::json;
@@ -150,7 +151,82 @@ fn unquote(s: &str) -> &str {
     s.trim().trim_matches('"')
 }
 
+/// A service API request, known from its method and path alone.
+#[derive(Debug, PartialEq, Eq)]
+enum Route {
+    List,
+    Get(String),
+    Put(String),
+    Bulk,
+    Delete(String),
+    Stats,
+}
+
+/// Body limits by route: one identity, a bulk request of up to [`MAX_BULK`] of them, nothing.
+const IDENTITY_BODY: usize = 64 * 1024;
+const BULK_BODY: usize = 1024 * 1024;
+const NO_BODY: usize = 4 * 1024;
+
+impl Route {
+    fn parse(method: &Method, path: &str) -> Result<Route, HubError> {
+        let segments: Vec<String> = path
+            .trim_matches('/')
+            .split('/')
+            .map(percent_decode)
+            .collect();
+        let segments: Vec<&str> = segments.iter().map(String::as_str).collect();
+        Ok(match (method, segments.as_slice()) {
+            (&Method::GET, ["devices"]) => Route::List,
+            (&Method::GET, ["devices", id]) => Route::Get(id.to_string()),
+            (&Method::PUT, ["devices", id]) => Route::Put(id.to_string()),
+            (&Method::POST, ["devices"]) => Route::Bulk,
+            (&Method::DELETE, ["devices", id]) => Route::Delete(id.to_string()),
+            (&Method::GET, ["statistics", "devices"]) => Route::Stats,
+            _ => {
+                return Err(HubError::new(
+                    StatusCode::NOT_FOUND,
+                    404000,
+                    "NotFound",
+                    format!("no such resource: {path}"),
+                ))
+            }
+        })
+    }
+
+    fn right(&self) -> Right {
+        match self {
+            Route::List | Route::Get(_) | Route::Stats => Right::RegistryRead,
+            Route::Put(_) | Route::Bulk | Route::Delete(_) => Right::RegistryWrite,
+        }
+    }
+
+    fn body_limit(&self) -> usize {
+        match self {
+            Route::Put(_) => IDENTITY_BODY,
+            Route::Bulk => BULK_BODY,
+            Route::List | Route::Get(_) | Route::Delete(_) | Route::Stats => NO_BODY,
+        }
+    }
+}
+
 impl Api {
+    /// Before the body is read: the route and the SAS token from the headers. A request that
+    /// names no route or carries no valid credential for it is answered at once (404, 401), its
+    /// body never read; an admitted one may send up to its route's body limit.
+    pub fn admit(&self, parts: &Parts) -> Result<usize, Resp> {
+        self.check(parts).map_err(|e| {
+            self.count(e.status);
+            e.response()
+        })
+    }
+
+    fn check(&self, parts: &Parts) -> Result<usize, HubError> {
+        let route = Route::parse(&parts.method, parts.uri.path())?;
+        self.authorize(&parts.headers, parts.uri.path(), route.right())?;
+        Ok(route.body_limit())
+    }
+
+    /// An admitted request, its body read.
     pub async fn handle(self: Arc<Self>, req: Req) -> Resp {
         match tokio::task::spawn_blocking(move || self.route(&req)).await {
             Ok(Ok(r)) => r,
@@ -160,53 +236,28 @@ impl Api {
     }
 
     fn route(&self, req: &Req) -> Result<Resp, HubError> {
-        let path = req.uri().path().to_string();
-        let segments: Vec<String> = path
-            .trim_matches('/')
-            .split('/')
-            .map(percent_decode)
-            .collect();
-        let segments: Vec<&str> = segments.iter().map(String::as_str).collect();
-        let result = match (req.method(), segments.as_slice()) {
-            (&Method::GET, ["devices"]) => self
-                .authorize(req, Right::RegistryRead)
-                .and_then(|_| self.list(req)),
-            (&Method::GET, ["devices", id]) => self
-                .authorize(req, Right::RegistryRead)
-                .and_then(|_| self.get(id)),
-            (&Method::PUT, ["devices", id]) => self
-                .authorize(req, Right::RegistryWrite)
-                .and_then(|_| self.put(id, req)),
-            (&Method::POST, ["devices"]) => self
-                .authorize(req, Right::RegistryWrite)
-                .and_then(|_| self.bulk(req)),
-            (&Method::DELETE, ["devices", id]) => self
-                .authorize(req, Right::RegistryWrite)
-                .and_then(|_| self.delete(id, req)),
-            (&Method::GET, ["statistics", "devices"]) => self
-                .authorize(req, Right::RegistryRead)
-                .and_then(|_| self.stats()),
-            _ => Err(HubError::new(
-                StatusCode::NOT_FOUND,
-                404000,
-                "NotFound",
-                format!("no such resource: {path}"),
-            )),
-        };
-        self.metrics
-            .requests
-            .with_label_values(&[result
-                .as_ref()
-                .map_or_else(|e| e.status, |r| r.status())
-                .as_str()])
-            .inc();
+        let result = Route::parse(req.method(), req.uri().path()).and_then(|route| match route {
+            Route::List => self.list(req),
+            Route::Get(id) => self.get(&id),
+            Route::Put(id) => self.put(&id, req),
+            Route::Bulk => self.bulk(req),
+            Route::Delete(id) => self.delete(&id, req),
+            Route::Stats => self.stats(),
+        });
+        self.count(result.as_ref().map_or_else(|e| e.status, |r| r.status()));
         result
     }
 
+    fn count(&self, status: StatusCode) {
+        self.metrics
+            .requests
+            .with_label_values(&[status.as_str()])
+            .inc();
+    }
+
     /// Checks the SAS token of a shared access policy (spec §1.2 server verification).
-    fn authorize(&self, req: &Req, right: Right) -> Result<(), HubError> {
-        let header = req
-            .headers()
+    fn authorize(&self, headers: &HeaderMap, path: &str, right: Right) -> Result<(), HubError> {
+        let header = headers
             .get("authorization")
             .and_then(|v| v.to_str().ok())
             .ok_or_else(|| HubError::unauthorized("missing Authorization header"))?;
@@ -221,7 +272,7 @@ impl Api {
             .policy(name)
             .map_err(HubError::server)?
             .ok_or_else(|| HubError::unauthorized("unknown shared access policy"))?;
-        let target = format!("{}{}", self.hostname, req.uri().path());
+        let target = format!("{}{}", self.hostname, path);
         if !roost_iothub::sas::authorizes(token.resource(), &target) {
             return Err(HubError::unauthorized(
                 "the token's resource does not cover this hub",
@@ -576,8 +627,19 @@ mod tests {
         r.body(Bytes::from(body.to_string())).expect("request")
     }
 
+    /// What the server does with a request: admitted from its headers, then routed.
+    fn call(api: &Api, req: &Req) -> Result<Resp, HubError> {
+        let mut head = Request::new(());
+        *head.method_mut() = req.method().clone();
+        *head.uri_mut() = req.uri().clone();
+        *head.headers_mut() = req.headers().clone();
+        let (parts, ()) = head.into_parts();
+        api.check(&parts)?;
+        api.route(req)
+    }
+
     fn status(api: &Api, req: &Req) -> u16 {
-        match api.route(req) {
+        match call(api, req) {
             Ok(r) => r.status().as_u16(),
             Err(e) => e.status.as_u16(),
         }
@@ -634,7 +696,7 @@ mod tests {
         forged = forged.replace("skn=iothubowner", "skn=registryRead");
         let forged = request("GET", "/devices", Some(forged), "");
         for req in [expired, missing, forged] {
-            let err = api.route(&req).expect_err("refused");
+            let err = call(&api, &req).expect_err("refused");
             assert_eq!(err.status, StatusCode::UNAUTHORIZED);
             let resp = err.response();
             assert_eq!(
@@ -655,7 +717,7 @@ mod tests {
                 req.headers_mut()
                     .insert("if-match", m.parse().expect("header"));
             }
-            api.route(&req)
+            call(&api, &req)
         };
         assert_eq!(
             put(Some("\"abc\"")).expect_err("missing device").status,
@@ -707,5 +769,103 @@ mod tests {
         let keys = policy_keys(&good).expect("valid keys");
         assert_eq!(keys[0], vec![2u8; 32]);
         assert_eq!(keys[1], vec![1u8; 32]);
+    }
+
+    /// The service API's half of the generated authorization test (issue 7): policies ×
+    /// routes × tokens, decided by `check` (from the headers, before any body) and by an
+    /// oracle from the spec (§1.2 step 7, §1.3).
+    #[test]
+    fn every_rest_request_is_admitted_as_the_spec_says() {
+        let (api, dir) = api();
+        let policies = [
+            "iothubowner",
+            "service",
+            "device",
+            "registryRead",
+            "registryReadWrite",
+        ];
+        // (method, path, needs write?) ; None: no such route (404 whatever the token).
+        let routes: [(&str, &str, Option<bool>); 8] = [
+            ("GET", "/devices", Some(false)),
+            ("GET", "/devices/d1", Some(false)),
+            ("PUT", "/devices/d1", Some(true)),
+            ("POST", "/devices", Some(true)),
+            ("DELETE", "/devices/d1", Some(true)),
+            ("GET", "/statistics/devices", Some(false)),
+            ("GET", "/twins/d1", None),
+            ("PATCH", "/devices/d1", None),
+        ];
+        let may = |policy: &str, write: bool| match policy {
+            "iothubowner" | "registryReadWrite" => true,
+            "registryRead" => !write,
+            _ => false,
+        };
+        // (resource as signed, covers every path of this hub?)
+        let scopes = [
+            ("localhost", true),
+            ("LOCALHOST/", true),
+            ("localhost/devices", false), // covers /devices/…, not /statistics
+            ("otherhub", false),
+            ("localhost.evil", false),
+            ("", false),
+        ];
+        let (mut cases, mut accepted) = (0u32, 0u32);
+        for signer in policies {
+            let key = {
+                let p = api.store.policy(signer).expect("store").expect("policy");
+                base64::engine::general_purpose::STANDARD
+                    .decode(&p.primary_key)
+                    .expect("key")
+            };
+            for claimed in policies.iter().copied().chain(["nobody"]) {
+                for (scope, covers_all) in scopes {
+                    for expiry in [3600i64, -60, -3600] {
+                        for (method, path, route) in routes {
+                            let token = roost_iothub::sas::sign(
+                                &roost_iothub::sas::encode_resource(scope),
+                                &key,
+                                (unix_now() as i64 + expiry) as u64,
+                                Some(claimed),
+                            );
+                            let covers = covers_all
+                                || (scope == "localhost/devices" && path.starts_with("/devices"));
+                            let expect = match route {
+                                None => 404,
+                                Some(write) => {
+                                    let ok = claimed == signer
+                                        && covers
+                                        && expiry > -300
+                                        && may(claimed, write);
+                                    if ok {
+                                        200
+                                    } else {
+                                        401
+                                    }
+                                }
+                            };
+                            let req = request(method, path, Some(token), "");
+                            let mut head = Request::new(());
+                            *head.method_mut() = req.method().clone();
+                            *head.uri_mut() = req.uri().clone();
+                            *head.headers_mut() = req.headers().clone();
+                            let (parts, ()) = head.into_parts();
+                            let got = match api.check(&parts) {
+                                Ok(_) => 200,
+                                Err(e) => e.status.as_u16(),
+                            };
+                            cases += 1;
+                            accepted += u32::from(got == 200);
+                            assert_eq!(
+                                got, expect,
+                                "{method} {path} signed by {signer} claiming {claimed}, sr={scope:?}, expiry {expiry}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        println!("service API authorization: {cases} cases, {accepted} admitted: 0 false accepts, 0 false refusals");
+        assert!(cases >= 2_000);
+        let _ = std::fs::remove_dir_all(dir);
     }
 }

@@ -17,7 +17,7 @@ pub fn ensure(data_dir: &Path, hostname: &str) -> anyhow::Result<CertPaths> {
     if paths.ca().exists() && paths.server().exists() && paths.cluster().exists() {
         return Ok(paths);
     }
-    std::fs::create_dir_all(&paths.dir)
+    roost_common::hubfile::private_dir(&paths.dir)
         .with_context(|| format!("creating {}", paths.dir.display()))?;
 
     let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
@@ -66,8 +66,9 @@ pub fn ensure(data_dir: &Path, hostname: &str) -> anyhow::Result<CertPaths> {
     write_private(&paths.ca_key(), &ca_key_pem)?;
     write_private(&paths.server_key(), &server_key.serialize_pem())?;
     write_private(&paths.cluster_key(), &cluster_key.serialize_pem())?;
-    std::fs::write(paths.server(), format!("{}{}", server_cert.pem(), ca_pem))?;
-    std::fs::write(paths.cluster(), format!("{}{}", cluster_cert.pem(), ca_pem))?;
+    // Leaves only: a server presents its chain without the root the client must already trust.
+    std::fs::write(paths.server(), server_cert.pem())?;
+    std::fs::write(paths.cluster(), cluster_cert.pem())?;
     // The CA goes last: its presence marks the set as complete.
     std::fs::write(paths.ca(), ca_pem)?;
     tracing::info!(dir = %paths.dir.display(), hostname, "generated CA and certificates");

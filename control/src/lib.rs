@@ -46,10 +46,11 @@ pub struct ControlConfig {
 
 /// Runs the control plane until SIGINT or SIGTERM; `on_ready` once every port listens.
 pub fn run(config: ControlConfig, on_ready: impl FnOnce() + Send + 'static) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&config.data_dir)
-        .with_context(|| format!("creating {}", config.data_dir.display()))?;
+    hubfile::private_dir(&config.data_dir)?;
     let data_dir = std::fs::canonicalize(&config.data_dir)?;
     let certs = certs::ensure(&data_dir, &config.hostname)?;
+    hubfile::private_dir(&data_dir.join("control"))?;
+    let ops_token = hubfile::ops_token(&data_dir)?;
     let store =
         store::Store::open(&data_dir.join("control")).context("opening the control store")?;
     let metrics = Arc::new(metrics::ControlMetrics::new());
@@ -82,13 +83,20 @@ pub fn run(config: ControlConfig, on_ready: impl FnOnce() + Send + 'static) -> a
             .await
             .with_context(|| format!("cannot listen on service address {}", config.service))?;
         let api = Arc::new(api::Api { store: store.clone(), hostname: config.hostname.clone(), metrics: metrics.clone() });
-        tokio::spawn(httpd::serve(service, Some(service_tls), move |req| api.clone().handle(req)));
+        let admit_api = api.clone();
+        tokio::spawn(httpd::serve(
+            service,
+            Some(service_tls),
+            metrics.http_limits("service"),
+            move |parts: &_| admit_api.admit(parts),
+            move |req| api.clone().handle(req),
+        ));
 
         let ops = tokio::net::TcpListener::bind(config.ops)
             .await
             .with_context(|| format!("cannot listen on ops address {}", config.ops))?;
         let (ops_store, ops_metrics) = (store.clone(), metrics.clone());
-        tokio::spawn(httpd::serve(ops, None, move |req| {
+        tokio::spawn(httpd::serve(ops, None, metrics.http_limits("ops"), httpd::admit_bearer(ops_token, 0), move |req| {
             let (store, metrics) = (ops_store.clone(), ops_metrics.clone());
             async move {
                 match req.uri().path() {

@@ -5,12 +5,25 @@ use prometheus::{IntCounterVec, IntGauge, Opts, Registry};
 pub struct ControlMetrics {
     pub registry: Registry,
     pub requests: IntCounterVec,
+    /// HTTP connections refused or cut by a limit, by `server` (service, ops) and `reason`.
+    pub http_limited: IntCounterVec,
     pub registry_sequence: IntGauge,
     pub links_current: IntGauge,
     pub link_frames_in: IntCounterVec,
 }
 
 impl ControlMetrics {
+    /// [`httpd::Limits`] whose limits hit are counted under `server`.
+    pub fn http_limits(&self, server: &'static str) -> roost_common::httpd::Limits {
+        let counter = self.http_limited.clone();
+        roost_common::httpd::Limits {
+            on_limit: std::sync::Arc::new(move |reason| {
+                counter.with_label_values(&[server, reason]).inc()
+            }),
+            ..roost_common::httpd::Limits::new()
+        }
+    }
+
     pub fn new() -> Self {
         let registry = Registry::new();
         let requests = IntCounterVec::new(
@@ -19,6 +32,14 @@ impl ControlMetrics {
                 "Service API requests, by HTTP status.",
             ),
             &["status"],
+        )
+        .expect("static metric");
+        let http_limited = IntCounterVec::new(
+            Opts::new(
+                "roost_control_http_limited_total",
+                "HTTP connections refused or cut by a limit, by server and reason (connection_limit, tls_handshake_timeout, header_read_timeout).",
+            ),
+            &["server", "reason"],
         )
         .expect("static metric");
         let link_frames_in = IntCounterVec::new(
@@ -41,6 +62,7 @@ impl ControlMetrics {
         .expect("static metric");
         for m in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(http_limited.clone()),
             Box::new(link_frames_in.clone()),
             Box::new(registry_sequence.clone()),
             Box::new(links_current.clone()),
@@ -52,6 +74,7 @@ impl ControlMetrics {
         Self {
             registry,
             requests,
+            http_limited,
             registry_sequence,
             links_current,
             link_frames_in,

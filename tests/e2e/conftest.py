@@ -356,6 +356,30 @@ def mqtt_connect_packet(client_id: str, username: str, password: str, keepalive:
     return bytes([0x10]) + _remaining_length(len(body)) + body
 
 
+def read_exactly(sock: socket.socket, n: int) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise AssertionError(f"connection closed after {buf!r}, expected {n} bytes")
+        buf += chunk
+    return buf
+
+
+def wait_eof(sock: socket.socket) -> bytes:
+    """Read until the peer closes (EOF or reset); returns what came before. socket.timeout
+    propagates (a test failure)."""
+    extra = b""
+    while True:
+        try:
+            chunk = sock.recv(4096)
+        except (ssl.SSLEOFError, ssl.SSLZeroReturnError, ConnectionResetError, BrokenPipeError):
+            return extra
+        if not chunk:
+            return extra
+        extra += chunk
+
+
 def telemetry_topic(device_id: str, props: dict[str, str] | None = None) -> str:
     """`devices/{d}/messages/events/{bag}` with the bag URL-encoded as the Python SDK does."""
     bag = urllib.parse.urlencode(list((props or {}).items()), quote_via=urllib.parse.quote)
@@ -521,17 +545,18 @@ def telemetry_of(records: Iterable[dict], device_id: str) -> list[dict]:
 class RawMqttDevice:
     """A paho MQTT 3.1.1 client over TLS with a SAS token built here, with no automatic
     reconnect. Records CONNACK, disconnect and PUBACKs (by mid). `password` / `username` replace
-    the valid token / username; send_password=False sends a CONNECT without a password."""
+    the valid token / username, `client_id` the device id as client id; send_password=False
+    sends a CONNECT without a password."""
 
     def __init__(self, mqtt_port: int, ca_pem: str, device_id: str, key: str, *,
                  hostname: str = HUB_HOSTNAME, keepalive: int = 60, max_inflight: int = 20,
                  clean_session: bool = False, password: str | None = None,
-                 username: str | None = None, send_password: bool = True):
+                 username: str | None = None, send_password: bool = True, client_id: str | None = None):
         self.mqtt_port = mqtt_port
         self.hostname = hostname
         self.device_id = device_id
         self.keepalive = keepalive
-        self.client = paho.Client(client_id=device_id, clean_session=clean_session,
+        self.client = paho.Client(client_id=client_id or device_id, clean_session=clean_session,
                                   protocol=paho.MQTTv311, reconnect_on_failure=False)
         ctx = ssl.create_default_context(cafile=None, cadata=ca_pem)  # CERT_REQUIRED + hostname check
         self.client.tls_set_context(ctx)
@@ -638,6 +663,8 @@ class Hub:
         self._ca_pem: str | None = None
         self.start_error: BaseException | None = None
         self._raw: list[RawMqttDevice] = []
+        # Extra `roost engine` arguments (limits a test sets low), used by start_engine.
+        self.engine_args: list[str] = []
 
     # ---- logs
     def log_files(self) -> list[tuple[str, Path]]:
@@ -740,6 +767,7 @@ class Hub:
             "--mqtt", f"127.0.0.1:{p['mqtt']}",
             "--ops", f"127.0.0.1:{p['ops']}",
             "--cores", str(self.cores),
+            *self.engine_args,
         ], self.engine_log)
         self._wait_healthy(self.engine, f"{self.ops_url}/healthz", "roost engine", self.engine_log)
 
@@ -808,8 +836,13 @@ class Hub:
                 "Accept": "application/json"}
 
     # ---- ops API: events
+    @property
+    def ops_headers(self) -> dict[str, str]:
+        """The ops ports' credential (hub.json's ops_token)."""
+        return {"Authorization": f"Bearer {self.info['ops_token']}"}
+
     def ops_get(self, path: str, **params: Any) -> Any:
-        r = requests.get(self.ops_url + path, params=params, timeout=10)
+        r = requests.get(self.ops_url + path, params=params, headers=self.ops_headers, timeout=10)
         assert r.status_code == 200, f"GET {path} {params} -> {r.status_code} {r.text[:500]}"
         return r.json()
 
@@ -838,12 +871,13 @@ class Hub:
         return self.ops_get(f"/events/groups/{group}/records", **{"max": max_, "from": from_})
 
     def checkpoint(self, group: str, positions: dict) -> None:
-        r = requests.post(f"{self.ops_url}/events/groups/{group}/checkpoint", json=positions, timeout=10)
+        r = requests.post(f"{self.ops_url}/events/groups/{group}/checkpoint", json=positions,
+                          headers=self.ops_headers, timeout=10)
         assert r.status_code == 204, f"checkpoint -> {r.status_code} {r.text[:500]}"
 
     # ---- ops API: metrics
     def metrics(self) -> dict[tuple[str, frozenset], float]:
-        r = requests.get(f"{self.ops_url}/metrics", timeout=10)
+        r = requests.get(f"{self.ops_url}/metrics", headers=self.ops_headers, timeout=10)
         assert r.status_code == 200, f"GET /metrics -> {r.status_code}"
         return parse_prometheus(r.text)
 

@@ -14,9 +14,11 @@ from conftest import (
     metric_sum_of,
     mqtt_connect_packet,
     mqtt_username,
+    read_exactly,
     record_body,
     telemetry_of,
     telemetry_topic,
+    wait_eof,
     wait_until,
 )
 
@@ -80,7 +82,7 @@ def test_oversized_publish_disconnects(shared_hub, size, reason):
     try:
         sock.sendall(mqtt_connect_packet(device_id, mqtt_username(hub.hostname, device_id),
                                          device_sas_token(hub.hostname, device_id, key), keepalive=60))
-        assert _read_exactly(sock, 4) == bytes([0x20, 0x02, 0x00, 0x00]), "CONNACK accepted"
+        assert read_exactly(sock, 4) == bytes([0x20, 0x02, 0x00, 0x00]), "CONNACK accepted"
         topic = telemetry_topic(device_id).encode()
         body = len(topic).to_bytes(2, "big") + topic + (1).to_bytes(2, "big") + b"x" * size
         length, rl = len(body), b""
@@ -94,7 +96,7 @@ def test_oversized_publish_disconnects(shared_hub, size, reason):
         except (ssl.SSLEOFError, ConnectionResetError, BrokenPipeError):
             pass  # closed while we were still sending: what the test wants
         try:
-            extra = _wait_eof(sock)
+            extra = wait_eof(sock)
         except socket.timeout:
             raise AssertionError("an oversized PUBLISH did not close the connection within 10 s") from None
     finally:
@@ -102,29 +104,6 @@ def test_oversized_publish_disconnects(shared_hub, size, reason):
     assert extra == b"", f"no PUBACK may answer an oversized publish, got {extra!r}"
     hub.wait_metric(DISCONNECTS, lambda v: v >= disconnects(before, reason=reason) + 1, "+1", reason=reason)
     assert bodies(hub, device_id) == [b"before big"], "an oversized publish must not be stored"
-
-
-def _read_exactly(sock: ssl.SSLSocket, n: int) -> bytes:
-    buf = b""
-    while len(buf) < n:
-        chunk = sock.recv(n - len(buf))
-        if not chunk:
-            raise AssertionError(f"connection closed after {buf!r}, expected {n} bytes")
-        buf += chunk
-    return buf
-
-
-def _wait_eof(sock: ssl.SSLSocket) -> bytes:
-    """Read until the peer closes (EOF or reset). socket.timeout propagates (test failure)."""
-    extra = b""
-    while True:
-        try:
-            chunk = sock.recv(4096)
-        except (ssl.SSLEOFError, ssl.SSLZeroReturnError, ConnectionResetError, BrokenPipeError):
-            return extra
-        if not chunk:
-            return extra
-        extra += chunk
 
 
 def test_keepalive_timeout_closes_silent_connection(shared_hub):
@@ -139,9 +118,9 @@ def test_keepalive_timeout_closes_silent_connection(shared_hub):
                                      device_sas_token(hub.hostname, device_id, key), keepalive=2)
         t0 = time.monotonic()
         sock.sendall(packet)
-        assert _read_exactly(sock, 4) == bytes([0x20, 0x02, 0x00, 0x00]), "CONNACK accepted"
+        assert read_exactly(sock, 4) == bytes([0x20, 0x02, 0x00, 0x00]), "CONNACK accepted"
         try:
-            extra = _wait_eof(sock)
+            extra = wait_eof(sock)
         except socket.timeout:
             raise AssertionError("a client silent for 10 s with keep-alive 2 s was not disconnected") from None
         elapsed = time.monotonic() - t0

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import os
 import signal
+import stat
 from pathlib import Path
 
+import requests
 from azure.iot.device import Message
 
 from conftest import (
@@ -18,6 +20,7 @@ from conftest import (
     http_ok,
     kill_process_group,
     make_device_client,
+    parse_connection_string,
     read_hub_json,
     record_body,
     register_logs,
@@ -96,6 +99,21 @@ def test_roost_up(roost_binary, tmp_path, request):
         assert info["ops_url"].endswith(f":{ports['ops']}")
         assert Path(info["ca"]).is_absolute() and Path(info["ca"]).is_file()
         assert info["service_connection_string"].startswith("HostName=localhost;SharedAccessKeyName=iothubowner;")
+
+        # ---- secrets: private files, not printed, the ops ports ask for the token
+        assert stat.S_IMODE(os.stat(data / "hub.json").st_mode) == 0o600
+        for d in (data, data / "certs", data / "engine", data / "control"):
+            assert stat.S_IMODE(os.stat(d).st_mode) == 0o700, d
+        owner_key = parse_connection_string(info["service_connection_string"])["SharedAccessKey"]
+        printed = log.read_text()
+        assert "hub.json" in printed and owner_key not in printed and info["ops_token"] not in printed
+        for port in (ports["ops"], ports["control_ops"]):
+            url = f"http://127.0.0.1:{port}/metrics"
+            assert requests.get(url, timeout=5).status_code == 401
+            bad = requests.get(url, headers={"Authorization": "Bearer wrong"}, timeout=5)
+            assert bad.status_code == 401
+            ok = requests.get(url, headers={"Authorization": f"Bearer {info['ops_token']}"}, timeout=5)
+            assert ok.status_code == 200 and "roost_" in ok.text
 
         children = children_of(up.pid)
         assert len(children) >= 2, f"`roost up` should run control and engine as child processes: {children}"

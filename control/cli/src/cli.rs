@@ -12,7 +12,7 @@ use roost_common::client::{self, request_once};
 use roost_common::hubfile;
 use roost_common::service::ServiceClient;
 use roost_common::shutdown::wait_for_shutdown_signal;
-use roost_server::{ListenerSpec, Protocol};
+use roost_server::{ListenerSpec, PreAuthLimits, Protocol};
 use serde_json::{json, Value};
 
 #[derive(Parser)]
@@ -73,6 +73,68 @@ pub struct ListenArgs {
     pub plain_mqtt: Option<SocketAddr>,
 }
 
+/// What the events log keeps (docs/operations.md).
+#[derive(Args, Clone)]
+pub struct RetentionArgs {
+    /// How long the events log keeps a message (IoT Hub: 1 to 7 days), e.g. 1d, 36h, 7d.
+    #[arg(long, default_value = "1d", value_parser = humantime::parse_duration)]
+    pub retention: std::time::Duration,
+    /// Bytes on disk each events partition may take, about; the oldest messages go first.
+    #[arg(long)]
+    pub retention_max_bytes: Option<u64>,
+}
+
+impl RetentionArgs {
+    pub fn policy(&self) -> roost_server::Retention {
+        roost_server::Retention {
+            max_age: self.retention,
+            max_bytes: self.retention_max_bytes,
+        }
+    }
+
+    /// The same settings as `roost engine` arguments.
+    pub fn to_args(&self) -> Vec<String> {
+        let mut a = vec![
+            "--retention".into(),
+            humantime::format_duration(self.retention).to_string(),
+        ];
+        if let Some(b) = self.retention_max_bytes {
+            a.extend(["--retention-max-bytes".into(), b.to_string()]);
+        }
+        a
+    }
+}
+
+/// How many device connections may be open and not yet authenticated (docs/operations.md).
+#[derive(Args, Clone)]
+pub struct PreAuthArgs {
+    /// Unauthenticated device connections the engine holds at most; more are closed at accept.
+    #[arg(long, default_value_t = PreAuthLimits::default().total)]
+    pub max_unauthenticated: usize,
+    /// Unauthenticated device connections one source address may hold at most.
+    #[arg(long, default_value_t = PreAuthLimits::default().per_source)]
+    pub max_unauthenticated_per_source: usize,
+}
+
+impl PreAuthArgs {
+    pub fn limits(&self) -> PreAuthLimits {
+        PreAuthLimits {
+            total: self.max_unauthenticated,
+            per_source: self.max_unauthenticated_per_source,
+        }
+    }
+
+    /// The same settings as `roost engine` arguments.
+    pub fn to_args(&self) -> [String; 4] {
+        [
+            "--max-unauthenticated".into(),
+            self.max_unauthenticated.to_string(),
+            "--max-unauthenticated-per-source".into(),
+            self.max_unauthenticated_per_source.to_string(),
+        ]
+    }
+}
+
 impl ListenArgs {
     /// The listeners, shorthands included, with the default when none names MQTT over TLS.
     pub fn specs(&self) -> Vec<ListenerSpec> {
@@ -102,6 +164,10 @@ pub struct UpArgs {
     pub hostname: String,
     #[command(flatten)]
     pub listen: ListenArgs,
+    #[command(flatten)]
+    pub pre_auth: PreAuthArgs,
+    #[command(flatten)]
+    pub retention: RetentionArgs,
     #[arg(long, default_value = "0.0.0.0:8443")]
     pub service: SocketAddr,
     /// Engine ops port: /metrics, /healthz, events consumer API.
@@ -135,6 +201,10 @@ pub struct EngineArgs {
     pub control: SocketAddr,
     #[command(flatten)]
     pub listen: ListenArgs,
+    #[command(flatten)]
+    pub pre_auth: PreAuthArgs,
+    #[command(flatten)]
+    pub retention: RetentionArgs,
     #[arg(long, default_value = "127.0.0.1:9464")]
     pub ops: SocketAddr,
     #[arg(long)]
@@ -267,6 +337,8 @@ pub fn run_engine(args: EngineArgs) -> anyhow::Result<()> {
         node: args.node.clone(),
         durability: durability(args.durability),
         commit_window: std::time::Duration::from_micros(args.commit_window_us),
+        pre_auth: args.pre_auth.limits(),
+        retention: args.retention.policy(),
     };
     let patch = json!({ "ports": ports, "ops_url": local_url("http", args.ops) });
     roost_server::run(config, move || {
@@ -329,7 +401,9 @@ pub fn run_up(args: UpArgs) -> anyhow::Result<()> {
                 DurabilityArg::Written => "written",
             },
         ])
-        .args(["--commit-window-us", &args.commit_window_us.to_string()]);
+        .args(["--commit-window-us", &args.commit_window_us.to_string()])
+        .args(args.pre_auth.to_args())
+        .args(args.retention.to_args());
     let listeners = args.listen.specs();
     for l in &listeners {
         engine_cmd.args(["--listen", &l.to_string()]);
@@ -354,18 +428,17 @@ pub fn run_up(args: UpArgs) -> anyhow::Result<()> {
     }
     println!("  service API        {}", hub.service_url);
     println!(
-        "  engine ops         {}/metrics, /healthz, /events",
+        "  engine ops         {}/metrics, /healthz, /events (Authorization: Bearer <ops_token>)",
         local_url("http", args.ops)
     );
     println!(
-        "  control ops        {}/metrics",
+        "  control ops        {}/metrics (the same token)",
         local_url("http", args.control_ops)
     );
     println!("  CA certificate     {}", hub.ca.display());
-    println!("  service connection string (iothubowner):");
-    println!("    {}", hub.service_connection_string);
+    // Secrets stay in the file (0600), not in a terminal's scroll-back or a log.
     println!(
-        "  all of this is in  {}",
+        "  service connection string (iothubowner) and ops_token: in {}",
         hubfile::path(&data_dir).display()
     );
     println!();
@@ -553,6 +626,7 @@ pub fn run_events(action: EventsCmd, data_dir: &Path) -> anyhow::Result<()> {
     } = action;
     let hub = hubfile::read(data_dir)?;
     let ops = hub.ops_url(data_dir)?.to_string();
+    let auth = hub.ops_auth();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -564,7 +638,7 @@ pub fn run_events(action: EventsCmd, data_dir: &Path) -> anyhow::Result<()> {
             let resp = request_once(
                 Method::GET,
                 &format!("{ops}/events/partitions"),
-                &[],
+                &auth,
                 None,
                 None,
             )
@@ -591,7 +665,7 @@ pub fn run_events(action: EventsCmd, data_dir: &Path) -> anyhow::Result<()> {
                         path_id(g),
                         from.as_str()
                     );
-                    let resp = request_once(Method::GET, &url, &[], None, None).await?;
+                    let resp = request_once(Method::GET, &url, &auth, None, None).await?;
                     check(&resp)?;
                     let v: Value = serde_json::from_slice(&resp.body)?;
                     records = v["records"].as_array().cloned().unwrap_or_default();
@@ -605,7 +679,7 @@ pub fn run_events(action: EventsCmd, data_dir: &Path) -> anyhow::Result<()> {
                     if !done.is_empty() {
                         let url = format!("{ops}/events/groups/{}/checkpoint", path_id(g));
                         let body = serde_json::to_vec(&Value::Object(done))?;
-                        check(&request_once(Method::POST, &url, &[], Some(body), None).await?)?;
+                        check(&request_once(Method::POST, &url, &auth, Some(body), None).await?)?;
                     }
                 }
                 None => {
@@ -616,7 +690,7 @@ pub fn run_events(action: EventsCmd, data_dir: &Path) -> anyhow::Result<()> {
                         }
                         let url =
                             format!("{ops}/events/partitions/{k}/records?from={next}&max={left}");
-                        let resp = request_once(Method::GET, &url, &[], None, None).await?;
+                        let resp = request_once(Method::GET, &url, &auth, None, None).await?;
                         check(&resp)?;
                         let v: Value = serde_json::from_slice(&resp.body)?;
                         let mut got = v["records"].as_array().cloned().unwrap_or_default();

@@ -1,75 +1,204 @@
 //! A small HTTP/1.1 server on tokio + hyper, shared by the engine's ops port and the control
-//! plane's service API: bodies are read whole (with a limit) and handlers are plain async
-//! functions from request to response.
+//! plane's service API: a request is admitted from its headers (credentials, route, body
+//! limit) before its body is read whole, handlers are plain async functions from request to
+//! response, and every connection lives within [`Limits`] (a cap, handshake, header and body
+//! timeouts).
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
+use hyper::http::request::Parts;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 
 /// A request with its body read.
 pub type Req = Request<Bytes>;
 pub type Resp = Response<Full<Bytes>>;
 
-/// Largest request body accepted (a bulk registry operation is the biggest legitimate one).
+/// Largest request body any route accepts (a bulk registry operation is the biggest one).
 pub const MAX_BODY: usize = 4 * 1024 * 1024;
 
-/// Serves `listener` forever, optionally over TLS; each request goes to `handler`.
-pub async fn serve<H, F>(listener: TcpListener, tls: Option<tokio_rustls::TlsAcceptor>, handler: H)
-where
+/// What a server holds for its clients at most, and for how long.
+#[derive(Clone)]
+pub struct Limits {
+    /// Connections open at once; one more is closed at accept (counted `connection_limit`).
+    pub max_connections: usize,
+    /// Time for the TLS handshake.
+    pub tls_handshake: Duration,
+    /// Time for a request's headers, counted from when the server waits for them: for a
+    /// kept-alive connection that is also how long it may sit idle between requests.
+    pub header_read: Duration,
+    /// Time for a request's body once its headers are admitted.
+    pub body_read: Duration,
+    /// Told the reason each time a connection is refused or cut by a limit.
+    pub on_limit: Arc<dyn Fn(&'static str) + Send + Sync>,
+}
+
+impl Limits {
+    /// 1,024 connections, 10 s for the handshake, 20 s for headers (and idle keep-alive), 30 s
+    /// for a body; limits hit are not counted.
+    pub fn new() -> Self {
+        Limits {
+            max_connections: 1024,
+            tls_handshake: Duration::from_secs(10),
+            header_read: Duration::from_secs(20),
+            body_read: Duration::from_secs(30),
+            on_limit: Arc::new(|_| {}),
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Decides from the request line and headers alone whether the body is read: `Ok(limit)` reads
+/// at most `limit` bytes of it (more is a 413), `Err(response)` answers at once (a 401 without
+/// credentials, a 404) and the body is never read.
+pub trait Admit: Fn(&Parts) -> Result<usize, Resp> + Send + Sync + 'static {}
+impl<T: Fn(&Parts) -> Result<usize, Resp> + Send + Sync + 'static> Admit for T {}
+
+/// Serves `listener` forever, optionally over TLS, within `limits`; each request is admitted
+/// by `admit` from its headers, then its body is read and it goes to `handler`.
+pub async fn serve<A, H, F>(
+    listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    limits: Limits,
+    admit: A,
+    handler: H,
+) where
+    A: Admit,
     H: Fn(Req) -> F + Send + Sync + 'static,
     F: Future<Output = Resp> + Send + 'static,
 {
     let handler = Arc::new(handler);
+    let admit = Arc::new(admit);
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(error = %e, "http accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                tokio::time::sleep(Duration::from_millis(10)).await;
                 continue;
             }
         };
-        let handler = handler.clone();
-        let tls = tls.clone();
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            (limits.on_limit)("connection_limit");
+            drop(stream);
+            continue;
+        };
+        let (handler, admit, tls, limits) =
+            (handler.clone(), admit.clone(), tls.clone(), limits.clone());
         tokio::spawn(async move {
+            let _slot = slot;
+            let body_read = limits.body_read;
             let service = service_fn(move |req: Request<Incoming>| {
-                let handler = handler.clone();
+                let (handler, admit) = (handler.clone(), admit.clone());
                 async move {
                     let (parts, body) = req.into_parts();
-                    let resp = match Limited::new(body, MAX_BODY).collect().await {
-                        Ok(b) => handler(Request::from_parts(parts, b.to_bytes())).await,
-                        Err(_) => text(StatusCode::PAYLOAD_TOO_LARGE, "request body too large"),
+                    let limit = match admit(&parts) {
+                        Ok(limit) => limit.min(MAX_BODY),
+                        Err(refusal) => return Ok(refusal),
+                    };
+                    if declared_length(&parts).is_some_and(|n| n > limit as u64) {
+                        return Ok(text(
+                            StatusCode::PAYLOAD_TOO_LARGE,
+                            "request body too large",
+                        ));
+                    }
+                    let read = tokio::time::timeout(body_read, Limited::new(body, limit).collect());
+                    let resp = match read.await {
+                        Ok(Ok(b)) => handler(Request::from_parts(parts, b.to_bytes())).await,
+                        Ok(Err(_)) => text(StatusCode::PAYLOAD_TOO_LARGE, "request body too large"),
+                        Err(_) => {
+                            text(StatusCode::REQUEST_TIMEOUT, "request body not sent in time")
+                        }
                     };
                     Ok::<_, std::convert::Infallible>(resp)
                 }
             });
-            let builder = hyper::server::conn::http1::Builder::new();
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(limits.header_read);
             let result = match tls {
                 None => {
                     builder
                         .serve_connection(TokioIo::new(stream), service)
                         .await
                 }
-                Some(acceptor) => match acceptor.accept(stream).await {
-                    Ok(s) => builder.serve_connection(TokioIo::new(s), service).await,
-                    Err(e) => {
-                        tracing::debug!(error = %e, "https handshake failed");
-                        return;
+                Some(acceptor) => {
+                    match tokio::time::timeout(limits.tls_handshake, acceptor.accept(stream)).await
+                    {
+                        Ok(Ok(s)) => builder.serve_connection(TokioIo::new(s), service).await,
+                        Ok(Err(e)) => {
+                            tracing::debug!(error = %e, "https handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            (limits.on_limit)("tls_handshake_timeout");
+                            return;
+                        }
                     }
-                },
+                }
             };
-            if let Err(e) = result {
-                tracing::debug!(error = %e, "http connection ended with an error");
+            match result {
+                Err(e) if e.is_timeout() => (limits.on_limit)("header_read_timeout"),
+                Err(e) => tracing::debug!(error = %e, "http connection ended with an error"),
+                Ok(()) => {}
             }
         });
     }
+}
+
+/// The request's `Content-Length`, if it sent one that parses.
+fn declared_length(parts: &Parts) -> Option<u64> {
+    parts
+        .headers
+        .get(hyper::header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}
+
+/// Paths any client may ask for without a credential: liveness and readiness probes.
+pub const PROBE_PATHS: [&str; 2] = ["/healthz", "/readyz"];
+
+/// An [`Admit`] for an ops port: every request but a probe must carry `Authorization: Bearer
+/// {token}` (401 otherwise, the body unread); bodies up to `limit`.
+pub fn admit_bearer(token: String, limit: usize) -> impl Admit {
+    move |parts: &Parts| {
+        let presented = parts
+            .headers
+            .get(hyper::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
+        if PROBE_PATHS.contains(&parts.uri.path())
+            || crate::hubfile::bearer_matches(presented, &token)
+        {
+            Ok(limit)
+        } else {
+            Err(text(
+                StatusCode::UNAUTHORIZED,
+                "this port requires Authorization: Bearer <ops_token from hub.json>\n",
+            ))
+        }
+    }
+}
+
+/// An [`Admit`] for a server without credentials: every request, with bodies up to `limit`.
+pub fn admit_all(limit: usize) -> impl Admit {
+    move |_: &Parts| Ok(limit)
 }
 
 pub fn text(status: StatusCode, body: impl Into<String>) -> Resp {
@@ -144,6 +273,119 @@ mod tests {
         fn serialize<S: serde::Serializer>(&self, _: S) -> Result<S::Ok, S::Error> {
             Err(serde::ser::Error::custom("no"))
         }
+    }
+
+    use std::sync::Mutex;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    /// A server with small limits: bodies of 16 bytes, admitted only with an Authorization
+    /// header; the handler answers the body's length. Returns its address and the limits hit.
+    async fn small_server() -> (std::net::SocketAddr, Arc<Mutex<Vec<&'static str>>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let hit = Arc::new(Mutex::new(Vec::new()));
+        let h = hit.clone();
+        let limits = Limits {
+            max_connections: 3,
+            tls_handshake: Duration::from_secs(1),
+            header_read: Duration::from_millis(300),
+            body_read: Duration::from_millis(300),
+            on_limit: Arc::new(move |r| h.lock().expect("lock").push(r)),
+        };
+        let admit = |parts: &Parts| match parts.headers.contains_key("authorization") {
+            true => Ok(16),
+            false => Err(text(StatusCode::UNAUTHORIZED, "no")),
+        };
+        tokio::spawn(serve(
+            listener,
+            None,
+            limits,
+            admit,
+            |req: Req| async move { text(StatusCode::OK, req.body().len().to_string()) },
+        ));
+        (addr, hit)
+    }
+
+    /// Sends `head` (and `body`), returns the status code, or None if the server closed first.
+    async fn exchange(addr: std::net::SocketAddr, head: &str, body: &[u8]) -> Option<u16> {
+        let mut s = TcpStream::connect(addr).await.expect("connect");
+        s.write_all(head.as_bytes()).await.expect("head");
+        s.write_all(body).await.expect("body");
+        let mut got = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+            match tokio::time::timeout(Duration::from_secs(2), s.read(&mut buf)).await {
+                Ok(Ok(n)) if n > 0 => got.extend_from_slice(&buf[..n]),
+                _ => return None,
+            }
+        }
+        std::str::from_utf8(&got)
+            .ok()?
+            .split(' ')
+            .nth(1)?
+            .parse()
+            .ok()
+    }
+
+    #[tokio::test]
+    async fn a_request_is_admitted_from_its_headers_before_its_body_is_read() {
+        let (addr, _) = small_server().await;
+        // No credential: 401 though the declared 4 MiB body never comes.
+        let head = "PUT /x HTTP/1.1\r\nHost: h\r\nContent-Length: 4194304\r\n\r\n";
+        assert_eq!(exchange(addr, head, b"").await, Some(401));
+        // Admitted, but declaring more than its limit: 413 at once.
+        let head = "PUT /x HTTP/1.1\r\nHost: h\r\nAuthorization: t\r\nContent-Length: 100\r\n\r\n";
+        assert_eq!(exchange(addr, head, b"").await, Some(413));
+        // Chunked, no length declared: cut at the limit while reading.
+        let head =
+            "PUT /x HTTP/1.1\r\nHost: h\r\nAuthorization: t\r\nTransfer-Encoding: chunked\r\n\r\n";
+        assert_eq!(
+            exchange(
+                addr,
+                head,
+                b"20\r\n0123456789abcdef0123456789abcdef\r\n0\r\n\r\n"
+            )
+            .await,
+            Some(413)
+        );
+        let head = "PUT /x HTTP/1.1\r\nHost: h\r\nAuthorization: t\r\nContent-Length: 10\r\n\r\n";
+        assert_eq!(exchange(addr, head, b"0123456789").await, Some(200));
+    }
+
+    #[tokio::test]
+    async fn slow_headers_silent_sockets_and_one_connection_too_many_are_closed() {
+        let (addr, hit) = small_server().await;
+        let t0 = std::time::Instant::now();
+        let mut unfinished = TcpStream::connect(addr).await.expect("connect");
+        unfinished
+            .write_all(b"GET / HTTP/1.1\r\nHost:")
+            .await
+            .expect("partial");
+        let mut silent = TcpStream::connect(addr).await.expect("connect");
+        let mut third = TcpStream::connect(addr).await.expect("connect");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // The fourth is over the cap of three: closed at once.
+        let mut over = TcpStream::connect(addr).await.expect("connect");
+        let mut buf = [0u8; 16];
+        let n = tokio::time::timeout(Duration::from_secs(2), over.read(&mut buf)).await;
+        assert!(matches!(n, Ok(Ok(0)) | Ok(Err(_))), "over the cap: {n:?}");
+        for s in [&mut unfinished, &mut silent, &mut third] {
+            let n = tokio::time::timeout(Duration::from_secs(3), s.read(&mut buf)).await;
+            assert!(
+                matches!(n, Ok(Ok(0)) | Ok(Err(_))),
+                "held past the header timeout: {n:?}"
+            );
+        }
+        let waited = t0.elapsed();
+        assert!(
+            waited >= Duration::from_millis(250),
+            "closed after {waited:?}"
+        );
+        let hit = hit.lock().expect("lock").clone();
+        assert!(hit.contains(&"connection_limit"), "{hit:?}");
+        assert!(hit.contains(&"header_read_timeout"), "{hit:?}");
     }
 
     #[test]

@@ -68,9 +68,91 @@ pub fn merge(data_dir: &Path, patch: Value) -> Result<(), HubFileError> {
         path: p.clone(),
         detail: e.to_string(),
     })?;
-    std::fs::write(&tmp, bytes).map_err(io(&tmp))?;
+    write_private(&tmp, &bytes).map_err(io(&tmp))?;
     std::fs::rename(&tmp, &p).map_err(io(&p))?;
     Ok(())
+}
+
+/// Writes `bytes` to a new file `path` that only its owner may read (0600): hub.json holds the
+/// owner policy's connection string and the ops token.
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let _ = std::fs::remove_file(path);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(bytes)
+}
+
+/// Creates `dir` (and its parents) if absent and makes it private to its owner (0700): the data
+/// folder and the folders in it hold keys, the registry and the events log.
+pub fn private_dir(dir: &Path) -> Result<(), HubFileError> {
+    use std::os::unix::fs::PermissionsExt;
+    let io = |source| HubFileError::Io {
+        path: dir.to_path_buf(),
+        source,
+    };
+    std::fs::create_dir_all(dir).map_err(io)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io)
+}
+
+/// The bearer token the ops ports (engine and control: metrics, the consumer API) require,
+/// from `<data>/ops.token`; the first process of the hub to start makes it (32 random bytes),
+/// and it goes into hub.json as `ops_token` for the CLI and scripts.
+pub fn ops_token(data_dir: &Path) -> Result<String, HubFileError> {
+    let p = data_dir.join("ops.token");
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| HubFileError::Io { path, source }
+    };
+    let token = match std::fs::read_to_string(&p) {
+        Ok(t) => t.trim().to_string(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            // Written whole under another name, then linked into place: a process starting at
+            // the same moment either wins the link or reads the complete winner.
+            let mine = roost_iothub::sas::generate_key();
+            let tmp = data_dir.join(format!(".ops.token.{}", std::process::id()));
+            write_private(&tmp, mine.as_bytes()).map_err(io(&tmp))?;
+            let linked = std::fs::hard_link(&tmp, &p);
+            let _ = std::fs::remove_file(&tmp);
+            match linked {
+                Ok(()) => mine,
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    std::fs::read_to_string(&p)
+                        .map_err(io(&p))?
+                        .trim()
+                        .to_string()
+                }
+                Err(e) => return Err(io(&p)(e)),
+            }
+        }
+        Err(e) => return Err(io(&p)(e)),
+    };
+    if token.is_empty() {
+        return Err(HubFileError::Corrupt {
+            path: p,
+            detail: "empty; remove it and restart the hub".into(),
+        });
+    }
+    merge(data_dir, serde_json::json!({ "ops_token": token }))?;
+    Ok(token)
+}
+
+/// Whether a request's `Authorization` header value presents `token` as a bearer token. The
+/// comparison takes the same time wherever the first difference is.
+pub fn bearer_matches(header: Option<&str>, token: &str) -> bool {
+    let Some(given) = header.and_then(|h| h.strip_prefix("Bearer ")) else {
+        return false;
+    };
+    given.len() == token.len()
+        && given
+            .bytes()
+            .zip(token.bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
 }
 
 fn merge_value(into: &mut Value, patch: Value) {
@@ -95,6 +177,8 @@ pub struct HubInfo {
     pub ops_url: Option<String>,
     pub mqtt_port: Option<u16>,
     pub plain_mqtt_port: Option<u16>,
+    /// The bearer token of the ops ports.
+    pub ops_token: Option<String>,
 }
 
 pub fn read(data_dir: &Path) -> Result<HubInfo, HubFileError> {
@@ -124,10 +208,19 @@ pub fn read(data_dir: &Path) -> Result<HubInfo, HubFileError> {
         ops_url: s("ops_url").ok(),
         mqtt_port: port("mqtt"),
         plain_mqtt_port: port("plain_mqtt"),
+        ops_token: s("ops_token").ok(),
     })
 }
 
 impl HubInfo {
+    /// The header an ops-port request carries.
+    pub fn ops_auth(&self) -> Vec<(&'static str, String)> {
+        self.ops_token
+            .iter()
+            .map(|t| ("authorization", format!("Bearer {t}")))
+            .collect()
+    }
+
     /// The engine's ops URL, or why there is none yet.
     pub fn ops_url(&self, data_dir: &Path) -> Result<&str, HubFileError> {
         self.ops_url.as_deref().ok_or(HubFileError::MissingKey {
@@ -168,6 +261,39 @@ mod tests {
         assert!(matches!(err, HubFileError::Corrupt { .. }), "{err}");
         assert_eq!(std::fs::read(path(&d)).expect("read"), b"{ not json");
         assert!(matches!(read(&d), Err(HubFileError::Corrupt { .. })));
+        std::fs::remove_dir_all(&d).ok();
+    }
+
+    #[test]
+    fn the_ops_token_is_made_once_and_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = scratch("token");
+        let first = ops_token(&d).expect("made");
+        assert_eq!(
+            ops_token(&d).expect("read"),
+            first,
+            "the same token on every start"
+        );
+        let mode = |p: &Path| std::fs::metadata(p).expect("stat").permissions().mode() & 0o777;
+        assert_eq!(mode(&d.join("ops.token")), 0o600);
+        assert_eq!(mode(&path(&d)), 0o600);
+        let v = load(&path(&d)).expect("load").expect("hub.json");
+        assert_eq!(
+            v.get("ops_token").and_then(Value::as_str),
+            Some(first.as_str())
+        );
+        assert!(bearer_matches(Some(&format!("Bearer {first}")), &first));
+        for wrong in [
+            None,
+            Some(first.as_str()),
+            Some("Bearer "),
+            Some("Bearer x"),
+        ] {
+            assert!(!bearer_matches(wrong, &first), "{wrong:?}");
+        }
+        let sub = d.join("inner");
+        private_dir(&sub).expect("dir");
+        assert_eq!(mode(&sub), 0o700);
         std::fs::remove_dir_all(&d).ok();
     }
 

@@ -88,6 +88,25 @@ pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
     })
 }
 
+/// The chain a server presents from `path`: its certificates without the trust anchors of
+/// `ca`. A client that does not trust the hub's CA then sees an untrusted leaf, not a
+/// self-signed certificate in the chain (the Node SDK's server-validation tests tell the two
+/// apart); data folders made before the CA was left out still hold it in `server.pem`.
+fn served_chain(path: &Path, ca: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let anchors = load_certs(ca)?;
+    let chain: Vec<_> = load_certs(path)?
+        .into_iter()
+        .filter(|c| !anchors.contains(c))
+        .collect();
+    if chain.is_empty() {
+        return Err(TlsError::Read {
+            path: path.to_path_buf(),
+            detail: "holds only the CA certificate".into(),
+        });
+    }
+    Ok(chain)
+}
+
 fn roots(ca: &Path) -> Result<RootCertStore, TlsError> {
     let mut roots = RootCertStore::empty();
     for c in load_certs(ca)? {
@@ -96,13 +115,17 @@ fn roots(ca: &Path) -> Result<RootCertStore, TlsError> {
     Ok(roots)
 }
 
-/// The device-facing server config (MQTT :8883, HTTPS): TLS 1.2 and 1.3, no client certificate.
+/// The device-facing server config (MQTT :8883, HTTPS): TLS 1.2 and 1.3 (nothing older), no
+/// client certificate, the server's chain without the root.
 pub fn device_server_config(paths: &CertPaths) -> Result<Arc<ServerConfig>, TlsError> {
     let cfg = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| TlsError::Config(e.to_string()))?
         .with_no_client_auth()
-        .with_single_cert(load_certs(&paths.server())?, load_key(&paths.server_key())?)
+        .with_single_cert(
+            served_chain(&paths.server(), &paths.ca())?,
+            load_key(&paths.server_key())?,
+        )
         .map_err(|e| TlsError::Config(e.to_string()))?;
     Ok(Arc::new(cfg))
 }
@@ -118,7 +141,7 @@ pub fn link_server_config(paths: &CertPaths) -> Result<ServerConfig, TlsError> {
         .map_err(|e| TlsError::Config(e.to_string()))?
         .with_client_cert_verifier(verifier)
         .with_single_cert(
-            load_certs(&paths.cluster())?,
+            served_chain(&paths.cluster(), &paths.ca())?,
             load_key(&paths.cluster_key())?,
         )
         .map_err(|e| TlsError::Config(e.to_string()))?;
@@ -133,7 +156,7 @@ pub fn link_client_config(paths: &CertPaths) -> Result<ClientConfig, TlsError> {
         .map_err(|e| TlsError::Config(e.to_string()))?
         .with_root_certificates(roots(&paths.ca())?)
         .with_client_auth_cert(
-            load_certs(&paths.cluster())?,
+            served_chain(&paths.cluster(), &paths.ca())?,
             load_key(&paths.cluster_key())?,
         )
         .map_err(|e| TlsError::Config(e.to_string()))?;

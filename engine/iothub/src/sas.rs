@@ -360,6 +360,17 @@ pub fn authorizes(scope_resource: &str, target: &str) -> bool {
     })
 }
 
+/// Whether a device or module token whose decoded `sr` is `scope_resource` names exactly
+/// `identity_resource` (`{host}/devices/{d}[/modules/{m}]`, spec §1.2 step 6): the same
+/// segments (the case-insensitive comparison of [`authorizes`]), with trailing `/` trimmed. A
+/// token without a policy name is the identity its `sr` names and nothing else: `{host}` alone,
+/// or a device's `sr` offered by one of its modules, is not that identity.
+pub fn names_identity(scope_resource: &str, identity_resource: &str) -> bool {
+    let scope = scope_resource.trim_end_matches('/');
+    authorizes(scope, identity_resource)
+        && scope.split('/').count() == identity_resource.trim_end_matches('/').split('/').count()
+}
+
 /// Decodes a base64 shared access key (as stored or written in a connection string) into the
 /// bytes [`SasToken::verify`] and [`sign`] take.
 pub fn decode_key(key_base64: &str) -> Result<Vec<u8>, SasError> {
@@ -726,6 +737,38 @@ mod tests {
 
         let token = parse(&python_dev1());
         assert_eq!(token.device_scope(), Ok(device));
+    }
+
+    #[test]
+    fn names_identity_is_the_whole_resource() {
+        assert!(names_identity(
+            "localhost/devices/d1",
+            "localhost/devices/d1"
+        ));
+        assert!(names_identity(
+            "LocalHost/devices/d1/",
+            "localhost/devices/d1"
+        ));
+        assert!(names_identity(
+            "localhost/devices/d1/modules/m",
+            "localhost/devices/d1/modules/m"
+        ));
+        assert!(!names_identity("localhost", "localhost/devices/d1"));
+        assert!(!names_identity("localhost/", "localhost/devices/d1"));
+        assert!(!names_identity("localhost/devices", "localhost/devices/d1"));
+        assert!(!names_identity(
+            "localhost/devices/d1",
+            "localhost/devices/d1/modules/m"
+        ));
+        assert!(!names_identity(
+            "localhost/devices/d1/x",
+            "localhost/devices/d1"
+        ));
+        assert!(!names_identity(
+            "localhost/devices/d",
+            "localhost/devices/d1"
+        ));
+        assert!(!names_identity("", "localhost/devices/d1"));
     }
 
     #[test]

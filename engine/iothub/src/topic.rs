@@ -138,21 +138,55 @@ pub fn telemetry_topic(device: &str, module: Option<&str>, bag: &str) -> String 
     }
 }
 
-/// Whether a device may subscribe to `filter` (spec §2.4–§2.6): the twin response, method
-/// and desired-properties filters IoT Hub documents, and the cloud-to-device filter of a device
-/// (`devices/{id}/messages/devicebound/#`) or the inputs of a module. Anything else is refused
-/// (SUBACK 0x80), as IoT Hub does.
-pub fn device_may_subscribe(filter: &str) -> bool {
-    const SERVICE_FILTERS: [&str; 3] = [
-        "$iothub/twin/res/#",
-        "$iothub/methods/POST/#",
-        "$iothub/twin/PATCH/properties/desired/#",
+/// A device-bound filter a device or module may subscribe to (spec §2.4–§2.6): what a
+/// session delivers on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceFilter {
+    /// `$iothub/twin/res/#`: answers to the client's twin requests.
+    TwinResponses,
+    /// `$iothub/methods/POST/#`: direct method requests.
+    Methods,
+    /// `$iothub/twin/PATCH/properties/desired/#`: desired-property patches.
+    DesiredPatches,
+    /// `devices/{own id}/messages/devicebound/#`: cloud-to-device messages (devices only).
+    CloudToDevice,
+    /// `devices/{own id}/modules/{own module}/inputs/#`: messages routed to a module's inputs.
+    ModuleInputs,
+}
+
+impl DeviceFilter {
+    pub const ALL: [DeviceFilter; 5] = [
+        DeviceFilter::TwinResponses,
+        DeviceFilter::Methods,
+        DeviceFilter::DesiredPatches,
+        DeviceFilter::CloudToDevice,
+        DeviceFilter::ModuleInputs,
     ];
-    if SERVICE_FILTERS.contains(&filter) {
-        return true;
+
+    /// Which filter `filter` is for the identity `device` (with `module` for a module client),
+    /// or `None` if that identity may not subscribe to it: anything else is refused (SUBACK
+    /// 0x80), as IoT Hub does, and so is another identity's cloud-to-device or inputs filter.
+    pub fn classify(filter: &str, device: &str, module: Option<&str>) -> Option<DeviceFilter> {
+        match filter {
+            "$iothub/twin/res/#" => return Some(DeviceFilter::TwinResponses),
+            "$iothub/methods/POST/#" => return Some(DeviceFilter::Methods),
+            "$iothub/twin/PATCH/properties/desired/#" => return Some(DeviceFilter::DesiredPatches),
+            _ => {}
+        }
+        let rest = filter.strip_prefix("devices/")?.strip_prefix(device)?;
+        match module {
+            None => (rest == "/messages/devicebound/#").then_some(DeviceFilter::CloudToDevice),
+            Some(m) => {
+                let rest = rest.strip_prefix("/modules/")?.strip_prefix(m)?;
+                (rest == "/inputs/#").then_some(DeviceFilter::ModuleInputs)
+            }
+        }
     }
-    filter.starts_with("devices/")
-        && (filter.ends_with("/messages/devicebound/#") || filter.contains("/inputs/"))
+
+    /// Position in [`DeviceFilter::ALL`], for tables indexed by filter.
+    pub fn index(self) -> usize {
+        self as usize
+    }
 }
 
 #[cfg(test)]
@@ -293,16 +327,23 @@ mod tests {
     }
 
     #[test]
-    fn devices_may_subscribe_only_to_the_documented_filters() {
-        for ok in [
-            "$iothub/twin/res/#",
-            "$iothub/methods/POST/#",
-            "$iothub/twin/PATCH/properties/desired/#",
-            "devices/dev-1/messages/devicebound/#",
-            "devices/dev-1/modules/m/inputs/#",
+    fn an_identity_may_subscribe_only_to_the_documented_filters_of_its_own() {
+        use DeviceFilter::*;
+        let device = |f| DeviceFilter::classify(f, "dev-1", None);
+        let module = |f| DeviceFilter::classify(f, "dev-1", Some("m"));
+        for (f, kind) in [
+            ("$iothub/twin/res/#", TwinResponses),
+            ("$iothub/methods/POST/#", Methods),
+            ("$iothub/twin/PATCH/properties/desired/#", DesiredPatches),
+            ("devices/dev-1/messages/devicebound/#", CloudToDevice),
         ] {
-            assert!(device_may_subscribe(ok), "{ok}");
+            assert_eq!(device(f), Some(kind), "{f}");
         }
+        assert_eq!(
+            module("devices/dev-1/modules/m/inputs/#"),
+            Some(ModuleInputs)
+        );
+        assert_eq!(module("$iothub/methods/POST/#"), Some(Methods));
         for refused in [
             "#",
             "$iothub/#",
@@ -310,8 +351,27 @@ mod tests {
             "devices/dev-1/messages/events/#",
             "devices/#",
             "other/topic",
+            // Another device's, a prefix of the id, or a longer id.
+            "devices/dev-2/messages/devicebound/#",
+            "devices/dev-/messages/devicebound/#",
+            "devices/dev-10/messages/devicebound/#",
+            "devices/+/messages/devicebound/#",
+            "devices/dev-1/messages/devicebound/x",
+            // Module filters are a module's only.
+            "devices/dev-1/modules/m/inputs/#",
         ] {
-            assert!(!device_may_subscribe(refused), "{refused}");
+            assert_eq!(device(refused), None, "{refused}");
+        }
+        for refused in [
+            "devices/dev-1/messages/devicebound/#",
+            "devices/dev-1/modules/other/inputs/#",
+            "devices/dev-1/modules/m2/inputs/#",
+            "devices/dev-1/modules/+/inputs/#",
+        ] {
+            assert_eq!(module(refused), None, "{refused}");
+        }
+        for (i, kind) in DeviceFilter::ALL.iter().enumerate() {
+            assert_eq!(kind.index(), i);
         }
     }
 }

@@ -28,17 +28,25 @@ pub struct SessionConfig {
     /// (`check(&buf, session.limits())`) and [`ServerSession::send_publish`] refuses a PUBLISH
     /// that would exceed it.
     pub limits: Limits,
+    /// The frame limit until CONNECT has been read: an unauthenticated peer may make the
+    /// session hold one frame of at most this much (a CONNECT with IoT Hub's username and a
+    /// SAS token is a few hundred bytes).
+    pub connect_limits: Limits,
     /// QoS 1 messages sent and not yet acknowledged before `send_publish` answers
     /// [`SendError::WindowFull`]. 0 refuses every QoS 1 send; 65,535 is every packet id.
     pub max_inflight: u16,
 }
 
 impl Default for SessionConfig {
-    /// 30 s to CONNECT, IoT Hub's frame limit ([`Limits::default`]), 16 messages in flight.
+    /// 10 s to CONNECT, in a frame of at most 8 KiB; then IoT Hub's frame limit
+    /// ([`Limits::default`]) and 16 messages in flight.
     fn default() -> Self {
         SessionConfig {
-            connect_timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(10),
             limits: Limits::default(),
+            connect_limits: Limits {
+                max_frame: 8 * 1024,
+            },
             max_inflight: 16,
         }
     }
@@ -241,10 +249,13 @@ impl ServerSession {
         self.state
     }
 
-    /// The frame limit to give [`check`](crate::check); the same one bounds what the session
-    /// sends.
+    /// The frame limit to give [`check`](crate::check): `connect_limits` until CONNECT has
+    /// been read, then `limits`, which also bounds what the session sends.
     pub fn limits(&self) -> &Limits {
-        &self.config.limits
+        match self.state {
+            State::AwaitingConnect => &self.config.connect_limits,
+            _ => &self.config.limits,
+        }
     }
 
     pub fn config(&self) -> &SessionConfig {
@@ -312,8 +323,10 @@ impl ServerSession {
         let Packet::Connect(connect) = packet else {
             return Err(Violation::FirstPacketNotConnect(packet.packet_type()));
         };
+        // Keep-alive 0 turns the client's pings off, not the server's limit: a silent
+        // connection still ends after the longest idle time IoT Hub allows.
         self.idle_timeout = match connect.keep_alive {
-            0 => None,
+            0 => Some(MAX_IDLE),
             secs => Some((Duration::from_secs(u64::from(secs)) * 3 / 2).min(MAX_IDLE)),
         };
         self.clean_session = connect.clean_session;
@@ -826,12 +839,30 @@ mod tests {
     }
 
     #[test]
-    fn keep_alive_0_means_no_deadline() {
+    fn keep_alive_0_still_gets_the_idle_limit() {
         let t0 = Instant::now();
         let mut s = connected(t0, 0);
-        assert_eq!(s.poll_timeout(), None);
-        assert_eq!(s.handle_timeout(t0 + secs(1_000_000)), Ok(()));
-        assert_eq!(s.state(), State::Connected);
+        assert_eq!(s.poll_timeout(), Some(t0 + secs(1767)));
+        assert_eq!(s.handle_timeout(t0 + secs(1766)), Ok(()));
+        assert_eq!(
+            s.handle_timeout(t0 + secs(1767)),
+            Err(Violation::KeepAliveTimeout)
+        );
+    }
+
+    #[test]
+    fn until_connect_a_frame_may_hold_at_most_8_kib() {
+        let t0 = Instant::now();
+        let mut s = ServerSession::new(t0, SessionConfig::default());
+        assert_eq!(s.limits().max_frame, 8 * 1024);
+        // A remaining length claiming 300 KB is refused from its header alone.
+        assert!(matches!(
+            crate::check(&[0x10, 0x80, 0xC0, 0x12], s.limits()),
+            Err(crate::Error::FrameTooLarge { .. })
+        ));
+        feed(&mut s, t0, &connect(60)).expect("CONNECT accepted");
+        s.accept(false);
+        assert_eq!(s.limits().max_frame, Limits::default().max_frame);
     }
 
     #[test]

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use futures_lite::future;
 use roost_iothub::props::{encode_bag, PropertyBag, SystemProps};
-use roost_iothub::topic::{device_may_subscribe, parse_publish_topic, DeviceTopic};
+use roost_iothub::topic::DeviceFilter;
 use roost_model::link::DeviceCommand;
 use roost_mqtt::{
     ConnectReturnCode, Error as MqttError, Event, QoS, ServerSession, SessionConfig, State, Str,
@@ -21,7 +21,7 @@ use roost_mqtt::{
 };
 use roost_session::auth::mqtt_credentials;
 use roost_session::telemetry::{self, MAX_D2C_BODY};
-use roost_session::DisconnectReason;
+use roost_session::{DisconnectReason, PreAuthSlot};
 
 use crate::session::{unix_now, DeviceSession};
 use crate::shard::Shard;
@@ -44,29 +44,15 @@ enum Woken {
 
 /// The device-bound filters a session subscribed to, with the QoS granted for each.
 #[derive(Default, Clone, Copy)]
-struct Subscribed {
-    c2d: Option<QoS>,
-    methods: Option<QoS>,
-    twin_responses: Option<QoS>,
-    desired: Option<QoS>,
-}
+struct Subscribed([Option<QoS>; DeviceFilter::ALL.len()]);
 
 impl Subscribed {
-    /// The slot `filter` fills, if it is one of the device-bound filters.
-    fn slot(&mut self, filter: &str) -> Option<&mut Option<QoS>> {
-        match filter {
-            "$iothub/twin/res/#" => Some(&mut self.twin_responses),
-            "$iothub/methods/POST/#" => Some(&mut self.methods),
-            "$iothub/twin/PATCH/properties/desired/#" => Some(&mut self.desired),
-            f if f.ends_with("/messages/devicebound/#") => Some(&mut self.c2d),
-            _ => None,
-        }
+    fn set(&mut self, filter: DeviceFilter, qos: Option<QoS>) {
+        self.0[filter.index()] = qos;
     }
 
-    fn forget(&mut self, filter: &str) {
-        if let Some(slot) = self.slot(filter) {
-            *slot = None;
-        }
+    fn qos(&self, filter: DeviceFilter) -> Option<QoS> {
+        self.0[filter.index()]
     }
 }
 
@@ -80,8 +66,9 @@ struct Conn {
     wbuf: BytesMut,
 }
 
-/// Serves one accepted connection (plain or TLS) to the end.
-pub async fn serve(shard: std::rc::Rc<Shard>, mut wire: Wire) {
+/// Serves one accepted connection (plain or TLS) to the end. `pre_auth` is its place under
+/// the caps on unauthenticated connections, given back when it authenticates or ends.
+pub async fn serve(shard: std::rc::Rc<Shard>, mut wire: Wire, pre_auth: PreAuthSlot) {
     let mut rbuf = BytesMut::new();
     let handshake = async { Some(wire.handshake(&shard.rx, &mut rbuf).await) };
     let timeout = async {
@@ -105,7 +92,7 @@ pub async fn serve(shard: std::rc::Rc<Shard>, mut wire: Wire) {
     }
     let now = Instant::now();
     let mut conn = Conn {
-        session: DeviceSession::open(shard),
+        session: DeviceSession::open(shard, pre_auth),
         mqtt: ServerSession::new(now, SessionConfig::default()),
         subscribed: Subscribed::default(),
         rbuf,
@@ -211,10 +198,16 @@ impl Conn {
                 }
                 Woken::Durable(Err(_)) => Err(DisconnectReason::LogWriteFailed),
                 Woken::Signal(Wake::Close(reason)) => Err(reason),
-                Woken::Signal(Wake::CheckTimeout) => self
-                    .mqtt
-                    .handle_timeout(Instant::now())
-                    .map_err(|v| DisconnectReason::Protocol(v.error_code())),
+                Woken::Signal(Wake::CheckTimeout) => {
+                    let now = Instant::now();
+                    if self.session.expired(now) {
+                        Err(DisconnectReason::TokenExpired)
+                    } else {
+                        self.mqtt
+                            .handle_timeout(now)
+                            .map_err(|v| DisconnectReason::Protocol(v.error_code()))
+                    }
+                }
                 Woken::Signal(Wake::Inbox) => self.drain_inbox(),
             };
             if let Err(reason) = step {
@@ -309,7 +302,9 @@ impl Conn {
                 }
                 Event::Unsubscribe(u) => {
                     for f in &u.filters {
-                        self.subscribed.forget(f.as_str());
+                        if let Some(kind) = self.classify(f.as_str()) {
+                            self.subscribed.set(kind, None);
+                        }
                     }
                     self.mqtt.ack_unsubscribe(u.pkid);
                 }
@@ -320,19 +315,23 @@ impl Conn {
         Ok(())
     }
 
-    /// SUBACK code for a filter (IoT Hub's policy, spec §2.3), remembering device-bound ones.
+    /// Which device-bound filter `filter` is for this session's identity, if it may have it.
+    fn classify(&self, filter: &str) -> Option<DeviceFilter> {
+        let identity = self.session.identity()?;
+        DeviceFilter::classify(filter, &identity.device_id, identity.module_id.as_deref())
+    }
+
+    /// SUBACK code for a filter (IoT Hub's policy, spec §2.3), remembering what was granted.
     fn grant(&mut self, filter: &str, qos: QoS) -> SubackCode {
-        if !device_may_subscribe(filter) {
+        let Some(kind) = self.classify(filter) else {
             return SubackCode::Failure;
-        }
+        };
         let granted = if qos == QoS::AtMostOnce {
             QoS::AtMostOnce
         } else {
             QoS::AtLeastOnce
         };
-        if let Some(slot) = self.subscribed.slot(filter) {
-            *slot = Some(granted);
-        }
+        self.subscribed.set(kind, Some(granted));
         SubackCode::Granted(granted)
     }
 
@@ -341,28 +340,24 @@ impl Conn {
     /// counted: IoT Hub delivers nothing to an unsubscribed device, and when to hold a command
     /// for a subscription yet to come is the cloud-to-device issue's to decide.
     fn drain_inbox(&mut self) -> Result<(), Reason> {
-        if self.session.identity().is_none() {
+        let Some(identity) = self.session.identity() else {
             return Ok(());
-        }
+        };
+        let device = identity.device_id.clone();
         while self.mqtt.can_send() {
             let Some(command) = self.session.next_command() else {
                 return Ok(());
             };
             let kind = command.kind();
-            let Some(identity) = self.session.identity() else {
-                return Ok(());
-            };
-            let (topic, body, qos) = match command {
+            let (filter, topic, body) = match command {
+                // The shard closes a connection told to disconnect without going through its
+                // inbox; one found here all the same is obeyed.
                 DeviceCommand::Disconnect { .. } => return Err(DisconnectReason::ClosedByService),
                 DeviceCommand::C2d {
                     message_id,
                     properties,
                     body,
                 } => {
-                    let Some(qos) = self.subscribed.c2d else {
-                        self.dropped(kind);
-                        continue;
-                    };
                     let bag = encode_bag(&PropertyBag {
                         system: SystemProps {
                             message_id: Some(message_id),
@@ -370,54 +365,41 @@ impl Conn {
                         },
                         app: properties,
                     });
-                    let device = &identity.device_id;
                     (
+                        DeviceFilter::CloudToDevice,
                         format!("devices/{device}/messages/devicebound/{bag}"),
                         body,
-                        qos,
                     )
                 }
-                DeviceCommand::MethodRequest { name, rid, payload } => {
-                    let Some(qos) = self.subscribed.methods else {
-                        self.dropped(kind);
-                        continue;
-                    };
-                    (
-                        format!("$iothub/methods/POST/{name}/?$rid={rid}"),
-                        payload,
-                        qos,
-                    )
-                }
-                DeviceCommand::DesiredPatch { version, body } => {
-                    let Some(qos) = self.subscribed.desired else {
-                        self.dropped(kind);
-                        continue;
-                    };
-                    (
-                        format!("$iothub/twin/PATCH/properties/desired/?$version={version}"),
-                        body,
-                        qos,
-                    )
-                }
+                DeviceCommand::MethodRequest { name, rid, payload } => (
+                    DeviceFilter::Methods,
+                    format!("$iothub/methods/POST/{name}/?$rid={rid}"),
+                    payload,
+                ),
+                DeviceCommand::DesiredPatch { version, body } => (
+                    DeviceFilter::DesiredPatches,
+                    format!("$iothub/twin/PATCH/properties/desired/?$version={version}"),
+                    body,
+                ),
                 DeviceCommand::TwinResponse {
                     rid,
                     status,
                     version,
                     body,
                 } => {
-                    let Some(qos) = self.subscribed.twin_responses else {
-                        self.dropped(kind);
-                        continue;
-                    };
                     let version = version
                         .map(|v| format!("&$version={v}"))
                         .unwrap_or_default();
                     (
+                        DeviceFilter::TwinResponses,
                         format!("$iothub/twin/res/{status}/?$rid={rid}{version}"),
                         body,
-                        qos,
                     )
                 }
+            };
+            let Some(qos) = self.subscribed.qos(filter) else {
+                self.dropped(kind);
+                continue;
             };
             if let Err(e) = self
                 .mqtt
@@ -444,19 +426,7 @@ impl Conn {
         let Some(identity) = self.session.identity() else {
             return Err(DisconnectReason::PublishBeforeConnect);
         };
-        let topic =
-            parse_publish_topic(p.topic.as_str()).map_err(|_| DisconnectReason::NotIotHubTopic)?;
-        let DeviceTopic::Telemetry {
-            device,
-            module,
-            bag,
-        } = topic
-        else {
-            return Err(DisconnectReason::UnsupportedTopic);
-        };
-        if device != identity.device_id || module != identity.module_id.as_deref() {
-            return Err(DisconnectReason::TopicDeviceMismatch);
-        }
+        let bag = telemetry::publish_bag(identity, p.topic.as_str())?;
         if p.payload.len() > MAX_D2C_BODY {
             return Err(DisconnectReason::PayloadTooLarge);
         }

@@ -51,6 +51,8 @@ use link::{EngineState, Origin, Update};
 pub use listeners::{ListenerSpec, Protocol};
 pub use log::Durability;
 use metrics::Metrics;
+pub use roost_session::PreAuthLimits;
+pub use roost_storage::retention::Retention;
 use router::RouterTx;
 use shard::{ShardCommand, ShardListener, Shared};
 
@@ -75,11 +77,108 @@ pub struct EngineConfig {
     /// Shortest time between two commits of a partition: a trickle of messages shares one
     /// sync per window; a batch of 64 KiB or more is committed at once.
     pub commit_window: Duration,
+    /// Caps on device connections not yet authenticated.
+    pub pre_auth: PreAuthLimits,
+    /// What the events log keeps.
+    pub retention: Retention,
+}
+
+/// Applies the events log's retention on a thread of its own: every partition, every minute
+/// (or a quarter of the retention time, if that is shorter; at least every second).
+fn start_retention(
+    log: Arc<dyn LogStore>,
+    policy: Retention,
+    metrics: Arc<Metrics>,
+) -> anyhow::Result<()> {
+    let every = (policy.max_age / 4).clamp(Duration::from_secs(1), Duration::from_secs(60));
+    std::thread::Builder::new()
+        .name("retention".into())
+        .spawn(move || loop {
+            std::thread::sleep(every);
+            let now_ms = session::unix_now().as_millis() as u64;
+            for p in 0..log.partition_count() {
+                match roost_storage::retention::enforce(log.as_ref(), p, policy, now_ms) {
+                    Ok(t) if t.records > 0 => {
+                        metrics
+                            .events_expired
+                            .with_label_values(&[&p.to_string()])
+                            .inc_by(t.records);
+                        tracing::info!(
+                            partition = p,
+                            records = t.records,
+                            first = t.first,
+                            "retention deleted old records"
+                        );
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(partition = p, error = %e, "retention pass failed"),
+                }
+            }
+        })
+        .context("starting the retention thread")?;
+    Ok(())
+}
+
+/// Serves the ops port (metrics, probes, the events consumer API) on a thread of its own, so a
+/// slow read of the log never delays the control link or the router. Returns once it listens.
+fn start_ops(
+    addr: SocketAddr,
+    ops: Arc<ops::Ops>,
+    token: String,
+    metrics: Arc<Metrics>,
+) -> anyhow::Result<()> {
+    let (bound_tx, bound_rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("ops".into())
+        .spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    let _ = bound_tx.send(Err(anyhow::anyhow!("ops runtime: {e}")));
+                    return;
+                }
+            };
+            runtime.block_on(async move {
+                let listener = match tokio::net::TcpListener::bind(addr).await {
+                    Ok(l) => l,
+                    Err(e) => {
+                        let _ = bound_tx.send(Err(anyhow::anyhow!(
+                            "cannot listen on ops address {addr}: {e}"
+                        )));
+                        return;
+                    }
+                };
+                let _ = bound_tx.send(Ok(()));
+                let limited = metrics.ops_limited.clone();
+                let limits = httpd::Limits {
+                    on_limit: Arc::new(move |reason| limited.with_label_values(&[reason]).inc()),
+                    ..httpd::Limits::new()
+                };
+                httpd::serve(
+                    listener,
+                    None,
+                    limits,
+                    httpd::admit_bearer(token, ops::MAX_REQUEST_BODY),
+                    move |req| ops.clone().handle(req),
+                )
+                .await;
+            });
+        })
+        .context("starting the ops thread")?;
+    bound_rx
+        .recv()
+        .map_err(|_| anyhow::anyhow!("the ops thread ended before listening"))?
 }
 
 /// Runs the engine until SIGINT or SIGTERM. `on_ready` is called once every shard listens and
 /// the ops port is up.
 pub fn run(config: EngineConfig, on_ready: impl FnOnce() + Send + 'static) -> anyhow::Result<()> {
+    roost_common::hubfile::private_dir(&config.data_dir)?;
+    roost_common::hubfile::private_dir(&config.data_dir.join("engine"))?;
+    let ops_token = roost_common::hubfile::ops_token(&config.data_dir)?;
     let certs = CertPaths::new(&config.data_dir);
     let db = EngineDb::open(&config.data_dir.join("engine"), config.cores)?;
     let log: Arc<dyn LogStore> = Arc::new(db.log());
@@ -134,6 +233,7 @@ pub fn run(config: EngineConfig, on_ready: impl FnOnce() + Send + 'static) -> an
         commit_window: config.commit_window,
         router: router.clone(),
         nudges: nudges.clone(),
+        pre_auth: roost_session::PreAuthGate::new(config.pre_auth),
     });
 
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
@@ -179,15 +279,17 @@ pub fn run(config: EngineConfig, on_ready: impl FnOnce() + Send + 'static) -> an
         state,
     });
 
+    let ops = Arc::new(ops::Ops {
+        log: log.clone(),
+        metrics: metrics.clone(),
+    });
+    start_ops(config.ops, ops, ops_token, metrics.clone())?;
+    start_retention(log.clone(), config.retention, metrics.clone())?;
+
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     runtime.block_on(async {
-        let ops_listener = tokio::net::TcpListener::bind(config.ops)
-            .await
-            .with_context(|| format!("cannot listen on ops address {}", config.ops))?;
-        let ops = Arc::new(ops::Ops { log: log.clone(), metrics: metrics.clone() });
-        tokio::spawn(httpd::serve(ops_listener, None, move |req| ops.clone().handle(req)));
         tokio::spawn(router::run(router_rx, cmd_txs.clone(), to_control.clone(), metrics.clone()));
         tokio::spawn(link::run(link_ctx, from_router, to_control));
         let listening: Vec<String> = config.listeners.iter().map(ToString::to_string).collect();

@@ -166,7 +166,10 @@ pub fn apply(state: &EngineState, update: Update, origin: Origin) -> Result<(), 
             if persist {
                 state.replica.apply(from_seq, &changes)?;
             }
-            let revoked = changes.iter().filter_map(revoked_by_change).collect();
+            let revoked = changes
+                .iter()
+                .filter_map(|c| revoked_by_change(&current, c))
+                .collect();
             publish(state, current.with_changes(&changes), revoked);
         }
     }
@@ -187,21 +190,31 @@ fn publish(state: &EngineState, next: Projection, revoked: Vec<String>) {
     }
 }
 
-fn revoked_by_change(change: &RegistryChange) -> Option<String> {
-    match change {
-        RegistryChange::Upsert(DeviceAuth {
-            device_id,
-            enabled: false,
-            ..
-        }) => Some(device_id.clone()),
-        RegistryChange::Upsert(_) => None,
-        RegistryChange::Delete { device_id } => Some(device_id.clone()),
-    }
+/// Whether connections authenticated under `old` may not stay once `new` (`None`: deleted)
+/// is in force: the device is gone or disabled, or its keys changed (a token signed with the
+/// key that was regenerated must not outlive it).
+fn revokes(old: &DeviceAuth, new: Option<&DeviceAuth>) -> bool {
+    new.is_none_or(|new| {
+        !new.enabled
+            || new.primary_key != old.primary_key
+            || new.secondary_key != old.secondary_key
+            || new.generation_id != old.generation_id
+    })
+}
+
+/// The device whose connections `change` ends, if any.
+fn revoked_by_change(current: &Projection, change: &RegistryChange) -> Option<String> {
+    let (device_id, new) = match change {
+        RegistryChange::Upsert(d) => (&d.device_id, Some(d)),
+        RegistryChange::Delete { device_id } => (device_id, None),
+    };
+    let old = current.device(device_id)?;
+    revokes(old, new).then(|| device_id.clone())
 }
 
 fn revoked_by_snapshot(old: &Projection, new: &Projection) -> Vec<String> {
     old.device_ids()
-        .filter(|id| new.device(id).is_none_or(|d| !d.enabled))
+        .filter(|id| old.device(id).is_some_and(|d| revokes(d, new.device(id))))
         .map(str::to_string)
         .collect()
 }
@@ -567,10 +580,47 @@ mod tests {
             Origin::Control,
         )
         .expect("delta");
+        assert_eq!(revocations(&mut rx), ["a", "b"]);
+    }
+
+    fn revocations(rx: &mut UnboundedReceiver<RouterInput>) -> Vec<String> {
         let mut revoked = Vec::new();
         while let Ok(RouterInput::Revoke { device_id }) = rx.try_recv() {
             revoked.push(device_id);
         }
-        assert_eq!(revoked, vec!["a".to_string(), "b".to_string()]);
+        revoked
+    }
+
+    #[test]
+    fn a_key_change_revokes_and_an_unchanged_upsert_does_not() {
+        let store = Arc::new(MemStore::new(0));
+        let (state, mut rx) = engine(store.clone());
+        let devices = vec![dev("a", true), dev("b", true), dev("c", true)];
+        let snapshot = |seq, devices| Update::Snapshot { seq, devices };
+        apply(&state, snapshot(1, devices), Origin::Control).expect("snapshot");
+        apply(
+            &state,
+            Update::Deltas {
+                from_seq: 1,
+                changes: vec![
+                    RegistryChange::Upsert(DeviceAuth::with_keys("a", true, &[3], &[2])),
+                    RegistryChange::Upsert(DeviceAuth::with_keys("b", true, &[1], &[4])),
+                    RegistryChange::Upsert(dev("c", true)),
+                    RegistryChange::Upsert(dev("new", true)),
+                ],
+            },
+            Origin::Control,
+        )
+        .expect("delta");
+        assert_eq!(revocations(&mut rx), ["a", "b"]);
+        // A snapshot that changes c's keys (the link came back after a regeneration).
+        let devices = vec![
+            DeviceAuth::with_keys("a", true, &[3], &[2]),
+            DeviceAuth::with_keys("b", true, &[1], &[4]),
+            DeviceAuth::with_keys("c", true, &[5], &[2]),
+            dev("new", true),
+        ];
+        apply(&state, snapshot(3, devices), Origin::Control).expect("snapshot");
+        assert_eq!(revocations(&mut rx), ["c"]);
     }
 }

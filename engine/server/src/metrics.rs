@@ -31,8 +31,14 @@ pub struct Metrics {
     pub epochs: IntCounterVec,
     /// Commands from control, by `kind` and `outcome`.
     pub commands: IntCounterVec,
+    /// Ops-port connections refused or cut by a limit, by `reason`.
+    pub ops_limited: IntCounterVec,
     pub registry_sequence: IntGauge,
     pub registry_devices: IntGauge,
+    /// Records retention deleted from the events log, by `partition`.
+    pub events_expired: IntCounterVec,
+    /// Records a consumer group has yet to read, by `group` and `partition` (set at scrape).
+    pub consumer_lag: IntGaugeVec,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -90,7 +96,25 @@ impl Metrics {
             "roost_registry_devices",
             "Devices in the engine's registry replica.",
         );
+        let consumer_lag = IntGaugeVec::new(
+            Opts::new(
+                "roost_events_consumer_lag",
+                "Records of the events log a consumer group has not read yet (from its checkpoint, or the first retained offset if that is later).",
+            ),
+            &["group", "partition"],
+        )
+        .expect("static metric");
+        registry
+            .register(Box::new(consumer_lag.clone()))
+            .expect("registered once");
         Self {
+            events_expired: counter(
+                &registry,
+                "roost_events_expired_total",
+                "Records deleted from the events log by retention (age or size), by partition.",
+                &["partition"],
+            ),
+            consumer_lag,
             epochs: counter(
                 &registry,
                 "roost_link_epochs_total",
@@ -102,6 +126,12 @@ impl Metrics {
                 "roost_link_commands_total",
                 "Commands from control for a device session, by kind and outcome.",
                 &["kind", "outcome"],
+            ),
+            ops_limited: counter(
+                &registry,
+                "roost_ops_http_limited_total",
+                "Ops-port connections refused or cut by a limit, by reason (connection_limit, header_read_timeout).",
+                &["reason"],
             ),
             connections_accepted: counter(
                 &registry,

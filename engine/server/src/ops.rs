@@ -26,13 +26,15 @@ pub struct Ops {
 
 /// Most records one read returns.
 const MAX_READ: usize = 10_000;
+/// Largest request body the ops port reads (a checkpoint commit, a few hundred bytes).
+pub const MAX_REQUEST_BODY: usize = 64 * 1024;
 
 impl Ops {
     pub async fn handle(self: Arc<Self>, req: Req) -> Resp {
         let path = req.uri().path().to_string();
         let segments = path_segments(&path);
-        // Bounded reads (at most MAX_READ records, usually from the memtable) are served on
-        // this thread: handing each to a blocking-pool thread cost more than the read (about
+        // Bounded reads (at most MAX_READ records and 4 MiB, usually from the memtable) are
+        // served on the ops thread (not the control link's): handing each to a blocking-pool thread cost more than the read (about
         // 40 µs of CPU per empty poll, in thread wake-ups). Consumer-group requests, which
         // may write a synced checkpoint, go to the blocking pool.
         if !matches!(segments.as_slice(), ["events", "groups", ..]) {
@@ -49,6 +51,7 @@ impl Ops {
         match (method, segments) {
             (&Method::GET, ["healthz"]) => httpd::text(StatusCode::OK, "ok\n"),
             (&Method::GET, ["metrics"]) => {
+                self.update_consumer_lag();
                 let mut r = httpd::text(StatusCode::OK, self.metrics.encode());
                 r.headers_mut().insert(
                     "content-type",
@@ -70,6 +73,26 @@ impl Ops {
                 self.checkpoint(&httpd::percent_decode(g), req)
             }
             _ => httpd::text(StatusCode::NOT_FOUND, "no such ops endpoint\n"),
+        }
+    }
+
+    /// `roost_events_consumer_lag` as of now: for each checkpoint, the records between it (or
+    /// the first retained offset, if retention passed it) and the partition's end.
+    fn update_consumer_lag(&self) {
+        let (Ok(checkpoints), Ok(partitions)) = (self.log.checkpoints(), self.log.partitions())
+        else {
+            return;
+        };
+        self.metrics.consumer_lag.reset();
+        for (group, p, next) in checkpoints {
+            let Some(info) = partitions.iter().find(|i| i.partition == p) else {
+                continue;
+            };
+            let lag = info.next.saturating_sub(next.max(info.first));
+            self.metrics
+                .consumer_lag
+                .with_label_values(&[group.as_str(), &p.to_string()])
+                .set(lag as i64);
         }
     }
 

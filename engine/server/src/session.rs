@@ -16,7 +16,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use roost_model::link::{DeviceCommand, EngineFrame};
 use roost_model::Message;
 use roost_session::auth::{authenticate_sas, SasClaim};
-use roost_session::{DisconnectReason, Identity, Ingest, Refusal};
+use roost_session::{DisconnectReason, Identity, Ingest, PreAuthSlot, Refusal};
 
 use crate::shard::{ConnHandles, Shard};
 use crate::signal::Signal;
@@ -29,21 +29,32 @@ pub struct DeviceSession<A> {
     gid: u64,
     handles: Rc<ConnHandles>,
     identity: Option<Identity>,
+    /// Held until the session authenticates: its place under the engine's caps on
+    /// unauthenticated connections.
+    pre_auth: PreAuthSlot,
+    /// When the token the session authenticated with expires; the session ends then.
+    expires_at: Option<Instant>,
     refused: bool,
+    /// Set once [`Self::finish`] has run.
+    ended: bool,
     ingest: Ingest<A>,
     last_activity: Instant,
 }
 
 impl<A> DeviceSession<A> {
-    /// A session for a connection that has just opened on `shard`.
-    pub fn open(shard: Rc<Shard>) -> Self {
+    /// A session for a connection that has just opened on `shard`, holding `pre_auth` (taken
+    /// at accept) until it authenticates.
+    pub fn open(shard: Rc<Shard>, pre_auth: PreAuthSlot) -> Self {
         let (gid, handles) = shard.register();
         Self {
             shard,
             gid,
             handles,
             identity: None,
+            pre_auth,
+            expires_at: None,
             refused: false,
+            ended: false,
             ingest: Ingest::default(),
             last_activity: Instant::now(),
         }
@@ -53,9 +64,20 @@ impl<A> DeviceSession<A> {
         &self.handles.signal
     }
 
-    /// The protocol's next deadline (connect, keep-alive); `None` for none.
+    /// The protocol's next deadline (connect, keep-alive); `None` for none. The session's own,
+    /// its token's expiry, is filed with it: whichever comes first wakes the connection.
     pub fn set_deadline(&self, at: Option<Instant>) {
+        let at = match (at, self.expires_at) {
+            (Some(a), Some(e)) => Some(a.min(e)),
+            (a, e) => a.or(e),
+        };
         self.shard.set_deadline(self.gid, &self.handles, at);
+    }
+
+    /// Whether the session's credentials have ended by `now`: the adapter then closes the
+    /// connection with [`DisconnectReason::TokenExpired`].
+    pub fn expired(&self, now: Instant) -> bool {
+        self.expires_at.is_some_and(|e| e <= now)
     }
 
     pub fn identity(&self) -> Option<&Identity> {
@@ -66,11 +88,12 @@ impl<A> DeviceSession<A> {
     /// its client id. A refusal is counted with its reason.
     pub fn authenticate(&mut self, claim: &SasClaim<'_>) -> Result<&Identity, Refusal> {
         let registry = self.shard.shared.registry.load();
+        let now_unix = unix_now();
         let identity = match authenticate_sas(
             claim,
             &registry,
             &self.shard.shared.hostname,
-            unix_now().as_secs(),
+            now_unix.as_secs(),
         ) {
             Ok(identity) => identity,
             Err(refusal) => {
@@ -78,6 +101,9 @@ impl<A> DeviceSession<A> {
                 return Err(refusal);
             }
         };
+        self.pre_auth.release();
+        self.expires_at =
+            Instant::now().checked_add(token_lifetime(identity.token_expiry, now_unix));
         // The router reports the client connected, in claim order with every shard's.
         self.shard.claim(&identity, self.gid);
         let m = &self.shard.metrics;
@@ -165,21 +191,55 @@ impl<A> DeviceSession<A> {
     /// Ends the session: unregisters it (the router tells control the client left, unless a
     /// newer connection of it holds its client id by now), counts why, and counts the commands
     /// still in its inbox as dropped.
-    pub fn finish(self, reason: DisconnectReason) {
-        let shard = &self.shard;
+    pub fn finish(mut self, reason: DisconnectReason) {
+        self.ended = true;
+        self.end(Some(reason));
+    }
+
+    /// `reason` is `None` for a session dropped without [`Self::finish`]: its task panicked,
+    /// which the shard counts.
+    fn end(&mut self, reason: Option<DisconnectReason>) {
+        let shard = self.shard.clone();
         shard.unregister(self.gid, self.identity.as_ref());
         while let Some(command) = self.next_command() {
             shard.metrics.commands_dropped.inc(command.kind());
         }
+        let identity = self.identity.take();
         if self.refused {
             return;
         }
-        shard.metrics.disconnects.inc(reason.error_code());
-        let Some(identity) = &self.identity else {
+        if let Some(reason) = reason {
+            shard.metrics.disconnects.inc(reason.error_code());
+        }
+        let Some(identity) = identity else {
             return;
         };
         shard.metrics.connections_current.dec();
-        tracing::debug!(device = %identity.device_id, reason = reason.error_code(), "device disconnected");
+        tracing::debug!(device = %identity.device_id, reason = reason.map(|r| r.error_code()), "device disconnected");
+    }
+}
+
+impl<A> Drop for DeviceSession<A> {
+    /// A session whose task ended without [`DeviceSession::finish`] (a panic) still leaves the
+    /// shard and the router as a finished one does.
+    fn drop(&mut self) {
+        if !self.ended {
+            self.ended = true;
+            self.end(None);
+        }
+    }
+}
+
+/// How long a connection that authenticated at `now_unix` with a token expiring at `expiry`
+/// (Unix seconds) may live: until the token's `se`, as IoT Hub does. A token already past `se`
+/// but inside the clock skew CONNECT tolerates (spec §1.2 step 4) gets that tolerance once: it
+/// lives until `se` plus the skew, not zero seconds.
+fn token_lifetime(expiry: u64, now_unix: Duration) -> Duration {
+    let se = Duration::from_secs(expiry);
+    if se > now_unix {
+        se - now_unix
+    } else {
+        (se + Duration::from_secs(roost_iothub::sas::EXPIRY_SKEW_SECS)).saturating_sub(now_unix)
     }
 }
 
@@ -187,4 +247,19 @@ pub fn unix_now() -> Duration {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_connection_lives_until_its_token_expires() {
+        let now = Duration::from_secs(1_000_000);
+        assert_eq!(token_lifetime(1_003_600, now), Duration::from_secs(3600));
+        // Accepted inside the skew: the rest of the skew, once.
+        assert_eq!(token_lifetime(999_900, now), Duration::from_secs(200));
+        assert_eq!(token_lifetime(1_000_000, now), Duration::from_secs(300));
+        assert_eq!(token_lifetime(0, now), Duration::ZERO);
+    }
 }

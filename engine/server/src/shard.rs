@@ -16,7 +16,7 @@ use glommio::{Latency, Shares};
 use rkyv::util::AlignedVec;
 use roost_model::link::{CommandOutcome, DeviceCommand};
 use roost_registry::Registry;
-use roost_session::{Deadlines, DisconnectReason, Holder, Identity, Inbox};
+use roost_session::{Deadlines, DisconnectReason, Holder, Identity, Inbox, PreAuthGate};
 use roost_storage::LogStore;
 use rustls::ServerConfig;
 
@@ -58,6 +58,8 @@ pub struct Shared {
     pub router: RouterTx,
     /// Each shard's wake-up from outside (`nudge.rs`), by shard id.
     pub nudges: Vec<crate::nudge::Nudge>,
+    /// The caps on unauthenticated connections, over every shard and listener.
+    pub pre_auth: Arc<PreAuthGate>,
 }
 
 /// A listener as a shard binds it.
@@ -342,6 +344,21 @@ pub async fn run(
     shard.metrics.flush();
 }
 
+/// TCP keep-alive on every device connection: a peer that vanished without a FIN (a device
+/// losing power, a NAT forgetting the flow) is found within about 3 minutes (probes after 2
+/// minutes idle, every 20 s, 3 of them), even when the protocol's own idle limit is longer.
+fn set_tcp_keepalive(stream: &glommio::net::TcpStream) -> std::io::Result<()> {
+    use std::os::fd::{AsRawFd, BorrowedFd};
+    #[allow(unsafe_code)]
+    // SAFETY: the descriptor belongs to `stream`, which outlives this borrow.
+    let fd = unsafe { BorrowedFd::borrow_raw(stream.as_raw_fd()) };
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(120))
+        .with_interval(Duration::from_secs(20))
+        .with_retries(3);
+    socket2::SockRef::from(&fd).set_tcp_keepalive(&keepalive)
+}
+
 async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, spec: ShardListener) {
     loop {
         let stream = match listener.accept().await {
@@ -352,7 +369,29 @@ async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, spec: ShardListene
                 continue;
             }
         };
+        // Before anything is read or allocated for it: a place under the caps on
+        // unauthenticated connections, or the connection is closed at once.
+        let source = match stream.peer_addr() {
+            Ok(addr) => addr.ip(),
+            Err(_) => {
+                shard
+                    .metrics
+                    .disconnects
+                    .inc(DisconnectReason::IoError.error_code());
+                continue;
+            }
+        };
+        let slot = match shard.shared.pre_auth.enter(source) {
+            Ok(slot) => slot,
+            Err(reason) => {
+                shard.metrics.disconnects.inc(reason.error_code());
+                continue;
+            }
+        };
         let _ = stream.set_nodelay(true);
+        if let Err(e) = set_tcp_keepalive(&stream) {
+            tracing::debug!(error = %e, "cannot set TCP keep-alive");
+        }
         let wire = match &spec.tls {
             None => Wire::plain(stream),
             Some(cfg) => match Wire::tls(stream, cfg.clone()) {
@@ -369,8 +408,74 @@ async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, spec: ShardListene
         };
         match spec.protocol {
             Protocol::Mqtt => {
-                glommio::spawn_local(conn::serve(shard.clone(), wire)).detach();
+                spawn_connection(&shard, conn::serve(shard.clone(), wire, slot));
             }
         }
+    }
+}
+
+/// Runs one connection's task behind an unwind boundary: a panic (a bug) ends that connection,
+/// is counted (`disconnects{reason="panicked"}`) and logged, and the shard goes on. The
+/// connection's session leaves the shard and the router as it is dropped (its `Drop`).
+fn spawn_connection(shard: &Rc<Shard>, task: impl std::future::Future<Output = ()> + 'static) {
+    let shard = shard.clone();
+    glommio::spawn_local(unwind_boundary(task, move || {
+        shard
+            .metrics
+            .disconnects
+            .inc(DisconnectReason::Panicked.error_code());
+        tracing::error!(
+            shard = shard.id,
+            "a connection's task panicked; it was closed"
+        );
+    }))
+    .detach();
+}
+
+/// `task`, with a panic inside it caught and turned into a call of `on_panic`.
+async fn unwind_boundary(task: impl std::future::Future<Output = ()>, on_panic: impl FnOnce()) {
+    use futures_lite::FutureExt;
+    if std::panic::AssertUnwindSafe(task)
+        .catch_unwind()
+        .await
+        .is_err()
+    {
+        on_panic();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::Cell;
+    use std::rc::Rc;
+
+    use glommio::{LocalExecutorBuilder, Placement};
+
+    use super::unwind_boundary;
+
+    #[test]
+    fn a_panicking_connection_task_is_caught_and_the_executor_goes_on() {
+        let handle = LocalExecutorBuilder::new(Placement::Unbound)
+            .io_memory(1 << 20)
+            .spawn(|| async {
+                let caught = Rc::new(Cell::new(0));
+                let c = caught.clone();
+                let bug = glommio::spawn_local(unwind_boundary(
+                    async {
+                        glommio::yield_if_needed().await;
+                        panic!("a bug in one connection");
+                    },
+                    move || c.set(c.get() + 1),
+                ));
+                let healthy = glommio::spawn_local(unwind_boundary(async {}, || {
+                    unreachable!("no panic here")
+                }));
+                bug.await;
+                healthy.await;
+                // The executor still runs tasks after the panic.
+                glommio::spawn_local(async { 42 }).await + caught.get()
+            })
+            .expect("executor");
+        assert_eq!(handle.join().expect("the executor survived"), 43);
     }
 }

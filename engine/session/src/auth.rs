@@ -38,6 +38,9 @@ pub enum Refusal {
     WrongAudience,
     PolicyToken,
     UnknownDevice,
+    /// A module the registry does not hold. Modules have their own identities and keys; until
+    /// the registry holds modules, none authenticates (a device's key never makes one).
+    UnknownModule,
     SignatureMismatch,
     TokenExpired,
     DeviceDisabled,
@@ -53,6 +56,7 @@ impl Refusal {
             Refusal::WrongAudience => "wrong_audience",
             Refusal::PolicyToken => "policy_token",
             Refusal::UnknownDevice => "unknown_device",
+            Refusal::UnknownModule => "unknown_module",
             Refusal::SignatureMismatch => "signature_mismatch",
             Refusal::TokenExpired => "token_expired",
             Refusal::DeviceDisabled => "device_disabled",
@@ -104,8 +108,9 @@ pub fn mqtt_credentials<'a>(
 }
 
 /// Checks a claimed identity's SAS token against the registry: the token must be a device
-/// token (no policy name) for exactly this identity, signed with one of the device's keys and
-/// unexpired, and the device must be enabled.
+/// token (no policy name) whose `sr` names exactly this identity (not the hub, not the device
+/// of a module), signed with one of the identity's keys and unexpired, and the device must be
+/// enabled.
 ///
 /// The signature is checked before the device's status, so a disabled device is only reported
 /// as disabled to a client that holds its key.
@@ -128,10 +133,15 @@ pub fn authenticate_sas(
         Some(m) => format!("{hostname}/devices/{device}/modules/{m}"),
         None => format!("{hostname}/devices/{device}"),
     };
-    if !roost_iothub::sas::authorizes(token.resource(), &target) {
+    if !roost_iothub::sas::names_identity(token.resource(), &target) {
         return Err(Refusal::WrongAudience);
     }
     let entry = registry.device(device).ok_or(Refusal::UnknownDevice)?;
+    if module.is_some() {
+        // The registry projection holds devices only: a module's own keys are not known here,
+        // and its device's keys must not stand in for them.
+        return Err(Refusal::UnknownModule);
+    }
     let keys: Vec<&[u8]> = [entry.primary_key.as_slice(), entry.secondary_key.as_slice()]
         .into_iter()
         .filter(|k| !k.is_empty())
@@ -304,39 +314,89 @@ mod tests {
     }
 
     #[test]
-    fn a_module_authenticates_with_a_token_for_its_module_resource() {
-        // What the Python SDK's module client sends (client id `d/m`, username with the module).
+    fn a_token_must_name_exactly_the_identity() {
         let user = "localhost/dev-1/mod-a/?api-version=2019-10-01&DeviceClientType=azure-iot-device-iothub-py%2F2.14.0";
-        let good = token(
-            "localhost/devices/dev-1/modules/mod-a",
-            &[7; 32],
-            NOW + 3600,
-        );
-        let c = connect("dev-1/mod-a", Some(user), Some(good));
-        let id = authenticate(&c, &registry(true), "localhost", NOW).expect("module accepted");
-        assert_eq!(id.device_id, "dev-1");
-        assert_eq!(id.module_id.as_deref(), Some("mod-a"));
-        assert_eq!(id.client_id(), "dev-1/mod-a");
-        // A token for another module, or the wrong client id, is refused.
-        let other = token(
-            "localhost/devices/dev-1/modules/mod-b",
-            &[7; 32],
-            NOW + 3600,
-        );
-        let c = connect("dev-1/mod-a", Some(user), Some(other));
-        assert_eq!(
-            authenticate(&c, &registry(true), "localhost", NOW).expect_err("other module"),
-            Refusal::WrongAudience
-        );
-        let good = token(
-            "localhost/devices/dev-1/modules/mod-a",
-            &[7; 32],
-            NOW + 3600,
-        );
-        let c = connect("dev-1", Some(user), Some(good));
-        assert_eq!(
-            authenticate(&c, &registry(true), "localhost", NOW).expect_err("client id"),
-            Refusal::ClientIdMismatch
-        );
+        let cases = [
+            // Hub-scoped (`sr` = host, no `skn`) signed with the device's key.
+            (
+                connect(
+                    "dev-1",
+                    Some(PY_USER),
+                    Some(token("localhost", &[7; 32], NOW + 3600)),
+                ),
+                "wrong_audience",
+            ),
+            (
+                connect(
+                    "dev-1",
+                    Some(PY_USER),
+                    Some(token("localhost/devices", &[7; 32], NOW + 3600)),
+                ),
+                "wrong_audience",
+            ),
+            // A module's token offered for its device, and the device's for one of its modules.
+            (
+                connect(
+                    "dev-1",
+                    Some(PY_USER),
+                    Some(token(
+                        "localhost/devices/dev-1/modules/mod-a",
+                        &[7; 32],
+                        NOW + 3600,
+                    )),
+                ),
+                "wrong_audience",
+            ),
+            (
+                connect(
+                    "dev-1/mod-a",
+                    Some(user),
+                    Some(token("localhost/devices/dev-1", &[7; 32], NOW + 3600)),
+                ),
+                "wrong_audience",
+            ),
+            (
+                connect(
+                    "dev-1/mod-a",
+                    Some(user),
+                    Some(token(
+                        "localhost/devices/dev-1/modules/mod-b",
+                        &[7; 32],
+                        NOW + 3600,
+                    )),
+                ),
+                "wrong_audience",
+            ),
+            // The module's own resource, signed with its device's key: the registry holds no
+            // module, so no key can make one.
+            (
+                connect(
+                    "dev-1/mod-a",
+                    Some(user),
+                    Some(token(
+                        "localhost/devices/dev-1/modules/mod-a",
+                        &[7; 32],
+                        NOW + 3600,
+                    )),
+                ),
+                "unknown_module",
+            ),
+            (
+                connect(
+                    "dev-1",
+                    Some(user),
+                    Some(token(
+                        "localhost/devices/dev-1/modules/mod-a",
+                        &[7; 32],
+                        NOW + 3600,
+                    )),
+                ),
+                "client_id_mismatch",
+            ),
+        ];
+        for (i, (c, reason)) in cases.into_iter().enumerate() {
+            let err = authenticate(&c, &registry(true), "localhost", NOW).expect_err(reason);
+            assert_eq!(err.reason(), reason, "case {i}");
+        }
     }
 }

@@ -8,7 +8,9 @@
 //! a stable `error_code()`), [`Directory`] (which shard and connection hold each client id) and
 //! [`CommandTracker`] (commands in flight to shards, with their deadlines), composed into the
 //! engine's [`Router`] (claims, kicks, commands and their answers) — plus
-//! [`Deadlines`], the lazy timer wheel a shard keeps its connections' deadlines in.
+//! [`Deadlines`], the lazy timer wheel a shard keeps its connections' deadlines in, and
+//! [`PreAuthGate`], the caps on connections not yet authenticated (in total and per source
+//! address) that every adapter takes a slot from at accept.
 //!
 //! What it is not: I/O. No sockets, no clock (time is passed in), no glommio or tokio: the
 //! engine's shards (`roost-server`) drive these, and each protocol adapter (MQTT today; AMQP,
@@ -26,6 +28,7 @@ mod deadlines;
 mod directory;
 mod inbox;
 mod ingest;
+mod preauth;
 mod reason;
 pub mod router;
 pub mod telemetry;
@@ -36,5 +39,6 @@ pub use deadlines::Deadlines;
 pub use directory::{Directory, Holder};
 pub use inbox::{Inbox, InboxFull};
 pub use ingest::Ingest;
+pub use preauth::{PreAuthGate, PreAuthLimits, PreAuthSlot};
 pub use reason::DisconnectReason;
 pub use router::{Router, RouterInput, RouterOutput};

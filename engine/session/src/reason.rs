@@ -24,6 +24,16 @@ pub enum DisconnectReason {
     ReplacedByNewConnection,
     /// The device was disabled or deleted, or its keys changed.
     DeviceRevoked,
+    /// The SAS token the session authenticated with expired (IoT Hub disconnects at expiry; the
+    /// SDKs reconnect with a fresh token before that).
+    TokenExpired,
+    /// Refused at accept: the engine holds as many unauthenticated connections as it allows.
+    TooManyUnauthenticated,
+    /// Refused at accept: the peer's address holds as many unauthenticated connections as one
+    /// source may.
+    TooManyUnauthenticatedFromSource,
+    /// A bug: the connection's task panicked. The shard goes on; the panic is logged.
+    Panicked,
     /// The engine is stopping.
     ServerShutdown,
     /// Control asked for the connection to be closed.
@@ -62,6 +72,10 @@ impl DisconnectReason {
             DisconnectReason::Refused => "connack_refused",
             DisconnectReason::ReplacedByNewConnection => "replaced_by_new_connection",
             DisconnectReason::DeviceRevoked => "device_revoked",
+            DisconnectReason::TokenExpired => "token_expired",
+            DisconnectReason::TooManyUnauthenticated => "unauthenticated_limit",
+            DisconnectReason::TooManyUnauthenticatedFromSource => "unauthenticated_source_limit",
+            DisconnectReason::Panicked => "panicked",
             DisconnectReason::ServerShutdown => "server_shutdown",
             DisconnectReason::ClosedByService => "closed_by_service",
             DisconnectReason::LogWriteFailed => "log_write_failed",
@@ -94,6 +108,10 @@ mod tests {
             DisconnectReason::Refused,
             DisconnectReason::ReplacedByNewConnection,
             DisconnectReason::DeviceRevoked,
+            DisconnectReason::TokenExpired,
+            DisconnectReason::TooManyUnauthenticated,
+            DisconnectReason::TooManyUnauthenticatedFromSource,
+            DisconnectReason::Panicked,
             DisconnectReason::ServerShutdown,
             DisconnectReason::ClosedByService,
             DisconnectReason::LogWriteFailed,

@@ -1,9 +1,31 @@
 //! Turning an accepted PUBLISH on the telemetry topic into the stored record (spec §2.2, §2.5).
 
 use roost_iothub::props::PropertyBag;
+use roost_iothub::topic::{parse_publish_topic, DeviceTopic};
 use roost_model::{Message, Source, SystemProperties};
 
 use crate::auth::Identity;
+use crate::DisconnectReason;
+
+/// The property bag of a publish on `topic` by `identity`, if the identity may publish there:
+/// only its own telemetry topic (`devices/{d}/messages/events/` or, for a module,
+/// `devices/{d}/modules/{m}/messages/events/`). Another identity's topic, an IoT Hub topic this
+/// hub does not take telemetry on, or anything else ends the connection with its reason.
+pub fn publish_bag<'t>(identity: &Identity, topic: &'t str) -> Result<&'t str, DisconnectReason> {
+    let topic = parse_publish_topic(topic).map_err(|_| DisconnectReason::NotIotHubTopic)?;
+    let DeviceTopic::Telemetry {
+        device,
+        module,
+        bag,
+    } = topic
+    else {
+        return Err(DisconnectReason::UnsupportedTopic);
+    };
+    if device != identity.device_id || module != identity.module_id.as_deref() {
+        return Err(DisconnectReason::TopicDeviceMismatch);
+    }
+    Ok(bag)
+}
 
 /// Largest device-to-cloud body IoT Hub accepts (spec §2.3, §8).
 pub const MAX_D2C_BODY: usize = 256 * 1024;

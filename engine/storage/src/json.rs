@@ -9,18 +9,29 @@ use std::fmt::Write as _;
 use base64::Engine as _;
 use roost_model::ArchivedMessage;
 
-/// A JSON array of records being built, e.g. `{"records":[` … `]`.
+/// A JSON array of records being built, e.g. `{"records":[` … `]`, up to a size.
 pub struct RecordsJson {
     buf: String,
     count: usize,
+    max_bytes: usize,
 }
 
+/// What one consumer-API response holds at most: 4 MiB of JSON (about sixteen of IoT Hub's
+/// largest messages, or thousands of small ones).
+pub const MAX_RESPONSE_BYTES: usize = 4 * 1024 * 1024;
+
 impl RecordsJson {
-    /// Starts `{"records":[`.
+    /// Starts `{"records":[`, to hold at most [`MAX_RESPONSE_BYTES`].
     pub fn new() -> Self {
+        Self::with_limit(MAX_RESPONSE_BYTES)
+    }
+
+    /// Starts `{"records":[`; once the JSON reaches `max_bytes` it is [`Self::full`].
+    pub fn with_limit(max_bytes: usize) -> Self {
         Self {
             buf: String::from("{\"records\":["),
             count: 0,
+            max_bytes,
         }
     }
 
@@ -28,13 +39,28 @@ impl RecordsJson {
         self.count
     }
 
-    /// Appends one record object.
-    pub fn push(&mut self, partition: usize, offset: u64, m: &ArchivedMessage) {
+    /// Whether no further record should be added: the size limit is reached. One record is
+    /// always taken, however large, so a reader moves on.
+    pub fn full(&self) -> bool {
+        self.count > 0 && self.buf.len() >= self.max_bytes
+    }
+
+    /// Appends one record object; a record whose fields cannot be written (an enqueued time
+    /// past the year 9999) is refused with what is wrong, and nothing of it is written.
+    pub fn push(
+        &mut self,
+        partition: usize,
+        offset: u64,
+        m: &ArchivedMessage,
+    ) -> Result<(), &'static str> {
+        let enqueued = roost_iothub::time::try_iso_ms(m.enqueued_ms.to_native())
+            .ok_or("enqueued time past the year 9999")?;
         if self.count > 0 {
             self.buf.push(',');
         }
         self.count += 1;
-        write_record(&mut self.buf, partition, offset, m);
+        write_record(&mut self.buf, partition, offset, m, &enqueued);
+        Ok(())
     }
 
     /// Closes the array and appends `,"key":<raw JSON value>` and the closing brace.
@@ -54,13 +80,18 @@ impl Default for RecordsJson {
     }
 }
 
-fn write_record(out: &mut String, partition: usize, offset: u64, m: &ArchivedMessage) {
-    let enqueued = roost_iothub::time::iso_ms(m.enqueued_ms.to_native());
+fn write_record(
+    out: &mut String,
+    partition: usize,
+    offset: u64,
+    m: &ArchivedMessage,
+    enqueued: &str,
+) {
     let _ = write!(
         out,
         "{{\"partition\":{partition},\"offset\":{offset},\"enqueuedTime\":"
     );
-    write_str(out, &enqueued);
+    write_str(out, enqueued);
     match std::str::from_utf8(m.body.as_slice()) {
         Ok(text) => {
             out.push_str(",\"body\":");
@@ -113,7 +144,7 @@ fn write_record(out: &mut String, partition: usize, offset: u64, m: &ArchivedMes
         Some(s.auth_method.as_str()),
     );
     put("dt-dataschema", s.data_schema.as_deref());
-    put("iothub-enqueuedtime", Some(&enqueued));
+    put("iothub-enqueuedtime", Some(enqueued));
     put("iothub-message-source", Some(m.source.as_str()));
     out.push_str("},\"properties\":{");
     for (i, kv) in m.app.iter().enumerate() {
@@ -217,6 +248,29 @@ mod tests {
     }
 
     #[test]
+    fn a_timestamp_past_the_year_9999_is_refused_not_panicked_on() {
+        let msg = Message {
+            source: Source::Telemetry,
+            enqueued_ms: u64::MAX,
+            system: SystemProperties::default(),
+            app: vec![],
+            body: b"x".to_vec(),
+        };
+        let bytes = msg
+            .archive_into(rkyv::util::AlignedVec::new())
+            .expect("archive");
+        let mut json = RecordsJson::new();
+        let err = json
+            .push(0, 0, Message::view(&bytes).expect("view"))
+            .expect_err("refused");
+        assert!(err.contains("9999"), "{err}");
+        assert_eq!(json.count(), 0);
+        let v: serde_json::Value =
+            serde_json::from_str(&json.finish("next", "0")).expect("still valid JSON");
+        assert_eq!(v["records"], serde_json::json!([]));
+    }
+
+    #[test]
     fn records_are_valid_json_with_every_field() {
         let tricky = "quote \" backslash \\ newline \n tab \t bell \u{7} é 😀";
         let msg = Message {
@@ -243,7 +297,8 @@ mod tests {
             let bytes = m
                 .archive_into(rkyv::util::AlignedVec::new())
                 .expect("archive");
-            json.push(3, 10 + i as u64, Message::view(&bytes).expect("view"));
+            json.push(3, 10 + i as u64, Message::view(&bytes).expect("view"))
+                .expect("pushed");
         }
         assert_eq!(json.count(), 2);
         let v: Value = serde_json::from_str(&json.finish("next", "12")).expect("valid JSON");

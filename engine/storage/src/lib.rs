@@ -5,7 +5,8 @@
 //! applied) and [`LogStore`] (the built-in `events` log: committed batches per partition, and
 //! consumer-group checkpoints) — plus the pure logic around them: the log's stored value
 //! format ([`batch`]), reading records out of stored values ([`log::read_records`]), rendering
-//! them as the consumer API's JSON ([`json`]), and [`MemStore`], an in-memory implementation of
+//! them as the consumer API's JSON ([`json`]), retention by age and size ([`retention`]), and
+//! [`MemStore`], an in-memory implementation of
 //! both traits that the pure logic is tested against.
 //!
 //! What it is not: a database. `roost-rocks` implements the traits on RocksDB; the engine's
@@ -16,6 +17,7 @@ pub mod json;
 pub mod log;
 mod memory;
 pub mod replica;
+pub mod retention;
 
 pub use log::{LogError, LogStore, PartitionInfo};
 pub use memory::MemStore;

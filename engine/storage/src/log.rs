@@ -80,6 +80,15 @@ pub trait LogStore: Send + Sync {
     fn checkpoint(&self, group: &str, partition: usize) -> Result<Option<u64>, LogError>;
     /// Persists (synced) the next offsets of consumer group `group`.
     fn commit_checkpoint(&self, group: &str, positions: &[(usize, u64)]) -> Result<(), LogError>;
+    /// Every checkpoint: (group, partition, next offset).
+    fn checkpoints(&self) -> Result<Vec<(String, usize, u64)>, LogError>;
+    /// Deletes the stored values of `partition` whose records all come before `offset`: whole
+    /// values only (the one holding `offset` stays), and never the newest value, which the
+    /// partition's next offset is counted from. Reads from before the new first offset start
+    /// at it.
+    fn truncate_before(&self, partition: usize, offset: u64) -> Result<(), LogError>;
+    /// About how many bytes `partition` takes on disk (an estimate for size-based retention).
+    fn stored_bytes(&self, partition: usize) -> Result<u64, LogError>;
 
     /// Bounds of every partition, in order.
     fn partitions(&self) -> Result<Vec<PartitionInfo>, LogError> {
@@ -110,8 +119,8 @@ pub fn decode_offset_key(key: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(key.try_into().ok()?))
 }
 
-/// Appends up to `max` records of `partition` from offset `from` to `out`; returns the offset
-/// to read next.
+/// Appends up to `max` records of `partition` from offset `from` to `out`, fewer once `out` is
+/// [`full`](RecordsJson::full); returns the offset to read next.
 pub fn read_records(
     log: &dyn LogStore,
     partition: usize,
@@ -141,18 +150,18 @@ pub fn read_records(
             if offset < from {
                 continue;
             }
-            if taken >= max {
+            if taken >= max || out.full() {
                 return false;
             }
             // Records sit unaligned in the value; rkyv needs them aligned.
             aligned.clear();
             aligned.extend_from_slice(record);
-            match Message::view(&aligned) {
-                Ok(view) => out.push(partition, offset, view),
-                Err(e) => {
-                    failed = Some(corrupt(e.to_string()));
-                    return false;
-                }
+            let pushed = Message::view(&aligned)
+                .map_err(|e| e.to_string())
+                .and_then(|view| out.push(partition, offset, view).map_err(str::to_string));
+            if let Err(detail) = pushed {
+                failed = Some(corrupt(detail));
+                return false;
             }
             taken += 1;
             next = offset + 1;
@@ -209,6 +218,25 @@ mod tests {
             .map(|r| r["offset"].as_u64().expect("offset"))
             .collect();
         (got, next)
+    }
+
+    #[test]
+    fn a_read_stops_at_the_byte_limit_but_always_takes_one_record() {
+        let log = MemStore::new(1);
+        commit(&log, 0, 0..50);
+        let read = |limit: usize| {
+            let mut out = RecordsJson::with_limit(limit);
+            let next = read_records(&log, 0, 0, 1000, &mut out).expect("read");
+            (out.count(), next)
+        };
+        assert_eq!(read(1), (1, 1), "one record, however small the limit");
+        let (n, next) = read(2_000);
+        assert!(n > 1 && n < 50, "{n} records in 2,000 bytes");
+        assert_eq!(
+            next, n as u64,
+            "the next read starts after the last one returned"
+        );
+        assert_eq!(read(usize::MAX), (50, 50));
     }
 
     #[test]

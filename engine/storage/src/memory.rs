@@ -173,6 +173,42 @@ impl LogStore for MemStore {
         }
         Ok(())
     }
+
+    fn checkpoints(&self) -> Result<Vec<(String, usize, u64)>, LogError> {
+        Ok(self
+            .lock()
+            .checkpoints
+            .iter()
+            .map(|((g, p), next)| (g.clone(), *p, *next))
+            .collect())
+    }
+
+    fn truncate_before(&self, partition: usize, offset: u64) -> Result<(), LogError> {
+        let mut g = self.lock();
+        let (values, _) = g
+            .partitions
+            .get_mut(partition)
+            .ok_or(LogError::NoPartition(partition))?;
+        let newest = values.keys().next_back().copied().unwrap_or(0);
+        // The value holding `offset` starts at or before it; it and later ones stay.
+        let keep_from = values
+            .range(..=offset)
+            .next_back()
+            .map(|(k, _)| *k)
+            .unwrap_or(0)
+            .min(newest);
+        *values = values.split_off(&keep_from);
+        Ok(())
+    }
+
+    fn stored_bytes(&self, partition: usize) -> Result<u64, LogError> {
+        let g = self.lock();
+        let (values, _) = g
+            .partitions
+            .get(partition)
+            .ok_or(LogError::NoPartition(partition))?;
+        Ok(values.values().map(|v| v.len() as u64 + 8).sum())
+    }
 }
 
 #[cfg(test)]
