@@ -665,6 +665,9 @@ class Hub:
         self._raw: list[RawMqttDevice] = []
         # Extra `roost engine` arguments (limits a test sets low), used by start_engine.
         self.engine_args: list[str] = []
+        # When set, the engine's database folder is a tmpfs of this many MiB, mounted in a mount
+        # namespace of the engine's own (a disk that can be filled; see engine_root()).
+        self.engine_tmpfs_mib: int | None = None
 
     # ---- logs
     def log_files(self) -> list[tuple[str, Path]]:
@@ -761,15 +764,30 @@ class Hub:
     def start_engine(self) -> None:
         assert self.engine is None or self.engine.poll() is not None, "engine already running"
         p = self.ports
-        self.engine = spawn(self.binary, [
+        args = [
             "engine", "--data-dir", str(self.data_dir),
             "--control", f"127.0.0.1:{p['link']}",
             "--mqtt", f"127.0.0.1:{p['mqtt']}",
             "--ops", f"127.0.0.1:{p['ops']}",
             "--cores", str(self.cores),
             *self.engine_args,
-        ], self.engine_log)
+        ]
+        if self.engine_tmpfs_mib is None:
+            self.engine = spawn(self.binary, args, self.engine_log)
+        else:
+            # unshare execs sh, which mounts and execs roost: the engine keeps this pid.
+            engine_dir = self.data_dir / "engine"
+            engine_dir.mkdir(exist_ok=True)
+            user = [] if os.geteuid() == 0 else ["--user", "--map-root-user"]
+            script = f'mount -t tmpfs -o size={self.engine_tmpfs_mib}m roost-test "{engine_dir}" && exec "$0" "$@"'
+            self.engine = spawn(Path("unshare"), [*user, "--mount", "--propagation", "private", "--",
+                                                  "sh", "-c", script, str(self.binary), *args], self.engine_log)
         self._wait_healthy(self.engine, f"{self.ops_url}/healthz", "roost engine", self.engine_log)
+
+    def engine_root(self) -> Path:
+        """The engine's data folder as the engine sees it (through its mount namespace)."""
+        assert self.engine is not None
+        return Path(f"/proc/{self.engine.pid}/root") / str(self.data_dir / "engine").lstrip("/")
 
     def stop_control(self) -> int:
         """SIGTERM control and wait for it to exit (fails if it does not)."""

@@ -12,6 +12,7 @@ import urllib.parse
 import warnings
 
 import pytest
+import requests
 
 from conftest import (
     STATE_TIMEOUT,
@@ -350,3 +351,73 @@ def test_retention_deletes_old_commits_and_reads_start_at_the_first_retained(hub
     assert hub.metric_sum("roost_events_expired_total", partition=str(p)) >= 1
     lag = hub.metric_sum("roost_events_consumer_lag", group="lagging", partition=str(p))
     assert lag == part["next"] - part["first"], f"lag {lag} for a checkpoint before the retained start"
+
+
+# ------------------------------------------------------------------------------------------
+# Storage faults
+
+
+def _readyz(hub) -> int:
+    try:
+        return requests.get(f"{hub.ops_url}/readyz", timeout=2).status_code
+    except requests.RequestException:
+        return 0
+
+
+def test_a_full_disk_stops_acknowledgements_and_writes_resume_once_it_has_room(hub_factory):
+    """Today's finding: the first RocksDB error stopped the shard's log for good. The engine's
+    database is on a 192 MiB tmpfs; a file fills it, then is removed (RocksDB resumes writes once the free space is at least a write buffer, 64 MiB)."""
+    hub = hub_factory(start=False)
+    hub.engine_tmpfs_mib = 192
+    hub.start()
+    device_id, key = new_device(hub, "diskfull")
+    dev = hub.raw_connected_device(device_id, key)
+    acked: list[bytes] = []
+    for i in range(20):
+        body = f"before {i}".encode()
+        info = dev.publish(telemetry_topic(device_id), body, qos=1)
+        wait_until(info.is_published, 10, "PUBACK before the disk fills")
+        acked.append(body)
+    assert _readyz(hub) == 200
+    filler = hub.engine_root() / "filler"
+    with open(filler, "wb") as f:
+        chunk = b"\0" * (1 << 20)
+        try:
+            while True:
+                f.write(chunk)
+                f.flush()
+        except OSError:
+            pass
+    try:
+        # Publishes go on; the write-ahead log still has the room it reserved (about 70 MiB), so
+        # large ones are taken until it is used up. The first commit that fails gets no PUBACK
+        # and ends the connection (counted) at once.
+        before = hub.metrics()
+        t_full = time.monotonic()
+        pending = []
+        pad = b"x" * (200 * 1024)
+        while not dev.disconnected.is_set() and time.monotonic() - t_full < 30:
+            body = f"full {len(pending)} ".encode() + pad
+            pending.append((body, dev.publish(telemetry_topic(device_id), body, qos=1)))
+            time.sleep(0.01)
+        assert dev.disconnected.is_set(), "30 s of publishes on a full disk and the connection is still up"
+        time.sleep(0.5)  # PUBACKs already on the way
+        acked += [b for b, i in pending if i.is_published()]
+        unacked = [b for b, i in pending if not i.is_published()]
+        assert unacked, "every publish was acknowledged, yet the connection ended"
+        wait_counted(hub, before, DISCONNECTS, "log_write_failed")
+        wait_until(lambda: _readyz(hub) == 503, 5, "/readyz to say not ready")
+        assert hub.metric_sum("roost_log_write_failures_total") >= 1
+        assert hub.metric_sum("roost_log_unavailable") >= 1
+    finally:
+        filler.unlink()
+    t0 = time.monotonic()
+    wait_until(lambda: _readyz(hub) == 200, 10, "/readyz ready again within 10 s of the space coming back")
+    resumed = time.monotonic() - t0
+    dev = hub.raw_connected_device(device_id, key)
+    info = dev.publish(telemetry_topic(device_id), b"after", qos=1)
+    wait_until(info.is_published, 10, "PUBACK once the disk has room")
+    acked.append(b"after")
+    stored = [r["body"].encode() for r in hub.records() if r["systemProperties"].get("iothub-connection-device-id") == device_id]
+    assert [b for b in stored if b in acked] == acked, "an acknowledged message is missing or out of order"
+    print(f"disk full: writes resumed {resumed:.1f} s after the space came back")

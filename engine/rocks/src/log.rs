@@ -180,6 +180,16 @@ impl LogStore for RocksLog {
         Ok(())
     }
 
+    fn discard_from(&self, partition: usize, offset: u64) -> Result<(), LogError> {
+        let cf = self.cf(partition)?;
+        let mut wb = WriteBatch::default();
+        wb.delete_range_cf(cf, offset_key(offset), offset_key(u64::MAX));
+        wb.delete_cf(cf, offset_key(u64::MAX));
+        let mut opts = WriteOptions::default();
+        opts.set_sync(true);
+        self.db.write_opt(wb, &opts).map_err(db_err)
+    }
+
     fn stored_bytes(&self, partition: usize) -> Result<u64, LogError> {
         let cf = self.cf(partition)?;
         let prop = |name: &str| {

@@ -24,6 +24,9 @@ pub struct Metrics {
     log_appends: IntCounterVec,
     log_append_latency: HistogramVec,
     log_commits: IntCounterVec,
+    log_write_failures: IntCounterVec,
+    /// 1 while a shard's log partition refuses appends after a failed write, by `shard`.
+    pub log_unavailable: IntGaugeVec,
     pub link_connected: IntGauge,
     /// Version of the config epoch in force (0: none yet).
     pub epoch_version: IntGauge,
@@ -96,6 +99,17 @@ impl Metrics {
             "roost_registry_devices",
             "Devices in the engine's registry replica.",
         );
+        let log_unavailable = IntGaugeVec::new(
+            Opts::new(
+                "roost_log_unavailable",
+                "1 while the shard's events log partition refuses appends after a failed write (it retries every second); /readyz is 503 meanwhile.",
+            ),
+            &["shard"],
+        )
+        .expect("static metric");
+        registry
+            .register(Box::new(log_unavailable.clone()))
+            .expect("registered once");
         let consumer_lag = IntGaugeVec::new(
             Opts::new(
                 "roost_events_consumer_lag",
@@ -181,6 +195,13 @@ impl Metrics {
                 "Group commits of the events log (one sync each).",
                 &["shard"],
             ),
+            log_write_failures: counter(
+                &registry,
+                "roost_log_write_failures_total",
+                "Commits of the events log the store refused (a full disk, an I/O error): nothing in them was acknowledged.",
+                &["shard"],
+            ),
+            log_unavailable,
             connections_current,
             log_append_latency,
             link_connected,
@@ -211,6 +232,8 @@ impl Metrics {
             bytes_in: self.bytes_in.with_label_values(&[&s, "mqtt"]).local(),
             log_appends: self.log_appends.with_label_values(&[&s]).local(),
             log_commits: self.log_commits.with_label_values(&[&s]).local(),
+            log_write_failures: self.log_write_failures.with_label_values(&[&s]).local(),
+            log_unavailable: self.log_unavailable.with_label_values(&[&s]),
             log_append_latency: self.log_append_latency.with_label_values(&[&s]).local(),
             refused: Reasons::new(self.connack_refused.clone(), s.clone()),
             disconnects: Reasons::new(self.disconnects.clone(), s.clone()),
@@ -234,6 +257,9 @@ pub struct ShardMetrics {
     pub bytes_in: LocalIntCounter,
     pub log_appends: LocalIntCounter,
     pub log_commits: LocalIntCounter,
+    pub log_write_failures: LocalIntCounter,
+    /// Set by the committer as the partition becomes unavailable and available again.
+    pub log_unavailable: IntGauge,
     pub log_append_latency: LocalHistogram,
     pub refused: Reasons,
     pub disconnects: Reasons,
@@ -248,6 +274,7 @@ impl ShardMetrics {
         self.bytes_in.flush();
         self.log_appends.flush();
         self.log_commits.flush();
+        self.log_write_failures.flush();
         self.log_append_latency.flush();
         self.refused.flush();
         self.disconnects.flush();

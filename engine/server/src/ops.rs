@@ -50,6 +50,7 @@ impl Ops {
     fn route(&self, method: &Method, segments: &[&str], req: &Req) -> Resp {
         match (method, segments) {
             (&Method::GET, ["healthz"]) => httpd::text(StatusCode::OK, "ok\n"),
+            (&Method::GET, ["readyz"]) => self.readiness(),
             (&Method::GET, ["metrics"]) => {
                 self.update_consumer_lag();
                 let mut r = httpd::text(StatusCode::OK, self.metrics.encode());
@@ -73,6 +74,32 @@ impl Ops {
                 self.checkpoint(&httpd::percent_decode(g), req)
             }
             _ => httpd::text(StatusCode::NOT_FOUND, "no such ops endpoint\n"),
+        }
+    }
+
+    /// 200 while every shard's log partition takes writes; 503 naming the shards whose
+    /// partition refuses appends after a failed write (a full disk), until it works again.
+    fn readiness(&self) -> Resp {
+        let down: Vec<String> = (0..self.log.partition_count())
+            .filter(|s| {
+                self.metrics
+                    .log_unavailable
+                    .with_label_values(&[&s.to_string()])
+                    .get()
+                    != 0
+            })
+            .map(|s| s.to_string())
+            .collect();
+        if down.is_empty() {
+            httpd::text(StatusCode::OK, "ready\n")
+        } else {
+            httpd::text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "not ready: the events log refuses writes on shard {} (see roost_log_write_failures_total)\n",
+                    down.join(", ")
+                ),
+            )
         }
     }
 

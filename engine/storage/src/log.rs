@@ -87,6 +87,10 @@ pub trait LogStore: Send + Sync {
     /// partition's next offset is counted from. Reads from before the new first offset start
     /// at it.
     fn truncate_before(&self, partition: usize, offset: u64) -> Result<(), LogError>;
+    /// Deletes every stored value of `partition` at or after `offset`, and the partition goes on
+    /// from `offset`: after a write reported failed, what it may have left behind (a write
+    /// whose sync failed can still be in the write-ahead log) is never read as records.
+    fn discard_from(&self, partition: usize, offset: u64) -> Result<(), LogError>;
     /// About how many bytes `partition` takes on disk (an estimate for size-based retention).
     fn stored_bytes(&self, partition: usize) -> Result<u64, LogError>;
 

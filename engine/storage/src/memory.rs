@@ -201,6 +201,17 @@ impl LogStore for MemStore {
         Ok(())
     }
 
+    fn discard_from(&self, partition: usize, offset: u64) -> Result<(), LogError> {
+        let mut g = self.lock();
+        let (values, next) = g
+            .partitions
+            .get_mut(partition)
+            .ok_or(LogError::NoPartition(partition))?;
+        values.split_off(&offset);
+        *next = (*next).min(offset);
+        Ok(())
+    }
+
     fn stored_bytes(&self, partition: usize) -> Result<u64, LogError> {
         let g = self.lock();
         let (values, _) = g

@@ -20,8 +20,9 @@ pub enum Durability {
     Written,
 }
 
-/// Why a record could not be made durable: the store's error, after which the partition
-/// refuses further appends.
+/// Why a record could not be made durable: the store's error. The batch it was in is dropped
+/// (none of it was acknowledged), and the partition refuses appends for [`RETRY_AFTER`], then
+/// tries again: a full disk stops acknowledgements at once and they resume once it has room.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("events log write failed: {0}")]
 pub struct LogFailed(#[from] pub LogError);
@@ -32,6 +33,10 @@ const MAX_SPARE: usize = 8 << 20;
 const FULL_BATCH: usize = 64 << 10;
 /// Open-batch size past which appenders wait for the committer.
 const MAX_OPEN: usize = 16 << 20;
+/// How long a partition refuses appends after a failed write before it tries again.
+pub const RETRY_AFTER: Duration = Duration::from_secs(1);
+/// Failed batch ranges remembered for the sessions still to learn their batch failed.
+const FAILURES_KEPT: usize = 64;
 
 struct State {
     next_offset: u64,
@@ -43,9 +48,15 @@ struct State {
     open_len: usize,
     /// Id of the batch new appends go into; batches `< open_id` are closed.
     open_id: u64,
-    /// Every batch `<= durable_id` is durable.
+    /// Every batch `<= durable_id` is durable, except those in `failed_batches`.
     durable_id: u64,
-    failed: Option<LogFailed>,
+    /// Ranges `(lo, hi]` of batch ids whose write failed (newest last), with the error.
+    failed_batches: Vec<(u64, u64, LogFailed)>,
+    /// While set and in the future, appends are refused with the last error.
+    unavailable_until: Option<(Instant, LogFailed)>,
+    /// After a failed write: the offset from which the store must be cleared before the next
+    /// write (the failed one may have left something behind).
+    discard_from: Option<u64>,
     opened_at: Option<Instant>,
     waiters: Vec<Waker>,
     committer: Option<Waker>,
@@ -83,7 +94,9 @@ impl Partition {
                 open_len: 0,
                 open_id: 1,
                 durable_id: 0,
-                failed: None,
+                failed_batches: Vec::new(),
+                unavailable_until: None,
+                discard_from: None,
                 opened_at: None,
                 waiters: Vec::new(),
                 committer: None,
@@ -96,8 +109,11 @@ impl Partition {
     // hot path: one memcpy into the open batch, no syscall; the committer does the I/O.
     pub fn append(&self, record: &[u8]) -> Result<u64, LogFailed> {
         let mut st = self.state.borrow_mut();
-        if let Some(f) = &st.failed {
-            return Err(f.clone());
+        if let Some((until, e)) = &st.unavailable_until {
+            if Instant::now() < *until {
+                return Err(e.clone());
+            }
+            st.unavailable_until = None;
         }
         batch::push(&mut st.open, record);
         st.next_offset += 1;
@@ -115,11 +131,11 @@ impl Partition {
     pub async fn durable(&self, id: u64) -> Result<(), LogFailed> {
         poll_fn(|cx| {
             let mut st = self.state.borrow_mut();
+            if let Some(e) = st.failure_of(id) {
+                return Poll::Ready(Err(e));
+            }
             if st.durable_id >= id {
                 return Poll::Ready(Ok(()));
-            }
-            if let Some(f) = &st.failed {
-                return Poll::Ready(Err(f.clone()));
             }
             st.waiters.push(cx.waker().clone());
             Poll::Pending
@@ -127,12 +143,21 @@ impl Partition {
         .await
     }
 
+    /// Whether appends are refused now (a write failed less than [`RETRY_AFTER`] ago).
+    pub fn is_unavailable(&self) -> bool {
+        self.state
+            .borrow()
+            .unavailable_until
+            .as_ref()
+            .is_some_and(|(until, _)| Instant::now() < *until)
+    }
+
     /// Resolves once the open batch has room: appends past [`MAX_OPEN`] bytes wait for the
     /// committer, so a flood cannot grow memory without bound.
     pub async fn room(&self) {
         poll_fn(|cx| {
             let mut st = self.state.borrow_mut();
-            if st.open.len() < MAX_OPEN || st.failed.is_some() {
+            if st.open.len() < MAX_OPEN || st.unavailable_until.is_some() {
                 return Poll::Ready(());
             }
             st.waiters.push(cx.waker().clone());
@@ -141,9 +166,10 @@ impl Partition {
         .await
     }
 
-    /// Whether batch `id` is already durable (no waiting).
+    /// Whether batch `id` is already durable (no waiting; a failed batch never is).
     pub fn is_durable(&self, id: u64) -> bool {
-        self.state.borrow().durable_id >= id
+        let st = self.state.borrow();
+        st.durable_id >= id && st.failure_of(id).is_none()
     }
 
     /// Asks the committer to write what is open and then return.
@@ -161,17 +187,27 @@ impl Partition {
             let ready = poll_fn(|cx| {
                 let mut st = self.state.borrow_mut();
                 if st.open_len > 0 {
-                    return Poll::Ready(true);
+                    return Poll::Ready(Some(true));
                 }
                 if self.stopping.get() {
-                    return Poll::Ready(false);
+                    return Poll::Ready(None);
+                }
+                if st.discard_from.is_some() {
+                    return Poll::Ready(Some(false));
                 }
                 st.committer = Some(cx.waker().clone());
                 Poll::Pending
             })
             .await;
-            if !ready {
-                return;
+            match ready {
+                None => return,
+                Some(true) => {}
+                Some(false) => {
+                    // A failed write and nothing new to write: clearing what it may have left
+                    // behind is the probe that tells when the store takes writes again.
+                    self.probe(&metrics).await;
+                    continue;
+                }
             }
             // Group commit: at most one sync per window, so a trickle from many devices shares
             // its fsync; a batch already worth a sync of its own goes at once.
@@ -181,23 +217,25 @@ impl Partition {
                 }
             }
             last_start = Some(Instant::now());
-            let (records, first, id, count, opened_at) = {
+            let (records, first, id, count, opened_at, discard) = {
                 let mut st = self.state.borrow_mut();
+                let discard = st.discard_from.take();
                 let spare = std::mem::take(&mut st.spare);
                 let records = std::mem::replace(&mut st.open, spare);
                 let count = std::mem::take(&mut st.open_len);
                 let first = st.next_offset - count as u64;
                 let id = st.open_id;
                 st.open_id += 1;
-                (records, first, id, count, st.opened_at.take())
+                (records, first, id, count, st.opened_at.take(), discard)
             };
             let store = self.store.clone();
             let partition = self.partition;
             let sync = self.durability == Durability::Synced;
             let (result, mut records) = glommio::executor()
                 .spawn_blocking(move || {
-                    let written = store
-                        .write_batch(partition, first, &records, sync)
+                    let written = discard
+                        .map_or(Ok(()), |from| store.discard_from(partition, from))
+                        .and_then(|()| store.write_batch(partition, first, &records, sync))
                         .map_err(LogFailed::from);
                     (written, records)
                 })
@@ -210,6 +248,10 @@ impl Partition {
             }
             match result {
                 Ok(()) => {
+                    if metrics.log_unavailable.get() != 0 {
+                        tracing::info!(partition = self.partition, "events log writes work again");
+                        metrics.log_unavailable.set(0);
+                    }
                     st.durable_id = id;
                     metrics.log_appends.inc_by(count as u64);
                     metrics.log_commits.inc();
@@ -220,16 +262,75 @@ impl Partition {
                     }
                 }
                 Err(e) => {
-                    tracing::error!(partition = self.partition, error = %e.0, "events log write failed; refusing further appends");
-                    st.failed = Some(e);
+                    tracing::error!(partition = self.partition, error = %e.0, "events log write failed; refusing appends for {RETRY_AFTER:?}, then trying again");
+                    metrics.log_write_failures.inc();
+                    metrics.log_unavailable.set(1);
+                    // Nothing of this batch, nor of what was appended behind it, was
+                    // acknowledged: drop both, give their offsets back, and fail their waiters.
+                    let open = std::mem::take(&mut st.open_len);
+                    st.open.clear();
+                    st.next_offset -= (count + open) as u64;
+                    let through = st.open_id;
+                    st.open_id += 1;
+                    st.opened_at = None;
+                    st.failed_batches.push((id - 1, through, e.clone()));
+                    if st.failed_batches.len() > FAILURES_KEPT {
+                        st.failed_batches.remove(0);
+                    }
+                    st.unavailable_until = Some((Instant::now() + RETRY_AFTER, e));
+                    st.discard_from = Some(st.discard_from.map_or(first, |d| d.min(first)));
                 }
             }
             for w in st.waiters.drain(..) {
                 w.wake();
             }
-            if st.failed.is_some() {
-                return;
+        }
+    }
+}
+
+impl Partition {
+    /// After [`RETRY_AFTER`], clears the store from the failed offset; once that works the
+    /// partition is available again.
+    async fn probe(&self, metrics: &ShardMetrics) {
+        let wait = self
+            .state
+            .borrow()
+            .unavailable_until
+            .as_ref()
+            .map(|(until, _)| until.saturating_duration_since(Instant::now()))
+            .unwrap_or(RETRY_AFTER);
+        // Appends that come meanwhile are written by the loop after the probe.
+        glommio::timer::Timer::new(wait.max(Duration::from_millis(10))).await;
+        let Some(from) = self.state.borrow_mut().discard_from.take() else {
+            return;
+        };
+        let store = self.store.clone();
+        let partition = self.partition;
+        let cleared = glommio::executor()
+            .spawn_blocking(move || store.discard_from(partition, from))
+            .await;
+        let mut st = self.state.borrow_mut();
+        match cleared {
+            Ok(()) => {
+                tracing::info!(partition, "events log writes work again");
+                metrics.log_unavailable.set(0);
+                st.unavailable_until = None;
+            }
+            Err(e) => {
+                tracing::debug!(partition, error = %e, "events log still refuses writes");
+                st.discard_from = Some(st.discard_from.map_or(from, |d| d.min(from)));
+                st.unavailable_until = Some((Instant::now() + RETRY_AFTER, LogFailed(e)));
             }
         }
+    }
+}
+
+impl State {
+    fn failure_of(&self, id: u64) -> Option<LogFailed> {
+        self.failed_batches
+            .iter()
+            .rev()
+            .find(|(lo, hi, _)| *lo < id && id <= *hi)
+            .map(|(_, _, e)| e.clone())
     }
 }
