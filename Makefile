@@ -3,7 +3,7 @@
 CARGO ?= cargo
 export CARGO_TARGET_DIR ?= $(CURDIR)/target
 
-.PHONY: setup up build test test-setup test-layering test-rust test-e2e bench
+.PHONY: setup up build test test-setup test-layering test-rust test-e2e test-fuzz bench
 
 setup:
 	./scripts/setup.sh
@@ -21,6 +21,11 @@ test: setup test-setup test-layering
 	$(CARGO) build --workspace --all-targets
 	$(CARGO) test --workspace
 	ROOST_BIN=$(CARGO_TARGET_DIR)/debug/roost .venv/bin/python -m pytest tests/e2e -q
+	./scripts/fuzz_smoke.sh
+
+# Every fuzz target for a few seconds from its seed corpus (FUZZ_SECS=N for longer).
+test-fuzz:
+	./scripts/fuzz_smoke.sh
 
 # The set-up's detection on simulated fresh machines (private mount namespaces; user namespaces when not root).
 test-setup:

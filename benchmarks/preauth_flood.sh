@@ -13,7 +13,7 @@
 #
 # ROOST_BIN defaults to target/release/roost, BENCH_BIN to target/release/roost-bench. RATE
 # (messages/s over the 1,000 devices, default 5000), BAD_RATE (default 10000), OVERSIZE_RATE
-# (default 1000), SECS (default 20) change the load. Listens on 127.0.0.1 ports 31883, 38883,
+# (default 1000), SECS (default 20), SILENT (silent sockets, default 10000) change the load. Listens on 127.0.0.1 ports 31883, 38883,
 # 38443, 38472, 39464, 39465; everything started is stopped on exit. Prints one JSON line per
 # run and a summary.
 set -euo pipefail
@@ -21,17 +21,22 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 T=${CARGO_TARGET_DIR:-$REPO/target}
 R=${1:-$T/release/roost}
 B=${BENCH_BIN:-$T/release/roost-bench}
-RATE=${RATE:-5000} BAD_RATE=${BAD_RATE:-10000} OVERSIZE_RATE=${OVERSIZE_RATE:-1000} SECS=${SECS:-20}
+RATE=${RATE:-5000} BAD_RATE=${BAD_RATE:-10000} OVERSIZE_RATE=${OVERSIZE_RATE:-1000} SECS=${SECS:-20} SILENT=${SILENT:-10000}
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 D=$(mktemp -d /tmp/roost-flood.XXXXXX)
-"$R" up --data-dir "$D/hub" --mqtt 127.0.0.1:38883 --plain-mqtt 127.0.0.1:31883 --service 127.0.0.1:38443 \
-  --ops 127.0.0.1:39464 --control-ops 127.0.0.1:39465 --link 127.0.0.1:38472 --cores 2 >"$D/up.log" 2>&1 &
-UP=$!
-trap 'kill $UP 2>/dev/null; wait $UP 2>/dev/null; rm -rf "$D"' EXIT
-for _ in $(seq 1 300); do grep -q "roost is up" "$D/up.log" && break; sleep 0.2; done
-grep -q "roost is up" "$D/up.log" || { cat "$D/up.log"; exit 1; }
-E=$(pgrep -f "engine --data-dir $D/hub" | head -1)
-
+UP=""
+trap '[ -n "$UP" ] && kill $UP 2>/dev/null; wait 2>/dev/null; rm -rf "$D"' EXIT
+# A fresh hub for each measurement: RSS after an earlier one includes memory the allocator kept.
+up() {
+  [ -n "$UP" ] && { kill "$UP"; wait "$UP" 2>/dev/null || true; }
+  rm -rf "$D/hub"
+  "$R" up --data-dir "$D/hub" --mqtt 127.0.0.1:38883 --plain-mqtt 127.0.0.1:31883 --service 127.0.0.1:38443 \
+    --ops 127.0.0.1:39464 --control-ops 127.0.0.1:39465 --link 127.0.0.1:38472 --cores 2 >"$D/up.log" 2>&1 &
+  UP=$!
+  for _ in $(seq 1 300); do grep -q "roost is up" "$D/up.log" && break; sleep 0.2; done
+  grep -q "roost is up" "$D/up.log" || { cat "$D/up.log"; exit 1; }
+  E=$(pgrep -f "engine --data-dir $D/hub" | head -1)
+}
 flood() { # label, address, extra flags...
   local label=$1 addr=$2
   shift 2
@@ -42,10 +47,13 @@ publish() { # label
     --server-pid "$E" --json --label "$1" 2>>"$D/publish.log"
 }
 
-flood "memory/plain-8000B" 127.0.0.1:31883 --flood-silent 10000 --flood-silent-bytes 8000 --duration 1 | tee "$D/mem-plain.json"
-flood "memory/tls-silent" 127.0.0.1:38883 --flood-silent 10000 --duration 1 | tee "$D/mem-tls.json"
+up
+flood "memory/plain-8000B" 127.0.0.1:31883 --flood-silent "$SILENT" --flood-silent-bytes 8000 --duration 1 | tee "$D/mem-plain.json"
+up
+flood "memory/tls-silent" 127.0.0.1:38883 --flood-silent "$SILENT" --duration 1 | tee "$D/mem-tls.json"
+up
 publish "devices/alone" | tee "$D/alone.json"
-flood "flood" 127.0.0.1:31883 --flood-silent 10000 --flood-bad-rate "$BAD_RATE" \
+flood "flood" 127.0.0.1:31883 --flood-silent "$SILENT" --flood-bad-rate "$BAD_RATE" \
   --flood-oversize-rate "$OVERSIZE_RATE" --duration $((SECS + 4)) >"$D/flood.json" &
 F=$!
 sleep 1

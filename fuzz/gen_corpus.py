@@ -1,6 +1,9 @@
 #!/usr/bin/env python3
-"""Writes the seed corpus for the mqtt_frame fuzz target into corpus/mqtt_frame/."""
+"""Writes the seed corpora of the fuzz targets into corpus/<target>/: well-formed inputs as the
+official SDKs send them (testdata/iothub_vectors.json) and the shapes of known broker CVEs
+(specs/fuzz-seeds.md)."""
 
+import json
 import os
 import struct
 
@@ -59,9 +62,104 @@ SEEDS = {
     "bad_topic_overrun": b"\x30\x04\x00\x09abc",
 }
 
-if __name__ == "__main__":
-    out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "corpus", "mqtt_frame")
+# The shapes of known broker bugs (specs/fuzz-seeds.md), as MQTT streams.
+CVE_SEEDS = {
+    "cve_2019_11779_deep_filter": frame(0x82, struct.pack(">H", 1) + s("/" * 65000) + b"\x01"),
+    "cve_2021_34432_empty_topic": publish(0, 0, "", b"x"),
+    "cve_2023_0809_huge_first_packet": b"\x30\xff\xff\xff\x7f" + b"x" * 64,
+    "cve_2023_28366_qos2_dup_ids": publish(2, 5, "devices/d1/messages/events/", b"x") * 4,
+    "cve_2021_28166_client_connack": connect() + frame(0x20, b"\x00\x00"),
+    "rumqttd_812_connack_before_auth": frame(0x20, b"\x00\x00"),
+    "sol_15_puback_first": b"\x40\x02\x00\x01",
+    "nanomq_vbi_5_bytes": b"\x10\xff\xff\xff\xff\x7f",
+    "rl_claims_more_then_eof": b"\x30\x80\x10" + b"x" * 10,
+    "reserved_type_0": frame(0x00, b""),
+    "reserved_type_15": frame(0xF0, b""),
+    "connect_twice": connect() + connect(),
+    "subscribe_no_topics": frame(0x82, struct.pack(">H", 1)),
+    "subscribe_pkid_0": frame(0x82, struct.pack(">H", 0) + s("a") + b"\x00"),
+    "publish_wildcards": publish(0, 0, "a/+/#", b"x"),
+    "filter_hash_not_last": frame(0x82, struct.pack(">H", 1) + s("a/#/b") + b"\x00"),
+    "nul_in_string": publish(0, 0, "devices/d1\x00/messages/events/", b"x"),
+    "overlong_utf8": frame(0x30, struct.pack(">H", 2) + b"\xc0\xaf"),
+    "surrogate_utf8": frame(0x30, struct.pack(">H", 3) + b"\xed\xa0\x80"),
+    "will_qos_without_will": frame(0x10, s("MQTT") + bytes([4, 0x10]) + struct.pack(">H", 60) + s("d1")),
+    "password_without_username": frame(0x10, s("MQTT") + bytes([4, 0x40]) + struct.pack(">H", 60) + s("d1") + s("pw")),
+    "qos1_window_flood": b"".join(publish(1, i, "devices/d1/messages/events/", b"x") for i in range(1, 200)),
+}
+
+
+def vectors():
+    here = os.path.dirname(os.path.abspath(__file__))
+    path = os.path.join(here, "..", "..", "shared", "testdata", "iothub_vectors.json")
+    if not os.path.exists(path):
+        return {"device_tokens": [], "service_tokens": [], "d2c_topics": []}
+    with open(path) as f:
+        return json.load(f)
+
+
+def text_corpora():
+    v = vectors()
+    tokens = [t["token"] for t in v.get("device_tokens", []) + v.get("service_tokens", [])]
+    topics = [t["topic"] for t in v.get("d2c_topics", [])]
+    bags = [t.split("/messages/events/", 1)[1] for t in topics if "/messages/events/" in t]
+    return {
+        "sas_token": tokens + [
+            "SharedAccessSignature sr=hub%2Fdevices%2Fd1&sig=eA%3D%3D&se=1&skn=",
+            "SharedAccessSignature sr=hub&sig=%%%&se=99999999999999999999999",
+            "SharedAccessSignature  sr=a&&&sig=&se=",
+            "sharedaccesssignature SR=a&SIG=b&SE=1&SKN=x&sr=b",
+        ],
+        "connection_string": [
+            "HostName=hub.example.net;DeviceId=d1;SharedAccessKey=AAAA",
+            "HostName=hub.example.net;DeviceId=d1;ModuleId=m;SharedAccessKey=AAAA;GatewayHostName=gw",
+            "HostName=h;SharedAccessKeyName=iothubowner;SharedAccessKey=AAAA",
+            "HostName=h;DeviceId=d;x509=true;SharedAccessKey=A",
+            ";;==;HostName;=;",
+        ],
+        "username": [
+            "d1\nhub.example.net/d1/?api-version=2021-04-12&DeviceClientType=azure-iot-device-iothub-py%2F2.14.0",
+            "d1/m1\nhub.example.net/d1/m1/?api-version=2021-04-12&model-id=dtmi%3Acom%3Aexample%3Ax%3B1",
+            "d1\nhub/d1",
+            "+\nhub/+/#/?api-version=1",
+            "\n//////?",
+        ],
+        "topic": topics + [
+            "devices/d1/messages/devicebound/#",
+            "devices/d1/modules/m1/inputs/#",
+            "$iothub/twin/res/#",
+            "$iothub/methods/POST/#",
+            "$iothub/twin/PATCH/properties/desired/#",
+            "$iothub/twin/GET/?$rid=1",
+            "$iothub/methods/res/200/?$rid=1",
+            "devices/+/messages/devicebound/#",
+            "/" * 4096,
+            "a/#/b",
+            "",
+        ],
+        "property_bag": bags + ["%24.mid=%E0%A4%A&a", "a=1&a=2&=&&b", "%24.to=%2Fdevices%2Fd", "x=" + "%41" * 500],
+        "query_string": ["from=0&max=100", "from=earliest", "api-version=2021-04-12&top=10", "max=%FF%FE", "a&&=&b=%"],
+        "hub_json": ['{"hostname":"h","ports":{"mqtt":8883},"ops_url":"http://127.0.0.1:9464"}', "[]", "{", '{"ports":{"mqtt":-1}}'],
+    }
+
+
+def write(target, name, data):
+    out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "corpus", target)
     os.makedirs(out, exist_ok=True)
-    for name, data in SEEDS.items():
-        with open(os.path.join(out, name), "wb") as f:
-            f.write(data)
+    with open(os.path.join(out, name), "wb") as f:
+        f.write(data)
+
+
+if __name__ == "__main__":
+    streams = dict(SEEDS, **CVE_SEEDS)
+    for name, data in streams.items():
+        write("mqtt_frame", name, data)
+        # mqtt_session: one byte of choices (accept or refuse, clock steps, sends), then the stream.
+        for choice in (0, 1, 6):
+            write("mqtt_session", f"{name}_{choice}", bytes([choice]) + data)
+    for target, seeds in text_corpora().items():
+        for i, text in enumerate(seeds):
+            write(target, f"seed_{i:02}", text.encode())
+    # link_frame: a length prefix and bodies that are not archives.
+    for i, data in enumerate([b"\x00\x00\x00\x00", b"\xff\xff\xff\x7f", b"\x01" * 64, b""]):
+        write("link_frame", f"seed_{i:02}", data)

@@ -13,6 +13,8 @@
 #   g++, make                                     RocksDB's C++, the Makefile
 #   mosquitto, mosquitto_pub, nats-server         benchmarks/compare.sh peers
 #   python3 with venv + ensurepip                 the end-to-end tests' .venv
+#   unshare (util-linux)                          the disk-full test's private tmpfs
+#   a nightly toolchain and cargo-fuzz            the fuzz targets' smoke runs (scripts/fuzz_smoke.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -54,6 +56,7 @@ missing_packages() {
   command -v mosquitto_pub >/dev/null || need+=(mosquitto-clients)
   command -v nats-server >/dev/null || need+=(nats-server)
   python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
+  command -v unshare >/dev/null || need+=(util-linux)
   echo "${need[@]}"
 }
 
@@ -83,9 +86,20 @@ install_venv() {
   .venv/bin/pip install -q -r tests/requirements.txt
 }
 
+# cargo-fuzz and the nightly toolchain it builds with (libFuzzer needs -Zsanitizer).
+install_fuzz() {
+  if ! rustup run nightly rustc --version >/dev/null 2>&1; then
+    echo "setup: installing the nightly toolchain (for cargo-fuzz)"
+    rustup toolchain install nightly --profile minimal
+  fi
+  if ! cargo fuzz --version >/dev/null 2>&1; then
+    echo "setup: installing cargo-fuzz"
+    cargo install cargo-fuzz --locked --quiet
+  fi
+}
 case "${1:-all}" in
   packages) install_packages ;;
-  all) install_packages; install_venv ;;
+  all) install_packages; install_venv; install_fuzz ;;
   *) echo "usage: $0 [packages]" >&2; exit 2 ;;
 esac
 echo "setup: ok"

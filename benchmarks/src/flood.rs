@@ -201,15 +201,31 @@ pub async fn run(args: &Args, setup: Setup) -> anyhow::Result<Outcome> {
     let end = Instant::now() + duration;
     let bad = Arc::new(Counts::default());
     let oversize = Arc::new(Counts::default());
-    let bad_connect = frame::connect(
-        "flood",
-        Some("localhost/flood/?api-version=2021-04-12"),
-        Some("SharedAccessSignature sr=x&sig=eA%3D%3D&se=1"),
-        60,
-    )?;
+    let bad_connect = Arc::new(
+        frame::connect(
+            "flood",
+            Some("localhost/flood/?api-version=2021-04-12"),
+            Some("SharedAccessSignature sr=x&sig=eA%3D%3D&se=1"),
+            60,
+        )?
+        .to_vec(),
+    );
     let mut oversize_frame = vec![0x10, 0xff, 0xff, 0xff, 0x7f];
     oversize_frame.extend_from_slice(&[0u8; 1024]);
-    let oversize_frame = Arc::new(oversize_frame);
+    // Each attack writes its frame and waits for the server to close the socket.
+    let send = |frame: Arc<Vec<u8>>| {
+        move |mut s: TcpStream| {
+            let frame = frame.clone();
+            async move {
+                if s.write_all(&frame).await.is_err() {
+                    return true;
+                }
+                closed_since(&mut s, Instant::now(), WAIT_CLOSE)
+                    .await
+                    .is_some()
+            }
+        }
+    };
     let attacks = tokio::join!(
         paced(
             args.flood_bad_rate,
@@ -217,17 +233,7 @@ pub async fn run(args: &Args, setup: Setup) -> anyhow::Result<Outcome> {
             3,
             target,
             bad.clone(),
-            move |mut s| {
-                let frame = bad_connect.clone();
-                async move {
-                    if s.write_all(&frame).await.is_err() {
-                        return true;
-                    }
-                    closed_since(&mut s, Instant::now(), WAIT_CLOSE)
-                        .await
-                        .is_some()
-                }
-            }
+            send(bad_connect)
         ),
         paced(
             args.flood_oversize_rate,
@@ -235,17 +241,7 @@ pub async fn run(args: &Args, setup: Setup) -> anyhow::Result<Outcome> {
             4,
             target,
             oversize.clone(),
-            move |mut s| {
-                let frame = oversize_frame.clone();
-                async move {
-                    if s.write_all(&frame).await.is_err() {
-                        return true;
-                    }
-                    closed_since(&mut s, Instant::now(), WAIT_CLOSE)
-                        .await
-                        .is_some()
-                }
-            }
+            send(Arc::new(oversize_frame))
         ),
     );
     let ((), ()) = attacks;

@@ -55,14 +55,16 @@ def test_a_live_connection_is_closed_when_its_token_expires(shared_hub):
     device_id, key = new_device(hub, "expiring")
     before = hub.metrics()
     ttl = 3
-    dev = hub.raw_device(device_id, key, password=device_sas_token(hub.hostname, device_id, key, ttl=ttl))
-    t0 = time.monotonic()
+    token = device_sas_token(hub.hostname, device_id, key, ttl=ttl)
+    se = int(urllib.parse.parse_qs(token.split(" ", 1)[1])["se"][0])
+    dev = hub.raw_device(device_id, key, password=token)
     dev.connect()
     info = dev.publish(telemetry_topic(device_id), b"while valid", qos=1)
     wait_until(info.is_published, 10, "PUBACK while the token is valid")
     dev.wait_disconnected(timeout=ttl + 5)
-    elapsed = time.monotonic() - t0
-    assert elapsed <= ttl + 2, f"closed {elapsed:.1f} s after connecting with a {ttl} s token"
+    late = time.time() - se
+    assert -0.05 <= late <= 1.0, f"closed {late:+.2f} s from the token's expiry"
+    print(f"token expiry: the connection closed {late:+.2f} s from the token's se")
     wait_counted(hub, before, DISCONNECTS, "token_expired")
 
 
@@ -222,7 +224,7 @@ def test_silent_sockets_are_closed_within_10_seconds(shared_hub):
                 wait_eof(sock)
             except socket.timeout:
                 raise AssertionError(f"{what} held for 14 s") from None
-            assert time.monotonic() - t0 <= 11.5, f"{what} closed after {time.monotonic() - t0:.1f} s"
+            assert time.monotonic() - t0 <= 10.0, f"{what} closed after {time.monotonic() - t0:.1f} s"
     finally:
         tcp.close()
         tls.close()

@@ -40,8 +40,13 @@ fn load(p: &Path) -> Result<Option<Map<String, Value>>, HubFileError> {
             })
         }
     };
-    match serde_json::from_slice(&bytes) {
-        Ok(Value::Object(m)) => Ok(Some(m)),
+    parse(&bytes, p).map(Some)
+}
+
+/// The JSON object a hub.json at `p` holds in `bytes`, or why it is not one.
+pub fn parse(bytes: &[u8], p: &Path) -> Result<Map<String, Value>, HubFileError> {
+    match serde_json::from_slice(bytes) {
+        Ok(Value::Object(m)) => Ok(m),
         Ok(_) => Err(HubFileError::Corrupt {
             path: p.to_path_buf(),
             detail: "not an object".into(),

@@ -38,11 +38,11 @@ pub struct SessionConfig {
 }
 
 impl Default for SessionConfig {
-    /// 10 s to CONNECT, in a frame of at most 8 KiB; then IoT Hub's frame limit
-    /// ([`Limits::default`]) and 16 messages in flight.
+    /// 9 s to CONNECT (a silent peer is gone within 10 s), in a frame of at most 8 KiB; then
+    /// IoT Hub's frame limit ([`Limits::default`]) and 16 messages in flight.
     fn default() -> Self {
         SessionConfig {
-            connect_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(9),
             limits: Limits::default(),
             connect_limits: Limits {
                 max_frame: 8 * 1024,

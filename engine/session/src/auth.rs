@@ -315,86 +315,53 @@ mod tests {
 
     #[test]
     fn a_token_must_name_exactly_the_identity() {
-        let user = "localhost/dev-1/mod-a/?api-version=2019-10-01&DeviceClientType=azure-iot-device-iothub-py%2F2.14.0";
+        let module_user = "localhost/dev-1/mod-a/?api-version=2019-10-01&DeviceClientType=azure-iot-device-iothub-py%2F2.14.0";
+        // (client id, username, the token's resource, signed with dev-1's key; the refusal)
         let cases = [
-            // Hub-scoped (`sr` = host, no `skn`) signed with the device's key.
+            // Hub-scoped (`sr` = host, no `skn`), or the devices collection.
+            ("dev-1", PY_USER, "localhost", "wrong_audience"),
+            ("dev-1", PY_USER, "localhost/devices", "wrong_audience"),
+            // A module's token offered for its device, the device's for a module, another
+            // module's for this one.
             (
-                connect(
-                    "dev-1",
-                    Some(PY_USER),
-                    Some(token("localhost", &[7; 32], NOW + 3600)),
-                ),
+                "dev-1",
+                PY_USER,
+                "localhost/devices/dev-1/modules/mod-a",
                 "wrong_audience",
             ),
             (
-                connect(
-                    "dev-1",
-                    Some(PY_USER),
-                    Some(token("localhost/devices", &[7; 32], NOW + 3600)),
-                ),
-                "wrong_audience",
-            ),
-            // A module's token offered for its device, and the device's for one of its modules.
-            (
-                connect(
-                    "dev-1",
-                    Some(PY_USER),
-                    Some(token(
-                        "localhost/devices/dev-1/modules/mod-a",
-                        &[7; 32],
-                        NOW + 3600,
-                    )),
-                ),
+                "dev-1/mod-a",
+                module_user,
+                "localhost/devices/dev-1",
                 "wrong_audience",
             ),
             (
-                connect(
-                    "dev-1/mod-a",
-                    Some(user),
-                    Some(token("localhost/devices/dev-1", &[7; 32], NOW + 3600)),
-                ),
-                "wrong_audience",
-            ),
-            (
-                connect(
-                    "dev-1/mod-a",
-                    Some(user),
-                    Some(token(
-                        "localhost/devices/dev-1/modules/mod-b",
-                        &[7; 32],
-                        NOW + 3600,
-                    )),
-                ),
+                "dev-1/mod-a",
+                module_user,
+                "localhost/devices/dev-1/modules/mod-b",
                 "wrong_audience",
             ),
             // The module's own resource, signed with its device's key: the registry holds no
             // module, so no key can make one.
             (
-                connect(
-                    "dev-1/mod-a",
-                    Some(user),
-                    Some(token(
-                        "localhost/devices/dev-1/modules/mod-a",
-                        &[7; 32],
-                        NOW + 3600,
-                    )),
-                ),
+                "dev-1/mod-a",
+                module_user,
+                "localhost/devices/dev-1/modules/mod-a",
                 "unknown_module",
             ),
             (
-                connect(
-                    "dev-1",
-                    Some(user),
-                    Some(token(
-                        "localhost/devices/dev-1/modules/mod-a",
-                        &[7; 32],
-                        NOW + 3600,
-                    )),
-                ),
+                "dev-1",
+                module_user,
+                "localhost/devices/dev-1/modules/mod-a",
                 "client_id_mismatch",
             ),
         ];
-        for (i, (c, reason)) in cases.into_iter().enumerate() {
+        for (i, (client_id, user, resource, reason)) in cases.into_iter().enumerate() {
+            let c = connect(
+                client_id,
+                Some(user),
+                Some(token(resource, &[7; 32], NOW + 3600)),
+            );
             let err = authenticate(&c, &registry(true), "localhost", NOW).expect_err(reason);
             assert_eq!(err.reason(), reason, "case {i}");
         }

@@ -7,12 +7,14 @@
 //! format ([`batch`]), reading records out of stored values ([`log::read_records`]), rendering
 //! them as the consumer API's JSON ([`json`]), retention by age and size ([`retention`]), and
 //! [`MemStore`], an in-memory implementation of
-//! both traits that the pure logic is tested against.
+//! both traits that the pure logic is tested against, and [`fault::PowerLossStore`], a log that
+//! loses its unsynced writes when the power goes.
 //!
 //! What it is not: a database. `roost-rocks` implements the traits on RocksDB; the engine's
 //! glommio side (group commit, the blocking pool) lives in `roost-server`.
 
 pub mod batch;
+pub mod fault;
 pub mod json;
 pub mod log;
 mod memory;

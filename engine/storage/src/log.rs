@@ -94,16 +94,22 @@ pub trait LogStore: Send + Sync {
     /// About how many bytes `partition` takes on disk (an estimate for size-based retention).
     fn stored_bytes(&self, partition: usize) -> Result<u64, LogError>;
 
+    /// The first stored offset of `partition`, or `next` when it holds nothing.
+    fn first_offset(&self, partition: usize, next: u64) -> Result<u64, LogError> {
+        let mut first = next;
+        self.scan(partition, 0, &mut |f, _| {
+            first = f;
+            false
+        })?;
+        Ok(first)
+    }
+
     /// Bounds of every partition, in order.
     fn partitions(&self) -> Result<Vec<PartitionInfo>, LogError> {
         (0..self.partition_count())
             .map(|partition| {
                 let next = self.next_offset(partition)?;
-                let mut first = next;
-                self.scan(partition, 0, &mut |f, _| {
-                    first = f;
-                    false
-                })?;
+                let first = self.first_offset(partition, next)?;
                 Ok(PartitionInfo {
                     partition,
                     first,

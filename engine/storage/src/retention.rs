@@ -106,11 +106,7 @@ pub fn enforce(
         return Ok(Trimmed { first, records: 0 });
     }
     log.truncate_before(partition, cut)?;
-    let mut now_first = next;
-    log.scan(partition, 0, &mut |f, _| {
-        now_first = f;
-        false
-    })?;
+    let now_first = log.first_offset(partition, next)?;
     Ok(Trimmed {
         first: now_first,
         records: now_first.saturating_sub(first),
