@@ -10,6 +10,7 @@ use std::sync::Mutex;
 
 use crate::batch;
 use crate::log::{LogError, LogStore};
+use crate::MemStore;
 
 #[derive(Default)]
 struct Disk {
@@ -19,11 +20,12 @@ struct Disk {
     durable: Vec<BTreeMap<u64, Vec<u8>>>,
     /// Writes since the last sync, in order: (partition, first offset, records).
     unsynced: Vec<(usize, u64, Vec<u8>)>,
-    checkpoints: BTreeMap<(String, usize), u64>,
 }
 
 pub struct PowerLossStore {
     disk: Mutex<Disk>,
+    /// Consumer-group checkpoints: always synced, so kept as the in-memory store keeps them.
+    checkpoints: MemStore,
 }
 
 impl PowerLossStore {
@@ -33,6 +35,7 @@ impl PowerLossStore {
                 durable: vec![BTreeMap::new(); partitions],
                 ..Disk::default()
             }),
+            checkpoints: MemStore::new(0),
         }
     }
 
@@ -162,28 +165,15 @@ impl LogStore for PowerLossStore {
     }
 
     fn checkpoint(&self, group: &str, partition: usize) -> Result<Option<u64>, LogError> {
-        Ok(self
-            .lock()
-            .checkpoints
-            .get(&(group.to_string(), partition))
-            .copied())
+        self.checkpoints.checkpoint(group, partition)
     }
 
     fn commit_checkpoint(&self, group: &str, positions: &[(usize, u64)]) -> Result<(), LogError> {
-        let mut d = self.lock();
-        for (p, next) in positions {
-            d.checkpoints.insert((group.to_string(), *p), *next);
-        }
-        Ok(())
+        self.checkpoints.commit_checkpoint(group, positions)
     }
 
     fn checkpoints(&self) -> Result<Vec<(String, usize, u64)>, LogError> {
-        Ok(self
-            .lock()
-            .checkpoints
-            .iter()
-            .map(|((g, p), n)| (g.clone(), *p, *n))
-            .collect())
+        self.checkpoints.checkpoints()
     }
 
     fn truncate_before(&self, _partition: usize, _offset: u64) -> Result<(), LogError> {
