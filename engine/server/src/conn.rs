@@ -345,7 +345,6 @@ impl Conn {
         let Some(identity) = self.session.identity() else {
             return Ok(());
         };
-        let device = identity.device_id.clone();
         while self.mqtt.can_send() {
             let Some(command) = self.session.next_command() else {
                 return Ok(());
@@ -369,7 +368,7 @@ impl Conn {
                     });
                     (
                         DeviceFilter::CloudToDevice,
-                        format!("devices/{device}/messages/devicebound/{bag}"),
+                        format!("devices/{}/messages/devicebound/{bag}", identity.device_id),
                         body,
                     )
                 }

@@ -151,16 +151,7 @@ impl LogStore for PowerLossStore {
             }
             visible(&d, partition)
         };
-        let start = values
-            .range(..=from)
-            .next_back()
-            .map(|(k, _)| *k)
-            .unwrap_or(0);
-        for (first, value) in values.range(start..) {
-            if !visit(*first, value) {
-                break;
-            }
-        }
+        crate::memory::scan_values(&values, from, visit);
         Ok(())
     }
 

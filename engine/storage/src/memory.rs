@@ -91,6 +91,28 @@ impl ReplicaStore for MemStore {
     }
 }
 
+/// The first offset of the stored value holding `offset` (which starts at or before it).
+pub(crate) fn holding(values: &BTreeMap<u64, Vec<u8>>, offset: u64) -> u64 {
+    values
+        .range(..=offset)
+        .next_back()
+        .map(|(k, _)| *k)
+        .unwrap_or(0)
+}
+
+/// [`LogStore::scan`] over stored values kept in memory by first offset.
+pub(crate) fn scan_values(
+    values: &BTreeMap<u64, Vec<u8>>,
+    from: u64,
+    visit: &mut dyn FnMut(u64, &[u8]) -> bool,
+) {
+    for (first, value) in values.range(holding(values, from)..) {
+        if !visit(*first, value) {
+            break;
+        }
+    }
+}
+
 impl LogStore for MemStore {
     fn partition_count(&self) -> usize {
         self.lock().partitions.len()
@@ -144,17 +166,7 @@ impl LogStore for MemStore {
             .partitions
             .get(partition)
             .ok_or(LogError::NoPartition(partition))?;
-        // The value holding `from` starts at or before it.
-        let start = values
-            .range(..=from)
-            .next_back()
-            .map(|(k, _)| *k)
-            .unwrap_or(0);
-        for (first, value) in values.range(start..) {
-            if !visit(*first, value) {
-                break;
-            }
-        }
+        scan_values(values, from, visit);
         Ok(())
     }
 
@@ -190,13 +202,8 @@ impl LogStore for MemStore {
             .get_mut(partition)
             .ok_or(LogError::NoPartition(partition))?;
         let newest = values.keys().next_back().copied().unwrap_or(0);
-        // The value holding `offset` starts at or before it; it and later ones stay.
-        let keep_from = values
-            .range(..=offset)
-            .next_back()
-            .map(|(k, _)| *k)
-            .unwrap_or(0)
-            .min(newest);
+        // The value holding `offset` and later ones stay.
+        let keep_from = holding(values, offset).min(newest);
         *values = values.split_off(&keep_from);
         Ok(())
     }
