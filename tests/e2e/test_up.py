@@ -105,7 +105,12 @@ def test_roost_up(roost_binary, tmp_path, request):
         for d in (data, data / "certs", data / "engine", data / "control"):
             assert stat.S_IMODE(os.stat(d).st_mode) == 0o700, d
         owner_key = parse_connection_string(info["service_connection_string"])["SharedAccessKey"]
-        printed = log.read_text()
+        # `up` prints its summary once both processes are healthy: wait for all of it.
+        def summary() -> str | None:
+            text = log.read_text()
+            return text if "Ctrl-C stops the hub." in text else None
+
+        printed = wait_until(summary, READY_TIMEOUT, "roost up's summary")
         assert "hub.json" in printed and owner_key not in printed and info["ops_token"] not in printed
         for port in (ports["ops"], ports["control_ops"]):
             url = f"http://127.0.0.1:{port}/metrics"
