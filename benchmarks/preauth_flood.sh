@@ -13,7 +13,9 @@
 #
 # ROOST_BIN defaults to target/release/roost, BENCH_BIN to target/release/roost-bench. RATE
 # (messages/s over the 1,000 devices, default 5000), BAD_RATE (default 10000), OVERSIZE_RATE
-# (default 1000), SECS (default 20), SILENT (silent sockets, default 10000) change the load. Listens on 127.0.0.1 ports 31883, 38883,
+# (default 1000), SECS (default 20), SILENT (silent sockets, default 10000) change the load;
+# UP_ARGS adds `roost up` flags (e.g. UP_ARGS="--limit new_connections_per_sec=6000", the
+# connection rate of one S3 unit). Listens on 127.0.0.1 ports 31883, 38883,
 # 38443, 38472, 39464, 39465; everything started is stopped on exit. Prints one JSON line per
 # run and a summary.
 set -euo pipefail
@@ -31,7 +33,7 @@ up() {
   [ -n "$UP" ] && { kill "$UP"; wait "$UP" 2>/dev/null || true; }
   rm -rf "$D/hub"
   "$R" up --data-dir "$D/hub" --mqtt 127.0.0.1:38883 --plain-mqtt 127.0.0.1:31883 --service 127.0.0.1:38443 \
-    --ops 127.0.0.1:39464 --control-ops 127.0.0.1:39465 --link 127.0.0.1:38472 --cores 2 >"$D/up.log" 2>&1 &
+    --ops 127.0.0.1:39464 --control-ops 127.0.0.1:39465 --link 127.0.0.1:38472 --cores 2 ${UP_ARGS:-} >"$D/up.log" 2>&1 &
   UP=$!
   for _ in $(seq 1 300); do grep -q "roost is up" "$D/up.log" && break; sleep 0.2; done
   grep -q "roost is up" "$D/up.log" || { cat "$D/up.log"; exit 1; }

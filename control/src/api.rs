@@ -1,13 +1,14 @@
 //! The service REST API (spec §4): IoT Hub's paths, any `api-version`, SAS tokens of the shared
 //! access policies, IoT Hub error bodies. This slice serves the device identity registry.
 
-use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use hyper::http::request::Parts;
 use hyper::{HeaderMap, Method, StatusCode};
 use roost_common::httpd::{self, percent_decode, query_param, Req, Resp};
 use roost_iothub::sas::SasToken;
+use roost_session::quota::{Admit, Bucket, Limit, Quotas};
 use serde_json::json;
 
 use crate::device::{
@@ -38,6 +39,51 @@ pub struct Api {
     pub store: Arc<Store>,
     pub hostname: String,
     pub metrics: Arc<ControlMetrics>,
+    pub throttle: Throttle,
+}
+
+/// The rate quotas the service API meters (spec §8): a bucket per class of operation, with
+/// IoT Hub's traffic shaping (a request over the rate waits, within the backlog; beyond it,
+/// 429 with 429001).
+pub struct Throttle {
+    registry: Mutex<Option<Bucket>>,
+}
+
+impl Throttle {
+    pub fn new(quotas: &Quotas) -> Self {
+        let now = Instant::now();
+        Self {
+            registry: Mutex::new(quotas.bucket(Limit::RegistryOpsPerMin, 1, now)),
+        }
+    }
+
+    fn bucket(&self, limit: Limit) -> Option<&Mutex<Option<Bucket>>> {
+        match limit {
+            Limit::RegistryOpsPerMin => Some(&self.registry),
+            _ => None,
+        }
+    }
+
+    /// Meters one operation under `limit`: how long to hold it first, or the refusal.
+    fn take(&self, limit: Limit) -> Result<Option<Duration>, HubError> {
+        let Some(bucket) = self.bucket(limit) else {
+            return Ok(None);
+        };
+        let mut bucket = bucket.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(bucket) = bucket.as_mut() else {
+            return Ok(None);
+        };
+        match bucket.take(Instant::now(), 1.0) {
+            Admit::Now => Ok(None),
+            Admit::After(d) => Ok(Some(d)),
+            Admit::Refused => Err(HubError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                429001,
+                "ThrottlingException",
+                format!("the hub's {} quota is spent; retry later", limit.name()),
+            )),
+        }
+    }
 }
 
 /// An IoT Hub error: HTTP status, numeric code and name (spec §4.7, §8).
@@ -200,6 +246,17 @@ impl Route {
         }
     }
 
+    /// The quota the route is metered by (IoT Hub: "identity registry operations" are
+    /// create, retrieve, list, update and delete).
+    fn quota(&self) -> Option<Limit> {
+        match self {
+            Route::List | Route::Get(_) | Route::Put(_) | Route::Bulk | Route::Delete(_) => {
+                Some(Limit::RegistryOpsPerMin)
+            }
+            Route::Stats => None,
+        }
+    }
+
     fn body_limit(&self) -> usize {
         match self {
             Route::Put(_) => IDENTITY_BODY,
@@ -226,8 +283,32 @@ impl Api {
         Ok(route.body_limit())
     }
 
-    /// An admitted request, its body read.
+    /// An admitted request, its body read: metered against its quota (held, or refused with
+    /// 429), then served.
     pub async fn handle(self: Arc<Self>, req: Req) -> Resp {
+        let quota = Route::parse(req.method(), req.uri().path())
+            .ok()
+            .and_then(|r| r.quota());
+        if let Some(limit) = quota {
+            match self.throttle.take(limit) {
+                Ok(None) => {}
+                Ok(Some(wait)) => {
+                    self.metrics
+                        .throttled
+                        .with_label_values(&[limit.name(), "delayed"])
+                        .inc();
+                    tokio::time::sleep(wait).await;
+                }
+                Err(e) => {
+                    self.metrics
+                        .throttled
+                        .with_label_values(&[limit.name(), "refused"])
+                        .inc();
+                    self.count(e.status);
+                    return e.response();
+                }
+            }
+        }
         match tokio::task::spawn_blocking(move || self.route(&req)).await {
             Ok(Ok(r)) => r,
             Ok(Err(e)) => e.response(),
@@ -595,6 +676,7 @@ mod tests {
             store,
             hostname: "localhost".into(),
             metrics: Arc::new(ControlMetrics::new()),
+            throttle: Throttle::new(&Quotas::default()),
         };
         (api, dir)
     }

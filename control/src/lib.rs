@@ -31,6 +31,8 @@ use roost_common::{httpd, hubfile, tls};
 use roost_model::link::{Epoch, EpochPayload};
 use serde_json::json;
 
+pub use roost_session::quota::{QuotaError, Quotas};
+
 /// Everything `roost control` is told on its command line.
 #[derive(Debug, Clone)]
 pub struct ControlConfig {
@@ -42,6 +44,9 @@ pub struct ControlConfig {
     pub ops: SocketAddr,
     /// QUIC control link.
     pub link: SocketAddr,
+    /// The hub's quotas: metered here (the service API) and sent to every engine in the
+    /// config epoch.
+    pub quotas: Quotas,
 }
 
 /// Runs the control plane until SIGINT or SIGTERM; `on_ready` once every port listens.
@@ -82,7 +87,12 @@ pub fn run(config: ControlConfig, on_ready: impl FnOnce() + Send + 'static) -> a
         let service = tokio::net::TcpListener::bind(config.service)
             .await
             .with_context(|| format!("cannot listen on service address {}", config.service))?;
-        let api = Arc::new(api::Api { store: store.clone(), hostname: config.hostname.clone(), metrics: metrics.clone() });
+        let api = Arc::new(api::Api {
+            store: store.clone(),
+            hostname: config.hostname.clone(),
+            metrics: metrics.clone(),
+            throttle: api::Throttle::new(&config.quotas),
+        });
         let admit_api = api.clone();
         tokio::spawn(httpd::serve(
             service,
@@ -119,9 +129,15 @@ pub fn run(config: ControlConfig, on_ready: impl FnOnce() + Send + 'static) -> a
         server_config.transport_config(Arc::new(transport));
         let endpoint = quinn::Endpoint::server(server_config, config.link)
             .with_context(|| format!("cannot listen on link address {}", config.link))?;
-        // The config epoch engines run. Its payload is empty until routing fills it, so every
-        // control computes the same epoch 1; the routing issue stores epochs in the store.
-        let (epoch, _) = tokio::sync::watch::channel(Epoch::new(1, EpochPayload::default()));
+        // The config epoch engines run: the hub's quotas (routes and plugins come with the
+        // routing issue, which stores epochs and numbers their versions). Every control with
+        // the same settings computes the same epoch 1; a change of settings changes its hash,
+        // which is what engines compare.
+        let payload = EpochPayload {
+            limits: config.quotas.to_named(),
+            ..EpochPayload::default()
+        };
+        let (epoch, _) = tokio::sync::watch::channel(Epoch::new(1, payload));
         let link = Arc::new(linkserver::LinkServer {
             store: store.clone(),
             metrics: metrics.clone(),

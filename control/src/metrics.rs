@@ -5,6 +5,8 @@ use prometheus::{IntCounterVec, IntGauge, Opts, Registry};
 pub struct ControlMetrics {
     pub registry: Registry,
     pub requests: IntCounterVec,
+    /// Service API requests over a rate quota, by `quota` and `outcome` (delayed, refused).
+    pub throttled: IntCounterVec,
     /// HTTP connections refused or cut by a limit, by `server` (service, ops) and `reason`.
     pub http_limited: IntCounterVec,
     pub registry_sequence: IntGauge,
@@ -42,6 +44,14 @@ impl ControlMetrics {
             &["server", "reason"],
         )
         .expect("static metric");
+        let throttled = IntCounterVec::new(
+            Opts::new(
+                "roost_control_throttled_total",
+                "Service API requests over a rate quota, by quota and outcome (delayed: held by traffic shaping; refused: answered 429 with 429001).",
+            ),
+            &["quota", "outcome"],
+        )
+        .expect("static metric");
         let link_frames_in = IntCounterVec::new(
             Opts::new(
                 "roost_control_link_frames_in_total",
@@ -63,6 +73,7 @@ impl ControlMetrics {
         for m in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(http_limited.clone()),
+            Box::new(throttled.clone()),
             Box::new(link_frames_in.clone()),
             Box::new(registry_sequence.clone()),
             Box::new(links_current.clone()),
@@ -74,6 +85,7 @@ impl ControlMetrics {
         Self {
             registry,
             requests,
+            throttled,
             http_limited,
             registry_sequence,
             links_current,

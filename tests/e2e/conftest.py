@@ -665,6 +665,8 @@ class Hub:
         self._raw: list[RawMqttDevice] = []
         # Extra `roost engine` arguments (limits a test sets low), used by start_engine.
         self.engine_args: list[str] = []
+        # Extra `roost control` arguments (quotas a test sets), used by start_control.
+        self.control_args: list[str] = []
         # When set, the engine's database folder is a tmpfs of this many MiB, mounted in a mount
         # namespace of the engine's own (a disk that can be filled; see engine_root()).
         self.engine_tmpfs_mib: int | None = None
@@ -758,6 +760,7 @@ class Hub:
             "--service", f"127.0.0.1:{p['service']}",
             "--ops", f"127.0.0.1:{p['control_ops']}",
             "--link", f"127.0.0.1:{p['link']}",
+            *self.control_args,
         ], self.control_log)
         self._wait_healthy(self.control, f"{self.control_ops_url}/healthz", "roost control", self.control_log)
 

@@ -105,6 +105,46 @@ impl RetentionArgs {
     }
 }
 
+/// The hub's quotas and throttles (docs/operations.md, spec §8): a preset, then overrides.
+#[derive(Args, Clone)]
+pub struct QuotaArgs {
+    /// The rate quotas: `unlimited` (roost's default: only IoT Hub's message-size limit), or
+    /// IoT Hub's tier `free`, `s1`, `s2`, `s3`.
+    #[arg(long, default_value = "unlimited", value_name = "PRESET")]
+    pub quota: String,
+    /// Units of the tier (IoT Hub scales most throttles by them).
+    #[arg(long, default_value_t = 1)]
+    pub quota_units: u32,
+    /// One limit over the preset, NAME=VALUE (a whole number or `unlimited`), e.g.
+    /// d2c_sends_per_sec=5000 or device_d2c_sends_per_sec=10; repeat for more.
+    #[arg(long = "limit", value_name = "NAME=VALUE")]
+    pub limits: Vec<String>,
+}
+
+impl QuotaArgs {
+    pub fn quotas(&self) -> anyhow::Result<roost_control::Quotas> {
+        let mut q = roost_control::Quotas::named_preset(&self.quota, self.quota_units)?;
+        for l in &self.limits {
+            q.apply_setting(l)?;
+        }
+        Ok(q)
+    }
+
+    /// The same settings as `roost control` arguments.
+    pub fn to_args(&self) -> Vec<String> {
+        let mut a = vec![
+            "--quota".into(),
+            self.quota.clone(),
+            "--quota-units".into(),
+            self.quota_units.to_string(),
+        ];
+        for l in &self.limits {
+            a.extend(["--limit".into(), l.clone()]);
+        }
+        a
+    }
+}
+
 /// How many device connections may be open and not yet authenticated (docs/operations.md).
 #[derive(Args, Clone)]
 pub struct PreAuthArgs {
@@ -168,6 +208,8 @@ pub struct UpArgs {
     pub pre_auth: PreAuthArgs,
     #[command(flatten)]
     pub retention: RetentionArgs,
+    #[command(flatten)]
+    pub quotas: QuotaArgs,
     #[arg(long, default_value = "0.0.0.0:8443")]
     pub service: SocketAddr,
     /// Engine ops port: /metrics, /healthz, events consumer API.
@@ -231,6 +273,8 @@ pub struct ControlArgs {
     pub ops: SocketAddr,
     #[arg(long, default_value = "127.0.0.1:8472")]
     pub link: SocketAddr,
+    #[command(flatten)]
+    pub quotas: QuotaArgs,
 }
 
 #[derive(Subcommand)]
@@ -349,6 +393,7 @@ pub fn run_engine(args: EngineArgs) -> anyhow::Result<()> {
 }
 
 pub fn run_control(args: ControlArgs) -> anyhow::Result<()> {
+    let quotas = args.quotas.quotas()?;
     roost_control::run(
         roost_control::ControlConfig {
             data_dir: args.data_dir,
@@ -356,6 +401,7 @@ pub fn run_control(args: ControlArgs) -> anyhow::Result<()> {
             service: args.service,
             ops: args.ops,
             link: args.link,
+            quotas,
         },
         || {},
     )
@@ -363,6 +409,8 @@ pub fn run_control(args: ControlArgs) -> anyhow::Result<()> {
 
 /// `roost up`: control and engine as two child processes of this binary.
 pub fn run_up(args: UpArgs) -> anyhow::Result<()> {
+    // A bad quota setting is reported here, not by a control process that exits at once.
+    args.quotas.quotas()?;
     std::fs::create_dir_all(&args.data_dir)?;
     let data_dir = std::fs::canonicalize(&args.data_dir)?;
     let exe = std::env::current_exe().context("cannot find the roost binary")?;
@@ -376,6 +424,7 @@ pub fn run_up(args: UpArgs) -> anyhow::Result<()> {
             &args.control_ops.to_string(),
         ])
         .args(["--link", &args.link.to_string()])
+        .args(args.quotas.to_args())
         .spawn()
         .context("starting control")?;
     let mut children = Children(vec![]);

@@ -20,11 +20,11 @@ use roost_mqtt::{
     SubackCode,
 };
 use roost_session::auth::mqtt_credentials;
-use roost_session::telemetry::{self, MAX_D2C_BODY};
+use roost_session::telemetry;
 use roost_session::{DisconnectReason, PreAuthSlot};
 
 use crate::session::{unix_now, DeviceSession};
-use crate::shard::Shard;
+use crate::shard::{Queue, Shard};
 use crate::signal::Wake;
 use crate::wire::{Wire, WireError};
 
@@ -42,6 +42,8 @@ enum Woken {
     Read(Result<usize, WireError>),
     Durable(Result<(), crate::log::LogFailed>),
     Signal(Wake),
+    /// A throttled connection's wait is over.
+    Unthrottled,
 }
 
 /// The device-bound filters a session subscribed to, with the QoS granted for each.
@@ -66,6 +68,8 @@ struct Conn {
     /// bursts: reads go through the shard's buffer.
     rbuf: BytesMut,
     wbuf: BytesMut,
+    /// Over a send quota: frames are not handled, nor bytes read, until then.
+    throttled_until: Option<Instant>,
 }
 
 /// Serves one accepted connection (plain or TLS) to the end. `pre_auth` is its place under
@@ -94,128 +98,168 @@ pub async fn serve(shard: std::rc::Rc<Shard>, mut wire: Wire, pre_auth: PreAuthS
     }
     let now = Instant::now();
     let mut conn = Conn {
-        session: DeviceSession::open(shard, pre_auth),
+        session: DeviceSession::open(shard.clone(), pre_auth),
         mqtt: ServerSession::new(now, SessionConfig::default()),
         subscribed: Subscribed::default(),
         rbuf,
         wbuf: BytesMut::new(),
+        throttled_until: None,
     };
-    let reason = conn.run(&mut wire).await;
-    // What the session still owes (a refusing CONNACK) goes out with the goodbye.
-    conn.mqtt.poll_transmit(&mut conn.wbuf);
-    // Best effort, bounded: the peer may be gone or may have stopped reading.
-    let goodbye = async {
-        if !conn.wbuf.is_empty() {
-            let _ = wire.write_all(&conn.wbuf).await;
-        }
-        let _ = wire.close().await;
-    };
-    let give_up = async {
-        glommio::timer::Timer::new(CLOSE_TIMEOUT).await;
-    };
-    future::or(goodbye, give_up).await;
-    conn.session.finish(reason);
+    match conn.until_authenticated(&mut wire).await {
+        // The rest of the connection's life is in the devices' task queue.
+        Ok(()) => shard.spawn_connection(Queue::Devices, async move {
+            let reason = conn.run(&mut wire).await;
+            conn.goodbye(wire, reason).await;
+        }),
+        Err(reason) => conn.goodbye(wire, reason).await,
+    }
 }
 
 impl Conn {
-    async fn run(&mut self, wire: &mut Wire) -> Reason {
+    /// Sends what the session still owes (a refusing CONNACK) with the goodbye, closes the
+    /// wire (best effort, bounded: the peer may be gone or may have stopped reading) and ends
+    /// the session with `reason`.
+    async fn goodbye(mut self, mut wire: Wire, reason: Reason) {
+        self.mqtt.poll_transmit(&mut self.wbuf);
+        let goodbye = async {
+            if !self.wbuf.is_empty() {
+                let _ = wire.write_all(&self.wbuf).await;
+            }
+            let _ = wire.close().await;
+        };
+        let give_up = async {
+            glommio::timer::Timer::new(CLOSE_TIMEOUT).await;
+        };
+        future::or(goodbye, give_up).await;
+        self.session.finish(reason);
+    }
+
+    /// Serves the connection until its session has authenticated (in the pre-authentication
+    /// task queue).
+    async fn until_authenticated(&mut self, wire: &mut Wire) -> Result<(), Reason> {
         // Bytes that came with the end of the TLS handshake.
         if !self.rbuf.is_empty() {
-            if let Err(reason) = self.on_bytes() {
-                return reason;
-            }
+            self.on_bytes()?;
         }
-        loop {
-            if self.mqtt.poll_transmit(&mut self.wbuf) {
-                let write = async { wire.write_all(&self.wbuf).await.is_ok() };
-                let stalled = async {
-                    glommio::timer::Timer::new(WRITE_TIMEOUT).await;
-                    false
-                };
-                if !future::or(write, stalled).await {
-                    // Some of it may be out already; sending it again at goodbye would break
-                    // the stream.
-                    self.wbuf.clear();
-                    return DisconnectReason::WriteStalled;
-                }
-                self.wbuf.clear();
-            }
-            match self.mqtt.state() {
-                State::Closed if self.session.identity().is_none() => {
-                    return DisconnectReason::Refused
-                }
-                State::Closed => return DisconnectReason::ClientDisconnect,
-                _ => {}
-            }
-            if let Some(reason) = self.session.signal().pending_close() {
-                return reason;
-            }
-            self.session.set_deadline(self.mqtt.poll_timeout());
-            if self.rbuf.is_empty() && self.session.is_quiet() {
-                // Going quiet: an idle connection holds no buffers.
-                self.release_buffers();
-            }
-            // A connection whose input never runs dry must still let the shard's other tasks
-            // (the log committer, other connections) run, and must not outrun the log.
-            glommio::yield_if_needed().await;
-            self.session.shard.log.room().await;
+        while self.session.identity().is_none() {
+            self.step(wire).await?;
+        }
+        Ok(())
+    }
 
-            let filled = self.rbuf.len();
-            let woken = {
-                let rbuf = &mut self.rbuf;
-                let shard = self.session.shard.clone();
-                let sig = self.session.signal();
-                let read = async { Woken::Read(wire.read(&shard.rx, rbuf).await) };
-                let signal = async { Woken::Signal(sig.wait().await) };
-                match self.session.oldest_unacked_batch() {
-                    Some(batch) => {
-                        let log = shard.log.clone();
-                        let durable = async move { Woken::Durable(log.durable(batch).await) };
-                        future::or(read, future::or(durable, signal)).await
-                    }
-                    None => future::or(read, signal).await,
-                }
-            };
-            // A read that lost the race may still have delivered bytes (it appends before it
-            // finishes sending TLS output); whatever arrived is handled first, so a packet that
-            // came in time is not judged by a keep-alive check that fired meanwhile.
-            if self.rbuf.len() > filled {
-                if let Err(reason) = self.on_bytes() {
-                    return reason;
-                }
-            }
-            let step = match woken {
-                Woken::Read(Ok(0)) => Err(if self.session.identity().is_some() {
-                    DisconnectReason::ConnectionLost
-                } else {
-                    DisconnectReason::ClosedBeforeConnect
-                }),
-                Woken::Read(Ok(_)) => Ok(()),
-                Woken::Read(Err(WireError::Io(_))) => Err(DisconnectReason::IoError),
-                // A record that fails to decrypt or parse, an alert from the peer.
-                Woken::Read(Err(_)) => Err(DisconnectReason::TlsError),
-                Woken::Durable(Ok(())) => {
-                    self.ack_durable();
-                    Ok(())
-                }
-                Woken::Durable(Err(_)) => Err(DisconnectReason::LogWriteFailed),
-                Woken::Signal(Wake::Close(reason)) => Err(reason),
-                Woken::Signal(Wake::CheckTimeout) => {
-                    let now = Instant::now();
-                    if self.session.expired(now) {
-                        Err(DisconnectReason::TokenExpired)
-                    } else {
-                        self.mqtt
-                            .handle_timeout(now)
-                            .map_err(|v| DisconnectReason::Protocol(v.error_code()))
-                    }
-                }
-                Woken::Signal(Wake::Inbox) => self.drain_inbox(),
-            };
-            if let Err(reason) = step {
+    /// Serves an authenticated connection to its end.
+    async fn run(&mut self, wire: &mut Wire) -> Reason {
+        loop {
+            if let Err(reason) = self.step(wire).await {
                 return reason;
             }
         }
+    }
+
+    /// One turn: send what is owed, wait for whichever comes first (bytes, a durable batch,
+    /// the signal, the end of a throttle), handle it.
+    async fn step(&mut self, wire: &mut Wire) -> Result<(), Reason> {
+        if self.mqtt.poll_transmit(&mut self.wbuf) {
+            let write = async { wire.write_all(&self.wbuf).await.is_ok() };
+            let stalled = async {
+                glommio::timer::Timer::new(WRITE_TIMEOUT).await;
+                false
+            };
+            if !future::or(write, stalled).await {
+                // Some of it may be out already; sending it again at goodbye would break
+                // the stream.
+                self.wbuf.clear();
+                return Err(DisconnectReason::WriteStalled);
+            }
+            self.wbuf.clear();
+        }
+        match self.mqtt.state() {
+            State::Closed if self.session.identity().is_none() => {
+                return Err(DisconnectReason::Refused)
+            }
+            State::Closed => return Err(DisconnectReason::ClientDisconnect),
+            _ => {}
+        }
+        if let Some(reason) = self.session.signal().pending_close() {
+            return Err(reason);
+        }
+        self.session.set_deadline(self.mqtt.poll_timeout());
+        if self.rbuf.is_empty() && self.session.is_quiet() {
+            // Going quiet: an idle connection holds no buffers.
+            self.release_buffers();
+        }
+        // A connection whose input never runs dry must still let the shard's other tasks
+        // (the log committer, other connections) run, and must not outrun the log.
+        glommio::yield_if_needed().await;
+        self.session.shard.log.room().await;
+
+        let filled = self.rbuf.len();
+        let woken = {
+            let rbuf = &mut self.rbuf;
+            let shard = self.session.shard.clone();
+            let sig = self.session.signal();
+            // While throttled, the input waits (traffic shaping): the peer's bytes stay in
+            // its socket, and what was read already stays in `rbuf`.
+            let throttled = self.throttled_until;
+            let read = async {
+                match throttled {
+                    None => Woken::Read(wire.read(&shard.rx, rbuf).await),
+                    Some(until) => {
+                        glommio::timer::Timer::new(until.saturating_duration_since(Instant::now()))
+                            .await;
+                        Woken::Unthrottled
+                    }
+                }
+            };
+            let signal = async { Woken::Signal(sig.wait().await) };
+            match self.session.oldest_unacked_batch() {
+                Some(batch) => {
+                    let log = shard.log.clone();
+                    let durable = async move { Woken::Durable(log.durable(batch).await) };
+                    future::or(read, future::or(durable, signal)).await
+                }
+                None => future::or(read, signal).await,
+            }
+        };
+        // A read that lost the race may still have delivered bytes (it appends before it
+        // finishes sending TLS output); whatever arrived is handled first, so a packet that
+        // came in time is not judged by a keep-alive check that fired meanwhile.
+        if self.rbuf.len() > filled {
+            self.on_bytes()?;
+        }
+        let step = match woken {
+            Woken::Read(Ok(0)) => Err(if self.session.identity().is_some() {
+                DisconnectReason::ConnectionLost
+            } else {
+                DisconnectReason::ClosedBeforeConnect
+            }),
+            Woken::Read(Ok(_)) => Ok(()),
+            Woken::Read(Err(WireError::Io(_))) => Err(DisconnectReason::IoError),
+            // A record that fails to decrypt or parse, an alert from the peer.
+            Woken::Read(Err(_)) => Err(DisconnectReason::TlsError),
+            Woken::Durable(Ok(())) => {
+                self.ack_durable();
+                Ok(())
+            }
+            Woken::Durable(Err(_)) => Err(DisconnectReason::LogWriteFailed),
+            Woken::Signal(Wake::Close(reason)) => Err(reason),
+            Woken::Signal(Wake::CheckTimeout) => {
+                let now = Instant::now();
+                if self.session.expired(now) {
+                    Err(DisconnectReason::TokenExpired)
+                } else {
+                    self.mqtt
+                        .handle_timeout(now)
+                        .map_err(|v| DisconnectReason::Protocol(v.error_code()))
+                }
+            }
+            Woken::Signal(Wake::Inbox) => self.drain_inbox(),
+            Woken::Unthrottled => {
+                self.throttled_until = None;
+                self.on_bytes()
+            }
+        };
+        step
     }
 
     /// Frees what a quiet connection does not need: the read and write buffers and the
@@ -242,7 +286,7 @@ impl Conn {
         // One clock read per read batch, not per message: every message in it arrived together.
         let now = Instant::now();
         let wall_ms = unix_now().as_millis() as u64;
-        loop {
+        while self.throttled_until.is_none() {
             let len = match roost_mqtt::check(&self.rbuf, self.mqtt.limits()) {
                 Ok(Some(len)) => len,
                 Ok(None) => break,
@@ -428,9 +472,13 @@ impl Conn {
             return Err(DisconnectReason::PublishBeforeConnect);
         };
         let bag = telemetry::publish_bag(identity, p.topic.as_str())?;
-        if p.payload.len() > MAX_D2C_BODY {
+        if p.payload.len() > self.session.max_body(now) {
             return Err(DisconnectReason::PayloadTooLarge);
         }
+        self.throttled_until = self.session.meter_send(now)?;
+        let Some(identity) = self.session.identity() else {
+            return Err(DisconnectReason::PublishBeforeConnect);
+        };
         let bag = roost_iothub::props::decode_bag(bag)
             .map_err(|e| DisconnectReason::Protocol(e.error_code()))?;
         let message = telemetry::record(identity, bag, p.retain, &p.payload, wall_ms);

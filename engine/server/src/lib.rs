@@ -234,6 +234,8 @@ pub fn run(config: EngineConfig, on_ready: impl FnOnce() + Send + 'static) -> an
         router: router.clone(),
         nudges: nudges.clone(),
         pre_auth: roost_session::PreAuthGate::new(config.pre_auth),
+        quotas: state.quotas.clone(),
+        shards: config.cores,
     });
 
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();

@@ -17,6 +17,7 @@ use roost_common::link::{read_frame_body, LinkError};
 use roost_common::tls::LINK_SERVER_NAME;
 use roost_model::link::{ControlFrame, DeviceAuth, EngineFrame, Epoch, EpochHash, RegistryChange};
 use roost_registry::{Projection, Registry};
+use roost_session::quota::{QuotaCell, Quotas};
 use roost_storage::{ReplicaStore, StoreError};
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 
@@ -33,6 +34,8 @@ pub struct EngineState {
     applying: Mutex<()>,
     pub metrics: Arc<Metrics>,
     pub router: RouterTx,
+    /// The quotas of the epoch in force (the default before the first).
+    pub quotas: Arc<QuotaCell>,
 }
 
 impl EngineState {
@@ -45,6 +48,7 @@ impl EngineState {
             applying: Mutex::new(()),
             metrics,
             router,
+            quotas: Arc::default(),
         }
     }
 
@@ -111,9 +115,9 @@ impl ApplyError {
     }
 }
 
-/// Checks an epoch before anything is built from it. The payload is empty until the routing
-/// issue defines what it carries; anything in it now is something this engine cannot run.
-fn validate(epoch: &Epoch) -> Result<(), ApplyError> {
+/// Checks an epoch before anything is built from it, and reads its quotas. Routes and plugins
+/// wait for the routing issue: an epoch with any is something this engine cannot run.
+fn validate(epoch: &Epoch) -> Result<Quotas, ApplyError> {
     if !epoch.hash_is_valid() {
         return Err(ApplyError::Rejected {
             code: "hash_mismatch",
@@ -121,13 +125,16 @@ fn validate(epoch: &Epoch) -> Result<(), ApplyError> {
         });
     }
     let p = &epoch.payload;
-    if !p.routes.is_empty() || !p.plugins.is_empty() || !p.limits.is_empty() {
+    if !p.routes.is_empty() || !p.plugins.is_empty() {
         return Err(ApplyError::Rejected {
             code: "unsupported_payload",
-            detail: "this engine runs no routes, plugins or limits from an epoch yet".into(),
+            detail: "this engine runs no routes or plugins from an epoch yet".into(),
         });
     }
-    Ok(())
+    Quotas::from_named(&p.limits).map_err(|e| ApplyError::Rejected {
+        code: "bad_limits",
+        detail: e.to_string(),
+    })
 }
 
 /// Applies one update: validate, persist (unless it came from the replica), put in force, then
@@ -137,10 +144,11 @@ pub fn apply(state: &EngineState, update: Update, origin: Origin) -> Result<(), 
     let persist = origin == Origin::Control;
     match update {
         Update::Epoch(epoch) => {
-            validate(&epoch)?;
+            let quotas = validate(&epoch)?;
             if persist {
                 state.replica.save_epoch(&epoch)?;
             }
+            state.quotas.set(quotas);
             tracing::info!(version = epoch.version, hash = %epoch.hash, "config epoch in force");
             state.metrics.epoch_version.set(epoch.version as i64);
             *state.epoch.lock().unwrap_or_else(|p| p.into_inner()) = Some(epoch);
@@ -517,6 +525,26 @@ mod tests {
     }
 
     #[test]
+    fn an_epochs_quotas_are_put_in_force() {
+        use roost_session::quota::Tier;
+        let store = Arc::new(MemStore::new(0));
+        let (state, _rx) = engine(store);
+        assert_eq!(state.quotas.get(), Quotas::default());
+        let before = state.quotas.version();
+        let s1 = Quotas::preset(Tier::S1, 1).expect("preset");
+        let epoch = Epoch::new(
+            2,
+            EpochPayload {
+                limits: s1.to_named(),
+                ..EpochPayload::default()
+            },
+        );
+        apply(&state, Update::Epoch(epoch), Origin::Control).expect("applied");
+        assert_eq!(state.quotas.get(), s1);
+        assert!(state.quotas.version() > before, "shards see a new version");
+    }
+
+    #[test]
     fn a_bad_epoch_is_rejected_and_the_previous_one_kept() {
         let store = Arc::new(MemStore::new(0));
         let (state, _rx) = engine(store.clone());
@@ -535,6 +563,15 @@ mod tests {
         );
         let err = apply(&state, Update::Epoch(routes), Origin::Control).expect_err("payload");
         assert_eq!(err.error_code(), "unsupported_payload");
+        let unknown_limit = Epoch::new(
+            5,
+            EpochPayload {
+                limits: vec![("d2c_per_fortnight".into(), 1)],
+                ..EpochPayload::default()
+            },
+        );
+        let err = apply(&state, Update::Epoch(unknown_limit), Origin::Control).expect_err("limit");
+        assert_eq!(err.error_code(), "bad_limits");
         assert_eq!(state.epoch_hash(), Some(good.hash));
         assert_eq!(
             store.load_epoch().expect("load"),

@@ -19,6 +19,7 @@ pub struct Metrics {
     connack_refused: IntCounterVec,
     disconnects: IntCounterVec,
     commands_dropped: IntCounterVec,
+    throttle_delayed: IntCounterVec,
     messages_in: IntCounterVec,
     bytes_in: IntCounterVec,
     log_appends: IntCounterVec,
@@ -171,6 +172,12 @@ impl Metrics {
                 "Commands from control a session could not send to its device, by kind (not subscribed, or refused by the protocol).",
                 &["shard", "kind"],
             ),
+            throttle_delayed: counter(
+                &registry,
+                "roost_throttle_delayed_total",
+                "Requests over a rate quota that were delayed (IoT Hub's traffic shaping), by quota; one over the shaping backlog is refused instead (disconnects{reason=\"throttled\"}, \"connect_throttled\").",
+                &["shard", "quota"],
+            ),
             messages_in: counter(
                 &registry,
                 "roost_messages_in_total",
@@ -237,7 +244,8 @@ impl Metrics {
             log_append_latency: self.log_append_latency.with_label_values(&[&s]).local(),
             refused: Reasons::new(self.connack_refused.clone(), s.clone()),
             disconnects: Reasons::new(self.disconnects.clone(), s.clone()),
-            commands_dropped: Reasons::new(self.commands_dropped.clone(), s),
+            commands_dropped: Reasons::new(self.commands_dropped.clone(), s.clone()),
+            throttle_delayed: Reasons::new(self.throttle_delayed.clone(), s),
         }
     }
 }
@@ -264,6 +272,8 @@ pub struct ShardMetrics {
     pub refused: Reasons,
     pub disconnects: Reasons,
     pub commands_dropped: Reasons,
+    /// Requests delayed by a rate quota, by the quota's name.
+    pub throttle_delayed: Reasons,
 }
 
 impl ShardMetrics {
@@ -279,6 +289,7 @@ impl ShardMetrics {
         self.refused.flush();
         self.disconnects.flush();
         self.commands_dropped.flush();
+        self.throttle_delayed.flush();
     }
 }
 

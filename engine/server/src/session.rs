@@ -16,6 +16,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use roost_model::link::{DeviceCommand, EngineFrame};
 use roost_model::Message;
 use roost_session::auth::{authenticate_sas, SasClaim};
+use roost_session::quota::{Admit, Bucket, Limit};
 use roost_session::{DisconnectReason, Identity, Ingest, PreAuthSlot, Refusal};
 
 use crate::shard::{ConnHandles, Shard};
@@ -39,6 +40,16 @@ pub struct DeviceSession<A> {
     ended: bool,
     ingest: Ingest<A>,
     last_activity: Instant,
+    quotas: SessionQuotas,
+}
+
+/// What the session meters itself, under the shard's quotas of `version`; rebuilt when they
+/// change.
+struct SessionQuotas {
+    version: u64,
+    /// The identity's own send rate (`device_d2c_sends_per_sec`).
+    device_rate: Option<Bucket>,
+    max_body: usize,
 }
 
 impl<A> DeviceSession<A> {
@@ -57,6 +68,11 @@ impl<A> DeviceSession<A> {
             ended: false,
             ingest: Ingest::default(),
             last_activity: Instant::now(),
+            quotas: SessionQuotas {
+                version: u64::MAX,
+                device_rate: None,
+                max_body: 0,
+            },
         }
     }
 
@@ -161,6 +177,55 @@ impl<A> DeviceSession<A> {
             });
         }
         Ok(())
+    }
+
+    /// The session's quotas, brought up to the shard's.
+    fn quotas(&mut self, now: Instant) -> &mut SessionQuotas {
+        let version = self.shard.quota_version();
+        if self.quotas.version != version {
+            let quotas = self.shard.quotas();
+            self.quotas = SessionQuotas {
+                version,
+                device_rate: quotas.bucket(Limit::DeviceD2cSendsPerSec, 1, now),
+                max_body: quotas
+                    .get(Limit::D2cMaxBytes)
+                    .map_or(roost_session::telemetry::MAX_D2C_BODY, |v| v as usize),
+            };
+        }
+        &mut self.quotas
+    }
+
+    /// The largest message body the hub's quotas allow.
+    pub fn max_body(&mut self, now: Instant) -> usize {
+        self.quotas(now).max_body
+    }
+
+    /// Meters one device-to-cloud message against the identity's and the hub's send rates:
+    /// `Ok(None)` within both, `Ok(Some(until))` when the adapter must hold the connection's
+    /// input until then (IoT Hub's traffic shaping), or [`DisconnectReason::Throttled`] when
+    /// the wait would be longer than the shaping backlog.
+    pub fn meter_send(&mut self, now: Instant) -> Result<Option<Instant>, DisconnectReason> {
+        // The identity's own rate first: a device over it must not spend the hub's.
+        let device = self
+            .quotas(now)
+            .device_rate
+            .as_mut()
+            .map_or(Admit::Now, |b| b.take(now, 1.0));
+        let device = self.shaped(Limit::DeviceD2cSendsPerSec, device)?;
+        let hub = self.shaped(Limit::D2cSendsPerSec, self.shard.meter_d2c(now))?;
+        Ok(device.max(hub).map(|d| now + d))
+    }
+
+    /// What `admit` under `limit` means for the adapter: a delay (counted) or the end.
+    fn shaped(&self, limit: Limit, admit: Admit) -> Result<Option<Duration>, DisconnectReason> {
+        match admit {
+            Admit::Now => Ok(None),
+            Admit::After(d) => {
+                self.shard.metrics.throttle_delayed.inc(limit.name());
+                Ok(Some(d))
+            }
+            Admit::Refused => Err(DisconnectReason::Throttled),
+        }
     }
 
     /// The log batch the oldest owed acknowledgement waits for.

@@ -12,10 +12,11 @@ use std::time::{Duration, Instant};
 use crossbeam::channel::Receiver;
 use glommio::net::TcpListener;
 use glommio::timer::Timer;
-use glommio::{Latency, Shares};
+use glommio::{Latency, Shares, TaskQueueHandle};
 use rkyv::util::AlignedVec;
 use roost_model::link::{CommandOutcome, DeviceCommand};
 use roost_registry::Registry;
+use roost_session::quota::{Admit, Bucket, Limit, QuotaCell, Quotas};
 use roost_session::{Deadlines, DisconnectReason, Holder, Identity, Inbox, PreAuthGate};
 use roost_storage::LogStore;
 use rustls::ServerConfig;
@@ -60,6 +61,10 @@ pub struct Shared {
     pub nudges: Vec<crate::nudge::Nudge>,
     /// The caps on unauthenticated connections, over every shard and listener.
     pub pre_auth: Arc<PreAuthGate>,
+    /// The hub's quotas in force; each shard meters its share of the hub-wide rates.
+    pub quotas: Arc<QuotaCell>,
+    /// How many shards the engine runs (the share of a hub-wide rate each meters).
+    pub shards: usize,
 }
 
 /// A listener as a shard binds it.
@@ -80,6 +85,42 @@ pub struct ConnHandles {
     pub inbox: RefCell<Inbox>,
 }
 
+/// The shard's share of the hub's quotas, rebuilt whenever the quotas in force change.
+struct ShardQuotas {
+    version: u64,
+    quotas: Quotas,
+    /// New connections, metered at accept.
+    connect: Option<Bucket>,
+    /// Device-to-cloud messages of every connection of the shard.
+    d2c: Option<Bucket>,
+}
+
+impl ShardQuotas {
+    fn new(cell: &QuotaCell, shards: usize, now: Instant) -> Self {
+        let version = cell.version();
+        let quotas = cell.get();
+        Self {
+            version,
+            connect: quotas.bucket(Limit::NewConnectionsPerSec, shards, now),
+            d2c: quotas.bucket(Limit::D2cSendsPerSec, shards, now),
+            quotas,
+        }
+    }
+}
+
+/// Where a connection's task runs: the task queue of connections not yet authenticated, or the
+/// authenticated devices' (the executor's default).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Queue {
+    PreAuth,
+    Devices,
+}
+
+/// The CPU share of the pre-authentication queue against the devices' (glommio's default,
+/// 1,000): under a flood of handshakes and failing CONNECTs the authenticated devices get
+/// about 95 % of a saturated shard, and all of an idle one is the flood's.
+const PRE_AUTH_SHARES: usize = 50;
+
 /// Per-shard state.
 pub struct Shard {
     pub id: usize,
@@ -95,6 +136,9 @@ pub struct Shard {
     pub scratch: RefCell<AlignedVec>,
     /// The buffer every connection of the shard receives into (see `wire`).
     pub rx: RxBuf,
+    quotas: RefCell<ShardQuotas>,
+    /// Connections run here until they authenticate (TLS handshake, CONNECT, its check).
+    pre_auth_queue: TaskQueueHandle,
 }
 
 fn unix_ms() -> u64 {
@@ -232,6 +276,76 @@ impl Shard {
     fn connection_count(&self) -> usize {
         self.conns.borrow().len()
     }
+
+    /// Puts quotas that changed in force (from the shard's tick).
+    fn refresh_quotas(&self, now: Instant) {
+        if self.quotas.borrow().version != self.shared.quotas.version() {
+            *self.quotas.borrow_mut() =
+                ShardQuotas::new(&self.shared.quotas, self.shared.shards, now);
+        }
+    }
+
+    /// The hub's quotas as this shard has them in force.
+    pub fn quotas(&self) -> Quotas {
+        self.quotas.borrow().quotas
+    }
+
+    /// Changes whenever [`Self::quotas`] does.
+    pub fn quota_version(&self) -> u64 {
+        self.quotas.borrow().version
+    }
+
+    /// Whether a new connection fits the shard's share of the new-connection rate. Not shaped:
+    /// waiting would hold an unauthenticated socket, so one over the rate is closed at once.
+    fn admit_connection(&self, now: Instant) -> bool {
+        match self.quotas.borrow_mut().connect.as_mut() {
+            None => true,
+            Some(b) => b.take_now(now, 1.0),
+        }
+    }
+
+    /// Meters one device-to-cloud message against the shard's share of the hub's send rate.
+    pub fn meter_d2c(&self, now: Instant) -> Admit {
+        match self.quotas.borrow_mut().d2c.as_mut() {
+            None => Admit::Now,
+            Some(b) => b.take(now, 1.0),
+        }
+    }
+
+    /// Runs one connection's task in `queue`, behind an unwind boundary: a panic (a bug) ends
+    /// that connection, is counted (`disconnects{reason="panicked"}`) and logged, and the shard
+    /// goes on. The connection's session leaves the shard and the router as it is dropped (its
+    /// `Drop`).
+    pub fn spawn_connection(
+        self: &Rc<Self>,
+        queue: Queue,
+        task: impl std::future::Future<Output = ()> + 'static,
+    ) {
+        let shard = self.clone();
+        let task = unwind_boundary(task, move || {
+            shard
+                .metrics
+                .disconnects
+                .inc(DisconnectReason::Panicked.error_code());
+            tracing::error!(
+                shard = shard.id,
+                "a connection's task panicked; it was closed"
+            );
+        });
+        let spawned = match queue {
+            Queue::Devices => Ok(glommio::spawn_local(task)),
+            Queue::PreAuth => glommio::spawn_local_into(task, self.pre_auth_queue),
+        };
+        match spawned {
+            Ok(task) => {
+                task.detach();
+            }
+            // The queue is the shard's own and lives as long as it: not expected.
+            Err(e) => {
+                tracing::error!(shard = self.id, error = %e, "cannot start a connection's task")
+            }
+        };
+    }
 }
 
 /// Runs shard `id` until a [`ShardCommand::Shutdown`]. Reports on `ready` once it listens.
@@ -278,6 +392,16 @@ pub async fn run(
                 return;
             }
         };
+    let pre_auth_queue = glommio::executor().create_task_queue(
+        Shares::Static(PRE_AUTH_SHARES),
+        Latency::NotImportant,
+        "pre-auth",
+    );
+    let quotas = RefCell::new(ShardQuotas::new(
+        &shared.quotas,
+        shared.shards,
+        Instant::now(),
+    ));
     let shard = Rc::new(Shard {
         id,
         shared,
@@ -289,6 +413,8 @@ pub async fn run(
         deadlines: RefCell::new(Deadlines::new(Instant::now(), TICK)),
         scratch: RefCell::new(AlignedVec::new()),
         rx: RxBuf::new(),
+        quotas,
+        pre_auth_queue,
     });
 
     let mut acceptors = Vec::new();
@@ -323,7 +449,9 @@ pub async fn run(
                 ShardCommand::Shutdown => shutdown = true,
             }
         }
-        shard.fire_deadlines(Instant::now());
+        let now = Instant::now();
+        shard.refresh_quotas(now);
+        shard.fire_deadlines(now);
         shard.metrics.flush();
         if shutdown {
             break;
@@ -369,8 +497,15 @@ async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, spec: ShardListene
                 continue;
             }
         };
-        // Before anything is read or allocated for it: a place under the caps on
-        // unauthenticated connections, or the connection is closed at once.
+        // Before anything is read or allocated for it: within the new-connection rate and with
+        // a place under the caps on unauthenticated connections, or closed at once.
+        if !shard.admit_connection(Instant::now()) {
+            shard
+                .metrics
+                .disconnects
+                .inc(DisconnectReason::ConnectThrottled.error_code());
+            continue;
+        }
         let source = match stream.peer_addr() {
             Ok(addr) => addr.ip(),
             Err(_) => {
@@ -408,28 +543,10 @@ async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, spec: ShardListene
         };
         match spec.protocol {
             Protocol::Mqtt => {
-                spawn_connection(&shard, conn::serve(shard.clone(), wire, slot));
+                shard.spawn_connection(Queue::PreAuth, conn::serve(shard.clone(), wire, slot));
             }
         }
     }
-}
-
-/// Runs one connection's task behind an unwind boundary: a panic (a bug) ends that connection,
-/// is counted (`disconnects{reason="panicked"}`) and logged, and the shard goes on. The
-/// connection's session leaves the shard and the router as it is dropped (its `Drop`).
-fn spawn_connection(shard: &Rc<Shard>, task: impl std::future::Future<Output = ()> + 'static) {
-    let shard = shard.clone();
-    glommio::spawn_local(unwind_boundary(task, move || {
-        shard
-            .metrics
-            .disconnects
-            .inc(DisconnectReason::Panicked.error_code());
-        tracing::error!(
-            shard = shard.id,
-            "a connection's task panicked; it was closed"
-        );
-    }))
-    .detach();
 }
 
 /// `task`, with a panic inside it caught and turned into a call of `on_panic`.

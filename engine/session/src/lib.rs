@@ -10,7 +10,8 @@
 //! engine's [`Router`] (claims, kicks, commands and their answers) — plus
 //! [`Deadlines`], the lazy timer wheel a shard keeps its connections' deadlines in, and
 //! [`PreAuthGate`], the caps on connections not yet authenticated (in total and per source
-//! address) that every adapter takes a slot from at accept.
+//! address) that every adapter takes a slot from at accept, and [`quota`], the hub's rate and
+//! size quotas (IoT Hub's tiers as presets) with the token bucket that meters each.
 //!
 //! What it is not: I/O. No sockets, no clock (time is passed in), no glommio or tokio: the
 //! engine's shards (`roost-server`) drive these, and each protocol adapter (MQTT today; AMQP,
@@ -29,6 +30,7 @@ mod directory;
 mod inbox;
 mod ingest;
 mod preauth;
+pub mod quota;
 mod reason;
 pub mod router;
 pub mod telemetry;

@@ -32,6 +32,12 @@ pub enum DisconnectReason {
     /// Refused at accept: the peer's address holds as many unauthenticated connections as one
     /// source may.
     TooManyUnauthenticatedFromSource,
+    /// Refused at accept: the hub's new-connection rate quota is spent (spec §8, "New
+    /// connections"); the SDKs retry with back-off.
+    ConnectThrottled,
+    /// Over a message-rate quota for longer than the traffic-shaping backlog allows (spec §8:
+    /// IoT Hub delays first, then gives up on the sender).
+    Throttled,
     /// A bug: the connection's task panicked. The shard goes on; the panic is logged.
     Panicked,
     /// The engine is stopping.
@@ -75,6 +81,8 @@ impl DisconnectReason {
             DisconnectReason::TokenExpired => "token_expired",
             DisconnectReason::TooManyUnauthenticated => "unauthenticated_limit",
             DisconnectReason::TooManyUnauthenticatedFromSource => "unauthenticated_source_limit",
+            DisconnectReason::ConnectThrottled => "connect_throttled",
+            DisconnectReason::Throttled => "throttled",
             DisconnectReason::Panicked => "panicked",
             DisconnectReason::ServerShutdown => "server_shutdown",
             DisconnectReason::ClosedByService => "closed_by_service",
@@ -111,6 +119,8 @@ mod tests {
             DisconnectReason::TokenExpired,
             DisconnectReason::TooManyUnauthenticated,
             DisconnectReason::TooManyUnauthenticatedFromSource,
+            DisconnectReason::ConnectThrottled,
+            DisconnectReason::Throttled,
             DisconnectReason::Panicked,
             DisconnectReason::ServerShutdown,
             DisconnectReason::ClosedByService,
