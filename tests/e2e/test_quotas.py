@@ -155,3 +155,16 @@ def test_new_connections_over_the_rate_are_closed_at_accept(hub_factory):
     dev = hub.raw_connected_device(device_id, key)
     info = dev.publish(telemetry_topic(device_id), b"after the burst", qos=1)
     wait_until(info.is_published, 10, "PUBACK")
+
+
+def test_a_lower_message_size_limit_closes_a_larger_publish(hub_factory):
+    hub = start_with_limits(hub_factory, "d2c_max_bytes=1024")
+    dev, device_id, _ = hub.new_raw_device("small")
+    before = hub.metrics()
+    ok = dev.publish(telemetry_topic(device_id), b"x" * 1024, qos=1)
+    wait_until(ok.is_published, 10, "PUBACK at the limit")
+    dev.publish(telemetry_topic(device_id), b"y" * 1025, qos=1)
+    dev.wait_disconnected(timeout=10)
+    hub.wait_metric(DISCONNECTS, lambda v: v >= metric_sum_of(before, DISCONNECTS, reason="payload_too_large") + 1,
+                    "+1", reason="payload_too_large")
+    assert [record_body(r) for r in telemetry_of(hub.records(), device_id)] == [b"x" * 1024]
