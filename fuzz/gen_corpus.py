@@ -160,6 +160,18 @@ if __name__ == "__main__":
     for target, seeds in text_corpora().items():
         for i, text in enumerate(seeds):
             write(target, f"seed_{i:02}", text.encode())
+    # twin_patch: one byte of operations (service patch, replace, device patch), then JSON.
+    twin = [
+        '{"tags":{"site":"oslo"},"properties":{"desired":{"rate":5,"net":{"wifi":true}}}}',
+        '{"etag":"*","properties":{"desired":{"rate":null},"reported":{"x":1}}}',
+        '{"fw":"1.0","net":{"ip":"10.0.0.2","rssi":-60},"gone":null}',
+        '{"a":{"b":{"c":{"d":{"e":{"f":{"g":1}}}}}}}',
+        '{"a.b":1,"$x":2}', '{"n":4503599627370496,"f":1e308,"l":[1,2]}', '"text"', "null",
+        '{"tags":{"a":{}},"properties":{"desired":{"a":{}}}}',
+    ]
+    for i, text in enumerate(twin):
+        for op in (0, 1, 2, 5):
+            write("twin_patch", f"seed_{i:02}_{op}", bytes([op]) + text.encode())
     # link_frame: a length prefix and bodies that are not archives.
     for i, data in enumerate([b"\x00\x00\x00\x00", b"\xff\xff\xff\x7f", b"\x01" * 64, b""]):
         write("link_frame", f"seed_{i:02}", data)

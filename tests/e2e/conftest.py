@@ -515,6 +515,15 @@ def metric_sum_of(metrics: dict, name: str, **labels: str) -> float:
 # Event records
 
 
+def is_acked(info) -> bool:
+    """Whether paho's message was acknowledged; False (not an exception) for one whose
+    connection was already gone when it was published."""
+    try:
+        return info.is_published()
+    except RuntimeError:
+        return False
+
+
 def record_body(record: dict) -> bytes:
     """The raw body of a consumer-API record."""
     enc = record.get("bodyEncoding")

@@ -15,6 +15,7 @@ import pytest
 import requests
 
 from conftest import (
+    is_acked,
     STATE_TIMEOUT,
     _sign,
     device_sas_token,
@@ -404,8 +405,8 @@ def test_a_full_disk_stops_acknowledgements_and_writes_resume_once_it_has_room(h
             time.sleep(0.01)
         assert dev.disconnected.is_set(), "30 s of publishes on a full disk and the connection is still up"
         time.sleep(0.5)  # PUBACKs already on the way
-        acked += [b for b, i in pending if i.is_published()]
-        unacked = [b for b, i in pending if not i.is_published()]
+        acked += [b for b, i in pending if is_acked(i)]
+        unacked = [b for b, i in pending if not is_acked(i)]
         assert unacked, "every publish was acknowledged, yet the connection ended"
         wait_counted(hub, before, DISCONNECTS, "log_write_failed")
         wait_until(lambda: _readyz(hub) == 503, 5, "/readyz to say not ready")

@@ -14,6 +14,7 @@ import pytest
 import requests
 
 from conftest import (
+    is_acked,
     metric_sum_of,
     parse_connection_string,
     parse_prometheus,
@@ -105,7 +106,7 @@ def test_the_hub_send_rate_closes_senders_past_the_backlog_and_loses_nothing(hub
     hub.wait_metric(DISCONNECTS, lambda v: v >= metric_sum_of(before, DISCONNECTS, reason="throttled") + 1,
                     "a sender closed", reason="throttled")
     time.sleep(2.5)  # whatever was shaped is acknowledged by now
-    acked = {d: [body for body, info in msgs if _acked(info)] for d, msgs in sent.items()}
+    acked = {d: [body for body, info in msgs if is_acked(info)] for d, msgs in sent.items()}
     total = sum(len(v) for v in acked.values())
     assert 0 < total < 24, f"{total} of 24 acknowledged"
     assert hub.metric_sum(DELAYED, quota="d2c_sends_per_sec") >= 1
@@ -116,14 +117,6 @@ def test_the_hub_send_rate_closes_senders_past_the_backlog_and_loses_nothing(hub
             assert body in stored, f"acknowledged {body!r} is not in the log"
     print(f"hub send quota 4/s, backlog 1 s: {total} of 24 acknowledged (all stored), "
           f"{sum(d[0].disconnected.is_set() for d in devices)} of 8 senders closed")
-
-
-def _acked(info) -> bool:
-    # paho raises for a message whose connection was gone before it was sent.
-    try:
-        return info.is_published()
-    except RuntimeError:
-        return False
 
 
 def _closed_at_once(s: socket.socket) -> bool:
