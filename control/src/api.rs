@@ -19,6 +19,7 @@ use crate::metrics::ControlMetrics;
 use crate::policies::Right;
 use crate::store::Store;
 use crate::store::Writes;
+use crate::twins::{TwinFailure, Twins};
 
 /// Most operations one bulk request may carry (IoT Hub's limit).
 const MAX_BULK: usize = 100;
@@ -40,6 +41,7 @@ pub struct Api {
     pub hostname: String,
     pub metrics: Arc<ControlMetrics>,
     pub throttle: Throttle,
+    pub twins: Arc<Twins>,
 }
 
 /// The rate quotas the service API meters (spec §8): a bucket per class of operation, with
@@ -47,19 +49,26 @@ pub struct Api {
 /// 429 with 429001).
 pub struct Throttle {
     registry: Mutex<Option<Bucket>>,
+    twin_reads: Mutex<Option<Bucket>>,
+    twin_updates: Mutex<Option<Bucket>>,
 }
 
 impl Throttle {
     pub fn new(quotas: &Quotas) -> Self {
         let now = Instant::now();
+        let bucket = |limit| Mutex::new(quotas.bucket(limit, 1, now));
         Self {
-            registry: Mutex::new(quotas.bucket(Limit::RegistryOpsPerMin, 1, now)),
+            registry: bucket(Limit::RegistryOpsPerMin),
+            twin_reads: bucket(Limit::TwinReadsPerSec),
+            twin_updates: bucket(Limit::TwinUpdatesPerSec),
         }
     }
 
     fn bucket(&self, limit: Limit) -> Option<&Mutex<Option<Bucket>>> {
         match limit {
             Limit::RegistryOpsPerMin => Some(&self.registry),
+            Limit::TwinReadsPerSec => Some(&self.twin_reads),
+            Limit::TwinUpdatesPerSec => Some(&self.twin_updates),
             _ => None,
         }
     }
@@ -125,6 +134,20 @@ impl HubError {
             "PreconditionFailed",
             "Precondition failed: the etag does not match",
         )
+    }
+    fn twin(e: TwinFailure) -> Self {
+        match e {
+            TwinFailure::DeviceNotFound(id) => Self::device_not_found(&id),
+            TwinFailure::ModuleNotFound(id) => Self::new(
+                StatusCode::NOT_FOUND,
+                404010,
+                "ModuleNotFound",
+                format!("Module {id} not registered"),
+            ),
+            TwinFailure::PreconditionFailed => Self::precondition_failed(),
+            TwinFailure::BadJson(_) | TwinFailure::Invalid(_) => Self::bad_request(e.to_string()),
+            TwinFailure::Store(e) => Self::server(e),
+        }
     }
     fn server(e: impl std::fmt::Display) -> Self {
         Self::new(
@@ -206,10 +229,19 @@ enum Route {
     Bulk,
     Delete(String),
     Stats,
+    TwinGet(String),
+    /// `PATCH` (`replace` false) or `PUT` (`replace` true) of a twin.
+    TwinWrite {
+        id: String,
+        replace: bool,
+    },
 }
 
-/// Body limits by route: one identity, a bulk request of up to [`MAX_BULK`] of them, nothing.
+/// Body limits by route: one identity, a bulk request of up to [`MAX_BULK`] of them, a twin
+/// (8 KB of tags and 32 KB of desired properties, with room for a twin read and sent back
+/// whole, reported section and `$metadata` included), nothing.
 const IDENTITY_BODY: usize = 64 * 1024;
+const TWIN_BODY: usize = 256 * 1024;
 const BULK_BODY: usize = 1024 * 1024;
 const NO_BODY: usize = 4 * 1024;
 
@@ -228,6 +260,15 @@ impl Route {
             (&Method::POST, ["devices"]) => Route::Bulk,
             (&Method::DELETE, ["devices", id]) => Route::Delete(id.to_string()),
             (&Method::GET, ["statistics", "devices"]) => Route::Stats,
+            (&Method::GET, ["twins", id]) => Route::TwinGet(id.to_string()),
+            (&Method::PATCH, ["twins", id]) => Route::TwinWrite {
+                id: id.to_string(),
+                replace: false,
+            },
+            (&Method::PUT, ["twins", id]) => Route::TwinWrite {
+                id: id.to_string(),
+                replace: true,
+            },
             _ => {
                 return Err(HubError::new(
                     StatusCode::NOT_FOUND,
@@ -243,6 +284,8 @@ impl Route {
         match self {
             Route::List | Route::Get(_) | Route::Stats => Right::RegistryRead,
             Route::Put(_) | Route::Bulk | Route::Delete(_) => Right::RegistryWrite,
+            // Spec §1.3: twins are ServiceConnect's.
+            Route::TwinGet(_) | Route::TwinWrite { .. } => Right::ServiceConnect,
         }
     }
 
@@ -254,6 +297,8 @@ impl Route {
                 Some(Limit::RegistryOpsPerMin)
             }
             Route::Stats => None,
+            Route::TwinGet(_) => Some(Limit::TwinReadsPerSec),
+            Route::TwinWrite { .. } => Some(Limit::TwinUpdatesPerSec),
         }
     }
 
@@ -261,7 +306,10 @@ impl Route {
         match self {
             Route::Put(_) => IDENTITY_BODY,
             Route::Bulk => BULK_BODY,
-            Route::List | Route::Get(_) | Route::Delete(_) | Route::Stats => NO_BODY,
+            Route::TwinWrite { .. } => TWIN_BODY,
+            Route::List | Route::Get(_) | Route::Delete(_) | Route::Stats | Route::TwinGet(_) => {
+                NO_BODY
+            }
         }
     }
 }
@@ -324,6 +372,16 @@ impl Api {
             Route::Bulk => self.bulk(req),
             Route::Delete(id) => self.delete(&id, req),
             Route::Stats => self.stats(),
+            Route::TwinGet(id) => self
+                .twins
+                .get(&id)
+                .map(|t| twin_response(&t))
+                .map_err(HubError::twin),
+            Route::TwinWrite { id, replace } => self
+                .twins
+                .write(&id, req.body(), if_match(req).as_deref(), replace)
+                .map(|t| twin_response(&t))
+                .map_err(HubError::twin),
         });
         self.count(result.as_ref().map_or_else(|e| e.status, |r| r.status()));
         result
@@ -441,7 +499,14 @@ impl Api {
                 )));
             }
         }
-        let keys = auth.symmetric_key.clone().unwrap_or_default();
+        let mut keys = auth.symmetric_key.clone().unwrap_or_default();
+        // An empty key is no key: the Node SDK's `Registry.create({deviceId})` sends
+        // `{"primaryKey":"","secondaryKey":""}` and IoT Hub generates both.
+        for k in [&mut keys.primary_key, &mut keys.secondary_key] {
+            if k.as_deref() == Some("") {
+                *k = None;
+            }
+        }
         for k in [&keys.primary_key, &keys.secondary_key]
             .into_iter()
             .flatten()
@@ -453,6 +518,7 @@ impl Api {
             }
         }
         let existing = self.store.device(id).map_err(HubError::server)?;
+        let is_new = existing.is_none();
         let now = iso_now();
         let device = match (existing, if_match) {
             (Some(_), None) => {
@@ -519,6 +585,9 @@ impl Api {
                     .unwrap_or(Capabilities { iot_edge: false }),
             },
         };
+        if is_new {
+            crate::twins::create_in(writes, &self.store, id).map_err(HubError::server)?;
+        }
         writes.put(&device, true).map_err(HubError::server)?;
         Ok(device)
     }
@@ -642,6 +711,17 @@ impl Api {
     }
 }
 
+/// A twin, with its etag in the `ETag` header too.
+fn twin_response(twin: &serde_json::Value) -> Resp {
+    let mut r = httpd::json(StatusCode::OK, twin);
+    if let Some(etag) = twin.get("etag").and_then(|e| e.as_str()) {
+        if let Ok(v) = hyper::header::HeaderValue::from_str(&format!("\"{etag}\"")) {
+            r.headers_mut().insert("etag", v);
+        }
+    }
+    r
+}
+
 fn device_response(d: &Device) -> Resp {
     let mut r = httpd::json(StatusCode::OK, d);
     if let Ok(v) = hyper::header::HeaderValue::from_str(&format!("\"{}\"", d.etag)) {
@@ -663,6 +743,8 @@ mod tests {
     use bytes::Bytes;
     use hyper::Request;
 
+    use roost_model::link::{DeviceCommand, TwinOp};
+
     use super::*;
 
     fn api() -> (Api, std::path::PathBuf) {
@@ -672,11 +754,18 @@ mod tests {
             tracking_id()
         ));
         let store = Store::open(&dir).expect("store opens");
+        let metrics = Arc::new(ControlMetrics::new());
+        let twins = Arc::new(Twins {
+            store: store.clone(),
+            commands: Arc::new(crate::linkserver::Commands::default()),
+            metrics: metrics.clone(),
+        });
         let api = Api {
             store,
             hostname: "localhost".into(),
-            metrics: Arc::new(ControlMetrics::new()),
+            metrics,
             throttle: Throttle::new(&Quotas::default()),
+            twins,
         };
         (api, dir)
     }
@@ -834,6 +923,202 @@ mod tests {
         let _ = std::fs::remove_dir_all(dir);
     }
 
+    fn json_of(resp: &Resp) -> serde_json::Value {
+        use http_body_util::BodyExt as _;
+        let body = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime")
+            .block_on(resp.body().clone().collect())
+            .expect("a full body")
+            .to_bytes();
+        serde_json::from_slice(&body).expect("a JSON body")
+    }
+
+    #[test]
+    fn twins_are_read_patched_and_replaced_as_iot_hub_does() {
+        let (api, dir) = api();
+        let owner = || Some(token(&api, "iothubowner", 3600));
+        call(&api, &request("PUT", "/devices/d1", owner(), DEVICE)).expect("device created");
+        let twin = json_of(&call(&api, &request("GET", "/twins/d1", owner(), "")).expect("get"));
+        assert_eq!(twin["deviceId"], "d1");
+        assert_eq!(twin["version"], 1);
+        assert_eq!(twin["properties"]["desired"]["$version"], 1);
+        assert_eq!(twin["properties"]["reported"]["$version"], 1);
+        assert_eq!(twin["authenticationType"], "sas");
+        assert_eq!(twin["connectionState"], "Disconnected");
+        assert!(twin["properties"]["desired"]["$metadata"]["$lastUpdated"].is_string());
+        let etag = twin["etag"].as_str().expect("etag").to_string();
+
+        let patch = |body: &str, if_match: Option<&str>| {
+            let mut req = request("PATCH", "/twins/d1", owner(), body);
+            if let Some(m) = if_match {
+                req.headers_mut()
+                    .insert("if-match", m.parse().expect("header"));
+            }
+            call(&api, &req)
+        };
+        let body = r#"{"tags":{"site":"oslo"},"properties":{"desired":{"rate":5,"mode":{"a":1}},"reported":{"ignored":true}},"etag":"*"}"#;
+        let t = json_of(&patch(body, Some(&format!("\"{etag}\""))).expect("patch"));
+        assert_eq!(t["version"], 2);
+        assert_eq!(t["tags"]["site"], "oslo");
+        assert_eq!(t["properties"]["desired"]["rate"], 5);
+        assert_eq!(t["properties"]["desired"]["$version"], 2);
+        assert_eq!(
+            t["properties"]["desired"]["$metadata"]["rate"]["$lastUpdatedVersion"],
+            2
+        );
+        assert!(
+            t["properties"]["reported"].get("ignored").is_none(),
+            "reported is not writable"
+        );
+        assert_ne!(t["etag"], etag.as_str(), "a change makes a new etag");
+        // The old etag no longer matches; `*` always does.
+        assert_eq!(
+            patch(r#"{"tags":{"x":1}}"#, Some(&format!("\"{etag}\"")))
+                .expect_err("stale")
+                .status,
+            StatusCode::PRECONDITION_FAILED
+        );
+        // null deletes a member.
+        let t = json_of(
+            &patch(r#"{"properties":{"desired":{"mode":null}}}"#, Some("\"*\"")).expect("delete"),
+        );
+        assert!(t["properties"]["desired"].get("mode").is_none());
+        assert_eq!(t["properties"]["desired"]["$version"], 3);
+        // Limits: 400 with an IoT Hub error body, nothing changed.
+        let big = format!(
+            r#"{{"properties":{{"desired":{{"blob":"{}"}}}}}}"#,
+            "x".repeat(4000)
+        )
+        .repeat(1);
+        let many: String = (0..12)
+            .map(|i| format!(r#""k{i}":"{}""#, "y".repeat(3000)))
+            .collect::<Vec<_>>()
+            .join(",");
+        let too_large = format!(r#"{{"properties":{{"desired":{{{many}}}}}}}"#);
+        let too_deep = r#"{"properties":{"desired":{"a":{"b":{"c":{"d":{"e":{"f":{"g":1}}}}}}}}}"#;
+        for bad in [
+            too_large.as_str(),
+            too_deep,
+            r#"{"tags":{"a.b":1}}"#,
+            "[1]",
+            "{",
+        ] {
+            let err = patch(bad, None).expect_err("refused");
+            assert_eq!(err.status, StatusCode::BAD_REQUEST, "{bad:.60}");
+            assert_eq!(err.code, 400004);
+        }
+        patch(&big, None).expect("a 4000-byte string fits");
+        // PUT replaces tags and desired; the version moves on.
+        let mut put = request(
+            "PUT",
+            "/twins/d1",
+            owner(),
+            r#"{"properties":{"desired":{"only":true}}}"#,
+        );
+        put.headers_mut()
+            .insert("if-match", "\"*\"".parse().expect("header"));
+        let t = json_of(&call(&api, &put).expect("replace"));
+        assert_eq!(t["tags"], serde_json::json!({}));
+        assert_eq!(t["properties"]["desired"]["only"], true);
+        assert!(t["properties"]["desired"].get("rate").is_none());
+        assert_eq!(t["properties"]["desired"]["$version"], 5);
+        // Without ServiceConnect, no twin.
+        let read_only = request(
+            "GET",
+            "/twins/d1",
+            Some(token(&api, "registryRead", 3600)),
+            "",
+        );
+        assert_eq!(status(&api, &read_only), 401);
+        assert_eq!(
+            status(&api, &request("GET", "/twins/nobody", owner(), "")),
+            404
+        );
+        // A deleted device's twin goes with it; a new device of that id starts afresh.
+        call(&api, &request("DELETE", "/devices/d1", owner(), "")).expect("deleted");
+        call(&api, &request("PUT", "/devices/d1", owner(), DEVICE)).expect("created again");
+        let t = json_of(&call(&api, &request("GET", "/twins/d1", owner(), "")).expect("get"));
+        assert_eq!(t["version"], 1);
+        assert_eq!(t["properties"]["desired"]["$version"], 1);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn a_devices_twin_requests_are_answered_with_mqtt_statuses() {
+        let (api, dir) = api();
+        let owner = || Some(token(&api, "iothubowner", 3600));
+        call(&api, &request("PUT", "/devices/d1", owner(), DEVICE)).expect("device created");
+        let answer = |device: &str, module: Option<&str>, op: TwinOp| match api
+            .twins
+            .device_request(device, module, "r1".into(), &op)
+        {
+            DeviceCommand::TwinResponse {
+                rid,
+                status,
+                version,
+                body,
+            } => {
+                assert_eq!(rid, "r1");
+                (status, version, String::from_utf8(body).expect("utf-8"))
+            }
+            other => panic!("{other:?}"),
+        };
+        let (status, version, body) = answer("d1", None, TwinOp::Get);
+        assert_eq!((status, version), (200, None));
+        let doc: serde_json::Value = serde_json::from_str(&body).expect("json");
+        assert_eq!(doc["desired"]["$version"], 1);
+        assert_eq!(doc["reported"]["$version"], 1);
+        assert!(doc.get("tags").is_none());
+        let patch = |b: &str| TwinOp::PatchReported {
+            body: b.as_bytes().to_vec(),
+        };
+        assert_eq!(
+            answer("d1", None, patch(r#"{"fw":"1.2","temp":{"c":20}}"#)),
+            (204, Some(2), String::new())
+        );
+        assert_eq!(answer("d1", None, patch(r#"{"temp":null}"#)).1, Some(3));
+        let (status, _, body) = answer("d1", None, patch("not json"));
+        assert_eq!(status, 400);
+        assert!(body.contains("400004"), "{body}");
+        assert_eq!(
+            answer(
+                "d1",
+                None,
+                patch(r#"{"a":{"b":{"c":{"d":{"e":{"f":{"g":1}}}}}}}"#)
+            )
+            .0,
+            400
+        );
+        assert_eq!(answer("ghost", None, TwinOp::Get).0, 404);
+        assert_eq!(answer("d1", Some("m1"), TwinOp::Get).0, 404);
+        let (_, _, body) = answer("d1", None, TwinOp::Get);
+        let doc: serde_json::Value = serde_json::from_str(&body).expect("json");
+        assert_eq!(doc["reported"]["fw"], "1.2");
+        assert!(doc["reported"].get("temp").is_none());
+        assert_eq!(doc["reported"]["$version"], 3);
+        // The service sees what the device reported.
+        let t = json_of(&call(&api, &request("GET", "/twins/d1", owner(), "")).expect("get"));
+        assert_eq!(t["properties"]["reported"]["fw"], "1.2");
+        assert_eq!(t["version"], 3);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn empty_keys_in_a_create_are_generated_as_the_node_sdk_expects() {
+        let (api, dir) = api();
+        let owner = Some(token(&api, "iothubowner", 3600));
+        let body = r#"{"deviceId":"n1","authentication":{"type":"sas","symmetricKey":{"primaryKey":"","secondaryKey":""}}}"#;
+        let d = json_of(&call(&api, &request("PUT", "/devices/n1", owner, body)).expect("created"));
+        for k in ["primaryKey", "secondaryKey"] {
+            let key = d["authentication"]["symmetricKey"][k]
+                .as_str()
+                .expect("a key");
+            assert!(crate::device::valid_key(key), "{k}: {key}");
+        }
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
     #[test]
     fn a_corrupt_policy_key_is_a_server_error_never_an_empty_key() {
         let policy = crate::policies::Policy {
@@ -866,20 +1151,27 @@ mod tests {
             "registryRead",
             "registryReadWrite",
         ];
-        // (method, path, needs write?) ; None: no such route (404 whatever the token).
-        let routes: [(&str, &str, Option<bool>); 8] = [
-            ("GET", "/devices", Some(false)),
-            ("GET", "/devices/d1", Some(false)),
-            ("PUT", "/devices/d1", Some(true)),
-            ("POST", "/devices", Some(true)),
-            ("DELETE", "/devices/d1", Some(true)),
-            ("GET", "/statistics/devices", Some(false)),
-            ("GET", "/twins/d1", None),
+        // (method, path, the right it needs) ; None: no such route (404 whatever the token).
+        use Right::*;
+        let routes: [(&str, &str, Option<Right>); 11] = [
+            ("GET", "/devices", Some(RegistryRead)),
+            ("GET", "/devices/d1", Some(RegistryRead)),
+            ("PUT", "/devices/d1", Some(RegistryWrite)),
+            ("POST", "/devices", Some(RegistryWrite)),
+            ("DELETE", "/devices/d1", Some(RegistryWrite)),
+            ("GET", "/statistics/devices", Some(RegistryRead)),
+            ("GET", "/twins/d1", Some(ServiceConnect)),
+            ("PATCH", "/twins/d1", Some(ServiceConnect)),
+            ("PUT", "/twins/d1", Some(ServiceConnect)),
             ("PATCH", "/devices/d1", None),
+            ("DELETE", "/twins/d1", None),
         ];
-        let may = |policy: &str, write: bool| match policy {
-            "iothubowner" | "registryReadWrite" => true,
-            "registryRead" => !write,
+        // Spec §1.3's default policies.
+        let may = |policy: &str, right: Right| match policy {
+            "iothubowner" => true,
+            "registryReadWrite" => matches!(right, RegistryRead | RegistryWrite),
+            "registryRead" => right == RegistryRead,
+            "service" => right == ServiceConnect,
             _ => false,
         };
         // (resource as signed, covers every path of this hub?)
@@ -913,11 +1205,11 @@ mod tests {
                                 || (scope == "localhost/devices" && path.starts_with("/devices"));
                             let expect = match route {
                                 None => 404,
-                                Some(write) => {
+                                Some(right) => {
                                     let ok = claimed == signer
                                         && covers
                                         && expiry > -300
-                                        && may(claimed, write);
+                                        && may(claimed, right);
                                     if ok {
                                         200
                                     } else {

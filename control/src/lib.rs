@@ -9,8 +9,8 @@
 //! control; engines keep working from their replicas while it is down. The `roost` binary that
 //! runs it lives in `control/cli` (crate `roost-cli`), above this crate and the engine.
 //!
-//! Layout: `store` (RocksDB), `device` + `policies` (data), `api` (REST), `linkserver` (QUIC),
-//! `certs`, `metrics`. HTTP serving, certificate loading and hub.json come from `roost-common`.
+//! Layout: `store` (RocksDB), `device` + `policies` (data), `twins` (device twins), `api`
+//! (REST), `linkserver` (QUIC), `certs`, `metrics`. HTTP serving, certificate loading and hub.json come from `roost-common`.
 
 pub mod api;
 pub mod certs;
@@ -19,6 +19,7 @@ pub mod linkserver;
 pub mod metrics;
 pub mod policies;
 pub mod store;
+pub mod twins;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -87,11 +88,18 @@ pub fn run(config: ControlConfig, on_ready: impl FnOnce() + Send + 'static) -> a
         let service = tokio::net::TcpListener::bind(config.service)
             .await
             .with_context(|| format!("cannot listen on service address {}", config.service))?;
+        let commands = Arc::new(linkserver::Commands::default());
+        let twins = Arc::new(twins::Twins {
+            store: store.clone(),
+            commands: commands.clone(),
+            metrics: metrics.clone(),
+        });
         let api = Arc::new(api::Api {
             store: store.clone(),
             hostname: config.hostname.clone(),
             metrics: metrics.clone(),
             throttle: api::Throttle::new(&config.quotas),
+            twins: twins.clone(),
         });
         let admit_api = api.clone();
         tokio::spawn(httpd::serve(
@@ -142,7 +150,8 @@ pub fn run(config: ControlConfig, on_ready: impl FnOnce() + Send + 'static) -> a
             store: store.clone(),
             metrics: metrics.clone(),
             epoch,
-            commands: Arc::new(linkserver::Commands::default()),
+            commands,
+            twins,
         });
         tokio::spawn(link.run(endpoint.clone()));
 

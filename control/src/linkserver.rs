@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use roost_common::link::LinkError;
 use roost_model::link::{
-    CommandOutcome, ControlFrame, DeviceCommand, EngineFrame, Epoch, EpochHash, FrameError,
+    CommandOutcome, ControlFrame, DeviceCommand, EngineFrame, Epoch, EpochHash, FrameError, TwinOp,
 };
 use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -22,6 +22,7 @@ use roost_iothub::time::iso_ms;
 use crate::api::iso_now;
 use crate::metrics::ControlMetrics;
 use crate::store::{Store, StoreError};
+use crate::twins::Twins;
 
 /// Most registry changes sent in one `Deltas` frame.
 const MAX_DELTAS_PER_FRAME: usize = 1024;
@@ -58,6 +59,28 @@ pub struct LinkServer {
     /// The config epoch every engine should run.
     pub epoch: watch::Sender<Epoch>,
     pub commands: Arc<Commands>,
+    pub twins: Arc<Twins>,
+}
+
+/// Twin requests one engine may have queued at control; past it one is answered at once with
+/// 503 (the engine caps what it sends too).
+const TWIN_QUEUE: usize = 4096;
+
+/// A device's twin request as control queues it.
+struct TwinJob {
+    device_id: String,
+    module_id: Option<String>,
+    rid: String,
+    op: TwinOp,
+}
+
+impl TwinJob {
+    fn client_id(&self) -> String {
+        match &self.module_id {
+            Some(m) => format!("{}/{m}", self.device_id),
+            None => self.device_id.clone(),
+        }
+    }
 }
 
 /// Commands for device sessions: which link holds which device, and who waits for which answer.
@@ -113,6 +136,42 @@ impl Commands {
         if let Some(tx) = locked(&self.waiting).remove(&id) {
             let _ = tx.send(outcome);
         }
+    }
+
+    /// Sends `command` to the session of `client_id` on the engine it is connected to without
+    /// waiting for the answer (a desired-property change: a device that misses it reads it
+    /// with its next GET). `false` when no engine reported the client connected.
+    pub fn post(&self, client_id: &str, command: DeviceCommand) -> bool {
+        let links = locked(&self.links);
+        let Some(link) = links.values().find(|l| l.clients.contains(client_id)) else {
+            return false;
+        };
+        self.post_on(&link.frames, client_id, command)
+    }
+
+    /// Sends `command` for `client_id` on link `link` (the answer to a request that came on
+    /// it), without waiting for the answer.
+    fn post_to_link(&self, link: u64, client_id: &str, command: DeviceCommand) -> bool {
+        let links = locked(&self.links);
+        links
+            .get(&link)
+            .is_some_and(|l| self.post_on(&l.frames, client_id, command))
+    }
+
+    fn post_on(
+        &self,
+        frames: &mpsc::UnboundedSender<ControlFrame>,
+        client_id: &str,
+        command: DeviceCommand,
+    ) -> bool {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        frames
+            .send(ControlFrame::Command {
+                id,
+                client_id: client_id.to_string(),
+                command,
+            })
+            .is_ok()
     }
 
     /// Sends `command` to the session of `client_id` (`device` or `device/module`) on the
@@ -221,6 +280,15 @@ impl LinkServer {
                 return e.into();
             }
         }
+        // One engine's twin requests are answered in the order they came, one at a time: a
+        // device's reported patches merge in the order it sent them.
+        let (twin_tx, twin_rx) = mpsc::channel(TWIN_QUEUE);
+        let twin_worker = tokio::spawn(serve_twins(
+            self.twins.clone(),
+            self.commands.clone(),
+            link,
+            twin_rx,
+        ));
         let (frames_tx, mut frames_rx) = tokio::sync::mpsc::channel(1024);
         let reader = tokio::spawn(async move {
             loop {
@@ -277,7 +345,7 @@ impl LinkServer {
                 frame = frames_rx.recv() => match frame {
                     Some(f) => {
                         let current = self.epoch.borrow().clone();
-                        let resend = self.on_engine_frame(f, link, &mut sync, &current);
+                        let resend = self.on_engine_frame(f, link, &mut sync, &current, &twin_tx);
                         if let Some(frame) = resend {
                             if let Err(e) = send.write_all(&frame.encode()).await { break e.into(); }
                         }
@@ -297,6 +365,7 @@ impl LinkServer {
             }
         };
         reader.abort();
+        twin_worker.abort();
         // A read error ends the reader first; report it rather than the closed channel.
         match (why, reader.await) {
             (LinkClosed::EngineClosed, Ok(e)) => e,
@@ -339,6 +408,7 @@ impl LinkServer {
         link: u64,
         sync: &mut EpochSync,
         current: &Epoch,
+        twins: &mpsc::Sender<TwinJob>,
     ) -> Option<ControlFrame> {
         let kind = frame_kind(&frame);
         self.metrics.link_frames_in.with_label_values(&[kind]).inc();
@@ -387,6 +457,33 @@ impl LinkServer {
             }
             EngineFrame::CommandResult { id, outcome } => {
                 self.commands.answer(id, outcome);
+                Ok(())
+            }
+            EngineFrame::TwinRequest {
+                device_id,
+                module_id,
+                rid,
+                op,
+            } => {
+                let job = TwinJob {
+                    device_id,
+                    module_id,
+                    rid,
+                    op,
+                };
+                if let Err(e) = twins.try_send(job) {
+                    let job = match e {
+                        mpsc::error::TrySendError::Full(j)
+                        | mpsc::error::TrySendError::Closed(j) => j,
+                    };
+                    let answer = roost_session::router::twin_error(
+                        job.rid.clone(),
+                        503,
+                        503005,
+                        "the hub is busy; retry later",
+                    );
+                    self.commands.post_to_link(link, &job.client_id(), answer);
+                }
                 Ok(())
             }
             EngineFrame::Hello { .. } => Ok(()),
@@ -465,6 +562,32 @@ fn frame_kind(frame: &EngineFrame) -> &'static str {
         EngineFrame::Applied { .. } => "applied",
         EngineFrame::Rejected { .. } => "rejected",
         EngineFrame::CommandResult { .. } => "command_result",
+        EngineFrame::TwinRequest { .. } => "twin_request",
+    }
+}
+
+/// Answers one engine's twin requests in order, each in the store on the blocking pool, each
+/// answer sent back on the link it came on.
+async fn serve_twins(
+    twins: Arc<Twins>,
+    commands: Arc<Commands>,
+    link: u64,
+    mut jobs: mpsc::Receiver<TwinJob>,
+) {
+    while let Some(job) = jobs.recv().await {
+        let client_id = job.client_id();
+        let twins = twins.clone();
+        let answer = tokio::task::spawn_blocking(move || {
+            twins.device_request(&job.device_id, job.module_id.as_deref(), job.rid, &job.op)
+        })
+        .await;
+        match answer {
+            Ok(answer) => {
+                commands.post_to_link(link, &client_id, answer);
+            }
+            // The engine answers the device for control when no answer comes.
+            Err(e) => tracing::error!(error = %e, "a twin request's task failed"),
+        }
     }
 }
 

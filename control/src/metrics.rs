@@ -12,6 +12,11 @@ pub struct ControlMetrics {
     pub registry_sequence: IntGauge,
     pub links_current: IntGauge,
     pub link_frames_in: IntCounterVec,
+    /// Twin operations, by `op`, `origin` (service, device) and `status`.
+    pub twin_ops: IntCounterVec,
+    /// Desired-property changes sent towards connected devices, by `outcome` (sent,
+    /// not_connected).
+    pub desired_pushes: IntCounterVec,
 }
 
 impl ControlMetrics {
@@ -60,6 +65,22 @@ impl ControlMetrics {
             &["kind"],
         )
         .expect("static metric");
+        let twin_ops = IntCounterVec::new(
+            Opts::new(
+                "roost_control_twin_ops_total",
+                "Twin operations, by op (get, patch, replace, patch_reported), origin (service: the REST API; device: over the control link) and status (the HTTP or MQTT twin status answered).",
+            ),
+            &["op", "origin", "status"],
+        )
+        .expect("static metric");
+        let desired_pushes = IntCounterVec::new(
+            Opts::new(
+                "roost_control_desired_pushes_total",
+                "Desired-property changes sent to a device's engine, by outcome (sent; not_connected: no engine reported the device connected, so it gets the change with its next twin GET).",
+            ),
+            &["outcome"],
+        )
+        .expect("static metric");
         let registry_sequence = IntGauge::new(
             "roost_control_registry_sequence",
             "Sequence of the last registry change.",
@@ -77,6 +98,8 @@ impl ControlMetrics {
             Box::new(link_frames_in.clone()),
             Box::new(registry_sequence.clone()),
             Box::new(links_current.clone()),
+            Box::new(twin_ops.clone()),
+            Box::new(desired_pushes.clone()),
         ] {
             registry
                 .register(m)
@@ -90,6 +113,8 @@ impl ControlMetrics {
             registry_sequence,
             links_current,
             link_frames_in,
+            twin_ops,
+            desired_pushes,
         }
     }
 

@@ -15,10 +15,13 @@ use tokio::sync::broadcast;
 
 use crate::device::Device;
 use crate::policies::{self, Policy};
+use crate::twins::StoredTwin;
 
 const CF_DEVICES: &str = "devices";
 const CF_CHANGES: &str = "changes";
 const CF_META: &str = "meta";
+/// Twins by client id (`device`; `device/module` for module twins), JSON of `StoredTwin`.
+const CF_TWINS: &str = "twins";
 const SEQ_KEY: &[u8] = b"registry_seq";
 const POLICIES_KEY: &[u8] = b"policies";
 const ETAG_KEY: &[u8] = b"etag_counter";
@@ -44,7 +47,7 @@ impl Store {
         let mut opts = Options::default();
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
-        let cfs = [CF_DEVICES, CF_CHANGES, CF_META]
+        let cfs = [CF_DEVICES, CF_CHANGES, CF_META, CF_TWINS]
             .map(|n| ColumnFamilyDescriptor::new(n, Options::default()));
         let db = DB::open_cf_descriptors(&opts, path, cfs)?;
         let (changes, _) = broadcast::channel(4096);
@@ -122,6 +125,23 @@ impl Store {
             out.push(serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt(e.to_string()))?);
         }
         Ok(out)
+    }
+
+    /// The stored twin of `client_id`, if it has one.
+    pub fn twin(&self, client_id: &str) -> Result<Option<StoredTwin>, StoreError> {
+        match self.db.get_cf(self.cf(CF_TWINS), client_id.as_bytes())? {
+            Some(v) => Ok(Some(
+                serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+            )),
+            None => Ok(None),
+        }
+    }
+
+    /// Writes `client_id`'s twin (synced). Twins are not in the registry change log.
+    pub fn put_twin(&self, client_id: &str, twin: &StoredTwin) -> Result<(), StoreError> {
+        let mut w = self.writes();
+        w.put_twin(client_id, twin)?;
+        w.commit()
     }
 
     /// A fresh etag (base64 of a counter, like IoT Hub's).
@@ -239,9 +259,18 @@ impl Writes<'_> {
         Ok(())
     }
 
+    pub fn put_twin(&mut self, client_id: &str, twin: &StoredTwin) -> Result<(), StoreError> {
+        let json = serde_json::to_vec(twin).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        self.batch
+            .put_cf(self.store.cf(CF_TWINS), client_id.as_bytes(), json);
+        Ok(())
+    }
+
+    /// Deletes a device, with its twin.
     pub fn delete(&mut self, id: &str) {
         self.batch
             .delete_cf(self.store.cf(CF_DEVICES), id.as_bytes());
+        self.batch.delete_cf(self.store.cf(CF_TWINS), id.as_bytes());
         self.changes.push(RegistryChange::Delete {
             device_id: id.to_string(),
         });

@@ -20,6 +20,7 @@ import hashlib
 import hmac
 import json
 import os
+import queue
 import re
 import signal
 import socket
@@ -627,13 +628,43 @@ class RawMqttDevice:
         return self.connack_rc
 
     def publish(self, topic: str, payload: bytes | str, qos: int = 1) -> paho.MQTTMessageInfo:
-        info = self.client.publish(topic, payload, qos=qos)
+        """Publishes; a connection the hub has closed meanwhile gives a message that is never
+        acknowledged (paho writes from the calling thread and may raise instead of reporting)."""
+        try:
+            info = self.client.publish(topic, payload, qos=qos)
+        except (ssl.SSLError, OSError):
+            info = paho.MQTTMessageInfo(-1)
+            info.rc = paho.MQTT_ERR_NO_CONN
+            return info
         assert info.rc in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN), f"publish rc={info.rc}"
         return info
 
     def wait_disconnected(self, timeout: float = 10.0) -> int | None:
         assert self.disconnected.wait(timeout), f"connection not closed by the hub within {timeout}s"
         return self.disconnect_rc
+
+    @property
+    def connected(self) -> bool:
+        return self.connack_rc == 0 and not self.disconnected.is_set()
+
+    def subscribe_collect(self, topic_filter: str, qos: int = 1, timeout: float = 10.0) -> queue.Queue:
+        """SUBSCRIBE to `topic_filter` and wait for its SUBACK (granted); returns a queue that
+        gets (topic, payload) of every message the hub sends on it."""
+        got: queue.Queue = queue.Queue()
+        subacked = threading.Event()
+        granted: list = []
+
+        def on_subscribe(client, userdata, mid, qos_list):
+            granted.extend(qos_list)
+            subacked.set()
+
+        self.client.on_subscribe = on_subscribe
+        self.client.message_callback_add(topic_filter, lambda c, u, m: got.put((m.topic, m.payload)))
+        rc, _ = self.client.subscribe(topic_filter, qos=qos)
+        assert rc == paho.MQTT_ERR_SUCCESS, f"subscribe rc={rc}"
+        assert subacked.wait(timeout), f"no SUBACK for {topic_filter} within {timeout}s"
+        assert granted and granted[0] != 0x80, f"SUBSCRIBE {topic_filter} refused: {granted}"
+        return got
 
     def close(self) -> None:
         try:
@@ -909,6 +940,11 @@ class Hub:
     def metrics(self) -> dict[tuple[str, frozenset], float]:
         r = requests.get(f"{self.ops_url}/metrics", headers=self.ops_headers, timeout=10)
         assert r.status_code == 200, f"GET /metrics -> {r.status_code}"
+        return parse_prometheus(r.text)
+
+    def control_metrics(self) -> dict[tuple[str, frozenset], float]:
+        r = requests.get(f"{self.control_ops_url}/metrics", headers=self.ops_headers, timeout=10)
+        assert r.status_code == 200, f"GET control /metrics -> {r.status_code}"
         return parse_prometheus(r.text)
 
     def metric_sum(self, name: str, **labels: str) -> float:

@@ -17,7 +17,6 @@ from conftest import (
     is_acked,
     metric_sum_of,
     parse_connection_string,
-    parse_prometheus,
     record_body,
     telemetry_of,
     telemetry_topic,
@@ -38,12 +37,6 @@ def start_with_limits(hub_factory, *limits: str):
     hub.wait_metric("roost_link_epochs_total", lambda v: v >= 1, ">= 1", result="applied")
     time.sleep(0.3)
     return hub
-
-
-def control_metrics(hub) -> dict:
-    r = requests.get(f"{hub.control_ops_url}/metrics", headers=hub.ops_headers, timeout=10)
-    assert r.status_code == 200, r.status_code
-    return parse_prometheus(r.text)
 
 
 def test_registry_operations_over_the_quota_get_429001(hub_factory):
@@ -68,7 +61,7 @@ def test_registry_operations_over_the_quota_get_429001(hub_factory):
     bad = requests.get(url, headers=hub.service_headers("SharedAccessSignature sr=x&sig=y&se=1&skn=iothubowner"),
                        verify=hub.ca_path, timeout=10)
     assert bad.status_code == 401
-    refused = metric_sum_of(control_metrics(hub), "roost_control_throttled_total",
+    refused = metric_sum_of(hub.control_metrics(), "roost_control_throttled_total",
                             quota="registry_ops_per_min", outcome="refused")
     assert refused >= 2, refused
 

@@ -19,6 +19,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Engine(args) => cli::run_engine(args),
         Cmd::Control(args) => cli::run_control(args),
         Cmd::Device { action, data_dir } => cli::run_device(action, &data_dir),
+        Cmd::Twin { action, data_dir } => cli::run_twin(action, &data_dir),
         Cmd::Events { action, data_dir } => cli::run_events(action, &data_dir),
     }
 }

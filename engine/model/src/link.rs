@@ -162,6 +162,27 @@ impl DeviceCommand {
     }
 }
 
+/// A device's twin request (MQTT `$iothub/twin/…`), carried to control, which answers it
+/// with a [`DeviceCommand::TwinResponse`] for the same `rid`.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[rkyv(derive(Debug))]
+pub enum TwinOp {
+    /// `$iothub/twin/GET`: the desired and reported properties.
+    Get,
+    /// `$iothub/twin/PATCH/properties/reported`: a JSON merge patch of reported properties.
+    PatchReported { body: Vec<u8> },
+}
+
+impl TwinOp {
+    /// A stable label for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            TwinOp::Get => "get",
+            TwinOp::PatchReported { .. } => "patch_reported",
+        }
+    }
+}
+
 /// What became of a command.
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
 #[rkyv(derive(Debug))]
@@ -247,6 +268,14 @@ pub enum EngineFrame {
     },
     /// What became of command `id`.
     CommandResult { id: u64, outcome: CommandOutcome },
+    /// A connected client's twin request; control answers with a `TwinResponse` command to
+    /// `device_id[/module_id]` carrying the same `rid`.
+    TwinRequest {
+        device_id: String,
+        module_id: Option<String>,
+        rid: String,
+        op: TwinOp,
+    },
 }
 
 /// Why a frame could not be read.

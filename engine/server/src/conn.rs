@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use futures_lite::future;
 use roost_iothub::props::{encode_bag, PropertyBag, SystemProps};
-use roost_iothub::topic::DeviceFilter;
-use roost_model::link::DeviceCommand;
+use roost_iothub::topic::{parse_publish_topic, DeviceFilter, DeviceTopic, TopicError};
+use roost_model::link::{DeviceCommand, TwinOp};
 use roost_mqtt::{
     ConnectReturnCode, Error as MqttError, Event, QoS, ServerSession, SessionConfig, State, Str,
     SubackCode,
@@ -471,6 +471,9 @@ impl Conn {
         let Some(identity) = self.session.identity() else {
             return Err(DisconnectReason::PublishBeforeConnect);
         };
+        if p.topic.as_str().starts_with("$iothub/") {
+            return self.on_iothub_publish(p, now);
+        }
         let bag = telemetry::publish_bag(identity, p.topic.as_str())?;
         if p.payload.len() > self.session.max_body(now) {
             return Err(DisconnectReason::PayloadTooLarge);
@@ -484,5 +487,37 @@ impl Conn {
         let message = telemetry::record(identity, bag, p.retain, &p.payload, wall_ms);
         let ack = (p.qos == QoS::AtLeastOnce).then_some(p.pkid);
         self.session.ingest(&message, ack, p.payload.len(), now)
+    }
+
+    /// A publish on an `$iothub/` topic: a twin request (sent to control; the answer comes
+    /// through the inbox) or a method response. Anything else there ends the connection.
+    fn on_iothub_publish(&mut self, p: roost_mqtt::Publish, now: Instant) -> Result<(), Reason> {
+        let topic = parse_publish_topic(p.topic.as_str()).map_err(|e| match e {
+            TopicError::NotIotHubTopic => DisconnectReason::NotIotHubTopic,
+            _ => DisconnectReason::Protocol(e.error_code()),
+        })?;
+        let (rid, op) = match topic {
+            DeviceTopic::TwinGet { rid } => (rid, TwinOp::Get),
+            DeviceTopic::ReportedPatch { rid } => (
+                rid,
+                TwinOp::PatchReported {
+                    body: p.payload.to_vec(),
+                },
+            ),
+            DeviceTopic::MethodResponse { .. } | DeviceTopic::Telemetry { .. } => {
+                return Err(DisconnectReason::UnsupportedTopic)
+            }
+        };
+        let until = self.session.twin_request(rid, op, now)?;
+        if until.is_some() {
+            self.throttled_until = until;
+        }
+        if p.qos == QoS::AtLeastOnce {
+            if let Some(pkid) = self.session.ack_in_order(p.pkid) {
+                self.mqtt.ack_publish(pkid);
+            }
+        }
+        // An answer given here (a refusal) is in the inbox already.
+        self.drain_inbox()
     }
 }

@@ -20,6 +20,7 @@ pub struct Metrics {
     disconnects: IntCounterVec,
     commands_dropped: IntCounterVec,
     throttle_delayed: IntCounterVec,
+    twin_requests: IntCounterVec,
     messages_in: IntCounterVec,
     bytes_in: IntCounterVec,
     log_appends: IntCounterVec,
@@ -178,6 +179,12 @@ impl Metrics {
                 "Requests over a rate quota that were delayed (IoT Hub's traffic shaping), by quota; one over the shaping backlog is refused instead (disconnects{reason=\"throttled\"}, \"connect_throttled\").",
                 &["shard", "quota"],
             ),
+            twin_requests: counter(
+                &registry,
+                "roost_twin_requests_total",
+                "Twin requests from devices, by result: sent to control (get, patch_reported), or answered at once by the engine (throttled 429, too_many_in_flight 429, too_large 400).",
+                &["shard", "result"],
+            ),
             messages_in: counter(
                 &registry,
                 "roost_messages_in_total",
@@ -245,7 +252,8 @@ impl Metrics {
             refused: Reasons::new(self.connack_refused.clone(), s.clone()),
             disconnects: Reasons::new(self.disconnects.clone(), s.clone()),
             commands_dropped: Reasons::new(self.commands_dropped.clone(), s.clone()),
-            throttle_delayed: Reasons::new(self.throttle_delayed.clone(), s),
+            throttle_delayed: Reasons::new(self.throttle_delayed.clone(), s.clone()),
+            twin_requests: Reasons::new(self.twin_requests.clone(), s),
         }
     }
 }
@@ -274,6 +282,8 @@ pub struct ShardMetrics {
     pub commands_dropped: Reasons,
     /// Requests delayed by a rate quota, by the quota's name.
     pub throttle_delayed: Reasons,
+    /// Device twin requests, by result.
+    pub twin_requests: Reasons,
 }
 
 impl ShardMetrics {
@@ -290,6 +300,7 @@ impl ShardMetrics {
         self.disconnects.flush();
         self.commands_dropped.flush();
         self.throttle_delayed.flush();
+        self.twin_requests.flush();
     }
 }
 

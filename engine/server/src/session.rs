@@ -13,17 +13,24 @@
 use std::rc::Rc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use roost_model::link::{DeviceCommand, EngineFrame};
+use roost_model::link::{DeviceCommand, EngineFrame, TwinOp};
 use roost_model::Message;
 use roost_session::auth::{authenticate_sas, SasClaim};
 use roost_session::quota::{Admit, Bucket, Limit};
-use roost_session::{DisconnectReason, Identity, Ingest, PreAuthSlot, Refusal};
+use roost_session::router::twin_error;
+use roost_session::{DisconnectReason, Identity, Ingest, PreAuthSlot, Refusal, RouterInput};
 
 use crate::shard::{ConnHandles, Shard};
 use crate::signal::Signal;
 
 /// How often a busy session refreshes the device's lastActivityTime at control.
 const ACTIVITY_EVERY: Duration = Duration::from_secs(5);
+/// Most twin requests one connection may have waiting for their answers; past it a request
+/// is answered at once with 429.
+const MAX_TWIN_IN_FLIGHT: u32 = 16;
+/// Largest reported-properties patch taken from a device: a section holds 32 KB of JSON, so
+/// twice that as text is refused before it crosses the link (400).
+pub const MAX_TWIN_PATCH: usize = 64 * 1024;
 
 pub struct DeviceSession<A> {
     pub shard: Rc<Shard>,
@@ -41,6 +48,8 @@ pub struct DeviceSession<A> {
     ingest: Ingest<A>,
     last_activity: Instant,
     quotas: SessionQuotas,
+    /// Twin requests sent (or answered here) whose answers are not drained yet.
+    twin_in_flight: std::cell::Cell<u32>,
 }
 
 /// What the session meters itself, under the shard's quotas of `version`; rebuilt when they
@@ -73,6 +82,7 @@ impl<A> DeviceSession<A> {
                 device_rate: None,
                 max_body: 0,
             },
+            twin_in_flight: std::cell::Cell::new(0),
         }
     }
 
@@ -228,6 +238,95 @@ impl<A> DeviceSession<A> {
         }
     }
 
+    /// A twin request of the device (`rid` as it wrote it): sent to control through the
+    /// router, which answers for control if it is silent; or answered here at once when it
+    /// is too large (400), over the twin rate quota's backlog or too many are in flight (429).
+    /// `Ok(Some(until))`: the request went, and the connection holds its input until then
+    /// (traffic shaping, as for telemetry). The answer arrives in the inbox.
+    pub fn twin_request(
+        &mut self,
+        rid: &str,
+        op: TwinOp,
+        now: Instant,
+    ) -> Result<Option<Instant>, DisconnectReason> {
+        let Some(identity) = &self.identity else {
+            return Err(DisconnectReason::PublishBeforeConnect);
+        };
+        let update = matches!(op, TwinOp::PatchReported { .. });
+        let refuse = |status, code, why: &str| (status, code, why.to_string());
+        let refusal = if matches!(&op, TwinOp::PatchReported { body } if body.len() > MAX_TWIN_PATCH)
+        {
+            Some((
+                "too_large",
+                refuse(400, 400004, "the reported properties patch is too large"),
+            ))
+        } else if self.twin_in_flight.get() >= MAX_TWIN_IN_FLIGHT {
+            Some((
+                "too_many_in_flight",
+                refuse(429, 429001, "too many twin requests in flight"),
+            ))
+        } else {
+            None
+        };
+        let mut until = None;
+        let refusal = match refusal {
+            Some(r) => Some(r),
+            None => match self.shard.meter_twin(now, update) {
+                Admit::Now => None,
+                Admit::After(d) => {
+                    let limit = if update {
+                        Limit::TwinUpdatesPerSec
+                    } else {
+                        Limit::TwinReadsPerSec
+                    };
+                    self.shard.metrics.throttle_delayed.inc(limit.name());
+                    until = Some(now + d);
+                    None
+                }
+                Admit::Refused => Some((
+                    "throttled",
+                    refuse(
+                        429,
+                        429001,
+                        "the hub's twin operation quota is spent; retry later",
+                    ),
+                )),
+            },
+        };
+        self.twin_in_flight.set(self.twin_in_flight.get() + 1);
+        if let Some((label, (status, code, why))) = refusal {
+            self.shard.metrics.twin_requests.inc(label);
+            let answer = twin_error(rid.to_string(), status, code, &why);
+            if self.handles.inbox.borrow_mut().push(answer).is_err() {
+                self.twin_in_flight.set(self.twin_in_flight.get() - 1);
+                self.shard.metrics.commands_dropped.inc("twin_response");
+            }
+            return Ok(None);
+        }
+        self.shard.metrics.twin_requests.inc(op.kind());
+        self.shard.shared.router.send(RouterInput::TwinRequest {
+            client_id: identity.client_id(),
+            device_id: identity.device_id.clone(),
+            module_id: identity.module_id.clone(),
+            rid: rid.to_string(),
+            op,
+        });
+        Ok(until)
+    }
+
+    /// `ack` for a packet that is not a record (a twin request): back at once when nothing
+    /// is owed before it, else queued behind the newest owed acknowledgement, so
+    /// acknowledgements keep the order of the packets (MQTT 3.1.1 §4.6).
+    pub fn ack_in_order(&mut self, ack: A) -> Option<A> {
+        match self.ingest.newest_batch() {
+            Some(batch) => {
+                self.ingest.push(batch, ack);
+                None
+            }
+            None => Some(ack),
+        }
+    }
+
     /// The log batch the oldest owed acknowledgement waits for.
     pub fn oldest_unacked_batch(&self) -> Option<u64> {
         self.ingest.oldest_batch()
@@ -241,7 +340,12 @@ impl<A> DeviceSession<A> {
 
     /// The oldest command control sent this session, if any.
     pub fn next_command(&self) -> Option<DeviceCommand> {
-        self.handles.inbox.borrow_mut().pop()
+        let command = self.handles.inbox.borrow_mut().pop();
+        if let Some(DeviceCommand::TwinResponse { .. }) = &command {
+            self.twin_in_flight
+                .set(self.twin_in_flight.get().saturating_sub(1));
+        }
+        command
     }
 
     /// Whether nothing is owed to the client (a quiet session may free its buffers).

@@ -93,6 +93,9 @@ struct ShardQuotas {
     connect: Option<Bucket>,
     /// Device-to-cloud messages of every connection of the shard.
     d2c: Option<Bucket>,
+    /// Devices' twin reads and updates.
+    twin_reads: Option<Bucket>,
+    twin_updates: Option<Bucket>,
 }
 
 impl ShardQuotas {
@@ -103,6 +106,8 @@ impl ShardQuotas {
             version,
             connect: quotas.bucket(Limit::NewConnectionsPerSec, shards, now),
             d2c: quotas.bucket(Limit::D2cSendsPerSec, shards, now),
+            twin_reads: quotas.bucket(Limit::TwinReadsPerSec, shards, now),
+            twin_updates: quotas.bucket(Limit::TwinUpdatesPerSec, shards, now),
             quotas,
         }
     }
@@ -310,6 +315,18 @@ impl Shard {
             None => Admit::Now,
             Some(b) => b.take(now, 1.0),
         }
+    }
+
+    /// Meters one device twin request (a read, or an update) against the shard's share of the
+    /// hub's twin rates.
+    pub fn meter_twin(&self, now: Instant, update: bool) -> Admit {
+        let mut q = self.quotas.borrow_mut();
+        let bucket = if update {
+            q.twin_updates.as_mut()
+        } else {
+            q.twin_reads.as_mut()
+        };
+        bucket.map_or(Admit::Now, |b| b.take(now, 1.0))
     }
 
     /// Runs one connection's task in `queue`, behind an unwind boundary: a panic (a bug) ends

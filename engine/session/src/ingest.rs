@@ -47,6 +47,13 @@ impl<A> Ingest<A> {
         })
     }
 
+    /// The batch the newest owed acknowledgement waits for: an acknowledgement owed for
+    /// something that is not a record (a twin request) is queued behind it, so acknowledgements
+    /// keep the order of the packets.
+    pub fn newest_batch(&self) -> Option<u64> {
+        self.owed.back().map(|(b, _)| *b)
+    }
+
     pub fn is_empty(&self) -> bool {
         self.owed.is_empty()
     }

@@ -34,6 +34,7 @@ pub mod quota;
 mod reason;
 pub mod router;
 pub mod telemetry;
+mod twin_waits;
 
 pub use auth::{Identity, Refusal};
 pub use commands::{CommandTracker, Route};
@@ -44,3 +45,4 @@ pub use ingest::Ingest;
 pub use preauth::{PreAuthGate, PreAuthLimits, PreAuthSlot};
 pub use reason::DisconnectReason;
 pub use router::{Router, RouterInput, RouterOutput};
+pub use twin_waits::{TwinWaits, MAX_TWIN_WAITS};

@@ -377,10 +377,11 @@ impl Bucket {
             self.tokens = after;
             return Admit::Now;
         }
-        let wait = Duration::from_secs_f64(-after / self.per_sec);
-        if wait > self.backlog {
-            return Admit::Refused;
-        }
+        // A rate of 0 (or one so small the wait overflows a Duration) can never serve it.
+        let wait = match Duration::try_from_secs_f64(-after / self.per_sec) {
+            Ok(wait) if wait <= self.backlog => wait,
+            _ => return Admit::Refused,
+        };
         self.tokens = after;
         Admit::After(wait)
     }
@@ -497,6 +498,28 @@ mod tests {
             assert_eq!(b.take(t2, 1.0), Admit::Now);
         }
         assert!(matches!(b.take(t2, 1.0), Admit::After(_)));
+    }
+
+    #[test]
+    fn a_rate_of_zero_refuses_past_its_one_request_and_a_huge_one_never_waits() {
+        let t0 = Instant::now();
+        let mut q = Quotas::default();
+        q.apply_setting("d2c_sends_per_sec=0").unwrap();
+        let mut b = q.bucket(Limit::D2cSendsPerSec, 2, t0).unwrap();
+        assert_eq!(b.take(t0, 1.0), Admit::Now);
+        // The wait would overflow a Duration: refused, not a panic.
+        assert_eq!(b.take(t0, 1.0), Admit::Refused);
+        assert_eq!(b.take(t0 + Duration::from_secs(3600), 1.0), Admit::Refused);
+        assert!(!b.take_now(t0, 1.0));
+        q.apply_setting(&format!("d2c_sends_per_sec={}", u64::MAX - 1))
+            .unwrap();
+        let mut b = q.bucket(Limit::D2cSendsPerSec, 2, t0).unwrap();
+        for _ in 0..1000 {
+            assert_eq!(b.take(t0, 1.0), Admit::Now);
+        }
+        // A cost larger than any burst (a byte rate's huge message) waits or is refused.
+        let mut b = Bucket::new(1.0, 1.0, Duration::from_secs(5), t0);
+        assert_eq!(b.take(t0, 1e300), Admit::Refused);
     }
 
     #[test]

@@ -8,11 +8,20 @@
 
 use std::time::{Duration, Instant};
 
-use roost_model::link::{CommandOutcome, DeviceCommand, EngineFrame};
+use roost_model::link::{CommandOutcome, DeviceCommand, EngineFrame, TwinOp};
 
 use crate::commands::{CommandTracker, Route};
 use crate::directory::{Directory, Holder};
 use crate::reason::DisconnectReason;
+use crate::twin_waits::TwinWaits;
+
+/// How long a device's twin request waits for control before the router answers it with
+/// 504 (control is down or too slow: the device must still get an answer).
+pub const TWIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Ids of deliveries the router makes itself (answers it gives for control); control's own
+/// command ids count up from 0 and never reach these.
+const LOCAL_IDS: u64 = 1 << 63;
 
 /// Something the router was told.
 #[derive(Debug, Clone)]
@@ -51,6 +60,14 @@ pub enum RouterInput {
     /// The device may no longer connect (disabled, deleted, keys changed): close every
     /// connection of it and its modules.
     Revoke { device_id: String },
+    /// A connected client's twin request, for control.
+    TwinRequest {
+        client_id: String,
+        device_id: String,
+        module_id: Option<String>,
+        rid: String,
+        op: TwinOp,
+    },
 }
 
 /// Something the router wants done.
@@ -82,6 +99,8 @@ pub struct Router {
     tracker: CommandTracker,
     /// Kind of each command in flight, for the metric of its outcome.
     kinds: std::collections::HashMap<u64, &'static str>,
+    twin_waits: TwinWaits,
+    next_local: u64,
 }
 
 impl Router {
@@ -91,7 +110,14 @@ impl Router {
             directory: Directory::default(),
             tracker: CommandTracker::new(timeout),
             kinds: std::collections::HashMap::new(),
+            twin_waits: TwinWaits::new(TWIN_TIMEOUT),
+            next_local: LOCAL_IDS,
         }
+    }
+
+    /// Twin requests waiting for control.
+    pub fn twin_waits(&self) -> usize {
+        self.twin_waits.len()
     }
 
     pub fn directory(&self) -> &Directory {
@@ -150,11 +176,33 @@ impl Router {
                     });
                 }
             }
+            RouterInput::TwinRequest {
+                client_id,
+                device_id,
+                module_id,
+                rid,
+                op,
+            } => {
+                if self.twin_waits.submit(now, &client_id, &rid) {
+                    out.push(RouterOutput::ToControl(EngineFrame::TwinRequest {
+                        device_id,
+                        module_id,
+                        rid,
+                        op,
+                    }));
+                } else {
+                    let answer = twin_error(rid, 429, 429001, "too many twin requests in flight");
+                    self.deliver_local(now, &client_id, answer, out);
+                }
+            }
             RouterInput::Command {
                 id,
                 client_id,
                 command,
             } => {
+                if let DeviceCommand::TwinResponse { rid, .. } = &command {
+                    self.twin_waits.answered(&client_id, rid);
+                }
                 let kind = command.kind();
                 match self.tracker.submit(&self.directory, now, id, &client_id) {
                     Route::Shard(h) => {
@@ -178,25 +226,75 @@ impl Router {
         }
     }
 
-    /// Answers every delivery whose shard did not answer in time.
+    /// Answers every delivery whose shard did not answer in time, and every twin request
+    /// control did not answer in time (504).
     pub fn handle_timeout(&mut self, now: Instant, out: &mut Vec<RouterOutput>) {
         for id in self.tracker.handle_timeout(now) {
             let kind = self.kinds.remove(&id).unwrap_or("unknown");
             Self::answer(out, id, kind, CommandOutcome::TimedOut);
         }
+        for (client_id, rid) in self.twin_waits.expired(now) {
+            let answer = twin_error(
+                rid,
+                504,
+                504101,
+                "the hub did not answer the twin request in time",
+            );
+            self.deliver_local(now, &client_id, answer, out);
+        }
     }
 
     /// When [`Self::handle_timeout`] must next run.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.tracker.poll_timeout()
+        match (self.tracker.poll_timeout(), self.twin_waits.poll_timeout()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Delivers a command the router itself gives (an answer on control's behalf).
+    fn deliver_local(
+        &mut self,
+        now: Instant,
+        client_id: &str,
+        command: DeviceCommand,
+        out: &mut Vec<RouterOutput>,
+    ) {
+        let id = self.next_local;
+        self.next_local = self.next_local.wrapping_add(1).max(LOCAL_IDS);
+        let kind = command.kind();
+        match self.tracker.submit(&self.directory, now, id, client_id) {
+            Route::Shard(h) => {
+                self.kinds.insert(id, kind);
+                out.push(RouterOutput::Deliver {
+                    shard: h.shard,
+                    id,
+                    conn: h.conn,
+                    command,
+                });
+            }
+            Route::Done(outcome) => Self::answer(out, id, kind, outcome),
+        }
     }
 
     fn answer(out: &mut Vec<RouterOutput>, id: u64, kind: &'static str, outcome: CommandOutcome) {
-        out.push(RouterOutput::ToControl(EngineFrame::CommandResult {
-            id,
-            outcome,
-        }));
+        if id < LOCAL_IDS {
+            out.push(RouterOutput::ToControl(EngineFrame::CommandResult {
+                id,
+                outcome,
+            }));
+        }
         out.push(RouterOutput::Finished { kind, outcome });
+    }
+}
+
+/// A twin response with an error `status` and an IoT Hub error body.
+pub fn twin_error(rid: String, status: u16, code: u32, message: &str) -> DeviceCommand {
+    DeviceCommand::TwinResponse {
+        rid,
+        status,
+        version: None,
+        body: format!(r#"{{"errorCode":{code},"message":"{message}"}}"#).into_bytes(),
     }
 }
 
@@ -464,6 +562,66 @@ mod tests {
             vec![(20, DisconnectReason::DeviceRevoked)]
         );
         assert!(e.shards[1].sessions.contains_key(&30));
+    }
+
+    #[test]
+    fn a_twin_request_goes_to_control_and_is_answered_for_when_control_is_silent() {
+        let mut e = Engine::new(1);
+        e.connect(0, 10, "dev");
+        let request = |rid: &str| RouterInput::TwinRequest {
+            client_id: "dev".into(),
+            device_id: "dev".into(),
+            module_id: None,
+            rid: rid.into(),
+            op: TwinOp::Get,
+        };
+        e.drive(request("a"));
+        e.drive(request("b"));
+        let sent: Vec<&str> = e
+            .to_control
+            .iter()
+            .filter_map(|f| match f {
+                EngineFrame::TwinRequest { rid, .. } => Some(rid.as_str()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(sent, ["a", "b"]);
+        // Control answers "a"; "b" is never answered.
+        e.drive(RouterInput::Command {
+            id: 1,
+            client_id: "dev".into(),
+            command: DeviceCommand::TwinResponse {
+                rid: "a".into(),
+                status: 200,
+                version: None,
+                body: b"{}".to_vec(),
+            },
+        });
+        let deadline = e.router.poll_timeout().expect("b waits");
+        let mut out = Vec::new();
+        e.router.handle_timeout(deadline, &mut out);
+        for o in out {
+            if let Some(next) = e.carry(o) {
+                e.drive(next);
+            }
+        }
+        let inbox = e.shards[0].sessions.get_mut(&10).expect("session");
+        let statuses: Vec<(String, u16)> = std::iter::from_fn(|| inbox.pop())
+            .map(|c| match c {
+                DeviceCommand::TwinResponse { rid, status, .. } => (rid, status),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(statuses, [("a".to_string(), 200), ("b".to_string(), 504)]);
+        // The router's own answer is not reported to control as a command result.
+        let results = e
+            .to_control
+            .iter()
+            .filter(|f| matches!(f, EngineFrame::CommandResult { .. }))
+            .count();
+        assert_eq!(results, 1);
+        assert_eq!(e.router.twin_waits(), 0);
+        assert_eq!(e.router.poll_timeout(), None);
     }
 
     #[test]

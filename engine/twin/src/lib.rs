@@ -29,7 +29,7 @@ pub const MAX_STRING_BYTES: usize = 4 * 1024;
 pub const MAX_INTEGER: i64 = 4_503_599_627_370_495;
 
 /// Which part of a twin a document is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Part {
     Tags,
     Desired,
@@ -243,8 +243,9 @@ fn metadata_of(doc: &Map<String, Value>, stamp: &Map<String, Value>) -> Map<Stri
     meta
 }
 
-/// Desired or reported properties: the members, their `$version` and `$metadata`.
-#[derive(Debug, Clone, PartialEq)]
+/// Desired or reported properties: the members, their `$version` and `$metadata`. Serialized
+/// as stored (control's store), not as served: see [`Section::to_json`].
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Section {
     part: Part,
     members: Map<String, Value>,
@@ -327,8 +328,9 @@ impl Section {
 }
 
 /// A twin's own document: tags and properties, and the twin `version`, which counts every
-/// change to either.
-#[derive(Debug, Clone, PartialEq)]
+/// change to either. Serialized as stored; [`Twin::service_view`] and [`Twin::device_view`]
+/// are what clients see.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Twin {
     pub tags: Map<String, Value>,
     pub desired: Section,

@@ -1,0 +1,300 @@
+//! Device twins at control, the twins' store of record: kept beside the devices (column family
+//! `twins`, created with the device and deleted with it), read and written by the service API
+//! (`GET/PATCH/PUT /twins/{id}`) and by devices through their engine (twin GET and reported
+//! PATCH over the control link). A desired change is sent towards the device's engine at once;
+//! an offline device gets it with its next GET. The twin rules (merge, versions, `$metadata`,
+//! limits) are `roost-twin`'s; this module adds the etag, the identity fields a twin shows, and
+//! the order of writes.
+//!
+//! What it is not: module twins (they come with module identities) and queries.
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use roost_model::link::{DeviceCommand, TwinOp};
+use roost_twin::{Twin, TwinError};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Map, Value};
+
+use crate::device::Device;
+use crate::linkserver::Commands;
+use crate::metrics::ControlMetrics;
+use crate::store::{Store, StoreError, Writes};
+
+/// A twin as stored: the document and its etag.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct StoredTwin {
+    pub etag: String,
+    pub twin: Twin,
+}
+
+/// Why a twin operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum TwinFailure {
+    #[error("device {0} is not registered")]
+    DeviceNotFound(String),
+    #[error("module twins come with module identities; {0} has none")]
+    ModuleNotFound(String),
+    #[error("the twin's etag does not match If-Match")]
+    PreconditionFailed,
+    #[error("invalid twin JSON: {0}")]
+    BadJson(String),
+    #[error(transparent)]
+    Invalid(#[from] TwinError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl TwinFailure {
+    /// The status a device's MQTT twin request is answered with.
+    fn mqtt_status(&self) -> (u16, u32) {
+        match self {
+            TwinFailure::DeviceNotFound(_) => (404, 404001),
+            TwinFailure::ModuleNotFound(_) => (404, 404010),
+            TwinFailure::PreconditionFailed => (412, 412001),
+            TwinFailure::BadJson(_) | TwinFailure::Invalid(_) => (400, 400004),
+            TwinFailure::Store(_) => (500, 500001),
+        }
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// A new device's twin, with a fresh etag.
+pub fn new_twin(store: &Store) -> Result<StoredTwin, StoreError> {
+    Ok(StoredTwin {
+        etag: store.next_etag()?,
+        twin: Twin::new(now_ms()),
+    })
+}
+
+/// Creates `device_id`'s twin in `writes` (a device being created).
+pub fn create_in(
+    writes: &mut Writes<'_>,
+    store: &Store,
+    device_id: &str,
+) -> Result<(), StoreError> {
+    writes.put_twin(device_id, &new_twin(store)?)
+}
+
+/// The twin of a service write, as IoT Hub takes one: `$metadata` and `$version` in the desired
+/// section (a twin read, changed and sent back) are the hub's and are ignored, as are every
+/// read-only field and the reported section.
+fn service_body(body: &Value) -> Value {
+    let mut body = body.clone();
+    if let Some(desired) = body
+        .pointer_mut("/properties/desired")
+        .and_then(Value::as_object_mut)
+    {
+        desired.remove("$metadata");
+        desired.remove("$version");
+    }
+    body
+}
+
+pub struct Twins {
+    pub store: Arc<Store>,
+    pub commands: Arc<Commands>,
+    pub metrics: Arc<ControlMetrics>,
+}
+
+impl Twins {
+    /// The device and its twin; a device without one (registered before twins existed) gets
+    /// an empty twin, stored so its etag holds.
+    fn load(&self, device_id: &str) -> Result<(Device, StoredTwin), TwinFailure> {
+        let device = self
+            .store
+            .device(device_id)?
+            .ok_or_else(|| TwinFailure::DeviceNotFound(device_id.to_string()))?;
+        let twin = match self.store.twin(device_id)? {
+            Some(t) => t,
+            None => {
+                let t = new_twin(&self.store)?;
+                self.store.put_twin(device_id, &t)?;
+                t
+            }
+        };
+        Ok((device, twin))
+    }
+
+    /// `GET /twins/{id}`.
+    pub fn get(&self, device_id: &str) -> Result<Value, TwinFailure> {
+        let result = self
+            .store
+            .exclusive(|| self.load(device_id))
+            .map(|(d, t)| service_json(&d, &t));
+        self.count("get", "service", &result);
+        result
+    }
+
+    /// `PATCH /twins/{id}` (`replace` false) or `PUT` (`replace` true) with `If-Match`
+    /// (`None` or `*`: whatever the twin's etag). A desired change goes to the device.
+    pub fn write(
+        &self,
+        device_id: &str,
+        body: &[u8],
+        if_match: Option<&str>,
+        replace: bool,
+    ) -> Result<Value, TwinFailure> {
+        let result = self.store.exclusive(|| {
+            let body: Value =
+                serde_json::from_slice(body).map_err(|e| TwinFailure::BadJson(e.to_string()))?;
+            if !body.is_object() {
+                return Err(TwinFailure::BadJson("a twin must be a JSON object".into()));
+            }
+            let body = service_body(&body);
+            let (device, mut stored) = self.load(device_id)?;
+            if if_match.is_some_and(|tag| tag != "*" && tag != stored.etag) {
+                return Err(TwinFailure::PreconditionFailed);
+            }
+            let now = now_ms();
+            let desired = if replace {
+                Some(stored.twin.service_replace(&body, now)?)
+            } else {
+                let before = stored.twin.version;
+                let delta = stored.twin.service_patch(&body, now)?;
+                if stored.twin.version == before {
+                    // Nothing changed: IoT Hub answers with the twin as it is.
+                    return Ok(service_json(&device, &stored));
+                }
+                delta
+            };
+            stored.etag = self.store.next_etag()?;
+            self.store.put_twin(device_id, &stored)?;
+            // Sent inside the writer lock, so devices get desired changes in version order.
+            if let Some(body) = desired {
+                self.push_desired(device_id, stored.twin.desired.version(), &body);
+            }
+            Ok(service_json(&device, &stored))
+        });
+        self.count(
+            if replace { "replace" } else { "patch" },
+            "service",
+            &result,
+        );
+        result
+    }
+
+    fn push_desired(&self, client_id: &str, version: u64, body: &Value) {
+        let command = DeviceCommand::DesiredPatch {
+            version,
+            body: body.to_string().into_bytes(),
+        };
+        let outcome = if self.commands.post(client_id, command) {
+            "sent"
+        } else {
+            "not_connected"
+        };
+        self.metrics
+            .desired_pushes
+            .with_label_values(&[outcome])
+            .inc();
+    }
+
+    /// A device's twin request, answered as IoT Hub answers it over MQTT (spec §2.2): GET →
+    /// 200 with desired and reported and their `$version`s; reported PATCH → 204 with the new
+    /// reported `$version`; an error → its status and an IoT Hub error body.
+    pub fn device_request(
+        &self,
+        device_id: &str,
+        module_id: Option<&str>,
+        rid: String,
+        op: &TwinOp,
+    ) -> DeviceCommand {
+        let result = match module_id {
+            Some(m) => Err(TwinFailure::ModuleNotFound(format!("{device_id}/{m}"))),
+            None => self.store.exclusive(|| {
+                let (_, mut stored) = self.load(device_id)?;
+                match op {
+                    TwinOp::Get => Ok((200, None, stored.twin.device_view().to_string())),
+                    TwinOp::PatchReported { body } => {
+                        let patch: Value = serde_json::from_slice(body)
+                            .map_err(|e| TwinFailure::BadJson(e.to_string()))?;
+                        let before = stored.twin.version;
+                        let version = stored.twin.device_patch_reported(&patch, now_ms())?;
+                        if stored.twin.version != before {
+                            stored.etag = self.store.next_etag()?;
+                            self.store.put_twin(device_id, &stored)?;
+                        }
+                        Ok((204, Some(version), String::new()))
+                    }
+                }
+            }),
+        };
+        let op_name = op.kind();
+        let (status, version, body) = match result {
+            Ok(answer) => answer,
+            Err(e) => {
+                if let TwinFailure::Store(e) = &e {
+                    tracing::warn!(error = %e, device = %device_id, "twin request failed in the store");
+                }
+                let (status, code) = e.mqtt_status();
+                let body = json!({ "errorCode": code, "message": e.to_string() }).to_string();
+                (status, None, body)
+            }
+        };
+        self.metrics
+            .twin_ops
+            .with_label_values(&[op_name, "device", &status.to_string()])
+            .inc();
+        DeviceCommand::TwinResponse {
+            rid,
+            status,
+            version,
+            body: body.into_bytes(),
+        }
+    }
+
+    fn count(&self, op: &str, origin: &str, result: &Result<Value, TwinFailure>) {
+        let status = match result {
+            Ok(_) => 200,
+            Err(TwinFailure::DeviceNotFound(_) | TwinFailure::ModuleNotFound(_)) => 404,
+            Err(TwinFailure::PreconditionFailed) => 412,
+            Err(TwinFailure::BadJson(_) | TwinFailure::Invalid(_)) => 400,
+            Err(TwinFailure::Store(_)) => 500,
+        };
+        self.metrics
+            .twin_ops
+            .with_label_values(&[op, origin, &status.to_string()])
+            .inc();
+    }
+}
+
+/// A twin as the service API shows it (spec §4.2): the identity fields of the device, then
+/// tags, properties (with `$metadata` and `$version`) and the twin `version`.
+pub fn service_json(device: &Device, stored: &StoredTwin) -> Value {
+    let mut out = Map::new();
+    out.insert("deviceId".into(), json!(device.device_id));
+    out.insert("etag".into(), json!(stored.etag));
+    out.insert("deviceEtag".into(), json!(device.etag));
+    out.insert("status".into(), json!(device.status));
+    out.insert("statusUpdateTime".into(), json!(device.status_updated_time));
+    out.insert("connectionState".into(), json!(device.connection_state));
+    out.insert("lastActivityTime".into(), json!(device.last_activity_time));
+    out.insert(
+        "cloudToDeviceMessageCount".into(),
+        json!(device.cloud_to_device_message_count),
+    );
+    out.insert(
+        "authenticationType".into(),
+        json!(device.authentication.kind),
+    );
+    out.insert(
+        "x509Thumbprint".into(),
+        json!({
+            "primaryThumbprint": device.authentication.x509_thumbprint.primary_thumbprint,
+            "secondaryThumbprint": device.authentication.x509_thumbprint.secondary_thumbprint,
+        }),
+    );
+    out.insert(
+        "capabilities".into(),
+        json!({ "iotEdge": device.capabilities.iot_edge }),
+    );
+    out.extend(stored.twin.service_view());
+    Value::Object(out)
+}
