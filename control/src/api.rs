@@ -15,6 +15,7 @@ use crate::device::{
     Authentication, AuthenticationWrite, Capabilities, Device, DeviceWrite, SymmetricKey,
     X509Thumbprint, NEVER,
 };
+use crate::methods::{MethodCall, MethodFailure, Methods};
 use crate::metrics::ControlMetrics;
 use crate::policies::Right;
 use crate::store::Store;
@@ -42,6 +43,7 @@ pub struct Api {
     pub metrics: Arc<ControlMetrics>,
     pub throttle: Throttle,
     pub twins: Arc<Twins>,
+    pub methods: Arc<Methods>,
 }
 
 /// The rate quotas the service API meters (spec §8): a bucket per class of operation, with
@@ -134,6 +136,35 @@ impl HubError {
             "PreconditionFailed",
             "Precondition failed: the etag does not match",
         )
+    }
+    fn method(e: MethodFailure) -> Self {
+        let message = e.to_string();
+        match e {
+            MethodFailure::BadRequest(m) => Self::bad_request(m),
+            MethodFailure::DeviceNotFound(id) => Self::device_not_found(&id),
+            MethodFailure::ModuleNotFound(id) => Self::new(
+                StatusCode::NOT_FOUND,
+                404010,
+                "ModuleNotFound",
+                format!("Module {id} not registered"),
+            ),
+            MethodFailure::NotOnline => {
+                Self::new(StatusCode::NOT_FOUND, 404103, "DeviceNotOnline", message)
+            }
+            MethodFailure::Timeout => Self::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                504101,
+                "GatewayTimeout",
+                message,
+            ),
+            MethodFailure::TooMany => Self::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                429001,
+                "ThrottlingException",
+                message,
+            ),
+            MethodFailure::Store(m) => Self::server(m),
+        }
     }
     fn twin(e: TwinFailure) -> Self {
         match e {
@@ -235,6 +266,11 @@ enum Route {
         id: String,
         replace: bool,
     },
+    /// `POST /twins/{id}[/modules/{m}]/methods`.
+    Method {
+        id: String,
+        module: Option<String>,
+    },
 }
 
 /// Body limits by route: one identity, a bulk request of up to [`MAX_BULK`] of them, a twin
@@ -242,6 +278,8 @@ enum Route {
 /// whole, reported section and `$metadata` included), nothing.
 const IDENTITY_BODY: usize = 64 * 1024;
 const TWIN_BODY: usize = 256 * 1024;
+/// A method call: a payload of up to 128 KB and its envelope.
+const METHOD_BODY: usize = crate::methods::MAX_PAYLOAD + 16 * 1024;
 const BULK_BODY: usize = 1024 * 1024;
 const NO_BODY: usize = 4 * 1024;
 
@@ -269,6 +307,14 @@ impl Route {
                 id: id.to_string(),
                 replace: true,
             },
+            (&Method::POST, ["twins", id, "methods"]) => Route::Method {
+                id: id.to_string(),
+                module: None,
+            },
+            (&Method::POST, ["twins", id, "modules", m, "methods"]) => Route::Method {
+                id: id.to_string(),
+                module: Some(m.to_string()),
+            },
             _ => {
                 return Err(HubError::new(
                     StatusCode::NOT_FOUND,
@@ -285,7 +331,9 @@ impl Route {
             Route::List | Route::Get(_) | Route::Stats => Right::RegistryRead,
             Route::Put(_) | Route::Bulk | Route::Delete(_) => Right::RegistryWrite,
             // Spec §1.3: twins are ServiceConnect's.
-            Route::TwinGet(_) | Route::TwinWrite { .. } => Right::ServiceConnect,
+            Route::TwinGet(_) | Route::TwinWrite { .. } | Route::Method { .. } => {
+                Right::ServiceConnect
+            }
         }
     }
 
@@ -299,6 +347,8 @@ impl Route {
             Route::Stats => None,
             Route::TwinGet(_) => Some(Limit::TwinReadsPerSec),
             Route::TwinWrite { .. } => Some(Limit::TwinUpdatesPerSec),
+            // Metered in bytes (IoT Hub's 4 KB units), not yet by roost.
+            Route::Method { .. } => None,
         }
     }
 
@@ -307,6 +357,7 @@ impl Route {
             Route::Put(_) => IDENTITY_BODY,
             Route::Bulk => BULK_BODY,
             Route::TwinWrite { .. } => TWIN_BODY,
+            Route::Method { .. } => METHOD_BODY,
             Route::List | Route::Get(_) | Route::Delete(_) | Route::Stats | Route::TwinGet(_) => {
                 NO_BODY
             }
@@ -357,6 +408,22 @@ impl Api {
                 }
             }
         }
+        // A method call waits for a device: on the runtime, never on a blocking-pool thread.
+        if let Ok(Route::Method { id, module }) = Route::parse(req.method(), req.uri().path()) {
+            let result = match MethodCall::parse(req.body()) {
+                Ok(call) => self.methods.invoke(&id, module.as_deref(), call).await,
+                Err(e) => Err(e),
+            };
+            let resp = match result {
+                Ok(r) => httpd::json(
+                    StatusCode::OK,
+                    &json!({ "status": r.status, "payload": r.payload }),
+                ),
+                Err(e) => HubError::method(e).response(),
+            };
+            self.count(resp.status());
+            return resp;
+        }
         match tokio::task::spawn_blocking(move || self.route(&req)).await {
             Ok(Ok(r)) => r,
             Ok(Err(e)) => e.response(),
@@ -382,6 +449,8 @@ impl Api {
                 .write(&id, req.body(), if_match(req).as_deref(), replace)
                 .map(|t| twin_response(&t))
                 .map_err(HubError::twin),
+            // Served by `handle` without a blocking-pool thread.
+            Route::Method { .. } => Err(HubError::server("a method call is not routed here")),
         });
         self.count(result.as_ref().map_or_else(|e| e.status, |r| r.status()));
         result
@@ -760,12 +829,18 @@ mod tests {
             commands: Arc::new(crate::linkserver::Commands::default()),
             metrics: metrics.clone(),
         });
+        let methods = Arc::new(Methods::new(
+            store.clone(),
+            twins.commands.clone(),
+            metrics.clone(),
+        ));
         let api = Api {
             store,
             hostname: "localhost".into(),
             metrics,
             throttle: Throttle::new(&Quotas::default()),
             twins,
+            methods,
         };
         (api, dir)
     }
@@ -1153,7 +1228,7 @@ mod tests {
         ];
         // (method, path, the right it needs) ; None: no such route (404 whatever the token).
         use Right::*;
-        let routes: [(&str, &str, Option<Right>); 11] = [
+        let routes: [(&str, &str, Option<Right>); 13] = [
             ("GET", "/devices", Some(RegistryRead)),
             ("GET", "/devices/d1", Some(RegistryRead)),
             ("PUT", "/devices/d1", Some(RegistryWrite)),
@@ -1163,6 +1238,8 @@ mod tests {
             ("GET", "/twins/d1", Some(ServiceConnect)),
             ("PATCH", "/twins/d1", Some(ServiceConnect)),
             ("PUT", "/twins/d1", Some(ServiceConnect)),
+            ("POST", "/twins/d1/methods", Some(ServiceConnect)),
+            ("POST", "/twins/d1/modules/m1/methods", Some(ServiceConnect)),
             ("PATCH", "/devices/d1", None),
             ("DELETE", "/twins/d1", None),
         ];

@@ -9,13 +9,14 @@
 //! control; engines keep working from their replicas while it is down. The `roost` binary that
 //! runs it lives in `control/cli` (crate `roost-cli`), above this crate and the engine.
 //!
-//! Layout: `store` (RocksDB), `device` + `policies` (data), `twins` (device twins), `api`
+//! Layout: `store` (RocksDB), `device` + `policies` (data), `twins` (device twins), `methods` (direct methods), `api`
 //! (REST), `linkserver` (QUIC), `certs`, `metrics`. HTTP serving, certificate loading and hub.json come from `roost-common`.
 
 pub mod api;
 pub mod certs;
 pub mod device;
 pub mod linkserver;
+pub mod methods;
 pub mod metrics;
 pub mod policies;
 pub mod store;
@@ -94,12 +95,18 @@ pub fn run(config: ControlConfig, on_ready: impl FnOnce() + Send + 'static) -> a
             commands: commands.clone(),
             metrics: metrics.clone(),
         });
+        let methods = Arc::new(methods::Methods::new(
+            store.clone(),
+            commands.clone(),
+            metrics.clone(),
+        ));
         let api = Arc::new(api::Api {
             store: store.clone(),
             hostname: config.hostname.clone(),
             metrics: metrics.clone(),
             throttle: api::Throttle::new(&config.quotas),
             twins: twins.clone(),
+            methods: methods.clone(),
         });
         let admit_api = api.clone();
         tokio::spawn(httpd::serve(
@@ -152,6 +159,7 @@ pub fn run(config: ControlConfig, on_ready: impl FnOnce() + Send + 'static) -> a
             epoch,
             commands,
             twins,
+            methods,
         });
         tokio::spawn(link.run(endpoint.clone()));
 

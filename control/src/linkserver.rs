@@ -20,6 +20,7 @@ use roost_common::link::read_frame_body;
 use roost_iothub::time::iso_ms;
 
 use crate::api::iso_now;
+use crate::methods::Methods;
 use crate::metrics::ControlMetrics;
 use crate::store::{Store, StoreError};
 use crate::twins::Twins;
@@ -60,6 +61,7 @@ pub struct LinkServer {
     pub epoch: watch::Sender<Epoch>,
     pub commands: Arc<Commands>,
     pub twins: Arc<Twins>,
+    pub methods: Arc<Methods>,
 }
 
 /// Twin requests one engine may have queued at control; past it one is answered at once with
@@ -102,7 +104,7 @@ fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Commands {
-    fn add_link(&self, frames: mpsc::UnboundedSender<ControlFrame>) -> u64 {
+    pub(crate) fn add_link(&self, frames: mpsc::UnboundedSender<ControlFrame>) -> u64 {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         locked(&self.links).insert(
             id,
@@ -122,7 +124,7 @@ impl Commands {
             .unwrap_or_default()
     }
 
-    fn connection_state(&self, link: u64, client_id: &str, connected: bool) {
+    pub(crate) fn connection_state(&self, link: u64, client_id: &str, connected: bool) {
         if let Some(l) = locked(&self.links).get_mut(&link) {
             if connected {
                 l.clients.insert(client_id.to_string());
@@ -132,7 +134,7 @@ impl Commands {
         }
     }
 
-    fn answer(&self, id: u64, outcome: CommandOutcome) {
+    pub(crate) fn answer(&self, id: u64, outcome: CommandOutcome) {
         if let Some(tx) = locked(&self.waiting).remove(&id) {
             let _ = tx.send(outcome);
         }
@@ -486,6 +488,20 @@ impl LinkServer {
                 }
                 Ok(())
             }
+            EngineFrame::MethodResponse {
+                device_id,
+                module_id,
+                rid,
+                status,
+                payload,
+            } => {
+                let client_id = match &module_id {
+                    Some(m) => format!("{device_id}/{m}"),
+                    None => device_id,
+                };
+                self.methods.on_response(&client_id, &rid, status, &payload);
+                Ok(())
+            }
             EngineFrame::Hello { .. } => Ok(()),
         };
         if let Err(e) = result {
@@ -563,6 +579,7 @@ fn frame_kind(frame: &EngineFrame) -> &'static str {
         EngineFrame::Rejected { .. } => "rejected",
         EngineFrame::CommandResult { .. } => "command_result",
         EngineFrame::TwinRequest { .. } => "twin_request",
+        EngineFrame::MethodResponse { .. } => "method_response",
     }
 }
 

@@ -1,6 +1,8 @@
 //! Control-plane metrics (`/metrics` on the control ops port).
 
-use prometheus::{IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{
+    exponential_buckets, Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts, Registry,
+};
 
 pub struct ControlMetrics {
     pub registry: Registry,
@@ -17,6 +19,10 @@ pub struct ControlMetrics {
     /// Desired-property changes sent towards connected devices, by `outcome` (sent,
     /// not_connected).
     pub desired_pushes: IntCounterVec,
+    /// Direct method calls, by `outcome`.
+    pub method_calls: IntCounterVec,
+    /// Time from a method call's arrival to the device's answer (answered calls only).
+    pub method_latency: Histogram,
 }
 
 impl ControlMetrics {
@@ -81,6 +87,22 @@ impl ControlMetrics {
             &["outcome"],
         )
         .expect("static metric");
+        let method_calls = IntCounterVec::new(
+            Opts::new(
+                "roost_control_method_calls_total",
+                "Direct method calls, by outcome: answered (200 with the device's status), not_online (404103: not connected or not subscribed within connectTimeoutInSeconds), timeout (504101: no answer within responseTimeoutInSeconds), not_found (404001/404010), bad_request (400), too_many (429), server_error.",
+            ),
+            &["outcome"],
+        )
+        .expect("static metric");
+        let method_latency = Histogram::with_opts(
+            HistogramOpts::new(
+                "roost_control_method_latency_seconds",
+                "Time from a direct method call's arrival to the device's answer.",
+            )
+            .buckets(exponential_buckets(0.001, 2.0, 19).expect("static buckets")),
+        )
+        .expect("static metric");
         let registry_sequence = IntGauge::new(
             "roost_control_registry_sequence",
             "Sequence of the last registry change.",
@@ -100,6 +122,8 @@ impl ControlMetrics {
             Box::new(links_current.clone()),
             Box::new(twin_ops.clone()),
             Box::new(desired_pushes.clone()),
+            Box::new(method_calls.clone()),
+            Box::new(method_latency.clone()),
         ] {
             registry
                 .register(m)
@@ -115,6 +139,8 @@ impl ControlMetrics {
             link_frames_in,
             twin_ops,
             desired_pushes,
+            method_calls,
+            method_latency,
         }
     }
 

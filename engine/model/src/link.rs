@@ -193,6 +193,9 @@ pub enum CommandOutcome {
     NotConnected,
     /// The client's inbox is full.
     InboxFull,
+    /// The client is connected but does not take this kind of command (an MQTT device not
+    /// subscribed to `$iothub/methods/POST/#` for a method request).
+    NotSubscribed,
     /// The shard did not answer in time.
     TimedOut,
 }
@@ -203,6 +206,7 @@ impl CommandOutcome {
             CommandOutcome::Delivered => "delivered",
             CommandOutcome::NotConnected => "not_connected",
             CommandOutcome::InboxFull => "inbox_full",
+            CommandOutcome::NotSubscribed => "not_subscribed",
             CommandOutcome::TimedOut => "timed_out",
         }
     }
@@ -268,6 +272,15 @@ pub enum EngineFrame {
     },
     /// What became of command `id`.
     CommandResult { id: u64, outcome: CommandOutcome },
+    /// A device's answer to direct method request `rid` (MQTT
+    /// `$iothub/methods/res/{status}/?$rid={rid}`), `payload` as the device sent it.
+    MethodResponse {
+        device_id: String,
+        module_id: Option<String>,
+        rid: String,
+        status: u16,
+        payload: Vec<u8>,
+    },
     /// A connected client's twin request; control answers with a `TwinResponse` command to
     /// `device_id[/module_id]` carrying the same `rid`.
     TwinRequest {

@@ -350,6 +350,9 @@ impl Conn {
                     for f in &u.filters {
                         if let Some(kind) = self.classify(f.as_str()) {
                             self.subscribed.set(kind, None);
+                            if kind == DeviceFilter::Methods {
+                                self.session.set_takes_methods(false);
+                            }
                         }
                     }
                     self.mqtt.ack_unsubscribe(u.pkid);
@@ -378,6 +381,9 @@ impl Conn {
             QoS::AtLeastOnce
         };
         self.subscribed.set(kind, Some(granted));
+        if kind == DeviceFilter::Methods {
+            self.session.set_takes_methods(true);
+        }
         SubackCode::Granted(granted)
     }
 
@@ -490,27 +496,31 @@ impl Conn {
     }
 
     /// A publish on an `$iothub/` topic: a twin request (sent to control; the answer comes
-    /// through the inbox) or a method response. Anything else there ends the connection.
+    /// through the inbox) or a method response (sent to control). Anything else there ends the connection.
     fn on_iothub_publish(&mut self, p: roost_mqtt::Publish, now: Instant) -> Result<(), Reason> {
         let topic = parse_publish_topic(p.topic.as_str()).map_err(|e| match e {
             TopicError::NotIotHubTopic => DisconnectReason::NotIotHubTopic,
             _ => DisconnectReason::Protocol(e.error_code()),
         })?;
-        let (rid, op) = match topic {
-            DeviceTopic::TwinGet { rid } => (rid, TwinOp::Get),
-            DeviceTopic::ReportedPatch { rid } => (
+        let op = match topic {
+            DeviceTopic::TwinGet { rid } => Some((rid, TwinOp::Get)),
+            DeviceTopic::ReportedPatch { rid } => Some((
                 rid,
                 TwinOp::PatchReported {
                     body: p.payload.to_vec(),
                 },
-            ),
-            DeviceTopic::MethodResponse { .. } | DeviceTopic::Telemetry { .. } => {
-                return Err(DisconnectReason::UnsupportedTopic)
+            )),
+            DeviceTopic::MethodResponse { status, rid } => {
+                self.session.method_response(rid, status, &p.payload)?;
+                None
             }
+            DeviceTopic::Telemetry { .. } => return Err(DisconnectReason::UnsupportedTopic),
         };
-        let until = self.session.twin_request(rid, op, now)?;
-        if until.is_some() {
-            self.throttled_until = until;
+        if let Some((rid, op)) = op {
+            let until = self.session.twin_request(rid, op, now)?;
+            if until.is_some() {
+                self.throttled_until = until;
+            }
         }
         if p.qos == QoS::AtLeastOnce {
             if let Some(pkid) = self.session.ack_in_order(p.pkid) {

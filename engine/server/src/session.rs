@@ -314,6 +314,35 @@ impl<A> DeviceSession<A> {
         Ok(until)
     }
 
+    /// Whether the session takes direct method requests (the protocol's subscription to
+    /// them): the shard refuses method requests for one that does not (`NotSubscribed`).
+    pub fn set_takes_methods(&self, takes: bool) {
+        self.handles.takes_methods.set(takes);
+    }
+
+    /// The device's answer to method request `rid`, for control.
+    pub fn method_response(
+        &self,
+        rid: &str,
+        status: u16,
+        payload: &[u8],
+    ) -> Result<(), DisconnectReason> {
+        let Some(identity) = &self.identity else {
+            return Err(DisconnectReason::PublishBeforeConnect);
+        };
+        self.shard
+            .shared
+            .router
+            .report(EngineFrame::MethodResponse {
+                device_id: identity.device_id.clone(),
+                module_id: identity.module_id.clone(),
+                rid: rid.to_string(),
+                status,
+                payload: payload.to_vec(),
+            });
+        Ok(())
+    }
+
     /// `ack` for a packet that is not a record (a twin request): back at once when nothing
     /// is owed before it, else queued behind the newest owed acknowledgement, so
     /// acknowledgements keep the order of the packets (MQTT 3.1.1 §4.6).

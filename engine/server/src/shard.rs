@@ -83,6 +83,9 @@ pub struct ConnHandles {
     /// The deadline the connection is filed under in the shard's wheel, if any.
     filed: Cell<Option<Instant>>,
     pub inbox: RefCell<Inbox>,
+    /// Whether the session takes direct method requests (an MQTT device subscribed to
+    /// `$iothub/methods/POST/#`); one that does not gets none, and control answers 404103.
+    pub takes_methods: Cell<bool>,
 }
 
 /// The shard's share of the hub's quotas, rebuilt whenever the quotas in force change.
@@ -258,6 +261,12 @@ impl Shard {
             Some(h) if matches!(command, DeviceCommand::Disconnect { .. }) => {
                 h.signal.close(DisconnectReason::ClosedByService);
                 CommandOutcome::Delivered
+            }
+            Some(h)
+                if matches!(command, DeviceCommand::MethodRequest { .. })
+                    && !h.takes_methods.get() =>
+            {
+                CommandOutcome::NotSubscribed
             }
             Some(h) => match h.inbox.borrow_mut().push(command) {
                 Ok(()) => {
