@@ -576,6 +576,7 @@ class RawMqttDevice:
         self.client.max_inflight_messages_set(max_inflight)
         self.connack = threading.Event()
         self.connack_rc: int | None = None
+        self.connack_flags: int | None = None
         self.disconnected = threading.Event()
         self.disconnect_rc: int | None = None
         self.acked_mids: list[int] = []  # list.append is atomic; no lock shared with paho
@@ -587,6 +588,8 @@ class RawMqttDevice:
 
     def _on_connect(self, client, userdata, flags, rc):
         self.connack_rc = rc
+        # Bit 0 of CONNACK's flags: session-present.
+        self.connack_flags = int(flags.get("session present", 0))
         self.connack.set()
 
     def _on_disconnect(self, client, userdata, rc):

@@ -2,8 +2,8 @@
 //!
 //! What it is: [`EngineDb::open`] (one RocksDB with a column family per `events` partition, the
 //! registry replica and a meta family for the log format, consumer checkpoints and the applied
-//! epoch), [`RocksLog`] implementing `LogStore` and [`RocksReplica`] implementing
-//! `ReplicaStore`.
+//! epoch, the clients' persistent sessions), [`RocksLog`] implementing `LogStore` and
+//! [`RocksReplica`] implementing `ReplicaStore` and `SessionStore`.
 //!
 //! What it is not: the logic. Reading records, the batch format, consumer JSON and the
 //! in-memory store used to test them are in `roost-storage`; group commit is in `roost-server`.
@@ -23,6 +23,8 @@ use rocksdb::{ColumnFamilyDescriptor, Options, DB};
 pub const CF_REGISTRY: &str = "registry";
 /// Column family for small engine bookkeeping values.
 pub const CF_META: &str = "meta";
+/// Column family holding `client_id → persistent session state` (`roost_storage::SessionStore`).
+pub const CF_SESSIONS: &str = "sessions";
 
 /// Column family name of partition `k`.
 pub fn partition_cf(k: usize) -> String {
@@ -58,9 +60,13 @@ impl EngineDb {
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
         let mut names: Vec<String> = DB::list_cf(&opts, path).unwrap_or_default();
-        for required in [CF_REGISTRY.to_string(), CF_META.to_string()]
-            .into_iter()
-            .chain((0..partitions).map(partition_cf))
+        for required in [
+            CF_REGISTRY.to_string(),
+            CF_META.to_string(),
+            CF_SESSIONS.to_string(),
+        ]
+        .into_iter()
+        .chain((0..partitions).map(partition_cf))
         {
             if !names.contains(&required) {
                 names.push(required);

@@ -5,9 +5,9 @@ use std::sync::Arc;
 
 use rocksdb::{WriteBatch, DB};
 use roost_model::link::{DeviceAuth, Epoch, RegistryChange};
-use roost_storage::{ReplicaStore, StoreError};
+use roost_storage::{ReplicaStore, SessionStore, StoreError};
 
-use crate::{CF_META, CF_REGISTRY};
+use crate::{CF_META, CF_REGISTRY, CF_SESSIONS};
 
 const SEQ_KEY: &[u8] = b"registry_seq";
 const EPOCH_KEY: &[u8] = b"epoch";
@@ -66,6 +66,34 @@ impl RocksReplica {
 
 fn db_err(e: rocksdb::Error) -> StoreError {
     StoreError::Db(e.to_string())
+}
+
+impl SessionStore for RocksReplica {
+    fn load_sessions(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let mut out = Vec::new();
+        for item in self
+            .db
+            .iterator_cf(self.cf(CF_SESSIONS)?, rocksdb::IteratorMode::Start)
+        {
+            let (k, v) = item.map_err(|e| StoreError::Db(e.to_string()))?;
+            let key = String::from_utf8(k.to_vec())
+                .map_err(|_| StoreError::Corrupt(String::from_utf8_lossy(&k).into_owned()))?;
+            out.push((key, v.to_vec()));
+        }
+        Ok(out)
+    }
+
+    fn save_session(&self, client_id: &str, state: &[u8]) -> Result<(), StoreError> {
+        self.db
+            .put_cf(self.cf(CF_SESSIONS)?, client_id.as_bytes(), state)
+            .map_err(|e| StoreError::Db(e.to_string()))
+    }
+
+    fn delete_session(&self, client_id: &str) -> Result<(), StoreError> {
+        self.db
+            .delete_cf(self.cf(CF_SESSIONS)?, client_id.as_bytes())
+            .map_err(|e| StoreError::Db(e.to_string()))
+    }
 }
 
 impl ReplicaStore for RocksReplica {

@@ -24,6 +24,7 @@ use roost_session::telemetry;
 use roost_session::{DisconnectReason, PreAuthSlot};
 
 use crate::session::{unix_now, DeviceSession};
+use crate::sessions::Subscriptions;
 use crate::shard::{Queue, Shard};
 use crate::signal::Wake;
 use crate::wire::{Wire, WireError};
@@ -46,24 +47,12 @@ enum Woken {
     Unthrottled,
 }
 
-/// The device-bound filters a session subscribed to, with the QoS granted for each.
-#[derive(Default, Clone, Copy)]
-struct Subscribed([Option<QoS>; DeviceFilter::ALL.len()]);
-
-impl Subscribed {
-    fn set(&mut self, filter: DeviceFilter, qos: Option<QoS>) {
-        self.0[filter.index()] = qos;
-    }
-
-    fn qos(&self, filter: DeviceFilter) -> Option<QoS> {
-        self.0[filter.index()]
-    }
-}
-
 struct Conn {
     session: DeviceSession<u16>,
     mqtt: ServerSession,
-    subscribed: Subscribed,
+    subscribed: Subscriptions,
+    /// CleanSession=0: the subscriptions outlive the connection (`crate::sessions`).
+    persistent: bool,
     /// Plaintext received and not yet a whole frame. Empty, with no allocation, between
     /// bursts: reads go through the shard's buffer.
     rbuf: BytesMut,
@@ -100,7 +89,8 @@ pub async fn serve(shard: std::rc::Rc<Shard>, mut wire: Wire, pre_auth: PreAuthS
     let mut conn = Conn {
         session: DeviceSession::open(shard.clone(), pre_auth),
         mqtt: ServerSession::new(now, SessionConfig::default()),
-        subscribed: Subscribed::default(),
+        subscribed: Subscriptions::default(),
+        persistent: false,
         rbuf,
         wbuf: BytesMut::new(),
         throttled_until: None,
@@ -330,7 +320,10 @@ impl Conn {
                         }
                     };
                     match outcome {
-                        Ok(()) => self.mqtt.accept(false),
+                        Ok(()) => {
+                            let resumed = self.resume_session(c.clean_session);
+                            self.mqtt.accept(resumed);
+                        }
                         Err(refusal) => {
                             tracing::debug!(reason = refusal.reason(), client_id = %c.client_id.as_str(), "CONNECT refused");
                             self.mqtt.refuse(ConnectReturnCode::NotAuthorized);
@@ -345,6 +338,7 @@ impl Conn {
                         .map(|(f, q)| self.grant(f.as_str(), *q))
                         .collect();
                     self.mqtt.grant_subscribe(s.pkid, &codes);
+                    self.save_session();
                 }
                 Event::Unsubscribe(u) => {
                     for f in &u.filters {
@@ -356,12 +350,46 @@ impl Conn {
                         }
                     }
                     self.mqtt.ack_unsubscribe(u.pkid);
+                    self.save_session();
                 }
                 Event::Disconnect => return Err(DisconnectReason::ClientDisconnect),
                 Event::PubAck(_) => self.drain_inbox()?,
             }
         }
         Ok(())
+    }
+
+    /// After authentication: a CleanSession=0 CONNECT takes up the client's stored
+    /// subscriptions (true: CONNACK says session-present); CleanSession=1 forgets them.
+    fn resume_session(&mut self, clean_session: bool) -> bool {
+        self.persistent = !clean_session;
+        let Some(identity) = self.session.identity() else {
+            return false;
+        };
+        let sessions = &self.session.shard.shared.sessions;
+        match sessions.on_connect(&identity.client_id(), clean_session) {
+            Some(subscriptions) => {
+                self.subscribed = subscriptions;
+                self.session
+                    .set_takes_methods(subscriptions.qos(DeviceFilter::Methods).is_some());
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Writes a persistent session's subscriptions through to the engine's sessions.
+    fn save_session(&self) {
+        if !self.persistent {
+            return;
+        }
+        if let Some(identity) = self.session.identity() {
+            self.session
+                .shard
+                .shared
+                .sessions
+                .save(&identity.client_id(), &self.subscribed);
+        }
     }
 
     /// Which device-bound filter `filter` is for this session's identity, if it may have it.

@@ -30,6 +30,7 @@ mod nudge;
 mod ops;
 pub mod router;
 mod session;
+pub mod sessions;
 pub mod shard;
 mod signal;
 mod wire;
@@ -219,6 +220,11 @@ pub fn run(config: EngineConfig, on_ready: impl FnOnce() + Send + 'static) -> an
         });
     }
 
+    let sessions = Arc::new(
+        sessions::Sessions::load(Arc::new(db.replica()))
+            .context("loading the persistent sessions")?,
+    );
+    tracing::info!(sessions = sessions.len(), "persistent sessions loaded");
     let (to_control, from_router) = tokio::sync::mpsc::unbounded_channel();
     let (cmd_txs, cmd_rxs): (Vec<_>, Vec<_>) = (0..config.cores)
         .map(|_| crossbeam::channel::unbounded())
@@ -236,6 +242,7 @@ pub fn run(config: EngineConfig, on_ready: impl FnOnce() + Send + 'static) -> an
         pre_auth: roost_session::PreAuthGate::new(config.pre_auth),
         quotas: state.quotas.clone(),
         shards: config.cores,
+        sessions: sessions.clone(),
     });
 
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();

@@ -65,6 +65,8 @@ pub struct Shared {
     pub quotas: Arc<QuotaCell>,
     /// How many shards the engine runs (the share of a hub-wide rate each meters).
     pub shards: usize,
+    /// The clients' persistent sessions (CleanSession=0), engine-wide.
+    pub sessions: Arc<crate::sessions::Sessions>,
 }
 
 /// A listener as a shard binds it.

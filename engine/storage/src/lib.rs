@@ -23,4 +23,4 @@ pub mod retention;
 
 pub use log::{LogError, LogStore, PartitionInfo};
 pub use memory::MemStore;
-pub use replica::{ReplicaStore, StoreError};
+pub use replica::{ReplicaStore, SessionStore, StoreError};

@@ -8,7 +8,7 @@ use roost_model::link::{DeviceAuth, Epoch, RegistryChange};
 
 use crate::batch;
 use crate::log::{LogError, LogStore};
-use crate::replica::{ReplicaStore, StoreError};
+use crate::replica::{ReplicaStore, SessionStore, StoreError};
 
 #[derive(Default)]
 struct Inner {
@@ -18,6 +18,7 @@ struct Inner {
     /// Per partition: first offset → stored value; and the next offset.
     partitions: Vec<(BTreeMap<u64, Vec<u8>>, u64)>,
     checkpoints: HashMap<(String, usize), u64>,
+    sessions: BTreeMap<String, Vec<u8>>,
 }
 
 /// An in-memory [`ReplicaStore`] and [`LogStore`].
@@ -40,6 +41,24 @@ impl MemStore {
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         // A panic in another test thread must not hide this store's state.
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl SessionStore for MemStore {
+    fn load_sessions(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        Ok(self.lock().sessions.clone().into_iter().collect())
+    }
+
+    fn save_session(&self, client_id: &str, state: &[u8]) -> Result<(), StoreError> {
+        self.lock()
+            .sessions
+            .insert(client_id.to_string(), state.to_vec());
+        Ok(())
+    }
+
+    fn delete_session(&self, client_id: &str) -> Result<(), StoreError> {
+        self.lock().sessions.remove(client_id);
+        Ok(())
     }
 }
 

@@ -31,3 +31,13 @@ pub trait ReplicaStore: Send + Sync {
     /// Persists (synced) the epoch just applied.
     fn save_epoch(&self, epoch: &Epoch) -> Result<(), StoreError>;
 }
+
+/// The persistent sessions (MQTT CleanSession=0) of the engine's clients, by client id
+/// (`device` or `device/module`): each an opaque value the session layer encodes (what the
+/// client subscribed to). Written when a subscription changes, not per message; not synced
+/// (a session survives a kill of the engine, and a power loss may cost the last change).
+pub trait SessionStore: Send + Sync {
+    fn load_sessions(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
+    fn save_session(&self, client_id: &str, state: &[u8]) -> Result<(), StoreError>;
+    fn delete_session(&self, client_id: &str) -> Result<(), StoreError>;
+}
