@@ -15,6 +15,7 @@ use crate::device::{
     Authentication, AuthenticationWrite, Capabilities, Device, DeviceWrite, SymmetricKey,
     X509Thumbprint, NEVER,
 };
+use crate::c2d::{Ack, C2d, C2dFailure, NewMessage};
 use crate::methods::{MethodCall, MethodFailure, Methods};
 use crate::metrics::ControlMetrics;
 use crate::policies::Right;
@@ -44,6 +45,7 @@ pub struct Api {
     pub throttle: Throttle,
     pub twins: Arc<Twins>,
     pub methods: Arc<Methods>,
+    pub c2d: Arc<C2d>,
 }
 
 /// The rate quotas the service API meters (spec §8): a bucket per class of operation, with
@@ -271,6 +273,12 @@ enum Route {
         id: String,
         module: Option<String>,
     },
+    /// `POST /devices/{id}/messages/deviceBound` (roost's own: IoT Hub's is AMQP).
+    C2dSend(String),
+    /// `GET /messages/serviceBound/feedback`.
+    FeedbackGet,
+    /// `DELETE /messages/serviceBound/feedback/{lock}`, or `POST …/{lock}/abandon`.
+    FeedbackDone { lock: String, complete: bool },
 }
 
 /// Body limits by route: one identity, a bulk request of up to [`MAX_BULK`] of them, a twin
@@ -280,6 +288,8 @@ const IDENTITY_BODY: usize = 64 * 1024;
 const TWIN_BODY: usize = 256 * 1024;
 /// A method call: a payload of up to 128 KB and its envelope.
 const METHOD_BODY: usize = crate::methods::MAX_PAYLOAD + 16 * 1024;
+/// A cloud-to-device message's body (its properties are in the headers).
+const C2D_BODY: usize = crate::c2d::MAX_BODY;
 const BULK_BODY: usize = 1024 * 1024;
 const NO_BODY: usize = 4 * 1024;
 
@@ -315,6 +325,22 @@ impl Route {
                 id: id.to_string(),
                 module: Some(m.to_string()),
             },
+            (&Method::POST, ["devices", id, "messages", b]) if b.eq_ignore_ascii_case("devicebound") => {
+                Route::C2dSend(id.to_string())
+            }
+            (&Method::GET, ["messages", "serviceBound", "feedback"]) => Route::FeedbackGet,
+            (&Method::DELETE, ["messages", "serviceBound", "feedback", lock]) => {
+                Route::FeedbackDone {
+                    lock: lock.to_string(),
+                    complete: true,
+                }
+            }
+            (&Method::POST, ["messages", "serviceBound", "feedback", lock, "abandon"]) => {
+                Route::FeedbackDone {
+                    lock: lock.to_string(),
+                    complete: false,
+                }
+            }
             _ => {
                 return Err(HubError::new(
                     StatusCode::NOT_FOUND,
@@ -331,9 +357,12 @@ impl Route {
             Route::List | Route::Get(_) | Route::Stats => Right::RegistryRead,
             Route::Put(_) | Route::Bulk | Route::Delete(_) => Right::RegistryWrite,
             // Spec §1.3: twins are ServiceConnect's.
-            Route::TwinGet(_) | Route::TwinWrite { .. } | Route::Method { .. } => {
-                Right::ServiceConnect
-            }
+            Route::TwinGet(_)
+            | Route::TwinWrite { .. }
+            | Route::Method { .. }
+            | Route::C2dSend(_)
+            | Route::FeedbackGet
+            | Route::FeedbackDone { .. } => Right::ServiceConnect,
         }
     }
 
@@ -349,6 +378,8 @@ impl Route {
             Route::TwinWrite { .. } => Some(Limit::TwinUpdatesPerSec),
             // Metered in bytes (IoT Hub's 4 KB units), not yet by roost.
             Route::Method { .. } => None,
+            Route::C2dSend(_) => Some(Limit::C2dSendsPerMin),
+            Route::FeedbackGet | Route::FeedbackDone { .. } => None,
         }
     }
 
@@ -358,6 +389,8 @@ impl Route {
             Route::Bulk => BULK_BODY,
             Route::TwinWrite { .. } => TWIN_BODY,
             Route::Method { .. } => METHOD_BODY,
+            Route::C2dSend(_) => C2D_BODY,
+            Route::FeedbackGet | Route::FeedbackDone { .. } => NO_BODY,
             Route::List | Route::Get(_) | Route::Delete(_) | Route::Stats | Route::TwinGet(_) => {
                 NO_BODY
             }
@@ -451,6 +484,9 @@ impl Api {
                 .map_err(HubError::twin),
             // Served by `handle` without a blocking-pool thread.
             Route::Method { .. } => Err(HubError::server("a method call is not routed here")),
+            Route::C2dSend(id) => self.c2d_send(&id, req),
+            Route::FeedbackGet => self.feedback_get(),
+            Route::FeedbackDone { lock, complete } => self.feedback_done(&lock, complete),
         });
         self.count(result.as_ref().map_or_else(|e| e.status, |r| r.status()));
         result
@@ -766,6 +802,105 @@ impl Api {
         })
     }
 
+    /// `POST /devices/{id}/messages/deviceBound`: the body is the message, the headers its
+    /// properties as the HTTPS device API carries them; 204 once it is queued (synced).
+    fn c2d_send(&self, id: &str, req: &Req) -> Result<Resp, HubError> {
+        let header = |name: &str| {
+            req.headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
+        let ack = match header("iothub-ack") {
+            None => Ack::None,
+            Some(a) => Ack::parse(&a).ok_or_else(|| {
+                HubError::bad_request(format!(
+                    "iothub-ack must be none, positive, negative or full, not {a}"
+                ))
+            })?,
+        };
+        let expiry_ms = match header("iothub-expiry") {
+            None => None,
+            Some(e) => Some(roost_iothub::time::parse_iso_ms(&e).ok_or_else(|| {
+                HubError::bad_request(format!("iothub-expiry is not an ISO-8601 time: {e}"))
+            })?),
+        };
+        let mut properties = Vec::new();
+        for (name, value) in req.headers() {
+            if let Some(key) = name.as_str().strip_prefix("iothub-app-") {
+                let value = value.to_str().map_err(|_| {
+                    HubError::bad_request(format!("{name} is not visible ASCII"))
+                })?;
+                properties.push((key.to_string(), value.to_string()));
+            }
+        }
+        let message = NewMessage {
+            message_id: header("iothub-messageid"),
+            correlation_id: header("iothub-correlationid"),
+            user_id: header("iothub-userid"),
+            content_type: header("content-type"),
+            content_encoding: header("content-encoding"),
+            ack,
+            expiry_ms,
+            properties,
+            body: req.body().to_vec(),
+        };
+        match self.c2d.send(id, message) {
+            Ok(message_id) => {
+                tracing::debug!(device = %id, %message_id, "C2D message queued");
+                Ok(httpd::empty(StatusCode::NO_CONTENT))
+            }
+            Err(C2dFailure::DeviceNotFound(id)) => Err(HubError::device_not_found(&id)),
+            Err(e @ C2dFailure::QueueFull(_)) => Err(HubError::new(
+                StatusCode::FORBIDDEN,
+                403004,
+                "DeviceMaximumQueueDepthExceeded",
+                e.to_string(),
+            )),
+            Err(C2dFailure::BadRequest(m)) => Err(HubError::bad_request(m)),
+            Err(C2dFailure::Store(e)) => Err(HubError::server(e)),
+        }
+    }
+
+    /// `GET /messages/serviceBound/feedback`: up to 64 records and the lock token (`ETag`)
+    /// that completes them; 204 when there are none.
+    fn feedback_get(&self) -> Result<Resp, HubError> {
+        match self.c2d.feedback().map_err(HubError::server)? {
+            None => Ok(httpd::empty(StatusCode::NO_CONTENT)),
+            Some((lock, records)) => {
+                let mut r = httpd::json(StatusCode::OK, &records);
+                let headers = r.headers_mut();
+                headers.insert(
+                    hyper::header::CONTENT_TYPE,
+                    hyper::header::HeaderValue::from_static(
+                        "application/vnd.microsoft.iothub.feedback.json",
+                    ),
+                );
+                if let Ok(v) = hyper::header::HeaderValue::from_str(&format!("\"{lock}\"")) {
+                    headers.insert("etag", v);
+                }
+                Ok(r)
+            }
+        }
+    }
+
+    fn feedback_done(&self, lock: &str, complete: bool) -> Result<Resp, HubError> {
+        let lock = unquote(lock);
+        if !complete {
+            // Abandoned: the records stay, for the next read.
+            return Ok(httpd::empty(StatusCode::NO_CONTENT));
+        }
+        if !self.c2d.complete_feedback(lock).map_err(HubError::server)? {
+            return Err(HubError::new(
+                StatusCode::PRECONDITION_FAILED,
+                412002,
+                "DeviceMessageLockLost",
+                format!("{lock} is not a feedback lock token"),
+            ));
+        }
+        Ok(httpd::empty(StatusCode::NO_CONTENT))
+    }
+
     fn stats(&self) -> Result<Resp, HubError> {
         let devices = self.store.devices(usize::MAX).map_err(HubError::server)?;
         let enabled = devices.iter().filter(|d| d.status == "enabled").count();
@@ -834,6 +969,11 @@ mod tests {
             twins.commands.clone(),
             metrics.clone(),
         ));
+        let c2d = Arc::new(C2d::new(
+            store.clone(),
+            twins.commands.clone(),
+            metrics.clone(),
+        ));
         let api = Api {
             store,
             hostname: "localhost".into(),
@@ -841,6 +981,7 @@ mod tests {
             throttle: Throttle::new(&Quotas::default()),
             twins,
             methods,
+            c2d,
         };
         (api, dir)
     }
@@ -1228,7 +1369,7 @@ mod tests {
         ];
         // (method, path, the right it needs) ; None: no such route (404 whatever the token).
         use Right::*;
-        let routes: [(&str, &str, Option<Right>); 13] = [
+        let routes: [(&str, &str, Option<Right>); 16] = [
             ("GET", "/devices", Some(RegistryRead)),
             ("GET", "/devices/d1", Some(RegistryRead)),
             ("PUT", "/devices/d1", Some(RegistryWrite)),
@@ -1240,6 +1381,9 @@ mod tests {
             ("PUT", "/twins/d1", Some(ServiceConnect)),
             ("POST", "/twins/d1/methods", Some(ServiceConnect)),
             ("POST", "/twins/d1/modules/m1/methods", Some(ServiceConnect)),
+            ("POST", "/devices/d1/messages/deviceBound", Some(ServiceConnect)),
+            ("GET", "/messages/serviceBound/feedback", Some(ServiceConnect)),
+            ("DELETE", "/messages/serviceBound/feedback/1", Some(ServiceConnect)),
             ("PATCH", "/devices/d1", None),
             ("DELETE", "/twins/d1", None),
         ];

@@ -9,10 +9,11 @@
 //! control; engines keep working from their replicas while it is down. The `roost` binary that
 //! runs it lives in `control/cli` (crate `roost-cli`), above this crate and the engine.
 //!
-//! Layout: `store` (RocksDB), `device` + `policies` (data), `twins` (device twins), `methods` (direct methods), `api`
+//! Layout: `store` (RocksDB), `device` + `policies` (data), `twins` (device twins), `methods` (direct methods), `c2d` (cloud-to-device queues and feedback), `api`
 //! (REST), `linkserver` (QUIC), `certs`, `metrics`. HTTP serving, certificate loading and hub.json come from `roost-common`.
 
 pub mod api;
+pub mod c2d;
 pub mod certs;
 pub mod device;
 pub mod linkserver;
@@ -100,6 +101,25 @@ pub fn run(config: ControlConfig, on_ready: impl FnOnce() + Send + 'static) -> a
             commands.clone(),
             metrics.clone(),
         ));
+        let c2d = Arc::new(c2d::C2d::new(
+            store.clone(),
+            commands.clone(),
+            metrics.clone(),
+        ));
+        // Expired C2D messages go (with their feedback) within a second.
+        let sweeper = c2d.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                let c2d = sweeper.clone();
+                match tokio::task::spawn_blocking(move || c2d.sweep_expired()).await {
+                    Ok(Err(e)) => tracing::warn!(error = %e, "expiring C2D messages failed"),
+                    Err(e) => tracing::warn!(error = %e, "the C2D expiry task failed"),
+                    Ok(Ok(_)) => {}
+                }
+            }
+        });
         let api = Arc::new(api::Api {
             store: store.clone(),
             hostname: config.hostname.clone(),
@@ -107,6 +127,7 @@ pub fn run(config: ControlConfig, on_ready: impl FnOnce() + Send + 'static) -> a
             throttle: api::Throttle::new(&config.quotas),
             twins: twins.clone(),
             methods: methods.clone(),
+            c2d: c2d.clone(),
         });
         let admit_api = api.clone();
         tokio::spawn(httpd::serve(
@@ -128,6 +149,7 @@ pub fn run(config: ControlConfig, on_ready: impl FnOnce() + Send + 'static) -> a
                     "/healthz" => httpd::text(StatusCode::OK, "ok\n"),
                     "/metrics" => {
                         metrics.registry_sequence.set(store.registry_seq().unwrap_or(0) as i64);
+                        metrics.c2d_pending.set(store.c2d_scan(&[]).map_or(0, |q| q.len()) as i64);
                         httpd::text(StatusCode::OK, metrics.encode())
                     }
                     _ => httpd::text(StatusCode::NOT_FOUND, "no such ops endpoint\n"),
@@ -160,6 +182,7 @@ pub fn run(config: ControlConfig, on_ready: impl FnOnce() + Send + 'static) -> a
             commands,
             twins,
             methods,
+            c2d,
         });
         tokio::spawn(link.run(endpoint.clone()));
 

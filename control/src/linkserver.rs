@@ -20,6 +20,7 @@ use roost_common::link::read_frame_body;
 use roost_iothub::time::iso_ms;
 
 use crate::api::iso_now;
+use crate::c2d::C2d;
 use crate::methods::Methods;
 use crate::metrics::ControlMetrics;
 use crate::store::{Store, StoreError};
@@ -62,6 +63,7 @@ pub struct LinkServer {
     pub commands: Arc<Commands>,
     pub twins: Arc<Twins>,
     pub methods: Arc<Methods>,
+    pub c2d: Arc<C2d>,
 }
 
 /// Twin requests one engine may have queued at control; past it one is answered at once with
@@ -231,6 +233,9 @@ impl LinkServer {
                 let link = me.commands.add_link(frames_tx);
                 let why = me.serve(&conn, link, frames_rx).await;
                 let clients = me.commands.remove_link(link);
+                for c in &clients {
+                    me.c2d.on_disconnected(c);
+                }
                 me.metrics.links_current.dec();
                 tracing::info!(%remote, reason = %why, "engine link closed");
                 // The engine is gone: its devices are no longer connected to it (a module's
@@ -427,6 +432,9 @@ impl LinkServer {
                     None => device_id.clone(),
                 };
                 self.commands.connection_state(link, &client_id, up);
+                if !up {
+                    self.c2d.on_disconnected(&client_id);
+                }
                 // A module's connection is the module's, not its device's (module twins with
                 // their own connection state come with the cloud-to-device issue).
                 if module_id.is_some() {
@@ -485,6 +493,28 @@ impl LinkServer {
                         "the hub is busy; retry later",
                     );
                     self.commands.post_to_link(link, &job.client_id(), answer);
+                }
+                Ok(())
+            }
+            EngineFrame::C2dReady {
+                device_id,
+                module_id,
+            } => {
+                // Off the link's task: delivering writes to the store.
+                if module_id.is_none() {
+                    let c2d = self.c2d.clone();
+                    tokio::task::spawn_blocking(move || c2d.on_ready(&device_id));
+                }
+                Ok(())
+            }
+            EngineFrame::C2dComplete {
+                device_id,
+                module_id,
+                lock,
+            } => {
+                if module_id.is_none() {
+                    let c2d = self.c2d.clone();
+                    tokio::task::spawn_blocking(move || c2d.on_complete(&device_id, lock));
                 }
                 Ok(())
             }
@@ -580,6 +610,8 @@ fn frame_kind(frame: &EngineFrame) -> &'static str {
         EngineFrame::CommandResult { .. } => "command_result",
         EngineFrame::TwinRequest { .. } => "twin_request",
         EngineFrame::MethodResponse { .. } => "method_response",
+        EngineFrame::C2dReady { .. } => "c2d_ready",
+        EngineFrame::C2dComplete { .. } => "c2d_complete",
     }
 }
 

@@ -23,6 +23,10 @@ pub struct ControlMetrics {
     pub method_calls: IntCounterVec,
     /// Time from a method call's arrival to the device's answer (answered calls only).
     pub method_latency: Histogram,
+    /// Cloud-to-device messages, by `event`.
+    pub c2d: IntCounterVec,
+    /// Cloud-to-device messages waiting in every device's queue (set at scrape).
+    pub c2d_pending: IntGauge,
 }
 
 impl ControlMetrics {
@@ -103,6 +107,19 @@ impl ControlMetrics {
             .buckets(exponential_buckets(0.001, 2.0, 19).expect("static buckets")),
         )
         .expect("static metric");
+        let c2d = IntCounterVec::new(
+            Opts::new(
+                "roost_control_c2d_messages_total",
+                "Cloud-to-device messages, by event: queued, delivered (sent to the device's engine), redelivered (again, after a connection ended without acknowledging it), completed (the device acknowledged it), expired, queue_full (refused with 403004).",
+            ),
+            &["event"],
+        )
+        .expect("static metric");
+        let c2d_pending = IntGauge::new(
+            "roost_control_c2d_pending",
+            "Cloud-to-device messages waiting in every device's queue.",
+        )
+        .expect("static metric");
         let registry_sequence = IntGauge::new(
             "roost_control_registry_sequence",
             "Sequence of the last registry change.",
@@ -124,6 +141,8 @@ impl ControlMetrics {
             Box::new(desired_pushes.clone()),
             Box::new(method_calls.clone()),
             Box::new(method_latency.clone()),
+            Box::new(c2d.clone()),
+            Box::new(c2d_pending.clone()),
         ] {
             registry
                 .register(m)
@@ -141,6 +160,8 @@ impl ControlMetrics {
             desired_pushes,
             method_calls,
             method_latency,
+            c2d,
+            c2d_pending,
         }
     }
 

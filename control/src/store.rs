@@ -22,6 +22,10 @@ const CF_CHANGES: &str = "changes";
 const CF_META: &str = "meta";
 /// Twins by client id (`device`; `device/module` for module twins), JSON of `StoredTwin`.
 const CF_TWINS: &str = "twins";
+/// Cloud-to-device queues: `device_id \0 lock(be u64)` → JSON of a queued message.
+const CF_C2D: &str = "c2d";
+/// Feedback records for the service: `seq(be u64)` → JSON of one record.
+const CF_FEEDBACK: &str = "feedback";
 const SEQ_KEY: &[u8] = b"registry_seq";
 const POLICIES_KEY: &[u8] = b"policies";
 const ETAG_KEY: &[u8] = b"etag_counter";
@@ -47,7 +51,7 @@ impl Store {
         let mut opts = Options::default();
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
-        let cfs = [CF_DEVICES, CF_CHANGES, CF_META, CF_TWINS]
+        let cfs = [CF_DEVICES, CF_CHANGES, CF_META, CF_TWINS, CF_C2D, CF_FEEDBACK]
             .map(|n| ColumnFamilyDescriptor::new(n, Options::default()));
         let db = DB::open_cf_descriptors(&opts, path, cfs)?;
         let (changes, _) = broadcast::channel(4096);
@@ -142,6 +146,88 @@ impl Store {
         let mut w = self.writes();
         w.put_twin(client_id, twin)?;
         w.commit()
+    }
+
+    /// The next value of the counter `key` in meta (not synced: a counter's gaps are fine, and
+    /// what it numbers is written synced after).
+    pub fn next_counter(&self, key: &[u8]) -> Result<u64, StoreError> {
+        let n = self.u64_meta(key)? + 1;
+        self.db.put_cf(self.cf(CF_META), key, n.to_le_bytes())?;
+        Ok(n)
+    }
+
+    /// Writes (synced) `value` under `key` in the C2D queues (`Some`), or deletes it (`None`).
+    pub fn c2d_write(&self, writes: &[(Vec<u8>, Option<Vec<u8>>)]) -> Result<(), StoreError> {
+        let mut batch = WriteBatch::default();
+        for (key, value) in writes {
+            match value {
+                Some(v) => batch.put_cf(self.cf(CF_C2D), key, v),
+                None => batch.delete_cf(self.cf(CF_C2D), key),
+            }
+        }
+        self.write_synced(batch)
+    }
+
+    /// Every entry of the C2D queues whose key starts with `prefix` (all of them for an empty
+    /// prefix), in key order.
+    pub fn c2d_scan(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(
+            self.cf(CF_C2D),
+            IteratorMode::From(prefix, Direction::Forward),
+        ) {
+            let (k, v) = item?;
+            if !k.starts_with(prefix) {
+                break;
+            }
+            out.push((k.to_vec(), v.to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// Appends feedback records (synced) under the keys given.
+    pub fn feedback_put(&self, records: &[(u64, Vec<u8>)]) -> Result<(), StoreError> {
+        let mut batch = WriteBatch::default();
+        for (seq, v) in records {
+            batch.put_cf(self.cf(CF_FEEDBACK), seq.to_be_bytes(), v);
+        }
+        self.write_synced(batch)
+    }
+
+    /// Up to `max` feedback records, oldest first.
+    pub fn feedback_list(&self, max: usize) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        let mut out = Vec::new();
+        for item in self
+            .db
+            .iterator_cf(self.cf(CF_FEEDBACK), IteratorMode::Start)
+            .take(max)
+        {
+            let (k, v) = item?;
+            let seq = u64::from_be_bytes(
+                k.as_ref()
+                    .try_into()
+                    .map_err(|_| StoreError::Corrupt("feedback key".into()))?,
+            );
+            out.push((seq, v.to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// Deletes the feedback records up to and including `seq`.
+    pub fn feedback_delete_through(&self, seq: u64) -> Result<(), StoreError> {
+        let mut batch = WriteBatch::default();
+        batch.delete_range_cf(
+            self.cf(CF_FEEDBACK),
+            0u64.to_be_bytes(),
+            seq.saturating_add(1).to_be_bytes(),
+        );
+        self.write_synced(batch)
+    }
+
+    fn write_synced(&self, batch: WriteBatch) -> Result<(), StoreError> {
+        let mut opts = WriteOptions::default();
+        opts.set_sync(true);
+        Ok(self.db.write_opt(batch, &opts)?)
     }
 
     /// A fresh etag (base64 of a counter, like IoT Hub's).
@@ -271,6 +357,12 @@ impl Writes<'_> {
         self.batch
             .delete_cf(self.store.cf(CF_DEVICES), id.as_bytes());
         self.batch.delete_cf(self.store.cf(CF_TWINS), id.as_bytes());
+        // And its cloud-to-device queue: every key `id \0 …`.
+        let mut from = id.as_bytes().to_vec();
+        from.push(0);
+        let mut to = id.as_bytes().to_vec();
+        to.push(1);
+        self.batch.delete_range_cf(self.store.cf(CF_C2D), from, to);
         self.changes.push(RegistryChange::Delete {
             device_id: id.to_string(),
         });

@@ -24,8 +24,25 @@ pub fn iso_ms(ms: u64) -> String {
     try_iso_ms(ms.min(MAX_ISO_MS)).unwrap_or_else(|| "9999-12-31T23:59:59.999Z".into())
 }
 
+/// An ISO-8601 UTC time (`2027-01-15T08:00:00.123Z`, fractions optional) as Unix
+/// milliseconds; `None` for anything else or a time before 1970.
+pub fn parse_iso_ms(s: &str) -> Option<u64> {
+    let t = humantime::parse_rfc3339_weak(s.trim()).ok()?;
+    u64::try_from(t.duration_since(UNIX_EPOCH).ok()?.as_millis()).ok()
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn parses_what_it_writes() {
+        for ms in [0, 1_800_000_000_123, super::MAX_ISO_MS] {
+            assert_eq!(super::parse_iso_ms(&super::iso_ms(ms)), Some(ms));
+        }
+        assert_eq!(super::parse_iso_ms("2027-01-15T08:00:00Z"), Some(1_800_000_000_000));
+        assert_eq!(super::parse_iso_ms("tomorrow"), None);
+        assert_eq!(super::parse_iso_ms(""), None);
+    }
+
     #[test]
     fn milliseconds_and_zulu() {
         assert_eq!(super::iso_ms(1_800_000_000_123), "2027-01-15T08:00:00.123Z");

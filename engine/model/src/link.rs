@@ -124,11 +124,15 @@ impl Epoch {
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 #[rkyv(derive(Debug))]
 pub enum DeviceCommand {
-    /// A cloud-to-device message.
+    /// A cloud-to-device message from the device's queue at control: `lock` names it in the
+    /// client's `C2dComplete`; `properties` are its property bag in order, system keys
+    /// (`$.mid`, `$.to`, …) included; `redelivered` when an earlier connection was sent it and
+    /// did not acknowledge it (MQTT DUP).
     C2d {
-        message_id: String,
+        lock: u64,
         properties: Vec<(String, String)>,
         body: Vec<u8>,
+        redelivered: bool,
     },
     /// A direct method invocation; the device answers with `rid`.
     MethodRequest {
@@ -272,6 +276,18 @@ pub enum EngineFrame {
     },
     /// What became of command `id`.
     CommandResult { id: u64, outcome: CommandOutcome },
+    /// The client acknowledged cloud-to-device message `lock` (MQTT PUBACK): it is complete.
+    C2dComplete {
+        device_id: String,
+        module_id: Option<String>,
+        lock: u64,
+    },
+    /// The client takes cloud-to-device messages now (it subscribed to its devicebound topic,
+    /// or resumed a session that had): control sends it what is pending.
+    C2dReady {
+        device_id: String,
+        module_id: Option<String>,
+    },
     /// A device's answer to direct method request `rid` (MQTT
     /// `$iothub/methods/res/{status}/?$rid={rid}`), `payload` as the device sent it.
     MethodResponse {

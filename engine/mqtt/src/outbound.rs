@@ -193,6 +193,18 @@ impl Window {
 
     /// Takes a QoS 1 message into the window; its packet id, or `None` if the window is full.
     pub fn push(&mut self, topic: Str, payload: Bytes, retain: bool) -> Option<u16> {
+        self.push_with_dup(topic, payload, retain, false)
+    }
+
+    /// [`Self::push`], with DUP set from the first transmission when `dup` (a message an
+    /// earlier connection of the client was sent and did not acknowledge).
+    pub fn push_with_dup(
+        &mut self,
+        topic: Str,
+        payload: Bytes,
+        retain: bool,
+        dup: bool,
+    ) -> Option<u16> {
         if self.is_full() {
             return None;
         }
@@ -203,7 +215,7 @@ impl Window {
                 topic,
                 payload,
                 retain,
-                dup: false,
+                dup,
             },
             transmitted: false,
         });

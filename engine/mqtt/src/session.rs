@@ -515,6 +515,21 @@ impl ServerSession {
         Ok(Some(pkid))
     }
 
+    /// A QoS 1 publish of a message an earlier connection of the client was sent and did not
+    /// acknowledge (a C2D message redelivered after a reconnect): sent with DUP set.
+    pub fn send_redelivery(&mut self, topic: Str, payload: Bytes) -> Result<u16, SendError> {
+        if self.state != State::Connected {
+            return Err(SendError::NotConnected);
+        }
+        check_outbound(&topic, QoS::AtLeastOnce, payload.len(), self.config.limits.max_frame)?;
+        let pkid = self
+            .window
+            .push_with_dup(topic, payload, false, true)
+            .ok_or(SendError::WindowFull)?;
+        self.outgoing.push_back(Outgoing::Publish1(pkid));
+        Ok(pkid)
+    }
+
     /// True if a QoS 1 `send_publish` would be accepted now: `Connected` with a free slot in
     /// the window.
     pub fn can_send(&self) -> bool {

@@ -464,6 +464,22 @@ fn lost_publish_is_redelivered_with_dup_on_a_resumed_session() {
 }
 
 #[test]
+fn a_redelivery_carries_dup_from_its_first_transmission() {
+    let mut pair = Pair::connecting(SessionConfig::default(), false, 60);
+    pair.server.accept(false);
+    pair.drive();
+    let pkid = pair
+        .server
+        .send_redelivery(Str::from_static("devices/d/messages/devicebound/"), Bytes::from_static(b"again"))
+        .expect("room");
+    pair.send(b"fresh", QoS::AtLeastOnce).expect("room");
+    pair.drive();
+    let got: Vec<(bool, u16)> = pair.client.publishes().iter().map(|p| (p.dup, p.pkid)).collect();
+    assert_eq!(got, [(true, pkid), (false, pkid + 1)]);
+    assert_eq!(pair.pubacks(), [pkid, pkid + 1]);
+}
+
+#[test]
 fn a_message_queued_but_never_transmitted_is_resent_without_dup() {
     let mut pair = Pair::connecting(SessionConfig::default(), false, 60);
     pair.server.accept(false);

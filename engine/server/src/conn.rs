@@ -53,6 +53,9 @@ struct Conn {
     subscribed: Subscriptions,
     /// CleanSession=0: the subscriptions outlive the connection (`crate::sessions`).
     persistent: bool,
+    /// C2D messages sent at QoS 1 and not yet acknowledged: (packet id, lock at control).
+    /// Those left when the connection ends are redelivered by control to the next one.
+    c2d_inflight: Vec<(u16, u64)>,
     /// Plaintext received and not yet a whole frame. Empty, with no allocation, between
     /// bursts: reads go through the shard's buffer.
     rbuf: BytesMut,
@@ -91,6 +94,7 @@ pub async fn serve(shard: std::rc::Rc<Shard>, mut wire: Wire, pre_auth: PreAuthS
         mqtt: ServerSession::new(now, SessionConfig::default()),
         subscribed: Subscriptions::default(),
         persistent: false,
+        c2d_inflight: Vec::new(),
         rbuf,
         wbuf: BytesMut::new(),
         throttled_until: None,
@@ -344,8 +348,10 @@ impl Conn {
                     for f in &u.filters {
                         if let Some(kind) = self.classify(f.as_str()) {
                             self.subscribed.set(kind, None);
-                            if kind == DeviceFilter::Methods {
-                                self.session.set_takes_methods(false);
+                            match kind {
+                                DeviceFilter::Methods => self.session.set_takes_methods(false),
+                                DeviceFilter::CloudToDevice => self.session.set_takes_c2d(false),
+                                _ => {}
                             }
                         }
                     }
@@ -353,7 +359,13 @@ impl Conn {
                     self.save_session();
                 }
                 Event::Disconnect => return Err(DisconnectReason::ClientDisconnect),
-                Event::PubAck(_) => self.drain_inbox()?,
+                Event::PubAck(pkid) => {
+                    if let Some(i) = self.c2d_inflight.iter().position(|(p, _)| *p == pkid) {
+                        let (_, lock) = self.c2d_inflight.swap_remove(i);
+                        self.session.c2d_complete(lock);
+                    }
+                    self.drain_inbox()?
+                }
             }
         }
         Ok(())
@@ -372,6 +384,8 @@ impl Conn {
                 self.subscribed = subscriptions;
                 self.session
                     .set_takes_methods(subscriptions.qos(DeviceFilter::Methods).is_some());
+                self.session
+                    .set_takes_c2d(subscriptions.qos(DeviceFilter::CloudToDevice).is_some());
                 true
             }
             None => false,
@@ -409,8 +423,10 @@ impl Conn {
             QoS::AtLeastOnce
         };
         self.subscribed.set(kind, Some(granted));
-        if kind == DeviceFilter::Methods {
-            self.session.set_takes_methods(true);
+        match kind {
+            DeviceFilter::Methods => self.session.set_takes_methods(true),
+            DeviceFilter::CloudToDevice => self.session.set_takes_c2d(true),
+            _ => {}
         }
         SubackCode::Granted(granted)
     }
@@ -433,22 +449,39 @@ impl Conn {
                 // inbox; one found here all the same is obeyed.
                 DeviceCommand::Disconnect { .. } => return Err(DisconnectReason::ClosedByService),
                 DeviceCommand::C2d {
-                    message_id,
+                    lock,
                     properties,
                     body,
+                    redelivered,
                 } => {
+                    let Some(qos) = self.subscribed.qos(DeviceFilter::CloudToDevice) else {
+                        self.dropped(kind);
+                        continue;
+                    };
                     let bag = encode_bag(&PropertyBag {
-                        system: SystemProps {
-                            message_id: Some(message_id),
-                            ..SystemProps::default()
-                        },
+                        system: SystemProps::default(),
                         app: properties,
                     });
-                    (
-                        DeviceFilter::CloudToDevice,
-                        format!("devices/{}/messages/devicebound/{bag}", identity.device_id),
-                        body,
-                    )
+                    let topic = Str::from(format!(
+                        "devices/{}/messages/devicebound/{bag}",
+                        identity.device_id
+                    ));
+                    let body = Bytes::from(body);
+                    let sent = match (qos, redelivered) {
+                        (QoS::AtLeastOnce, true) => self.mqtt.send_redelivery(topic, body).map(Some),
+                        _ => self.mqtt.send_publish(topic, body, qos, false),
+                    };
+                    match sent {
+                        // Complete when the device acknowledges it (spec §2.3).
+                        Ok(Some(pkid)) => self.c2d_inflight.push((pkid, lock)),
+                        // At QoS 0, sent is all the device will ever say.
+                        Ok(None) => self.session.c2d_complete(lock),
+                        Err(e) => {
+                            tracing::debug!(error = %e, "cannot publish a C2D message");
+                            self.dropped(kind);
+                        }
+                    }
+                    continue;
                 }
                 DeviceCommand::MethodRequest { name, rid, payload } => (
                     DeviceFilter::Methods,

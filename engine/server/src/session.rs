@@ -320,6 +320,31 @@ impl<A> DeviceSession<A> {
         self.handles.takes_methods.set(takes);
     }
 
+    /// Whether the session takes cloud-to-device messages; when it starts to, control is told
+    /// to send what is pending.
+    pub fn set_takes_c2d(&self, takes: bool) {
+        let was = self.handles.takes_c2d.replace(takes);
+        if takes && !was {
+            if let Some(identity) = &self.identity {
+                self.shard.shared.router.report(EngineFrame::C2dReady {
+                    device_id: identity.device_id.clone(),
+                    module_id: identity.module_id.clone(),
+                });
+            }
+        }
+    }
+
+    /// The client acknowledged cloud-to-device message `lock`.
+    pub fn c2d_complete(&self, lock: u64) {
+        if let Some(identity) = &self.identity {
+            self.shard.shared.router.report(EngineFrame::C2dComplete {
+                device_id: identity.device_id.clone(),
+                module_id: identity.module_id.clone(),
+                lock,
+            });
+        }
+    }
+
     /// The device's answer to method request `rid`, for control.
     pub fn method_response(
         &self,

@@ -88,6 +88,8 @@ pub struct ConnHandles {
     /// Whether the session takes direct method requests (an MQTT device subscribed to
     /// `$iothub/methods/POST/#`); one that does not gets none, and control answers 404103.
     pub takes_methods: Cell<bool>,
+    /// Whether it takes cloud-to-device messages (subscribed to its devicebound topic).
+    pub takes_c2d: Cell<bool>,
 }
 
 /// The shard's share of the hub's quotas, rebuilt whenever the quotas in force change.
@@ -268,6 +270,9 @@ impl Shard {
                 if matches!(command, DeviceCommand::MethodRequest { .. })
                     && !h.takes_methods.get() =>
             {
+                CommandOutcome::NotSubscribed
+            }
+            Some(h) if matches!(command, DeviceCommand::C2d { .. }) && !h.takes_c2d.get() => {
                 CommandOutcome::NotSubscribed
             }
             Some(h) => match h.inbox.borrow_mut().push(command) {

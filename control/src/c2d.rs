@@ -1,0 +1,462 @@
+//! Cloud-to-device messages (spec §2.3, §2.5, §4.6, §8): a durable queue per device at
+//! control, delivered to the device's engine when it takes messages, completed by the
+//! device's acknowledgement, expired after their time to live, with feedback records for the
+//! service when a message asked for them.
+//!
+//! A message is sent with `POST /devices/{id}/messages/deviceBound` (roost's own REST path;
+//! IoT Hub's service path is AMQP) and is in the queue (synced) before that is answered. At
+//! most [`MAX_PENDING`] wait per device (403004 beyond). The engine says when a client takes
+//! messages (`C2dReady`: it subscribed to its devicebound topic, or resumed a session that
+//! had): every pending message is sent then, and each new one at once while it stays ready.
+//! The device's PUBACK (`C2dComplete`) deletes it. One sent to a connection that ended without
+//! acknowledging it is sent again, marked redelivered (MQTT DUP), when the client is next
+//! ready. Expired messages are dropped by a sweep every second.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use base64::Engine as _;
+use roost_model::link::DeviceCommand;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::linkserver::Commands;
+use crate::metrics::ControlMetrics;
+use crate::store::{Store, StoreError};
+
+/// Messages that may wait for one device (IoT Hub's limit).
+pub const MAX_PENDING: usize = 50;
+/// The largest message body (IoT Hub's limit).
+pub const MAX_BODY: usize = 64 * 1024;
+/// A message's time to live when the sender sets none, and the longest it may set.
+pub const DEFAULT_TTL_MS: u64 = 3600 * 1000;
+pub const MAX_TTL_MS: u64 = 2 * 24 * 3600 * 1000;
+/// Feedback records one read returns (IoT Hub batches 64).
+const FEEDBACK_BATCH: usize = 64;
+
+const LOCK_KEY: &[u8] = b"c2d_lock";
+const FEEDBACK_KEY: &[u8] = b"feedback_seq";
+
+/// What the sender asked to be told (`iothub-ack`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Ack {
+    None,
+    Positive,
+    Negative,
+    Full,
+}
+
+impl Ack {
+    pub fn parse(s: &str) -> Option<Ack> {
+        match s.to_ascii_lowercase().as_str() {
+            "none" => Some(Ack::None),
+            "positive" => Some(Ack::Positive),
+            "negative" => Some(Ack::Negative),
+            "full" => Some(Ack::Full),
+            _ => None,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Ack::None => "none",
+            Ack::Positive => "positive",
+            Ack::Negative => "negative",
+            Ack::Full => "full",
+        }
+    }
+}
+
+/// A message as the sender gives it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewMessage {
+    pub message_id: Option<String>,
+    pub correlation_id: Option<String>,
+    pub user_id: Option<String>,
+    pub content_type: Option<String>,
+    pub content_encoding: Option<String>,
+    pub ack: Ack,
+    /// Unix milliseconds; `None` for the default time to live.
+    pub expiry_ms: Option<u64>,
+    pub properties: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+/// A message in a device's queue.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Queued {
+    pub lock: u64,
+    pub device_id: String,
+    pub message_id: String,
+    pub correlation_id: Option<String>,
+    pub user_id: Option<String>,
+    pub content_type: Option<String>,
+    pub content_encoding: Option<String>,
+    pub ack: Ack,
+    pub enqueued_ms: u64,
+    pub expiry_ms: u64,
+    pub properties: Vec<(String, String)>,
+    /// base64
+    pub body: String,
+    /// Times it was sent to a connection of the device.
+    pub deliveries: u32,
+}
+
+impl Queued {
+    /// Its property bag as the device receives it (spec §2.5): system keys first, then
+    /// `iothub-ack`, then the application properties.
+    fn bag(&self) -> Vec<(String, String)> {
+        let mut bag = vec![
+            ("$.mid".to_string(), self.message_id.clone()),
+            (
+                "$.to".to_string(),
+                format!("/devices/{}/messages/deviceBound", self.device_id),
+            ),
+            (
+                "$.exp".to_string(),
+                roost_iothub::time::iso_ms(self.expiry_ms),
+            ),
+        ];
+        for (key, value) in [
+            ("$.cid", &self.correlation_id),
+            ("$.uid", &self.user_id),
+            ("$.ct", &self.content_type),
+            ("$.ce", &self.content_encoding),
+        ] {
+            if let Some(v) = value {
+                bag.push((key.to_string(), v.clone()));
+            }
+        }
+        if self.ack != Ack::None {
+            bag.push(("iothub-ack".to_string(), self.ack.name().to_string()));
+        }
+        bag.extend(self.properties.iter().cloned());
+        bag
+    }
+
+    fn command(&self) -> DeviceCommand {
+        DeviceCommand::C2d {
+            lock: self.lock,
+            properties: self.bag(),
+            body: base64::engine::general_purpose::STANDARD
+                .decode(&self.body)
+                .unwrap_or_default(),
+            redelivered: self.deliveries > 0,
+        }
+    }
+
+    /// The feedback record for `status`, if the sender asked for it.
+    fn feedback(&self, status: &str, now_ms: u64) -> Option<serde_json::Value> {
+        let wanted = match (self.ack, status) {
+            (Ack::Full, _) => true,
+            (Ack::Positive, "Success") => true,
+            (Ack::Negative, s) => s != "Success",
+            _ => false,
+        };
+        wanted.then(|| {
+            json!({
+                "originalMessageId": self.message_id,
+                "deviceId": self.device_id,
+                "statusCode": status,
+                "description": match status {
+                    "Success" => "Success",
+                    "Expired" => "Message expired",
+                    _ => status,
+                },
+                "enqueuedTimeUtc": roost_iothub::time::iso_ms(now_ms),
+            })
+        })
+    }
+}
+
+/// Why a send failed.
+#[derive(Debug, thiserror::Error)]
+pub enum C2dFailure {
+    #[error("device {0} is not registered")]
+    DeviceNotFound(String),
+    #[error("device {0} has {MAX_PENDING} messages waiting already")]
+    QueueFull(String),
+    #[error("{0}")]
+    BadRequest(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn key(device_id: &str, lock: u64) -> Vec<u8> {
+    let mut k = prefix(device_id);
+    k.extend_from_slice(&lock.to_be_bytes());
+    k
+}
+
+fn prefix(device_id: &str) -> Vec<u8> {
+    let mut k = device_id.as_bytes().to_vec();
+    k.push(0);
+    k
+}
+
+fn corrupt(e: serde_json::Error) -> StoreError {
+    StoreError::Corrupt(e.to_string())
+}
+
+pub struct C2d {
+    pub store: Arc<Store>,
+    pub commands: Arc<Commands>,
+    pub metrics: Arc<ControlMetrics>,
+    /// Clients that take messages now, with the locks sent to them since they became ready.
+    ready: Mutex<HashMap<String, HashSet<u64>>>,
+    /// Serializes queue changes (send, complete, expire) so counts and deliveries agree.
+    queue_lock: Mutex<()>,
+}
+
+fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl C2d {
+    pub fn new(store: Arc<Store>, commands: Arc<Commands>, metrics: Arc<ControlMetrics>) -> Self {
+        Self {
+            store,
+            commands,
+            metrics,
+            ready: Mutex::new(HashMap::new()),
+            queue_lock: Mutex::new(()),
+        }
+    }
+
+    /// The messages waiting for `device_id`, oldest first.
+    pub fn pending(&self, device_id: &str) -> Result<Vec<Queued>, StoreError> {
+        self.store
+            .c2d_scan(&prefix(device_id))?
+            .into_iter()
+            .map(|(_, v)| serde_json::from_slice(&v).map_err(corrupt))
+            .collect()
+    }
+
+    /// Queues `message` for `device_id` (synced before it returns); sends it at once if the
+    /// device takes messages. Returns the message id.
+    pub fn send(&self, device_id: &str, message: NewMessage) -> Result<String, C2dFailure> {
+        if message.body.len() > MAX_BODY {
+            return Err(C2dFailure::BadRequest(format!(
+                "the message body is over {MAX_BODY} bytes"
+            )));
+        }
+        let now = now_ms();
+        let expiry_ms = match message.expiry_ms {
+            None => now + DEFAULT_TTL_MS,
+            Some(e) if e <= now => {
+                return Err(C2dFailure::BadRequest(
+                    "iothub-expiry is in the past".into(),
+                ))
+            }
+            Some(e) if e > now + MAX_TTL_MS => {
+                return Err(C2dFailure::BadRequest(
+                    "iothub-expiry is more than 2 days away".into(),
+                ))
+            }
+            Some(e) => e,
+        };
+        let _guard = locked(&self.queue_lock);
+        if self.store.device(device_id)?.is_none() {
+            return Err(C2dFailure::DeviceNotFound(device_id.to_string()));
+        }
+        let pending = self.pending(device_id)?;
+        if pending.len() >= MAX_PENDING {
+            self.metrics.c2d.with_label_values(&["queue_full"]).inc();
+            return Err(C2dFailure::QueueFull(device_id.to_string()));
+        }
+        let lock = self.store.next_counter(LOCK_KEY)?;
+        let mut queued = Queued {
+            lock,
+            device_id: device_id.to_string(),
+            message_id: message
+                .message_id
+                .unwrap_or_else(|| format!("{lock:016x}")),
+            correlation_id: message.correlation_id,
+            user_id: message.user_id,
+            content_type: message.content_type,
+            content_encoding: message.content_encoding,
+            ack: message.ack,
+            enqueued_ms: now,
+            expiry_ms,
+            properties: message.properties,
+            body: base64::engine::general_purpose::STANDARD.encode(&message.body),
+            deliveries: 0,
+        };
+        self.write(&queued)?;
+        self.metrics.c2d.with_label_values(&["queued"]).inc();
+        self.set_count(device_id, pending.len() + 1);
+        let id = queued.message_id.clone();
+        self.deliver(device_id, std::slice::from_mut(&mut queued))?;
+        Ok(id)
+    }
+
+    fn write(&self, q: &Queued) -> Result<(), StoreError> {
+        let v = serde_json::to_vec(q).map_err(corrupt)?;
+        self.store
+            .c2d_write(&[(key(&q.device_id, q.lock), Some(v))])
+    }
+
+    /// The device's `cloudToDeviceMessageCount` is its queue's length.
+    fn set_count(&self, device_id: &str, n: usize) {
+        let _ = self
+            .store
+            .touch(device_id, |d| d.cloud_to_device_message_count = n as u64);
+    }
+
+    /// Sends the messages of `device_id` that its ready client has not been sent yet (none
+    /// unless it is ready), counting each delivery.
+    fn deliver(&self, device_id: &str, messages: &mut [Queued]) -> Result<(), StoreError> {
+        let mut ready = locked(&self.ready);
+        let Some(sent) = ready.get_mut(device_id) else {
+            return Ok(());
+        };
+        let now = now_ms();
+        for q in messages.iter_mut() {
+            if q.expiry_ms <= now || sent.contains(&q.lock) {
+                continue;
+            }
+            let command = q.command();
+            if !self.commands.post(device_id, command) {
+                break;
+            }
+            sent.insert(q.lock);
+            let outcome = if q.deliveries > 0 {
+                "redelivered"
+            } else {
+                "delivered"
+            };
+            self.metrics.c2d.with_label_values(&[outcome]).inc();
+            q.deliveries += 1;
+            self.write(q)?;
+        }
+        Ok(())
+    }
+
+    /// The client takes messages now: send it everything pending.
+    pub fn on_ready(&self, client_id: &str) {
+        // C2D is for devices; a module has no queue.
+        if client_id.contains('/') {
+            return;
+        }
+        let _guard = locked(&self.queue_lock);
+        locked(&self.ready).insert(client_id.to_string(), HashSet::new());
+        let result = self
+            .pending(client_id)
+            .and_then(|mut pending| self.deliver(client_id, &mut pending));
+        if let Err(e) = result {
+            tracing::warn!(error = %e, device = %client_id, "delivering C2D messages failed");
+        }
+    }
+
+    /// The client's connection ended: what it was sent and did not acknowledge is sent again
+    /// when it is next ready.
+    pub fn on_disconnected(&self, client_id: &str) {
+        locked(&self.ready).remove(client_id);
+    }
+
+    /// The device acknowledged message `lock`: it is complete.
+    pub fn on_complete(&self, client_id: &str, lock: u64) {
+        let _guard = locked(&self.queue_lock);
+        let result = (|| {
+            let k = key(client_id, lock);
+            let Some((_, v)) = self.store.c2d_scan(&k)?.into_iter().next() else {
+                return Ok(()); // expired or completed already
+            };
+            let q: Queued = serde_json::from_slice(&v).map_err(corrupt)?;
+            self.store.c2d_write(&[(k, None)])?;
+            self.metrics.c2d.with_label_values(&["completed"]).inc();
+            if let Some(ready) = locked(&self.ready).get_mut(client_id) {
+                ready.remove(&lock);
+            }
+            if let Some(record) = q.feedback("Success", now_ms()) {
+                self.add_feedback(&[record])?;
+            }
+            let left = self.pending(client_id)?.len();
+            self.set_count(client_id, left);
+            Ok::<(), StoreError>(())
+        })();
+        if let Err(e) = result {
+            tracing::warn!(error = %e, device = %client_id, "completing a C2D message failed");
+        }
+    }
+
+    /// Drops every expired message, with feedback where asked; returns how many.
+    pub fn sweep_expired(&self) -> Result<usize, StoreError> {
+        let _guard = locked(&self.queue_lock);
+        let now = now_ms();
+        let mut expired = Vec::new();
+        for (k, v) in self.store.c2d_scan(&[])? {
+            let q: Queued = serde_json::from_slice(&v).map_err(corrupt)?;
+            if q.expiry_ms <= now {
+                expired.push((k, q));
+            }
+        }
+        if expired.is_empty() {
+            return Ok(0);
+        }
+        let deletes: Vec<_> = expired.iter().map(|(k, _)| (k.clone(), None)).collect();
+        self.store.c2d_write(&deletes)?;
+        let records: Vec<_> = expired
+            .iter()
+            .filter_map(|(_, q)| q.feedback("Expired", now))
+            .collect();
+        self.add_feedback(&records)?;
+        let mut devices: Vec<&str> = expired.iter().map(|(_, q)| q.device_id.as_str()).collect();
+        devices.dedup();
+        for d in devices {
+            let left = self.pending(d)?.len();
+            self.set_count(d, left);
+        }
+        self.metrics
+            .c2d
+            .with_label_values(&["expired"])
+            .inc_by(expired.len() as u64);
+        Ok(expired.len())
+    }
+
+    fn add_feedback(&self, records: &[serde_json::Value]) -> Result<(), StoreError> {
+        let mut rows = Vec::with_capacity(records.len());
+        for r in records {
+            let seq = self.store.next_counter(FEEDBACK_KEY)?;
+            rows.push((seq, serde_json::to_vec(r).map_err(corrupt)?));
+        }
+        if !rows.is_empty() {
+            self.store.feedback_put(&rows)?;
+        }
+        Ok(())
+    }
+
+    /// Up to 64 feedback records, oldest first, and the lock token that completes them
+    /// (`None` when there are none).
+    pub fn feedback(&self) -> Result<Option<(String, Vec<serde_json::Value>)>, StoreError> {
+        let rows = self.store.feedback_list(FEEDBACK_BATCH)?;
+        let Some((last, _)) = rows.last() else {
+            return Ok(None);
+        };
+        let lock = last.to_string();
+        let records = rows
+            .iter()
+            .map(|(_, v)| serde_json::from_slice(v).map_err(corrupt))
+            .collect::<Result<_, _>>()?;
+        Ok(Some((lock, records)))
+    }
+
+    /// Completes the feedback records a read with `lock` returned; `false` for a token that
+    /// is not a number.
+    pub fn complete_feedback(&self, lock: &str) -> Result<bool, StoreError> {
+        let Ok(seq) = lock.parse::<u64>() else {
+            return Ok(false);
+        };
+        self.store.feedback_delete_through(seq)?;
+        Ok(true)
+    }
+}
