@@ -236,6 +236,7 @@ mod tests {
     fn resp(status: u16, body: Value) -> Response {
         Response {
             status,
+            etag: None,
             body: serde_json::to_vec(&body).expect("json").into(),
         }
     }

@@ -11,11 +11,11 @@ use roost_iothub::sas::SasToken;
 use roost_session::quota::{Admit, Bucket, Limit, Quotas};
 use serde_json::json;
 
+use crate::c2d::{Ack, C2d, C2dFailure, NewMessage};
 use crate::device::{
     Authentication, AuthenticationWrite, Capabilities, Device, DeviceWrite, SymmetricKey,
     X509Thumbprint, NEVER,
 };
-use crate::c2d::{Ack, C2d, C2dFailure, NewMessage};
 use crate::methods::{MethodCall, MethodFailure, Methods};
 use crate::metrics::ControlMetrics;
 use crate::policies::Right;
@@ -278,7 +278,10 @@ enum Route {
     /// `GET /messages/serviceBound/feedback`.
     FeedbackGet,
     /// `DELETE /messages/serviceBound/feedback/{lock}`, or `POST …/{lock}/abandon`.
-    FeedbackDone { lock: String, complete: bool },
+    FeedbackDone {
+        lock: String,
+        complete: bool,
+    },
 }
 
 /// Body limits by route: one identity, a bulk request of up to [`MAX_BULK`] of them, a twin
@@ -325,7 +328,9 @@ impl Route {
                 id: id.to_string(),
                 module: Some(m.to_string()),
             },
-            (&Method::POST, ["devices", id, "messages", b]) if b.eq_ignore_ascii_case("devicebound") => {
+            (&Method::POST, ["devices", id, "messages", b])
+                if b.eq_ignore_ascii_case("devicebound") =>
+            {
                 Route::C2dSend(id.to_string())
             }
             (&Method::GET, ["messages", "serviceBound", "feedback"]) => Route::FeedbackGet,
@@ -828,9 +833,9 @@ impl Api {
         let mut properties = Vec::new();
         for (name, value) in req.headers() {
             if let Some(key) = name.as_str().strip_prefix("iothub-app-") {
-                let value = value.to_str().map_err(|_| {
-                    HubError::bad_request(format!("{name} is not visible ASCII"))
-                })?;
+                let value = value
+                    .to_str()
+                    .map_err(|_| HubError::bad_request(format!("{name} is not visible ASCII")))?;
                 properties.push((key.to_string(), value.to_string()));
             }
         }
@@ -1381,9 +1386,21 @@ mod tests {
             ("PUT", "/twins/d1", Some(ServiceConnect)),
             ("POST", "/twins/d1/methods", Some(ServiceConnect)),
             ("POST", "/twins/d1/modules/m1/methods", Some(ServiceConnect)),
-            ("POST", "/devices/d1/messages/deviceBound", Some(ServiceConnect)),
-            ("GET", "/messages/serviceBound/feedback", Some(ServiceConnect)),
-            ("DELETE", "/messages/serviceBound/feedback/1", Some(ServiceConnect)),
+            (
+                "POST",
+                "/devices/d1/messages/deviceBound",
+                Some(ServiceConnect),
+            ),
+            (
+                "GET",
+                "/messages/serviceBound/feedback",
+                Some(ServiceConnect),
+            ),
+            (
+                "DELETE",
+                "/messages/serviceBound/feedback/1",
+                Some(ServiceConnect),
+            ),
             ("PATCH", "/devices/d1", None),
             ("DELETE", "/twins/d1", None),
         ];

@@ -277,9 +277,7 @@ impl C2d {
         let mut queued = Queued {
             lock,
             device_id: device_id.to_string(),
-            message_id: message
-                .message_id
-                .unwrap_or_else(|| format!("{lock:016x}")),
+            message_id: message.message_id.unwrap_or_else(|| format!("{lock:016x}")),
             correlation_id: message.correlation_id,
             user_id: message.user_id,
             content_type: message.content_type,

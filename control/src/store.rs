@@ -51,8 +51,15 @@ impl Store {
         let mut opts = Options::default();
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
-        let cfs = [CF_DEVICES, CF_CHANGES, CF_META, CF_TWINS, CF_C2D, CF_FEEDBACK]
-            .map(|n| ColumnFamilyDescriptor::new(n, Options::default()));
+        let cfs = [
+            CF_DEVICES,
+            CF_CHANGES,
+            CF_META,
+            CF_TWINS,
+            CF_C2D,
+            CF_FEEDBACK,
+        ]
+        .map(|n| ColumnFamilyDescriptor::new(n, Options::default()));
         let db = DB::open_cf_descriptors(&opts, path, cfs)?;
         let (changes, _) = broadcast::channel(4096);
         let store = Arc::new(Self {

@@ -50,6 +50,24 @@ pub enum Cmd {
         #[arg(long, default_value = "./roost-data", global = true)]
         data_dir: PathBuf,
     },
+    /// Call a direct method on a device and print its answer.
+    ///
+    /// Example: roost method invoke my-device reboot '{"delay":5}' --timeout 30
+    Method {
+        #[command(subcommand)]
+        action: MethodCmd,
+        #[arg(long, default_value = "./roost-data", global = true)]
+        data_dir: PathBuf,
+    },
+    /// Send cloud-to-device messages and read their feedback.
+    ///
+    /// Example: roost c2d send my-device 'hello' --prop colour=blue --ack full
+    C2d {
+        #[command(subcommand)]
+        action: C2dCmd,
+        #[arg(long, default_value = "./roost-data", global = true)]
+        data_dir: PathBuf,
+    },
     /// Read the built-in `events` endpoint.
     Events {
         #[command(subcommand)]
@@ -331,6 +349,57 @@ pub enum TwinCmd {
         /// Apply only if the twin's etag is still this one (else 412).
         #[arg(long)]
         etag: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum MethodCmd {
+    /// Invoke METHOD on device ID with a JSON payload; prints `{"status", "payload"}`.
+    ///
+    /// Example: roost method invoke my-device reboot '{"delay":5}'
+    Invoke {
+        id: String,
+        method: String,
+        /// The payload, as JSON (default `null`).
+        payload: Option<String>,
+        /// Seconds to wait for the device's answer (5 to 300).
+        #[arg(long, default_value_t = 30)]
+        timeout: u64,
+        /// Seconds to wait for the device to be connected and subscribed (0 to 300).
+        #[arg(long, default_value_t = 0)]
+        connect_timeout: u64,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum C2dCmd {
+    /// Queue a message for device ID (delivered when it is connected and subscribed).
+    ///
+    /// Example: roost c2d send my-device '{"led":"on"}' --content-type application/json --ack full
+    Send {
+        id: String,
+        /// The message body.
+        body: String,
+        /// An application property, `name=value` (repeatable).
+        #[arg(long = "prop", value_name = "NAME=VALUE")]
+        props: Vec<String>,
+        #[arg(long)]
+        message_id: Option<String>,
+        #[arg(long)]
+        correlation_id: Option<String>,
+        #[arg(long)]
+        content_type: Option<String>,
+        /// Feedback wanted: none, positive, negative or full.
+        #[arg(long)]
+        ack: Option<String>,
+        /// Seconds the message lives (default 3600, at most 172800).
+        #[arg(long)]
+        ttl: Option<u64>,
+    },
+    /// Print the feedback records waiting (JSON); with --complete, remove them.
+    Feedback {
+        #[arg(long)]
+        complete: bool,
     },
 }
 
@@ -726,6 +795,122 @@ pub fn run_twin(action: TwinCmd, data_dir: &Path) -> anyhow::Result<()> {
         check(&resp)?;
         let v: Value = serde_json::from_slice(&resp.body)?;
         println!("{}", serde_json::to_string_pretty(&v)?);
+        anyhow::Ok(())
+    })
+}
+
+pub fn run_method(action: MethodCmd, data_dir: &Path) -> anyhow::Result<()> {
+    let MethodCmd::Invoke {
+        id,
+        method,
+        payload,
+        timeout,
+        connect_timeout,
+    } = action;
+    let payload: Value = match payload {
+        Some(p) => serde_json::from_str(&p).context("the payload is not valid JSON")?,
+        None => Value::Null,
+    };
+    let body = json!({
+        "methodName": method,
+        "payload": payload,
+        "responseTimeoutInSeconds": timeout,
+        "connectTimeoutInSeconds": connect_timeout,
+    });
+    let mut svc = ServiceClient::new(hubfile::read(data_dir)?)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let path = format!("/twins/{}/methods", path_id(&id));
+        let resp = svc
+            .call(Method::POST, &path, Some(serde_json::to_vec(&body)?), &[])
+            .await?;
+        check(&resp)?;
+        let v: Value = serde_json::from_slice(&resp.body)?;
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        anyhow::Ok(())
+    })
+}
+
+pub fn run_c2d(action: C2dCmd, data_dir: &Path) -> anyhow::Result<()> {
+    let mut svc = ServiceClient::new(hubfile::read(data_dir)?)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        match action {
+            C2dCmd::Send {
+                id,
+                body,
+                props,
+                message_id,
+                correlation_id,
+                content_type,
+                ack,
+                ttl,
+            } => {
+                let mut headers: Vec<(&str, String)> = Vec::new();
+                let names: Vec<(String, String)> = props
+                    .iter()
+                    .map(|p| {
+                        let (k, v) = p
+                            .split_once('=')
+                            .with_context(|| format!("--prop {p}: expected NAME=VALUE"))?;
+                        Ok((format!("iothub-app-{k}"), v.to_string()))
+                    })
+                    .collect::<anyhow::Result<_>>()?;
+                for (k, v) in &names {
+                    headers.push((k.as_str(), v.clone()));
+                }
+                for (name, value) in [
+                    ("iothub-messageid", message_id),
+                    ("iothub-correlationid", correlation_id),
+                    ("content-type", content_type),
+                    ("iothub-ack", ack),
+                ] {
+                    if let Some(v) = value {
+                        headers.push((name, v));
+                    }
+                }
+                if let Some(secs) = ttl {
+                    let at = std::time::SystemTime::now() + Duration::from_secs(secs);
+                    headers.push((
+                        "iothub-expiry",
+                        humantime::format_rfc3339_millis(at).to_string(),
+                    ));
+                }
+                let path = format!("/devices/{}/messages/deviceBound", path_id(&id));
+                let resp = svc
+                    .call(Method::POST, &path, Some(body.into_bytes()), &headers)
+                    .await?;
+                check(&resp)?;
+                println!("queued for {id}");
+            }
+            C2dCmd::Feedback { complete } => {
+                let path = "/messages/serviceBound/feedback";
+                let resp = svc.call(Method::GET, path, None, &[]).await?;
+                check(&resp)?;
+                if resp.status == 204 {
+                    println!("[]");
+                    return anyhow::Ok(());
+                }
+                let v: Value = serde_json::from_slice(&resp.body)?;
+                println!("{}", serde_json::to_string_pretty(&v)?);
+                if complete {
+                    let lock = resp.etag.clone().context("the hub gave no lock token")?;
+                    let resp = svc
+                        .call(
+                            Method::DELETE,
+                            &format!("{path}/{}", path_id(&lock)),
+                            None,
+                            &[],
+                        )
+                        .await?;
+                    check(&resp)?;
+                }
+            }
+        }
         anyhow::Ok(())
     })
 }

@@ -20,6 +20,8 @@ fn main() -> anyhow::Result<()> {
         Cmd::Control(args) => cli::run_control(args),
         Cmd::Device { action, data_dir } => cli::run_device(action, &data_dir),
         Cmd::Twin { action, data_dir } => cli::run_twin(action, &data_dir),
+        Cmd::Method { action, data_dir } => cli::run_method(action, &data_dir),
+        Cmd::C2d { action, data_dir } => cli::run_c2d(action, &data_dir),
         Cmd::Events { action, data_dir } => cli::run_events(action, &data_dir),
     }
 }

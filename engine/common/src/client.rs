@@ -48,7 +48,14 @@ pub enum ClientError {
 #[derive(Debug, Clone)]
 pub struct Response {
     pub status: u16,
+    /// The `ETag` header, quotes stripped (a twin's etag, a feedback lock token).
+    pub etag: Option<String>,
     pub body: Bytes,
+}
+
+fn etag_of(headers: &hyper::HeaderMap) -> Option<String> {
+    let v = headers.get(hyper::header::ETAG)?.to_str().ok()?;
+    Some(v.trim().trim_matches('"').to_string())
 }
 
 impl Response {
@@ -131,8 +138,9 @@ impl Client {
                 sender.ready().await?;
                 let resp = sender.send_request(req).await?;
                 let status = resp.status().as_u16();
+                let etag = etag_of(resp.headers());
                 let body = resp.into_body().collect().await?.to_bytes();
-                Ok::<_, hyper::Error>(Response { status, body })
+                Ok::<_, hyper::Error>(Response { status, etag, body })
             })
             .await;
             match sent {

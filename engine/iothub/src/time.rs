@@ -38,7 +38,10 @@ mod tests {
         for ms in [0, 1_800_000_000_123, super::MAX_ISO_MS] {
             assert_eq!(super::parse_iso_ms(&super::iso_ms(ms)), Some(ms));
         }
-        assert_eq!(super::parse_iso_ms("2027-01-15T08:00:00Z"), Some(1_800_000_000_000));
+        assert_eq!(
+            super::parse_iso_ms("2027-01-15T08:00:00Z"),
+            Some(1_800_000_000_000)
+        );
         assert_eq!(super::parse_iso_ms("tomorrow"), None);
         assert_eq!(super::parse_iso_ms(""), None);
     }

@@ -521,7 +521,12 @@ impl ServerSession {
         if self.state != State::Connected {
             return Err(SendError::NotConnected);
         }
-        check_outbound(&topic, QoS::AtLeastOnce, payload.len(), self.config.limits.max_frame)?;
+        check_outbound(
+            &topic,
+            QoS::AtLeastOnce,
+            payload.len(),
+            self.config.limits.max_frame,
+        )?;
         let pkid = self
             .window
             .push_with_dup(topic, payload, false, true)

@@ -470,11 +470,19 @@ fn a_redelivery_carries_dup_from_its_first_transmission() {
     pair.drive();
     let pkid = pair
         .server
-        .send_redelivery(Str::from_static("devices/d/messages/devicebound/"), Bytes::from_static(b"again"))
+        .send_redelivery(
+            Str::from_static("devices/d/messages/devicebound/"),
+            Bytes::from_static(b"again"),
+        )
         .expect("room");
     pair.send(b"fresh", QoS::AtLeastOnce).expect("room");
     pair.drive();
-    let got: Vec<(bool, u16)> = pair.client.publishes().iter().map(|p| (p.dup, p.pkid)).collect();
+    let got: Vec<(bool, u16)> = pair
+        .client
+        .publishes()
+        .iter()
+        .map(|p| (p.dup, p.pkid))
+        .collect();
     assert_eq!(got, [(true, pkid), (false, pkid + 1)]);
     assert_eq!(pair.pubacks(), [pkid, pkid + 1]);
 }

@@ -468,7 +468,9 @@ impl Conn {
                     ));
                     let body = Bytes::from(body);
                     let sent = match (qos, redelivered) {
-                        (QoS::AtLeastOnce, true) => self.mqtt.send_redelivery(topic, body).map(Some),
+                        (QoS::AtLeastOnce, true) => {
+                            self.mqtt.send_redelivery(topic, body).map(Some)
+                        }
                         _ => self.mqtt.send_publish(topic, body, qos, false),
                     };
                     match sent {
