@@ -13,8 +13,8 @@ use serde_json::json;
 
 use crate::c2d::{Ack, C2d, C2dFailure, NewMessage};
 use crate::device::{
-    Authentication, AuthenticationWrite, Capabilities, Device, DeviceWrite, SymmetricKey,
-    X509Thumbprint, NEVER,
+    Authentication, AuthenticationWrite, Capabilities, Device, DeviceWrite, Module, ModuleWrite,
+    SymmetricKey, X509Thumbprint, NEVER,
 };
 use crate::methods::{MethodCall, MethodFailure, Methods};
 use crate::metrics::ControlMetrics;
@@ -275,6 +275,10 @@ enum Route {
     },
     /// `POST /devices/{id}/messages/deviceBound` (roost's own: IoT Hub's is AMQP).
     C2dSend(String),
+    ModuleList(String),
+    ModuleGet(String, String),
+    ModulePut(String, String),
+    ModuleDelete(String, String),
     /// `GET /messages/serviceBound/feedback`.
     FeedbackGet,
     /// `DELETE /messages/serviceBound/feedback/{lock}`, or `POST …/{lock}/abandon`.
@@ -312,6 +316,26 @@ impl Route {
             (&Method::DELETE, ["devices", id]) => Route::Delete(id.to_string()),
             (&Method::GET, ["statistics", "devices"]) => Route::Stats,
             (&Method::GET, ["twins", id]) => Route::TwinGet(id.to_string()),
+            // A module twin is the twin of the client id `device/module`.
+            (&Method::GET, ["twins", id, "modules", m]) => Route::TwinGet(format!("{id}/{m}")),
+            (&Method::PATCH, ["twins", id, "modules", m]) => Route::TwinWrite {
+                id: format!("{id}/{m}"),
+                replace: false,
+            },
+            (&Method::PUT, ["twins", id, "modules", m]) => Route::TwinWrite {
+                id: format!("{id}/{m}"),
+                replace: true,
+            },
+            (&Method::GET, ["devices", id, "modules"]) => Route::ModuleList(id.to_string()),
+            (&Method::GET, ["devices", id, "modules", m]) => {
+                Route::ModuleGet(id.to_string(), m.to_string())
+            }
+            (&Method::PUT, ["devices", id, "modules", m]) => {
+                Route::ModulePut(id.to_string(), m.to_string())
+            }
+            (&Method::DELETE, ["devices", id, "modules", m]) => {
+                Route::ModuleDelete(id.to_string(), m.to_string())
+            }
             (&Method::PATCH, ["twins", id]) => Route::TwinWrite {
                 id: id.to_string(),
                 replace: false,
@@ -359,8 +383,16 @@ impl Route {
 
     fn right(&self) -> Right {
         match self {
-            Route::List | Route::Get(_) | Route::Stats => Right::RegistryRead,
-            Route::Put(_) | Route::Bulk | Route::Delete(_) => Right::RegistryWrite,
+            Route::List
+            | Route::Get(_)
+            | Route::Stats
+            | Route::ModuleList(_)
+            | Route::ModuleGet(..) => Right::RegistryRead,
+            Route::Put(_)
+            | Route::Bulk
+            | Route::Delete(_)
+            | Route::ModulePut(..)
+            | Route::ModuleDelete(..) => Right::RegistryWrite,
             // Spec §1.3: twins are ServiceConnect's.
             Route::TwinGet(_)
             | Route::TwinWrite { .. }
@@ -375,9 +407,15 @@ impl Route {
     /// create, retrieve, list, update and delete).
     fn quota(&self) -> Option<Limit> {
         match self {
-            Route::List | Route::Get(_) | Route::Put(_) | Route::Bulk | Route::Delete(_) => {
-                Some(Limit::RegistryOpsPerMin)
-            }
+            Route::List
+            | Route::Get(_)
+            | Route::Put(_)
+            | Route::Bulk
+            | Route::Delete(_)
+            | Route::ModuleList(_)
+            | Route::ModuleGet(..)
+            | Route::ModulePut(..)
+            | Route::ModuleDelete(..) => Some(Limit::RegistryOpsPerMin),
             Route::Stats => None,
             Route::TwinGet(_) => Some(Limit::TwinReadsPerSec),
             Route::TwinWrite { .. } => Some(Limit::TwinUpdatesPerSec),
@@ -390,7 +428,8 @@ impl Route {
 
     fn body_limit(&self) -> usize {
         match self {
-            Route::Put(_) => IDENTITY_BODY,
+            Route::Put(_) | Route::ModulePut(..) => IDENTITY_BODY,
+            Route::ModuleList(_) | Route::ModuleGet(..) | Route::ModuleDelete(..) => NO_BODY,
             Route::Bulk => BULK_BODY,
             Route::TwinWrite { .. } => TWIN_BODY,
             Route::Method { .. } => METHOD_BODY,
@@ -490,6 +529,10 @@ impl Api {
             // Served by `handle` without a blocking-pool thread.
             Route::Method { .. } => Err(HubError::server("a method call is not routed here")),
             Route::C2dSend(id) => self.c2d_send(&id, req),
+            Route::ModuleList(id) => self.module_list(&id),
+            Route::ModuleGet(id, m) => self.module_get(&id, &m),
+            Route::ModulePut(id, m) => self.module_put(&id, &m, req),
+            Route::ModuleDelete(id, m) => self.module_delete(&id, &m, req),
             Route::FeedbackGet => self.feedback_get(),
             Route::FeedbackDone { lock, complete } => self.feedback_done(&lock, complete),
         });
@@ -729,7 +772,7 @@ impl Api {
                 return Err(HubError::precondition_failed());
             }
         }
-        writes.delete(id);
+        writes.delete(id).map_err(HubError::server)?;
         Ok(())
     }
 
@@ -804,6 +847,155 @@ impl Api {
                 },
                 &body,
             ))
+        })
+    }
+
+    fn module_not_found(id: &str, m: &str) -> HubError {
+        HubError::new(
+            StatusCode::NOT_FOUND,
+            404010,
+            "ModuleNotFound",
+            format!("Module {m} on device {id} not registered"),
+        )
+    }
+
+    fn module_list(&self, id: &str) -> Result<Resp, HubError> {
+        if self.store.device(id).map_err(HubError::server)?.is_none() {
+            return Err(HubError::device_not_found(id));
+        }
+        let modules = self.store.modules_of(id).map_err(HubError::server)?;
+        Ok(httpd::json(StatusCode::OK, &modules))
+    }
+
+    fn module_get(&self, id: &str, m: &str) -> Result<Resp, HubError> {
+        let module = self
+            .store
+            .module(id, m)
+            .map_err(HubError::server)?
+            .ok_or_else(|| Self::module_not_found(id, m))?;
+        Ok(etagged(&module, &module.etag))
+    }
+
+    /// `PUT /devices/{id}/modules/{m}`, with the device's `If-Match` rules; the module's keys
+    /// are generated when not given (or given empty).
+    fn module_put(&self, id: &str, m: &str, req: &Req) -> Result<Resp, HubError> {
+        let body: ModuleWrite = serde_json::from_slice(req.body())
+            .map_err(|e| HubError::bad_request(format!("invalid module JSON: {e}")))?;
+        roost_model::DeviceId::parse(m)
+            .map_err(|e| HubError::bad_request(format!("invalid module id: {e}")))?;
+        if body.module_id.as_deref().is_some_and(|b| b != m)
+            || body.device_id.as_deref().is_some_and(|b| b != id)
+        {
+            return Err(HubError::bad_request(
+                "deviceId or moduleId in the body does not match the path",
+            ));
+        }
+        let if_match = if_match(req);
+        self.store.exclusive(|| {
+            if self.store.device(id).map_err(HubError::server)?.is_none() {
+                return Err(HubError::device_not_found(id));
+            }
+            let empty = AuthenticationWrite::default();
+            let auth = body.authentication.as_ref().unwrap_or(&empty);
+            if auth.kind.as_deref().is_some_and(|k| k != "sas") {
+                return Err(HubError::bad_request(
+                    "only sas authentication is supported yet",
+                ));
+            }
+            let mut keys = auth.symmetric_key.clone().unwrap_or_default();
+            for k in [&mut keys.primary_key, &mut keys.secondary_key] {
+                if k.as_deref() == Some("") {
+                    *k = None;
+                }
+                if k.as_deref().is_some_and(|k| !crate::device::valid_key(k)) {
+                    return Err(HubError::bad_request(
+                        "symmetric keys must be base64 of 16 to 64 bytes",
+                    ));
+                }
+            }
+            let existing = self.store.module(id, m).map_err(HubError::server)?;
+            let created = existing.is_none();
+            let mut module = match (existing, if_match.as_deref()) {
+                (Some(_), None) => {
+                    return Err(HubError::new(
+                        StatusCode::CONFLICT,
+                        409301,
+                        "ModuleAlreadyExistsOnDevice",
+                        format!("Module {m} already exists on device {id}"),
+                    ))
+                }
+                (Some(e), Some(tag)) if tag != "*" && tag != e.etag => {
+                    return Err(HubError::precondition_failed())
+                }
+                (None, Some(tag)) if tag != "*" => return Err(Self::module_not_found(id, m)),
+                (Some(e), Some(_)) => e,
+                (None, _) => Module {
+                    module_id: m.to_string(),
+                    device_id: id.to_string(),
+                    managed_by: None,
+                    generation_id: generation_id(),
+                    etag: String::new(),
+                    connection_state: "Disconnected".into(),
+                    connection_state_updated_time: NEVER.into(),
+                    last_activity_time: NEVER.into(),
+                    cloud_to_device_message_count: 0,
+                    authentication: Authentication {
+                        kind: "sas".into(),
+                        symmetric_key: SymmetricKey::default(),
+                        x509_thumbprint: X509Thumbprint::default(),
+                    },
+                },
+            };
+            let sk = &mut module.authentication.symmetric_key;
+            for (slot, given) in [
+                (&mut sk.primary_key, &keys.primary_key),
+                (&mut sk.secondary_key, &keys.secondary_key),
+            ] {
+                match given {
+                    Some(k) => *slot = Some(k.clone()),
+                    None if slot.is_none() => *slot = Some(roost_iothub::sas::generate_key()),
+                    None => {}
+                }
+            }
+            if body.managed_by.is_some() {
+                module.managed_by = body.managed_by.clone();
+            }
+            module.etag = self.store.next_etag().map_err(HubError::server)?;
+            let mut writes = self.store.writes();
+            if created {
+                crate::twins::create_in(&mut writes, &self.store, &module.client_id())
+                    .map_err(HubError::server)?;
+            }
+            writes.put_module(&module).map_err(HubError::server)?;
+            writes.commit().map_err(HubError::server)?;
+            tracing::info!(device = %id, module = %m, "module written");
+            let mut r = etagged(&module, &module.etag);
+            if created {
+                *r.status_mut() = StatusCode::CREATED;
+            }
+            Ok(r)
+        })
+    }
+
+    fn module_delete(&self, id: &str, m: &str, req: &Req) -> Result<Resp, HubError> {
+        let if_match = if_match(req);
+        self.store.exclusive(|| {
+            let existing = self
+                .store
+                .module(id, m)
+                .map_err(HubError::server)?
+                .ok_or_else(|| Self::module_not_found(id, m))?;
+            if if_match
+                .as_deref()
+                .is_some_and(|tag| tag != "*" && tag != existing.etag)
+            {
+                return Err(HubError::precondition_failed());
+            }
+            let mut writes = self.store.writes();
+            writes.delete_module(&existing.client_id());
+            writes.commit().map_err(HubError::server)?;
+            tracing::info!(device = %id, module = %m, "module deleted");
+            Ok(httpd::empty(StatusCode::NO_CONTENT))
         })
     }
 
@@ -932,8 +1124,13 @@ fn twin_response(twin: &serde_json::Value) -> Resp {
 }
 
 fn device_response(d: &Device) -> Resp {
-    let mut r = httpd::json(StatusCode::OK, d);
-    if let Ok(v) = hyper::header::HeaderValue::from_str(&format!("\"{}\"", d.etag)) {
+    etagged(d, &d.etag)
+}
+
+/// `body` as JSON (200) with `etag` in the `ETag` header.
+fn etagged(body: &impl serde::Serialize, etag: &str) -> Resp {
+    let mut r = httpd::json(StatusCode::OK, body);
+    if let Ok(v) = hyper::header::HeaderValue::from_str(&format!("\"{etag}\"")) {
         r.headers_mut().insert("etag", v);
     }
     r

@@ -54,6 +54,52 @@ pub struct Capabilities {
     pub iot_edge: bool,
 }
 
+/// A module identity (spec §4.1): its own keys, connection state and twin, under a device.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Module {
+    pub module_id: String,
+    pub device_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub managed_by: Option<String>,
+    pub generation_id: String,
+    pub etag: String,
+    pub connection_state: String,
+    pub connection_state_updated_time: String,
+    pub last_activity_time: String,
+    pub cloud_to_device_message_count: u64,
+    pub authentication: Authentication,
+}
+
+impl Module {
+    /// `device/module`: its client id, and its key in the store and the registry projection.
+    pub fn client_id(&self) -> String {
+        format!("{}/{}", self.device_id, self.module_id)
+    }
+
+    /// The part of the identity the data plane needs; the module is enabled while its
+    /// device is (the engine checks both).
+    pub fn auth(&self) -> DeviceAuth {
+        DeviceAuth {
+            device_id: self.client_id(),
+            enabled: true,
+            primary_key: decode_key(&self.authentication.symmetric_key.primary_key),
+            secondary_key: decode_key(&self.authentication.symmetric_key.secondary_key),
+            generation_id: self.generation_id.clone(),
+        }
+    }
+}
+
+/// What a client may set in a module PUT.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ModuleWrite {
+    pub module_id: Option<String>,
+    pub device_id: Option<String>,
+    pub managed_by: Option<String>,
+    pub authentication: Option<AuthenticationWrite>,
+}
+
 /// What a client may set in a PUT; everything else is the hub's.
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]

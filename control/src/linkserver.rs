@@ -435,12 +435,20 @@ impl LinkServer {
                 if !up {
                     self.c2d.on_disconnected(&client_id);
                 }
-                // A module's connection is the module's, not its device's (module twins with
-                // their own connection state come with the cloud-to-device issue).
-                if module_id.is_some() {
+                let at = iso_ms(at_ms);
+                // A module's connection is the module's, not its device's.
+                if let Some(m) = &module_id {
+                    let state = if up { "Connected" } else { "Disconnected" };
+                    let result = self.store.touch_module(&device_id, m, |md| {
+                        md.connection_state = state.into();
+                        md.connection_state_updated_time = at.clone();
+                        md.last_activity_time = at;
+                    });
+                    if let Err(e) = result {
+                        tracing::warn!(error = %e, "recording a module's connection state failed");
+                    }
                     return reply;
                 }
-                let at = iso_ms(at_ms);
                 self.store.touch(&device_id, |d| {
                     d.connection_state = if up { "Connected" } else { "Disconnected" }.into();
                     d.connection_state_updated_time = at.clone();

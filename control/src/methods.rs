@@ -216,10 +216,19 @@ impl Methods {
         if device.is_none() {
             return Err(MethodFailure::DeviceNotFound(device_id.to_string()));
         }
-        if let Some(m) = module_id {
-            return Err(MethodFailure::ModuleNotFound(format!("{device_id}/{m}")));
-        }
-        let client_id = device_id.to_string();
+        let client_id = match module_id {
+            None => device_id.to_string(),
+            Some(m) => {
+                let module = self
+                    .store
+                    .module(device_id, m)
+                    .map_err(|e| MethodFailure::Store(e.to_string()))?;
+                if module.is_none() {
+                    return Err(MethodFailure::ModuleNotFound(format!("{device_id}/{m}")));
+                }
+                format!("{device_id}/{m}")
+            }
+        };
         let rid = new_rid();
         let (tx, rx) = oneshot::channel();
         {

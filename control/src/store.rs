@@ -13,7 +13,7 @@ use rocksdb::{
 use roost_model::link::{DeviceAuth, RegistryChange};
 use tokio::sync::broadcast;
 
-use crate::device::Device;
+use crate::device::{Device, Module};
 use crate::policies::{self, Policy};
 use crate::twins::StoredTwin;
 
@@ -26,6 +26,8 @@ const CF_TWINS: &str = "twins";
 const CF_C2D: &str = "c2d";
 /// Feedback records for the service: `seq(be u64)` → JSON of one record.
 const CF_FEEDBACK: &str = "feedback";
+/// Module identities: `device/module` → JSON of `Module`.
+const CF_MODULES: &str = "modules";
 const SEQ_KEY: &[u8] = b"registry_seq";
 const POLICIES_KEY: &[u8] = b"policies";
 const ETAG_KEY: &[u8] = b"etag_counter";
@@ -58,6 +60,7 @@ impl Store {
             CF_TWINS,
             CF_C2D,
             CF_FEEDBACK,
+            CF_MODULES,
         ]
         .map(|n| ColumnFamilyDescriptor::new(n, Options::default()));
         let db = DB::open_cf_descriptors(&opts, path, cfs)?;
@@ -136,6 +139,64 @@ impl Store {
             out.push(serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt(e.to_string()))?);
         }
         Ok(out)
+    }
+
+    /// Module `module_id` of `device_id`.
+    pub fn module(&self, device_id: &str, module_id: &str) -> Result<Option<Module>, StoreError> {
+        let key = format!("{device_id}/{module_id}");
+        match self.db.get_cf(self.cf(CF_MODULES), key.as_bytes())? {
+            Some(v) => Ok(Some(
+                serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+            )),
+            None => Ok(None),
+        }
+    }
+
+    /// Every module of `device_id`, by module id.
+    pub fn modules_of(&self, device_id: &str) -> Result<Vec<Module>, StoreError> {
+        let prefix = format!("{device_id}/");
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(
+            self.cf(CF_MODULES),
+            IteratorMode::From(prefix.as_bytes(), Direction::Forward),
+        ) {
+            let (k, v) = item?;
+            if !k.starts_with(prefix.as_bytes()) {
+                break;
+            }
+            out.push(serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt(e.to_string()))?);
+        }
+        Ok(out)
+    }
+
+    fn all_modules(&self) -> Result<Vec<Module>, StoreError> {
+        let mut out = Vec::new();
+        for item in self
+            .db
+            .iterator_cf(self.cf(CF_MODULES), IteratorMode::Start)
+        {
+            let (_, v) = item?;
+            out.push(serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt(e.to_string()))?);
+        }
+        Ok(out)
+    }
+
+    /// Updates a module's connection state or activity without changing its etag.
+    pub fn touch_module(
+        &self,
+        device_id: &str,
+        module_id: &str,
+        f: impl FnOnce(&mut Module),
+    ) -> Result<(), StoreError> {
+        let _guard = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(mut m) = self.module(device_id, module_id)? else {
+            return Ok(());
+        };
+        f(&mut m);
+        let json = serde_json::to_vec(&m).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        Ok(self
+            .db
+            .put_cf(self.cf(CF_MODULES), m.client_id().as_bytes(), json)?)
     }
 
     /// The stored twin of `client_id`, if it has one.
@@ -260,7 +321,7 @@ impl Store {
 
     pub fn delete_device(&self, id: &str) -> Result<(), StoreError> {
         let mut w = self.writes();
-        w.delete(id);
+        w.delete(id)?;
         w.commit()
     }
 
@@ -318,7 +379,9 @@ impl Store {
     pub fn snapshot(&self) -> Result<(u64, Vec<DeviceAuth>), StoreError> {
         let _guard = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
         let seq = self.registry_seq()?;
-        let devices = self.devices(usize::MAX)?.iter().map(Device::auth).collect();
+        let mut devices: Vec<DeviceAuth> =
+            self.devices(usize::MAX)?.iter().map(Device::auth).collect();
+        devices.extend(self.all_modules()?.iter().map(Module::auth));
         Ok((seq, devices))
     }
 
@@ -359,8 +422,34 @@ impl Writes<'_> {
         Ok(())
     }
 
-    /// Deletes a device, with its twin.
-    pub fn delete(&mut self, id: &str) {
+    /// Writes a module and its registry change.
+    pub fn put_module(&mut self, module: &Module) -> Result<(), StoreError> {
+        let json = serde_json::to_vec(module).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        self.batch.put_cf(
+            self.store.cf(CF_MODULES),
+            module.client_id().as_bytes(),
+            json,
+        );
+        self.changes.push(RegistryChange::Upsert(module.auth()));
+        Ok(())
+    }
+
+    /// Deletes module `client_id` (`device/module`), with its twin.
+    pub fn delete_module(&mut self, client_id: &str) {
+        self.batch
+            .delete_cf(self.store.cf(CF_MODULES), client_id.as_bytes());
+        self.batch
+            .delete_cf(self.store.cf(CF_TWINS), client_id.as_bytes());
+        self.changes.push(RegistryChange::Delete {
+            device_id: client_id.to_string(),
+        });
+    }
+
+    /// Deletes a device, with its twin, its queue and its modules.
+    pub fn delete(&mut self, id: &str) -> Result<(), StoreError> {
+        for m in self.store.modules_of(id)? {
+            self.delete_module(&m.client_id());
+        }
         self.batch
             .delete_cf(self.store.cf(CF_DEVICES), id.as_bytes());
         self.batch.delete_cf(self.store.cf(CF_TWINS), id.as_bytes());
@@ -373,6 +462,7 @@ impl Writes<'_> {
         self.changes.push(RegistryChange::Delete {
             device_id: id.to_string(),
         });
+        Ok(())
     }
 
     /// Writes everything (synced) and then announces the changes to engine links.

@@ -6,7 +6,7 @@
 //! limits) are `roost-twin`'s; this module adds the etag, the identity fields a twin shows, and
 //! the order of writes.
 //!
-//! What it is not: module twins (they come with module identities) and queries.
+//! Module twins are the same, under the client id `device/module`. What it is not: queries.
 
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -16,7 +16,7 @@ use roost_twin::{Twin, TwinError};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
-use crate::device::Device;
+use crate::device::{Device, Module};
 use crate::linkserver::Commands;
 use crate::metrics::ControlMetrics;
 use crate::store::{Store, StoreError, Writes};
@@ -104,22 +104,37 @@ pub struct Twins {
 }
 
 impl Twins {
-    /// The device and its twin; a device without one (registered before twins existed) gets
-    /// an empty twin, stored so its etag holds.
-    fn load(&self, device_id: &str) -> Result<(Device, StoredTwin), TwinFailure> {
+    /// The identity fields of `client_id` (`device` or `device/module`) and its twin; one
+    /// without a twin (registered before twins existed) gets an empty one, stored so its etag
+    /// holds.
+    fn load(&self, client_id: &str) -> Result<(Map<String, Value>, StoredTwin), TwinFailure> {
+        let (device_id, module_id) = match client_id.split_once('/') {
+            Some((d, m)) => (d, Some(m)),
+            None => (client_id, None),
+        };
         let device = self
             .store
             .device(device_id)?
             .ok_or_else(|| TwinFailure::DeviceNotFound(device_id.to_string()))?;
-        let twin = match self.store.twin(device_id)? {
+        let identity = match module_id {
+            None => device_identity(&device),
+            Some(m) => {
+                let module = self
+                    .store
+                    .module(device_id, m)?
+                    .ok_or_else(|| TwinFailure::ModuleNotFound(client_id.to_string()))?;
+                module_identity(&device, &module)
+            }
+        };
+        let twin = match self.store.twin(client_id)? {
             Some(t) => t,
             None => {
                 let t = new_twin(&self.store)?;
-                self.store.put_twin(device_id, &t)?;
+                self.store.put_twin(client_id, &t)?;
                 t
             }
         };
-        Ok((device, twin))
+        Ok((identity, twin))
     }
 
     /// `GET /twins/{id}`.
@@ -127,7 +142,7 @@ impl Twins {
         let result = self
             .store
             .exclusive(|| self.load(device_id))
-            .map(|(d, t)| service_json(&d, &t));
+            .map(|(d, t)| service_json(d, &t));
         self.count("get", "service", &result);
         result
     }
@@ -160,7 +175,7 @@ impl Twins {
                 let delta = stored.twin.service_patch(&body, now)?;
                 if stored.twin.version == before {
                     // Nothing changed: IoT Hub answers with the twin as it is.
-                    return Ok(service_json(&device, &stored));
+                    return Ok(service_json(device, &stored));
                 }
                 delta
             };
@@ -170,7 +185,7 @@ impl Twins {
             if let Some(body) = desired {
                 self.push_desired(device_id, stored.twin.desired.version(), &body);
             }
-            Ok(service_json(&device, &stored))
+            Ok(service_json(device, &stored))
         });
         self.count(
             if replace { "replace" } else { "patch" },
@@ -206,26 +221,27 @@ impl Twins {
         rid: String,
         op: &TwinOp,
     ) -> DeviceCommand {
-        let result = match module_id {
-            Some(m) => Err(TwinFailure::ModuleNotFound(format!("{device_id}/{m}"))),
-            None => self.store.exclusive(|| {
-                let (_, mut stored) = self.load(device_id)?;
-                match op {
-                    TwinOp::Get => Ok((200, None, stored.twin.device_view().to_string())),
-                    TwinOp::PatchReported { body } => {
-                        let patch: Value = serde_json::from_slice(body)
-                            .map_err(|e| TwinFailure::BadJson(e.to_string()))?;
-                        let before = stored.twin.version;
-                        let version = stored.twin.device_patch_reported(&patch, now_ms())?;
-                        if stored.twin.version != before {
-                            stored.etag = self.store.next_etag()?;
-                            self.store.put_twin(device_id, &stored)?;
-                        }
-                        Ok((204, Some(version), String::new()))
-                    }
-                }
-            }),
+        let client_id = match module_id {
+            Some(m) => format!("{device_id}/{m}"),
+            None => device_id.to_string(),
         };
+        let result = self.store.exclusive(|| {
+            let (_, mut stored) = self.load(&client_id)?;
+            match op {
+                TwinOp::Get => Ok((200, None, stored.twin.device_view().to_string())),
+                TwinOp::PatchReported { body } => {
+                    let patch: Value = serde_json::from_slice(body)
+                        .map_err(|e| TwinFailure::BadJson(e.to_string()))?;
+                    let before = stored.twin.version;
+                    let version = stored.twin.device_patch_reported(&patch, now_ms())?;
+                    if stored.twin.version != before {
+                        stored.etag = self.store.next_etag()?;
+                        self.store.put_twin(&client_id, &stored)?;
+                    }
+                    Ok((204, Some(version), String::new()))
+                }
+            }
+        });
         let op_name = op.kind();
         let (status, version, body) = match result {
             Ok(answer) => answer,
@@ -265,12 +281,10 @@ impl Twins {
     }
 }
 
-/// A twin as the service API shows it (spec §4.2): the identity fields of the device, then
-/// tags, properties (with `$metadata` and `$version`) and the twin `version`.
-pub fn service_json(device: &Device, stored: &StoredTwin) -> Value {
+/// The identity fields a device's twin shows (spec §4.2).
+fn device_identity(device: &Device) -> Map<String, Value> {
     let mut out = Map::new();
     out.insert("deviceId".into(), json!(device.device_id));
-    out.insert("etag".into(), json!(stored.etag));
     out.insert("deviceEtag".into(), json!(device.etag));
     out.insert("status".into(), json!(device.status));
     out.insert("statusUpdateTime".into(), json!(device.status_updated_time));
@@ -295,6 +309,41 @@ pub fn service_json(device: &Device, stored: &StoredTwin) -> Value {
         "capabilities".into(),
         json!({ "iotEdge": device.capabilities.iot_edge }),
     );
-    out.extend(stored.twin.service_view());
-    Value::Object(out)
+    out
+}
+
+/// The identity fields a module's twin shows: the module's own, its device's status.
+fn module_identity(device: &Device, module: &Module) -> Map<String, Value> {
+    let mut out = Map::new();
+    out.insert("deviceId".into(), json!(module.device_id));
+    out.insert("moduleId".into(), json!(module.module_id));
+    out.insert("deviceEtag".into(), json!(module.etag));
+    out.insert("status".into(), json!(device.status));
+    out.insert("statusUpdateTime".into(), json!(device.status_updated_time));
+    out.insert("connectionState".into(), json!(module.connection_state));
+    out.insert("lastActivityTime".into(), json!(module.last_activity_time));
+    out.insert(
+        "cloudToDeviceMessageCount".into(),
+        json!(module.cloud_to_device_message_count),
+    );
+    out.insert(
+        "authenticationType".into(),
+        json!(module.authentication.kind),
+    );
+    out.insert(
+        "x509Thumbprint".into(),
+        json!({
+            "primaryThumbprint": module.authentication.x509_thumbprint.primary_thumbprint,
+            "secondaryThumbprint": module.authentication.x509_thumbprint.secondary_thumbprint,
+        }),
+    );
+    out
+}
+
+/// A twin as the service API shows it (spec §4.2): the identity fields, the etag, then tags,
+/// properties (with `$metadata` and `$version`) and the twin `version`.
+pub fn service_json(mut identity: Map<String, Value>, stored: &StoredTwin) -> Value {
+    identity.insert("etag".into(), json!(stored.etag));
+    identity.extend(stored.twin.service_view());
+    Value::Object(identity)
 }

@@ -169,10 +169,10 @@ def test_second_connection_replaces_first(shared_hub):
     hub.wait_connection_state(rm, device_id, "Connected")
 
 
-def test_the_sdk_module_client_is_refused_until_modules_are_registered(shared_hub):
-    """The Python SDK's module client with its device's connection string (its device's key):
-    a module is its own identity with its own keys, which the registry does not hold yet, so
-    it is refused, and the device's own connection is left alone."""
+def test_the_sdk_module_client_of_an_unregistered_module_is_refused(shared_hub):
+    """The Python SDK's module client for a module the registry does not hold, with its
+    device's key: refused (a module is its own identity with its own keys; test_modules.py has
+    registered ones), and the device's own connection is left alone."""
     hub = shared_hub
     device_id, conn_str = known_device(hub, "withmod")
     device = hub.connected_client(conn_str)

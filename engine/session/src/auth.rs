@@ -136,12 +136,15 @@ pub fn authenticate_sas(
     if !roost_iothub::sas::names_identity(token.resource(), &target) {
         return Err(Refusal::WrongAudience);
     }
-    let entry = registry.device(device).ok_or(Refusal::UnknownDevice)?;
-    if module.is_some() {
-        // The registry projection holds devices only: a module's own keys are not known here,
-        // and its device's keys must not stand in for them.
-        return Err(Refusal::UnknownModule);
-    }
+    let device_entry = registry.device(device).ok_or(Refusal::UnknownDevice)?;
+    // A module is its own identity (`device/module` in the projection) with its own keys;
+    // its device's keys never stand in for them.
+    let entry = match module {
+        Some(m) => registry
+            .device(&format!("{device}/{m}"))
+            .ok_or(Refusal::UnknownModule)?,
+        None => device_entry,
+    };
     let keys: Vec<&[u8]> = [entry.primary_key.as_slice(), entry.secondary_key.as_slice()]
         .into_iter()
         .filter(|k| !k.is_empty())
@@ -150,7 +153,8 @@ pub fn authenticate_sas(
         roost_iothub::sas::SasError::Expired { .. } => Refusal::TokenExpired,
         _ => Refusal::SignatureMismatch,
     })?;
-    if !entry.enabled {
+    // A module of a disabled device is disabled with it.
+    if !entry.enabled || !device_entry.enabled {
         return Err(Refusal::DeviceDisabled);
     }
     Ok(Identity {
@@ -341,8 +345,8 @@ mod tests {
                 "localhost/devices/dev-1/modules/mod-b",
                 "wrong_audience",
             ),
-            // The module's own resource, signed with its device's key: the registry holds no
-            // module, so no key can make one.
+            // The module's own resource, signed with its device's key, for a module the
+            // registry does not hold.
             (
                 "dev-1/mod-a",
                 module_user,
@@ -365,5 +369,40 @@ mod tests {
             let err = authenticate(&c, &registry(true), "localhost", NOW).expect_err(reason);
             assert_eq!(err.reason(), reason, "case {i}");
         }
+    }
+
+    #[test]
+    fn a_module_authenticates_with_its_own_keys_only() {
+        let module_user = "localhost/dev-1/mod-a/?api-version=2019-10-01&DeviceClientType=azure-iot-device-iothub-py%2F2.14.0";
+        let registry = |device_enabled: bool| {
+            Projection::new(
+                1,
+                [
+                    DeviceAuth::with_keys("dev-1", device_enabled, &[7; 32], &[9; 32]),
+                    DeviceAuth::with_keys("dev-1/mod-a", true, &[5; 32], &[6; 32]),
+                ],
+            )
+        };
+        let resource = "localhost/devices/dev-1/modules/mod-a";
+        let with_key = |key: &[u8]| {
+            connect(
+                "dev-1/mod-a",
+                Some(module_user),
+                Some(token(resource, key, NOW + 3600)),
+            )
+        };
+        for key in [[5u8; 32], [6u8; 32]] {
+            let id = authenticate(&with_key(&key), &registry(true), "localhost", NOW)
+                .expect("the module's own key");
+            assert_eq!(id.device_id, "dev-1");
+            assert_eq!(id.module_id.as_deref(), Some("mod-a"));
+            assert_eq!(id.client_id(), "dev-1/mod-a");
+        }
+        let err = authenticate(&with_key(&[7; 32]), &registry(true), "localhost", NOW)
+            .expect_err("the device's key");
+        assert_eq!(err.reason(), "signature_mismatch");
+        let err = authenticate(&with_key(&[5; 32]), &registry(false), "localhost", NOW)
+            .expect_err("device disabled");
+        assert_eq!(err.reason(), "device_disabled");
     }
 }
