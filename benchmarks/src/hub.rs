@@ -237,6 +237,7 @@ mod tests {
         Response {
             status,
             etag: None,
+            headers: Default::default(),
             body: serde_json::to_vec(&body).expect("json").into(),
         }
     }

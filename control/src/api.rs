@@ -16,9 +16,11 @@ use crate::device::{
     Authentication, AuthenticationWrite, Capabilities, Device, DeviceWrite, Module, ModuleWrite,
     SymmetricKey, X509Thumbprint, NEVER,
 };
+use crate::jobs::{JobFailure, Jobs};
 use crate::methods::{MethodCall, MethodFailure, Methods};
 use crate::metrics::ControlMetrics;
 use crate::policies::Right;
+use crate::query::{Queries, QueryFailure};
 use crate::store::Store;
 use crate::store::Writes;
 use crate::twins::{TwinFailure, Twins};
@@ -46,6 +48,8 @@ pub struct Api {
     pub twins: Arc<Twins>,
     pub methods: Arc<Methods>,
     pub c2d: Arc<C2d>,
+    pub queries: Arc<Queries>,
+    pub jobs: Arc<Jobs>,
 }
 
 /// The rate quotas the service API meters (spec §8): a bucket per class of operation, with
@@ -55,6 +59,8 @@ pub struct Throttle {
     registry: Mutex<Option<Bucket>>,
     twin_reads: Mutex<Option<Bucket>>,
     twin_updates: Mutex<Option<Bucket>>,
+    queries: Mutex<Option<Bucket>>,
+    jobs: Mutex<Option<Bucket>>,
 }
 
 impl Throttle {
@@ -65,6 +71,8 @@ impl Throttle {
             registry: bucket(Limit::RegistryOpsPerMin),
             twin_reads: bucket(Limit::TwinReadsPerSec),
             twin_updates: bucket(Limit::TwinUpdatesPerSec),
+            queries: bucket(Limit::QueriesPerMin),
+            jobs: bucket(Limit::JobsOpsPerMin),
         }
     }
 
@@ -73,6 +81,8 @@ impl Throttle {
             Limit::RegistryOpsPerMin => Some(&self.registry),
             Limit::TwinReadsPerSec => Some(&self.twin_reads),
             Limit::TwinUpdatesPerSec => Some(&self.twin_updates),
+            Limit::QueriesPerMin => Some(&self.queries),
+            Limit::JobsOpsPerMin => Some(&self.jobs),
             _ => None,
         }
     }
@@ -182,6 +192,19 @@ impl HubError {
             TwinFailure::Store(e) => Self::server(e),
         }
     }
+    fn job(e: JobFailure) -> Self {
+        let message = e.to_string();
+        match e {
+            JobFailure::BadRequest(m) => Self::bad_request(m),
+            JobFailure::NotFound(_) => {
+                Self::new(StatusCode::NOT_FOUND, 404002, "JobNotFound", message)
+            }
+            JobFailure::Exists(_) => {
+                Self::new(StatusCode::CONFLICT, 409104, "JobAlreadyExists", message)
+            }
+            JobFailure::Store(e) => Self::server(e),
+        }
+    }
     fn server(e: impl std::fmt::Display) -> Self {
         Self::new(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -279,6 +302,13 @@ enum Route {
     ModuleGet(String, String),
     ModulePut(String, String),
     ModuleDelete(String, String),
+    /// `POST /devices/query`.
+    Query,
+    JobPut(String),
+    JobGet(String),
+    JobCancel(String),
+    /// `GET /jobs/v2/query?jobType=&jobStatus=`.
+    JobQuery,
     /// `GET /messages/serviceBound/feedback`.
     FeedbackGet,
     /// `DELETE /messages/serviceBound/feedback/{lock}`, or `POST …/{lock}/abandon`.
@@ -299,6 +329,10 @@ const METHOD_BODY: usize = crate::methods::MAX_PAYLOAD + 16 * 1024;
 const C2D_BODY: usize = crate::c2d::MAX_BODY;
 const BULK_BODY: usize = 1024 * 1024;
 const NO_BODY: usize = 4 * 1024;
+/// A job: a twin patch (twin-sized) or a method call, and its condition.
+const JOB_BODY: usize = TWIN_BODY + METHOD_BODY;
+/// `{"query": ..}` with a query of up to [`roost_query::MAX_QUERY_BYTES`].
+const QUERY_BODY: usize = roost_query::MAX_QUERY_BYTES + 1024;
 
 impl Route {
     fn parse(method: &Method, path: &str) -> Result<Route, HubError> {
@@ -313,6 +347,11 @@ impl Route {
             (&Method::GET, ["devices", id]) => Route::Get(id.to_string()),
             (&Method::PUT, ["devices", id]) => Route::Put(id.to_string()),
             (&Method::POST, ["devices"]) => Route::Bulk,
+            (&Method::POST, ["devices", "query"]) => Route::Query,
+            (&Method::GET, ["jobs", "v2", "query"]) => Route::JobQuery,
+            (&Method::PUT, ["jobs", "v2", id]) => Route::JobPut(id.to_string()),
+            (&Method::GET, ["jobs", "v2", id]) => Route::JobGet(id.to_string()),
+            (&Method::POST, ["jobs", "v2", id, "cancel"]) => Route::JobCancel(id.to_string()),
             (&Method::DELETE, ["devices", id]) => Route::Delete(id.to_string()),
             (&Method::GET, ["statistics", "devices"]) => Route::Stats,
             (&Method::GET, ["twins", id]) => Route::TwinGet(id.to_string()),
@@ -387,7 +426,12 @@ impl Route {
             | Route::Get(_)
             | Route::Stats
             | Route::ModuleList(_)
-            | Route::ModuleGet(..) => Right::RegistryRead,
+            | Route::ModuleGet(..)
+            | Route::JobGet(_)
+            | Route::JobQuery => Right::RegistryRead,
+            // Jobs write twins and call methods across the registry: IoT Hub asks for
+            // registry write (and read) for them.
+            Route::JobPut(_) | Route::JobCancel(_) => Right::RegistryWrite,
             Route::Put(_)
             | Route::Bulk
             | Route::Delete(_)
@@ -398,6 +442,7 @@ impl Route {
             | Route::TwinWrite { .. }
             | Route::Method { .. }
             | Route::C2dSend(_)
+            | Route::Query
             | Route::FeedbackGet
             | Route::FeedbackDone { .. } => Right::ServiceConnect,
         }
@@ -422,6 +467,10 @@ impl Route {
             // Metered in bytes (IoT Hub's 4 KB units), not yet by roost.
             Route::Method { .. } => None,
             Route::C2dSend(_) => Some(Limit::C2dSendsPerMin),
+            Route::Query => Some(Limit::QueriesPerMin),
+            Route::JobPut(_) | Route::JobGet(_) | Route::JobCancel(_) | Route::JobQuery => {
+                Some(Limit::JobsOpsPerMin)
+            }
             Route::FeedbackGet | Route::FeedbackDone { .. } => None,
         }
     }
@@ -434,6 +483,9 @@ impl Route {
             Route::TwinWrite { .. } => TWIN_BODY,
             Route::Method { .. } => METHOD_BODY,
             Route::C2dSend(_) => C2D_BODY,
+            Route::Query => QUERY_BODY,
+            Route::JobPut(_) => JOB_BODY,
+            Route::JobGet(_) | Route::JobCancel(_) | Route::JobQuery => NO_BODY,
             Route::FeedbackGet | Route::FeedbackDone { .. } => NO_BODY,
             Route::List | Route::Get(_) | Route::Delete(_) | Route::Stats | Route::TwinGet(_) => {
                 NO_BODY
@@ -529,6 +581,39 @@ impl Api {
             // Served by `handle` without a blocking-pool thread.
             Route::Method { .. } => Err(HubError::server("a method call is not routed here")),
             Route::C2dSend(id) => self.c2d_send(&id, req),
+            Route::Query => self.query(req),
+            Route::JobPut(id) => self
+                .jobs
+                .create(&id, req.body())
+                .map(|j| job_response(&j))
+                .map_err(HubError::job),
+            Route::JobGet(id) => self
+                .jobs
+                .get(&id)
+                .map(|j| job_response(&j))
+                .map_err(HubError::job),
+            Route::JobCancel(id) => self
+                .jobs
+                .cancel(&id)
+                .map(|j| job_response(&j))
+                .map_err(HubError::job),
+            Route::JobQuery => {
+                let (kind, status) = (query_param(req, "jobType"), query_param(req, "jobStatus"));
+                self.jobs
+                    .list(
+                        kind.as_deref().filter(|k| !k.is_empty()),
+                        status.as_deref().filter(|s| !s.is_empty()),
+                    )
+                    .map(|jobs| {
+                        let mut r = httpd::json(StatusCode::OK, &jobs);
+                        r.headers_mut().insert(
+                            "x-ms-item-type",
+                            hyper::header::HeaderValue::from_static("jobResponse"),
+                        );
+                        r
+                    })
+                    .map_err(HubError::job)
+            }
             Route::ModuleList(id) => self.module_list(&id),
             Route::ModuleGet(id, m) => self.module_get(&id, &m),
             Route::ModulePut(id, m) => self.module_put(&id, &m, req),
@@ -1061,6 +1146,49 @@ impl Api {
 
     /// `GET /messages/serviceBound/feedback`: up to 64 records and the lock token (`ETag`)
     /// that completes them; 204 when there are none.
+    /// `POST /devices/query` with `{"query": ..}`; paged by `x-ms-max-item-count` and
+    /// `x-ms-continuation`, which the response carries on every page but the last.
+    fn query(&self, req: &Req) -> Result<Resp, HubError> {
+        #[derive(serde::Deserialize)]
+        struct Spec {
+            query: String,
+        }
+        let spec: Spec = serde_json::from_slice(req.body()).map_err(|e| {
+            HubError::bad_request(format!("the body must be {{\"query\": ..}}: {e}"))
+        })?;
+        let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
+        let max_items = match header("x-ms-max-item-count") {
+            None => None,
+            Some(v) => Some(v.trim().parse::<usize>().map_err(|_| {
+                HubError::bad_request("x-ms-max-item-count must be a positive number")
+            })?),
+        };
+        let page = self
+            .queries
+            .run(&spec.query, header("x-ms-continuation"), max_items)
+            .map_err(|e| match e {
+                QueryFailure::Invalid(q) => HubError::bad_request(format!("invalid query: {q}")),
+                QueryFailure::BadContinuation => HubError::bad_request(e.to_string()),
+                QueryFailure::Store(e) => HubError::server(e),
+            })?;
+        let mut resp = httpd::json(StatusCode::OK, &page.items);
+        let headers = resp.headers_mut();
+        headers.insert(
+            "x-ms-item-type",
+            hyper::header::HeaderValue::from_static(page.item_type),
+        );
+        if let Some(token) = page.continuation {
+            if let Ok(v) = hyper::header::HeaderValue::from_str(&token) {
+                headers.insert("x-ms-continuation", v);
+            }
+        }
+        self.metrics
+            .queries
+            .with_label_values(&[page.item_type])
+            .inc();
+        Ok(resp)
+    }
+
     fn feedback_get(&self) -> Result<Resp, HubError> {
         match self.c2d.feedback().map_err(HubError::server)? {
             None => Ok(httpd::empty(StatusCode::NO_CONTENT)),
@@ -1113,6 +1241,10 @@ impl Api {
 }
 
 /// A twin, with its etag in the `ETag` header too.
+fn job_response(job: &crate::jobs::Job) -> Resp {
+    httpd::json(StatusCode::OK, job)
+}
+
 fn twin_response(twin: &serde_json::Value) -> Resp {
     let mut r = httpd::json(StatusCode::OK, twin);
     if let Some(etag) = twin.get("etag").and_then(|e| e.as_str()) {
@@ -1151,6 +1283,8 @@ mod tests {
 
     use roost_model::link::{DeviceCommand, TwinOp};
 
+    use serde_json::Value;
+
     use super::*;
 
     fn api() -> (Api, std::path::PathBuf) {
@@ -1176,7 +1310,18 @@ mod tests {
             twins.commands.clone(),
             metrics.clone(),
         ));
+        let queries = Arc::new(Queries {
+            store: store.clone(),
+        });
         let api = Api {
+            jobs: Arc::new(Jobs::new(
+                store.clone(),
+                queries.clone(),
+                twins.clone(),
+                methods.clone(),
+                metrics.clone(),
+            )),
+            queries,
             store,
             hostname: "localhost".into(),
             metrics,
@@ -1350,6 +1495,332 @@ mod tests {
             .expect("a full body")
             .to_bytes();
         serde_json::from_slice(&body).expect("a JSON body")
+    }
+
+    /// `POST /devices/query` over twins and module twins: conditions on tags, reported
+    /// properties and identity fields, projections, aggregates, `TOP`, and paging with
+    /// `x-ms-continuation` absent on the last page.
+    #[test]
+    fn queries_are_answered_in_pages() {
+        let (api, dir) = api();
+        let owner = || Some(token(&api, "iothubowner", 3600));
+        for i in 0..25 {
+            let id = format!("q{i:02}");
+            let body = format!(
+                r#"{{"deviceId":"{id}","authentication":{{"type":"sas","symmetricKey":{{}}}}}}"#
+            );
+            call(
+                &api,
+                &request("PUT", &format!("/devices/{id}"), owner(), &body),
+            )
+            .expect("device");
+            let site = if i % 3 == 0 { "oslo" } else { "bergen" };
+            let patch = format!(r#"{{"tags":{{"site":"{site}","n":{i}}}}}"#);
+            call(
+                &api,
+                &request("PATCH", &format!("/twins/{id}"), owner(), &patch),
+            )
+            .expect("tags");
+        }
+        call(
+            &api,
+            &request(
+                "PUT",
+                "/devices/q03/modules/m1",
+                owner(),
+                r#"{"moduleId":"m1","deviceId":"q03"}"#,
+            ),
+        )
+        .expect("module");
+        let run = |q: &str, max: Option<usize>, cont: Option<&str>| {
+            let mut req = request(
+                "POST",
+                "/devices/query",
+                owner(),
+                &json!({ "query": q }).to_string(),
+            );
+            if let Some(m) = max {
+                req.headers_mut().insert("x-ms-max-item-count", m.into());
+            }
+            if let Some(c) = cont {
+                req.headers_mut()
+                    .insert("x-ms-continuation", c.parse().expect("header"));
+            }
+            let resp = call(&api, &req)?;
+            let header = |n: &str| {
+                resp.headers()
+                    .get(n)
+                    .map(|v| v.to_str().expect("ascii").to_string())
+            };
+            Ok::<_, HubError>((
+                json_of(&resp),
+                header("x-ms-item-type"),
+                header("x-ms-continuation"),
+            ))
+        };
+        // Whole twins, one page.
+        let (items, kind, cont) =
+            run("SELECT * FROM devices WHERE tags.site = 'oslo'", None, None).expect("query");
+        assert_eq!(items.as_array().expect("array").len(), 9);
+        assert_eq!(items[0]["deviceId"], "q00");
+        assert_eq!(items[0]["tags"]["n"], 0);
+        assert!(items[0]["properties"]["desired"]["$version"].is_number());
+        assert_eq!(kind.as_deref(), Some("twin"));
+        assert_eq!(cont, None, "one page: no continuation");
+        // Pages of 10: 10, 10, 5, the last without a continuation.
+        let (mut seen, mut cont, mut pages) = (Vec::new(), None::<String>, 0);
+        loop {
+            let (items, _, next) =
+                run("SELECT deviceId FROM devices", Some(10), cont.as_deref()).expect("page");
+            pages += 1;
+            seen.extend(
+                items
+                    .as_array()
+                    .expect("array")
+                    .iter()
+                    .map(|i| i["deviceId"].as_str().expect("id").to_string()),
+            );
+            match next {
+                Some(n) => cont = Some(n),
+                None => break,
+            }
+        }
+        assert_eq!((pages, seen.len()), (3, 25));
+        assert_eq!(seen[24], "q24");
+        // A page that ends exactly at the last match has no continuation.
+        let (items, _, cont) = run(
+            "SELECT deviceId FROM devices WHERE tags.n < 10",
+            Some(10),
+            None,
+        )
+        .expect("query");
+        assert_eq!((items.as_array().expect("array").len(), cont), (10, None));
+        // TOP across pages.
+        let (items, _, cont) =
+            run("SELECT TOP 12 deviceId FROM devices", Some(10), None).expect("query");
+        assert_eq!(items.as_array().expect("array").len(), 10);
+        let (items, _, cont) = run(
+            "SELECT TOP 12 deviceId FROM devices",
+            Some(10),
+            cont.as_deref(),
+        )
+        .expect("query");
+        assert_eq!((items.as_array().expect("array").len(), cont), (2, None));
+        // Projections and identity fields; the primary-key path.
+        let (items, kind, _) = run("SELECT deviceId, tags.n AS n, status FROM devices WHERE deviceId IN ['q07', 'q01', 'nope'] AND connectionState = 'Disconnected'", None, None).expect("query");
+        assert_eq!(kind.as_deref(), Some("raw"));
+        assert_eq!(
+            items,
+            json!([{"deviceId":"q01","n":1,"status":"enabled"},{"deviceId":"q07","n":7,"status":"enabled"}])
+        );
+        // Aggregates, paged by group.
+        let (items, _, cont) = run(
+            "SELECT tags.site AS site, COUNT() AS n FROM devices GROUP BY tags.site",
+            Some(1),
+            None,
+        )
+        .expect("query");
+        assert_eq!(items, json!([{"site":"bergen","n":16}]));
+        let (items, _, cont) = run(
+            "SELECT tags.site AS site, COUNT() AS n FROM devices GROUP BY tags.site",
+            Some(1),
+            cont.as_deref(),
+        )
+        .expect("query");
+        assert_eq!((items, cont), (json!([{"site":"oslo","n":9}]), None));
+        // Module twins.
+        let (items, _, _) = run(
+            "SELECT * FROM devices.modules WHERE devices.deviceId = 'q03'",
+            None,
+            None,
+        )
+        .expect("query");
+        assert_eq!(items[0]["moduleId"], "m1");
+        assert_eq!(items.as_array().expect("array").len(), 1);
+        assert_eq!(
+            run(
+                "SELECT * FROM devices.modules WHERE moduleId = 'zz'",
+                None,
+                None
+            )
+            .expect("query")
+            .0,
+            json!([])
+        );
+        // Invalid queries and tokens are 400 with the reason.
+        let e = run("SELECT * FROM devices WHERE", None, None).expect_err("invalid");
+        assert_eq!((e.status, e.code), (StatusCode::BAD_REQUEST, 400004));
+        assert!(e.message.contains("expected a value"), "{}", e.message);
+        let e = run("SELECT * FROM devices", None, Some("garbage")).expect_err("bad token");
+        assert_eq!(e.status, StatusCode::BAD_REQUEST);
+        let e =
+            call(&api, &request("POST", "/devices/query", owner(), "{}")).expect_err("no query");
+        assert_eq!(e.status, StatusCode::BAD_REQUEST);
+        assert_eq!(api.metrics.queries.with_label_values(&["raw"]).get(), 9);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// Jobs over REST: a twin update on the devices a condition selects, a method job on
+    /// offline devices (each fails with 404103), cancelling a scheduled job, the errors, the
+    /// listing, and `devices.jobs`.
+    #[test]
+    fn jobs_run_on_the_devices_their_condition_selects() {
+        let (api, dir) = api();
+        let api = Arc::new(api);
+        let owner = || Some(token(&api, "iothubowner", 3600));
+        for (id, site) in [("j1", "oslo"), ("j2", "bergen"), ("j3", "oslo")] {
+            let body = format!(
+                r#"{{"deviceId":"{id}","authentication":{{"type":"sas","symmetricKey":{{}}}}}}"#
+            );
+            call(
+                &api,
+                &request("PUT", &format!("/devices/{id}"), owner(), &body),
+            )
+            .expect("device");
+            let patch = format!(r#"{{"tags":{{"site":"{site}"}}}}"#);
+            call(
+                &api,
+                &request("PATCH", &format!("/twins/{id}"), owner(), &patch),
+            )
+            .expect("tags");
+        }
+        let put = |id: &str, body: Value| {
+            call(
+                &api,
+                &request("PUT", &format!("/jobs/v2/{id}"), owner(), &body.to_string()),
+            )
+        };
+        let twin_job = json!({
+            "jobId": "t1", "type": "scheduleUpdateTwin", "queryCondition": "tags.site = 'oslo'",
+            "updateTwin": {"etag": "*", "properties": {"desired": {"fw": "2.0"}}},
+            "maxExecutionTimeInSeconds": 60,
+        });
+        let created = json_of(&put("t1", twin_job.clone()).expect("job"));
+        assert_eq!(created["status"], "queued");
+        assert_eq!(created["type"], "scheduleUpdateTwin");
+        let e = put("t1", twin_job).expect_err("twice");
+        assert_eq!((e.status, e.code), (StatusCode::CONFLICT, 409104));
+        let e = put(
+            "bad",
+            json!({"type": "scheduleUpdateTwin", "queryCondition": "tags.x =", "updateTwin": {}}),
+        )
+        .expect_err("bad condition");
+        assert_eq!(e.status, StatusCode::BAD_REQUEST);
+        assert!(e.message.contains("queryCondition"), "{}", e.message);
+        let e = put("bad", json!({"type": "import"})).expect_err("bad type");
+        assert_eq!(e.status, StatusCode::BAD_REQUEST);
+        let method_job = json!({
+            "type": "scheduleDeviceMethod", "queryCondition": "deviceId IN ['j1', 'j2']",
+            "cloudToDeviceMethod": {"methodName": "reboot", "payload": {}, "responseTimeoutInSeconds": 5},
+        });
+        put("m1", method_job).expect("method job");
+        let later = roost_iothub::time::iso_ms((unix_now() + 3600) * 1000);
+        let scheduled = json_of(&put("s1", json!({"type": "scheduleUpdateTwin", "queryCondition": "*", "updateTwin": {"tags": {"x": 1}}, "startTime": later})).expect("scheduled"));
+        assert_eq!(scheduled["status"], "scheduled");
+
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let get = |id: &str| {
+            json_of(
+                &call(
+                    &api,
+                    &request("GET", &format!("/jobs/v2/{id}"), owner(), ""),
+                )
+                .expect("get"),
+            )
+        };
+        let jobs = api.jobs.clone();
+        runtime.spawn(jobs.run());
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while ["t1", "m1"]
+            .iter()
+            .any(|id| !matches!(get(id)["status"].as_str(), Some("completed" | "failed")))
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "jobs did not finish: {} {}",
+                get("t1"),
+                get("m1")
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let t1 = get("t1");
+        assert_eq!(t1["status"], "completed", "{t1}");
+        assert_eq!(
+            t1["deviceJobStatistics"],
+            json!({"deviceCount": 2, "failedCount": 0, "succeededCount": 2, "runningCount": 0, "pendingCount": 0})
+        );
+        assert!(t1["endTime"].is_string());
+        let desired = |id: &str| {
+            json_of(
+                &call(&api, &request("GET", &format!("/twins/{id}"), owner(), "")).expect("twin"),
+            )["properties"]["desired"]["fw"]
+                .clone()
+        };
+        assert_eq!(
+            (desired("j1"), desired("j2"), desired("j3")),
+            (json!("2.0"), Value::Null, json!("2.0"))
+        );
+        let m1 = get("m1");
+        assert_eq!(
+            m1["status"], "completed",
+            "a job completes even when devices fail: {m1}"
+        );
+        assert_eq!(m1["deviceJobStatistics"]["failedCount"], 2);
+        // The scheduled job is cancelled before it starts; cancelling again changes nothing.
+        let c = json_of(
+            &call(&api, &request("POST", "/jobs/v2/s1/cancel", owner(), "")).expect("cancel"),
+        );
+        assert_eq!(c["status"], "cancelled");
+        assert_eq!(get("s1")["status"], "cancelled");
+        let e = call(&api, &request("GET", "/jobs/v2/nope", owner(), "")).expect_err("unknown");
+        assert_eq!((e.status, e.code), (StatusCode::NOT_FOUND, 404002));
+        // Listing by type and status.
+        let list = |q: &str| {
+            json_of(
+                &call(
+                    &api,
+                    &request("GET", &format!("/jobs/v2/query?{q}&padding="), owner(), ""),
+                )
+                .expect("list"),
+            )
+        };
+        let l = list("jobType=scheduleUpdateTwin");
+        assert_eq!(l.as_array().expect("array").len(), 2);
+        assert_eq!(list("jobStatus=cancelled")[0]["jobId"], "s1");
+        // devices.jobs: a record per device the jobs touched.
+        let mut q = request(
+            "POST",
+            "/devices/query",
+            owner(),
+            &json!({"query": "SELECT * FROM devices.jobs WHERE devices.jobs.deviceId = 'j1'"})
+                .to_string(),
+        );
+        q.headers_mut().insert("x-ms-max-item-count", 10.into());
+        let rows = json_of(&call(&api, &q).expect("query"));
+        let rows = rows.as_array().expect("array");
+        assert_eq!(rows.len(), 2, "{rows:?}");
+        let m = rows
+            .iter()
+            .find(|r| r["jobId"] == "m1")
+            .expect("the method job's record");
+        assert_eq!(m["status"], "failed");
+        assert!(
+            m["error"]["description"]
+                .as_str()
+                .expect("why")
+                .contains("404103"),
+            "{m}"
+        );
+        assert_eq!(
+            rows.iter().find(|r| r["jobId"] == "t1").expect("t1")["status"],
+            "completed"
+        );
+        drop(runtime);
+        let _ = std::fs::remove_dir_all(dir);
     }
 
     #[test]
@@ -1571,7 +2042,7 @@ mod tests {
         ];
         // (method, path, the right it needs) ; None: no such route (404 whatever the token).
         use Right::*;
-        let routes: [(&str, &str, Option<Right>); 16] = [
+        let routes: [(&str, &str, Option<Right>); 21] = [
             ("GET", "/devices", Some(RegistryRead)),
             ("GET", "/devices/d1", Some(RegistryRead)),
             ("PUT", "/devices/d1", Some(RegistryWrite)),
@@ -1598,6 +2069,11 @@ mod tests {
                 "/messages/serviceBound/feedback/1",
                 Some(ServiceConnect),
             ),
+            ("POST", "/devices/query", Some(ServiceConnect)),
+            ("PUT", "/jobs/v2/j1", Some(RegistryWrite)),
+            ("GET", "/jobs/v2/j1", Some(RegistryRead)),
+            ("POST", "/jobs/v2/j1/cancel", Some(RegistryWrite)),
+            ("GET", "/jobs/v2/query", Some(RegistryRead)),
             ("PATCH", "/devices/d1", None),
             ("DELETE", "/twins/d1", None),
         ];

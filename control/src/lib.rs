@@ -16,10 +16,12 @@ pub mod api;
 pub mod c2d;
 pub mod certs;
 pub mod device;
+pub mod jobs;
 pub mod linkserver;
 pub mod methods;
 pub mod metrics;
 pub mod policies;
+pub mod query;
 pub mod store;
 pub mod twins;
 
@@ -120,6 +122,17 @@ pub fn run(config: ControlConfig, on_ready: impl FnOnce() + Send + 'static) -> a
                 }
             }
         });
+        let queries = Arc::new(query::Queries {
+            store: store.clone(),
+        });
+        let jobs = Arc::new(jobs::Jobs::new(
+            store.clone(),
+            queries.clone(),
+            twins.clone(),
+            methods.clone(),
+            metrics.clone(),
+        ));
+        tokio::spawn(jobs.clone().run());
         let api = Arc::new(api::Api {
             store: store.clone(),
             hostname: config.hostname.clone(),
@@ -128,6 +141,8 @@ pub fn run(config: ControlConfig, on_ready: impl FnOnce() + Send + 'static) -> a
             twins: twins.clone(),
             methods: methods.clone(),
             c2d: c2d.clone(),
+            queries: queries.clone(),
+            jobs: jobs.clone(),
         });
         let admit_api = api.clone();
         tokio::spawn(httpd::serve(

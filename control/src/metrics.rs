@@ -27,6 +27,11 @@ pub struct ControlMetrics {
     pub c2d: IntCounterVec,
     /// Cloud-to-device messages waiting in every device's queue (set at scrape).
     pub c2d_pending: IntGauge,
+    /// Query pages served, by `item_type` (twin, raw, deviceJob).
+    pub queries: IntCounterVec,
+    /// Jobs entering a status, by `status` (queued, scheduled, running, completed, failed,
+    /// cancelled).
+    pub jobs: IntCounterVec,
 }
 
 impl ControlMetrics {
@@ -120,6 +125,22 @@ impl ControlMetrics {
             "Cloud-to-device messages waiting in every device's queue.",
         )
         .expect("static metric");
+        let queries = IntCounterVec::new(
+            Opts::new(
+                "roost_control_query_pages_total",
+                "Query result pages served (POST /devices/query), by item type (twin, raw, deviceJob).",
+            ),
+            &["item_type"],
+        )
+        .expect("static metric");
+        let jobs = IntCounterVec::new(
+            Opts::new(
+                "roost_control_jobs_total",
+                "Jobs entering a status, by status (queued, scheduled, running, completed, failed, cancelled).",
+            ),
+            &["status"],
+        )
+        .expect("static metric");
         let registry_sequence = IntGauge::new(
             "roost_control_registry_sequence",
             "Sequence of the last registry change.",
@@ -143,6 +164,8 @@ impl ControlMetrics {
             Box::new(method_latency.clone()),
             Box::new(c2d.clone()),
             Box::new(c2d_pending.clone()),
+            Box::new(queries.clone()),
+            Box::new(jobs.clone()),
         ] {
             registry
                 .register(m)
@@ -162,6 +185,8 @@ impl ControlMetrics {
             method_latency,
             c2d,
             c2d_pending,
+            queries,
+            jobs,
         }
     }
 

@@ -28,6 +28,10 @@ const CF_C2D: &str = "c2d";
 const CF_FEEDBACK: &str = "feedback";
 /// Module identities: `device/module` → JSON of `Module`.
 const CF_MODULES: &str = "modules";
+/// Jobs by id (`jobs.rs`'s `StoredJob`).
+const CF_JOBS: &str = "jobs";
+/// What each job did on each device, keyed `device\0job` (the rows of `devices.jobs`).
+const CF_DEVICE_JOBS: &str = "device_jobs";
 const SEQ_KEY: &[u8] = b"registry_seq";
 const POLICIES_KEY: &[u8] = b"policies";
 const ETAG_KEY: &[u8] = b"etag_counter";
@@ -61,6 +65,8 @@ impl Store {
             CF_C2D,
             CF_FEEDBACK,
             CF_MODULES,
+            CF_JOBS,
+            CF_DEVICE_JOBS,
         ]
         .map(|n| ColumnFamilyDescriptor::new(n, Options::default()));
         let db = DB::open_cf_descriptors(&opts, path, cfs)?;
@@ -137,6 +143,130 @@ impl Store {
         {
             let (_, v) = item?;
             out.push(serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt(e.to_string()))?);
+        }
+        Ok(out)
+    }
+
+    /// Up to `limit` devices with ids after `after` (all when `None`), in id order: the pages
+    /// of a scan (queries, jobs).
+    pub fn devices_after(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<Device>, StoreError> {
+        self.scan_after(CF_DEVICES, after, limit)
+    }
+
+    /// Up to `limit` modules with client ids (`device/module`) after `after`, in that order.
+    pub fn modules_after(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<Module>, StoreError> {
+        self.scan_after(CF_MODULES, after, limit)
+    }
+
+    fn scan_after<T: serde::de::DeserializeOwned>(
+        &self,
+        cf: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<T>, StoreError> {
+        let mode = match after {
+            Some(a) => IteratorMode::From(a.as_bytes(), Direction::Forward),
+            None => IteratorMode::Start,
+        };
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(self.cf(cf), mode) {
+            let (k, v) = item?;
+            if after.is_some_and(|a| *k == *a.as_bytes()) {
+                continue;
+            }
+            out.push(serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt(e.to_string()))?);
+            if out.len() >= limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// A job, stored as JSON.
+    pub fn job(&self, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.db.get_cf(self.cf(CF_JOBS), id.as_bytes())?)
+    }
+
+    /// Every job, in id order.
+    pub fn jobs(&self) -> Result<Vec<Vec<u8>>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(self.cf(CF_JOBS), IteratorMode::Start) {
+            out.push(item?.1.to_vec());
+        }
+        Ok(out)
+    }
+
+    /// Writes a job and, in the same batch, its records of devices done (`device\0job` keys).
+    pub fn put_job(
+        &self,
+        id: &str,
+        job: &[u8],
+        device_jobs: &[(String, Vec<u8>)],
+    ) -> Result<(), StoreError> {
+        let mut batch = WriteBatch::default();
+        batch.put_cf(self.cf(CF_JOBS), id.as_bytes(), job);
+        for (k, v) in device_jobs {
+            batch.put_cf(self.cf(CF_DEVICE_JOBS), k.as_bytes(), v);
+        }
+        let mut opts = WriteOptions::default();
+        opts.set_sync(true);
+        Ok(self.db.write_opt(batch, &opts)?)
+    }
+
+    /// Up to `limit` device job records after key `after`, with their keys.
+    pub fn device_jobs_after(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, serde_json::Value)>, StoreError> {
+        let mode = match after {
+            Some(a) => IteratorMode::From(a.as_bytes(), Direction::Forward),
+            None => IteratorMode::Start,
+        };
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(self.cf(CF_DEVICE_JOBS), mode) {
+            let (k, v) = item?;
+            if after.is_some_and(|a| *k == *a.as_bytes()) {
+                continue;
+            }
+            let key = String::from_utf8_lossy(&k).into_owned();
+            let value =
+                serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            out.push((key, value));
+            if out.len() >= limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every job record of `device_id`, with their keys.
+    pub fn device_jobs_of(
+        &self,
+        device_id: &str,
+    ) -> Result<Vec<(String, serde_json::Value)>, StoreError> {
+        let prefix = format!("{device_id}\0");
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(
+            self.cf(CF_DEVICE_JOBS),
+            IteratorMode::From(prefix.as_bytes(), Direction::Forward),
+        ) {
+            let (k, v) = item?;
+            if !k.starts_with(prefix.as_bytes()) {
+                break;
+            }
+            let key = String::from_utf8_lossy(&k).into_owned();
+            let value =
+                serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            out.push((key, value));
         }
         Ok(out)
     }

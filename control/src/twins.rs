@@ -282,7 +282,7 @@ impl Twins {
 }
 
 /// The identity fields a device's twin shows (spec §4.2).
-fn device_identity(device: &Device) -> Map<String, Value> {
+pub(crate) fn device_identity(device: &Device) -> Map<String, Value> {
     let mut out = Map::new();
     out.insert("deviceId".into(), json!(device.device_id));
     out.insert("deviceEtag".into(), json!(device.etag));
@@ -313,7 +313,7 @@ fn device_identity(device: &Device) -> Map<String, Value> {
 }
 
 /// The identity fields a module's twin shows: the module's own, its device's status.
-fn module_identity(device: &Device, module: &Module) -> Map<String, Value> {
+pub(crate) fn module_identity(device: &Device, module: &Module) -> Map<String, Value> {
     let mut out = Map::new();
     out.insert("deviceId".into(), json!(module.device_id));
     out.insert("moduleId".into(), json!(module.module_id));

@@ -887,6 +887,10 @@ class Hub:
         """`IoTHubRegistryManager` pointed at this hub's service API (wire spec §9)."""
         return make_registry_manager(self.service_connection_string, self.service_url, self.ca_path)
 
+    def job_manager(self):
+        """`IoTHubJobManager` pointed at this hub's service API."""
+        return make_job_manager(self.service_connection_string, self.service_url, self.ca_path)
+
     def connection_state(self, rm, device_id: str) -> str | None:
         return rm.get_device(device_id).connection_state
 
@@ -1069,15 +1073,27 @@ def tail_events_via_cli(binary: Path, data_dir: Path, extra: list[str], log: Pat
     return [json.loads(ln) for ln in lines]
 
 
+def _pointed_at_hub(client, service_url: str, ca_path: str):
+    """A service SDK client (its msrest `protocol`) sent to this hub's service API."""
+    client.protocol.config.base_url = service_url
+    client.protocol.config.connection.verify = str(ca_path)
+    client.protocol.config.connection.timeout = 15
+    client.protocol.config.retry_policy.retries = 0
+    return client
+
+
 def make_registry_manager(service_connection_string: str, service_url: str, ca_path: str):
     from azure.iot.hub import IoTHubRegistryManager
 
     rm = IoTHubRegistryManager.from_connection_string(service_connection_string)
-    rm.protocol.config.base_url = service_url
-    rm.protocol.config.connection.verify = str(ca_path)
-    rm.protocol.config.connection.timeout = 15
-    rm.protocol.config.retry_policy.retries = 0
-    return rm
+    return _pointed_at_hub(rm, service_url, ca_path)
+
+
+def make_job_manager(service_connection_string: str, service_url: str, ca_path: str):
+    from azure.iot.hub import IoTHubJobManager
+
+    jm = IoTHubJobManager.from_connection_string(service_connection_string)
+    return _pointed_at_hub(jm, service_url, ca_path)
 
 
 # --------------------------------------------------------------------------------------------

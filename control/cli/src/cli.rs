@@ -68,6 +68,38 @@ pub enum Cmd {
         #[arg(long, default_value = "./roost-data", global = true)]
         data_dir: PathBuf,
     },
+    /// Manage module identities through the service API.
+    Module {
+        #[command(subcommand)]
+        action: crate::manage::ModuleCmd,
+        #[arg(long, default_value = "./roost-data", global = true)]
+        data_dir: PathBuf,
+        #[arg(short = 'o', long, value_enum, default_value = "json", global = true)]
+        output: crate::output::Output,
+    },
+    /// Run an IoT Hub query over device twins, module twins or device jobs; prints every page.
+    ///
+    /// Example: roost query "SELECT deviceId, tags.site FROM devices WHERE properties.reported.battery < 20" -o table
+    Query {
+        /// The query: SELECT … FROM devices | devices.modules | devices.jobs [WHERE …] [GROUP BY …].
+        query: String,
+        /// Stop after this many items.
+        #[arg(long)]
+        max: Option<usize>,
+        #[arg(long, default_value = "./roost-data")]
+        data_dir: PathBuf,
+        #[arg(short = 'o', long, value_enum, default_value = "json")]
+        output: crate::output::Output,
+    },
+    /// Schedule twin updates and direct methods over many devices, and follow them.
+    Job {
+        #[command(subcommand)]
+        action: crate::manage::JobCmd,
+        #[arg(long, default_value = "./roost-data", global = true)]
+        data_dir: PathBuf,
+        #[arg(short = 'o', long, value_enum, default_value = "json", global = true)]
+        output: crate::output::Output,
+    },
     /// Read the built-in `events` endpoint.
     Events {
         #[command(subcommand)]
@@ -685,7 +717,7 @@ fn wait_healthy(child: &mut Child, ops: SocketAddr, what: &str) -> anyhow::Resul
     }
 }
 
-fn check(resp: &client::Response) -> anyhow::Result<()> {
+pub(crate) fn check(resp: &client::Response) -> anyhow::Result<()> {
     if resp.status >= 300 {
         let detail = serde_json::from_slice::<Value>(&resp.body)
             .ok()
@@ -698,7 +730,7 @@ fn check(resp: &client::Response) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn path_id(id: &str) -> String {
+pub(crate) fn path_id(id: &str) -> String {
     percent_encoding::utf8_percent_encode(id, percent_encoding::NON_ALPHANUMERIC).to_string()
 }
 

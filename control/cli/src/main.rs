@@ -1,6 +1,8 @@
 //! `roost`: one binary for the hub's processes and its command line (DESIGN.md §9).
 
 mod cli;
+mod manage;
+mod output;
 
 use clap::Parser;
 use cli::{Cli, Cmd};
@@ -22,6 +24,22 @@ fn main() -> anyhow::Result<()> {
         Cmd::Twin { action, data_dir } => cli::run_twin(action, &data_dir),
         Cmd::Method { action, data_dir } => cli::run_method(action, &data_dir),
         Cmd::C2d { action, data_dir } => cli::run_c2d(action, &data_dir),
+        Cmd::Module {
+            action,
+            data_dir,
+            output,
+        } => manage::run_module(action, &data_dir, output),
+        Cmd::Query {
+            query,
+            max,
+            data_dir,
+            output,
+        } => manage::run_query(&query, max, &data_dir, output),
+        Cmd::Job {
+            action,
+            data_dir,
+            output,
+        } => manage::run_job(action, &data_dir, output),
         Cmd::Events { action, data_dir } => cli::run_events(action, &data_dir),
     }
 }

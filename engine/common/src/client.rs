@@ -50,6 +50,8 @@ pub struct Response {
     pub status: u16,
     /// The `ETag` header, quotes stripped (a twin's etag, a feedback lock token).
     pub etag: Option<String>,
+    /// Every header of the answer (a query's `x-ms-continuation`, …).
+    pub headers: hyper::HeaderMap,
     pub body: Bytes,
 }
 
@@ -139,8 +141,14 @@ impl Client {
                 let resp = sender.send_request(req).await?;
                 let status = resp.status().as_u16();
                 let etag = etag_of(resp.headers());
+                let headers = resp.headers().clone();
                 let body = resp.into_body().collect().await?.to_bytes();
-                Ok::<_, hyper::Error>(Response { status, etag, body })
+                Ok::<_, hyper::Error>(Response {
+                    status,
+                    etag,
+                    headers,
+                    body,
+                })
             })
             .await;
             match sent {
