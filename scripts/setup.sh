@@ -15,6 +15,8 @@
 #   python3 with venv + ensurepip                 the end-to-end tests' .venv
 #   unshare (util-linux)                          the disk-full test's private tmpfs
 #   a nightly toolchain and cargo-fuzz            the fuzz targets' smoke runs (scripts/fuzz_smoke.sh)
+#   node and npm, then tests/e2e/node/node_modules the Node SDK end-to-end tests (npm ci from the
+#     committed package-lock.json)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -57,6 +59,8 @@ missing_packages() {
   command -v nats-server >/dev/null || need+=(nats-server)
   python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
   command -v unshare >/dev/null || need+=(util-linux)
+  command -v node >/dev/null || need+=(nodejs)
+  command -v npm >/dev/null || need+=(npm)
   echo "${need[@]}"
 }
 
@@ -86,6 +90,17 @@ install_venv() {
   .venv/bin/pip install -q -r tests/requirements.txt
 }
 
+# The official Node SDKs the Node end-to-end tests drive, at the versions the lock file pins.
+install_node_sdks() {
+  local dir=tests/e2e/node
+  if [ -d "$dir/node_modules/azure-iothub" ] && [ -d "$dir/node_modules/azure-iot-device-mqtt" ] \
+    && [ "$dir/node_modules/.package-lock.json" -nt "$dir/package-lock.json" ]; then
+    return 0
+  fi
+  echo "setup: installing the Node SDKs (npm ci in $dir)"
+  (cd "$dir" && npm ci --no-audit --no-fund --loglevel=error)
+}
+
 # cargo-fuzz and the nightly toolchain it builds with (libFuzzer needs -Zsanitizer).
 install_fuzz() {
   if ! rustup run nightly rustc --version >/dev/null 2>&1; then
@@ -99,7 +114,7 @@ install_fuzz() {
 }
 case "${1:-all}" in
   packages) install_packages ;;
-  all) install_packages; install_venv; install_fuzz ;;
+  all) install_packages; install_venv; install_node_sdks; install_fuzz ;;
   *) echo "usage: $0 [packages]" >&2; exit 2 ;;
 esac
 echo "setup: ok"

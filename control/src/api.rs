@@ -61,6 +61,7 @@ pub struct Throttle {
     twin_updates: Mutex<Option<Bucket>>,
     queries: Mutex<Option<Bucket>>,
     jobs: Mutex<Option<Bucket>>,
+    method_bytes: Mutex<Option<Bucket>>,
 }
 
 impl Throttle {
@@ -73,6 +74,7 @@ impl Throttle {
             twin_updates: bucket(Limit::TwinUpdatesPerSec),
             queries: bucket(Limit::QueriesPerMin),
             jobs: bucket(Limit::JobsOpsPerMin),
+            method_bytes: bucket(Limit::MethodBytesPerSec),
         }
     }
 
@@ -83,12 +85,18 @@ impl Throttle {
             Limit::TwinUpdatesPerSec => Some(&self.twin_updates),
             Limit::QueriesPerMin => Some(&self.queries),
             Limit::JobsOpsPerMin => Some(&self.jobs),
+            Limit::MethodBytesPerSec => Some(&self.method_bytes),
             _ => None,
         }
     }
 
     /// Meters one operation under `limit`: how long to hold it first, or the refusal.
     fn take(&self, limit: Limit) -> Result<Option<Duration>, HubError> {
+        self.take_n(limit, 1.0)
+    }
+
+    /// Meters `amount` of `limit` (bytes, for the method quota).
+    fn take_n(&self, limit: Limit, amount: f64) -> Result<Option<Duration>, HubError> {
         let Some(bucket) = self.bucket(limit) else {
             return Ok(None);
         };
@@ -96,7 +104,7 @@ impl Throttle {
         let Some(bucket) = bucket.as_mut() else {
             return Ok(None);
         };
-        match bucket.take(Instant::now(), 1.0) {
+        match bucket.take(Instant::now(), amount) {
             Admit::Now => Ok(None),
             Admit::After(d) => Ok(Some(d)),
             Admit::Refused => Err(HubError::new(
@@ -214,16 +222,33 @@ impl HubError {
         )
     }
 
+    /// Whether IoT Hub answers this error in its registry form, `ErrorCode:<Name>;<message>`,
+    /// which the Node service SDK maps to typed errors (`DeviceNotFoundError`,
+    /// `DeviceAlreadyExistsError`, …); the others in the JSON form of spec §4.7.
+    fn registry_form(&self) -> bool {
+        matches!(
+            self.code,
+            404001 | 404002 | 404010 | 409001 | 409104 | 409301 | 412001
+        )
+    }
+
     fn response(&self) -> Resp {
         let now = iso_now();
-        let inner = json!({
-            "errorCode": self.code,
-            "trackingId": tracking_id(),
-            "message": self.message,
-            "timestampUtc": now,
-            "info": {},
-        });
-        let body = json!({ "Message": inner.to_string(), "ExceptionMessage": "" });
+        let body = if self.registry_form() {
+            json!({
+                "Message": format!("ErrorCode:{};{}", self.name, self.message),
+                "ExceptionMessage": format!("Tracking ID:{}-TimeStamp:{now}", tracking_id()),
+            })
+        } else {
+            let inner = json!({
+                "errorCode": self.code,
+                "trackingId": tracking_id(),
+                "message": self.message,
+                "timestampUtc": now,
+                "info": {},
+            });
+            json!({ "Message": inner.to_string(), "ExceptionMessage": "" })
+        };
         let mut r = httpd::json(self.status, &body);
         if let Ok(v) = hyper::header::HeaderValue::from_str(self.name) {
             r.headers_mut().insert("iothub-errorcode", v);
@@ -539,6 +564,26 @@ impl Api {
         }
         // A method call waits for a device: on the runtime, never on a blocking-pool thread.
         if let Ok(Route::Method { id, module }) = Route::parse(req.method(), req.uri().path()) {
+            // IoT Hub meters method traffic in 4 KB units of the request's size.
+            let units = req.body().len().div_ceil(4096).max(1) as f64 * 4096.0;
+            match self.throttle.take_n(Limit::MethodBytesPerSec, units) {
+                Ok(None) => {}
+                Ok(Some(wait)) => {
+                    self.metrics
+                        .throttled
+                        .with_label_values(&[Limit::MethodBytesPerSec.name(), "delayed"])
+                        .inc();
+                    tokio::time::sleep(wait).await;
+                }
+                Err(e) => {
+                    self.metrics
+                        .throttled
+                        .with_label_values(&[Limit::MethodBytesPerSec.name(), "refused"])
+                        .inc();
+                    self.count(e.status);
+                    return e.response();
+                }
+            }
             let result = match MethodCall::parse(req.body()) {
                 Ok(call) => self.methods.invoke(&id, module.as_deref(), call).await,
                 Err(e) => Err(e),
@@ -622,6 +667,8 @@ impl Api {
             Route::FeedbackDone { lock, complete } => self.feedback_done(&lock, complete),
         });
         self.count(result.as_ref().map_or_else(|e| e.status, |r| r.status()));
+        // A write may have put lifecycle or twin events in the outbox.
+        self.twins.events.written();
         result
     }
 
@@ -787,44 +834,63 @@ impl Api {
                 if let Some(c) = body.capabilities.clone() {
                     d.capabilities = c;
                 }
+                if let Some(p) = body.parent_scopes.clone() {
+                    d.parent_scopes = p;
+                }
+                d.device_scope = device_scope(
+                    id,
+                    &d.generation_id,
+                    &d.capabilities,
+                    body,
+                    d.device_scope.take(),
+                );
                 d.etag = self.store.next_etag().map_err(HubError::server)?;
                 d
             }
-            (None, _) => Device {
-                device_id: id.to_string(),
-                generation_id: generation_id(),
-                etag: self.store.next_etag().map_err(HubError::server)?,
-                connection_state: "Disconnected".into(),
-                status: status.to_string(),
-                status_reason: body.status_reason.clone(),
-                connection_state_updated_time: NEVER.into(),
-                status_updated_time: NEVER.into(),
-                last_activity_time: NEVER.into(),
-                cloud_to_device_message_count: 0,
-                authentication: Authentication {
-                    kind: "sas".into(),
-                    symmetric_key: SymmetricKey {
-                        primary_key: Some(
-                            keys.primary_key
-                                .clone()
-                                .unwrap_or_else(roost_iothub::sas::generate_key),
-                        ),
-                        secondary_key: Some(
-                            keys.secondary_key
-                                .clone()
-                                .unwrap_or_else(roost_iothub::sas::generate_key),
-                        ),
-                    },
-                    x509_thumbprint: X509Thumbprint::default(),
-                },
-                capabilities: body
+            (None, _) => {
+                let generation_id = generation_id();
+                let capabilities = body
                     .capabilities
                     .clone()
-                    .unwrap_or(Capabilities { iot_edge: false }),
-            },
+                    .unwrap_or(Capabilities { iot_edge: false });
+                Device {
+                    device_scope: device_scope(id, &generation_id, &capabilities, body, None),
+                    parent_scopes: body.parent_scopes.clone().unwrap_or_default(),
+                    device_id: id.to_string(),
+                    generation_id,
+                    etag: self.store.next_etag().map_err(HubError::server)?,
+                    connection_state: "Disconnected".into(),
+                    status: status.to_string(),
+                    status_reason: body.status_reason.clone(),
+                    connection_state_updated_time: NEVER.into(),
+                    status_updated_time: NEVER.into(),
+                    last_activity_time: NEVER.into(),
+                    cloud_to_device_message_count: 0,
+                    authentication: Authentication {
+                        kind: "sas".into(),
+                        symmetric_key: SymmetricKey {
+                            primary_key: Some(
+                                keys.primary_key
+                                    .clone()
+                                    .unwrap_or_else(roost_iothub::sas::generate_key),
+                            ),
+                            secondary_key: Some(
+                                keys.secondary_key
+                                    .clone()
+                                    .unwrap_or_else(roost_iothub::sas::generate_key),
+                            ),
+                        },
+                        x509_thumbprint: X509Thumbprint::default(),
+                    },
+                    capabilities,
+                }
+            }
         };
         if is_new {
-            crate::twins::create_in(writes, &self.store, id).map_err(HubError::server)?;
+            let twin =
+                crate::twins::create_in(writes, &self.store, id).map_err(HubError::server)?;
+            let body = crate::twins::device_twin_json(&device, &twin);
+            crate::twins::lifecycle_in(writes, id, "createDeviceIdentity", body);
         }
         writes.put(&device, true).map_err(HubError::server)?;
         Ok(device)
@@ -857,8 +923,23 @@ impl Api {
                 return Err(HubError::precondition_failed());
             }
         }
+        let twin = self.stored_twin(id)?;
+        let body = crate::twins::device_twin_json(&existing, &twin);
+        crate::twins::lifecycle_in(writes, id, "deleteDeviceIdentity", body);
         writes.delete(id).map_err(HubError::server)?;
         Ok(())
+    }
+
+    /// An identity's stored twin, or an empty one (registered before twins existed).
+    fn stored_twin(&self, client_id: &str) -> Result<crate::twins::StoredTwin, HubError> {
+        Ok(self
+            .store
+            .twin(client_id)
+            .map_err(HubError::server)?
+            .unwrap_or_else(|| crate::twins::StoredTwin {
+                etag: String::new(),
+                twin: roost_twin::Twin::new(0),
+            }))
     }
 
     /// `POST /devices`: up to 100 create/update/delete operations, committed together
@@ -884,14 +965,15 @@ impl Api {
             let mut errors = Vec::new();
             for item in &items {
                 let etag = item.e_tag.as_deref().map(unquote);
-                let result = match item.import_mode.as_str() {
+                // IoT Hub takes the modes in any case (`Create`, `CREATE`).
+                let result = match item.import_mode.to_ascii_lowercase().as_str() {
                     "create" => self
                         .write_device(&mut writes, &item.id, &item.device, None)
                         .map(drop),
                     "update" => self
                         .write_device(&mut writes, &item.id, &item.device, Some("*"))
                         .map(drop),
-                    "updateIfMatchETag" => self
+                    "updateifmatchetag" => self
                         .write_device(
                             &mut writes,
                             &item.id,
@@ -900,7 +982,7 @@ impl Api {
                         )
                         .map(drop),
                     "delete" => self.delete_device(&mut writes, &item.id, None),
-                    "deleteIfMatchETag" => {
+                    "deleteifmatchetag" => {
                         self.delete_device(&mut writes, &item.id, Some(etag.unwrap_or("")))
                     }
                     other => Err(HubError::bad_request(format!(
@@ -1048,8 +1130,17 @@ impl Api {
             module.etag = self.store.next_etag().map_err(HubError::server)?;
             let mut writes = self.store.writes();
             if created {
-                crate::twins::create_in(&mut writes, &self.store, &module.client_id())
+                let twin = crate::twins::create_in(&mut writes, &self.store, &module.client_id())
                     .map_err(HubError::server)?;
+                if let Some(device) = self.store.device(id).map_err(HubError::server)? {
+                    let body = crate::twins::module_twin_json(&device, &module, &twin);
+                    crate::twins::lifecycle_in(
+                        &mut writes,
+                        &module.client_id(),
+                        "createModuleIdentity",
+                        body,
+                    );
+                }
             }
             writes.put_module(&module).map_err(HubError::server)?;
             writes.commit().map_err(HubError::server)?;
@@ -1077,6 +1168,16 @@ impl Api {
                 return Err(HubError::precondition_failed());
             }
             let mut writes = self.store.writes();
+            if let Some(device) = self.store.device(id).map_err(HubError::server)? {
+                let twin = self.stored_twin(&existing.client_id())?;
+                let body = crate::twins::module_twin_json(&device, &existing, &twin);
+                crate::twins::lifecycle_in(
+                    &mut writes,
+                    &existing.client_id(),
+                    "deleteModuleIdentity",
+                    body,
+                );
+            }
             writes.delete_module(&existing.client_id());
             writes.commit().map_err(HubError::server)?;
             tracing::info!(device = %id, module = %m, "module deleted");
@@ -1269,6 +1370,22 @@ fn etagged(body: &impl serde::Serialize, etag: &str) -> Resp {
 }
 
 /// IoT Hub generation ids are 18-digit numbers; a new one per identity lifetime.
+/// A device's scope as IoT Hub keeps it: an edge device has its own, made from its id and
+/// generation; any other device has the one it was given (its parent edge device's), or keeps
+/// the one it had.
+fn device_scope(
+    id: &str,
+    generation_id: &str,
+    capabilities: &Capabilities,
+    body: &DeviceWrite,
+    had: Option<String>,
+) -> Option<String> {
+    if capabilities.iot_edge {
+        return Some(format!("ms-azure-iot-edge://{id}-{generation_id}"));
+    }
+    body.device_scope.clone().filter(|s| !s.is_empty()).or(had)
+}
+
 fn generation_id() -> String {
     let mut b = [0u8; 8];
     let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b);
@@ -1295,10 +1412,17 @@ mod tests {
         ));
         let store = Store::open(&dir).expect("store opens");
         let metrics = Arc::new(ControlMetrics::new());
+        let commands = Arc::new(crate::linkserver::Commands::default());
         let twins = Arc::new(Twins {
             store: store.clone(),
-            commands: Arc::new(crate::linkserver::Commands::default()),
+            commands: commands.clone(),
             metrics: metrics.clone(),
+            events: Arc::new(crate::events::HubEvents::new(
+                store.clone(),
+                commands,
+                metrics.clone(),
+                "localhost",
+            )),
         });
         let methods = Arc::new(Methods::new(
             store.clone(),
@@ -1414,6 +1538,117 @@ mod tests {
             }
         }
         let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// An edge device gets its own scope; a device under it keeps the scope it is given; a bulk
+    /// import mode is taken in any case.
+    #[test]
+    fn edge_devices_have_scopes_and_import_modes_take_any_case() {
+        let (api, dir) = api();
+        let owner = || Some(token(&api, "iothubowner", 3600));
+        let edge = json_of(
+            &call(
+                &api,
+                &request(
+                    "PUT",
+                    "/devices/e1",
+                    owner(),
+                    r#"{"deviceId":"e1","capabilities":{"iotEdge":true}}"#,
+                ),
+            )
+            .expect("edge"),
+        );
+        let scope = edge["deviceScope"]
+            .as_str()
+            .expect("an edge device's scope")
+            .to_string();
+        assert_eq!(
+            scope,
+            format!(
+                "ms-azure-iot-edge://e1-{}",
+                edge["generationId"].as_str().expect("generation")
+            )
+        );
+        assert_eq!(edge["capabilities"]["iotEdge"], true);
+        let child =
+            format!(r#"{{"deviceId":"c1","deviceScope":"{scope}","parentScopes":["{scope}"]}}"#);
+        let c =
+            json_of(&call(&api, &request("PUT", "/devices/c1", owner(), &child)).expect("child"));
+        assert_eq!(
+            (c["deviceScope"].as_str(), c["parentScopes"][0].as_str()),
+            (Some(scope.as_str()), Some(scope.as_str()))
+        );
+        let mut update = request(
+            "PUT",
+            "/devices/c1",
+            owner(),
+            r#"{"deviceId":"c1","status":"disabled"}"#,
+        );
+        update
+            .headers_mut()
+            .insert("if-match", "\"*\"".parse().expect("header"));
+        let c = json_of(&call(&api, &update).expect("update"));
+        assert_eq!(
+            c["deviceScope"].as_str(),
+            Some(scope.as_str()),
+            "an update without a scope keeps it"
+        );
+        let plain = json_of(
+            &call(
+                &api,
+                &request("PUT", "/devices/p1", owner(), r#"{"deviceId":"p1"}"#),
+            )
+            .expect("plain"),
+        );
+        assert!(plain.get("deviceScope").is_none());
+        let bulk = r#"[{"id":"b1","importMode":"Create"},{"id":"b2","importMode":"CREATE"},{"id":"p1","importMode":"Delete"}]"#;
+        let r = json_of(&call(&api, &request("POST", "/devices", owner(), bulk)).expect("bulk"));
+        assert_eq!(r["isSuccessful"], true, "{r}");
+        assert!(api.store.device("b2").expect("store").is_some());
+        assert!(api.store.device("p1").expect("store").is_none());
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// Registry errors in the `ErrorCode:<Name>;…` form the Node SDK parses into typed errors
+    /// (its `parseErrorBody` splits `Message` at `;` and the first part at `:`), others in
+    /// the JSON form; the `iothub-errorcode` header on both.
+    #[test]
+    fn error_bodies_take_the_form_iot_hub_gives_them() {
+        let not_found = HubError::device_not_found("d9").response();
+        assert_eq!(not_found.status(), StatusCode::NOT_FOUND);
+        assert_eq!(not_found.headers()["iothub-errorcode"], "DeviceNotFound");
+        let body = json_of(&not_found);
+        let message = body["Message"].as_str().expect("Message");
+        let (code, text) = message.split_once(';').expect("ErrorCode:<Name>;<message>");
+        assert_eq!(code.split(':').nth(1), Some("DeviceNotFound"));
+        assert_eq!(text, "Device d9 not registered");
+        assert!(body["ExceptionMessage"]
+            .as_str()
+            .expect("tracking")
+            .starts_with("Tracking ID:"));
+        for (e, name) in [
+            (HubError::precondition_failed(), "PreconditionFailed"),
+            (
+                HubError::job(JobFailure::NotFound("j".into())),
+                "JobNotFound",
+            ),
+            (
+                HubError::job(JobFailure::Exists("j".into())),
+                "JobAlreadyExists",
+            ),
+        ] {
+            let m = json_of(&e.response())["Message"]
+                .as_str()
+                .expect("Message")
+                .to_string();
+            assert!(m.starts_with(&format!("ErrorCode:{name};")), "{m}");
+        }
+        let offline = HubError::method(MethodFailure::NotOnline).response();
+        let inner: serde_json::Value =
+            serde_json::from_str(json_of(&offline)["Message"].as_str().expect("Message"))
+                .expect("JSON form");
+        assert_eq!(inner["errorCode"], 404103);
+        assert_eq!(offline.headers()["iothub-errorcode"], "DeviceNotOnline");
     }
 
     #[test]

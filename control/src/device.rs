@@ -23,6 +23,13 @@ pub struct Device {
     pub cloud_to_device_message_count: u64,
     pub authentication: Authentication,
     pub capabilities: Capabilities,
+    /// An edge device's own scope (`ms-azure-iot-edge://{id}-{generationId}`, made by the
+    /// hub), or, for a device under an edge device, its parent's scope.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_scope: Option<String>,
+    /// The scopes of an edge device's parents (nested edge).
+    #[serde(default)]
+    pub parent_scopes: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
@@ -109,6 +116,8 @@ pub struct DeviceWrite {
     pub status_reason: Option<String>,
     pub authentication: Option<AuthenticationWrite>,
     pub capabilities: Option<Capabilities>,
+    pub device_scope: Option<String>,
+    pub parent_scopes: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

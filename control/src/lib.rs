@@ -16,6 +16,7 @@ pub mod api;
 pub mod c2d;
 pub mod certs;
 pub mod device;
+pub mod events;
 pub mod jobs;
 pub mod linkserver;
 pub mod methods;
@@ -93,10 +94,18 @@ pub fn run(config: ControlConfig, on_ready: impl FnOnce() + Send + 'static) -> a
             .await
             .with_context(|| format!("cannot listen on service address {}", config.service))?;
         let commands = Arc::new(linkserver::Commands::default());
+        let events = Arc::new(events::HubEvents::new(
+            store.clone(),
+            commands.clone(),
+            metrics.clone(),
+            &config.hostname,
+        ));
+        tokio::spawn(events.clone().run());
         let twins = Arc::new(twins::Twins {
             store: store.clone(),
             commands: commands.clone(),
             metrics: metrics.clone(),
+            events: events.clone(),
         });
         let methods = Arc::new(methods::Methods::new(
             store.clone(),
@@ -198,6 +207,7 @@ pub fn run(config: ControlConfig, on_ready: impl FnOnce() + Send + 'static) -> a
             twins,
             methods,
             c2d,
+            events: events.clone(),
         });
         tokio::spawn(link.run(endpoint.clone()));
 

@@ -64,6 +64,7 @@ pub struct LinkServer {
     pub twins: Arc<Twins>,
     pub methods: Arc<Methods>,
     pub c2d: Arc<C2d>,
+    pub events: Arc<crate::events::HubEvents>,
 }
 
 /// Twin requests one engine may have queued at control; past it one is answered at once with
@@ -178,6 +179,39 @@ impl Commands {
             .is_ok()
     }
 
+    /// Sends an event for the `events` log to an engine (the one `device_id` is connected to,
+    /// else the first linked); the answer is `Delivered` once the engine has it durable, any
+    /// other outcome when it could not take it. `None` when no engine is linked.
+    pub fn append(
+        &self,
+        device_id: &str,
+        message: roost_model::message::Message,
+    ) -> Option<(u64, oneshot::Receiver<CommandOutcome>)> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        let links = locked(&self.links);
+        let link = links
+            .values()
+            .find(|l| l.clients.contains(device_id))
+            .or_else(|| links.values().next())?;
+        locked(&self.waiting).insert(id, tx);
+        let frame = ControlFrame::Append {
+            id,
+            device_id: device_id.to_string(),
+            message,
+        };
+        if link.frames.send(frame).is_err() {
+            locked(&self.waiting).remove(&id);
+            return None;
+        }
+        Some((id, rx))
+    }
+
+    /// Stops waiting for the answer to `id`.
+    pub fn forget(&self, id: u64) {
+        locked(&self.waiting).remove(&id);
+    }
+
     /// Sends `command` to the session of `client_id` (`device` or `device/module`) on the
     /// engine it is connected to, and waits up to `timeout` for the engine's answer.
     pub async fn send(
@@ -216,6 +250,15 @@ impl Commands {
 }
 
 impl LinkServer {
+    /// A `deviceConnectionStateEvents` record for `client_id`.
+    fn connection_event(&self, client_id: &str, connected: bool, at_ms: u64) {
+        let seq = self.commands.next_id.fetch_add(1, Ordering::Relaxed);
+        let event = crate::events::HubEvent::connection(client_id, connected, at_ms, seq);
+        if let Err(e) = self.events.emit(&event) {
+            tracing::warn!(error = %e, "recording a connection-state event failed");
+        }
+    }
+
     pub async fn run(self: Arc<Self>, endpoint: quinn::Endpoint) {
         while let Some(incoming) = endpoint.accept().await {
             let me = self.clone();
@@ -233,8 +276,10 @@ impl LinkServer {
                 let link = me.commands.add_link(frames_tx);
                 let why = me.serve(&conn, link, frames_rx).await;
                 let clients = me.commands.remove_link(link);
+                let at_ms = crate::events::now_ms();
                 for c in &clients {
                     me.c2d.on_disconnected(c);
+                    me.connection_event(c, false, at_ms);
                 }
                 me.metrics.links_current.dec();
                 tracing::info!(%remote, reason = %why, "engine link closed");
@@ -435,6 +480,7 @@ impl LinkServer {
                 if !up {
                     self.c2d.on_disconnected(&client_id);
                 }
+                self.connection_event(&client_id, up, at_ms);
                 let at = iso_ms(at_ms);
                 // A module's connection is the module's, not its device's.
                 if let Some(m) = &module_id {
@@ -474,6 +520,15 @@ impl LinkServer {
                 Ok(())
             }
             EngineFrame::CommandResult { id, outcome } => {
+                self.commands.answer(id, outcome);
+                Ok(())
+            }
+            EngineFrame::EventAppended { id, appended } => {
+                let outcome = if appended {
+                    CommandOutcome::Delivered
+                } else {
+                    CommandOutcome::NotConnected
+                };
                 self.commands.answer(id, outcome);
                 Ok(())
             }
@@ -616,6 +671,7 @@ fn frame_kind(frame: &EngineFrame) -> &'static str {
         EngineFrame::Applied { .. } => "applied",
         EngineFrame::Rejected { .. } => "rejected",
         EngineFrame::CommandResult { .. } => "command_result",
+        EngineFrame::EventAppended { .. } => "event_appended",
         EngineFrame::TwinRequest { .. } => "twin_request",
         EngineFrame::MethodResponse { .. } => "method_response",
         EngineFrame::C2dReady { .. } => "c2d_ready",

@@ -367,6 +367,8 @@ mod tests {
             cloud_to_device_message_count: 0,
             authentication: Default::default(),
             capabilities: Default::default(),
+            device_scope: None,
+            parent_scopes: Vec::new(),
         };
         store.put_device(&device, true).expect("device");
         let m = Methods::new(

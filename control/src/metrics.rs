@@ -32,6 +32,8 @@ pub struct ControlMetrics {
     /// Jobs entering a status, by `status` (queued, scheduled, running, completed, failed,
     /// cancelled).
     pub jobs: IntCounterVec,
+    /// The hub's own events made durable in an engine's log, by `source`.
+    pub hub_events: IntCounterVec,
 }
 
 impl ControlMetrics {
@@ -141,6 +143,14 @@ impl ControlMetrics {
             &["status"],
         )
         .expect("static metric");
+        let hub_events = IntCounterVec::new(
+            Opts::new(
+                "roost_control_hub_events_total",
+                "The hub's own events (twinChangeEvents, deviceLifecycleEvents, deviceConnectionStateEvents) an engine made durable in the events log, by source.",
+            ),
+            &["source"],
+        )
+        .expect("static metric");
         let registry_sequence = IntGauge::new(
             "roost_control_registry_sequence",
             "Sequence of the last registry change.",
@@ -166,6 +176,7 @@ impl ControlMetrics {
             Box::new(c2d_pending.clone()),
             Box::new(queries.clone()),
             Box::new(jobs.clone()),
+            Box::new(hub_events.clone()),
         ] {
             registry
                 .register(m)
@@ -187,6 +198,7 @@ impl ControlMetrics {
             c2d_pending,
             queries,
             jobs,
+            hub_events,
         }
     }
 

@@ -32,6 +32,8 @@ const CF_MODULES: &str = "modules";
 const CF_JOBS: &str = "jobs";
 /// What each job did on each device, keyed `device\0job` (the rows of `devices.jobs`).
 const CF_DEVICE_JOBS: &str = "device_jobs";
+/// The hub's own events waiting to reach an engine's `events` log (`events.rs`), by sequence.
+const CF_EVENTS_OUT: &str = "events_out";
 const SEQ_KEY: &[u8] = b"registry_seq";
 const POLICIES_KEY: &[u8] = b"policies";
 const ETAG_KEY: &[u8] = b"etag_counter";
@@ -50,6 +52,8 @@ pub struct Store {
     /// Serializes writers so sequence numbers and etags are handed out in order.
     write_lock: Mutex<()>,
     changes: broadcast::Sender<(u64, RegistryChange)>,
+    /// The sequence of the next event written to the outbox.
+    next_event: std::sync::atomic::AtomicU64,
 }
 
 impl Store {
@@ -67,14 +71,31 @@ impl Store {
             CF_MODULES,
             CF_JOBS,
             CF_DEVICE_JOBS,
+            CF_EVENTS_OUT,
         ]
         .map(|n| ColumnFamilyDescriptor::new(n, Options::default()));
         let db = DB::open_cf_descriptors(&opts, path, cfs)?;
         let (changes, _) = broadcast::channel(4096);
+        let next_event = {
+            let mut it = db.iterator_cf(
+                db.cf_handle(CF_EVENTS_OUT).expect("created at open"),
+                IteratorMode::End,
+            );
+            match it.next() {
+                Some(item) => {
+                    let (k, _) = item?;
+                    let mut be = [0u8; 8];
+                    be.copy_from_slice(&k[..8.min(k.len())]);
+                    u64::from_be_bytes(be) + 1
+                }
+                None => 0,
+            }
+        };
         let store = Arc::new(Self {
             db,
             write_lock: Mutex::new(()),
             changes,
+            next_event: std::sync::atomic::AtomicU64::new(next_event),
         });
         if store.meta(POLICIES_KEY)?.is_none() {
             let json = serde_json::to_vec(&policies::defaults())
@@ -188,6 +209,38 @@ impl Store {
             }
         }
         Ok(out)
+    }
+
+    /// Up to `limit` events of the outbox, oldest first, with their sequence numbers.
+    pub fn events_out(&self, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        let mut out = Vec::new();
+        for item in self
+            .db
+            .iterator_cf(self.cf(CF_EVENTS_OUT), IteratorMode::Start)
+            .take(limit)
+        {
+            let (k, v) = item?;
+            let mut be = [0u8; 8];
+            be.copy_from_slice(&k[..8.min(k.len())]);
+            out.push((u64::from_be_bytes(be), v.to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// Forgets events of the outbox (they are in an engine's log).
+    pub fn delete_events(&self, seqs: &[u64]) -> Result<(), StoreError> {
+        let mut batch = WriteBatch::default();
+        for s in seqs {
+            batch.delete_cf(self.cf(CF_EVENTS_OUT), s.to_be_bytes());
+        }
+        Ok(self.db.write(batch)?)
+    }
+
+    /// Writes one event to the outbox on its own (synced).
+    pub fn put_event(&self, event: &[u8]) -> Result<(), StoreError> {
+        let mut w = self.writes();
+        w.put_event(event);
+        w.commit()
     }
 
     /// A job, stored as JSON.
@@ -543,6 +596,16 @@ impl Writes<'_> {
             self.changes.push(RegistryChange::Upsert(device.auth()));
         }
         Ok(())
+    }
+
+    /// Adds an event to the outbox, in the same batch as the change it tells of.
+    pub fn put_event(&mut self, event: &[u8]) {
+        let seq = self
+            .store
+            .next_event
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.batch
+            .put_cf(self.store.cf(CF_EVENTS_OUT), seq.to_be_bytes(), event);
     }
 
     pub fn put_twin(&mut self, client_id: &str, twin: &StoredTwin) -> Result<(), StoreError> {

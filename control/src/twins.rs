@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
 use crate::device::{Device, Module};
+use crate::events::{EventSource, HubEvent, HubEvents};
 use crate::linkserver::Commands;
 use crate::metrics::ControlMetrics;
 use crate::store::{Store, StoreError, Writes};
@@ -73,13 +74,32 @@ pub fn new_twin(store: &Store) -> Result<StoredTwin, StoreError> {
     })
 }
 
-/// Creates `device_id`'s twin in `writes` (a device being created).
+/// Creates `device_id`'s twin in `writes` (a device being created); returns it.
 pub fn create_in(
     writes: &mut Writes<'_>,
     store: &Store,
     device_id: &str,
-) -> Result<(), StoreError> {
-    writes.put_twin(device_id, &new_twin(store)?)
+) -> Result<StoredTwin, StoreError> {
+    let twin = new_twin(store)?;
+    writes.put_twin(device_id, &twin)?;
+    Ok(twin)
+}
+
+/// A `deviceLifecycleEvents` record (`createDeviceIdentity`, `deleteDeviceIdentity`,
+/// `createModuleIdentity`, `deleteModuleIdentity`) for `client_id`, in `writes`; its body is
+/// the identity's twin, as IoT Hub's is.
+pub fn lifecycle_in(writes: &mut Writes<'_>, client_id: &str, op: &str, twin: Value) {
+    HubEvent::new(EventSource::Lifecycle, client_id, op, twin).write_in(writes);
+}
+
+/// The twin JSON of a device (lifecycle events).
+pub fn device_twin_json(device: &Device, twin: &StoredTwin) -> Value {
+    service_json(device_identity(device), twin)
+}
+
+/// The twin JSON of a module (lifecycle events).
+pub fn module_twin_json(device: &Device, module: &Module, twin: &StoredTwin) -> Value {
+    service_json(module_identity(device, module), twin)
 }
 
 /// The twin of a service write, as IoT Hub takes one: `$metadata` and `$version` in the desired
@@ -101,6 +121,26 @@ pub struct Twins {
     pub store: Arc<Store>,
     pub commands: Arc<Commands>,
     pub metrics: Arc<ControlMetrics>,
+    /// Where twin changes are told (`twinChangeEvents`), and device lifecycle by the API.
+    pub events: Arc<HubEvents>,
+}
+
+/// The body of a `twinChangeEvents` record: the new twin version and the changed parts, each
+/// section with its new `$version`.
+fn change_body(version: u64, tags: Option<&Value>, section: Option<(&str, Value, u64)>) -> Value {
+    let mut body = json!({ "version": version });
+    if let Some(t) = tags {
+        body["tags"] = t.clone();
+    }
+    if let Some((name, mut members, v)) = section {
+        if let Some(m) = members.as_object_mut() {
+            m.insert("$version".into(), json!(v));
+        }
+        let mut properties = Map::new();
+        properties.insert(name.to_string(), members);
+        body["properties"] = Value::Object(properties);
+    }
+    body
 }
 
 impl Twins {
@@ -180,7 +220,29 @@ impl Twins {
                 delta
             };
             stored.etag = self.store.next_etag()?;
-            self.store.put_twin(device_id, &stored)?;
+            let desired_version = stored.twin.desired.version();
+            let (op, tags, section) = if replace {
+                let desired = stored.twin.desired.to_json(false);
+                (
+                    "replaceTwin",
+                    Some(Value::Object(stored.twin.tags.clone())),
+                    Some(("desired", desired, desired_version)),
+                )
+            } else {
+                let section = desired.clone().map(|d| ("desired", d, desired_version));
+                ("updateTwin", body.get("tags").cloned(), section)
+            };
+            let event = HubEvent::new(
+                EventSource::TwinChange,
+                device_id,
+                op,
+                change_body(stored.twin.version, tags.as_ref(), section),
+            );
+            let mut writes = self.store.writes();
+            writes.put_twin(device_id, &stored)?;
+            event.write_in(&mut writes);
+            writes.commit()?;
+            self.events.written();
             // Sent inside the writer lock, so devices get desired changes in version order.
             if let Some(body) = desired {
                 self.push_desired(device_id, stored.twin.desired.version(), &body);
@@ -236,7 +298,21 @@ impl Twins {
                     let version = stored.twin.device_patch_reported(&patch, now_ms())?;
                     if stored.twin.version != before {
                         stored.etag = self.store.next_etag()?;
-                        self.store.put_twin(&client_id, &stored)?;
+                        let event = HubEvent::new(
+                            EventSource::TwinChange,
+                            &client_id,
+                            "updateTwin",
+                            change_body(
+                                stored.twin.version,
+                                None,
+                                Some(("reported", patch.clone(), version)),
+                            ),
+                        );
+                        let mut writes = self.store.writes();
+                        writes.put_twin(&client_id, &stored)?;
+                        event.write_in(&mut writes);
+                        writes.commit()?;
+                        self.events.written();
                     }
                     Ok((204, Some(version), String::new()))
                 }

@@ -58,7 +58,7 @@ def test_module_lifecycle_telemetry_twin_and_methods(shared_hub):
     assert [m.module_id for m in rm.get_modules(device_id)] == ["sensor"]
     with pytest.raises(HttpOperationError) as err:
         rm.get_module(device_id, "nope")
-    assert status_and_code(err.value) == (404, 404010)
+    assert status_and_code(err.value) == (404, "ModuleNotFound")
 
     device = hub.connected_client(device_conn)
     module = connected_module(hub, module_connection_string(hub, device_id, "sensor", key))

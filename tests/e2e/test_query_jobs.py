@@ -167,7 +167,9 @@ def test_a_job_resumes_after_control_is_killed(hub):
 
     n = 120
     for start in range(0, n, 100):
-        batch = [{"id": f"r{i:03}", "importMode": "create", "authentication": {"type": "sas", "symmetricKey": {}}}
+        # IoT Hub takes import modes in any case.
+        mode = "Create" if start == 0 else "CREATE"
+        batch = [{"id": f"r{i:03}", "importMode": mode, "authentication": {"type": "sas", "symmetricKey": {}}}
                  for i in range(start, min(n, start + 100))]
         r = requests.post(f"{hub.service_url}/devices?api-version=2021-04-12", json=batch,
                           headers=hub.service_headers(), verify=str(hub.ca_path), timeout=15)

@@ -453,6 +453,10 @@ pub enum EventsCmd {
         /// Keep waiting for new messages (until Ctrl-C or --max).
         #[arg(long)]
         follow: bool,
+        /// Only records of this `iothub-message-source`: Telemetry, twinChangeEvents,
+        /// deviceLifecycleEvents or deviceConnectionStateEvents.
+        #[arg(long)]
+        source: Option<String>,
     },
 }
 
@@ -719,12 +723,24 @@ fn wait_healthy(child: &mut Child, ops: SocketAddr, what: &str) -> anyhow::Resul
 
 pub(crate) fn check(resp: &client::Response) -> anyhow::Result<()> {
     if resp.status >= 300 {
-        let detail = serde_json::from_slice::<Value>(&resp.body)
+        // IoT Hub's two error forms: `Message` as JSON text with a `message`, or
+        // `ErrorCode:<Name>;<message>`.
+        let message = serde_json::from_slice::<Value>(&resp.body)
             .ok()
-            .and_then(|v| v.get("Message").and_then(Value::as_str).map(str::to_string))
-            .and_then(|m| serde_json::from_str::<Value>(&m).ok())
-            .and_then(|m| m.get("message").and_then(Value::as_str).map(str::to_string))
-            .unwrap_or_else(|| resp.text());
+            .and_then(|v| v.get("Message").and_then(Value::as_str).map(str::to_string));
+        let detail = match message {
+            Some(m) => match serde_json::from_str::<Value>(&m) {
+                Ok(inner) => inner
+                    .get("message")
+                    .and_then(Value::as_str)
+                    .map_or(m.clone(), str::to_string),
+                Err(_) => match m.strip_prefix("ErrorCode:").and_then(|r| r.split_once(';')) {
+                    Some((name, text)) => format!("{name}: {text}"),
+                    None => m,
+                },
+            },
+            None => resp.text(),
+        };
         bail!("the hub answered {}: {}", resp.status, detail);
     }
     Ok(())
@@ -954,7 +970,11 @@ pub fn run_events(action: EventsCmd, data_dir: &Path) -> anyhow::Result<()> {
         max,
         json,
         follow,
+        source,
     } = action;
+    let only = source
+        .map(|s| format!("&source={}", path_id(&s)))
+        .unwrap_or_default();
     let hub = hubfile::read(data_dir)?;
     let ops = hub.ops_url(data_dir)?.to_string();
     let auth = hub.ops_auth();
@@ -992,7 +1012,7 @@ pub fn run_events(action: EventsCmd, data_dir: &Path) -> anyhow::Result<()> {
             match &group {
                 Some(g) => {
                     let url = format!(
-                        "{ops}/events/groups/{}/records?max={budget}&from={}",
+                        "{ops}/events/groups/{}/records?max={budget}&from={}{only}",
                         path_id(g),
                         from.as_str()
                     );
@@ -1019,8 +1039,9 @@ pub fn run_events(action: EventsCmd, data_dir: &Path) -> anyhow::Result<()> {
                         if left == 0 {
                             break;
                         }
-                        let url =
-                            format!("{ops}/events/partitions/{k}/records?from={next}&max={left}");
+                        let url = format!(
+                            "{ops}/events/partitions/{k}/records?from={next}&max={left}{only}"
+                        );
                         let resp = request_once(Method::GET, &url, &auth, None, None).await?;
                         check(&resp)?;
                         let v: Value = serde_json::from_slice(&resp.body)?;

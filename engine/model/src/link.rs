@@ -236,6 +236,14 @@ pub enum ControlFrame {
         client_id: String,
         command: DeviceCommand,
     },
+    /// Append `message` (an event of the hub's own: a twin change, a device's lifecycle or
+    /// connection state) to the `events` log, in the partition `device_id` hashes to;
+    /// answered with `EventAppended { id }` once it is durable.
+    Append {
+        id: u64,
+        device_id: String,
+        message: crate::message::Message,
+    },
 }
 
 /// Engine → control.
@@ -276,6 +284,9 @@ pub enum EngineFrame {
     },
     /// What became of command `id`.
     CommandResult { id: u64, outcome: CommandOutcome },
+    /// Event `id` of an `Append` is durable in the log (`appended`), or was refused (the log
+    /// could not take it; control sends it again).
+    EventAppended { id: u64, appended: bool },
     /// The client acknowledged cloud-to-device message `lock` (MQTT PUBACK): it is complete.
     C2dComplete {
         device_id: String,

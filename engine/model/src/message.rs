@@ -12,6 +12,14 @@ pub enum Source {
     DeviceConnectionStateEvents,
 }
 
+/// Every value of `iothub-message-source` the log holds.
+pub const SOURCES: [&str; 4] = [
+    "Telemetry",
+    "twinChangeEvents",
+    "deviceLifecycleEvents",
+    "deviceConnectionStateEvents",
+];
+
 impl Source {
     /// The value of `iothub-message-source` for this source.
     pub fn as_str(&self) -> &'static str {

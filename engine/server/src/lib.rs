@@ -286,6 +286,7 @@ pub fn run(config: EngineConfig, on_ready: impl FnOnce() + Send + 'static) -> an
         control: config.control,
         client: link_client,
         state,
+        shards: cmd_txs.clone(),
     });
 
     let ops = Arc::new(ops::Ops {

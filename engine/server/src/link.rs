@@ -23,6 +23,7 @@ use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 
 use crate::metrics::Metrics;
 use crate::router::{RouterInput, RouterTx};
+use crate::shard::ShardCommand;
 
 /// What the engine runs, as the link changes it: the registry projection and the epoch.
 pub struct EngineState {
@@ -68,6 +69,8 @@ pub struct LinkContext {
     pub control: SocketAddr,
     pub client: quinn::ClientConfig,
     pub state: Arc<EngineState>,
+    /// Each shard's command channel (events control asks to append go to a shard's partition).
+    pub shards: Vec<crossbeam::channel::Sender<ShardCommand>>,
 }
 
 /// Where an update comes from.
@@ -363,6 +366,7 @@ async fn serve(
     // the synced replica writes run on the blocking pool, not on the thread that serves the
     // ops port.
     let reader_state = ctx.state.clone();
+    let shards = ctx.shards.clone();
     let answers = answers.clone();
     let mut reader = tokio::spawn(async move {
         loop {
@@ -370,6 +374,15 @@ async fn serve(
                 Ok(f) => f,
                 Err(e) => return e,
             };
+            if let ControlFrame::Append {
+                id,
+                device_id,
+                message,
+            } = frame
+            {
+                append_event(&shards, &answers, id, &device_id, message);
+                continue;
+            }
             if let Err(e) = on_control_frame(&reader_state, frame, &answers).await {
                 return e;
             }
@@ -403,6 +416,36 @@ async fn serve(
     why
 }
 
+/// An event from control goes to the partition of the shard `device_id` hashes to (so one
+/// device's events keep their order); the shard answers once it is durable. A shard that is
+/// gone is answered for: not appended, and control sends it again.
+fn append_event(
+    shards: &[crossbeam::channel::Sender<ShardCommand>],
+    answers: &UnboundedSender<EngineFrame>,
+    id: u64,
+    device_id: &str,
+    message: roost_model::message::Message,
+) {
+    let hash = device_id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+    });
+    let sent = match shards.len() {
+        0 => false,
+        n => shards[(hash % n as u64) as usize]
+            .send(ShardCommand::Append {
+                id,
+                message: Box::new(message),
+            })
+            .is_ok(),
+    };
+    if !sent {
+        let _ = answers.send(EngineFrame::EventAppended {
+            id,
+            appended: false,
+        });
+    }
+}
+
 async fn on_control_frame(
     state: &Arc<EngineState>,
     frame: ControlFrame,
@@ -424,6 +467,14 @@ async fn on_control_frame(
         ControlFrame::Snapshot { seq, devices } => Update::Snapshot { seq, devices },
         ControlFrame::Deltas { from_seq, changes } => Update::Deltas { from_seq, changes },
         ControlFrame::Apply { epoch } => Update::Epoch(epoch),
+        // Handled by the reader, before the registry's updates.
+        ControlFrame::Append { id, .. } => {
+            let _ = answers.send(EngineFrame::EventAppended {
+                id,
+                appended: false,
+            });
+            return Ok(());
+        }
     };
     let epoch_hash = match &update {
         Update::Epoch(e) => Some(e.hash),

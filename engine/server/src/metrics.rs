@@ -21,6 +21,7 @@ pub struct Metrics {
     commands_dropped: IntCounterVec,
     throttle_delayed: IntCounterVec,
     twin_requests: IntCounterVec,
+    hub_events: IntCounterVec,
     messages_in: IntCounterVec,
     bytes_in: IntCounterVec,
     log_appends: IntCounterVec,
@@ -185,6 +186,12 @@ impl Metrics {
                 "Twin requests from devices, by result: sent to control (get, patch_reported), or answered at once by the engine (throttled 429, too_many_in_flight 429, too_large 400).",
                 &["shard", "result"],
             ),
+            hub_events: counter(
+                &registry,
+                "roost_hub_events_total",
+                "The hub's own events (twinChangeEvents, deviceLifecycleEvents, deviceConnectionStateEvents) appended to the events log for control, by source.",
+                &["shard", "source"],
+            ),
             messages_in: counter(
                 &registry,
                 "roost_messages_in_total",
@@ -253,6 +260,7 @@ impl Metrics {
             disconnects: Reasons::new(self.disconnects.clone(), s.clone()),
             commands_dropped: Reasons::new(self.commands_dropped.clone(), s.clone()),
             throttle_delayed: Reasons::new(self.throttle_delayed.clone(), s.clone()),
+            hub_events: Reasons::new(self.hub_events.clone(), s.clone()),
             twin_requests: Reasons::new(self.twin_requests.clone(), s),
         }
     }
@@ -284,6 +292,8 @@ pub struct ShardMetrics {
     pub throttle_delayed: Reasons,
     /// Device twin requests, by result.
     pub twin_requests: Reasons,
+    /// The hub's own events appended, by source.
+    pub hub_events: Reasons,
 }
 
 impl ShardMetrics {
@@ -301,6 +311,7 @@ impl ShardMetrics {
         self.commands_dropped.flush();
         self.throttle_delayed.flush();
         self.twin_requests.flush();
+        self.hub_events.flush();
     }
 }
 

@@ -6,6 +6,8 @@
 //! - `GET /events/groups/{g}/records?max=M&from=earliest|latest` → records from the group's
 //!   persisted checkpoint (or `from` when it has none) and `{"positions":{"p":next}}`
 //! - `POST /events/groups/{g}/checkpoint` with `{"p":next,..}` → 204
+//! - both reads take `source=Telemetry|twinChangeEvents|deviceLifecycleEvents|deviceConnectionStateEvents`:
+//!   only records of that `iothub-message-source` (a read looks at most at `MAX_SCANNED`)
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -136,7 +138,10 @@ impl Ops {
             Ok(m) => m,
             Err(r) => return r,
         };
-        let mut records = RecordsJson::new();
+        let mut records = match records_for(req) {
+            Ok(r) => r,
+            Err(r) => return r,
+        };
         match read_records(self.log.as_ref(), p, from, max, &mut records) {
             Ok(next) => httpd::json_raw(StatusCode::OK, records.finish("next", &next.to_string())),
             Err(e @ LogError::NoPartition(_)) => httpd::text(StatusCode::NOT_FOUND, e.to_string()),
@@ -154,7 +159,10 @@ impl Ops {
             Ok(m) => m,
             Err(r) => return r,
         };
-        let mut records = RecordsJson::new();
+        let mut records = match records_for(req) {
+            Ok(r) => r,
+            Err(r) => return r,
+        };
         let mut positions = BTreeMap::new();
         let partitions = match self.log.partitions() {
             Ok(p) => p,
@@ -203,6 +211,21 @@ impl Ops {
             Ok(()) => httpd::empty(StatusCode::NO_CONTENT),
             Err(e) => failed(&e),
         }
+    }
+}
+
+/// The response a read fills: every record, or with `source=`, those of one
+/// `iothub-message-source`.
+fn records_for(req: &Req) -> Result<RecordsJson, Resp> {
+    let records = RecordsJson::new();
+    match query_param(req, "source") {
+        None => Ok(records),
+        Some(s) if roost_model::message::SOURCES.iter().any(|k| k.eq_ignore_ascii_case(&s)) => {
+            Ok(records.only_source(&s))
+        }
+        Some(_) => Err(bad(
+            "source must be Telemetry, twinChangeEvents, deviceLifecycleEvents or deviceConnectionStateEvents",
+        )),
     }
 }
 

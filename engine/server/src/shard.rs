@@ -14,7 +14,7 @@ use glommio::net::TcpListener;
 use glommio::timer::Timer;
 use glommio::{Latency, Shares, TaskQueueHandle};
 use rkyv::util::AlignedVec;
-use roost_model::link::{CommandOutcome, DeviceCommand};
+use roost_model::link::{CommandOutcome, DeviceCommand, EngineFrame};
 use roost_registry::Registry;
 use roost_session::quota::{Admit, Bucket, Limit, QuotaCell, Quotas};
 use roost_session::{Deadlines, DisconnectReason, Holder, Identity, Inbox, PreAuthGate};
@@ -42,6 +42,12 @@ pub enum ShardCommand {
         id: u64,
         conn: u64,
         command: DeviceCommand,
+    },
+    /// Append `message` (an event control sends: twin change, lifecycle, connection state) to
+    /// this shard's partition; `EventAppended { id }` goes to control once it is durable.
+    Append {
+        id: u64,
+        message: Box<roost_model::message::Message>,
     },
     /// Stop accepting, close every connection, flush the log and return.
     Shutdown,
@@ -255,6 +261,34 @@ impl Shard {
         if let Some(e) = self.conns.borrow().get(&conn) {
             e.signal.close(reason);
         }
+    }
+
+    fn append_event(&self, id: u64, message: &roost_model::message::Message) {
+        let report = |appended| {
+            self.shared
+                .router
+                .report(EngineFrame::EventAppended { id, appended })
+        };
+        let batch = {
+            let mut scratch = self.scratch.borrow_mut();
+            let buf = std::mem::take(&mut *scratch);
+            let Ok(buf) = message.archive_into(buf) else {
+                return report(false);
+            };
+            let batch = self.log.append(&buf);
+            *scratch = buf;
+            batch
+        };
+        let Ok(batch) = batch else {
+            return report(false);
+        };
+        self.metrics.hub_events.inc(message.source.as_str());
+        let (log, router) = (self.log.clone(), self.shared.router.clone());
+        glommio::spawn_local(async move {
+            let appended = log.durable(batch).await.is_ok();
+            router.report(EngineFrame::EventAppended { id, appended });
+        })
+        .detach();
     }
 
     fn deliver(&self, id: u64, conn: u64, command: DeviceCommand) {
@@ -479,6 +513,7 @@ pub async fn run(
             match cmd {
                 ShardCommand::Kick { conn, reason } => shard.kick(conn, reason),
                 ShardCommand::Deliver { id, conn, command } => shard.deliver(id, conn, command),
+                ShardCommand::Append { id, message } => shard.append_event(id, &message),
                 ShardCommand::Shutdown => shutdown = true,
             }
         }

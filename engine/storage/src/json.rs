@@ -14,6 +14,8 @@ pub struct RecordsJson {
     buf: String,
     count: usize,
     max_bytes: usize,
+    /// Only records of this `iothub-message-source` (`None`: all).
+    source: Option<String>,
 }
 
 /// What one consumer-API response holds at most: 4 MiB of JSON (about sixteen of IoT Hub's
@@ -32,7 +34,22 @@ impl RecordsJson {
             buf: String::from("{\"records\":["),
             count: 0,
             max_bytes,
+            source: None,
         }
+    }
+
+    /// Takes only records whose `iothub-message-source` is `source` (`Telemetry`,
+    /// `twinChangeEvents`, `deviceLifecycleEvents`, `deviceConnectionStateEvents`; any case).
+    pub fn only_source(mut self, source: &str) -> Self {
+        self.source = Some(source.to_string());
+        self
+    }
+
+    /// Whether `m` is a record this response takes.
+    pub fn wants(&self, m: &ArchivedMessage) -> bool {
+        self.source
+            .as_deref()
+            .is_none_or(|s| s.eq_ignore_ascii_case(m.source.as_str()))
     }
 
     pub fn count(&self) -> usize {

@@ -131,6 +131,10 @@ pub fn decode_offset_key(key: &[u8]) -> Option<u64> {
 
 /// Appends up to `max` records of `partition` from offset `from` to `out`, fewer once `out` is
 /// [`full`](RecordsJson::full); returns the offset to read next.
+/// The most records one read looks at when it filters (by source): a read that finds few
+/// matches still returns, with `next` past what it looked at.
+pub const MAX_SCANNED: usize = 100_000;
+
 pub fn read_records(
     log: &dyn LogStore,
     partition: usize,
@@ -139,6 +143,7 @@ pub fn read_records(
     out: &mut RecordsJson,
 ) -> Result<u64, LogError> {
     let mut taken = 0;
+    let mut scanned = 0;
     let mut next = from;
     let mut failed = None;
     let mut aligned = rkyv::util::AlignedVec::<16>::new();
@@ -160,20 +165,30 @@ pub fn read_records(
             if offset < from {
                 continue;
             }
-            if taken >= max || out.full() {
+            if taken >= max || out.full() || scanned >= MAX_SCANNED {
                 return false;
             }
+            scanned += 1;
             // Records sit unaligned in the value; rkyv needs them aligned.
             aligned.clear();
             aligned.extend_from_slice(record);
             let pushed = Message::view(&aligned)
                 .map_err(|e| e.to_string())
-                .and_then(|view| out.push(partition, offset, view).map_err(str::to_string));
-            if let Err(detail) = pushed {
-                failed = Some(corrupt(detail));
-                return false;
+                .and_then(|view| match out.wants(view) {
+                    true => out
+                        .push(partition, offset, view)
+                        .map(|_| true)
+                        .map_err(str::to_string),
+                    false => Ok(false),
+                });
+            match pushed {
+                Err(detail) => {
+                    failed = Some(corrupt(detail));
+                    return false;
+                }
+                Ok(true) => taken += 1,
+                Ok(false) => {}
             }
-            taken += 1;
             next = offset + 1;
         }
         taken < max

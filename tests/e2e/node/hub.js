@@ -1,0 +1,57 @@
+// Points the official Node SDKs at a local roost hub (wire spec §9) without changing them:
+// the service clients' HTTPS goes through an agent that trusts the hub's CA and connects to the
+// hub's service port (the SDK always dials 443); the device client's MQTT goes to
+// GatewayHostName=host:port with the CA in setOptions({ca}).
+'use strict';
+const fs = require('fs');
+const https = require('https');
+
+const env = (name) => {
+  const v = process.env[name];
+  if (!v) throw new Error(`${name} is not set`);
+  return v;
+};
+
+const ca = fs.readFileSync(env('ROOST_CA'), 'utf8');
+const servicePort = Number(env('ROOST_SERVICE_PORT'));
+
+class HubAgent extends https.Agent {
+  createConnection(options, callback) {
+    return super.createConnection({ ...options, port: servicePort }, callback);
+  }
+}
+
+const agent = new HubAgent({ keepAlive: true, ca });
+
+/** A service SDK client (Registry, Client, JobClient) sent to the hub's service port. */
+function pointed(client) {
+  client._restApiClient.setOptions({ http: { agent }, ca });
+  return client;
+}
+
+/** Runs `steps` in order; prints one JSON line per step; exits 1 at the first failure. */
+async function run(steps) {
+  for (const [name, step] of steps) {
+    try {
+      const detail = await step();
+      console.log(JSON.stringify({ step: name, ok: true, detail: detail === undefined ? null : detail }));
+    } catch (e) {
+      console.log(JSON.stringify({ step: name, ok: false, error: String(e && e.stack || e), name: e && e.constructor && e.constructor.name }));
+      process.exit(1);
+    }
+  }
+  process.exit(0);
+}
+
+function check(cond, what) {
+  if (!cond) throw new Error(`check failed: ${what}`);
+}
+
+function withTimeout(promise, ms, what) {
+  return Promise.race([
+    promise,
+    new Promise((_, reject) => setTimeout(() => reject(new Error(`timed out: ${what}`)), ms)),
+  ]);
+}
+
+module.exports = { env, ca, pointed, run, check, withTimeout };
