@@ -13,6 +13,8 @@ use roost_common::hubfile;
 use roost_common::service::ServiceClient;
 use roost_common::shutdown::wait_for_shutdown_signal;
 use roost_server::{ListenerSpec, PreAuthLimits, Protocol};
+
+use crate::output::Output;
 use serde_json::{json, Value};
 
 #[derive(Parser)]
@@ -40,6 +42,8 @@ pub enum Cmd {
         action: DeviceCmd,
         #[arg(long, default_value = "./roost-data", global = true)]
         data_dir: PathBuf,
+        #[arg(short = 'o', long, value_enum, default_value = "json", global = true)]
+        output: crate::output::Output,
     },
     /// Read and write device twins through the service API.
     ///
@@ -49,6 +53,8 @@ pub enum Cmd {
         action: TwinCmd,
         #[arg(long, default_value = "./roost-data", global = true)]
         data_dir: PathBuf,
+        #[arg(short = 'o', long, value_enum, default_value = "json", global = true)]
+        output: crate::output::Output,
     },
     /// Call a direct method on a device and print its answer.
     ///
@@ -58,6 +64,8 @@ pub enum Cmd {
         action: MethodCmd,
         #[arg(long, default_value = "./roost-data", global = true)]
         data_dir: PathBuf,
+        #[arg(short = 'o', long, value_enum, default_value = "json", global = true)]
+        output: crate::output::Output,
     },
     /// Send cloud-to-device messages and read their feedback.
     ///
@@ -67,6 +75,8 @@ pub enum Cmd {
         action: C2dCmd,
         #[arg(long, default_value = "./roost-data", global = true)]
         data_dir: PathBuf,
+        #[arg(short = 'o', long, value_enum, default_value = "json", global = true)]
+        output: crate::output::Output,
     },
     /// Manage module identities through the service API.
     Module {
@@ -757,7 +767,7 @@ async fn get_device(svc: &mut ServiceClient, id: &str) -> anyhow::Result<Value> 
     Ok(serde_json::from_slice(&resp.body)?)
 }
 
-pub fn run_device(action: DeviceCmd, data_dir: &Path) -> anyhow::Result<()> {
+pub fn run_device(action: DeviceCmd, data_dir: &Path, out: Output) -> anyhow::Result<()> {
     let mut svc = ServiceClient::new(hubfile::read(data_dir)?)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -797,11 +807,11 @@ pub fn run_device(action: DeviceCmd, data_dir: &Path) -> anyhow::Result<()> {
                     .await?;
                 check(&resp)?;
                 let v: Value = serde_json::from_slice(&resp.body)?;
-                println!("{}", serde_json::to_string_pretty(&v)?);
+                crate::output::print(&v, out);
             }
             DeviceCmd::Show { id } => {
                 let v = get_device(&mut svc, &id).await?;
-                println!("{}", serde_json::to_string_pretty(&v)?);
+                crate::output::print(&v, out);
             }
             DeviceCmd::Delete { id } => {
                 let headers_path = format!("/devices/{}", path_id(&id));
@@ -820,7 +830,7 @@ pub fn run_device(action: DeviceCmd, data_dir: &Path) -> anyhow::Result<()> {
     })
 }
 
-pub fn run_twin(action: TwinCmd, data_dir: &Path) -> anyhow::Result<()> {
+pub fn run_twin(action: TwinCmd, data_dir: &Path, out: Output) -> anyhow::Result<()> {
     let mut svc = ServiceClient::new(hubfile::read(data_dir)?)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -842,12 +852,12 @@ pub fn run_twin(action: TwinCmd, data_dir: &Path) -> anyhow::Result<()> {
             .await?;
         check(&resp)?;
         let v: Value = serde_json::from_slice(&resp.body)?;
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        crate::output::print(&v, out);
         anyhow::Ok(())
     })
 }
 
-pub fn run_method(action: MethodCmd, data_dir: &Path) -> anyhow::Result<()> {
+pub fn run_method(action: MethodCmd, data_dir: &Path, out: Output) -> anyhow::Result<()> {
     let MethodCmd::Invoke {
         id,
         method,
@@ -876,12 +886,12 @@ pub fn run_method(action: MethodCmd, data_dir: &Path) -> anyhow::Result<()> {
             .await?;
         check(&resp)?;
         let v: Value = serde_json::from_slice(&resp.body)?;
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        crate::output::print(&v, out);
         anyhow::Ok(())
     })
 }
 
-pub fn run_c2d(action: C2dCmd, data_dir: &Path) -> anyhow::Result<()> {
+pub fn run_c2d(action: C2dCmd, data_dir: &Path, out: Output) -> anyhow::Result<()> {
     let mut svc = ServiceClient::new(hubfile::read(data_dir)?)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -940,11 +950,11 @@ pub fn run_c2d(action: C2dCmd, data_dir: &Path) -> anyhow::Result<()> {
                 let resp = svc.call(Method::GET, path, None, &[]).await?;
                 check(&resp)?;
                 if resp.status == 204 {
-                    println!("[]");
+                    crate::output::print(&json!([]), out);
                     return anyhow::Ok(());
                 }
                 let v: Value = serde_json::from_slice(&resp.body)?;
-                println!("{}", serde_json::to_string_pretty(&v)?);
+                crate::output::print(&v, out);
                 if complete {
                     let lock = resp.etag.clone().context("the hub gave no lock token")?;
                     let resp = svc

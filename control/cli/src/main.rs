@@ -20,10 +20,26 @@ fn main() -> anyhow::Result<()> {
         Cmd::Up(args) => cli::run_up(args),
         Cmd::Engine(args) => cli::run_engine(args),
         Cmd::Control(args) => cli::run_control(args),
-        Cmd::Device { action, data_dir } => cli::run_device(action, &data_dir),
-        Cmd::Twin { action, data_dir } => cli::run_twin(action, &data_dir),
-        Cmd::Method { action, data_dir } => cli::run_method(action, &data_dir),
-        Cmd::C2d { action, data_dir } => cli::run_c2d(action, &data_dir),
+        Cmd::Device {
+            action,
+            data_dir,
+            output,
+        } => cli::run_device(action, &data_dir, output),
+        Cmd::Twin {
+            action,
+            data_dir,
+            output,
+        } => cli::run_twin(action, &data_dir, output),
+        Cmd::Method {
+            action,
+            data_dir,
+            output,
+        } => cli::run_method(action, &data_dir, output),
+        Cmd::C2d {
+            action,
+            data_dir,
+            output,
+        } => cli::run_c2d(action, &data_dir, output),
         Cmd::Module {
             action,
             data_dir,
