@@ -12,6 +12,7 @@ use roost_session::quota::{Admit, Bucket, Limit, Quotas};
 use serde_json::json;
 
 use crate::c2d::{Ack, C2d, C2dFailure, NewMessage};
+use crate::configurations::{ConfigFailure, Configurations};
 use crate::device::{
     Authentication, AuthenticationWrite, Capabilities, Device, DeviceWrite, Module, ModuleWrite,
     SymmetricKey, X509Thumbprint, NEVER,
@@ -50,6 +51,7 @@ pub struct Api {
     pub c2d: Arc<C2d>,
     pub queries: Arc<Queries>,
     pub jobs: Arc<Jobs>,
+    pub configurations: Arc<Configurations>,
 }
 
 /// The rate quotas the service API meters (spec §8): a bucket per class of operation, with
@@ -200,6 +202,26 @@ impl HubError {
             TwinFailure::Store(e) => Self::server(e),
         }
     }
+    fn config(e: ConfigFailure) -> Self {
+        let message = e.to_string();
+        match e {
+            ConfigFailure::BadRequest(m) => Self::bad_request(m),
+            ConfigFailure::NotFound(_) => Self::new(
+                StatusCode::NOT_FOUND,
+                404000,
+                "ConfigurationNotFound",
+                message,
+            ),
+            ConfigFailure::Exists(_) => Self::new(
+                StatusCode::CONFLICT,
+                409000,
+                "ConfigurationAlreadyExists",
+                message,
+            ),
+            ConfigFailure::PreconditionFailed => Self::precondition_failed(),
+            ConfigFailure::Store(e) => Self::server(e),
+        }
+    }
     fn job(e: JobFailure) -> Self {
         let message = e.to_string();
         match e {
@@ -334,6 +356,12 @@ enum Route {
     JobCancel(String),
     /// `GET /jobs/v2/query?jobType=&jobStatus=`.
     JobQuery,
+    ConfigList,
+    ConfigGet(String),
+    ConfigPut(String),
+    ConfigDelete(String),
+    /// `POST /configurations/testQueries`.
+    ConfigTest,
     /// `GET /messages/serviceBound/feedback`.
     FeedbackGet,
     /// `DELETE /messages/serviceBound/feedback/{lock}`, or `POST …/{lock}/abandon`.
@@ -374,6 +402,11 @@ impl Route {
             (&Method::POST, ["devices"]) => Route::Bulk,
             (&Method::POST, ["devices", "query"]) => Route::Query,
             (&Method::GET, ["jobs", "v2", "query"]) => Route::JobQuery,
+            (&Method::GET, ["configurations"]) => Route::ConfigList,
+            (&Method::POST, ["configurations", "testQueries"]) => Route::ConfigTest,
+            (&Method::GET, ["configurations", id]) => Route::ConfigGet(id.to_string()),
+            (&Method::PUT, ["configurations", id]) => Route::ConfigPut(id.to_string()),
+            (&Method::DELETE, ["configurations", id]) => Route::ConfigDelete(id.to_string()),
             (&Method::PUT, ["jobs", "v2", id]) => Route::JobPut(id.to_string()),
             (&Method::GET, ["jobs", "v2", id]) => Route::JobGet(id.to_string()),
             (&Method::POST, ["jobs", "v2", id, "cancel"]) => Route::JobCancel(id.to_string()),
@@ -453,7 +486,13 @@ impl Route {
             | Route::ModuleList(_)
             | Route::ModuleGet(..)
             | Route::JobGet(_)
-            | Route::JobQuery => Right::RegistryRead,
+            | Route::JobQuery
+            | Route::ConfigList
+            | Route::ConfigGet(_)
+            | Route::ConfigTest => Right::RegistryRead,
+            // Configurations write desired properties across the fleet: registry write, as
+            // IoT Hub asks for automatic device management.
+            Route::ConfigPut(_) | Route::ConfigDelete(_) => Right::RegistryWrite,
             // Jobs write twins and call methods across the registry: IoT Hub asks for
             // registry write (and read) for them.
             Route::JobPut(_) | Route::JobCancel(_) => Right::RegistryWrite,
@@ -496,6 +535,13 @@ impl Route {
             Route::JobPut(_) | Route::JobGet(_) | Route::JobCancel(_) | Route::JobQuery => {
                 Some(Limit::JobsOpsPerMin)
             }
+            // IoT Hub's "configurations and edge deployments" throttle is metered as registry
+            // operations here.
+            Route::ConfigList
+            | Route::ConfigGet(_)
+            | Route::ConfigPut(_)
+            | Route::ConfigDelete(_)
+            | Route::ConfigTest => Some(Limit::RegistryOpsPerMin),
             Route::FeedbackGet | Route::FeedbackDone { .. } => None,
         }
     }
@@ -511,6 +557,8 @@ impl Route {
             Route::Query => QUERY_BODY,
             Route::JobPut(_) => JOB_BODY,
             Route::JobGet(_) | Route::JobCancel(_) | Route::JobQuery => NO_BODY,
+            Route::ConfigPut(_) | Route::ConfigTest => TWIN_BODY,
+            Route::ConfigList | Route::ConfigGet(_) | Route::ConfigDelete(_) => NO_BODY,
             Route::FeedbackGet | Route::FeedbackDone { .. } => NO_BODY,
             Route::List | Route::Get(_) | Route::Delete(_) | Route::Stats | Route::TwinGet(_) => {
                 NO_BODY
@@ -642,6 +690,35 @@ impl Api {
                 .cancel(&id)
                 .map(|j| job_response(&j))
                 .map_err(HubError::job),
+            Route::ConfigList => {
+                let top = query_param(req, "top")
+                    .and_then(|t| t.parse::<usize>().ok())
+                    .unwrap_or(crate::configurations::MAX_CONFIGURATIONS);
+                self.configurations
+                    .list(top)
+                    .map(|c| httpd::json(StatusCode::OK, &c))
+                    .map_err(HubError::config)
+            }
+            Route::ConfigGet(id) => self
+                .configurations
+                .get(&id)
+                .map(|c| etagged(&c, &c.etag))
+                .map_err(HubError::config),
+            Route::ConfigPut(id) => self
+                .configurations
+                .put(&id, req.body(), if_match(req).as_deref())
+                .map(|c| etagged(&c, &c.etag))
+                .map_err(HubError::config),
+            Route::ConfigDelete(id) => self
+                .configurations
+                .delete(&id, if_match(req).as_deref())
+                .map(|_| httpd::empty(StatusCode::NO_CONTENT))
+                .map_err(HubError::config),
+            Route::ConfigTest => self
+                .configurations
+                .test_queries(req.body())
+                .map(|v| httpd::json(StatusCode::OK, &v))
+                .map_err(HubError::config),
             Route::JobQuery => {
                 let (kind, status) = (query_param(req, "jobType"), query_param(req, "jobStatus"));
                 self.jobs
@@ -936,9 +1013,8 @@ impl Api {
             .store
             .twin(client_id)
             .map_err(HubError::server)?
-            .unwrap_or_else(|| crate::twins::StoredTwin {
-                etag: String::new(),
-                twin: roost_twin::Twin::new(0),
+            .unwrap_or_else(|| {
+                crate::twins::StoredTwin::new(String::new(), roost_twin::Twin::new(0))
             }))
     }
 
@@ -1413,6 +1489,7 @@ mod tests {
         let store = Store::open(&dir).expect("store opens");
         let metrics = Arc::new(ControlMetrics::new());
         let commands = Arc::new(crate::linkserver::Commands::default());
+        let retarget = Arc::new(crate::configurations::Retarget::default());
         let twins = Arc::new(Twins {
             store: store.clone(),
             commands: commands.clone(),
@@ -1423,6 +1500,7 @@ mod tests {
                 metrics.clone(),
                 "localhost",
             )),
+            retarget: retarget.clone(),
         });
         let methods = Arc::new(Methods::new(
             store.clone(),
@@ -1445,6 +1523,12 @@ mod tests {
                 methods.clone(),
                 metrics.clone(),
             )),
+            configurations: Arc::new(Configurations {
+                store: store.clone(),
+                twins: twins.clone(),
+                queries: queries.clone(),
+                retarget,
+            }),
             queries,
             store,
             hostname: "localhost".into(),
@@ -1606,6 +1690,169 @@ mod tests {
         assert_eq!(r["isSuccessful"], true, "{r}");
         assert!(api.store.device("b2").expect("store").is_some());
         assert!(api.store.device("p1").expect("store").is_none());
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// Configurations: the highest priority that matches is applied to each twin, the others
+    /// target it; a tag change, a changed configuration and a deleted one are applied again;
+    /// the system and custom metrics count twins; the error paths.
+    #[test]
+    fn configurations_set_desired_properties_by_priority() {
+        let (api, dir) = api();
+        let owner = || Some(token(&api, "iothubowner", 3600));
+        for (id, tags) in [
+            ("a", r#"{"env":"prod"}"#),
+            ("b", r#"{"env":"prod","ring":"canary"}"#),
+            ("c", r#"{"env":"dev"}"#),
+        ] {
+            let body = format!(r#"{{"deviceId":"{id}"}}"#);
+            call(
+                &api,
+                &request("PUT", &format!("/devices/{id}"), owner(), &body),
+            )
+            .expect("device");
+            call(
+                &api,
+                &request(
+                    "PATCH",
+                    &format!("/twins/{id}"),
+                    owner(),
+                    &format!(r#"{{"tags":{tags}}}"#),
+                ),
+            )
+            .expect("tags");
+        }
+        let config = |id: &str, cond: &str, prio: i64, fw: &str| {
+            json!({"id": id, "targetCondition": cond, "priority": prio,
+                   "content": {"deviceContent": {"properties.desired.fw": fw}},
+                   "metrics": {"queries": {"applied": format!("SELECT deviceId FROM devices WHERE configurations.[[{id}]].status = 'Applied'")}}})
+            .to_string()
+        };
+        let put = |id: &str, body: &str, etag: Option<&str>| {
+            let mut r = request("PUT", &format!("/configurations/{id}"), owner(), body);
+            if let Some(e) = etag {
+                r.headers_mut()
+                    .insert("if-match", format!("\"{e}\"").parse().expect("header"));
+            }
+            call(&api, &r)
+        };
+        let base = json_of(
+            &put("base", &config("base", "tags.env = 'prod'", 1, "1.0"), None).expect("base"),
+        );
+        put(
+            "canary",
+            &config("canary", "tags.ring = 'canary'", 10, "2.0"),
+            None,
+        )
+        .expect("canary");
+        let fw = |id: &str| {
+            json_of(
+                &call(&api, &request("GET", &format!("/twins/{id}"), owner(), "")).expect("twin"),
+            )["properties"]["desired"]["fw"]
+                .clone()
+        };
+        api.configurations.reconcile_pending().expect("reconcile");
+        assert_eq!(
+            (fw("a"), fw("b"), fw("c")),
+            (json!("1.0"), json!("2.0"), Value::Null)
+        );
+        let twin_b = json_of(&call(&api, &request("GET", "/twins/b", owner(), "")).expect("twin"));
+        assert_eq!(
+            twin_b["configurations"],
+            json!({"base": {"status": "Targeted"}, "canary": {"status": "Applied"}})
+        );
+        let got = json_of(
+            &call(&api, &request("GET", "/configurations/base", owner(), "")).expect("get"),
+        );
+        assert_eq!(
+            got["systemMetrics"]["results"],
+            json!({"targetedCount": 2, "appliedCount": 1})
+        );
+        assert_eq!(got["metrics"]["results"]["applied"], 1);
+        // A twin whose tags change is looked at again.
+        call(
+            &api,
+            &request("PATCH", "/twins/c", owner(), r#"{"tags":{"env":"prod"}}"#),
+        )
+        .expect("retag");
+        api.configurations.reconcile_pending().expect("reconcile");
+        assert_eq!(fw("c"), json!("1.0"));
+        // A changed configuration (here its priority: its content is fixed) is looked at again:
+        // base now outranks canary on b.
+        let etag = base["etag"].as_str().expect("etag");
+        let e = put(
+            "base",
+            &config("base", "tags.env = 'prod'", 20, "1.0"),
+            Some("stale"),
+        )
+        .expect_err("stale");
+        assert_eq!(e.status, StatusCode::PRECONDITION_FAILED);
+        let e = put(
+            "base",
+            &config("base", "tags.env = 'prod'", 20, "1.1"),
+            Some(etag),
+        )
+        .expect_err("content");
+        assert!(
+            e.message.contains("content cannot be changed"),
+            "{}",
+            e.message
+        );
+        let base = json_of(
+            &put(
+                "base",
+                &config("base", "tags.env = 'prod'", 20, "1.0"),
+                Some(etag),
+            )
+            .expect("update"),
+        );
+        api.configurations.reconcile_pending().expect("reconcile");
+        assert_eq!(
+            (fw("a"), fw("b"), fw("c")),
+            (json!("1.0"), json!("1.0"), json!("1.0"))
+        );
+        // Back below canary, then canary deleted: base is applied to b again.
+        put(
+            "base",
+            &config("base", "tags.env = 'prod'", 1, "1.0"),
+            base["etag"].as_str(),
+        )
+        .expect("update");
+        api.configurations.reconcile_pending().expect("reconcile");
+        assert_eq!(fw("b"), json!("2.0"));
+        call(
+            &api,
+            &request("DELETE", "/configurations/canary", owner(), ""),
+        )
+        .expect("delete");
+        api.configurations.reconcile_pending().expect("reconcile");
+        assert_eq!(fw("b"), json!("1.0"));
+        let listed =
+            json_of(&call(&api, &request("GET", "/configurations", owner(), "")).expect("list"));
+        assert_eq!(listed.as_array().expect("array").len(), 1);
+        // The error paths.
+        let e =
+            put("base", &config("base", "tags.env = 'prod'", 1, "x"), None).expect_err("exists");
+        assert_eq!(e.status, StatusCode::CONFLICT);
+        let e = put("bad", &config("bad", "tags.env =", 1, "x"), None).expect_err("bad condition");
+        assert_eq!(e.status, StatusCode::BAD_REQUEST);
+        let e = put(
+            "bad",
+            r#"{"id":"bad","content":{"deviceContent":{"tags.x":1}}}"#,
+            None,
+        )
+        .expect_err("bad content");
+        assert!(e.message.contains("properties.desired."), "{}", e.message);
+        let e =
+            call(&api, &request("GET", "/configurations/nope", owner(), "")).expect_err("unknown");
+        assert_eq!(e.status, StatusCode::NOT_FOUND);
+        let t = json_of(&call(&api, &request("POST", "/configurations/testQueries", owner(), r#"{"targetCondition":"tags.x = 1","customMetricQueries":{"ok":"SELECT deviceId FROM devices","bad":"SELECT"}}"#)).expect("test"));
+        assert_eq!(t["targetConditionError"], "");
+        assert_eq!(t["customMetricQueryErrors"]["ok"], "");
+        assert!(t["customMetricQueryErrors"]["bad"]
+            .as_str()
+            .expect("error")
+            .contains("expected"));
         let _ = std::fs::remove_dir_all(dir);
     }
 
@@ -2277,7 +2524,7 @@ mod tests {
         ];
         // (method, path, the right it needs) ; None: no such route (404 whatever the token).
         use Right::*;
-        let routes: [(&str, &str, Option<Right>); 21] = [
+        let routes: [(&str, &str, Option<Right>); 26] = [
             ("GET", "/devices", Some(RegistryRead)),
             ("GET", "/devices/d1", Some(RegistryRead)),
             ("PUT", "/devices/d1", Some(RegistryWrite)),
@@ -2309,6 +2556,11 @@ mod tests {
             ("GET", "/jobs/v2/j1", Some(RegistryRead)),
             ("POST", "/jobs/v2/j1/cancel", Some(RegistryWrite)),
             ("GET", "/jobs/v2/query", Some(RegistryRead)),
+            ("PUT", "/configurations/c1", Some(RegistryWrite)),
+            ("GET", "/configurations/c1", Some(RegistryRead)),
+            ("GET", "/configurations", Some(RegistryRead)),
+            ("DELETE", "/configurations/c1", Some(RegistryWrite)),
+            ("POST", "/configurations/testQueries", Some(RegistryRead)),
             ("PATCH", "/devices/d1", None),
             ("DELETE", "/twins/d1", None),
         ];

@@ -15,6 +15,7 @@
 pub mod api;
 pub mod c2d;
 pub mod certs;
+pub mod configurations;
 pub mod device;
 pub mod events;
 pub mod jobs;
@@ -101,11 +102,13 @@ pub fn run(config: ControlConfig, on_ready: impl FnOnce() + Send + 'static) -> a
             &config.hostname,
         ));
         tokio::spawn(events.clone().run());
+        let retarget = Arc::new(configurations::Retarget::default());
         let twins = Arc::new(twins::Twins {
             store: store.clone(),
             commands: commands.clone(),
             metrics: metrics.clone(),
             events: events.clone(),
+            retarget: retarget.clone(),
         });
         let methods = Arc::new(methods::Methods::new(
             store.clone(),
@@ -142,6 +145,13 @@ pub fn run(config: ControlConfig, on_ready: impl FnOnce() + Send + 'static) -> a
             metrics.clone(),
         ));
         tokio::spawn(jobs.clone().run());
+        let configurations = Arc::new(configurations::Configurations {
+            store: store.clone(),
+            twins: twins.clone(),
+            queries: queries.clone(),
+            retarget,
+        });
+        tokio::spawn(configurations.clone().run());
         let api = Arc::new(api::Api {
             store: store.clone(),
             hostname: config.hostname.clone(),
@@ -152,6 +162,7 @@ pub fn run(config: ControlConfig, on_ready: impl FnOnce() + Send + 'static) -> a
             c2d: c2d.clone(),
             queries: queries.clone(),
             jobs: jobs.clone(),
+            configurations,
         });
         let admit_api = api.clone();
         tokio::spawn(httpd::serve(

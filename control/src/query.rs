@@ -207,10 +207,7 @@ fn scan(
 fn twin_of(store: &Store, client_id: &str) -> Result<StoredTwin, StoreError> {
     match store.twin(client_id)? {
         Some(t) => Ok(t),
-        None => Ok(StoredTwin {
-            etag: String::new(),
-            twin: roost_twin::Twin::new(0),
-        }),
+        None => Ok(StoredTwin::new(String::new(), roost_twin::Twin::new(0))),
     }
 }
 

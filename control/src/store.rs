@@ -32,6 +32,8 @@ const CF_MODULES: &str = "modules";
 const CF_JOBS: &str = "jobs";
 /// What each job did on each device, keyed `device\0job` (the rows of `devices.jobs`).
 const CF_DEVICE_JOBS: &str = "device_jobs";
+/// Automatic device management configurations by id (`configurations.rs`).
+const CF_CONFIGURATIONS: &str = "configurations";
 /// The hub's own events waiting to reach an engine's `events` log (`events.rs`), by sequence.
 const CF_EVENTS_OUT: &str = "events_out";
 const SEQ_KEY: &[u8] = b"registry_seq";
@@ -72,6 +74,7 @@ impl Store {
             CF_JOBS,
             CF_DEVICE_JOBS,
             CF_EVENTS_OUT,
+            CF_CONFIGURATIONS,
         ]
         .map(|n| ColumnFamilyDescriptor::new(n, Options::default()));
         let db = DB::open_cf_descriptors(&opts, path, cfs)?;
@@ -241,6 +244,35 @@ impl Store {
         let mut w = self.writes();
         w.put_event(event);
         w.commit()
+    }
+
+    /// A configuration, stored as JSON.
+    pub fn configuration(&self, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.db.get_cf(self.cf(CF_CONFIGURATIONS), id.as_bytes())?)
+    }
+
+    /// Every configuration, in id order.
+    pub fn configurations(&self) -> Result<Vec<Vec<u8>>, StoreError> {
+        let mut out = Vec::new();
+        for item in self
+            .db
+            .iterator_cf(self.cf(CF_CONFIGURATIONS), IteratorMode::Start)
+        {
+            out.push(item?.1.to_vec());
+        }
+        Ok(out)
+    }
+
+    /// Writes (`Some`) or deletes (`None`) a configuration, synced.
+    pub fn put_configuration(&self, id: &str, json: Option<&[u8]>) -> Result<(), StoreError> {
+        let mut opts = WriteOptions::default();
+        opts.set_sync(true);
+        let mut batch = WriteBatch::default();
+        match json {
+            Some(j) => batch.put_cf(self.cf(CF_CONFIGURATIONS), id.as_bytes(), j),
+            None => batch.delete_cf(self.cf(CF_CONFIGURATIONS), id.as_bytes()),
+        }
+        Ok(self.db.write_opt(batch, &opts)?)
     }
 
     /// A job, stored as JSON.

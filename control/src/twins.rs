@@ -8,6 +8,7 @@
 //!
 //! Module twins are the same, under the client id `device/module`. What it is not: queries.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -22,11 +23,36 @@ use crate::linkserver::Commands;
 use crate::metrics::ControlMetrics;
 use crate::store::{Store, StoreError, Writes};
 
-/// A twin as stored: the document and its etag.
+/// A twin as stored: the document, its etag, and where the automatic device configurations
+/// stand on it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct StoredTwin {
     pub etag: String,
     pub twin: Twin,
+    /// By configuration id: `Targeted` (its condition matches) or `Applied` (it has the highest
+    /// priority of those that match, and its content was written to the desired properties).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub configurations: BTreeMap<String, ConfigState>,
+}
+
+impl StoredTwin {
+    pub fn new(etag: String, twin: Twin) -> Self {
+        StoredTwin {
+            etag,
+            twin,
+            configurations: BTreeMap::new(),
+        }
+    }
+}
+
+/// A configuration's standing on one twin.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ConfigState {
+    pub status: String,
+    /// The configuration's etag when its content was applied (a changed configuration is
+    /// applied again).
+    #[serde(default)]
+    pub applied_etag: String,
 }
 
 /// Why a twin operation failed.
@@ -68,10 +94,7 @@ fn now_ms() -> u64 {
 
 /// A new device's twin, with a fresh etag.
 pub fn new_twin(store: &Store) -> Result<StoredTwin, StoreError> {
-    Ok(StoredTwin {
-        etag: store.next_etag()?,
-        twin: Twin::new(now_ms()),
-    })
+    Ok(StoredTwin::new(store.next_etag()?, Twin::new(now_ms())))
 }
 
 /// Creates `device_id`'s twin in `writes` (a device being created); returns it.
@@ -123,6 +146,8 @@ pub struct Twins {
     pub metrics: Arc<ControlMetrics>,
     /// Where twin changes are told (`twinChangeEvents`), and device lifecycle by the API.
     pub events: Arc<HubEvents>,
+    /// Twins whose tags changed, for the configurations to look at again.
+    pub retarget: Arc<crate::configurations::Retarget>,
 }
 
 /// The body of a `twinChangeEvents` record: the new twin version and the changed parts, each
@@ -187,6 +212,31 @@ impl Twins {
         result
     }
 
+    /// A twin as the service sees it and as stored (for the configurations' reconciler).
+    pub fn load_both(&self, client_id: &str) -> Result<(Value, StoredTwin), TwinFailure> {
+        self.store.exclusive(|| {
+            let (identity, stored) = self.load(client_id)?;
+            Ok((service_json(identity, &stored), stored))
+        })
+    }
+
+    /// Records where configurations stand on `client_id`'s twin: the hub's bookkeeping, not a
+    /// change of the twin (no new etag or version).
+    pub fn set_configurations(
+        &self,
+        client_id: &str,
+        states: BTreeMap<String, ConfigState>,
+    ) -> Result<(), TwinFailure> {
+        self.store.exclusive(|| {
+            let (_, mut stored) = self.load(client_id)?;
+            if stored.configurations != states {
+                stored.configurations = states;
+                self.store.put_twin(client_id, &stored)?;
+            }
+            Ok(())
+        })
+    }
+
     /// `PATCH /twins/{id}` (`replace` false) or `PUT` (`replace` true) with `If-Match`
     /// (`None` or `*`: whatever the twin's etag). A desired change goes to the device.
     pub fn write(
@@ -243,6 +293,9 @@ impl Twins {
             event.write_in(&mut writes);
             writes.commit()?;
             self.events.written();
+            if replace || body.get("tags").is_some() {
+                self.retarget.device(device_id);
+            }
             // Sent inside the writer lock, so devices get desired changes in version order.
             if let Some(body) = desired {
                 self.push_desired(device_id, stored.twin.desired.version(), &body);
@@ -421,5 +474,13 @@ pub(crate) fn module_identity(device: &Device, module: &Module) -> Map<String, V
 pub fn service_json(mut identity: Map<String, Value>, stored: &StoredTwin) -> Value {
     identity.insert("etag".into(), json!(stored.etag));
     identity.extend(stored.twin.service_view());
+    if !stored.configurations.is_empty() {
+        let shown: Map<String, Value> = stored
+            .configurations
+            .iter()
+            .map(|(id, s)| (id.clone(), json!({ "status": s.status })))
+            .collect();
+        identity.insert("configurations".into(), Value::Object(shown));
+    }
     Value::Object(identity)
 }

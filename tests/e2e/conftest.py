@@ -887,6 +887,10 @@ class Hub:
         """`IoTHubRegistryManager` pointed at this hub's service API (wire spec §9)."""
         return make_registry_manager(self.service_connection_string, self.service_url, self.ca_path)
 
+    def configuration_manager(self):
+        """`IoTHubConfigurationManager` pointed at this hub's service API."""
+        return make_configuration_manager(self.service_connection_string, self.service_url, self.ca_path)
+
     def job_manager(self):
         """`IoTHubJobManager` pointed at this hub's service API."""
         return make_job_manager(self.service_connection_string, self.service_url, self.ca_path)
@@ -1087,6 +1091,13 @@ def make_registry_manager(service_connection_string: str, service_url: str, ca_p
 
     rm = IoTHubRegistryManager.from_connection_string(service_connection_string)
     return _pointed_at_hub(rm, service_url, ca_path)
+
+
+def make_configuration_manager(service_connection_string: str, service_url: str, ca_path: str):
+    from azure.iot.hub import IoTHubConfigurationManager
+
+    cm = IoTHubConfigurationManager.from_connection_string(service_connection_string)
+    return _pointed_at_hub(cm, service_url, ca_path)
 
 
 def make_job_manager(service_connection_string: str, service_url: str, ca_path: str):

@@ -1,6 +1,6 @@
 """The official Node SDKs, unmodified (tests/e2e/node/): the service SDK `azure-iothub`
 (`Registry` create/get/update/list/delete with its typed errors, `addModule`, `getTwin` and
-`updateTwin`, `createQuery`, `Client.invokeDeviceMethod`, `JobClient` scheduling, reading, listing and cancelling jobs) and the
+`updateTwin`, `addConfiguration`, `createQuery`, `Client.invokeDeviceMethod`, `JobClient` scheduling, reading, listing and cancelling jobs) and the
 device SDK `azure-iot-device` with its MQTT transport (twin, reported and desired properties,
 a direct method answered at QoS 0) against one hub. The script prints a JSON line per step."""
 
@@ -42,7 +42,7 @@ def node_steps(hub, script: str, **extra: str) -> list[dict]:
 def test_node_service_and_device_sdks(shared_hub):
     steps = node_steps(shared_hub, "service_and_device.js", ROOST_DEVICE_ID=unique_id("node"))
     by_name = {s["step"]: s["detail"] for s in steps}
-    assert len(steps) == 13, [s["step"] for s in steps]
+    assert len(steps) == 14, [s["step"] for s in steps]
     assert by_name["Registry.create again is DeviceAlreadyExistsError"] == "DeviceAlreadyExistsError"
     assert by_name["Registry.get of an unknown device is DeviceNotFoundError"] == "DeviceNotFoundError"
     assert by_name["Client.invokeDeviceMethod is answered by the device"]["payload"] == {"echo": {"delay": 2}}

@@ -16,7 +16,7 @@ import pytest
 from azure.iot.hub.models import CloudToDeviceMethod, JobRequest, QuerySpecification, Twin, TwinProperties
 from msrest.exceptions import HttpOperationError
 
-from conftest import device_connection_string, unique_id, wait_until
+from conftest import call_with_timeout, device_connection_string, unique_id, wait_until
 from test_methods import answer_with, wait_subscribed
 
 
@@ -194,3 +194,62 @@ def test_a_job_resumes_after_control_is_killed(hub):
     assert as_sent(items[0])["n"] == n
     records, _ = all_pages(rm, "SELECT * FROM devices.jobs WHERE jobId = 'resume'", 1000)
     assert len(records) == n
+
+
+def test_configuration_manager_sets_desired_properties(shared_hub):
+    """Automatic device management with `IoTHubConfigurationManager`: a configuration over a
+    tag reaches a connected device's desired-properties handler; a higher priority one wins
+    where both match; the system and custom metrics count the twins; a device tagged later is
+    targeted too; deleting the winner lets the other apply."""
+    from azure.iot.hub.models import Configuration, ConfigurationContent, ConfigurationMetrics, ConfigurationQueriesTestInput
+
+    hub, rm, cm = shared_hub, shared_hub.registry_manager(), shared_hub.configuration_manager()
+    batch = unique_id("adm")
+    ids = tag_devices(hub, rm, batch, 3)
+    client = hub.connected_client(_conn(hub, ids[0]))
+    patches: queue.Queue = queue.Queue()
+    client.on_twin_desired_properties_patch_received = patches.put
+
+    def config(cid: str, condition: str, priority: int, fw: str) -> Configuration:
+        return Configuration(
+            id=cid, schema_version="1.0", priority=priority, target_condition=condition, labels={"batch": batch},
+            content=ConfigurationContent(device_content={"properties.desired.fw": {"version": fw}}),
+            metrics=ConfigurationMetrics(queries={
+                "reportedOk": f"SELECT deviceId FROM devices WHERE configurations.[[{cid}]].status = 'Applied' AND properties.reported.ok = true"}))
+
+    base, even = f"{batch}-base", f"{batch}-even"
+    created = cm.create_configuration(config(base, f"tags.batch = '{batch}'", 1, "1.0"))
+    assert created.id == base and created.etag
+    cm.create_configuration(config(even, f"tags.batch = '{batch}' AND tags.kind = 'even'", 5, "2.0"))
+
+    def fw(d):
+        return rm.get_twin(d).properties.desired.get("fw", {}).get("version")
+
+    wait_until(lambda: [fw(d) for d in ids] == ["2.0", "1.0", "2.0"], 20, "configurations applied")
+    # The device hears of it as a desired patch (first base's, if the reconciler ran between
+    # the two creations, then the winner's).
+    seen = [patches.get(timeout=20)]
+    while seen[-1]["fw"] != {"version": "2.0"}:
+        seen.append(patches.get(timeout=20))
+    assert len(seen) <= 2, seen
+    call_with_timeout(client.patch_twin_reported_properties, {"ok": True}, what="report")
+    c = cm.get_configuration(even)
+    assert c.system_metrics.results == {"targetedCount": 2, "appliedCount": 2}, c.system_metrics.results
+    assert c.metrics.results == {"reportedOk": 1}, c.metrics.results
+    assert cm.get_configuration(base).system_metrics.results == {"targetedCount": 3, "appliedCount": 1}
+    assert {x.id for x in cm.get_configurations(100)} >= {base, even}
+
+    late = unique_id("late")
+    hub.create_device(late)
+    rm.update_twin(late, Twin(tags={"batch": batch}), "*")
+    wait_until(lambda: fw(late) == "1.0", 20, "a device tagged later gets the configuration")
+
+    cm.delete_configuration(even)
+    wait_until(lambda: fw(ids[0]) == "1.0", 20, "the other configuration applies once the winner is gone")
+    result = cm.test_configuration_queries(ConfigurationQueriesTestInput(
+        target_condition="tags.x = ", custom_metric_queries={"ok": "SELECT deviceId FROM devices"}))
+    assert result.target_condition_error and result.custom_metric_query_errors == {"ok": ""}
+    with pytest.raises(HttpOperationError) as err:
+        cm.create_configuration(config(base, "*", 1, "9"))
+    assert err.value.response.status_code == 409
+    cm.delete_configuration(base)

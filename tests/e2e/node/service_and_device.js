@@ -134,6 +134,26 @@ run([
     check(cancelled.status === 'cancelled', `status ${cancelled.status}`);
     return done.length;
   }],
+  ['Registry.addConfiguration applies its content', async () => {
+    const configId = `${id}-cfg`;
+    await registry.addConfiguration({
+      id: configId,
+      content: { deviceContent: { 'properties.desired.fromConfig': 'yes' } },
+      targetCondition: `deviceId = '${id}'`,
+      priority: 1,
+    });
+    const deadline = Date.now() + 20000;
+    for (;;) {
+      const { responseBody: t } = await registry.getTwin(id);
+      if (t.properties.desired.fromConfig === 'yes') break;
+      check(Date.now() < deadline, `desired ${JSON.stringify(t.properties.desired)}`);
+      await new Promise((r) => setTimeout(r, 200));
+    }
+    const { responseBody: c } = await registry.getConfiguration(configId);
+    check(c.systemMetrics.results.appliedCount === 1, `metrics ${JSON.stringify(c.systemMetrics)}`);
+    await registry.removeConfiguration(configId);
+    return c.systemMetrics.results;
+  }],
   ['Registry.delete', async () => {
     await device.close();
     await registry.delete(id);
