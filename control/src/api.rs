@@ -1624,6 +1624,82 @@ mod tests {
         let _ = std::fs::remove_dir_all(dir);
     }
 
+    /// A twin's tags reach the engines' registry view: a tag change is a registry change with
+    /// the tags (and a snapshot carries them); a desired-only change is not.
+    #[test]
+    fn tag_changes_are_registry_changes() {
+        let (api, dir) = api();
+        let owner = || Some(token(&api, "iothubowner", 3600));
+        call(
+            &api,
+            &request("PUT", "/devices/t1", owner(), r#"{"deviceId":"t1"}"#),
+        )
+        .expect("device");
+        let seq = api.store.registry_seq().expect("seq");
+        call(
+            &api,
+            &request(
+                "PATCH",
+                "/twins/t1",
+                owner(),
+                r#"{"properties":{"desired":{"x":1}}}"#,
+            ),
+        )
+        .expect("desired");
+        assert_eq!(
+            api.store.registry_seq().expect("seq"),
+            seq,
+            "desired properties are not the registry's"
+        );
+        call(
+            &api,
+            &request("PATCH", "/twins/t1", owner(), r#"{"tags":{"site":"oslo"}}"#),
+        )
+        .expect("tags");
+        let changes = api
+            .store
+            .changes_between(seq, seq + 1)
+            .expect("store")
+            .expect("in the log");
+        match &changes[..] {
+            [roost_model::link::RegistryChange::Upsert(a)] => {
+                assert_eq!(a.device_id, "t1");
+                assert_eq!(a.tags, r#"{"site":"oslo"}"#);
+                assert!(!a.primary_key.is_empty(), "the keys stay");
+            }
+            other => panic!("{other:?}"),
+        }
+        let (_, snapshot) = api.store.snapshot().expect("snapshot");
+        assert_eq!(
+            snapshot
+                .iter()
+                .find(|d| d.device_id == "t1")
+                .expect("t1")
+                .tags,
+            r#"{"site":"oslo"}"#
+        );
+        // A device update keeps the tags in its registry change.
+        let mut update = request(
+            "PUT",
+            "/devices/t1",
+            owner(),
+            r#"{"deviceId":"t1","status":"disabled"}"#,
+        );
+        update
+            .headers_mut()
+            .insert("if-match", "\"*\"".parse().expect("header"));
+        call(&api, &update).expect("update");
+        let changes = api
+            .store
+            .changes_between(seq + 1, seq + 2)
+            .expect("store")
+            .expect("in the log");
+        assert!(
+            matches!(&changes[..], [roost_model::link::RegistryChange::Upsert(a)] if a.tags.contains("oslo") && !a.enabled)
+        );
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
     /// An edge device gets its own scope; a device under it keeps the scope it is given; a bulk
     /// import mode is taken in any case.
     #[test]

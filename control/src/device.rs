@@ -93,6 +93,7 @@ impl Module {
             primary_key: decode_key(&self.authentication.symmetric_key.primary_key),
             secondary_key: decode_key(&self.authentication.symmetric_key.secondary_key),
             generation_id: self.generation_id.clone(),
+            tags: String::new(),
         }
     }
 }
@@ -143,6 +144,7 @@ impl Device {
             primary_key: decode_key(&self.authentication.symmetric_key.primary_key),
             secondary_key: decode_key(&self.authentication.symmetric_key.secondary_key),
             generation_id: self.generation_id.clone(),
+            tags: String::new(),
         }
     }
 }

@@ -594,10 +594,28 @@ impl Store {
     pub fn snapshot(&self) -> Result<(u64, Vec<DeviceAuth>), StoreError> {
         let _guard = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
         let seq = self.registry_seq()?;
-        let mut devices: Vec<DeviceAuth> =
-            self.devices(usize::MAX)?.iter().map(Device::auth).collect();
-        devices.extend(self.all_modules()?.iter().map(Module::auth));
-        Ok((seq, devices))
+        let mut out = Vec::new();
+        for d in self.devices(usize::MAX)? {
+            let mut auth = d.auth();
+            auth.tags = self.tags_json(&d.device_id)?;
+            out.push(auth);
+        }
+        for m in self.all_modules()? {
+            let mut auth = m.auth();
+            auth.tags = self.tags_json(&m.client_id())?;
+            out.push(auth);
+        }
+        Ok((seq, out))
+    }
+
+    /// The twin tags of `client_id` as JSON text, empty when it has none.
+    pub fn tags_json(&self, client_id: &str) -> Result<String, StoreError> {
+        Ok(match self.twin(client_id)? {
+            Some(t) if !t.twin.tags.is_empty() => {
+                serde_json::Value::Object(t.twin.tags).to_string()
+            }
+            _ => String::new(),
+        })
     }
 
     /// Updates connection state or activity without changing the etag or the registry log.
@@ -625,9 +643,16 @@ impl Writes<'_> {
         self.batch
             .put_cf(self.store.cf(CF_DEVICES), device.device_id.as_bytes(), json);
         if change {
-            self.changes.push(RegistryChange::Upsert(device.auth()));
+            let mut auth = device.auth();
+            auth.tags = self.store.tags_json(&device.device_id)?;
+            self.changes.push(RegistryChange::Upsert(auth));
         }
         Ok(())
+    }
+
+    /// A registry change of its own: an identity's tags changed (the engines' view of them).
+    pub fn upsert_auth(&mut self, auth: roost_model::link::DeviceAuth) {
+        self.changes.push(RegistryChange::Upsert(auth));
     }
 
     /// Adds an event to the outbox, in the same batch as the change it tells of.
@@ -655,7 +680,9 @@ impl Writes<'_> {
             module.client_id().as_bytes(),
             json,
         );
-        self.changes.push(RegistryChange::Upsert(module.auth()));
+        let mut auth = module.auth();
+        auth.tags = self.store.tags_json(&module.client_id())?;
+        self.changes.push(RegistryChange::Upsert(auth));
         Ok(())
     }
 

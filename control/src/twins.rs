@@ -212,6 +212,17 @@ impl Twins {
         result
     }
 
+    /// The registry entry of `client_id` (`device` or `device/module`), without its tags.
+    fn auth_of(
+        &self,
+        client_id: &str,
+    ) -> Result<Option<roost_model::link::DeviceAuth>, StoreError> {
+        Ok(match client_id.split_once('/') {
+            None => self.store.device(client_id)?.map(|d| d.auth()),
+            Some((d, m)) => self.store.module(d, m)?.map(|m| m.auth()),
+        })
+    }
+
     /// A twin as the service sees it and as stored (for the configurations' reconciler).
     pub fn load_both(&self, client_id: &str) -> Result<(Value, StoredTwin), TwinFailure> {
         self.store.exclusive(|| {
@@ -254,6 +265,7 @@ impl Twins {
             }
             let body = service_body(&body);
             let (device, mut stored) = self.load(device_id)?;
+            let before_tags = stored.twin.tags.clone();
             if if_match.is_some_and(|tag| tag != "*" && tag != stored.etag) {
                 return Err(TwinFailure::PreconditionFailed);
             }
@@ -288,12 +300,24 @@ impl Twins {
                 op,
                 change_body(stored.twin.version, tags.as_ref(), section),
             );
+            let tags_changed = before_tags != stored.twin.tags;
             let mut writes = self.store.writes();
             writes.put_twin(device_id, &stored)?;
             event.write_in(&mut writes);
+            if tags_changed {
+                // The engines' registry view carries the tags (routing over `$twin.tags`).
+                if let Some(mut auth) = self.auth_of(device_id)? {
+                    auth.tags = if stored.twin.tags.is_empty() {
+                        String::new()
+                    } else {
+                        Value::Object(stored.twin.tags.clone()).to_string()
+                    };
+                    writes.upsert_auth(auth);
+                }
+            }
             writes.commit()?;
             self.events.written();
-            if replace || body.get("tags").is_some() {
+            if tags_changed {
                 self.retarget.device(device_id);
             }
             // Sent inside the writer lock, so devices get desired changes in version order.

@@ -162,3 +162,21 @@ def test_a_twin_request_is_answered_while_control_is_down(hub):
     hub.start_control()
     wait_until(lambda: metric_sum_of(hub.metrics(), "roost_link_connected") == 1, 20, "link back")
     assert call_with_timeout(client.get_twin, what="get_twin after")["reported"]["$version"] == 1
+
+
+def test_tags_reach_the_engines_registry_view(shared_hub):
+    """A service tag change is replicated to the engine (what routing over `$twin.tags` reads),
+    and the connected device stays connected (tags are not credentials)."""
+    hub, rm = shared_hub, shared_hub.registry_manager()
+    device_id = unique_id("tags")
+    client = hub.connected_client(hub.create_device(device_id))
+    rm.update_twin(device_id, Twin(tags={"site": "oslo", "floor": 3}), "*")
+    entry = wait_until(lambda: (e := hub.ops_get(f"/registry/devices/{device_id}"))["tags"] and e, 10,
+                       "the engine's registry view has the tags")
+    assert entry["tags"] == {"site": "oslo", "floor": 3}
+    assert entry["enabled"] is True and "primaryKey" not in json.dumps(entry)
+    rm.update_twin(device_id, Twin(tags={"floor": None}), "*")
+    wait_until(lambda: hub.ops_get(f"/registry/devices/{device_id}")["tags"] == {"site": "oslo"}, 10,
+               "a deleted tag leaves the view")
+    assert client.connected, "a tag change does not disconnect the device"
+    assert hub.connection_state(rm, device_id) == "Connected"

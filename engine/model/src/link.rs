@@ -15,6 +15,9 @@ pub struct DeviceAuth {
     pub primary_key: Vec<u8>,
     pub secondary_key: Vec<u8>,
     pub generation_id: String,
+    /// The identity's twin tags as JSON text (empty: none), for routing conditions and
+    /// enrichments over `$twin.tags`.
+    pub tags: String,
 }
 
 impl DeviceAuth {
@@ -26,6 +29,7 @@ impl DeviceAuth {
             primary_key: primary.to_vec(),
             secondary_key: secondary.to_vec(),
             generation_id: "g".into(),
+            tags: String::new(),
         }
     }
 }
@@ -381,6 +385,7 @@ mod tests {
                     primary_key: vec![1; 32],
                     secondary_key: vec![2; 32],
                     generation_id: "g".into(),
+                    tags: String::new(),
                 }),
                 RegistryChange::Delete {
                     device_id: "d2".into(),

@@ -292,6 +292,7 @@ pub fn run(config: EngineConfig, on_ready: impl FnOnce() + Send + 'static) -> an
     let ops = Arc::new(ops::Ops {
         log: log.clone(),
         metrics: metrics.clone(),
+        registry: link_ctx.state.registry.clone(),
     });
     start_ops(config.ops, ops, ops_token, metrics.clone())?;
     start_retention(log.clone(), config.retention, metrics.clone())?;

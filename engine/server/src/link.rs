@@ -526,6 +526,18 @@ mod tests {
         DeviceAuth::with_keys(id, enabled, &[1], &[2])
     }
 
+    /// A twin's tags changing reaches the registry view and keeps the device connected.
+    #[test]
+    fn a_tag_change_does_not_revoke() {
+        let old = dev("a", true);
+        let mut tagged = old.clone();
+        tagged.tags = r#"{"site":"oslo"}"#.into();
+        assert!(!revokes(&old, Some(&tagged)));
+        let mut rekeyed = tagged.clone();
+        rekeyed.primary_key = vec![9];
+        assert!(revokes(&tagged, Some(&rekeyed)));
+    }
+
     fn engine(store: Arc<MemStore>) -> (EngineState, UnboundedReceiver<RouterInput>) {
         let (router, rx) = RouterTx::channel();
         let state = EngineState::empty(store, Arc::new(Metrics::new()), router);

@@ -6,6 +6,8 @@
 //! - `GET /events/groups/{g}/records?max=M&from=earliest|latest` → records from the group's
 //!   persisted checkpoint (or `from` when it has none) and `{"positions":{"p":next}}`
 //! - `POST /events/groups/{g}/checkpoint` with `{"p":next,..}` → 204
+//! - `GET /registry/devices/{id}[/modules/{m}]` → the identity as this engine's registry view
+//!   has it (`enabled`, `generationId`, twin `tags`, `registrySequence`; never keys)
 //! - both reads take `source=Telemetry|twinChangeEvents|deviceLifecycleEvents|deviceConnectionStateEvents`:
 //!   only records of that `iothub-message-source` (a read looks at most at `MAX_SCANNED`)
 
@@ -24,6 +26,8 @@ use crate::metrics::Metrics;
 pub struct Ops {
     pub log: Arc<dyn LogStore>,
     pub metrics: Arc<Metrics>,
+    /// The engine's registry view (what `GET /registry/devices/{id}` shows).
+    pub registry: Arc<roost_registry::Registry>,
 }
 
 /// Most records one read returns.
@@ -64,6 +68,12 @@ impl Ops {
                 );
                 r
             }
+            (&Method::GET, ["registry", "devices", d]) => {
+                self.registry_entry(&httpd::percent_decode(d))
+            }
+            (&Method::GET, ["registry", "devices", d, "modules", m]) => self.registry_entry(
+                &format!("{}/{}", httpd::percent_decode(d), httpd::percent_decode(m)),
+            ),
             (&Method::GET, ["events", "partitions"]) => match self.log.partitions() {
                 Ok(p) => httpd::json(StatusCode::OK, &json!({ "partitions": p })),
                 Err(e) => failed(&e),
@@ -81,6 +91,32 @@ impl Ops {
 
     /// 200 while every shard's log partition takes writes; 503 naming the shards whose
     /// partition refuses appends after a failed write (a full disk), until it works again.
+    /// One identity as this engine's registry view has it: enabled, generation, the sequence
+    /// it is complete to, and the twin tags routing sees — never its keys.
+    fn registry_entry(&self, client_id: &str) -> Resp {
+        let view = self.registry.load();
+        let Some(d) = view.device(client_id) else {
+            return httpd::text(
+                StatusCode::NOT_FOUND,
+                format!("{client_id} is not in this engine's registry\n"),
+            );
+        };
+        let tags = match d.tags.as_str() {
+            "" => json!({}),
+            t => serde_json::from_str(t).unwrap_or(json!({})),
+        };
+        httpd::json(
+            StatusCode::OK,
+            &json!({
+                "clientId": d.device_id,
+                "enabled": d.enabled,
+                "generationId": d.generation_id,
+                "tags": tags,
+                "registrySequence": view.seq(),
+            }),
+        )
+    }
+
     fn readiness(&self) -> Resp {
         let down: Vec<String> = (0..self.log.partition_count())
             .filter(|s| {
