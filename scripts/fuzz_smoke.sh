@@ -20,6 +20,7 @@ for t in "${targets[@]}"; do
     echo "fuzz: $t FAILED (input in fuzz/artifacts/$t/)" >&2
     exit 1
   }
-  runs=$(echo "$out" | grep -oE '#[0-9]+' | tail -1)
+  # libFuzzer's own count ("Done N runs"); a `#N` progress line may be hidden by a dictionary.
+  runs=$(echo "$out" | grep -oE 'Done [0-9]+ runs' | tail -1 | grep -oE '[0-9]+')
   echo "fuzz: $t ok (${runs:-?} runs in ${SECS} s, 0 crashes)"
 done

@@ -79,6 +79,8 @@ pub enum Cmd {
         output: crate::output::Output,
     },
     /// Manage module identities through the service API.
+    ///
+    /// Example: roost module create my-device sensor; roost module list my-device -o table
     Module {
         #[command(subcommand)]
         action: crate::manage::ModuleCmd,
