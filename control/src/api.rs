@@ -2381,6 +2381,59 @@ mod tests {
         let _ = std::fs::remove_dir_all(dir);
     }
 
+    /// A job still running at its start time plus `maxExecutionTimeInSeconds` stops as failed,
+    /// with the devices it did counted.
+    #[test]
+    fn a_job_past_its_max_execution_time_fails() {
+        let (api, dir) = api();
+        let api = Arc::new(api);
+        let owner = || Some(token(&api, "iothubowner", 3600));
+        let bulk: Vec<Value> = (0..100)
+            .map(|i| json!({"id": format!("x{i:03}"), "importMode": "create"}))
+            .collect();
+        call(
+            &api,
+            &request("POST", "/devices", owner(), &Value::Array(bulk).to_string()),
+        )
+        .expect("bulk");
+        let job = json!({"type": "scheduleUpdateTwin", "queryCondition": "*", "updateTwin": {"tags": {"t": 1}},
+                         "maxExecutionTimeInSeconds": 1});
+        call(
+            &api,
+            &request("PUT", "/jobs/v2/slow", owner(), &job.to_string()),
+        )
+        .expect("job");
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime.spawn(api.jobs.clone().run());
+        let get =
+            || json_of(&call(&api, &request("GET", "/jobs/v2/slow", owner(), "")).expect("get"));
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while !matches!(get()["status"].as_str(), Some("completed" | "failed")) {
+            assert!(std::time::Instant::now() < deadline, "{}", get());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let j = get();
+        assert_eq!(
+            j["status"], "failed",
+            "100 devices at 50 a second take 2 s: {j}"
+        );
+        assert!(j["failureReason"]
+            .as_str()
+            .expect("why")
+            .contains("maxExecutionTimeInSeconds"));
+        let stats = &j["deviceJobStatistics"];
+        let done = stats["succeededCount"].as_u64().expect("count");
+        assert!(done > 0 && done < 100, "{stats}");
+        assert_eq!(stats["deviceCount"], 100);
+        assert_eq!(stats["pendingCount"].as_u64(), Some(100 - done));
+        drop(runtime);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
     #[test]
     fn twins_are_read_patched_and_replaced_as_iot_hub_does() {
         let (api, dir) = api();
