@@ -968,6 +968,9 @@ impl Api {
                 crate::twins::create_in(writes, &self.store, id).map_err(HubError::server)?;
             let body = crate::twins::device_twin_json(&device, &twin);
             crate::twins::lifecycle_in(writes, id, "createDeviceIdentity", body);
+            // A configuration may target it from the start (the reconciler takes the writer
+            // lock first, so it sees the device once this batch is committed).
+            self.twins.retarget.device(id);
         }
         writes.put(&device, true).map_err(HubError::server)?;
         Ok(device)
@@ -2204,6 +2207,33 @@ mod tests {
             .expect("query")
             .0,
             json!([])
+        );
+        // Regression: module rows by deviceId are paged in client-id order (`ma-1/y` sorts
+        // before `ma/x`); a page ending at `ma/x` lost `ma-1/y`.
+        for (d, m) in [("ma", "x"), ("ma-1", "y")] {
+            let body = format!(r#"{{"deviceId":"{d}"}}"#);
+            call(
+                &api,
+                &request("PUT", &format!("/devices/{d}"), owner(), &body),
+            )
+            .expect("device");
+            let body = format!(r#"{{"moduleId":"{m}","deviceId":"{d}"}}"#);
+            call(
+                &api,
+                &request("PUT", &format!("/devices/{d}/modules/{m}"), owner(), &body),
+            )
+            .expect("module");
+        }
+        let q = "SELECT * FROM devices.modules WHERE deviceId IN ['ma', 'ma-1']";
+        let (first, _, cont) = run(q, Some(1), None).expect("page 1");
+        let (second, _, last) = run(q, Some(1), cont.as_deref()).expect("page 2");
+        assert_eq!(
+            (
+                first[0]["moduleId"].as_str(),
+                second[0]["moduleId"].as_str(),
+                last
+            ),
+            (Some("y"), Some("x"), None)
         );
         // Invalid queries and tokens are 400 with the reason.
         let e = run("SELECT * FROM devices WHERE", None, None).expect_err("invalid");

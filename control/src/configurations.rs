@@ -14,8 +14,8 @@
 //! `configurations['id'].status` in the language).
 //!
 //! When: the reconciler ([`Configurations::run`]) looks at every twin again after a
-//! configuration is created, changed or deleted, and at one twin after its tags change
-//! (`Retarget`). `systemMetrics` (targeted, applied) and the custom `metrics` are counted by
+//! configuration is created, changed or deleted and every 5 minutes, and at one twin after its
+//! tags or reported properties change or it is created (`Retarget`). `systemMetrics` (targeted, applied) and the custom `metrics` are counted by
 //! queries when a configuration is read.
 //!
 //! What it is not: edge deployments. `modulesContent` is kept and shown but not applied to
@@ -38,6 +38,8 @@ use crate::twins::{ConfigState, TwinFailure, Twins};
 pub const MAX_CONFIGURATIONS: usize = 100;
 /// Devices the reconciler reads at a time when it looks at every twin.
 const BATCH: usize = 256;
+/// How often every twin is looked at again, whatever changed (IoT Hub: every 5 minutes).
+const FULL_PASS: Duration = Duration::from_secs(300);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigFailure {
@@ -372,10 +374,23 @@ impl Configurations {
 
     /// Looks at twins again whenever asked, for as long as control runs.
     pub async fn run(self: Arc<Self>) {
+        let mut last_full = tokio::time::Instant::now();
         loop {
             tokio::select! {
                 _ = self.retarget.wake.notified() => {}
                 _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+            }
+            // As IoT Hub does, every twin is looked at again now and then (a twin may come to
+            // match through what no hook sees: a query on identity fields, say).
+            if last_full.elapsed() >= FULL_PASS {
+                last_full = tokio::time::Instant::now();
+                let store = self.store.clone();
+                let any = tokio::task::spawn_blocking(move || {
+                    store.configurations().map(|c| !c.is_empty())
+                });
+                if matches!(any.await, Ok(Ok(true))) {
+                    self.retarget.all();
+                }
             }
             let me = self.clone();
             let done = tokio::task::spawn_blocking(move || me.reconcile_pending()).await;
@@ -406,7 +421,7 @@ impl Configurations {
             loop {
                 let batch = self.store.devices_after(after.as_deref(), BATCH)?;
                 for d in &batch {
-                    self.reconcile(&d.device_id, &compiled)?;
+                    self.reconcile_logged(&d.device_id, &compiled)?;
                 }
                 match batch.last() {
                     Some(d) if batch.len() == BATCH => after = Some(d.device_id.clone()),
@@ -415,10 +430,28 @@ impl Configurations {
             }
         } else {
             for d in devices {
-                self.reconcile(&d, &compiled)?;
+                self.reconcile_logged(&d, &compiled)?;
             }
         }
         Ok(())
+    }
+
+    /// [`Self::reconcile`], where a twin that cannot take a configuration (its content would
+    /// pass the twin's limits) is logged and passed over: it must not stop the fleet's. Only a
+    /// store failure stops the pass (and it is tried again).
+    fn reconcile_logged(
+        &self,
+        device_id: &str,
+        configs: &[(Configuration, Option<roost_query::Expr>, Value)],
+    ) -> Result<(), ConfigFailure> {
+        match self.reconcile(device_id, configs) {
+            Err(ConfigFailure::Store(e)) => Err(ConfigFailure::Store(e)),
+            Err(e) => {
+                tracing::warn!(device = %device_id, error = %e, "a configuration could not be applied to a twin");
+                Ok(())
+            }
+            Ok(()) => Ok(()),
+        }
     }
 
     /// One twin against every configuration: their standing, and the winner's content.

@@ -91,6 +91,10 @@ struct StoredJob {
     job: Job,
     /// The continuation token of the next page of devices (`None`: from the first).
     next: Option<String>,
+    /// When it started running (Unix ms): `maxExecutionTimeInSeconds` counts from here, not
+    /// from a start time it may have waited past behind another job.
+    #[serde(default)]
+    started_ms: Option<u64>,
 }
 
 /// The body of `PUT /jobs/v2/{id}` (IoT Hub's JobRequest).
@@ -127,15 +131,15 @@ fn device_query(condition: &str) -> Result<String, JobFailure> {
     if c.is_empty() || c == "*" {
         return Ok("SELECT deviceId FROM devices".into());
     }
-    if c.len() >= 6 && c[..6].eq_ignore_ascii_case("select") {
+    if c.get(..6).is_some_and(|p| p.eq_ignore_ascii_case("select")) {
         let q = roost_query::query(c).map_err(bad)?;
         if q.from != roost_query::Source::Devices {
             return Err(JobFailure::BadRequest(
                 "a job's query must select FROM devices".into(),
             ));
         }
-        return Ok(match c.to_ascii_lowercase().find(" where ") {
-            Some(at) => format!("SELECT deviceId FROM devices {}", &c[at + 1..]),
+        return Ok(match roost_query::where_text(c).map_err(bad)? {
+            Some(cond) => format!("SELECT deviceId FROM devices WHERE {cond}"),
             None => "SELECT deviceId FROM devices".into(),
         });
     }
@@ -178,6 +182,18 @@ impl Jobs {
             .job(id)?
             .ok_or_else(|| JobFailure::NotFound(id.to_string()))?;
         serde_json::from_slice(&bytes).map_err(|e| StoreError::Corrupt(e.to_string()).into())
+    }
+
+    /// Saves `job` unless the stored one has ended meanwhile (a cancel); whether it did.
+    fn save_unless_ended(&self, job: &StoredJob) -> Result<bool, StoreError> {
+        self.store.exclusive(|| {
+            let current = self.load(&job.job.job_id).map(|s| s.job.status);
+            if current.as_deref().is_ok_and(terminal) {
+                return Ok(false);
+            }
+            self.save(job, &[])?;
+            Ok(true)
+        })
     }
 
     fn save(&self, job: &StoredJob, device_jobs: &[(String, Vec<u8>)]) -> Result<(), StoreError> {
@@ -251,6 +267,7 @@ impl Jobs {
                 &StoredJob {
                     job: job.clone(),
                     next: None,
+                    started_ms: None,
                 },
                 &[],
             )?;
@@ -385,14 +402,9 @@ impl Jobs {
             Ok(q) => q,
             Err(e) => return self.finish(stored, "failed", Some(e.to_string())).await,
         };
-        let started = parse_iso_ms(&stored.job.start_time).unwrap_or_else(now_ms);
-        let deadline = started
-            + stored
-                .job
-                .max_execution_time_in_seconds
-                .saturating_mul(1000);
         if stored.job.status != "running" {
             stored.job.status = "running".into();
+            stored.started_ms = Some(now_ms());
             let count_query = query.replacen("SELECT deviceId", "SELECT COUNT() AS n", 1);
             let q = self.queries.clone();
             let total = self
@@ -404,9 +416,18 @@ impl Jobs {
             stored.job.device_job_statistics.device_count = total;
             stored.job.device_job_statistics.pending_count = total;
             let s = stored.clone();
-            self.blocking(move |j| j.save(&s, &[])).await?;
+            // A cancel that came while it was counting stands.
+            if !self.blocking(move |j| j.save_unless_ended(&s)).await? {
+                return Ok(());
+            }
             self.count("running");
         }
+        let started = stored.started_ms.unwrap_or_else(now_ms);
+        let deadline = started
+            + stored
+                .job
+                .max_execution_time_in_seconds
+                .saturating_mul(1000);
         let pace = Duration::from_secs(1) / DEVICE_OPS_PER_SEC;
         loop {
             if self
@@ -584,8 +605,10 @@ impl Jobs {
         stored.job.failure_reason = why;
         stored.job.end_time = Some(iso_ms(now_ms()));
         let status = status.to_string();
-        self.blocking(move |j| j.save(&stored, &[])).await?;
-        self.count(&status);
+        // A cancel that came during the last page stands.
+        if self.blocking(move |j| j.save_unless_ended(&stored)).await? {
+            self.count(&status);
+        }
         Ok(())
     }
 }
@@ -595,5 +618,33 @@ fn method_error(e: &MethodFailure) -> String {
         MethodFailure::NotOnline => format!("404103 DeviceNotOnline: {e}"),
         MethodFailure::Timeout => format!("504101 GatewayTimeout: {e}"),
         other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_job_condition_selects_what_it_says() {
+        assert_eq!(
+            device_query("*").expect("all"),
+            "SELECT deviceId FROM devices"
+        );
+        assert_eq!(
+            device_query("tags.site = 'oslo'").expect("a clause"),
+            "SELECT deviceId FROM devices WHERE tags.site = 'oslo'"
+        );
+        // Regression: a WHERE after a newline was not found, and the job ran on every device.
+        assert_eq!(
+            device_query("SELECT * FROM devices\nWHERE\ttags.env = 'test'").expect("a query"),
+            "SELECT deviceId FROM devices WHERE tags.env = 'test'"
+        );
+        assert!(device_query("SELECT TOP 1 * FROM devices WHERE tags.a = 1").is_err());
+        assert!(device_query("SELECT * FROM devices.modules").is_err());
+        // Regression: slicing six bytes of a condition panicked inside a multi-byte character.
+        // (Names are ASCII; other keys go in brackets.)
+        assert!(device_query("tags.ö = 1").is_err());
+        assert!(device_query("tags['ö'] = 1").is_ok());
     }
 }

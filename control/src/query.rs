@@ -270,13 +270,11 @@ impl Rows for ModuleRows<'_> {
     fn of(&self, ids: &[String], after: Option<&str>) -> Result<Vec<(String, Value)>, StoreError> {
         let mut modules = Vec::new();
         for id in ids {
-            modules.extend(
-                self.0
-                    .modules_of(id)?
-                    .into_iter()
-                    .filter(|m| after.is_none_or(|a| m.client_id().as_str() > a)),
-            );
+            modules.extend(self.0.modules_of(id)?);
         }
+        // In client-id order, the order a page's token counts in (`a-1/y` sorts before `a/x`).
+        modules.sort_by_key(|m| m.client_id());
+        modules.retain(|m| after.is_none_or(|a| m.client_id().as_str() > a));
         self.rows(modules)
     }
 }

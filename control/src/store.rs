@@ -239,11 +239,16 @@ impl Store {
         Ok(self.db.write(batch)?)
     }
 
-    /// Writes one event to the outbox on its own (synced).
+    /// Writes one event to the outbox on its own, not synced: a connection state, written on
+    /// the link's task for every connect and disconnect (a power loss may cost the last few; a
+    /// kill costs none).
     pub fn put_event(&self, event: &[u8]) -> Result<(), StoreError> {
-        let mut w = self.writes();
-        w.put_event(event);
-        w.commit()
+        let seq = self
+            .next_event
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(self
+            .db
+            .put_cf(self.cf(CF_EVENTS_OUT), seq.to_be_bytes(), event)?)
     }
 
     /// A configuration, stored as JSON.

@@ -390,6 +390,8 @@ impl Twins {
                         event.write_in(&mut writes);
                         writes.commit()?;
                         self.events.written();
+                        // A condition may be on reported properties.
+                        self.retarget.device(&client_id);
                     }
                     Ok((204, Some(version), String::new()))
                 }

@@ -16,6 +16,8 @@ import requests
 
 from conftest import (
     is_acked,
+    record_body,
+    telemetry_of,
     STATE_TIMEOUT,
     _sign,
     device_sas_token,
@@ -421,6 +423,9 @@ def test_a_full_disk_stops_acknowledgements_and_writes_resume_once_it_has_room(h
     info = dev.publish(telemetry_topic(device_id), b"after", qos=1)
     wait_until(info.is_published, 10, "PUBACK once the disk has room")
     acked.append(b"after")
-    stored = [r["body"].encode() for r in hub.records() if r["systemProperties"].get("iothub-connection-device-id") == device_id]
-    assert [b for b in stored if b in acked] == acked, "an acknowledged message is missing or out of order"
+    stored = [record_body(r) for r in telemetry_of(hub.records(), device_id)]
+    # One connection's messages are in order in its shard's partition; the reconnected device
+    # may be on the other shard, and there is no order across partitions.
+    assert [b for b in stored if b in acked and b != b"after"] == acked[:-1], "an acknowledged message is missing or out of order"
+    assert b"after" in stored
     print(f"disk full: writes resumed {resumed:.1f} s after the space came back")

@@ -23,8 +23,8 @@ mod select;
 
 pub use eval::{eval, is_true, Document};
 pub use parse::{
-    condition, number, query, BinOp, Expr, Item, Path, Query, Segment, Select, Source, MAX_DEPTH,
-    MAX_QUERY_BYTES,
+    condition, number, query, where_text, BinOp, Expr, Item, Path, Query, Segment, Select, Source,
+    MAX_DEPTH, MAX_QUERY_BYTES,
 };
 pub use select::Groups;
 

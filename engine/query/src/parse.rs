@@ -19,8 +19,9 @@ use crate::{Func, QueryError};
 
 /// The longest query text taken (IoT Hub's own limit is not published; queries are short).
 pub const MAX_QUERY_BYTES: usize = 8 * 1024;
-/// How deep expressions may nest.
-pub const MAX_DEPTH: usize = 64;
+/// How deep expressions may nest, counting each operator of a chain (`a OR b OR c` is three
+/// deep): evaluation recurses over the tree, so its depth is what a query may cost the stack.
+pub const MAX_DEPTH: usize = 256;
 
 /// One step of a path: a member name or an array index.
 #[derive(Debug, Clone, PartialEq)]
@@ -104,6 +105,24 @@ pub fn query(src: &str) -> Result<Query, QueryError> {
     let q = p.query()?;
     p.end()?;
     Ok(q)
+}
+
+/// The text of a whole query's `WHERE` condition (`None`: it has none), for a caller that
+/// runs the condition in a query of its own (a job's `SELECT * FROM devices WHERE …`). A query
+/// that aggregates, groups or has `TOP` is refused: a condition selects rows, nothing else.
+pub fn where_text(src: &str) -> Result<Option<&str>, QueryError> {
+    let q = query(src)?;
+    if q.top.is_some() || !q.group_by.is_empty() || q.aggregates() {
+        return Err(QueryError::new(
+            0,
+            "only SELECT … FROM devices WHERE … selects devices",
+        ));
+    }
+    let toks = tokens(src)?;
+    let at = toks
+        .iter()
+        .position(|t| matches!(&t.tok, Tok::Name(n) if n.eq_ignore_ascii_case("WHERE")));
+    Ok(at.map(|i| toks.get(i + 1).map_or("", |t| src[t.at..].trim())))
 }
 
 /// Parses a condition alone: a `WHERE` clause without the keyword (a job's `queryCondition`,
@@ -338,19 +357,37 @@ impl<'s> Parser<'s> {
         e
     }
 
+    /// One more level of the tree being built: a chain's operators count as nesting.
+    fn deeper(&mut self) -> Result<(), QueryError> {
+        self.depth += 1;
+        if self.depth > MAX_DEPTH {
+            return Err(QueryError::new(
+                self.at(),
+                format!("expressions nest deeper than {MAX_DEPTH}"),
+            ));
+        }
+        Ok(())
+    }
+
     fn or(&mut self) -> Result<Expr, QueryError> {
+        let start = self.depth;
         let mut left = self.and()?;
         while self.eat_keyword("OR") {
+            self.deeper()?;
             left = Expr::Bin(BinOp::Or, Box::new(left), Box::new(self.and()?));
         }
+        self.depth = start;
         Ok(left)
     }
 
     fn and(&mut self) -> Result<Expr, QueryError> {
+        let start = self.depth;
         let mut left = self.not()?;
         while self.eat_keyword("AND") {
+            self.deeper()?;
             left = Expr::Bin(BinOp::And, Box::new(left), Box::new(self.not()?));
         }
+        self.depth = start;
         Ok(left)
     }
 
@@ -405,30 +442,38 @@ impl<'s> Parser<'s> {
     }
 
     fn sum(&mut self) -> Result<Expr, QueryError> {
+        let start = self.depth;
         let mut left = self.term()?;
         loop {
             let op = match self.peek() {
                 Some(Tok::Plus) => BinOp::Add,
                 Some(Tok::Minus) => BinOp::Sub,
-                _ => return Ok(left),
+                _ => break,
             };
             self.pos += 1;
+            self.deeper()?;
             left = Expr::Bin(op, Box::new(left), Box::new(self.term()?));
         }
+        self.depth = start;
+        Ok(left)
     }
 
     fn term(&mut self) -> Result<Expr, QueryError> {
+        let start = self.depth;
         let mut left = self.unary()?;
         loop {
             let op = match self.peek() {
                 Some(Tok::Star) => BinOp::Mul,
                 Some(Tok::Slash) => BinOp::Div,
                 Some(Tok::Percent) => BinOp::Rem,
-                _ => return Ok(left),
+                _ => break,
             };
             self.pos += 1;
+            self.deeper()?;
             left = Expr::Bin(op, Box::new(left), Box::new(self.unary()?));
         }
+        self.depth = start;
+        Ok(left)
     }
 
     fn unary(&mut self) -> Result<Expr, QueryError> {
@@ -716,6 +761,23 @@ mod tests {
     }
 
     #[test]
+    fn the_condition_of_a_whole_query() {
+        assert_eq!(
+            where_text("SELECT * FROM devices\nWHERE\ttags.a = 'x y'").expect("valid"),
+            Some("tags.a = 'x y'")
+        );
+        assert_eq!(where_text("select * from devices").expect("valid"), None);
+        assert_eq!(
+            where_text("SELECT * FROM devices WHERE tags.w = 'where'").expect("valid"),
+            Some("tags.w = 'where'")
+        );
+        assert!(where_text("SELECT TOP 3 * FROM devices WHERE a = 1").is_err());
+        assert!(
+            where_text("SELECT tags.a AS a, COUNT() AS n FROM devices GROUP BY tags.a").is_err()
+        );
+    }
+
+    #[test]
     fn invalid_queries_say_where_and_why() {
         assert_eq!(
             err("SELECT *"),
@@ -776,6 +838,14 @@ mod tests {
             .contains("nest"));
         let negs = format!("{}1", "-".repeat(5_000));
         assert!(condition(&negs).is_err());
+        // Chains are nesting too: the tree of `1+1+…` is as deep as it is long.
+        for op in ["+", "*", " OR ", " AND "] {
+            let chain = vec!["1"; 1_000].join(op);
+            let e = condition(&chain).expect_err("too deep");
+            assert!(e.message.contains("nest deeper"), "{op}: {e}");
+        }
+        let ids: Vec<String> = (0..200).map(|i| format!("deviceId = 'd{i}'")).collect();
+        condition(&ids.join(" OR ")).expect("a 200-term OR is fine");
         let long = format!("a = '{}'", "x".repeat(MAX_QUERY_BYTES));
         assert!(condition(&long)
             .expect_err("invalid")
