@@ -285,12 +285,16 @@ fn tracking_id() -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-pub fn iso_now() -> String {
-    let ms = SystemTime::now()
+/// Unix milliseconds now (0 if the clock is before 1970).
+pub fn now_ms() -> u64 {
+    SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
-        .unwrap_or(0);
-    roost_iothub::time::iso_ms(ms)
+        .unwrap_or(0)
+}
+
+pub fn iso_now() -> String {
+    roost_iothub::time::iso_ms(now_ms())
 }
 
 fn unix_now() -> u64 {
@@ -1003,22 +1007,11 @@ impl Api {
                 return Err(HubError::precondition_failed());
             }
         }
-        let twin = self.stored_twin(id)?;
+        let twin = self.store.twin_or_empty(id).map_err(HubError::server)?;
         let body = crate::twins::device_twin_json(&existing, &twin);
         crate::twins::lifecycle_in(writes, id, "deleteDeviceIdentity", body);
         writes.delete(id).map_err(HubError::server)?;
         Ok(())
-    }
-
-    /// An identity's stored twin, or an empty one (registered before twins existed).
-    fn stored_twin(&self, client_id: &str) -> Result<crate::twins::StoredTwin, HubError> {
-        Ok(self
-            .store
-            .twin(client_id)
-            .map_err(HubError::server)?
-            .unwrap_or_else(|| {
-                crate::twins::StoredTwin::new(String::new(), roost_twin::Twin::new(0))
-            }))
     }
 
     /// `POST /devices`: up to 100 create/update/delete operations, committed together
@@ -1248,7 +1241,10 @@ impl Api {
             }
             let mut writes = self.store.writes();
             if let Some(device) = self.store.device(id).map_err(HubError::server)? {
-                let twin = self.stored_twin(&existing.client_id())?;
+                let twin = self
+                    .store
+                    .twin_or_empty(&existing.client_id())
+                    .map_err(HubError::server)?;
                 let body = crate::twins::module_twin_json(&device, &existing, &twin);
                 crate::twins::lifecycle_in(
                     &mut writes,

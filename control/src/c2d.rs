@@ -14,13 +14,13 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 use roost_model::link::DeviceCommand;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
+use crate::api::now_ms;
 use crate::linkserver::Commands;
 use crate::metrics::ControlMetrics;
 use crate::store::{Store, StoreError};
@@ -182,13 +182,6 @@ pub enum C2dFailure {
     BadRequest(String),
     #[error(transparent)]
     Store(#[from] StoreError),
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 fn key(device_id: &str, lock: u64) -> Vec<u8> {

@@ -13,7 +13,7 @@
 //! What it is not: telemetry (the engine appends a device's messages itself).
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use roost_iothub::time::iso_ms;
 use roost_model::link::CommandOutcome;
@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tokio::sync::Notify;
 
+use crate::api::now_ms;
 use crate::linkserver::Commands;
 use crate::metrics::ControlMetrics;
 use crate::store::{Store, StoreError, Writes};
@@ -68,13 +69,6 @@ impl EventSource {
             EventSource::ConnectionState => "deviceConnectionStateNotification",
         }
     }
-}
-
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 impl HubEvent {

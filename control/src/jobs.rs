@@ -15,13 +15,14 @@
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use roost_iothub::time::{iso_ms, parse_iso_ms};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tokio::sync::Notify;
 
+use crate::api::now_ms;
 use crate::methods::{MethodCall, MethodFailure, Methods};
 use crate::metrics::ControlMetrics;
 use crate::query::{Queries, QueryFailure};
@@ -109,13 +110,6 @@ struct JobRequest {
     max_execution_time_in_seconds: Option<u64>,
     update_twin: Option<Value>,
     cloud_to_device_method: Option<Value>,
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 fn terminal(status: &str) -> bool {

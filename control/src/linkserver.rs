@@ -276,7 +276,7 @@ impl LinkServer {
                 let link = me.commands.add_link(frames_tx);
                 let why = me.serve(&conn, link, frames_rx).await;
                 let clients = me.commands.remove_link(link);
-                let at_ms = crate::events::now_ms();
+                let at_ms = crate::api::now_ms();
                 for c in &clients {
                     me.c2d.on_disconnected(c);
                     me.connection_event(c, false, at_ms);

@@ -18,7 +18,7 @@ use serde_json::Value;
 
 use crate::device::{Device, Module};
 use crate::store::{Store, StoreError};
-use crate::twins::{device_identity, module_identity, service_json, StoredTwin};
+use crate::twins::{device_identity, module_identity, service_json};
 
 /// Items a page holds when the request does not say (`x-ms-max-item-count`).
 pub const DEFAULT_PAGE: usize = 100;
@@ -203,19 +203,11 @@ fn scan(
     }
 }
 
-/// A stored twin, or the empty one of an identity registered before twins existed.
-fn twin_of(store: &Store, client_id: &str) -> Result<StoredTwin, StoreError> {
-    match store.twin(client_id)? {
-        Some(t) => Ok(t),
-        None => Ok(StoredTwin::new(String::new(), roost_twin::Twin::new(0))),
-    }
-}
-
 struct DeviceRows<'s>(&'s Store);
 
 impl DeviceRows<'_> {
     fn row(&self, d: &Device) -> Result<(String, Value), StoreError> {
-        let twin = twin_of(self.0, &d.device_id)?;
+        let twin = self.0.twin_or_empty(&d.device_id)?;
         Ok((d.device_id.clone(), service_json(device_identity(d), &twin)))
     }
 }
@@ -255,7 +247,7 @@ impl ModuleRows<'_> {
             }
             let Some(d) = &device else { continue };
             let id = m.client_id();
-            let twin = twin_of(self.0, &id)?;
+            let twin = self.0.twin_or_empty(&id)?;
             out.push((id, service_json(module_identity(d, &m), &twin)));
         }
         Ok(out)

@@ -196,6 +196,20 @@ impl Store {
         after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<T>, StoreError> {
+        Ok(self
+            .scan_keyed_after(cf, after, limit)?
+            .into_iter()
+            .map(|(_, v)| v)
+            .collect())
+    }
+
+    /// Up to `limit` rows of `cf` with keys after `after`, decoded, each with its key.
+    fn scan_keyed_after<T: serde::de::DeserializeOwned>(
+        &self,
+        cf: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, T)>, StoreError> {
         let mode = match after {
             Some(a) => IteratorMode::From(a.as_bytes(), Direction::Forward),
             None => IteratorMode::Start,
@@ -206,10 +220,30 @@ impl Store {
             if after.is_some_and(|a| *k == *a.as_bytes()) {
                 continue;
             }
-            out.push(serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt(e.to_string()))?);
+            out.push((String::from_utf8_lossy(&k).into_owned(), decode(&v)?));
             if out.len() >= limit {
                 break;
             }
+        }
+        Ok(out)
+    }
+
+    /// Every row of `cf` whose key starts with `prefix`, decoded, each with its key.
+    fn scan_prefix<T: serde::de::DeserializeOwned>(
+        &self,
+        cf: &str,
+        prefix: &str,
+    ) -> Result<Vec<(String, T)>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(
+            self.cf(cf),
+            IteratorMode::From(prefix.as_bytes(), Direction::Forward),
+        ) {
+            let (k, v) = item?;
+            if !k.starts_with(prefix.as_bytes()) {
+                break;
+            }
+            out.push((String::from_utf8_lossy(&k).into_owned(), decode(&v)?));
         }
         Ok(out)
     }
@@ -317,25 +351,7 @@ impl Store {
         after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<(String, serde_json::Value)>, StoreError> {
-        let mode = match after {
-            Some(a) => IteratorMode::From(a.as_bytes(), Direction::Forward),
-            None => IteratorMode::Start,
-        };
-        let mut out = Vec::new();
-        for item in self.db.iterator_cf(self.cf(CF_DEVICE_JOBS), mode) {
-            let (k, v) = item?;
-            if after.is_some_and(|a| *k == *a.as_bytes()) {
-                continue;
-            }
-            let key = String::from_utf8_lossy(&k).into_owned();
-            let value =
-                serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-            out.push((key, value));
-            if out.len() >= limit {
-                break;
-            }
-        }
-        Ok(out)
+        self.scan_keyed_after(CF_DEVICE_JOBS, after, limit)
     }
 
     /// Every job record of `device_id`, with their keys.
@@ -343,22 +359,7 @@ impl Store {
         &self,
         device_id: &str,
     ) -> Result<Vec<(String, serde_json::Value)>, StoreError> {
-        let prefix = format!("{device_id}\0");
-        let mut out = Vec::new();
-        for item in self.db.iterator_cf(
-            self.cf(CF_DEVICE_JOBS),
-            IteratorMode::From(prefix.as_bytes(), Direction::Forward),
-        ) {
-            let (k, v) = item?;
-            if !k.starts_with(prefix.as_bytes()) {
-                break;
-            }
-            let key = String::from_utf8_lossy(&k).into_owned();
-            let value =
-                serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-            out.push((key, value));
-        }
-        Ok(out)
+        self.scan_prefix(CF_DEVICE_JOBS, &format!("{device_id}\0"))
     }
 
     /// Module `module_id` of `device_id`.
@@ -374,19 +375,11 @@ impl Store {
 
     /// Every module of `device_id`, by module id.
     pub fn modules_of(&self, device_id: &str) -> Result<Vec<Module>, StoreError> {
-        let prefix = format!("{device_id}/");
-        let mut out = Vec::new();
-        for item in self.db.iterator_cf(
-            self.cf(CF_MODULES),
-            IteratorMode::From(prefix.as_bytes(), Direction::Forward),
-        ) {
-            let (k, v) = item?;
-            if !k.starts_with(prefix.as_bytes()) {
-                break;
-            }
-            out.push(serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt(e.to_string()))?);
-        }
-        Ok(out)
+        Ok(self
+            .scan_prefix(CF_MODULES, &format!("{device_id}/"))?
+            .into_iter()
+            .map(|(_, m)| m)
+            .collect())
     }
 
     fn all_modules(&self) -> Result<Vec<Module>, StoreError> {
@@ -613,14 +606,19 @@ impl Store {
         Ok((seq, out))
     }
 
+    /// `client_id`'s twin, or an empty one (no etag) for an identity registered before twins
+    /// existed.
+    pub fn twin_or_empty(&self, client_id: &str) -> Result<StoredTwin, StoreError> {
+        Ok(self
+            .twin(client_id)?
+            .unwrap_or_else(|| StoredTwin::new(String::new(), roost_twin::Twin::new(0))))
+    }
+
     /// The twin tags of `client_id` as JSON text, empty when it has none.
     pub fn tags_json(&self, client_id: &str) -> Result<String, StoreError> {
-        Ok(match self.twin(client_id)? {
-            Some(t) if !t.twin.tags.is_empty() => {
-                serde_json::Value::Object(t.twin.tags).to_string()
-            }
-            _ => String::new(),
-        })
+        Ok(self
+            .twin(client_id)?
+            .map_or_else(String::new, |t| tags_text(&t.twin.tags)))
     }
 
     /// Updates connection state or activity without changing the etag or the registry log.
@@ -747,4 +745,16 @@ impl Writes<'_> {
         }
         Ok(())
     }
+}
+
+fn decode<T: serde::de::DeserializeOwned>(v: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(v).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+/// Twin tags as the registry's `DeviceAuth.tags` carries them: JSON text, empty for none.
+pub fn tags_text(tags: &serde_json::Map<String, serde_json::Value>) -> String {
+    if tags.is_empty() {
+        return String::new();
+    }
+    serde_json::Value::Object(tags.clone()).to_string()
 }

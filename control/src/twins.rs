@@ -10,13 +10,13 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use roost_model::link::{DeviceCommand, TwinOp};
 use roost_twin::{Twin, TwinError};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
+use crate::api::now_ms;
 use crate::device::{Device, Module};
 use crate::events::{EventSource, HubEvent, HubEvents};
 use crate::linkserver::Commands;
@@ -83,13 +83,6 @@ impl TwinFailure {
             TwinFailure::Store(_) => (500, 500001),
         }
     }
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 /// A new device's twin, with a fresh etag.
@@ -212,6 +205,35 @@ impl Twins {
         result
     }
 
+    /// Stores a changed twin with the `twinChangeEvents` record of the change, in one batch;
+    /// with `tags_changed`, the identity's registry change too (the engines' view carries the
+    /// tags, for routing over `$twin.tags`). With `retarget`, the configurations look at the
+    /// twin again.
+    fn store_change(
+        &self,
+        client_id: &str,
+        stored: &StoredTwin,
+        event: &HubEvent,
+        tags_changed: bool,
+        retarget: bool,
+    ) -> Result<(), StoreError> {
+        let mut writes = self.store.writes();
+        writes.put_twin(client_id, stored)?;
+        event.write_in(&mut writes);
+        if tags_changed {
+            if let Some(mut auth) = self.auth_of(client_id)? {
+                auth.tags = crate::store::tags_text(&stored.twin.tags);
+                writes.upsert_auth(auth);
+            }
+        }
+        writes.commit()?;
+        self.events.written();
+        if retarget {
+            self.retarget.device(client_id);
+        }
+        Ok(())
+    }
+
     /// The registry entry of `client_id` (`device` or `device/module`), without its tags.
     fn auth_of(
         &self,
@@ -301,25 +323,7 @@ impl Twins {
                 change_body(stored.twin.version, tags.as_ref(), section),
             );
             let tags_changed = before_tags != stored.twin.tags;
-            let mut writes = self.store.writes();
-            writes.put_twin(device_id, &stored)?;
-            event.write_in(&mut writes);
-            if tags_changed {
-                // The engines' registry view carries the tags (routing over `$twin.tags`).
-                if let Some(mut auth) = self.auth_of(device_id)? {
-                    auth.tags = if stored.twin.tags.is_empty() {
-                        String::new()
-                    } else {
-                        Value::Object(stored.twin.tags.clone()).to_string()
-                    };
-                    writes.upsert_auth(auth);
-                }
-            }
-            writes.commit()?;
-            self.events.written();
-            if tags_changed {
-                self.retarget.device(device_id);
-            }
+            self.store_change(device_id, &stored, &event, tags_changed, tags_changed)?;
             // Sent inside the writer lock, so devices get desired changes in version order.
             if let Some(body) = desired {
                 self.push_desired(device_id, stored.twin.desired.version(), &body);
@@ -385,13 +389,8 @@ impl Twins {
                                 Some(("reported", patch.clone(), version)),
                             ),
                         );
-                        let mut writes = self.store.writes();
-                        writes.put_twin(&client_id, &stored)?;
-                        event.write_in(&mut writes);
-                        writes.commit()?;
-                        self.events.written();
-                        // A condition may be on reported properties.
-                        self.retarget.device(&client_id);
+                        // A configuration's condition may be on reported properties.
+                        self.store_change(&client_id, &stored, &event, false, true)?;
                     }
                     Ok((204, Some(version), String::new()))
                 }
