@@ -110,6 +110,15 @@ pub fn tokens(src: &str) -> Result<Vec<Token>, QueryError> {
                 while i < bytes.len() && (bytes[i] == b'_' || bytes[i].is_ascii_alphanumeric()) {
                     i += 1;
                 }
+                // The routing conditions' `$dt-dataschema` and `$dt-subject` are names with a
+                // hyphen (wire spec §6); anywhere else `-` is the minus sign.
+                if src[start..i].eq_ignore_ascii_case("$dt") && bytes.get(i) == Some(&b'-') {
+                    i += 1;
+                    while i < bytes.len() && (bytes[i] == b'_' || bytes[i].is_ascii_alphanumeric())
+                    {
+                        i += 1;
+                    }
+                }
                 Tok::Name(src[start..i].to_string())
             }
             _ => {

@@ -1,0 +1,898 @@
+//! `routes.lua`: evaluated in the sandbox, read into [`RoutesConfig`], every key checked.
+//!
+//! The file returns one table (DESIGN.md §5): `endpoints`, `plugins`, `routes`, `fallback`,
+//! `enrichments`. Anything else, an unknown key anywhere, a route naming an endpoint nobody
+//! declared, a condition that does not compile: an error with the line it is on
+//! ([`crate::locate`]). The built-in endpoint `events` always exists; declaring it is allowed.
+//! A Lua condition stays a function of the VM that evaluated the file, so each shard loads the
+//! file into its own VM; control checks with the same code.
+
+use mlua::{Function, Table, Value as Lua_};
+use serde_json::Value;
+
+use crate::condition::Condition;
+use crate::convert;
+use crate::locate::Locator;
+
+/// The name of the built-in endpoint, the `events` log.
+pub const BUILTIN: &str = "events";
+/// Most routes IoT Hub takes (paid tiers); roost keeps the bound.
+pub const MAX_ROUTES: usize = 100;
+/// Most endpoints, the built-in one included: a message's endpoint set is one `u64`.
+pub const MAX_ENDPOINTS: usize = 64;
+/// Most enrichments (IoT Hub: 10).
+pub const MAX_ENRICHMENTS: usize = 10;
+
+/// Where a route takes its messages from (wire spec §6, by `routes.lua`'s names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RouteSource {
+    Telemetry,
+    TwinChange,
+    Lifecycle,
+    ConnectionState,
+    FileUpload,
+    JobLifecycle,
+}
+
+impl RouteSource {
+    pub const ALL: [(&'static str, RouteSource); 6] = [
+        ("telemetry", RouteSource::Telemetry),
+        ("twin_change", RouteSource::TwinChange),
+        ("lifecycle", RouteSource::Lifecycle),
+        ("connection_state", RouteSource::ConnectionState),
+        ("file_upload", RouteSource::FileUpload),
+        ("job_lifecycle", RouteSource::JobLifecycle),
+    ];
+
+    pub fn named(s: &str) -> Option<RouteSource> {
+        Self::ALL.iter().find(|(n, _)| *n == s).map(|(_, v)| *v)
+    }
+
+    pub fn name(self) -> &'static str {
+        Self::ALL
+            .iter()
+            .find(|(_, v)| *v == self)
+            .map_or("telemetry", |(n, _)| n)
+    }
+
+    pub fn of(s: roost_model::Source) -> RouteSource {
+        match s {
+            roost_model::Source::Telemetry => RouteSource::Telemetry,
+            roost_model::Source::TwinChangeEvents => RouteSource::TwinChange,
+            roost_model::Source::DeviceLifecycleEvents => RouteSource::Lifecycle,
+            roost_model::Source::DeviceConnectionStateEvents => RouteSource::ConnectionState,
+        }
+    }
+}
+
+/// An endpoint and what feeds it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Endpoint {
+    pub name: String,
+    pub kind: EndpointKind,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum EndpointKind {
+    /// The `events` log itself.
+    Builtin,
+    /// HTTP POST of a JSON array of messages.
+    Webhook {
+        url: String,
+        /// Most messages in one POST.
+        batch: usize,
+        timeout_ms: u64,
+        headers: Vec<(String, String)>,
+    },
+    /// Newline-delimited JSON files, rotated by size.
+    File {
+        path: String,
+        max_bytes: u64,
+        max_files: u32,
+    },
+    /// NATS JetStream publish, acknowledged by the stream.
+    Nats { url: String, subject: String },
+    /// Republish to an external MQTT broker.
+    Mqtt {
+        url: String,
+        topic: String,
+        qos: u8,
+        client_id: Option<String>,
+    },
+}
+
+impl EndpointKind {
+    pub fn label(&self) -> &'static str {
+        match self {
+            EndpointKind::Builtin => "builtin",
+            EndpointKind::Webhook { .. } => "webhook",
+            EndpointKind::File { .. } => "file",
+            EndpointKind::Nats { .. } => "nats",
+            EndpointKind::Mqtt { .. } => "mqtt",
+        }
+    }
+}
+
+/// A route's condition.
+#[derive(Debug, Clone)]
+pub enum When {
+    /// `true`: every message of the source, nothing evaluated.
+    Always,
+    /// `false`: none (a route kept but switched off by its condition).
+    Never,
+    Query(Condition),
+    /// A Lua function `(msg, device)` of the VM that loaded the file.
+    Lua(Function),
+}
+
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub name: String,
+    pub source: RouteSource,
+    pub when: When,
+    /// Indexes into [`RoutesConfig::endpoints`].
+    pub endpoints: Vec<usize>,
+    pub enabled: bool,
+}
+
+/// What an enrichment stamps.
+#[derive(Debug, Clone, PartialEq)]
+pub enum EnrichValue {
+    Literal(String),
+    /// `$iothubname`.
+    HubName,
+    /// `$twin.tags.a.b`: the path after `tags`.
+    TwinTag(Vec<String>),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Enrichment {
+    pub key: String,
+    pub value: EnrichValue,
+    pub endpoints: Vec<usize>,
+}
+
+/// What a plugin does when its step fails (an error, the budget, the memory limit).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnError {
+    /// The message goes on as if the plugin had returned `nil` (its changes kept).
+    Skip,
+    Drop,
+    Reject,
+}
+
+/// A plugin as `routes.lua` uses it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PluginUse {
+    pub name: String,
+    pub config: Value,
+    pub on_error: OnError,
+    pub sources: Vec<RouteSource>,
+}
+
+#[derive(Debug, Clone)]
+pub struct RoutesConfig {
+    /// `events` first, then the declared ones in name order.
+    pub endpoints: Vec<Endpoint>,
+    pub plugins: Vec<PluginUse>,
+    pub routes: Vec<Route>,
+    /// `None`: the fallback route is disabled.
+    pub fallback: Option<Vec<usize>>,
+    pub enrichments: Vec<Enrichment>,
+}
+
+impl RoutesConfig {
+    pub fn endpoint(&self, name: &str) -> Option<usize> {
+        self.endpoints.iter().position(|e| e.name == name)
+    }
+}
+
+/// A configuration error, placed in its file when the source says where.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigError {
+    pub file: String,
+    pub line: Option<u32>,
+    pub message: String,
+}
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.line {
+            Some(l) => write!(f, "{}:{l}: {}", self.file, self.message),
+            None => write!(f, "{}: {}", self.file, self.message),
+        }
+    }
+}
+
+/// Reads the table `routes.lua` returned. `src` is its source, for placing errors.
+pub fn read(file: &str, src: &str, root: Lua_) -> Result<RoutesConfig, ConfigError> {
+    let r = Reader {
+        file,
+        at: Locator::new(src),
+    };
+    let Lua_::Table(root) = root else {
+        return Err(r.err(
+            None,
+            format!("must return a table, not a {}", root.type_name()),
+        ));
+    };
+    let top = r.fields(
+        &root,
+        1,
+        "the returned table",
+        &["endpoints", "plugins", "routes", "fallback", "enrichments"],
+    )?;
+
+    let mut endpoints = vec![Endpoint {
+        name: BUILTIN.into(),
+        kind: EndpointKind::Builtin,
+    }];
+    if let Some(t) = r.table_opt(&root, "endpoints", 1)? {
+        let mut named: Vec<(String, Table)> = Vec::new();
+        for pair in t.pairs::<Lua_, Lua_>() {
+            let (k, v) = pair.map_err(|e| r.err(None, e.to_string()))?;
+            let Lua_::String(k) = k else {
+                return Err(r.err(
+                    r.at.key("endpoints", 1),
+                    "endpoints are named by strings".into(),
+                ));
+            };
+            let name = k.to_string_lossy();
+            let Lua_::Table(v) = v else {
+                return Err(r.err(
+                    r.at.key(&name, 1),
+                    format!("endpoint {name:?} must be a table"),
+                ));
+            };
+            named.push((name, v));
+        }
+        named.sort_by(|a, b| a.0.cmp(&b.0));
+        for (name, t) in named {
+            let line =
+                r.at.key(&name, r.at.key("endpoints", 1).unwrap_or(1))
+                    .unwrap_or(1);
+            let kind = r.endpoint(&name, &t, line)?;
+            if name == BUILTIN {
+                if kind != EndpointKind::Builtin {
+                    return Err(r.err(
+                        Some(line),
+                        format!("{BUILTIN} is the built-in endpoint; its kind is \"builtin\""),
+                    ));
+                }
+                continue;
+            }
+            if kind == EndpointKind::Builtin {
+                return Err(r.err(
+                    Some(line),
+                    format!("only {BUILTIN:?} is built in; endpoint {name:?} needs another kind"),
+                ));
+            }
+            if !valid_name(&name) {
+                return Err(r.err(
+                    Some(line),
+                    format!("endpoint name {name:?}: letters, digits, '-' and '_', at most 64"),
+                ));
+            }
+            endpoints.push(Endpoint { name, kind });
+        }
+    }
+    if endpoints.len() > MAX_ENDPOINTS {
+        return Err(r.err(
+            r.at.key("endpoints", 1),
+            format!("at most {MAX_ENDPOINTS} endpoints"),
+        ));
+    }
+    let index = |name: &str| endpoints.iter().position(|e| e.name == name);
+
+    let mut plugins = Vec::new();
+    if let Some(t) = r.table_opt(&root, "plugins", 1)? {
+        let from = r.at.key("plugins", 1).unwrap_or(1);
+        for (i, v) in r.sequence(&t, "plugins", from)?.into_iter().enumerate() {
+            let Lua_::Table(p) = v else {
+                return Err(r.err(Some(from), format!("plugins[{}] must be a table", i + 1)));
+            };
+            let name = r.string(&p, "use", from)?;
+            let line = r.at.string(&name, from).unwrap_or(from);
+            let f = r.fields(
+                &p,
+                line,
+                &format!("plugin {name:?}"),
+                &["use", "config", "on_error", "sources"],
+            )?;
+            let config = match p
+                .raw_get::<Lua_>("config")
+                .map_err(|e| r.err(Some(line), e.to_string()))?
+            {
+                Lua_::Nil => Value::Object(Default::default()),
+                v => convert::to_json(&v).map_err(|e| {
+                    r.err(
+                        r.at.key("config", line),
+                        format!("plugin {name:?} config: {e}"),
+                    )
+                })?,
+            };
+            let on_error = match r.string_opt(&p, "on_error", line)?.as_deref() {
+                None | Some("skip") => OnError::Skip,
+                Some("drop") => OnError::Drop,
+                Some("reject") => OnError::Reject,
+                Some(other) => {
+                    return Err(r.err(
+                        r.at.key("on_error", line),
+                        format!("on_error is \"skip\", \"drop\" or \"reject\", not {other:?}"),
+                    ))
+                }
+            };
+            let sources = match p
+                .raw_get::<Lua_>("sources")
+                .map_err(|e| r.err(Some(line), e.to_string()))?
+            {
+                Lua_::Nil => vec![RouteSource::Telemetry],
+                Lua_::Table(s) => {
+                    let mut out = Vec::new();
+                    for v in r.sequence(&s, "sources", line)? {
+                        out.push(r.source(&v, line)?);
+                    }
+                    out
+                }
+                other => {
+                    return Err(r.err(
+                        r.at.key("sources", line),
+                        format!("sources must be a list, not a {}", other.type_name()),
+                    ))
+                }
+            };
+            f.done()?;
+            plugins.push(PluginUse {
+                name,
+                config,
+                on_error,
+                sources,
+            });
+        }
+    }
+
+    let mut routes: Vec<Route> = Vec::new();
+    if let Some(t) = r.table_opt(&root, "routes", 1)? {
+        let from = r.at.key("routes", 1).unwrap_or(1);
+        let list = r.sequence(&t, "routes", from)?;
+        if list.len() > MAX_ROUTES {
+            return Err(r.err(Some(from), format!("at most {MAX_ROUTES} routes")));
+        }
+        let mut anchor = from;
+        for (i, v) in list.into_iter().enumerate() {
+            let Lua_::Table(rt) = v else {
+                return Err(r.err(Some(anchor), format!("routes[{}] must be a table", i + 1)));
+            };
+            let name = r.string(&rt, "name", anchor)?;
+            let line = r.at.string(&name, anchor).unwrap_or(anchor);
+            anchor = line;
+            let what = format!("route {name:?}");
+            if routes.iter().any(|x| x.name == name) {
+                return Err(r.err(Some(line), format!("two routes are named {name:?}")));
+            }
+            if !valid_name(&name) {
+                return Err(r.err(
+                    Some(line),
+                    format!("route name {name:?}: letters, digits, '-' and '_', at most 64"),
+                ));
+            }
+            let f = r.fields(
+                &rt,
+                line,
+                &what,
+                &["name", "source", "condition", "endpoints", "enabled"],
+            )?;
+            let source = match rt
+                .raw_get::<Lua_>("source")
+                .map_err(|e| r.err(Some(line), e.to_string()))?
+            {
+                Lua_::Nil => RouteSource::Telemetry,
+                v => r.source(&v, line)?,
+            };
+            let when = match rt
+                .raw_get::<Lua_>("condition")
+                .map_err(|e| r.err(Some(line), e.to_string()))?
+            {
+                Lua_::Nil | Lua_::Boolean(true) => When::Always,
+                Lua_::Boolean(false) => When::Never,
+                Lua_::String(s) => {
+                    let text = s.to_string_lossy();
+                    match text.trim() {
+                        t if t.eq_ignore_ascii_case("true") => When::Always,
+                        t if t.eq_ignore_ascii_case("false") => When::Never,
+                        _ => When::Query(Condition::compile(&text).map_err(|e| {
+                            r.err(
+                                r.at.key("condition", line).or(Some(line)),
+                                format!("{what}: {e}"),
+                            )
+                        })?),
+                    }
+                }
+                Lua_::Function(f) => {
+                    let info = f.info();
+                    if info.num_params != 2 && !info.is_vararg {
+                        return Err(r.err(info.line_defined.map(|l| l as u32).or(Some(line)), format!("{what}: a condition function takes (msg, device), not {} parameters", info.num_params)));
+                    }
+                    When::Lua(f)
+                }
+                other => {
+                    return Err(r.err(
+                        r.at.key("condition", line),
+                        format!(
+                            "{what}: a condition is a string, true or a function, not a {}",
+                            other.type_name()
+                        ),
+                    ))
+                }
+            };
+            let endpoints = r.endpoint_names(&rt, line, &what, &index)?;
+            let enabled = match rt
+                .raw_get::<Lua_>("enabled")
+                .map_err(|e| r.err(Some(line), e.to_string()))?
+            {
+                Lua_::Nil => true,
+                Lua_::Boolean(b) => b,
+                other => {
+                    return Err(r.err(
+                        r.at.key("enabled", line),
+                        format!(
+                            "{what}: enabled is true or false, not a {}",
+                            other.type_name()
+                        ),
+                    ))
+                }
+            };
+            f.done()?;
+            routes.push(Route {
+                name,
+                source,
+                when,
+                endpoints,
+                enabled,
+            });
+        }
+    }
+
+    let fallback = match root
+        .raw_get::<Lua_>("fallback")
+        .map_err(|e| r.err(None, e.to_string()))?
+    {
+        Lua_::Nil => Some(vec![0]),
+        Lua_::Boolean(false) => None,
+        Lua_::Table(t) => {
+            let line = r.at.key("fallback", 1).unwrap_or(1);
+            let f = r.fields(&t, line, "fallback", &["endpoints", "enabled"])?;
+            let enabled = match t
+                .raw_get::<Lua_>("enabled")
+                .map_err(|e| r.err(Some(line), e.to_string()))?
+            {
+                Lua_::Nil => true,
+                Lua_::Boolean(b) => b,
+                other => {
+                    return Err(r.err(
+                        r.at.key("enabled", line),
+                        format!(
+                            "fallback: enabled is true or false, not a {}",
+                            other.type_name()
+                        ),
+                    ))
+                }
+            };
+            let endpoints = match t
+                .raw_get::<Lua_>("endpoints")
+                .map_err(|e| r.err(Some(line), e.to_string()))?
+            {
+                Lua_::Nil => vec![0],
+                _ => r.endpoint_names(&t, line, "fallback", &index)?,
+            };
+            f.done()?;
+            enabled.then_some(endpoints)
+        }
+        other => {
+            return Err(r.err(
+                r.at.key("fallback", 1),
+                format!("fallback is a table or false, not a {}", other.type_name()),
+            ))
+        }
+    };
+
+    let mut enrichments = Vec::new();
+    if let Some(t) = r.table_opt(&root, "enrichments", 1)? {
+        let from = r.at.key("enrichments", 1).unwrap_or(1);
+        let list = r.sequence(&t, "enrichments", from)?;
+        if list.len() > MAX_ENRICHMENTS {
+            return Err(r.err(Some(from), format!("at most {MAX_ENRICHMENTS} enrichments")));
+        }
+        let mut anchor = from;
+        for (i, v) in list.into_iter().enumerate() {
+            let Lua_::Table(e) = v else {
+                return Err(r.err(
+                    Some(anchor),
+                    format!("enrichments[{}] must be a table", i + 1),
+                ));
+            };
+            let key = r.string(&e, "key", anchor)?;
+            let line = r.at.string(&key, anchor).unwrap_or(anchor);
+            anchor = line;
+            let what = format!("enrichment {key:?}");
+            let f = r.fields(&e, line, &what, &["key", "value", "endpoints"])?;
+            let text = r.string(&e, "value", line)?;
+            let value = enrich_value(&text)
+                .map_err(|m| r.err(r.at.key("value", line), format!("{what}: {m}")))?;
+            let endpoints = r.endpoint_names(&e, line, &what, &index)?;
+            f.done()?;
+            enrichments.push(Enrichment {
+                key,
+                value,
+                endpoints,
+            });
+        }
+    }
+    top.done()?;
+    Ok(RoutesConfig {
+        endpoints,
+        plugins,
+        routes,
+        fallback,
+        enrichments,
+    })
+}
+
+fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// An enrichment's value: `$iothubname`, `$twin.tags.…`, or a literal.
+fn enrich_value(text: &str) -> Result<EnrichValue, String> {
+    if text.eq_ignore_ascii_case("$iothubname") {
+        return Ok(EnrichValue::HubName);
+    }
+    let Some(rest) = text.strip_prefix('$') else {
+        return Ok(EnrichValue::Literal(text.to_string()));
+    };
+    let mut parts = rest.split('.');
+    match (parts.next(), parts.next()) {
+        (Some(t), Some(s)) if t.eq_ignore_ascii_case("twin") && s == "tags" => {
+            let path: Vec<String> = parts.map(str::to_string).collect();
+            if path.is_empty() || path.iter().any(String::is_empty) {
+                return Err(format!("{text:?} must name a tag, as in $twin.tags.site"));
+            }
+            Ok(EnrichValue::TwinTag(path))
+        }
+        (Some(t), Some("properties")) if t.eq_ignore_ascii_case("twin") => {
+            Err("$twin.properties is not available to enrichments yet; the engine's registry view holds $twin.tags".into())
+        }
+        _ => Err(format!("{text:?}: a value starting with $ is $iothubname or $twin.tags.…")),
+    }
+}
+
+/// Reads tables for [`read`], placing errors with the locator.
+struct Reader<'a> {
+    file: &'a str,
+    at: Locator,
+}
+
+/// The keys of one table that may be there; [`Fields::done`] refuses the others.
+struct Fields<'r> {
+    r: &'r Reader<'r>,
+    unknown: Option<(String, Option<u32>)>,
+    what: String,
+}
+
+impl Fields<'_> {
+    fn done(self) -> Result<(), ConfigError> {
+        match self.unknown {
+            None => Ok(()),
+            Some((key, line)) => Err(self
+                .r
+                .err(line, format!("unknown key {key:?} in {}", self.what))),
+        }
+    }
+}
+
+impl<'a> Reader<'a> {
+    fn err(&self, line: Option<u32>, message: String) -> ConfigError {
+        ConfigError {
+            file: self.file.to_string(),
+            line,
+            message,
+        }
+    }
+
+    /// Notes the first key of `t` not in `known` (reported by [`Fields::done`] after the known
+    /// ones are read, so an error in a known key is reported first).
+    fn fields(
+        &'a self,
+        t: &Table,
+        line: u32,
+        what: &str,
+        known: &[&str],
+    ) -> Result<Fields<'a>, ConfigError> {
+        let mut unknown = None;
+        for pair in t.pairs::<Lua_, Lua_>() {
+            let (k, _) = pair.map_err(|e| self.err(Some(line), e.to_string()))?;
+            let key = match &k {
+                Lua_::String(s) => s.to_string_lossy(),
+                Lua_::Integer(i) => format!("[{i}]"),
+                other => format!("a {} key", other.type_name()),
+            };
+            if !known.contains(&key.as_str()) {
+                let at = self.at.key(&key, line).or(Some(line));
+                unknown = Some((key, at));
+                break;
+            }
+        }
+        let mut known: Vec<&str> = known.to_vec();
+        known.sort_unstable();
+        Ok(Fields {
+            r: self,
+            unknown,
+            what: format!("{what} (known: {})", known.join(", ")),
+        })
+    }
+
+    fn table_opt(&self, t: &Table, key: &str, line: u32) -> Result<Option<Table>, ConfigError> {
+        match t
+            .raw_get::<Lua_>(key)
+            .map_err(|e| self.err(Some(line), e.to_string()))?
+        {
+            Lua_::Nil => Ok(None),
+            Lua_::Table(t) => Ok(Some(t)),
+            other => Err(self.err(
+                self.at.key(key, line),
+                format!("{key} must be a table, not a {}", other.type_name()),
+            )),
+        }
+    }
+
+    /// The items of a list `1..n`; any other key is an error.
+    fn sequence(&self, t: &Table, what: &str, line: u32) -> Result<Vec<Lua_>, ConfigError> {
+        let n = t.raw_len();
+        let mut count = 0;
+        for pair in t.pairs::<Lua_, Lua_>() {
+            let (k, _) = pair.map_err(|e| self.err(Some(line), e.to_string()))?;
+            match k {
+                Lua_::Integer(i) if i >= 1 && (i as usize) <= n => count += 1,
+                Lua_::String(s) => {
+                    let key = s.to_string_lossy();
+                    return Err(self.err(
+                        self.at.key(&key, line).or(Some(line)),
+                        format!("{what} is a list; unknown key {key:?}"),
+                    ));
+                }
+                _ => return Err(self.err(Some(line), format!("{what} must be a list"))),
+            }
+        }
+        if count != n {
+            return Err(self.err(Some(line), format!("{what} must be a list without holes")));
+        }
+        (1..=n)
+            .map(|i| {
+                t.raw_get::<Lua_>(i)
+                    .map_err(|e| self.err(Some(line), e.to_string()))
+            })
+            .collect()
+    }
+
+    fn string_opt(&self, t: &Table, key: &str, line: u32) -> Result<Option<String>, ConfigError> {
+        match t
+            .raw_get::<Lua_>(key)
+            .map_err(|e| self.err(Some(line), e.to_string()))?
+        {
+            Lua_::Nil => Ok(None),
+            Lua_::String(s) => Ok(Some(s.to_string_lossy())),
+            other => Err(self.err(
+                self.at.key(key, line).or(Some(line)),
+                format!("{key} must be a string, not a {}", other.type_name()),
+            )),
+        }
+    }
+
+    fn string(&self, t: &Table, key: &str, line: u32) -> Result<String, ConfigError> {
+        self.string_opt(t, key, line)?
+            .ok_or_else(|| self.err(Some(line), format!("{key} is missing")))
+    }
+
+    fn uint(
+        &self,
+        t: &Table,
+        key: &str,
+        line: u32,
+        default: u64,
+        max: u64,
+    ) -> Result<u64, ConfigError> {
+        match t
+            .raw_get::<Lua_>(key)
+            .map_err(|e| self.err(Some(line), e.to_string()))?
+        {
+            Lua_::Nil => Ok(default),
+            Lua_::Integer(i) if i >= 1 && (i as u64) <= max => Ok(i as u64),
+            other => Err(self.err(
+                self.at.key(key, line).or(Some(line)),
+                format!(
+                    "{key} must be a whole number from 1 to {max}, not {}",
+                    describe(&other)
+                ),
+            )),
+        }
+    }
+
+    fn source(&self, v: &Lua_, line: u32) -> Result<RouteSource, ConfigError> {
+        let name = match v {
+            Lua_::String(s) => s.to_string_lossy(),
+            other => {
+                return Err(self.err(
+                    self.at.key("source", line).or(Some(line)),
+                    format!("a source is a string, not a {}", other.type_name()),
+                ))
+            }
+        };
+        RouteSource::named(&name).ok_or_else(|| {
+            let names: Vec<&str> = RouteSource::ALL.iter().map(|(n, _)| *n).collect();
+            self.err(
+                self.at.string(&name, line).or(Some(line)),
+                format!("unknown source {name:?} (sources: {})", names.join(", ")),
+            )
+        })
+    }
+
+    fn endpoint_names(
+        &self,
+        t: &Table,
+        line: u32,
+        what: &str,
+        index: &dyn Fn(&str) -> Option<usize>,
+    ) -> Result<Vec<usize>, ConfigError> {
+        let list = match t
+            .raw_get::<Lua_>("endpoints")
+            .map_err(|e| self.err(Some(line), e.to_string()))?
+        {
+            Lua_::Table(l) => self.sequence(&l, "endpoints", line)?,
+            Lua_::Nil => return Err(self.err(Some(line), format!("{what}: endpoints is missing"))),
+            other => {
+                return Err(self.err(
+                    self.at.key("endpoints", line),
+                    format!(
+                        "{what}: endpoints must be a list, not a {}",
+                        other.type_name()
+                    ),
+                ))
+            }
+        };
+        if list.is_empty() {
+            return Err(self.err(
+                self.at.key("endpoints", line).or(Some(line)),
+                format!("{what}: endpoints is empty"),
+            ));
+        }
+        let mut out = Vec::new();
+        for v in list {
+            let Lua_::String(s) = v else {
+                return Err(self.err(
+                    self.at.key("endpoints", line),
+                    format!("{what}: endpoints are names"),
+                ));
+            };
+            let name = s.to_string_lossy();
+            let i = index(&name).ok_or_else(|| {
+                self.err(
+                    self.at.string(&name, line).or(Some(line)),
+                    format!("{what}: unknown endpoint {name:?}"),
+                )
+            })?;
+            if !out.contains(&i) {
+                out.push(i);
+            }
+        }
+        Ok(out)
+    }
+
+    fn endpoint(&self, name: &str, t: &Table, line: u32) -> Result<EndpointKind, ConfigError> {
+        let what = format!("endpoint {name:?}");
+        let kind = self.string(t, "kind", line)?;
+        let (kind, known): (EndpointKind, &[&str]) = match kind.as_str() {
+            "builtin" => (EndpointKind::Builtin, &["kind"]),
+            "webhook" => {
+                let url = self.url(t, line, &["http://", "https://"])?;
+                let mut headers = Vec::new();
+                if let Some(h) = self.table_opt(t, "headers", line)? {
+                    for pair in h.pairs::<Lua_, Lua_>() {
+                        let (k, v) = pair.map_err(|e| self.err(Some(line), e.to_string()))?;
+                        match (k, v) {
+                            (Lua_::String(k), Lua_::String(v)) => {
+                                headers.push((k.to_string_lossy(), v.to_string_lossy()))
+                            }
+                            _ => {
+                                return Err(self.err(
+                                    self.at.key("headers", line),
+                                    format!("{what}: headers map names to strings"),
+                                ))
+                            }
+                        }
+                    }
+                    headers.sort();
+                }
+                (
+                    EndpointKind::Webhook {
+                        url,
+                        batch: self.uint(t, "batch", line, 100, 10_000)? as usize,
+                        timeout_ms: self.uint(t, "timeout_ms", line, 10_000, 600_000)?,
+                        headers,
+                    },
+                    &["kind", "url", "batch", "timeout_ms", "headers"],
+                )
+            }
+            "file" => (
+                EndpointKind::File {
+                    path: self.string(t, "path", line)?,
+                    max_bytes: self.uint(t, "max_bytes", line, 64 << 20, 1 << 40)?,
+                    max_files: self.uint(t, "max_files", line, 10, 100_000)? as u32,
+                },
+                &["kind", "path", "max_bytes", "max_files"],
+            ),
+            "nats" => (
+                EndpointKind::Nats {
+                    url: self.url(t, line, &["nats://"])?,
+                    subject: self.string(t, "subject", line)?,
+                },
+                &["kind", "url", "subject"],
+            ),
+            "mqtt" => {
+                let qos = match t
+                    .raw_get::<Lua_>("qos")
+                    .map_err(|e| self.err(Some(line), e.to_string()))?
+                {
+                    Lua_::Nil => 1,
+                    Lua_::Integer(q @ 0..=1) => q as u8,
+                    other => {
+                        return Err(self.err(
+                            self.at.key("qos", line),
+                            format!("{what}: qos is 0 or 1, not {}", describe(&other)),
+                        ))
+                    }
+                };
+                (
+                    EndpointKind::Mqtt {
+                        url: self.url(t, line, &["mqtt://"])?,
+                        topic: self.string(t, "topic", line)?,
+                        qos,
+                        client_id: self.string_opt(t, "client_id", line)?,
+                    },
+                    &["kind", "url", "topic", "qos", "client_id"],
+                )
+            }
+            other => {
+                return Err(self.err(
+                    self.at.string(other, line).or(Some(line)),
+                    format!(
+                    "{what}: unknown kind {other:?} (kinds: builtin, webhook, file, nats, mqtt)"
+                ),
+                ))
+            }
+        };
+        self.fields(t, line, &what, known)?.done()?;
+        Ok(kind)
+    }
+
+    fn url(&self, t: &Table, line: u32, schemes: &[&str]) -> Result<String, ConfigError> {
+        let url = self.string(t, "url", line)?;
+        if !schemes.iter().any(|s| url.starts_with(s)) || url.len() > 2048 {
+            return Err(self.err(
+                self.at.key("url", line).or(Some(line)),
+                format!("url {url:?} must start with {}", schemes.join(" or ")),
+            ));
+        }
+        Ok(url)
+    }
+}
+
+fn describe(v: &Lua_) -> String {
+    match v {
+        Lua_::Integer(i) => i.to_string(),
+        Lua_::Number(n) => n.to_string(),
+        other => format!("a {}", other.type_name()),
+    }
+}

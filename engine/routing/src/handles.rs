@@ -1,0 +1,272 @@
+//! `msg` and `device`: what a Lua condition or plugin holds during its call.
+//!
+//! The handles are made once per VM and reused for every message: the message is moved into a
+//! shared slot for the call and out again after, so a call allocates no userdata (DEPENDENCIES.md:
+//! a userdata per call costs more than the rule). A handle kept past its call finds the slot empty
+//! and gets an error, never another message. Reading `msg.props.level` crosses one string;
+//! `msg:json()` decodes the body once per message for every plugin and condition (the decoded
+//! JSON is shared with the compiled conditions through [`Slot::body`]).
+
+use std::cell::{OnceCell, RefCell};
+use std::rc::Rc;
+
+use mlua::{AnyUserData, Lua, MetaMethod, Table, UserData, UserDataMethods, Value as Lua_};
+use roost_model::Message;
+use serde_json::Value;
+
+use crate::condition::{body_json, source_name};
+use crate::convert;
+
+/// The message being routed and what has been decoded of it.
+#[derive(Default)]
+pub struct Slot {
+    pub msg: Option<Message>,
+    /// The sender's twin tags as JSON text.
+    pub tags: String,
+    /// The body as JSON (`None` inside: not JSON), decoded at most once.
+    pub body: OnceCell<Option<Value>>,
+    lua_json: Option<Table>,
+    lua_tags: Option<Table>,
+}
+
+impl Slot {
+    /// Puts `msg` in for routing; the caches start empty.
+    pub fn enter(&mut self, msg: Message, tags: &str) {
+        self.msg = Some(msg);
+        self.tags.clear();
+        self.tags.push_str(tags);
+        self.body = OnceCell::new();
+        self.lua_json = None;
+        self.lua_tags = None;
+    }
+
+    /// Takes the message out; handles kept by a script see an empty slot from now on.
+    pub fn leave(&mut self) -> Option<Message> {
+        self.lua_json = None;
+        self.lua_tags = None;
+        self.msg.take()
+    }
+}
+
+pub type Shared = Rc<RefCell<Slot>>;
+
+const GONE: &str = "msg and device are valid only during the call they were passed to";
+
+fn gone() -> mlua::Error {
+    mlua::Error::RuntimeError(GONE.into())
+}
+
+/// The `msg` handle.
+pub struct MsgHandle {
+    slot: Shared,
+    props: AnyUserData,
+}
+
+/// `msg.props`.
+struct PropsHandle(Shared);
+
+/// The `device` handle.
+pub struct DeviceHandle(Shared);
+
+/// The handles of one VM.
+pub struct Handles {
+    pub slot: Shared,
+    pub msg: AnyUserData,
+    pub device: AnyUserData,
+}
+
+impl Handles {
+    pub fn new(lua: &Lua) -> mlua::Result<Handles> {
+        let slot: Shared = Rc::default();
+        let props = lua.create_userdata(PropsHandle(slot.clone()))?;
+        let msg = lua.create_userdata(MsgHandle {
+            slot: slot.clone(),
+            props,
+        })?;
+        let device = lua.create_userdata(DeviceHandle(slot.clone()))?;
+        Ok(Handles { slot, msg, device })
+    }
+}
+
+fn opt_str(lua: &Lua, s: Option<&str>) -> mlua::Result<Lua_> {
+    match s {
+        Some(s) => Ok(Lua_::String(lua.create_string(s)?)),
+        None => Ok(Lua_::Nil),
+    }
+}
+
+/// The text of a value a script assigns to a property.
+fn text_of(v: &Lua_) -> mlua::Result<Option<String>> {
+    Ok(match v {
+        Lua_::Nil => None,
+        Lua_::String(s) => Some(s.to_str()?.to_string()),
+        Lua_::Integer(i) => Some(i.to_string()),
+        Lua_::Number(n) => Some(n.to_string()),
+        Lua_::Boolean(b) => Some(b.to_string()),
+        other => {
+            return Err(mlua::Error::RuntimeError(format!(
+                "a property is a string, number or boolean, not a {}",
+                other.type_name()
+            )))
+        }
+    })
+}
+
+impl UserData for MsgHandle {
+    fn add_methods<M: UserDataMethods<Self>>(m: &mut M) {
+        m.add_method("json", |lua, this, ()| {
+            let mut slot = this.slot.borrow_mut();
+            if let Some(t) = &slot.lua_json {
+                return Ok((Lua_::Table(t.clone()), Lua_::Nil));
+            }
+            let slot = &mut *slot;
+            let msg = slot.msg.as_ref().ok_or_else(gone)?;
+            let Some(v) = slot.body.get_or_init(|| body_json(msg)) else {
+                let why = lua.create_string(
+                    "the body is not JSON (content type application/json, encoding UTF-8, -16 or -32)",
+                )?;
+                return Ok((Lua_::Nil, Lua_::String(why)));
+            };
+            let t = match convert::to_lua(lua, v)? {
+                Lua_::Table(t) => t,
+                other => return Ok((other, Lua_::Nil)),
+            };
+            slot.lua_json = Some(t.clone());
+            Ok((Lua_::Table(t), Lua_::Nil))
+        });
+        m.add_method("set_json", |_, this, v: Lua_| {
+            let json = convert::to_json(&v)
+                .map_err(|e| mlua::Error::RuntimeError(format!("set_json: {e}")))?;
+            let mut slot = this.slot.borrow_mut();
+            let msg = slot.msg.as_mut().ok_or_else(gone)?;
+            msg.body =
+                serde_json::to_vec(&json).map_err(|e| mlua::Error::RuntimeError(e.to_string()))?;
+            msg.system.content_type = Some("application/json".into());
+            msg.system.content_encoding = Some("utf-8".into());
+            slot.body = OnceCell::from(Some(json));
+            slot.lua_json = match v {
+                Lua_::Table(t) => Some(t),
+                _ => None,
+            };
+            Ok(())
+        });
+        m.add_method("set_body", |_, this, body: mlua::LuaString| {
+            let mut slot = this.slot.borrow_mut();
+            let msg = slot.msg.as_mut().ok_or_else(gone)?;
+            msg.body = body.as_bytes().to_vec();
+            slot.body = OnceCell::new();
+            slot.lua_json = None;
+            Ok(())
+        });
+        m.add_meta_method(MetaMethod::Index, |lua, this, key: mlua::LuaString| {
+            let slot = this.slot.borrow();
+            let msg = slot.msg.as_ref().ok_or_else(gone)?;
+            let s = &msg.system;
+            match &*key.to_str()? {
+                "props" => Ok(Lua_::UserData(this.props.clone())),
+                "body" => Ok(Lua_::String(lua.create_string(&msg.body)?)),
+                "source" => opt_str(lua, Some(source_name(msg.source))),
+                "device_id" => opt_str(lua, Some(&s.connection_device_id)),
+                "module_id" => opt_str(lua, s.connection_module_id.as_deref()),
+                "content_type" => opt_str(lua, s.content_type.as_deref()),
+                "content_encoding" => opt_str(lua, s.content_encoding.as_deref()),
+                "message_id" => opt_str(lua, s.message_id.as_deref()),
+                "correlation_id" => opt_str(lua, s.correlation_id.as_deref()),
+                "user_id" => opt_str(lua, s.user_id.as_deref()),
+                "enqueued_ms" => Ok(Lua_::Integer(msg.enqueued_ms as i64)),
+                _ => Ok(Lua_::Nil),
+            }
+        });
+        m.add_meta_method(MetaMethod::NewIndex, |_, this, (key, v): (mlua::LuaString, Lua_)| {
+            let mut slot = this.slot.borrow_mut();
+            let msg = slot.msg.as_mut().ok_or_else(gone)?;
+            let v = text_of(&v)?;
+            let s = &mut msg.system;
+            match &*key.to_str()? {
+                "content_type" => s.content_type = v,
+                "content_encoding" => s.content_encoding = v,
+                "message_id" => s.message_id = v,
+                "correlation_id" => s.correlation_id = v,
+                other => {
+                    return Err(mlua::Error::RuntimeError(format!(
+                        "msg.{other} cannot be set (settable: content_type, content_encoding, message_id, correlation_id; properties in msg.props; the body with msg:set_body or msg:set_json)"
+                    )))
+                }
+            }
+            slot.body = OnceCell::new();
+            slot.lua_json = None;
+            Ok(())
+        });
+    }
+}
+
+impl UserData for PropsHandle {
+    fn add_methods<M: UserDataMethods<Self>>(m: &mut M) {
+        m.add_meta_method(MetaMethod::Index, |lua, this, key: mlua::LuaString| {
+            let slot = this.0.borrow();
+            let msg = slot.msg.as_ref().ok_or_else(gone)?;
+            let key = key.as_bytes();
+            match msg.app.iter().find(|(k, _)| k.as_bytes() == &key[..]) {
+                Some((_, v)) => Ok(Lua_::String(lua.create_string(v)?)),
+                None => Ok(Lua_::Nil),
+            }
+        });
+        m.add_meta_method(
+            MetaMethod::NewIndex,
+            |_, this, (key, v): (mlua::LuaString, Lua_)| {
+                let mut slot = this.0.borrow_mut();
+                let msg = slot.msg.as_mut().ok_or_else(gone)?;
+                let key = key.to_str()?.to_string();
+                let at = msg.app.iter().position(|(k, _)| *k == key);
+                match (text_of(&v)?, at) {
+                    (Some(v), Some(i)) => msg.app[i].1 = v,
+                    (Some(v), None) => msg.app.push((key, v)),
+                    (None, Some(i)) => {
+                        msg.app.remove(i);
+                    }
+                    (None, None) => {}
+                }
+                Ok(())
+            },
+        );
+        // `pairs(msg.props)`: a snapshot of the properties as a table.
+        m.add_meta_method(MetaMethod::Pairs, |lua, this, ()| {
+            let slot = this.0.borrow();
+            let msg = slot.msg.as_ref().ok_or_else(gone)?;
+            let t = lua.create_table_with_capacity(0, msg.app.len())?;
+            for (k, v) in &msg.app {
+                t.raw_set(k.as_str(), v.as_str())?;
+            }
+            let next: mlua::Function = lua.globals().get("next")?;
+            Ok((next, t, Lua_::Nil))
+        });
+    }
+}
+
+impl UserData for DeviceHandle {
+    fn add_methods<M: UserDataMethods<Self>>(m: &mut M) {
+        m.add_meta_method(MetaMethod::Index, |lua, this, key: mlua::LuaString| {
+            let mut slot = this.0.borrow_mut();
+            let slot = &mut *slot;
+            let msg = slot.msg.as_ref().ok_or_else(gone)?;
+            match &*key.to_str()? {
+                "id" => opt_str(lua, Some(&msg.system.connection_device_id)),
+                "module" => opt_str(lua, msg.system.connection_module_id.as_deref()),
+                "tags" => {
+                    if let Some(t) = &slot.lua_tags {
+                        return Ok(Lua_::Table(t.clone()));
+                    }
+                    let tags: Value = serde_json::from_str(&slot.tags)
+                        .unwrap_or(Value::Object(Default::default()));
+                    let t = match convert::to_lua(lua, &tags)? {
+                        Lua_::Table(t) => t,
+                        _ => lua.create_table()?,
+                    };
+                    slot.lua_tags = Some(t.clone());
+                    Ok(Lua_::Table(t))
+                }
+                _ => Ok(Lua_::Nil),
+            }
+        });
+    }
+}
