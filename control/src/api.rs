@@ -59,6 +59,7 @@ pub struct Api {
 /// 429 with 429001).
 pub struct Throttle {
     registry: Mutex<Option<Bucket>>,
+    c2d_sends: Mutex<Option<Bucket>>,
     twin_reads: Mutex<Option<Bucket>>,
     twin_updates: Mutex<Option<Bucket>>,
     queries: Mutex<Option<Bucket>>,
@@ -72,6 +73,7 @@ impl Throttle {
         let bucket = |limit| Mutex::new(quotas.bucket(limit, 1, now));
         Self {
             registry: bucket(Limit::RegistryOpsPerMin),
+            c2d_sends: bucket(Limit::C2dSendsPerMin),
             twin_reads: bucket(Limit::TwinReadsPerSec),
             twin_updates: bucket(Limit::TwinUpdatesPerSec),
             queries: bucket(Limit::QueriesPerMin),
@@ -83,12 +85,19 @@ impl Throttle {
     fn bucket(&self, limit: Limit) -> Option<&Mutex<Option<Bucket>>> {
         match limit {
             Limit::RegistryOpsPerMin => Some(&self.registry),
+            Limit::C2dSendsPerMin => Some(&self.c2d_sends),
             Limit::TwinReadsPerSec => Some(&self.twin_reads),
             Limit::TwinUpdatesPerSec => Some(&self.twin_updates),
             Limit::QueriesPerMin => Some(&self.queries),
             Limit::JobsOpsPerMin => Some(&self.jobs),
             Limit::MethodBytesPerSec => Some(&self.method_bytes),
-            _ => None,
+            // Metered by the engines (connections, device-to-cloud sends) or not a rate. Named,
+            // not `_`: a new service-side quota must get a bucket here, or say why not.
+            Limit::NewConnectionsPerSec
+            | Limit::D2cSendsPerSec
+            | Limit::DeviceD2cSendsPerSec
+            | Limit::D2cMaxBytes
+            | Limit::ThrottleBacklogMs => None,
         }
     }
 
@@ -532,7 +541,8 @@ impl Route {
             Route::Stats => None,
             Route::TwinGet(_) => Some(Limit::TwinReadsPerSec),
             Route::TwinWrite { .. } => Some(Limit::TwinUpdatesPerSec),
-            // Metered in bytes (IoT Hub's 4 KB units), not yet by roost.
+            // Metered in bytes (IoT Hub's 4 KB units of the request) by `handle`, once the
+            // body's size is known.
             Route::Method { .. } => None,
             Route::C2dSend(_) => Some(Limit::C2dSendsPerMin),
             Route::Query => Some(Limit::QueriesPerMin),
@@ -2794,5 +2804,61 @@ mod tests {
         println!("service API authorization: {cases} cases, {accepted} admitted: 0 false accepts, 0 false refusals");
         assert!(cases >= 2_000);
         let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// Regression: `c2d_sends_per_min` had no bucket in [`Throttle`], so cloud-to-device sends
+    /// went unmetered whatever the limit. Every route's quota must have one: with each limit
+    /// at 1 and no shaping backlog, a route's second call is refused with 429001.
+    #[test]
+    fn every_metered_route_is_refused_past_its_quota() {
+        let routes = [
+            ("GET", "/devices/d1", Limit::RegistryOpsPerMin),
+            (
+                "POST",
+                "/devices/d1/messages/deviceBound",
+                Limit::C2dSendsPerMin,
+            ),
+            ("GET", "/twins/d1", Limit::TwinReadsPerSec),
+            ("GET", "/twins/d1/modules/m1", Limit::TwinReadsPerSec),
+            ("PATCH", "/twins/d1", Limit::TwinUpdatesPerSec),
+            ("PUT", "/twins/d1/modules/m1", Limit::TwinUpdatesPerSec),
+            ("POST", "/devices/query", Limit::QueriesPerMin),
+            ("PUT", "/jobs/v2/j1", Limit::JobsOpsPerMin),
+            ("GET", "/jobs/v2/query", Limit::JobsOpsPerMin),
+            ("POST", "/jobs/v2/j1/cancel", Limit::JobsOpsPerMin),
+        ];
+        for (method, path, limit) in routes {
+            let mut quotas = Quotas::default();
+            for l in Limit::ALL {
+                if l != Limit::D2cMaxBytes {
+                    quotas.set(l, Some(1));
+                }
+            }
+            quotas.set(Limit::ThrottleBacklogMs, Some(0));
+            let throttle = Throttle::new(&quotas);
+            let route = Route::parse(&method.parse().expect("method"), path).expect("route");
+            assert_eq!(route.quota(), Some(limit), "{method} {path}");
+            assert!(matches!(throttle.take(limit), Ok(None)), "{method} {path}");
+            let refused = throttle
+                .take(limit)
+                .expect_err("the second call is over the quota");
+            assert_eq!(
+                (refused.status, refused.code, refused.name),
+                (StatusCode::TOO_MANY_REQUESTS, 429001, "ThrottlingException"),
+                "{method} {path}"
+            );
+        }
+        // A method call is metered by `handle` in 4 KB units of its body, not by its route.
+        let route = Route::parse(&Method::POST, "/twins/d1/methods").expect("route");
+        assert_eq!(route.quota(), None);
+        let mut quotas = Quotas::default();
+        quotas.set(Limit::MethodBytesPerSec, Some(8192));
+        quotas.set(Limit::ThrottleBacklogMs, Some(0));
+        let throttle = Throttle::new(&quotas);
+        assert!(matches!(
+            throttle.take_n(Limit::MethodBytesPerSec, 8192.0),
+            Ok(None)
+        ));
+        assert!(throttle.take_n(Limit::MethodBytesPerSec, 4096.0).is_err());
     }
 }
