@@ -1,12 +1,18 @@
--- roost's default routing configuration (DESIGN.md §5).
+-- roost's default routing (DESIGN.md §5; the reference is docs/routing.md). `roost up` runs it
+-- until `roost routes apply` hands control another file.
 --
--- Until the routing issue lands, the engine does not evaluate this file: every telemetry
--- message goes to the built-in `events` endpoint, which is exactly what this table says
--- (no routes, so everything takes the fallback route).
+-- Telemetry matches no route here, so it takes the fallback route to the built-in `events`
+-- endpoint. IoT Hub routes its own events (twin changes, lifecycle, connection state) nowhere
+-- until a route names them; roost's default names them, so they land in `events` beside
+-- telemetry.
 return {
   endpoints = {
     events = { kind = "builtin" },
   },
-  routes = {},
+  routes = {
+    { name = "twin-changes", source = "twin_change", condition = true, endpoints = { "events" } },
+    { name = "lifecycle", source = "lifecycle", condition = true, endpoints = { "events" } },
+    { name = "connection-state", source = "connection_state", condition = true, endpoints = { "events" } },
+  },
   fallback = { endpoints = { "events" } },
 }

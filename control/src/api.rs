@@ -52,6 +52,8 @@ pub struct Api {
     pub queries: Arc<Queries>,
     pub jobs: Arc<Jobs>,
     pub configurations: Arc<Configurations>,
+    /// The hub's routing (`/roost/routes`, roost's own; IoT Hub configures routes via ARM).
+    pub routes: Arc<crate::routes::Routes>,
 }
 
 /// The rate quotas the service API meters (spec §8): a bucket per class of operation, with
@@ -244,6 +246,12 @@ impl HubError {
             JobFailure::Store(e) => Self::server(e),
         }
     }
+    fn routes(e: crate::routes::RoutesError) -> Self {
+        match e {
+            crate::routes::RoutesError::Invalid(m) => Self::bad_request(m),
+            crate::routes::RoutesError::Store(e) => Self::server(e),
+        }
+    }
     fn server(e: impl std::fmt::Display) -> Self {
         Self::new(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -382,6 +390,10 @@ enum Route {
         lock: String,
         complete: bool,
     },
+    /// `GET /roost/routes`: the routing in force and the engines' verdicts.
+    RoutesGet,
+    /// `PUT /roost/routes`: a new `routes.lua` and its plugins.
+    RoutesPut,
 }
 
 /// Body limits by route: one identity, a bulk request of up to [`MAX_BULK`] of them, a twin
@@ -417,6 +429,8 @@ impl Route {
             (&Method::GET, ["jobs", "v2", "query"]) => Route::JobQuery,
             (&Method::GET, ["configurations"]) => Route::ConfigList,
             (&Method::POST, ["configurations", "testQueries"]) => Route::ConfigTest,
+            (&Method::GET, ["roost", "routes"]) => Route::RoutesGet,
+            (&Method::PUT, ["roost", "routes"]) => Route::RoutesPut,
             (&Method::GET, ["configurations", id]) => Route::ConfigGet(id.to_string()),
             (&Method::PUT, ["configurations", id]) => Route::ConfigPut(id.to_string()),
             (&Method::DELETE, ["configurations", id]) => Route::ConfigDelete(id.to_string()),
@@ -502,7 +516,10 @@ impl Route {
             | Route::JobQuery
             | Route::ConfigList
             | Route::ConfigGet(_)
-            | Route::ConfigTest => Right::RegistryRead,
+            | Route::ConfigTest
+            | Route::RoutesGet => Right::RegistryRead,
+            // The routing decides where every message goes: the hub's own configuration.
+            Route::RoutesPut => Right::RegistryWrite,
             // Configurations write desired properties across the fleet: registry write, as
             // IoT Hub asks for automatic device management.
             Route::ConfigPut(_) | Route::ConfigDelete(_) => Right::RegistryWrite,
@@ -555,7 +572,9 @@ impl Route {
             | Route::ConfigGet(_)
             | Route::ConfigPut(_)
             | Route::ConfigDelete(_)
-            | Route::ConfigTest => Some(Limit::RegistryOpsPerMin),
+            | Route::ConfigTest
+            | Route::RoutesGet
+            | Route::RoutesPut => Some(Limit::RegistryOpsPerMin),
             Route::FeedbackGet | Route::FeedbackDone { .. } => None,
         }
     }
@@ -573,7 +592,8 @@ impl Route {
             Route::JobGet(_) | Route::JobCancel(_) | Route::JobQuery => NO_BODY,
             Route::ConfigPut(_) | Route::ConfigTest => TWIN_BODY,
             Route::ConfigList | Route::ConfigGet(_) | Route::ConfigDelete(_) => NO_BODY,
-            Route::FeedbackGet | Route::FeedbackDone { .. } => NO_BODY,
+            Route::FeedbackGet | Route::FeedbackDone { .. } | Route::RoutesGet => NO_BODY,
+            Route::RoutesPut => crate::routes::MAX_BODY,
             Route::List | Route::Get(_) | Route::Delete(_) | Route::Stats | Route::TwinGet(_) => {
                 NO_BODY
             }
@@ -756,6 +776,16 @@ impl Api {
             Route::ModuleDelete(id, m) => self.module_delete(&id, &m, req),
             Route::FeedbackGet => self.feedback_get(),
             Route::FeedbackDone { lock, complete } => self.feedback_done(&lock, complete),
+            Route::RoutesGet => self
+                .routes
+                .status()
+                .map(|v| httpd::json(StatusCode::OK, &v))
+                .map_err(HubError::routes),
+            Route::RoutesPut => self
+                .routes
+                .apply(req.body())
+                .map(|v| httpd::json(StatusCode::OK, &v))
+                .map_err(HubError::routes),
         });
         self.count(result.as_ref().map_or_else(|e| e.status, |r| r.status()));
         // A write may have put lifecycle or twin events in the outbox.
@@ -1537,6 +1567,17 @@ mod tests {
                 twins: twins.clone(),
                 queries: queries.clone(),
                 retarget,
+            }),
+            routes: Arc::new(crate::routes::Routes {
+                store: store.clone(),
+                hub_name: "localhost".into(),
+                limits: Vec::new(),
+                epoch: tokio::sync::watch::channel(crate::routes::epoch(
+                    &crate::routes::StoredRouting::default(),
+                    Vec::new(),
+                ))
+                .0,
+                verdicts: Arc::default(),
             }),
             queries,
             store,

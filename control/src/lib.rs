@@ -24,6 +24,7 @@ pub mod methods;
 pub mod metrics;
 pub mod policies;
 pub mod query;
+pub mod routes;
 pub mod store;
 pub mod twins;
 
@@ -35,7 +36,6 @@ use anyhow::Context;
 use hyper::StatusCode;
 use roost_common::shutdown::wait_for_shutdown_signal;
 use roost_common::{httpd, hubfile, tls};
-use roost_model::link::{Epoch, EpochPayload};
 use serde_json::json;
 
 pub use roost_session::quota::{QuotaError, Quotas};
@@ -152,6 +152,17 @@ pub fn run(config: ControlConfig, on_ready: impl FnOnce() + Send + 'static) -> a
             retarget,
         });
         tokio::spawn(configurations.clone().run());
+        // The config epoch engines run: the stored routing (its version numbers the epoch) and
+        // the hub's quotas. A change of settings changes the hash, which is what engines compare.
+        let routing = routes::stored(&store)?;
+        let (epoch, _) = tokio::sync::watch::channel(routes::epoch(&routing, config.quotas.to_named()));
+        let routes = Arc::new(routes::Routes {
+            store: store.clone(),
+            hub_name: config.hostname.split('.').next().unwrap_or(&config.hostname).to_string(),
+            limits: config.quotas.to_named(),
+            epoch: epoch.clone(),
+            verdicts: Arc::default(),
+        });
         let api = Arc::new(api::Api {
             store: store.clone(),
             hostname: config.hostname.clone(),
@@ -163,6 +174,7 @@ pub fn run(config: ControlConfig, on_ready: impl FnOnce() + Send + 'static) -> a
             queries: queries.clone(),
             jobs: jobs.clone(),
             configurations,
+            routes: routes.clone(),
         });
         let admit_api = api.clone();
         tokio::spawn(httpd::serve(
@@ -201,19 +213,11 @@ pub fn run(config: ControlConfig, on_ready: impl FnOnce() + Send + 'static) -> a
         server_config.transport_config(Arc::new(transport));
         let endpoint = quinn::Endpoint::server(server_config, config.link)
             .with_context(|| format!("cannot listen on link address {}", config.link))?;
-        // The config epoch engines run: the hub's quotas (routes and plugins come with the
-        // routing issue, which stores epochs and numbers their versions). Every control with
-        // the same settings computes the same epoch 1; a change of settings changes its hash,
-        // which is what engines compare.
-        let payload = EpochPayload {
-            limits: config.quotas.to_named(),
-            ..EpochPayload::default()
-        };
-        let (epoch, _) = tokio::sync::watch::channel(Epoch::new(1, payload));
         let link = Arc::new(linkserver::LinkServer {
             store: store.clone(),
             metrics: metrics.clone(),
             epoch,
+            verdicts: routes.verdicts.clone(),
             commands,
             twins,
             methods,

@@ -60,6 +60,8 @@ pub struct LinkServer {
     pub metrics: Arc<ControlMetrics>,
     /// The config epoch every engine should run.
     pub epoch: watch::Sender<Epoch>,
+    /// What each linked engine said of the epochs it was sent (`GET /roost/routes`).
+    pub verdicts: Arc<crate::routes::Verdicts>,
     pub commands: Arc<Commands>,
     pub twins: Arc<Twins>,
     pub methods: Arc<Methods>,
@@ -275,6 +277,7 @@ impl LinkServer {
                 let (frames_tx, frames_rx) = mpsc::unbounded_channel();
                 let link = me.commands.add_link(frames_tx);
                 let why = me.serve(&conn, link, frames_rx).await;
+                me.verdicts.remove(link);
                 let clients = me.commands.remove_link(link);
                 let at_ms = crate::api::now_ms();
                 for c in &clients {
@@ -317,6 +320,10 @@ impl LinkServer {
                 epoch,
             }) => {
                 tracing::info!(%node, registry_seq, epoch = ?epoch, "engine connected");
+                self.verdicts.update(link, |v| {
+                    v.node = node.clone();
+                    v.epoch_hash = epoch.map(|h| h.to_string());
+                });
                 (registry_seq, epoch)
             }
             Ok(other) => return LinkClosed::NoHello(frame_kind(&other)),
@@ -507,16 +514,24 @@ impl LinkServer {
             }
             EngineFrame::Heartbeat { epoch, .. } => {
                 reply = sync.on_report(current, epoch, Instant::now());
+                self.verdicts
+                    .update(link, |v| v.epoch_hash = epoch.map(|h| h.to_string()));
                 Ok(())
             }
             EngineFrame::Applied { hash } => {
                 tracing::info!(%hash, "engine runs the config epoch");
                 sync.on_applied(hash);
+                self.verdicts.update(link, |v| {
+                    v.epoch_hash = Some(hash.to_string());
+                    v.rejected = None;
+                });
                 Ok(())
             }
             EngineFrame::Rejected { hash, code, detail } => {
                 tracing::warn!(%hash, %code, %detail, "engine rejected the config epoch");
                 sync.on_rejected(hash);
+                self.verdicts
+                    .update(link, |v| v.rejected = Some(format!("{code}: {detail}")));
                 Ok(())
             }
             EngineFrame::CommandResult { id, outcome } => {

@@ -285,6 +285,16 @@ impl Store {
             .put_cf(self.cf(CF_EVENTS_OUT), seq.to_be_bytes(), event)?)
     }
 
+    /// The routing in force (`routes::StoredRouting` as JSON), if one was ever applied.
+    pub fn routing(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        self.meta(b"routing")
+    }
+
+    /// Stores the routing in force, synced.
+    pub fn put_routing(&self, json: &[u8]) -> Result<(), StoreError> {
+        self.put_meta(b"routing", json)
+    }
+
     /// A configuration, stored as JSON.
     pub fn configuration(&self, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
         Ok(self.db.get_cf(self.cf(CF_CONFIGURATIONS), id.as_bytes())?)

@@ -932,10 +932,11 @@ class Hub:
             while pos < end:
                 res = self.partition_records(p, pos, page)
                 batch = res["records"]
-                if not batch:
-                    break
                 out.extend(batch)
-                assert res["next"] > pos, f"partition {p}: next {res['next']} did not advance past {pos}"
+                # A page may be empty and still move on: records routed elsewhere are skipped.
+                if res["next"] <= pos:
+                    assert not batch, f"partition {p}: next {res['next']} did not advance past {pos}"
+                    break
                 pos = res["next"]
         return out
 

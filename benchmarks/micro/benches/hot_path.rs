@@ -129,7 +129,10 @@ fn log_append(c: &mut Criterion) {
                     if one_value {
                         records.clear();
                         for _ in 0..batch {
-                            roost_storage::batch::push(&mut records, record.as_slice());
+                            roost_storage::batch::push(
+                                &mut records,
+                                roost_storage::batch::plain(record.as_slice()),
+                            );
                         }
                         for (i, value) in roost_storage::batch::chunks(&records) {
                             wb.put((offset + i).to_be_bytes(), value);

@@ -89,6 +89,13 @@ pub enum Cmd {
         #[arg(short = 'o', long, value_enum, default_value = "json", global = true)]
         output: crate::output::Output,
     },
+    /// Check, apply and test the hub's routing (routes.lua and its plugins; docs/routing.md).
+    ///
+    /// Example: roost routes check routes.lua; roost routes apply routes.lua
+    Routes {
+        #[command(subcommand)]
+        action: crate::routes::RoutesCmd,
+    },
     /// Run an IoT Hub query over device twins, module twins or device jobs; prints every page.
     ///
     /// Example: roost query "SELECT deviceId, tags.site FROM devices WHERE properties.reported.battery < 20" -o table
@@ -1018,9 +1025,11 @@ pub fn run_events(action: EventsCmd, data_dir: &Path) -> anyhow::Result<()> {
                 positions.push((k, start.unwrap_or(0)));
             }
         }
+        let mut last_positions: Option<Value> = None;
         loop {
             let budget = max.map(|m| m - printed).unwrap_or(1000).min(1000);
             let mut records = Vec::new();
+            let mut moved = false;
             match &group {
                 Some(g) => {
                     let url = format!(
@@ -1032,18 +1041,19 @@ pub fn run_events(action: EventsCmd, data_dir: &Path) -> anyhow::Result<()> {
                     check(&resp)?;
                     let v: Value = serde_json::from_slice(&resp.body)?;
                     records = v["records"].as_array().cloned().unwrap_or_default();
-                    // Checkpoint only what is printed.
-                    let mut done = serde_json::Map::new();
-                    for r in &records {
-                        let p = r["partition"].as_u64().unwrap_or(0).to_string();
-                        done.insert(p, json!(r["offset"].as_u64().unwrap_or(0) + 1));
-                    }
                     print_records(&records, json);
-                    if !done.is_empty() {
+                    // Every record of the answer is printed: the group has read up to the
+                    // positions the engine answered, records routed elsewhere included.
+                    let positions = v["positions"].clone();
+                    if positions.as_object().is_some_and(|p| !p.is_empty())
+                        && last_positions.as_ref() != Some(&positions)
+                    {
                         let url = format!("{ops}/events/groups/{}/checkpoint", path_id(g));
-                        let body = serde_json::to_vec(&Value::Object(done))?;
+                        let body = serde_json::to_vec(&positions)?;
                         check(&request_once(Method::POST, &url, &auth, Some(body), None).await?)?;
+                        moved = true;
                     }
+                    last_positions = Some(positions);
                 }
                 None => {
                     let mut left = budget;
@@ -1058,7 +1068,10 @@ pub fn run_events(action: EventsCmd, data_dir: &Path) -> anyhow::Result<()> {
                         check(&resp)?;
                         let v: Value = serde_json::from_slice(&resp.body)?;
                         let mut got = v["records"].as_array().cloned().unwrap_or_default();
+                        let was = *next;
                         *next = v["next"].as_u64().unwrap_or(*next);
+                        // A page may be empty and still move on past records routed elsewhere.
+                        moved |= *next != was;
                         left -= got.len().min(left);
                         records.append(&mut got);
                     }
@@ -1066,10 +1079,10 @@ pub fn run_events(action: EventsCmd, data_dir: &Path) -> anyhow::Result<()> {
                 }
             }
             printed += records.len();
-            if max.is_some_and(|m| printed >= m) || (!follow && records.is_empty()) {
+            if max.is_some_and(|m| printed >= m) || (!follow && records.is_empty() && !moved) {
                 return anyhow::Ok(());
             }
-            if records.is_empty() {
+            if records.is_empty() && !moved {
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_millis(300)) => {}
                     _ = wait_for_shutdown_signal() => return Ok(()),

@@ -3,6 +3,7 @@
 mod cli;
 mod manage;
 mod output;
+mod routes;
 
 use clap::Parser;
 use cli::{Cli, Cmd};
@@ -57,5 +58,6 @@ fn main() -> anyhow::Result<()> {
             output,
         } => manage::run_job(action, &data_dir, output),
         Cmd::Events { action, data_dir } => cli::run_events(action, &data_dir),
+        Cmd::Routes { action } => routes::run(action),
     }
 }

@@ -10,4 +10,6 @@ pub mod link;
 pub mod message;
 
 pub use id::{DeviceId, IdError, ModuleId};
-pub use message::{ArchivedMessage, Message, Source, SystemProperties};
+pub use message::{
+    ArchivedMessage, ArchivedRouted, Message, Routed, Source, Stamp, SystemProperties,
+};

@@ -99,6 +99,59 @@ impl Message {
     }
 }
 
+/// A message as the log stores it since routing: the message, the endpoints its routes matched
+/// (by name, as the epoch that routed it named them) and what the enrichments added for them.
+/// Each message is stored once, whatever its endpoints (DESIGN.md §2).
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[rkyv(derive(Debug))]
+pub struct Routed {
+    pub message: Message,
+    pub endpoints: Vec<String>,
+    pub stamps: Vec<Stamp>,
+}
+
+/// An application property an enrichment adds for some of a message's endpoints.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[rkyv(derive(Debug))]
+pub struct Stamp {
+    pub key: String,
+    pub value: String,
+    /// Bit `i`: `endpoints[i]` of the record.
+    pub endpoints: u64,
+}
+
+impl Routed {
+    /// Archives the record into `out` (cleared first).
+    pub fn archive_into(
+        &self,
+        out: rkyv::util::AlignedVec,
+    ) -> Result<rkyv::util::AlignedVec, rkyv::rancor::Error> {
+        let mut out = out;
+        out.clear();
+        rkyv::api::high::to_bytes_in::<_, rkyv::rancor::Error>(self, out)
+    }
+
+    /// Validates a stored record and returns a view of it without copying.
+    pub fn view(bytes: &[u8]) -> Result<&ArchivedRouted, rkyv::rancor::Error> {
+        rkyv::access::<ArchivedRouted, rkyv::rancor::Error>(bytes)
+    }
+}
+
+impl ArchivedRouted {
+    /// The index of endpoint `name` among the record's, if it goes there.
+    pub fn endpoint(&self, name: &str) -> Option<usize> {
+        self.endpoints.iter().position(|e| e.as_str() == name)
+    }
+
+    /// The enrichments for the record's endpoint `index`: (key, value).
+    pub fn stamps_for(&self, index: usize) -> impl Iterator<Item = (&str, &str)> {
+        self.stamps
+            .iter()
+            .filter(move |s| index < 64 && s.endpoints.to_native() & (1 << index) != 0)
+            .map(|s| (s.key.as_str(), s.value.as_str()))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -135,6 +188,40 @@ mod tests {
         let back: Message =
             rkyv::deserialize::<Message, rkyv::rancor::Error>(view).expect("deserialize");
         assert_eq!(back, msg);
+    }
+
+    #[test]
+    fn a_routed_record_names_its_endpoints_and_their_stamps() {
+        let r = Routed {
+            message: sample(),
+            endpoints: vec!["events".into(), "alerts".into()],
+            stamps: vec![
+                Stamp {
+                    key: "site".into(),
+                    value: "north".into(),
+                    endpoints: 0b10,
+                },
+                Stamp {
+                    key: "hub".into(),
+                    value: "h".into(),
+                    endpoints: 0b11,
+                },
+            ],
+        };
+        let bytes = r
+            .archive_into(rkyv::util::AlignedVec::new())
+            .expect("archive");
+        let view = Routed::view(&bytes).expect("view");
+        assert_eq!(view.message.system.connection_device_id.as_str(), "dev-1");
+        assert_eq!(
+            (view.endpoint("alerts"), view.endpoint("archive")),
+            (Some(1), None)
+        );
+        assert_eq!(view.stamps_for(0).collect::<Vec<_>>(), [("hub", "h")]);
+        assert_eq!(
+            view.stamps_for(1).collect::<Vec<_>>(),
+            [("site", "north"), ("hub", "h")]
+        );
     }
 
     #[test]

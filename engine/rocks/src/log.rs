@@ -218,8 +218,8 @@ mod tests {
         // Values of 2 records at 0, 2, 4, 6 (the records' bytes do not matter here).
         for first in [0u64, 2, 4, 6] {
             let mut b = Vec::new();
-            batch::push(&mut b, b"r1");
-            batch::push(&mut b, b"r2");
+            batch::push(&mut b, batch::plain(b"r1"));
+            batch::push(&mut b, batch::plain(b"r2"));
             log.write_batch(0, first, &b, false).expect("write");
         }
         log.truncate_before(0, 5).expect("truncate");

@@ -25,6 +25,7 @@ use serde_json::Value;
 pub struct Condition {
     expr: Expr,
     text: String,
+    reads_twin: bool,
 }
 
 /// Why a condition does not compile.
@@ -66,6 +67,7 @@ impl Condition {
             message,
         })?;
         Ok(Condition {
+            reads_twin: reads_twin(&expr),
             expr,
             text: text.to_string(),
         })
@@ -73,6 +75,11 @@ impl Condition {
 
     pub fn text(&self) -> &str {
         &self.text
+    }
+
+    /// Whether the condition reads `$twin` (so the caller must find the sender's tags).
+    pub fn reads_twin(&self) -> bool {
+        self.reads_twin
     }
 
     /// Whether the condition is `true` for the message (undefined and `null` are false).
@@ -98,6 +105,17 @@ fn resolve(e: &mut Expr) -> Result<(), String> {
             list.iter_mut().try_for_each(resolve)
         }
         Expr::List(items) | Expr::Call(_, items) => items.iter_mut().try_for_each(resolve),
+    }
+}
+
+fn reads_twin(e: &Expr) -> bool {
+    match e {
+        Expr::Path(p) => matches!(p.first(), Some(Segment::Key(k)) if k == "$twin"),
+        Expr::Lit(_) | Expr::Undefined => false,
+        Expr::Not(x) | Expr::Neg(x) => reads_twin(x),
+        Expr::Bin(_, a, b) => reads_twin(a) || reads_twin(b),
+        Expr::In { value, list, .. } => reads_twin(value) || list.iter().any(reads_twin),
+        Expr::List(items) | Expr::Call(_, items) => items.iter().any(reads_twin),
     }
 }
 

@@ -69,7 +69,7 @@ pub fn run(plugin: &str, files: &[(String, String)]) -> Result<Vec<CaseResult>, 
 }
 
 /// Evaluates a data-only Lua file (nothing in scope) to JSON.
-fn data(file: &str, src: &str) -> Result<Value, ConfigError> {
+pub fn data(file: &str, src: &str) -> Result<Value, ConfigError> {
     let fail = |message: String| ConfigError {
         file: file.to_string(),
         line: None,
@@ -181,7 +181,7 @@ fn run_case(plugin: &str, sources: &[(String, String)], case: &Value) -> Result<
     Ok(())
 }
 
-fn message(m: &Value) -> Result<roost_model::Message, String> {
+pub fn message(m: &Value) -> Result<roost_model::Message, String> {
     let text = |k: &str| m.get(k).and_then(Value::as_str).map(str::to_string);
     let (body, json) = match m.get("body") {
         None | Some(Value::Null) => (Vec::new(), false),

@@ -68,6 +68,8 @@ pub struct Outcome {
     pub verdict: Verdict,
     /// Bit `i`: endpoint `i` of the configuration.
     pub endpoints: u64,
+    /// Bit `i`: route `i` matched.
+    pub routes: u128,
     pub stamps: Vec<Stamp>,
 }
 
@@ -228,6 +230,32 @@ impl Routing {
             .map(|(_, e)| e.name.as_str())
     }
 
+    /// Whether routing reads the sender's twin tags: a `$twin` condition or enrichment, or any
+    /// Lua (a plugin or condition may read `device.tags`). Otherwise the caller may pass no tags.
+    pub fn reads_tags(&self) -> bool {
+        self.lua
+            || self
+                .config
+                .routes
+                .iter()
+                .any(|r| matches!(&r.when, When::Query(c) if c.reads_twin()))
+            || self
+                .config
+                .enrichments
+                .iter()
+                .any(|e| matches!(e.value, EnrichValue::TwinTag(_)))
+    }
+
+    /// The names of the routes in `bits` (an [`Outcome::routes`]).
+    pub fn route_names(&self, bits: u128) -> impl Iterator<Item = &str> {
+        self.config
+            .routes
+            .iter()
+            .enumerate()
+            .filter(move |(i, _)| bits & (1 << i) != 0)
+            .map(|(_, r)| r.name.as_str())
+    }
+
     /// Memory the VM holds now, in bytes.
     pub fn lua_memory(&self) -> usize {
         self.vm.lua.used_memory()
@@ -240,8 +268,8 @@ impl Routing {
         if !self.lua {
             // hot path: no Lua in this epoch; the message is read where it is.
             let body = OnceCell::new();
-            let mask = self.match_routes(source, Some(&Subject::new(msg, tags, &body)));
-            return self.finish(mask, source, tags);
+            let (mask, routes) = self.match_routes(source, Some(&Subject::new(msg, tags, &body)));
+            return self.finish(mask, routes, source, tags);
         }
         let placeholder = Message {
             source: msg.source,
@@ -254,12 +282,13 @@ impl Routing {
         self.handles.slot.borrow_mut().enter(owned, tags);
         let outcome = match self.run_plugins(source) {
             Verdict::Route => {
-                let mask = self.match_routes(source, None);
-                self.finish(mask, source, tags)
+                let (mask, routes) = self.match_routes(source, None);
+                self.finish(mask, routes, source, tags)
             }
             verdict => Outcome {
                 verdict,
                 endpoints: 0,
+                routes: 0,
                 stamps: Vec::new(),
             },
         };
@@ -271,8 +300,9 @@ impl Routing {
 
     /// The endpoints of the enabled routes of `source` that match. Compiled conditions read
     /// `direct` when given, else the message in the slot (where Lua can reach it).
-    fn match_routes(&mut self, source: RouteSource, direct: Option<&Subject<'_>>) -> u64 {
+    fn match_routes(&mut self, source: RouteSource, direct: Option<&Subject<'_>>) -> (u64, u128) {
         let mut mask = 0u64;
+        let mut routes = 0u128;
         for (i, r) in self.config.routes.iter().enumerate() {
             if !r.enabled || r.source != source {
                 continue;
@@ -302,16 +332,17 @@ impl Routing {
             };
             if hit {
                 self.stats.matches[i] += 1;
+                routes |= 1 << i;
                 for &e in &r.endpoints {
                     mask |= 1 << e;
                 }
             }
         }
-        mask
+        (mask, routes)
     }
 
     /// The fallback when nothing matched (telemetry only, as IoT Hub), then the enrichments.
-    fn finish(&mut self, mut mask: u64, source: RouteSource, tags: &str) -> Outcome {
+    fn finish(&mut self, mut mask: u64, routes: u128, source: RouteSource, tags: &str) -> Outcome {
         if mask == 0 {
             match (&self.config.fallback, source) {
                 (Some(f), RouteSource::Telemetry) => {
@@ -343,6 +374,7 @@ impl Routing {
         Outcome {
             verdict: Verdict::Route,
             endpoints: mask,
+            routes,
             stamps,
         }
     }

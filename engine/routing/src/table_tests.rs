@@ -182,6 +182,22 @@ fn the_default_routes_lua_sends_everything_to_events() {
     let mut r = load(&src);
     let o = r.route(&mut message("x", &[]), "");
     assert_eq!(names(&r, o.endpoints), ["events"]);
+    for source in [
+        Source::TwinChangeEvents,
+        Source::DeviceLifecycleEvents,
+        Source::DeviceConnectionStateEvents,
+    ] {
+        let mut m = message("{}", &[]);
+        m.source = source;
+        let o = r.route(&mut m, "");
+        assert_eq!(names(&r, o.endpoints), ["events"], "{source:?}");
+    }
+    assert_eq!(
+        r.stats().fallback,
+        1,
+        "only the telemetry took the fallback"
+    );
+    assert!(!r.reads_tags(), "nothing there reads the twin");
 }
 
 fn error(src: &str) -> String {

@@ -555,7 +555,10 @@ impl Conn {
             .map_err(|e| DisconnectReason::Protocol(e.error_code()))?;
         let message = telemetry::record(identity, bag, p.retain, &p.payload, wall_ms);
         let ack = (p.qos == QoS::AtLeastOnce).then_some(p.pkid);
-        self.session.ingest(&message, ack, p.payload.len(), now)
+        if let Some(pkid) = self.session.ingest(message, ack, p.payload.len(), now)? {
+            self.mqtt.ack_publish(pkid);
+        }
+        Ok(())
     }
 
     /// A publish on an `$iothub/` topic: a twin request (sent to control; the answer comes

@@ -29,6 +29,7 @@ pub mod metrics;
 mod nudge;
 mod ops;
 pub mod router;
+pub mod routing;
 mod session;
 pub mod sessions;
 pub mod shard;
@@ -241,6 +242,13 @@ pub fn run(config: EngineConfig, on_ready: impl FnOnce() + Send + 'static) -> an
         nudges: nudges.clone(),
         pre_auth: roost_session::PreAuthGate::new(config.pre_auth),
         quotas: state.quotas.clone(),
+        routes: state.routes.clone(),
+        hub_name: config
+            .hostname
+            .split('.')
+            .next()
+            .unwrap_or(&config.hostname)
+            .to_string(),
         shards: config.cores,
         sessions: sessions.clone(),
     });

@@ -23,6 +23,7 @@ use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 
 use crate::metrics::Metrics;
 use crate::router::{RouterInput, RouterTx};
+use crate::routing::{RoutesCell, RoutesSource};
 use crate::shard::ShardCommand;
 
 /// What the engine runs, as the link changes it: the registry projection and the epoch.
@@ -37,6 +38,8 @@ pub struct EngineState {
     pub router: RouterTx,
     /// The quotas of the epoch in force (the default before the first).
     pub quotas: Arc<QuotaCell>,
+    /// The routes and plugins of the epoch in force (the default routing before the first).
+    pub routes: Arc<RoutesCell>,
 }
 
 impl EngineState {
@@ -50,6 +53,7 @@ impl EngineState {
             metrics,
             router,
             quotas: Arc::default(),
+            routes: Arc::default(),
         }
     }
 
@@ -118,9 +122,10 @@ impl ApplyError {
     }
 }
 
-/// Checks an epoch before anything is built from it, and reads its quotas. Routes and plugins
-/// wait for the routing issue: an epoch with any is something this engine cannot run.
-fn validate(epoch: &Epoch) -> Result<Quotas, ApplyError> {
+/// Checks an epoch before anything is built from it: its hash, its quotas, and its routes and
+/// plugins, by loading them as a shard will (`roost-routing`, the code control checked them
+/// with). Returns what to put in force.
+fn validate(epoch: &Epoch) -> Result<(Quotas, RoutesSource), ApplyError> {
     if !epoch.hash_is_valid() {
         return Err(ApplyError::Rejected {
             code: "hash_mismatch",
@@ -128,16 +133,20 @@ fn validate(epoch: &Epoch) -> Result<Quotas, ApplyError> {
         });
     }
     let p = &epoch.payload;
-    if !p.routes.is_empty() || !p.plugins.is_empty() {
-        return Err(ApplyError::Rejected {
-            code: "unsupported_payload",
-            detail: "this engine runs no routes or plugins from an epoch yet".into(),
-        });
-    }
-    Quotas::from_named(&p.limits).map_err(|e| ApplyError::Rejected {
+    let quotas = Quotas::from_named(&p.limits).map_err(|e| ApplyError::Rejected {
         code: "bad_limits",
         detail: e.to_string(),
-    })
+    })?;
+    let routes = RoutesSource {
+        version: epoch.version,
+        routes: p.routes.clone(),
+        plugins: p.plugins.clone(),
+    };
+    routes.load("").map_err(|e| ApplyError::Rejected {
+        code: "bad_routes",
+        detail: e.to_string(),
+    })?;
+    Ok((quotas, routes))
 }
 
 /// Applies one update: validate, persist (unless it came from the replica), put in force, then
@@ -147,13 +156,20 @@ pub fn apply(state: &EngineState, update: Update, origin: Origin) -> Result<(), 
     let persist = origin == Origin::Control;
     match update {
         Update::Epoch(epoch) => {
-            let quotas = validate(&epoch)?;
+            let (quotas, routes) = validate(&epoch)?;
             if persist {
                 state.replica.save_epoch(&epoch)?;
             }
             state.quotas.set(quotas);
+            state.routes.set(routes);
             tracing::info!(version = epoch.version, hash = %epoch.hash, "config epoch in force");
             state.metrics.epoch_version.set(epoch.version as i64);
+            state.metrics.epoch_info.reset();
+            state
+                .metrics
+                .epoch_info
+                .with_label_values(&[&epoch.hash.to_string(), &epoch.version.to_string()])
+                .set(1);
             *state.epoch.lock().unwrap_or_else(|p| p.into_inner()) = Some(epoch);
             return Ok(());
         }
@@ -608,6 +624,36 @@ mod tests {
     }
 
     #[test]
+    fn an_epochs_routes_are_checked_then_put_in_force() {
+        let store = Arc::new(MemStore::new(0));
+        let (state, _rx) = engine(store);
+        let before = state.routes.version();
+        let routes = "return { fallback = false }".to_string();
+        let plugins = vec![
+            (
+                "p/handler.lua".to_string(),
+                "return { on_message = function(m, d, c, s) end }".to_string(),
+            ),
+            ("p/schema.lua".to_string(), "return {}".to_string()),
+        ];
+        let epoch = Epoch::new(
+            2,
+            EpochPayload {
+                routes: routes.clone(),
+                plugins: plugins.clone(),
+                ..EpochPayload::default()
+            },
+        );
+        apply(&state, Update::Epoch(epoch), Origin::Control).expect("applied");
+        assert!(state.routes.version() > before, "shards see a new version");
+        let source = state.routes.get();
+        assert_eq!(
+            (source.version, &source.routes, &source.plugins),
+            (2, &routes, &plugins)
+        );
+    }
+
+    #[test]
     fn a_bad_epoch_is_rejected_and_the_previous_one_kept() {
         let store = Arc::new(MemStore::new(0));
         let (state, _rx) = engine(store.clone());
@@ -620,12 +666,17 @@ mod tests {
         let routes = Epoch::new(
             4,
             EpochPayload {
-                routes: "return {}".into(),
+                routes: "return { routes = { { name = 'a', endpoints = { 'nowhere' } } } }".into(),
                 ..EpochPayload::default()
             },
         );
         let err = apply(&state, Update::Epoch(routes), Origin::Control).expect_err("payload");
-        assert_eq!(err.error_code(), "unsupported_payload");
+        assert_eq!(err.error_code(), "bad_routes");
+        assert!(
+            err.to_string()
+                .contains("routes.lua:1: route \"a\": unknown endpoint \"nowhere\""),
+            "{err}"
+        );
         let unknown_limit = Epoch::new(
             5,
             EpochPayload {

@@ -7,8 +7,8 @@ use std::collections::HashMap;
 
 use prometheus::local::{LocalHistogram, LocalIntCounter};
 use prometheus::{
-    exponential_buckets, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry,
+    exponential_buckets, CounterVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, IntGaugeVec, Opts, Registry,
 };
 
 /// The engine's metric families. Shared by every shard and the ops endpoint.
@@ -45,6 +45,25 @@ pub struct Metrics {
     pub events_expired: IntCounterVec,
     /// Records a consumer group has yet to read, by `group` and `partition` (set at scrape).
     pub consumer_lag: IntGaugeVec,
+    /// Routing, flushed from each shard's `roost_routing::Stats` (see `routing.rs`).
+    pub routing: RoutingMetrics,
+    /// A shard that could not load routing the link had put in force.
+    pub routing_load_failures: IntCounter,
+    /// 1 for the hash of the epoch in force.
+    pub epoch_info: IntGaugeVec,
+}
+
+/// The routing families; labels are the shard and names from the epoch (at most 100 routes,
+/// 64 endpoints and a plugin list), never a device or a topic.
+pub struct RoutingMetrics {
+    pub route_matches: IntCounterVec,
+    pub condition_errors: IntCounterVec,
+    pub fallback: IntCounterVec,
+    pub unrouted: IntCounterVec,
+    pub plugin_runs: IntCounterVec,
+    pub plugin_errors: IntCounterVec,
+    pub plugin_verdicts: IntCounterVec,
+    pub plugin_seconds: CounterVec,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -124,7 +143,50 @@ impl Metrics {
         registry
             .register(Box::new(consumer_lag.clone()))
             .expect("registered once");
+        let plugin_seconds = CounterVec::new(
+            Opts::new(
+                "roost_routing_plugin_seconds_total",
+                "Time spent in a plugin's on_message, by shard and plugin.",
+            ),
+            &["shard", "plugin"],
+        )
+        .expect("static metric");
+        registry
+            .register(Box::new(plugin_seconds.clone()))
+            .expect("registered once");
+        let routing_load_failures = IntCounter::new(
+            "roost_routing_load_failures_total",
+            "Times a shard could not load the routing the link had put in force (it kept what it had).",
+        )
+        .expect("static metric");
+        registry
+            .register(Box::new(routing_load_failures.clone()))
+            .expect("registered once");
+        let epoch_info = IntGaugeVec::new(
+            Opts::new(
+                "roost_link_epoch_info",
+                "1 for the hash (hex) and version of the config epoch in force.",
+            ),
+            &["hash", "version"],
+        )
+        .expect("static metric");
+        registry
+            .register(Box::new(epoch_info.clone()))
+            .expect("registered once");
+        let routing = RoutingMetrics {
+            route_matches: counter(&registry, "roost_routing_route_matches_total", "Messages a route matched, by shard and route.", &["shard", "route"]),
+            condition_errors: counter(&registry, "roost_routing_condition_errors_total", "Lua conditions that failed (counted as no match), by shard and route.", &["shard", "route"]),
+            fallback: counter(&registry, "roost_routing_fallback_total", "Telemetry that matched no route and took the fallback route, by shard.", &["shard"]),
+            unrouted: counter(&registry, "roost_routing_unrouted_total", "Messages that matched no route and had no fallback (not stored), by shard.", &["shard"]),
+            plugin_runs: counter(&registry, "roost_routing_plugin_runs_total", "Plugin on_message calls, by shard and plugin.", &["shard", "plugin"]),
+            plugin_errors: counter(&registry, "roost_routing_plugin_errors_total", "Plugin calls that failed, by shard, plugin and code (runtime, budget, memory, type, stale_handle, verdict, syntax, other).", &["shard", "plugin", "code"]),
+            plugin_verdicts: counter(&registry, "roost_routing_plugin_verdicts_total", "Messages a plugin dropped or rejected, by shard, plugin and verdict.", &["shard", "plugin", "verdict"]),
+            plugin_seconds,
+        };
         Self {
+            routing,
+            routing_load_failures,
+            epoch_info,
             events_expired: counter(
                 &registry,
                 "roost_events_expired_total",

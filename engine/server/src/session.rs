@@ -20,7 +20,7 @@ use roost_session::quota::{Admit, Bucket, Limit};
 use roost_session::router::twin_error;
 use roost_session::{DisconnectReason, Identity, Ingest, PreAuthSlot, Refusal, RouterInput};
 
-use crate::shard::{ConnHandles, Shard};
+use crate::shard::{ConnHandles, Shard, StoreError, Stored};
 use crate::signal::Signal;
 
 /// How often a busy session refreshes the device's lastActivityTime at control.
@@ -150,43 +150,54 @@ impl<A> DeviceSession<A> {
         self.refused = true;
     }
 
-    /// Appends `message` to the shard's log. `ack` (if the protocol owes one) comes back from
-    /// [`Self::durable_acks`] once the record is durable.
-    // hot path: archive into the shard's scratch buffer, one memcpy into the open batch.
+    /// Routes `message` and appends it once to the shard's log (`Shard::store`). `ack` (if the
+    /// protocol owes one) comes back from [`Self::durable_acks`] once the record is durable; a
+    /// message stored nowhere (dropped or refused by a plugin, or unrouted) is acknowledged in
+    /// order behind what is owed, and comes back here when nothing is.
+    // hot path: routing without Lua is a few comparisons; one archive, one memcpy.
     pub fn ingest(
         &mut self,
-        message: &Message,
+        message: Message,
         ack: Option<A>,
         body_len: usize,
         mono_now: Instant,
-    ) -> Result<(), DisconnectReason> {
+    ) -> Result<Option<A>, DisconnectReason> {
         let Some(identity) = &self.identity else {
             return Err(DisconnectReason::PublishBeforeConnect);
         };
-        let batch = {
-            let mut scratch = self.shard.scratch.borrow_mut();
-            let buf = std::mem::take(&mut *scratch);
-            let buf = message
-                .archive_into(buf)
-                .map_err(|_| DisconnectReason::ArchiveFailed)?;
-            let batch = self.shard.log.append(&buf);
-            *scratch = buf;
-            batch.map_err(|_| DisconnectReason::LogWriteFailed)?
+        let enqueued_ms = message.enqueued_ms;
+        let module_key;
+        let client_id = match &identity.module_id {
+            None => identity.device_id.as_str(),
+            Some(_) => {
+                module_key = identity.client_id();
+                module_key.as_str()
+            }
         };
+        let stored = self.shard.store(message, client_id).map_err(|e| match e {
+            StoreError::Archive => DisconnectReason::ArchiveFailed,
+            StoreError::Log => DisconnectReason::LogWriteFailed,
+        })?;
         let m = &self.shard.metrics;
         m.messages_in.inc();
         m.bytes_in.inc_by(body_len as u64);
-        if let Some(ack) = ack {
-            self.ingest.push(batch, ack);
-        }
         if mono_now.duration_since(self.last_activity) >= ACTIVITY_EVERY {
             self.last_activity = mono_now;
             self.shard.shared.router.report(EngineFrame::Activity {
                 device_id: identity.device_id.clone(),
-                at_ms: message.enqueued_ms,
+                at_ms: enqueued_ms,
             });
         }
-        Ok(())
+        let Some(ack) = ack else {
+            return Ok(None);
+        };
+        match stored {
+            Stored::Appended(batch) => {
+                self.ingest.push(batch, ack);
+                Ok(None)
+            }
+            Stored::Nowhere => Ok(self.ack_in_order(ack)),
+        }
     }
 
     /// The session's quotas, brought up to the shard's.

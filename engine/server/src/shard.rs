@@ -15,7 +15,9 @@ use glommio::timer::Timer;
 use glommio::{Latency, Shares, TaskQueueHandle};
 use rkyv::util::AlignedVec;
 use roost_model::link::{CommandOutcome, DeviceCommand, EngineFrame};
+use roost_model::Message;
 use roost_registry::Registry;
+use roost_routing::Verdict;
 use roost_session::quota::{Admit, Bucket, Limit, QuotaCell, Quotas};
 use roost_session::{Deadlines, DisconnectReason, Holder, Identity, Inbox, PreAuthGate};
 use roost_storage::LogStore;
@@ -26,9 +28,41 @@ use crate::listeners::Protocol;
 use crate::log::{Durability, Partition};
 use crate::metrics::{Metrics, ShardMetrics};
 use crate::router::{RouterInput, RouterTx};
+use crate::routing::ShardRouting;
 use crate::session::unix_now;
 use crate::signal::Signal;
 use crate::wire::{RxBuf, Wire};
+
+/// Where [`Shard::store`] put a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stored {
+    /// In the open batch with this id: durable once the batch is.
+    Appended(u64),
+    /// Nowhere: dropped or refused by a plugin, or matched no route and no fallback (counted
+    /// by the routing).
+    Nowhere,
+}
+
+/// Why [`Shard::store`] failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreError {
+    Archive,
+    /// The partition refuses appends (a failed write).
+    Log,
+}
+
+/// This shard's routing from the engine's [`crate::routing::RoutesCell`] as it is now.
+fn load_routing(shared: &Shared, shard: usize) -> Result<ShardRouting, (u64, String)> {
+    let version = shared.routes.version();
+    let source = shared.routes.get();
+    ShardRouting::load(version, &source, &shared.hub_name).map_err(|e| {
+        // The link loaded the same sources before putting them in force: a defect, or the
+        // shard out of memory. Logged and counted; the caller keeps what it had.
+        tracing::error!(shard, epoch = source.version, error = %e, "routing does not load on this shard");
+        shared.metrics.routing_load_failures.inc();
+        (version, e.to_string())
+    })
+}
 
 /// Work sent to a shard from another thread.
 #[derive(Debug, Clone)]
@@ -69,6 +103,10 @@ pub struct Shared {
     pub pre_auth: Arc<PreAuthGate>,
     /// The hub's quotas in force; each shard meters its share of the hub-wide rates.
     pub quotas: Arc<QuotaCell>,
+    /// The routing in force (`routes.lua` and plugins); each shard loads its own VM from it.
+    pub routes: Arc<crate::routing::RoutesCell>,
+    /// The hub's name (`$iothubname`): the first label of its host name.
+    pub hub_name: String,
     /// How many shards the engine runs (the share of a hub-wide rate each meters).
     pub shards: usize,
     /// The clients' persistent sessions (CleanSession=0), engine-wide.
@@ -155,6 +193,8 @@ pub struct Shard {
     /// The buffer every connection of the shard receives into (see `wire`).
     pub rx: RxBuf,
     quotas: RefCell<ShardQuotas>,
+    /// This shard's routing (its own Lua VM), reloaded when the epoch's routes change.
+    routing: RefCell<ShardRouting>,
     /// Connections run here until they authenticate (TLS handshake, CONNECT, its check).
     pre_auth_queue: TaskQueueHandle,
 }
@@ -263,26 +303,24 @@ impl Shard {
         }
     }
 
-    fn append_event(&self, id: u64, message: &roost_model::message::Message) {
+    fn append_event(&self, id: u64, message: roost_model::message::Message) {
         let report = |appended| {
             self.shared
                 .router
                 .report(EngineFrame::EventAppended { id, appended })
         };
-        let batch = {
-            let mut scratch = self.scratch.borrow_mut();
-            let buf = std::mem::take(&mut *scratch);
-            let Ok(buf) = message.archive_into(buf) else {
-                return report(false);
-            };
-            let batch = self.log.append(&buf);
-            *scratch = buf;
-            batch
+        let source = message.source.as_str();
+        let key = match &message.system.connection_module_id {
+            Some(m) => format!("{}/{m}", message.system.connection_device_id),
+            None => message.system.connection_device_id.clone(),
         };
-        let Ok(batch) = batch else {
-            return report(false);
+        let batch = match self.store(message, &key) {
+            Ok(Stored::Appended(batch)) => batch,
+            // Routed nowhere: nothing to wait for; control may forget it.
+            Ok(Stored::Nowhere) => return report(true),
+            Err(_) => return report(false),
         };
-        self.metrics.hub_events.inc(message.source.as_str());
+        self.metrics.hub_events.inc(source);
         let (log, router) = (self.log.clone(), self.shared.router.clone());
         glommio::spawn_local(async move {
             let appended = log.durable(batch).await.is_ok();
@@ -330,6 +368,66 @@ impl Shard {
 
     fn connection_count(&self) -> usize {
         self.conns.borrow().len()
+    }
+
+    fn flush_routing(&self) {
+        let shard = self.id.to_string();
+        self.routing
+            .borrow_mut()
+            .flush(&self.shared.metrics.routing, &shard);
+    }
+
+    /// Loads the routing in force when it changed (from the shard's tick, so between messages).
+    fn refresh_routing(&self) {
+        let current = self.routing.borrow().cell_version;
+        if current == self.shared.routes.version() {
+            return;
+        }
+        let shard = self.id.to_string();
+        self.routing
+            .borrow_mut()
+            .flush(&self.shared.metrics.routing, &shard);
+        match load_routing(&self.shared, self.id) {
+            Ok(next) => *self.routing.borrow_mut() = next,
+            // Not retried every tick: the next epoch changes the version again.
+            Err((version, _)) => self.routing.borrow_mut().cell_version = version,
+        }
+    }
+
+    /// Routes `message` and appends it once, with the endpoints it goes to, to the shard's
+    /// partition. `client_id` names the sender in the registry (`device` or `device/module`),
+    /// whose twin tags the routing may read.
+    // hot path: no registry read unless the routing reads tags; archive into the shard's
+    // scratch buffer, one memcpy into the open batch.
+    pub fn store(&self, message: Message, client_id: &str) -> Result<Stored, StoreError> {
+        let mut routing = self.routing.borrow_mut();
+        let registry;
+        let tags = if routing.needs_tags {
+            registry = self.shared.registry.load();
+            registry.device(client_id).map_or("", |d| d.tags.as_str())
+        } else {
+            ""
+        };
+        let mut scratch = self.scratch.borrow_mut();
+        let buf = std::mem::take(&mut *scratch);
+        let (outcome, archived) = routing.route_and_archive(message, tags, buf);
+        drop(routing);
+        let buf = match archived {
+            Ok(buf) => buf,
+            Err(buf) => {
+                *scratch = buf;
+                return match outcome.verdict {
+                    Verdict::Route if outcome.endpoints != 0 => Err(StoreError::Archive),
+                    _ => Ok(Stored::Nowhere),
+                };
+            }
+        };
+        let batch = self.log.append(roost_storage::batch::Record {
+            routed: true,
+            bytes: &buf,
+        });
+        *scratch = buf;
+        batch.map(Stored::Appended).map_err(|_| StoreError::Log)
     }
 
     /// Puts quotas that changed in force (from the shard's tick).
@@ -469,8 +567,13 @@ pub async fn run(
         shared.shards,
         Instant::now(),
     ));
+    let routing = RefCell::new(
+        load_routing(&shared, id)
+            .unwrap_or_else(|_| ShardRouting::default_routing(&shared.hub_name)),
+    );
     let shard = Rc::new(Shard {
         id,
+        routing,
         shared,
         metrics,
         log,
@@ -513,12 +616,14 @@ pub async fn run(
             match cmd {
                 ShardCommand::Kick { conn, reason } => shard.kick(conn, reason),
                 ShardCommand::Deliver { id, conn, command } => shard.deliver(id, conn, command),
-                ShardCommand::Append { id, message } => shard.append_event(id, &message),
+                ShardCommand::Append { id, message } => shard.append_event(id, *message),
                 ShardCommand::Shutdown => shutdown = true,
             }
         }
         let now = Instant::now();
         shard.refresh_quotas(now);
+        shard.refresh_routing();
+        shard.flush_routing();
         shard.fire_deadlines(now);
         shard.metrics.flush();
         if shutdown {

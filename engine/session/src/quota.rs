@@ -8,9 +8,9 @@
 //! stays under [`Limit::ThrottleBacklogMs`], and refused beyond that.
 //!
 //! What it is not: where the limits are enforced. The engine's shards (new connections,
-//! device-to-cloud sends), the device session (per-device sends, message size) and control's
-//! service API (registry operations) each hold their buckets; the operations of later issues
-//! (twins, methods, cloud-to-device, queries, jobs) take theirs from the same table.
+//! device-to-cloud sends, devices' twin requests), the device session (per-device sends,
+//! message size) and control's service API (registry operations, twin reads and updates,
+//! method bytes, cloud-to-device sends, queries, jobs) each hold their buckets.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;

@@ -6,7 +6,20 @@
 //! batch holding an offset with a reverse seek and skip to the record.
 //!
 //! Format: `[u32 le length][record bytes]` repeated. Records are rkyv archives; they sit
-//! unaligned here, so readers copy each into an aligned buffer before access.
+//! unaligned here, so readers copy each into an aligned buffer before access. The length's top
+//! bit ([`ROUTED`]) says the record is a `roost_model::Routed` (the message with the endpoints
+//! its routes matched); records written before routing existed are bare `Message`s without it,
+//! and stay readable.
+
+/// The length bit of a routed record.
+pub const ROUTED: u32 = 1 << 31;
+
+/// One record of a batch: its bytes, and whether it is a routed record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Record<'a> {
+    pub routed: bool,
+    pub bytes: &'a [u8],
+}
 
 /// Why a stored batch could not be read.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -15,13 +28,28 @@ pub struct CorruptBatch;
 
 /// Appends one record to a batch being built.
 // hot path: two small memcpys into a reused buffer.
-pub fn push(batch: &mut Vec<u8>, record: &[u8]) {
-    batch.extend_from_slice(&(record.len() as u32).to_le_bytes());
-    batch.extend_from_slice(record);
+pub fn push(batch: &mut Vec<u8>, record: Record<'_>) {
+    let flag = if record.routed { ROUTED } else { 0 };
+    batch.extend_from_slice(&(record.bytes.len() as u32 | flag).to_le_bytes());
+    batch.extend_from_slice(record.bytes);
+}
+
+/// A record of opaque bytes (tests, tools): not routed.
+pub fn plain(bytes: &[u8]) -> Record<'_> {
+    Record {
+        routed: false,
+        bytes,
+    }
+}
+
+/// The length and the routed bit of a length prefix.
+fn split(prefix: [u8; 4]) -> (usize, bool) {
+    let raw = u32::from_le_bytes(prefix);
+    ((raw & !ROUTED) as usize, raw & ROUTED != 0)
 }
 
 /// The records of a stored batch, in offset order.
-pub fn records(batch: &[u8]) -> impl Iterator<Item = Result<&[u8], CorruptBatch>> {
+pub fn records(batch: &[u8]) -> impl Iterator<Item = Result<Record<'_>, CorruptBatch>> {
     let mut rest = batch;
     std::iter::from_fn(move || {
         if rest.is_empty() {
@@ -31,14 +59,14 @@ pub fn records(batch: &[u8]) -> impl Iterator<Item = Result<&[u8], CorruptBatch>
             rest = &[];
             return Some(Err(CorruptBatch));
         };
-        let len = u32::from_le_bytes(*len) as usize;
+        let (len, routed) = split(*len);
         if tail.len() < len {
             rest = &[];
             return Some(Err(CorruptBatch));
         }
-        let (record, next) = tail.split_at(len);
+        let (bytes, next) = tail.split_at(len);
         rest = next;
-        Some(Ok(record))
+        Some(Ok(Record { routed, bytes }))
     })
 }
 
@@ -60,7 +88,7 @@ pub fn chunks(batch: &[u8]) -> impl Iterator<Item = (u64, &[u8])> {
             let Some(prefix) = rest[len..].first_chunk::<4>() else {
                 break;
             };
-            let next = len + 4 + u32::from_le_bytes(*prefix) as usize;
+            let next = len + 4 + split(*prefix).0;
             if n > 0 && next > MAX_VALUE {
                 break;
             }
@@ -92,11 +120,27 @@ mod tests {
     #[test]
     fn records_come_back_in_order() {
         let mut b = Vec::new();
-        push(&mut b, b"one");
-        push(&mut b, b"");
-        push(&mut b, b"three");
-        let got: Vec<&[u8]> = records(&b).collect::<Result<_, _>>().expect("valid");
-        assert_eq!(got, vec![&b"one"[..], b"", b"three"]);
+        push(&mut b, plain(b"one"));
+        push(&mut b, plain(b""));
+        push(
+            &mut b,
+            Record {
+                routed: true,
+                bytes: b"three",
+            },
+        );
+        let got: Vec<Record> = records(&b).collect::<Result<_, _>>().expect("valid");
+        assert_eq!(
+            got,
+            vec![
+                plain(b"one"),
+                plain(b""),
+                Record {
+                    routed: true,
+                    bytes: b"three"
+                }
+            ]
+        );
         assert_eq!(count(&b), Ok(3));
     }
 
@@ -105,7 +149,13 @@ mod tests {
         let record = vec![7u8; 1000];
         let mut b = Vec::new();
         for _ in 0..10_000 {
-            push(&mut b, &record);
+            push(
+                &mut b,
+                Record {
+                    routed: true,
+                    bytes: &record,
+                },
+            );
         }
         let parts: Vec<(u64, &[u8])> = chunks(&b).collect();
         assert!(parts.len() > 2, "10 MB must not be one value");
@@ -117,7 +167,7 @@ mod tests {
         }
         assert_eq!(expect_first, 10_000);
         let mut one = Vec::new();
-        push(&mut one, &vec![1u8; MAX_VALUE + 10]);
+        push(&mut one, plain(&vec![1u8; MAX_VALUE + 10]));
         assert_eq!(
             chunks(&one).count(),
             1,
@@ -128,8 +178,8 @@ mod tests {
     #[test]
     fn truncation_is_an_error_at_every_cut() {
         let mut b = Vec::new();
-        push(&mut b, b"hello");
-        push(&mut b, b"world");
+        push(&mut b, plain(b"hello"));
+        push(&mut b, plain(b"world"));
         for cut in 1..b.len() {
             let is_boundary = cut == 9;
             assert_eq!(count(&b[..cut]).is_ok(), is_boundary, "cut at {cut}");

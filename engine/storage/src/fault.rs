@@ -194,7 +194,7 @@ mod tests {
 
     fn one(n: u8) -> Vec<u8> {
         let mut b = Vec::new();
-        batch::push(&mut b, &[n; 4]);
+        batch::push(&mut b, batch::plain(&[n; 4]));
         b
     }
 

@@ -6,8 +6,8 @@
 
 use std::fmt::Write as _;
 
+use crate::record::{RecordView, BUILTIN};
 use base64::Engine as _;
-use roost_model::ArchivedMessage;
 
 /// A JSON array of records being built, e.g. `{"records":[` … `]`, up to a size.
 pub struct RecordsJson {
@@ -45,11 +45,14 @@ impl RecordsJson {
         self
     }
 
-    /// Whether `m` is a record this response takes.
-    pub fn wants(&self, m: &ArchivedMessage) -> bool {
-        self.source
-            .as_deref()
-            .is_none_or(|s| s.eq_ignore_ascii_case(m.source.as_str()))
+    /// Whether `r` is a record this response takes: one routed to the built-in endpoint (and
+    /// of the source asked for).
+    pub fn wants(&self, r: &RecordView<'_>) -> bool {
+        r.endpoint(BUILTIN).is_some()
+            && self
+                .source
+                .as_deref()
+                .is_none_or(|s| s.eq_ignore_ascii_case(r.message().source.as_str()))
     }
 
     pub fn count(&self) -> usize {
@@ -68,15 +71,17 @@ impl RecordsJson {
         &mut self,
         partition: usize,
         offset: u64,
-        m: &ArchivedMessage,
+        r: &RecordView<'_>,
     ) -> Result<(), &'static str> {
+        let m = r.message();
         let enqueued = roost_iothub::time::try_iso_ms(m.enqueued_ms.to_native())
             .ok_or("enqueued time past the year 9999")?;
         if self.count > 0 {
             self.buf.push(',');
         }
         self.count += 1;
-        write_record(&mut self.buf, partition, offset, m, &enqueued);
+        let stamps = r.endpoint(BUILTIN).into_iter().flat_map(|i| r.stamps(i));
+        write_record(&mut self.buf, partition, offset, m, stamps, &enqueued);
         Ok(())
     }
 
@@ -97,11 +102,14 @@ impl Default for RecordsJson {
     }
 }
 
-fn write_record(
+/// One record; `stamps` are the enrichments for the built-in endpoint, written after the
+/// message's own application properties (IoT Hub adds them on egress).
+fn write_record<'s>(
     out: &mut String,
     partition: usize,
     offset: u64,
-    m: &ArchivedMessage,
+    m: &'s roost_model::ArchivedMessage,
+    stamps: impl Iterator<Item = (&'s str, &'s str)>,
     enqueued: &str,
 ) {
     let _ = write!(
@@ -164,13 +172,14 @@ fn write_record(
     put("iothub-enqueuedtime", Some(enqueued));
     put("iothub-message-source", Some(m.source.as_str()));
     out.push_str("},\"properties\":{");
-    for (i, kv) in m.app.iter().enumerate() {
+    let own = m.app.iter().map(|kv| (kv.0.as_str(), kv.1.as_str()));
+    for (i, (k, v)) in own.chain(stamps).enumerate() {
         if i > 0 {
             out.push(',');
         }
-        write_str(out, kv.0.as_str());
+        write_str(out, k);
         out.push(':');
-        write_str(out, kv.1.as_str());
+        write_str(out, v);
     }
     out.push_str("}}");
 }
@@ -265,6 +274,65 @@ mod tests {
     }
 
     #[test]
+    fn only_records_routed_to_events_are_taken_with_their_stamps_for_it() {
+        let msg = Message {
+            source: Source::Telemetry,
+            enqueued_ms: 1_800_000_000_123,
+            system: SystemProperties::default(),
+            app: vec![("own".into(), "1".into())],
+            body: b"x".to_vec(),
+        };
+        let routed = |endpoints: &[&str]| roost_model::Routed {
+            message: msg.clone(),
+            endpoints: endpoints.iter().map(|e| e.to_string()).collect(),
+            stamps: vec![
+                roost_model::Stamp {
+                    key: "site".into(),
+                    value: "north".into(),
+                    endpoints: 0b01,
+                },
+                roost_model::Stamp {
+                    key: "other".into(),
+                    value: "x".into(),
+                    endpoints: 0b10,
+                },
+            ],
+        };
+        let mut json = RecordsJson::new();
+        for (i, r) in [
+            routed(&["events", "alerts"]),
+            routed(&["alerts", "events"]),
+            routed(&["alerts"]),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let bytes = r
+                .archive_into(rkyv::util::AlignedVec::new())
+                .expect("archive");
+            let view = RecordView::Routed(roost_model::Routed::view(&bytes).expect("view"));
+            if json.wants(&view) {
+                json.push(0, i as u64, &view).expect("pushed");
+            }
+        }
+        let v: Value = serde_json::from_str(&json.finish("next", "3")).expect("valid JSON");
+        let records = v["records"].as_array().expect("records");
+        assert_eq!(
+            records.len(),
+            2,
+            "the record routed to alerts alone is not the built-in endpoint's"
+        );
+        assert_eq!(
+            records[0]["properties"],
+            serde_json::json!({"own": "1", "site": "north"})
+        );
+        assert_eq!(
+            records[1]["properties"],
+            serde_json::json!({"own": "1", "other": "x"})
+        );
+    }
+
+    #[test]
     fn a_timestamp_past_the_year_9999_is_refused_not_panicked_on() {
         let msg = Message {
             source: Source::Telemetry,
@@ -278,7 +346,11 @@ mod tests {
             .expect("archive");
         let mut json = RecordsJson::new();
         let err = json
-            .push(0, 0, Message::view(&bytes).expect("view"))
+            .push(
+                0,
+                0,
+                &RecordView::Bare(Message::view(&bytes).expect("view")),
+            )
             .expect_err("refused");
         assert!(err.contains("9999"), "{err}");
         assert_eq!(json.count(), 0);
@@ -314,8 +386,12 @@ mod tests {
             let bytes = m
                 .archive_into(rkyv::util::AlignedVec::new())
                 .expect("archive");
-            json.push(3, 10 + i as u64, Message::view(&bytes).expect("view"))
-                .expect("pushed");
+            json.push(
+                3,
+                10 + i as u64,
+                &RecordView::Bare(Message::view(&bytes).expect("view")),
+            )
+            .expect("pushed");
         }
         assert_eq!(json.count(), 2);
         let v: Value = serde_json::from_str(&json.finish("next", "12")).expect("valid JSON");

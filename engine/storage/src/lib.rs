@@ -18,9 +18,11 @@ pub mod fault;
 pub mod json;
 pub mod log;
 mod memory;
+pub mod record;
 pub mod replica;
 pub mod retention;
 
 pub use log::{LogError, LogStore, PartitionInfo};
 pub use memory::MemStore;
+pub use record::RecordView;
 pub use replica::{ReplicaStore, SessionStore, StoreError};

@@ -2,11 +2,11 @@
 //! stored as values of back-to-back records ([`crate::batch`]) keyed by the offset of their
 //! first record; consumer groups keep a next offset per partition.
 
-use roost_model::Message;
 use serde::Serialize;
 
 use crate::batch;
 use crate::json::RecordsJson;
+use crate::record::RecordView;
 
 /// Why the log could not be read or written.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -171,12 +171,12 @@ pub fn read_records(
             scanned += 1;
             // Records sit unaligned in the value; rkyv needs them aligned.
             aligned.clear();
-            aligned.extend_from_slice(record);
-            let pushed = Message::view(&aligned)
+            aligned.extend_from_slice(record.bytes);
+            let pushed = RecordView::open(record, &aligned)
                 .map_err(|e| e.to_string())
-                .and_then(|view| match out.wants(view) {
+                .and_then(|view| match out.wants(&view) {
                     true => out
-                        .push(partition, offset, view)
+                        .push(partition, offset, &view)
                         .map(|_| true)
                         .map_err(str::to_string),
                     false => Ok(false),
@@ -225,7 +225,7 @@ mod tests {
     fn commit(log: &MemStore, partition: usize, range: std::ops::Range<u64>) {
         let mut b = Vec::new();
         for n in range.clone() {
-            batch::push(&mut b, &record(n));
+            batch::push(&mut b, batch::plain(&record(n)));
         }
         log.write_batch(partition, range.start, &b, true)
             .expect("write");
@@ -300,7 +300,7 @@ mod tests {
         let log = MemStore::new(1);
         commit(&log, 0, 0..2);
         let mut b = Vec::new();
-        batch::push(&mut b, &record(7));
+        batch::push(&mut b, batch::plain(&record(7)));
         assert!(matches!(
             log.write_batch(0, 7, &b, true),
             Err(LogError::Gap {

@@ -6,10 +6,9 @@
 
 use std::time::Duration;
 
-use roost_model::Message;
-
 use crate::batch;
 use crate::log::{LogError, LogStore};
+use crate::record::RecordView;
 
 /// What a partition keeps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,9 +49,9 @@ fn newest_ms(partition: usize, first: u64, value: &[u8]) -> Result<u64, LogError
         .ok_or_else(|| corrupt("empty stored value".into()))?
         .map_err(|e| corrupt(e.to_string()))?;
     let mut aligned = rkyv::util::AlignedVec::<16>::new();
-    aligned.extend_from_slice(last);
-    let view = Message::view(&aligned).map_err(|e| corrupt(e.to_string()))?;
-    Ok(view.enqueued_ms.to_native())
+    aligned.extend_from_slice(last.bytes);
+    let view = RecordView::open(last, &aligned).map_err(|e| corrupt(e.to_string()))?;
+    Ok(view.message().enqueued_ms.to_native())
 }
 
 /// Applies `policy` to `partition` at Unix milliseconds `now_ms`.
@@ -138,7 +137,7 @@ mod tests {
             let bytes = m
                 .archive_into(rkyv::util::AlignedVec::new())
                 .expect("archive");
-            batch::push(&mut b, &bytes);
+            batch::push(&mut b, batch::plain(&bytes));
         }
         log.write_batch(0, first, &b, true).expect("write");
     }

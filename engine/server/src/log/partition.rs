@@ -107,7 +107,7 @@ impl Partition {
 
     /// Adds a record to the open batch; returns the batch id to wait on with [`Self::durable`].
     // hot path: one memcpy into the open batch, no syscall; the committer does the I/O.
-    pub fn append(&self, record: &[u8]) -> Result<u64, LogFailed> {
+    pub fn append(&self, record: batch::Record<'_>) -> Result<u64, LogFailed> {
         let mut st = self.state.borrow_mut();
         if let Some((until, e)) = &st.unavailable_until {
             if Instant::now() < *until {
@@ -380,7 +380,7 @@ mod tests {
                 let mut offset = store.next_offset(0).expect("next");
                 let appends = 50 + next(&mut rng) % 400;
                 for _ in 0..appends {
-                    let Ok(id) = part.append(&offset.to_le_bytes()) else {
+                    let Ok(id) = part.append(batch::plain(&offset.to_le_bytes())) else {
                         break;
                     };
                     let (part, acked) = (part.clone(), acked.clone());
@@ -420,7 +420,7 @@ mod tests {
                     let r = r.expect("record");
                     out.push((
                         first + i as u64,
-                        u64::from_le_bytes(r.try_into().expect("8 bytes")),
+                        u64::from_le_bytes(r.bytes.try_into().expect("8 bytes")),
                     ));
                 }
                 true
