@@ -162,6 +162,13 @@ pub fn apply(state: &EngineState, update: Update, origin: Origin) -> Result<(), 
             }
             state.quotas.set(quotas);
             state.routes.set(routes);
+            // `Applied` means every shard routes by it (each loads it on its next tick).
+            if !state.routes.wait_in_force(Duration::from_secs(10)) {
+                tracing::warn!(
+                    version = epoch.version,
+                    "not every shard has loaded the epoch's routing after 10 s"
+                );
+            }
             tracing::info!(version = epoch.version, hash = %epoch.hash, "config epoch in force");
             state.metrics.epoch_version.set(epoch.version as i64);
             state.metrics.epoch_info.reset();

@@ -9,7 +9,8 @@
 //! default table, the repository's `routes.lua` (everything to `events`).
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use roost_model::{Message, Routed};
 use roost_routing::table::PLUGIN_ERRORS;
@@ -61,10 +62,15 @@ impl RoutesSource {
     }
 }
 
-/// The routing in force, engine-wide: set by the link, read by the shards on their tick.
+/// The routing in force, engine-wide: set by the link, read by the shards on their tick; each
+/// shard reports the version it has loaded, so the link answers `Applied` only once every
+/// shard routes by the new epoch.
 pub struct RoutesCell {
     version: AtomicU64,
     current: Mutex<Arc<RoutesSource>>,
+    /// Per shard (by id), the cell version it has loaded (or given up on).
+    loaded: Mutex<Vec<u64>>,
+    changed: Condvar,
 }
 
 impl Default for RoutesCell {
@@ -72,6 +78,8 @@ impl Default for RoutesCell {
         RoutesCell {
             version: AtomicU64::new(0),
             current: Mutex::new(Arc::new(RoutesSource::default_routes())),
+            loaded: Mutex::new(Vec::new()),
+            changed: Condvar::new(),
         }
     }
 }
@@ -97,6 +105,38 @@ impl RoutesCell {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    /// Shard `shard` has loaded cell version `version` (or kept its routing after failing to).
+    pub fn loaded(&self, shard: usize, version: u64) {
+        let mut loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
+        if loaded.len() <= shard {
+            loaded.resize(shard + 1, 0);
+        }
+        loaded[shard] = version;
+        self.changed.notify_all();
+    }
+
+    /// Waits until every shard that runs has loaded the version in force, at most `timeout`;
+    /// whether they all have. True at once before any shard runs (start-up).
+    pub fn wait_in_force(&self, timeout: Duration) -> bool {
+        let want = self.version();
+        let deadline = Instant::now() + timeout;
+        let mut loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if loaded.iter().all(|v| *v >= want) {
+                return true;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            loaded = self
+                .changed
+                .wait_timeout(loaded, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
     }
 }
 
@@ -280,6 +320,29 @@ mod tests {
         assert_eq!(compact(0b0100, 0b0101), 0b10);
         assert_eq!(compact(0b0101, 0b0101), 0b11);
         assert_eq!(compact(0b1000, 0b0101), 0);
+    }
+
+    #[test]
+    fn the_routing_is_in_force_once_every_shard_has_loaded_it() {
+        let cell = RoutesCell::default();
+        assert!(cell.wait_in_force(Duration::ZERO), "no shard runs yet");
+        cell.loaded(0, cell.version());
+        cell.loaded(1, cell.version());
+        cell.set(RoutesSource {
+            version: 2,
+            routes: "return { fallback = false }".into(),
+            plugins: Vec::new(),
+        });
+        cell.loaded(0, cell.version());
+        assert!(
+            !cell.wait_in_force(Duration::from_millis(20)),
+            "shard 1 has not"
+        );
+        let cell = Arc::new(cell);
+        let shard = cell.clone();
+        let t = std::thread::spawn(move || shard.loaded(1, shard.version()));
+        assert!(cell.wait_in_force(Duration::from_secs(5)));
+        t.join().expect("thread");
     }
 
     #[test]

@@ -387,11 +387,19 @@ impl Shard {
         self.routing
             .borrow_mut()
             .flush(&self.shared.metrics.routing, &shard);
-        match load_routing(&self.shared, self.id) {
-            Ok(next) => *self.routing.borrow_mut() = next,
+        let version = match load_routing(&self.shared, self.id) {
+            Ok(next) => {
+                let v = next.cell_version;
+                *self.routing.borrow_mut() = next;
+                v
+            }
             // Not retried every tick: the next epoch changes the version again.
-            Err((version, _)) => self.routing.borrow_mut().cell_version = version,
-        }
+            Err((version, _)) => {
+                self.routing.borrow_mut().cell_version = version;
+                version
+            }
+        };
+        self.shared.routes.loaded(self.id, version);
     }
 
     /// Routes `message` and appends it once, with the endpoints it goes to, to the shard's
@@ -567,10 +575,13 @@ pub async fn run(
         shared.shards,
         Instant::now(),
     ));
-    let routing = RefCell::new(
-        load_routing(&shared, id)
-            .unwrap_or_else(|_| ShardRouting::default_routing(&shared.hub_name)),
-    );
+    let routing = load_routing(&shared, id).unwrap_or_else(|(version, _)| {
+        let mut r = ShardRouting::default_routing(&shared.hub_name);
+        r.cell_version = version;
+        r
+    });
+    shared.routes.loaded(id, routing.cell_version);
+    let routing = RefCell::new(routing);
     let shard = Rc::new(Shard {
         id,
         routing,
