@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use roost_model::link::{Epoch, EpochPayload};
-use roost_routing::{ConfigError, Limits, Routing, Settings, Sources};
+use roost_routing::{ConfigError, Routing};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
@@ -91,17 +91,7 @@ pub fn check(
     plugins: &[(String, String)],
     hub_name: &str,
 ) -> Result<Routing, ConfigError> {
-    Routing::load(
-        Sources {
-            routes_file: "routes.lua",
-            routes,
-            plugins,
-        },
-        Settings {
-            limits: Limits::default(),
-            hub_name: hub_name.to_string(),
-        },
-    )
+    Routing::load_with_defaults("routes.lua", routes, plugins, hub_name)
 }
 
 /// The routing stored at control, or the default (version 1, the engines' built-in routes).

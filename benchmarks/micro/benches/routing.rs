@@ -6,7 +6,7 @@ use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use roost_model::{Message, Routed, Source, SystemProperties};
-use roost_routing::{Limits, Routing, Settings, Sources};
+use roost_routing::Routing;
 
 fn message() -> Message {
     Message {
@@ -26,29 +26,22 @@ fn message() -> Message {
             ("alert".into(), "none".into()),
             ("n".into(), "1".into()),
         ],
-        body: br#"{"temperature": 21.5, "humidity": 40, "password": "x", "site": "north"}"#.to_vec(),
+        body: br#"{"temperature": 21.5, "humidity": 40, "password": "x", "site": "north"}"#
+            .to_vec(),
     }
 }
 
 const TAGS: &str = r#"{"building":"43","site":"north"}"#;
 
 fn load(routes: &str, plugins: &[(String, String)]) -> Routing {
-    Routing::load(
-        Sources {
-            routes_file: "routes.lua",
-            routes,
-            plugins,
-        },
-        Settings {
-            limits: Limits::default(),
-            hub_name: "bench".into(),
-        },
-    )
-    .unwrap_or_else(|e| panic!("{e}"))
+    Routing::load_with_defaults("routes.lua", routes, plugins, "bench")
+        .unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn shipped(name: &str) -> Vec<(String, String)> {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../plugins").join(name);
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../plugins")
+        .join(name);
     ["handler.lua", "schema.lua"]
         .iter()
         .map(|f| {
@@ -82,16 +75,25 @@ fn route(c: &mut Criterion) {
         ("default routes.lua", load(&default, &[])),
         (
             "one declarative condition",
-            load(r#"return { routes = { { name = "a", condition = "level = 'critical'", endpoints = { "events" } } } }"#, &[]),
+            load(
+                r#"return { routes = { { name = "a", condition = "level = 'critical'", endpoints = { "events" } } } }"#,
+                &[],
+            ),
         ),
         (
             "one $body condition",
-            load(r#"return { routes = { { name = "a", condition = "$body.temperature > 30", endpoints = { "events" } } } }"#, &[]),
+            load(
+                r#"return { routes = { { name = "a", condition = "$body.temperature > 30", endpoints = { "events" } } } }"#,
+                &[],
+            ),
         ),
         ("10 declarative routes", load(TEN, &[])),
         (
             "one Lua condition",
-            load(r#"return { routes = { { name = "a", condition = function(msg, device) return msg.props.level == "critical" end, endpoints = { "events" } } } }"#, &[]),
+            load(
+                r#"return { routes = { { name = "a", condition = function(msg, device) return msg.props.level == "critical" end, endpoints = { "events" } } } }"#,
+                &[],
+            ),
         ),
         ("three plugins", {
             let mut files = shipped("redact");
@@ -138,7 +140,9 @@ fn archive(c: &mut Criterion) {
     };
     g.bench_function("archive routed record", |b| {
         b.iter(|| {
-            buf = routed.archive_into(std::mem::take(&mut buf)).expect("archive");
+            buf = routed
+                .archive_into(std::mem::take(&mut buf))
+                .expect("archive");
             black_box(buf.len())
         })
     });

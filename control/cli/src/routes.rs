@@ -13,7 +13,7 @@ use clap::Subcommand;
 use hyper::Method;
 use roost_common::hubfile;
 use roost_common::service::ServiceClient;
-use roost_routing::{Limits, Routing, Settings, Sources, Verdict};
+use roost_routing::{Routing, Verdict};
 use serde_json::{json, Map, Value};
 
 #[derive(Subcommand)]
@@ -139,18 +139,7 @@ fn load(
         || "routes.lua".to_string(),
         |n| n.to_string_lossy().into_owned(),
     );
-    Routing::load(
-        Sources {
-            routes_file: &name,
-            routes: src,
-            plugins,
-        },
-        Settings {
-            limits: Limits::default(),
-            hub_name: hub_name.to_string(),
-        },
-    )
-    .map_err(|e| anyhow::anyhow!("{e}"))
+    Routing::load_with_defaults(&name, src, plugins, hub_name).map_err(|e| anyhow::anyhow!("{e}"))
 }
 
 /// What a loaded routing holds, for `check`.

@@ -426,22 +426,7 @@ pub fn read(file: &str, src: &str, root: Lua_) -> Result<RoutesConfig, ConfigErr
                 }
             };
             let endpoints = r.endpoint_names(&rt, line, &what, &index)?;
-            let enabled = match rt
-                .raw_get::<Lua_>("enabled")
-                .map_err(|e| r.err(Some(line), e.to_string()))?
-            {
-                Lua_::Nil => true,
-                Lua_::Boolean(b) => b,
-                other => {
-                    return Err(r.err(
-                        r.at.key("enabled", line),
-                        format!(
-                            "{what}: enabled is true or false, not a {}",
-                            other.type_name()
-                        ),
-                    ))
-                }
-            };
+            let enabled = r.enabled(&rt, line, &what)?;
             f.done()?;
             routes.push(Route {
                 name,
@@ -462,22 +447,7 @@ pub fn read(file: &str, src: &str, root: Lua_) -> Result<RoutesConfig, ConfigErr
         Lua_::Table(t) => {
             let line = r.at.key("fallback", 1).unwrap_or(1);
             let f = r.fields(&t, line, "fallback", &["endpoints", "enabled"])?;
-            let enabled = match t
-                .raw_get::<Lua_>("enabled")
-                .map_err(|e| r.err(Some(line), e.to_string()))?
-            {
-                Lua_::Nil => true,
-                Lua_::Boolean(b) => b,
-                other => {
-                    return Err(r.err(
-                        r.at.key("enabled", line),
-                        format!(
-                            "fallback: enabled is true or false, not a {}",
-                            other.type_name()
-                        ),
-                    ))
-                }
-            };
+            let enabled = r.enabled(&t, line, "fallback")?;
             let endpoints = match t
                 .raw_get::<Lua_>("endpoints")
                 .map_err(|e| r.err(Some(line), e.to_string()))?
@@ -632,6 +602,24 @@ impl<'a> Reader<'a> {
             unknown,
             what: format!("{what} (known: {})", known.join(", ")),
         })
+    }
+
+    /// The `enabled` flag of a route or the fallback (absent: true).
+    fn enabled(&self, t: &Table, line: u32, what: &str) -> Result<bool, ConfigError> {
+        match t
+            .raw_get::<Lua_>("enabled")
+            .map_err(|e| self.err(Some(line), e.to_string()))?
+        {
+            Lua_::Nil => Ok(true),
+            Lua_::Boolean(b) => Ok(b),
+            other => Err(self.err(
+                self.at.key("enabled", line),
+                format!(
+                    "{what}: enabled is true or false, not a {}",
+                    other.type_name()
+                ),
+            )),
+        }
     }
 
     fn table_opt(&self, t: &Table, key: &str, line: u32) -> Result<Option<Table>, ConfigError> {

@@ -21,7 +21,7 @@ use crate::condition::body_json;
 use crate::config::ConfigError;
 use crate::convert;
 use crate::sandbox::{Limits, Vm};
-use crate::table::{Routing, Settings, Sources, Verdict};
+use crate::table::{Routing, Verdict};
 
 /// One case's result.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -104,18 +104,8 @@ fn run_case(plugin: &str, sources: &[(String, String)], case: &Value) -> Result<
                 .into()
         )),
     );
-    let mut routing = Routing::load(
-        Sources {
-            routes_file: "spec-routes.lua",
-            routes: &routes,
-            plugins: sources,
-        },
-        Settings {
-            limits: Limits::default(),
-            hub_name: "spec-hub".into(),
-        },
-    )
-    .map_err(|e| format!("load: {e}"))?;
+    let mut routing = Routing::load_with_defaults("spec-routes.lua", &routes, sources, "spec-hub")
+        .map_err(|e| format!("load: {e}"))?;
     let mut msg = message(case.get("message").unwrap_or(&Value::Null))?;
     let tags = case.get("tags").map(Value::to_string).unwrap_or_default();
     let outcome = routing.route(&mut msg, &tags);

@@ -212,6 +212,27 @@ impl Routing {
         })
     }
 
+    /// [`Routing::load`] of `routes` (named `file` in errors) and `plugins` with the default
+    /// limits: how the engine, control and the command line load an epoch.
+    pub fn load_with_defaults(
+        file: &str,
+        routes: &str,
+        plugins: &[(String, String)],
+        hub_name: &str,
+    ) -> Result<Routing, ConfigError> {
+        Routing::load(
+            Sources {
+                routes_file: file,
+                routes,
+                plugins,
+            },
+            Settings {
+                limits: Limits::default(),
+                hub_name: hub_name.to_string(),
+            },
+        )
+    }
+
     pub fn config(&self) -> &RoutesConfig {
         &self.config
     }

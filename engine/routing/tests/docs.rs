@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use roost_routing::{Limits, Routing, Settings, Sources, Verdict};
+use roost_routing::{Routing, Verdict};
 
 fn tested_blocks() -> Vec<String> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
@@ -43,18 +43,8 @@ fn shipped_plugins() -> Vec<(String, String)> {
 }
 
 fn load(routes: &str, plugins: &[(String, String)]) -> Routing {
-    Routing::load(
-        Sources {
-            routes_file: "routes.lua",
-            routes,
-            plugins,
-        },
-        Settings {
-            limits: Limits::default(),
-            hub_name: "docs".into(),
-        },
-    )
-    .unwrap_or_else(|e| panic!("{e}\n{routes}"))
+    Routing::load_with_defaults("routes.lua", routes, plugins, "docs")
+        .unwrap_or_else(|e| panic!("{e}\n{routes}"))
 }
 
 #[test]

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use roost_model::{Message, Routed};
 use roost_routing::table::PLUGIN_ERRORS;
-use roost_routing::{ConfigError, Limits, Outcome, Routing, Settings, Sources, Stats};
+use roost_routing::{ConfigError, Outcome, Routing, Stats};
 
 use crate::metrics::RoutingMetrics;
 
@@ -48,17 +48,7 @@ impl RoutesSource {
         } else {
             &self.routes
         };
-        Routing::load(
-            Sources {
-                routes_file: "routes.lua",
-                routes,
-                plugins: &self.plugins,
-            },
-            Settings {
-                limits: Limits::default(),
-                hub_name: hub_name.to_string(),
-            },
-        )
+        Routing::load_with_defaults("routes.lua", routes, &self.plugins, hub_name)
     }
 }
 
