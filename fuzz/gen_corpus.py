@@ -139,6 +139,25 @@ def text_corpora():
         ],
         "property_bag": bags + ["%24.mid=%E0%A4%A&a", "a=1&a=2&=&&b", "%24.to=%2Fdevices%2Fd", "x=" + "%41" * 500],
         "query_string": ["from=0&max=100", "from=earliest", "api-version=2021-04-12&top=10", "max=%FF%FE", "a&&=&b=%"],
+        "route_condition": [
+            "$body.temperature > 30 AND $twin.tags.site = 'north'\n{\"temperature\": 35}",
+            "level = 'critical' OR $connectionDeviceId = 'd1'",
+            "$body.a[1] = 2 AND IS_DEFINED($body.b.c)\n{\"a\": [1, 2], \"b\": {\"c\": null}}",
+            "$dt-dataschema = 'x' OR STARTS_WITH($messageId, 'm')",
+            "AS_NUMBER(n) * 2 >= 14 AND level IN ['warning', 'critical']\nnot json",
+            "$body > 1", "$twin.properties.reported.x = 1", "((((((((((a))))))))))", "$body.",
+        ],
+        "routes_lua": [
+            open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "routes.lua")).read(),
+            'return { endpoints = { alerts = { kind = "webhook", url = "http://127.0.0.1:9/a" } },\n'
+            '  plugins = { { use = "p", config = { n = 2 } } },\n'
+            '  routes = { { name = "hot", condition = "$body.temperature > 30", endpoints = { "alerts" } },\n'
+            '    { name = "lua", condition = function(msg, device) return msg.props.level == "critical" end, endpoints = { "events" } } },\n'
+            '  fallback = false,\n'
+            '  enrichments = { { key = "site", value = "$twin.tags.site", endpoints = { "alerts" } } } }',
+            "while true do end", "return { routes = { { name = 'a' } } }", "local t = {} t.t = t return t",
+            "return { colour = 1 }", "return string.rep('x', 1 << 30)",
+        ],
         "hub_json": ['{"hostname":"h","ports":{"mqtt":8883},"ops_url":"http://127.0.0.1:9464"}', "[]", "{", '{"ports":{"mqtt":-1}}'],
     }
 
