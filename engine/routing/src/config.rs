@@ -285,157 +285,137 @@ pub fn read(file: &str, src: &str, root: Lua_) -> Result<RoutesConfig, ConfigErr
     let index = |name: &str| endpoints.iter().position(|e| e.name == name);
 
     let mut plugins = Vec::new();
-    if let Some(t) = r.table_opt(&root, "plugins", 1)? {
-        let from = r.at.key("plugins", 1).unwrap_or(1);
-        for (i, v) in r.sequence(&t, "plugins", from)?.into_iter().enumerate() {
-            let Lua_::Table(p) = v else {
-                return Err(r.err(Some(from), format!("plugins[{}] must be a table", i + 1)));
-            };
-            let name = r.string(&p, "use", from)?;
-            let line = r.at.string(&name, from).unwrap_or(from);
-            let f = r.fields(
-                &p,
-                line,
-                &format!("plugin {name:?}"),
-                &["use", "config", "on_error", "sources"],
-            )?;
-            let config = match p
-                .raw_get::<Lua_>("config")
-                .map_err(|e| r.err(Some(line), e.to_string()))?
-            {
-                Lua_::Nil => Value::Object(Default::default()),
-                v => convert::to_json(&v).map_err(|e| {
-                    r.err(
-                        r.at.key("config", line),
-                        format!("plugin {name:?} config: {e}"),
-                    )
-                })?,
-            };
-            let on_error = match r.string_opt(&p, "on_error", line)?.as_deref() {
-                None | Some("skip") => OnError::Skip,
-                Some("drop") => OnError::Drop,
-                Some("reject") => OnError::Reject,
-                Some(other) => {
-                    return Err(r.err(
-                        r.at.key("on_error", line),
-                        format!("on_error is \"skip\", \"drop\" or \"reject\", not {other:?}"),
-                    ))
+    let (from, list) = r.tables(&root, "plugins", usize::MAX)?;
+    for p in list {
+        let name = r.string(&p, "use", from)?;
+        let line = r.at.string(&name, from).unwrap_or(from);
+        let f = r.fields(
+            &p,
+            line,
+            &format!("plugin {name:?}"),
+            &["use", "config", "on_error", "sources"],
+        )?;
+        let config = match r.get(&p, "config", line)? {
+            Lua_::Nil => Value::Object(Default::default()),
+            v => convert::to_json(&v).map_err(|e| {
+                r.err(
+                    r.at.key("config", line),
+                    format!("plugin {name:?} config: {e}"),
+                )
+            })?,
+        };
+        let on_error = match r.string_opt(&p, "on_error", line)?.as_deref() {
+            None | Some("skip") => OnError::Skip,
+            Some("drop") => OnError::Drop,
+            Some("reject") => OnError::Reject,
+            Some(other) => {
+                return Err(r.err(
+                    r.at.key("on_error", line),
+                    format!("on_error is \"skip\", \"drop\" or \"reject\", not {other:?}"),
+                ))
+            }
+        };
+        let sources = match r.get(&p, "sources", line)? {
+            Lua_::Nil => vec![RouteSource::Telemetry],
+            Lua_::Table(s) => {
+                let mut out = Vec::new();
+                for v in r.sequence(&s, "sources", line)? {
+                    out.push(r.source(&v, line)?);
                 }
-            };
-            let sources = match p
-                .raw_get::<Lua_>("sources")
-                .map_err(|e| r.err(Some(line), e.to_string()))?
-            {
-                Lua_::Nil => vec![RouteSource::Telemetry],
-                Lua_::Table(s) => {
-                    let mut out = Vec::new();
-                    for v in r.sequence(&s, "sources", line)? {
-                        out.push(r.source(&v, line)?);
-                    }
-                    out
-                }
-                other => {
-                    return Err(r.err(
-                        r.at.key("sources", line),
-                        format!("sources must be a list, not a {}", other.type_name()),
-                    ))
-                }
-            };
-            f.done()?;
-            plugins.push(PluginUse {
-                name,
-                config,
-                on_error,
-                sources,
-            });
-        }
+                out
+            }
+            other => {
+                return Err(r.err(
+                    r.at.key("sources", line),
+                    format!("sources must be a list, not a {}", other.type_name()),
+                ))
+            }
+        };
+        f.done()?;
+        plugins.push(PluginUse {
+            name,
+            config,
+            on_error,
+            sources,
+        });
     }
 
     let mut routes: Vec<Route> = Vec::new();
-    if let Some(t) = r.table_opt(&root, "routes", 1)? {
-        let from = r.at.key("routes", 1).unwrap_or(1);
-        let list = r.sequence(&t, "routes", from)?;
-        if list.len() > MAX_ROUTES {
-            return Err(r.err(Some(from), format!("at most {MAX_ROUTES} routes")));
+    let (from, list) = r.tables(&root, "routes", MAX_ROUTES)?;
+    let mut anchor = from;
+    for rt in list {
+        let name = r.string(&rt, "name", anchor)?;
+        let line = r.at.string(&name, anchor).unwrap_or(anchor);
+        anchor = line;
+        let what = format!("route {name:?}");
+        if routes.iter().any(|x| x.name == name) {
+            return Err(r.err(Some(line), format!("two routes are named {name:?}")));
         }
-        let mut anchor = from;
-        for (i, v) in list.into_iter().enumerate() {
-            let Lua_::Table(rt) = v else {
-                return Err(r.err(Some(anchor), format!("routes[{}] must be a table", i + 1)));
-            };
-            let name = r.string(&rt, "name", anchor)?;
-            let line = r.at.string(&name, anchor).unwrap_or(anchor);
-            anchor = line;
-            let what = format!("route {name:?}");
-            if routes.iter().any(|x| x.name == name) {
-                return Err(r.err(Some(line), format!("two routes are named {name:?}")));
-            }
-            if !valid_name(&name) {
-                return Err(r.err(
-                    Some(line),
-                    format!("route name {name:?}: letters, digits, '-' and '_', at most 64"),
-                ));
-            }
-            let f = r.fields(
-                &rt,
-                line,
-                &what,
-                &["name", "source", "condition", "endpoints", "enabled"],
-            )?;
-            let source = match rt
-                .raw_get::<Lua_>("source")
-                .map_err(|e| r.err(Some(line), e.to_string()))?
-            {
-                Lua_::Nil => RouteSource::Telemetry,
-                v => r.source(&v, line)?,
-            };
-            let when = match rt
-                .raw_get::<Lua_>("condition")
-                .map_err(|e| r.err(Some(line), e.to_string()))?
-            {
-                Lua_::Nil | Lua_::Boolean(true) => When::Always,
-                Lua_::Boolean(false) => When::Never,
-                Lua_::String(s) => {
-                    let text = s.to_string_lossy();
-                    match text.trim() {
-                        t if t.eq_ignore_ascii_case("true") => When::Always,
-                        t if t.eq_ignore_ascii_case("false") => When::Never,
-                        _ => When::Query(Condition::compile(&text).map_err(|e| {
-                            r.err(
-                                r.at.key("condition", line).or(Some(line)),
-                                format!("{what}: {e}"),
-                            )
-                        })?),
-                    }
+        if !valid_name(&name) {
+            return Err(r.err(
+                Some(line),
+                format!("route name {name:?}: letters, digits, '-' and '_', at most 64"),
+            ));
+        }
+        let f = r.fields(
+            &rt,
+            line,
+            &what,
+            &["name", "source", "condition", "endpoints", "enabled"],
+        )?;
+        let source = match r.get(&rt, "source", line)? {
+            Lua_::Nil => RouteSource::Telemetry,
+            v => r.source(&v, line)?,
+        };
+        let when = match r.get(&rt, "condition", line)? {
+            Lua_::Nil | Lua_::Boolean(true) => When::Always,
+            Lua_::Boolean(false) => When::Never,
+            Lua_::String(s) => {
+                let text = s.to_string_lossy();
+                match text.trim() {
+                    t if t.eq_ignore_ascii_case("true") => When::Always,
+                    t if t.eq_ignore_ascii_case("false") => When::Never,
+                    _ => When::Query(Condition::compile(&text).map_err(|e| {
+                        r.err(
+                            r.at.key("condition", line).or(Some(line)),
+                            format!("{what}: {e}"),
+                        )
+                    })?),
                 }
-                Lua_::Function(f) => {
-                    let info = f.info();
-                    if info.num_params != 2 && !info.is_vararg {
-                        return Err(r.err(info.line_defined.map(|l| l as u32).or(Some(line)), format!("{what}: a condition function takes (msg, device), not {} parameters", info.num_params)));
-                    }
-                    When::Lua(f)
-                }
-                other => {
+            }
+            Lua_::Function(f) => {
+                let info = f.info();
+                if info.num_params != 2 && !info.is_vararg {
                     return Err(r.err(
-                        r.at.key("condition", line),
+                        info.line_defined.map(|l| l as u32).or(Some(line)),
                         format!(
-                            "{what}: a condition is a string, true or a function, not a {}",
-                            other.type_name()
+                            "{what}: a condition function takes (msg, device), not {} parameters",
+                            info.num_params
                         ),
-                    ))
+                    ));
                 }
-            };
-            let endpoints = r.endpoint_names(&rt, line, &what, &index)?;
-            let enabled = r.enabled(&rt, line, &what)?;
-            f.done()?;
-            routes.push(Route {
-                name,
-                source,
-                when,
-                endpoints,
-                enabled,
-            });
-        }
+                When::Lua(f)
+            }
+            other => {
+                return Err(r.err(
+                    r.at.key("condition", line),
+                    format!(
+                        "{what}: a condition is a string, true or a function, not a {}",
+                        other.type_name()
+                    ),
+                ))
+            }
+        };
+        let endpoints = r.endpoint_names(&rt, line, &what, &index)?;
+        let enabled = r.enabled(&rt, line, &what)?;
+        f.done()?;
+        routes.push(Route {
+            name,
+            source,
+            when,
+            endpoints,
+            enabled,
+        });
     }
 
     let fallback = match root
@@ -448,10 +428,7 @@ pub fn read(file: &str, src: &str, root: Lua_) -> Result<RoutesConfig, ConfigErr
             let line = r.at.key("fallback", 1).unwrap_or(1);
             let f = r.fields(&t, line, "fallback", &["endpoints", "enabled"])?;
             let enabled = r.enabled(&t, line, "fallback")?;
-            let endpoints = match t
-                .raw_get::<Lua_>("endpoints")
-                .map_err(|e| r.err(Some(line), e.to_string()))?
-            {
+            let endpoints = match r.get(&t, "endpoints", line)? {
                 Lua_::Nil => vec![0],
                 _ => r.endpoint_names(&t, line, "fallback", &index)?,
             };
@@ -467,36 +444,24 @@ pub fn read(file: &str, src: &str, root: Lua_) -> Result<RoutesConfig, ConfigErr
     };
 
     let mut enrichments = Vec::new();
-    if let Some(t) = r.table_opt(&root, "enrichments", 1)? {
-        let from = r.at.key("enrichments", 1).unwrap_or(1);
-        let list = r.sequence(&t, "enrichments", from)?;
-        if list.len() > MAX_ENRICHMENTS {
-            return Err(r.err(Some(from), format!("at most {MAX_ENRICHMENTS} enrichments")));
-        }
-        let mut anchor = from;
-        for (i, v) in list.into_iter().enumerate() {
-            let Lua_::Table(e) = v else {
-                return Err(r.err(
-                    Some(anchor),
-                    format!("enrichments[{}] must be a table", i + 1),
-                ));
-            };
-            let key = r.string(&e, "key", anchor)?;
-            let line = r.at.string(&key, anchor).unwrap_or(anchor);
-            anchor = line;
-            let what = format!("enrichment {key:?}");
-            let f = r.fields(&e, line, &what, &["key", "value", "endpoints"])?;
-            let text = r.string(&e, "value", line)?;
-            let value = enrich_value(&text)
-                .map_err(|m| r.err(r.at.key("value", line), format!("{what}: {m}")))?;
-            let endpoints = r.endpoint_names(&e, line, &what, &index)?;
-            f.done()?;
-            enrichments.push(Enrichment {
-                key,
-                value,
-                endpoints,
-            });
-        }
+    let (from, list) = r.tables(&root, "enrichments", MAX_ENRICHMENTS)?;
+    let mut anchor = from;
+    for e in list {
+        let key = r.string(&e, "key", anchor)?;
+        let line = r.at.string(&key, anchor).unwrap_or(anchor);
+        anchor = line;
+        let what = format!("enrichment {key:?}");
+        let f = r.fields(&e, line, &what, &["key", "value", "endpoints"])?;
+        let text = r.string(&e, "value", line)?;
+        let value = enrich_value(&text)
+            .map_err(|m| r.err(r.at.key("value", line), format!("{what}: {m}")))?;
+        let endpoints = r.endpoint_names(&e, line, &what, &index)?;
+        f.done()?;
+        enrichments.push(Enrichment {
+            key,
+            value,
+            endpoints,
+        });
     }
     top.done()?;
     Ok(RoutesConfig {
@@ -606,10 +571,7 @@ impl<'a> Reader<'a> {
 
     /// The `enabled` flag of a route or the fallback (absent: true).
     fn enabled(&self, t: &Table, line: u32, what: &str) -> Result<bool, ConfigError> {
-        match t
-            .raw_get::<Lua_>("enabled")
-            .map_err(|e| self.err(Some(line), e.to_string()))?
-        {
+        match self.get(&t, "enabled", line)? {
             Lua_::Nil => Ok(true),
             Lua_::Boolean(b) => Ok(b),
             other => Err(self.err(
@@ -622,11 +584,40 @@ impl<'a> Reader<'a> {
         }
     }
 
+    /// `t[key]`, a Lua error placed at `line`.
+    fn get(&self, t: &Table, key: &str, line: u32) -> Result<Lua_, ConfigError> {
+        t.raw_get::<Lua_>(key)
+            .map_err(|e| self.err(Some(line), e.to_string()))
+    }
+
+    /// The top-level list `key` of tables (absent: empty), at most `max` of them, and the line
+    /// it starts on.
+    fn tables(
+        &self,
+        root: &Table,
+        key: &str,
+        max: usize,
+    ) -> Result<(u32, Vec<Table>), ConfigError> {
+        let from = self.at.key(key, 1).unwrap_or(1);
+        let Some(t) = self.table_opt(root, key, 1)? else {
+            return Ok((from, Vec::new()));
+        };
+        let list = self.sequence(&t, key, from)?;
+        if list.len() > max {
+            return Err(self.err(Some(from), format!("at most {max} {key}")));
+        }
+        list.into_iter()
+            .enumerate()
+            .map(|(i, v)| match v {
+                Lua_::Table(t) => Ok(t),
+                _ => Err(self.err(Some(from), format!("{key}[{}] must be a table", i + 1))),
+            })
+            .collect::<Result<_, _>>()
+            .map(|l| (from, l))
+    }
+
     fn table_opt(&self, t: &Table, key: &str, line: u32) -> Result<Option<Table>, ConfigError> {
-        match t
-            .raw_get::<Lua_>(key)
-            .map_err(|e| self.err(Some(line), e.to_string()))?
-        {
+        match self.get(&t, key, line)? {
             Lua_::Nil => Ok(None),
             Lua_::Table(t) => Ok(Some(t)),
             other => Err(self.err(
@@ -666,10 +657,7 @@ impl<'a> Reader<'a> {
     }
 
     fn string_opt(&self, t: &Table, key: &str, line: u32) -> Result<Option<String>, ConfigError> {
-        match t
-            .raw_get::<Lua_>(key)
-            .map_err(|e| self.err(Some(line), e.to_string()))?
-        {
+        match self.get(&t, key, line)? {
             Lua_::Nil => Ok(None),
             Lua_::String(s) => Ok(Some(s.to_string_lossy())),
             other => Err(self.err(
@@ -692,10 +680,7 @@ impl<'a> Reader<'a> {
         default: u64,
         max: u64,
     ) -> Result<u64, ConfigError> {
-        match t
-            .raw_get::<Lua_>(key)
-            .map_err(|e| self.err(Some(line), e.to_string()))?
-        {
+        match self.get(&t, key, line)? {
             Lua_::Nil => Ok(default),
             Lua_::Integer(i) if i >= 1 && (i as u64) <= max => Ok(i as u64),
             other => Err(self.err(
@@ -734,10 +719,7 @@ impl<'a> Reader<'a> {
         what: &str,
         index: &dyn Fn(&str) -> Option<usize>,
     ) -> Result<Vec<usize>, ConfigError> {
-        let list = match t
-            .raw_get::<Lua_>("endpoints")
-            .map_err(|e| self.err(Some(line), e.to_string()))?
-        {
+        let list = match self.get(&t, "endpoints", line)? {
             Lua_::Table(l) => self.sequence(&l, "endpoints", line)?,
             Lua_::Nil => return Err(self.err(Some(line), format!("{what}: endpoints is missing"))),
             other => {
@@ -829,10 +811,7 @@ impl<'a> Reader<'a> {
                 &["kind", "url", "subject"],
             ),
             "mqtt" => {
-                let qos = match t
-                    .raw_get::<Lua_>("qos")
-                    .map_err(|e| self.err(Some(line), e.to_string()))?
-                {
+                let qos = match self.get(&t, "qos", line)? {
                     Lua_::Nil => 1,
                     Lua_::Integer(q @ 0..=1) => q as u8,
                     other => {

@@ -376,6 +376,8 @@ impl Routing {
             }
         }
         let mut stamps = Vec::new();
+        // The tags are parsed once for every `$twin.tags` enrichment of the message.
+        let parsed: OnceCell<Option<Value>> = OnceCell::new();
         for en in &self.config.enrichments {
             let endpoints = en.endpoints.iter().fold(0u64, |m, &e| m | 1 << e) & mask;
             if endpoints == 0 {
@@ -384,7 +386,12 @@ impl Routing {
             let value = match &en.value {
                 EnrichValue::Literal(s) => s.clone(),
                 EnrichValue::HubName => self.hub_name.clone(),
-                EnrichValue::TwinTag(path) => twin_tag(tags, path),
+                EnrichValue::TwinTag(path) => twin_tag(
+                    parsed
+                        .get_or_init(|| serde_json::from_str(tags).ok())
+                        .as_ref(),
+                    path,
+                ),
             };
             stamps.push(Stamp {
                 endpoints,
@@ -463,11 +470,10 @@ impl Routing {
 
 /// The value of `$twin.tags.a.b` for an enrichment: a string as it is, another value as JSON,
 /// and, as IoT Hub does, the placeholder's own text when the twin has no such tag.
-fn twin_tag(tags: &str, path: &[String]) -> String {
-    let v: Option<Value> = serde_json::from_str(tags).ok();
+fn twin_tag(tags: Option<&Value>, path: &[String]) -> String {
     let found = path
         .iter()
-        .try_fold(v.as_ref(), |v, k| Some(v?.get(k.as_str())))
+        .try_fold(tags, |v, k| Some(v?.get(k.as_str())))
         .flatten();
     match found {
         Some(Value::String(s)) => s.clone(),

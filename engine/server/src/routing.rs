@@ -134,7 +134,6 @@ impl RoutesCell {
 pub struct ShardRouting {
     /// The [`RoutesCell`] version this was loaded from.
     pub cell_version: u64,
-    pub epoch: u64,
     pub routing: Routing,
     /// Whether routing reads the sender's twin tags (a `$twin` condition or enrichment, or
     /// any Lua): only then is the registry consulted per message.
@@ -155,7 +154,6 @@ impl ShardRouting {
         let routing = source.load(hub_name)?;
         Ok(ShardRouting {
             cell_version,
-            epoch: source.version,
             needs_tags: routing.reads_tags(),
             flushed: routing.stats().clone(),
             routing,

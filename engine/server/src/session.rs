@@ -166,15 +166,7 @@ impl<A> DeviceSession<A> {
             return Err(DisconnectReason::PublishBeforeConnect);
         };
         let enqueued_ms = message.enqueued_ms;
-        let module_key;
-        let client_id = match &identity.module_id {
-            None => identity.device_id.as_str(),
-            Some(_) => {
-                module_key = identity.client_id();
-                module_key.as_str()
-            }
-        };
-        let stored = self.shard.store(message, client_id).map_err(|e| match e {
+        let stored = self.shard.store(message).map_err(|e| match e {
             StoreError::Archive => DisconnectReason::ArchiveFailed,
             StoreError::Log => DisconnectReason::LogWriteFailed,
         })?;

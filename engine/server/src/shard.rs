@@ -310,11 +310,7 @@ impl Shard {
                 .report(EngineFrame::EventAppended { id, appended })
         };
         let source = message.source.as_str();
-        let key = match &message.system.connection_module_id {
-            Some(m) => format!("{}/{m}", message.system.connection_device_id),
-            None => message.system.connection_device_id.clone(),
-        };
-        let batch = match self.store(message, &key) {
+        let batch = match self.store(message) {
             Ok(Stored::Appended(batch)) => batch,
             // Routed nowhere: nothing to wait for; control may forget it.
             Ok(Stored::Nowhere) => return report(true),
@@ -403,16 +399,21 @@ impl Shard {
     }
 
     /// Routes `message` and appends it once, with the endpoints it goes to, to the shard's
-    /// partition. `client_id` names the sender in the registry (`device` or `device/module`),
-    /// whose twin tags the routing may read.
+    /// partition. The routing may read the sender's twin tags: the registry entry of the
+    /// message's device (`device/module` for a module).
     // hot path: no registry read unless the routing reads tags; archive into the shard's
     // scratch buffer, one memcpy into the open batch.
-    pub fn store(&self, message: Message, client_id: &str) -> Result<Stored, StoreError> {
+    pub fn store(&self, message: Message) -> Result<Stored, StoreError> {
         let mut routing = self.routing.borrow_mut();
         let registry;
         let tags = if routing.needs_tags {
             registry = self.shared.registry.load();
-            registry.device(client_id).map_or("", |d| d.tags.as_str())
+            let s = &message.system;
+            let entry = match &s.connection_module_id {
+                None => registry.device(&s.connection_device_id),
+                Some(m) => registry.device(&format!("{}/{m}", s.connection_device_id)),
+            };
+            entry.map_or("", |d| d.tags.as_str())
         } else {
             ""
         };
