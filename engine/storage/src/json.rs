@@ -73,16 +73,16 @@ impl RecordsJson {
         offset: u64,
         r: &RecordView<'_>,
     ) -> Result<(), &'static str> {
-        let m = r.message();
-        let enqueued = roost_iothub::time::try_iso_ms(m.enqueued_ms.to_native())
-            .ok_or("enqueued time past the year 9999")?;
+        let mark = self.buf.len();
         if self.count > 0 {
             self.buf.push(',');
         }
-        self.count += 1;
-        let stamps = r.endpoint(BUILTIN).into_iter().flat_map(|i| r.stamps(i));
-        write_record(&mut self.buf, partition, offset, m, stamps, &enqueued);
-        Ok(())
+        let written = record_json(&mut self.buf, partition, offset, r, r.endpoint(BUILTIN));
+        match written {
+            Ok(()) => self.count += 1,
+            Err(_) => self.buf.truncate(mark),
+        }
+        written
     }
 
     /// Closes the array and appends `,"key":<raw JSON value>` and the closing brace.
@@ -102,8 +102,26 @@ impl Default for RecordsJson {
     }
 }
 
-/// One record; `stamps` are the enrichments for the built-in endpoint, written after the
-/// message's own application properties (IoT Hub adds them on egress).
+/// Appends one record object as the consumer API and the webhook and file endpoints show it:
+/// the message with the enrichments of the record's endpoint `endpoint` (an index from
+/// [`RecordView::endpoint`]; `None`: none), written after the message's own application
+/// properties (IoT Hub adds them on egress). A record whose fields cannot be written (an
+/// enqueued time past the year 9999) is refused with what is wrong, and nothing is written.
+pub fn record_json(
+    out: &mut String,
+    partition: usize,
+    offset: u64,
+    r: &RecordView<'_>,
+    endpoint: Option<usize>,
+) -> Result<(), &'static str> {
+    let m = r.message();
+    let enqueued = roost_iothub::time::try_iso_ms(m.enqueued_ms.to_native())
+        .ok_or("enqueued time past the year 9999")?;
+    let stamps = endpoint.into_iter().flat_map(|i| r.stamps(i));
+    write_record(out, partition, offset, m, stamps, &enqueued);
+    Ok(())
+}
+
 fn write_record<'s>(
     out: &mut String,
     partition: usize,

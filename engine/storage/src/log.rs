@@ -129,20 +129,20 @@ pub fn decode_offset_key(key: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(key.try_into().ok()?))
 }
 
-/// Appends up to `max` records of `partition` from offset `from` to `out`, fewer once `out` is
-/// [`full`](RecordsJson::full); returns the offset to read next.
-/// The most records one read looks at when it filters (by source): a read that finds few
-/// matches still returns, with `next` past what it looked at.
+/// The most records one read looks at when it filters (by source or endpoint): a read that
+/// finds few matches still returns, with `next` past what it looked at.
 pub const MAX_SCANNED: usize = 100_000;
 
-pub fn read_records(
+/// Calls `visit(offset, record)` for the records of `partition` from offset `from` on, in
+/// order, until it returns false, at most [`MAX_SCANNED`] of them; returns the offset to read
+/// next: past the last record `visit` accepted (returned true for). A record that cannot be
+/// read is a [`LogError::Corrupt`].
+pub fn visit_records(
     log: &dyn LogStore,
     partition: usize,
     from: u64,
-    max: usize,
-    out: &mut RecordsJson,
+    visit: &mut dyn FnMut(u64, &RecordView<'_>) -> Result<bool, String>,
 ) -> Result<u64, LogError> {
-    let mut taken = 0;
     let mut scanned = 0;
     let mut next = from;
     let mut failed = None;
@@ -165,38 +165,53 @@ pub fn read_records(
             if offset < from {
                 continue;
             }
-            if taken >= max || out.full() || scanned >= MAX_SCANNED {
+            if scanned >= MAX_SCANNED {
                 return false;
             }
             scanned += 1;
             // Records sit unaligned in the value; rkyv needs them aligned.
             aligned.clear();
             aligned.extend_from_slice(record.bytes);
-            let pushed = RecordView::open(record, &aligned)
+            let visited = RecordView::open(record, &aligned)
                 .map_err(|e| e.to_string())
-                .and_then(|view| match out.wants(&view) {
-                    true => out
-                        .push(partition, offset, &view)
-                        .map(|_| true)
-                        .map_err(str::to_string),
-                    false => Ok(false),
-                });
-            match pushed {
+                .and_then(|view| visit(offset, &view));
+            match visited {
                 Err(detail) => {
                     failed = Some(corrupt(detail));
                     return false;
                 }
-                Ok(true) => taken += 1,
-                Ok(false) => {}
+                Ok(false) => return false,
+                Ok(true) => next = offset + 1,
             }
-            next = offset + 1;
         }
-        taken < max
+        true
     })?;
     match failed {
         Some(e) => Err(e),
         None => Ok(next),
     }
+}
+
+/// Appends up to `max` records of `partition` from offset `from` to `out`, fewer once `out` is
+/// [`full`](RecordsJson::full); returns the offset to read next.
+pub fn read_records(
+    log: &dyn LogStore,
+    partition: usize,
+    from: u64,
+    max: usize,
+    out: &mut RecordsJson,
+) -> Result<u64, LogError> {
+    let mut taken = 0;
+    visit_records(log, partition, from, &mut |offset, view| {
+        if taken >= max || out.full() {
+            return Ok(false);
+        }
+        if out.wants(view) {
+            out.push(partition, offset, view)?;
+            taken += 1;
+        }
+        Ok(true)
+    })
 }
 
 #[cfg(test)]
