@@ -173,3 +173,25 @@ pub fn ca_client_config(paths: &CertPaths) -> Result<Arc<ClientConfig>, TlsError
         .with_no_client_auth();
     Ok(Arc::new(cfg))
 }
+
+/// Where Debian, Ubuntu and Alpine keep the system's trusted roots (one PEM bundle).
+pub const SYSTEM_ROOTS: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+/// A client config for outbound HTTPS to others' servers (webhook endpoints): the system's
+/// roots when the bundle is there, plus the hub's CA (so a webhook served with a certificate
+/// the hub issued is trusted too). A root the bundle holds that rustls cannot read is skipped.
+pub fn outbound_client_config(paths: &CertPaths) -> Result<Arc<ClientConfig>, TlsError> {
+    let mut roots = roots(&paths.ca())?;
+    let system = Path::new(SYSTEM_ROOTS);
+    if system.exists() {
+        for c in load_certs(system)? {
+            let _ = roots.add(c);
+        }
+    }
+    let cfg = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(cfg))
+}

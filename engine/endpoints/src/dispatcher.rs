@@ -113,7 +113,7 @@ impl Dispatcher {
         while !self.stop.is_stopped() {
             let mut moved = false;
             for p in 0..partitions {
-                match self.pass(&group, p, &mut next[p], &mut warned_at) {
+                match self.pass(&group, p, &mut next, &mut warned_at) {
                     Ok(m) => moved |= m,
                     Err(e) => {
                         self.series.failures(e.error_code()).inc();
@@ -150,37 +150,44 @@ impl Dispatcher {
         &mut self,
         group: &str,
         p: usize,
-        next: &mut u64,
+        positions: &mut [u64],
         warned_at: &mut Option<Instant>,
     ) -> Result<bool, LogError> {
+        let next = positions[p];
         let end = self.log.next_offset(p)?;
-        if *next >= end {
+        if next >= end {
             return Ok(false);
         }
         let first = self.log.first_offset(p, end)?;
-        if *next < first {
-            self.series.expired.inc_by(first - *next);
-            tracing::warn!(endpoint = %self.name, partition = p, records = first - *next, "retention deleted records before this endpoint took them");
-            *next = first;
+        if next < first {
+            self.series.expired.inc_by(first - next);
+            tracing::warn!(endpoint = %self.name, partition = p, records = first - next, "retention deleted records before this endpoint took them");
+            positions[p] = first;
         }
         let (items, read_to) = item::read(
             &self.log,
             p,
-            *next,
+            positions[p],
             &self.name,
             self.sink.form(),
             self.sink.batch(),
         )?;
-        if !items.is_empty() && !self.deliver(&items, warned_at) {
+        if !items.is_empty() && !self.deliver(&items, positions, warned_at) {
             return Ok(false); // stopped
         }
         self.log.commit_checkpoint(group, &[(p, read_to)])?;
-        *next = read_to;
+        positions[p] = read_to;
         Ok(true)
     }
 
-    /// Delivers `items`, retrying with backoff; false if stopped first.
-    fn deliver(&mut self, items: &[crate::item::Item], warned_at: &mut Option<Instant>) -> bool {
+    /// Delivers `items`, retrying with backoff (the lag shown meanwhile is from `positions`);
+    /// false if stopped first.
+    fn deliver(
+        &mut self,
+        items: &[crate::item::Item],
+        positions: &[u64],
+        warned_at: &mut Option<Instant>,
+    ) -> bool {
         let mut wait = self.pace.backoff;
         loop {
             let started = Instant::now();
@@ -195,6 +202,7 @@ impl Dispatcher {
                 }
                 Err(e) => {
                     self.series.failures(e.error_code()).inc();
+                    self.series.lag.set(self.lag(positions) as i64);
                     self.warn(&e, warned_at);
                 }
             }

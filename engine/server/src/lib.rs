@@ -46,6 +46,7 @@ use glommio::{LocalExecutorBuilder, Placement};
 use roost_common::httpd;
 use roost_common::shutdown::wait_for_shutdown_signal;
 use roost_common::tls::{self, CertPaths};
+use roost_endpoints::Dispatchers;
 use roost_rocks::EngineDb;
 use roost_storage::{LogStore, ReplicaStore};
 
@@ -190,10 +191,26 @@ pub fn run(config: EngineConfig, on_ready: impl FnOnce() + Send + 'static) -> an
 
     // Start-up is "apply the persisted state to an empty engine", through the code that applies
     // what control sends: the data plane works before control answers.
+    // Outbound HTTPS (webhook endpoints) trusts the system's roots and the hub's CA.
+    let outbound_tls = match tls::outbound_client_config(&certs) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            tracing::warn!(error = %e, "no TLS for https webhook endpoints");
+            None
+        }
+    };
+    let endpoints = Arc::new(Dispatchers::new(
+        log.clone(),
+        metrics.endpoints.clone(),
+        config.data_dir.clone(),
+        outbound_tls,
+        roost_endpoints::Pace::default(),
+    ));
     let state = Arc::new(EngineState::empty(
         replica.clone(),
         metrics.clone(),
         router.clone(),
+        endpoints.clone(),
     ));
     let (seq, devices) = replica.load().context("loading the registry replica")?;
     tracing::info!(seq, devices = devices.len(), "registry replica loaded");
@@ -329,6 +346,7 @@ pub fn run(config: EngineConfig, on_ready: impl FnOnce() + Send + 'static) -> an
     }
     drop(nudger);
     drop(router);
+    endpoints.stop_all();
     db.flush_wal()
         .map_err(|e| anyhow::anyhow!("flushing the events log: {e}"))?;
     Ok(())

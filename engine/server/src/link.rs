@@ -21,6 +21,9 @@ use roost_session::quota::{QuotaCell, Quotas};
 use roost_storage::{ReplicaStore, StoreError};
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 
+use roost_endpoints::Dispatchers;
+use roost_routing::config::Endpoint;
+
 use crate::metrics::Metrics;
 use crate::router::{RouterInput, RouterTx};
 use crate::routing::{RoutesCell, RoutesSource};
@@ -40,11 +43,18 @@ pub struct EngineState {
     pub quotas: Arc<QuotaCell>,
     /// The routes and plugins of the epoch in force (the default routing before the first).
     pub routes: Arc<RoutesCell>,
+    /// The dispatchers of the epoch's external endpoints.
+    pub endpoints: Arc<Dispatchers>,
 }
 
 impl EngineState {
     /// An empty engine: no devices, no epoch. [`apply`] fills it.
-    pub fn empty(replica: Arc<dyn ReplicaStore>, metrics: Arc<Metrics>, router: RouterTx) -> Self {
+    pub fn empty(
+        replica: Arc<dyn ReplicaStore>,
+        metrics: Arc<Metrics>,
+        router: RouterTx,
+        endpoints: Arc<Dispatchers>,
+    ) -> Self {
         Self {
             registry: Arc::new(Registry::new(Projection::default())),
             replica,
@@ -54,6 +64,7 @@ impl EngineState {
             router,
             quotas: Arc::default(),
             routes: Arc::default(),
+            endpoints,
         }
     }
 
@@ -125,7 +136,7 @@ impl ApplyError {
 /// Checks an epoch before anything is built from it: its hash, its quotas, and its routes and
 /// plugins, by loading them as a shard will (`roost-routing`, the code control checked them
 /// with). Returns what to put in force.
-fn validate(epoch: &Epoch) -> Result<(Quotas, RoutesSource), ApplyError> {
+fn validate(epoch: &Epoch) -> Result<(Quotas, RoutesSource, Vec<Endpoint>), ApplyError> {
     if !epoch.hash_is_valid() {
         return Err(ApplyError::Rejected {
             code: "hash_mismatch",
@@ -142,11 +153,12 @@ fn validate(epoch: &Epoch) -> Result<(Quotas, RoutesSource), ApplyError> {
         routes: p.routes.clone(),
         plugins: p.plugins.clone(),
     };
-    routes.load("").map_err(|e| ApplyError::Rejected {
+    let loaded = routes.load("").map_err(|e| ApplyError::Rejected {
         code: "bad_routes",
         detail: e.to_string(),
     })?;
-    Ok((quotas, routes))
+    let endpoints = loaded.config().endpoints.clone();
+    Ok((quotas, routes, endpoints))
 }
 
 /// Applies one update: validate, persist (unless it came from the replica), put in force, then
@@ -156,10 +168,19 @@ pub fn apply(state: &EngineState, update: Update, origin: Origin) -> Result<(), 
     let persist = origin == Origin::Control;
     match update {
         Update::Epoch(epoch) => {
-            let (quotas, routes) = validate(&epoch)?;
+            let (quotas, routes, endpoints) = validate(&epoch)?;
             if persist {
                 state.replica.save_epoch(&epoch)?;
             }
+            // Dispatchers first: a new endpoint's checkpoint is at the log's end before any
+            // shard can route to it.
+            state
+                .endpoints
+                .reconcile(&endpoints)
+                .map_err(|e| ApplyError::Rejected {
+                    code: "endpoint_checkpoint",
+                    detail: e.to_string(),
+                })?;
             state.quotas.set(quotas);
             state.routes.set(routes);
             // `Applied` means every shard routes by it (each loads it on its next tick).
@@ -563,7 +584,15 @@ mod tests {
 
     fn engine(store: Arc<MemStore>) -> (EngineState, UnboundedReceiver<RouterInput>) {
         let (router, rx) = RouterTx::channel();
-        let state = EngineState::empty(store, Arc::new(Metrics::new()), router);
+        let metrics = Arc::new(Metrics::new());
+        let endpoints = Arc::new(Dispatchers::new(
+            store.clone(),
+            metrics.endpoints.clone(),
+            std::env::temp_dir(),
+            None,
+            roost_endpoints::Pace::default(),
+        ));
+        let state = EngineState::empty(store, metrics, router, endpoints);
         (state, rx)
     }
 

@@ -51,6 +51,8 @@ pub struct Metrics {
     pub routing_load_failures: IntCounter,
     /// 1 for the hash of the epoch in force.
     pub epoch_info: IntGaugeVec,
+    /// The external endpoints' dispatchers (`roost_endpoint_*`).
+    pub endpoints: roost_endpoints::EndpointMetrics,
 }
 
 /// The routing families; labels are the shard and names from the epoch (at most 100 routes,
@@ -187,6 +189,7 @@ impl Metrics {
             routing,
             routing_load_failures,
             epoch_info,
+            endpoints: roost_endpoints::EndpointMetrics::new(&registry),
             events_expired: counter(
                 &registry,
                 "roost_events_expired_total",

@@ -149,7 +149,11 @@ impl Ops {
             return;
         };
         self.metrics.consumer_lag.reset();
-        for (group, p, next) in checkpoints {
+        // Endpoint dispatchers report their own lag (roost_endpoint_lag_records).
+        let consumers = checkpoints
+            .into_iter()
+            .filter(|(g, _, _)| !roost_endpoints::is_reserved_group(g));
+        for (group, p, next) in consumers {
             let Some(info) = partitions.iter().find(|i| i.partition == p) else {
                 continue;
             };
@@ -186,6 +190,9 @@ impl Ops {
     }
 
     fn read_group(&self, group: &str, req: &Req) -> Resp {
+        if roost_endpoints::is_reserved_group(group) {
+            return reserved(group);
+        }
         let latest = match query_param(req, "from").as_deref() {
             None | Some("earliest") => false,
             Some("latest") => true,
@@ -233,6 +240,9 @@ impl Ops {
     }
 
     fn checkpoint(&self, group: &str, req: &Req) -> Resp {
+        if roost_endpoints::is_reserved_group(group) {
+            return reserved(group);
+        }
         let Ok(body) = serde_json::from_slice::<BTreeMap<String, u64>>(req.body()) else {
             return bad("body must be a JSON object of partition → next offset");
         };
@@ -248,6 +258,13 @@ impl Ops {
             Err(e) => failed(&e),
         }
     }
+}
+
+/// 400 for a consumer group name an endpoint's dispatcher owns.
+fn reserved(group: &str) -> Resp {
+    bad(&format!(
+        "consumer group {group:?}: names starting with $endpoint: belong to the endpoints' dispatchers"
+    ))
 }
 
 /// The response a read fills: every record, or with `source=`, those of one
