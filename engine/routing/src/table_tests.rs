@@ -177,9 +177,7 @@ fn without_a_fallback_an_unmatched_message_goes_nowhere_and_is_counted() {
 
 #[test]
 fn the_default_routes_lua_sends_everything_to_events() {
-    let src = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../routes.lua"))
-        .expect("routes.lua");
-    let mut r = load(&src);
+    let mut r = load(include_str!("../../../routes.lua"));
     let o = r.route(&mut message("x", &[]), "");
     assert_eq!(names(&r, o.endpoints), ["events"]);
     for source in [
