@@ -144,17 +144,20 @@ def test_telemetry_round_trip(hub):
     got = telemetry_of(first["records"], device_id)
     assert [record_body(r) for r in got] == [e["body"] for e in expected], first
     positions = first["positions"]
-    assert positions.get(str(p)) == offsets[-1] + 1, positions
+    # The hub's own events (other devices' connection state, routed to `events` by the default
+    # routes.lua) may follow in the same partition.
+    assert positions.get(str(p)) >= offsets[-1] + 1, positions
     hub.checkpoint(group, positions)
     second = hub.group_records(group, max_=100, from_="earliest")
-    assert second["records"] == [], second
+    assert telemetry_of(second["records"], device_id) == [], second
+    assert all(r["systemProperties"]["iothub-message-source"] != "Telemetry" for r in second["records"]), second
     # A new message after the checkpoint is the only thing the group sees next.
     last, last_exp = json_message(99)
     call_with_timeout(client.send_message, last, what="send_message after checkpoint")
     third = hub.group_records(group, max_=100, from_="earliest")
     got = telemetry_of(third["records"], device_id)
     assert [record_body(r) for r in got] == [last_exp["body"]], third
-    assert len(third["records"]) == 1, third
+    assert [r for r in third["records"] if r["systemProperties"]["iothub-message-source"] == "Telemetry"] == got
     sent = len(expected) + 1
 
     # ---- metrics counted the messages and the log appends

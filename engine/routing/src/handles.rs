@@ -56,12 +56,6 @@ fn gone() -> mlua::Error {
     mlua::Error::RuntimeError(GONE.into())
 }
 
-/// The `msg` handle.
-pub struct MsgHandle {
-    slot: Shared,
-    props: AnyUserData,
-}
-
 /// `msg.props`.
 struct PropsHandle(Shared);
 
@@ -71,20 +65,50 @@ pub struct DeviceHandle(Shared);
 /// The handles of one VM.
 pub struct Handles {
     pub slot: Shared,
-    pub msg: AnyUserData,
+    /// `msg`: a table whose raw fields are `props` and the methods (so `msg.props` is a plain
+    /// table read, no call into Rust); every other field is read and written through its
+    /// metatable, from the message in the slot.
+    pub msg: Table,
     pub device: AnyUserData,
+    /// The raw fields of `msg`, put back before each message (a script that overwrote one
+    /// cannot break the next message).
+    fields: Vec<(&'static str, Lua_)>,
 }
 
 impl Handles {
     pub fn new(lua: &Lua) -> mlua::Result<Handles> {
         let slot: Shared = Rc::default();
         let props = lua.create_userdata(PropsHandle(slot.clone()))?;
-        let msg = lua.create_userdata(MsgHandle {
-            slot: slot.clone(),
-            props,
-        })?;
+        let fields = vec![
+            ("props", Lua_::UserData(props)),
+            ("json", Lua_::Function(json_method(lua, slot.clone())?)),
+            ("set_json", Lua_::Function(set_json_method(lua, slot.clone())?)),
+            ("set_body", Lua_::Function(set_body_method(lua, slot.clone())?)),
+        ];
+        let msg = lua.create_table()?;
+        let meta = lua.create_table()?;
+        meta.raw_set("__index", msg_index(lua, slot.clone())?)?;
+        meta.raw_set("__newindex", msg_newindex(lua, slot.clone())?)?;
+        // getmetatable(msg) answers this, and setmetatable(msg, …) fails.
+        meta.raw_set("__metatable", "msg")?;
+        msg.set_metatable(Some(meta))?;
         let device = lua.create_userdata(DeviceHandle(slot.clone()))?;
-        Ok(Handles { slot, msg, device })
+        let handles = Handles {
+            slot,
+            msg,
+            device,
+            fields,
+        };
+        handles.reset()?;
+        Ok(handles)
+    }
+
+    /// Puts `msg`'s raw fields back as they were made.
+    pub fn reset(&self) -> mlua::Result<()> {
+        for (k, v) in &self.fields {
+            self.msg.raw_set(*k, v.clone())?;
+        }
+        Ok(())
     }
 }
 
@@ -112,92 +136,107 @@ fn text_of(v: &Lua_) -> mlua::Result<Option<String>> {
     })
 }
 
-impl UserData for MsgHandle {
-    fn add_methods<M: UserDataMethods<Self>>(m: &mut M) {
-        m.add_method("json", |lua, this, ()| {
-            let mut slot = this.slot.borrow_mut();
-            if let Some(t) = &slot.lua_json {
-                return Ok((Lua_::Table(t.clone()), Lua_::Nil));
+/// `msg:json()`: the body as a Lua value, decoded once per message (shared with the compiled
+/// conditions); `nil` and why when it is not JSON.
+fn json_method(lua: &Lua, slot: Shared) -> mlua::Result<mlua::Function> {
+    lua.create_function(move |lua, _this: Lua_| {
+        let mut slot = slot.borrow_mut();
+        if let Some(t) = &slot.lua_json {
+            return Ok((Lua_::Table(t.clone()), Lua_::Nil));
+        }
+        let slot = &mut *slot;
+        let msg = slot.msg.as_ref().ok_or_else(gone)?;
+        let Some(v) = slot.body.get_or_init(|| body_json(msg)) else {
+            let why = lua.create_string(
+                "the body is not JSON (content type application/json, encoding UTF-8, -16 or -32)",
+            )?;
+            return Ok((Lua_::Nil, Lua_::String(why)));
+        };
+        let t = match convert::to_lua(lua, v)? {
+            Lua_::Table(t) => t,
+            other => return Ok((other, Lua_::Nil)),
+        };
+        slot.lua_json = Some(t.clone());
+        Ok((Lua_::Table(t), Lua_::Nil))
+    })
+}
+
+/// `msg:set_json(v)`: the body becomes `v` as JSON (UTF-8, application/json).
+fn set_json_method(lua: &Lua, slot: Shared) -> mlua::Result<mlua::Function> {
+    lua.create_function(move |_, (_this, v): (Lua_, Lua_)| {
+        let json =
+            convert::to_json(&v).map_err(|e| mlua::Error::RuntimeError(format!("set_json: {e}")))?;
+        let mut slot = slot.borrow_mut();
+        let msg = slot.msg.as_mut().ok_or_else(gone)?;
+        msg.body =
+            serde_json::to_vec(&json).map_err(|e| mlua::Error::RuntimeError(e.to_string()))?;
+        msg.system.content_type = Some("application/json".into());
+        msg.system.content_encoding = Some("utf-8".into());
+        slot.body = OnceCell::from(Some(json));
+        slot.lua_json = match v {
+            Lua_::Table(t) => Some(t),
+            _ => None,
+        };
+        Ok(())
+    })
+}
+
+/// `msg:set_body(bytes)`.
+fn set_body_method(lua: &Lua, slot: Shared) -> mlua::Result<mlua::Function> {
+    lua.create_function(move |_, (_this, body): (Lua_, mlua::LuaString)| {
+        let mut slot = slot.borrow_mut();
+        let msg = slot.msg.as_mut().ok_or_else(gone)?;
+        msg.body = body.as_bytes().to_vec();
+        slot.body = OnceCell::new();
+        slot.lua_json = None;
+        Ok(())
+    })
+}
+
+/// `msg.<field>` other than the raw ones.
+fn msg_index(lua: &Lua, slot: Shared) -> mlua::Result<mlua::Function> {
+    lua.create_function(move |lua, (_this, key): (Lua_, mlua::LuaString)| {
+        let slot = slot.borrow();
+        let msg = slot.msg.as_ref().ok_or_else(gone)?;
+        let s = &msg.system;
+        match &*key.to_str()? {
+            "body" => Ok(Lua_::String(lua.create_string(&msg.body)?)),
+            "source" => opt_str(lua, Some(source_name(msg.source))),
+            "device_id" => opt_str(lua, Some(&s.connection_device_id)),
+            "module_id" => opt_str(lua, s.connection_module_id.as_deref()),
+            "content_type" => opt_str(lua, s.content_type.as_deref()),
+            "content_encoding" => opt_str(lua, s.content_encoding.as_deref()),
+            "message_id" => opt_str(lua, s.message_id.as_deref()),
+            "correlation_id" => opt_str(lua, s.correlation_id.as_deref()),
+            "user_id" => opt_str(lua, s.user_id.as_deref()),
+            "enqueued_ms" => Ok(Lua_::Integer(msg.enqueued_ms as i64)),
+            _ => Ok(Lua_::Nil),
+        }
+    })
+}
+
+/// `msg.<field> = v`: the settable system properties; anything else is an error.
+fn msg_newindex(lua: &Lua, slot: Shared) -> mlua::Result<mlua::Function> {
+    lua.create_function(move |_, (_this, key, v): (Lua_, mlua::LuaString, Lua_)| {
+        let mut slot = slot.borrow_mut();
+        let msg = slot.msg.as_mut().ok_or_else(gone)?;
+        let v = text_of(&v)?;
+        let s = &mut msg.system;
+        match &*key.to_str()? {
+            "content_type" => s.content_type = v,
+            "content_encoding" => s.content_encoding = v,
+            "message_id" => s.message_id = v,
+            "correlation_id" => s.correlation_id = v,
+            other => {
+                return Err(mlua::Error::RuntimeError(format!(
+                    "msg.{other} cannot be set (settable: content_type, content_encoding, message_id, correlation_id; properties in msg.props; the body with msg:set_body or msg:set_json)"
+                )))
             }
-            let slot = &mut *slot;
-            let msg = slot.msg.as_ref().ok_or_else(gone)?;
-            let Some(v) = slot.body.get_or_init(|| body_json(msg)) else {
-                let why = lua.create_string(
-                    "the body is not JSON (content type application/json, encoding UTF-8, -16 or -32)",
-                )?;
-                return Ok((Lua_::Nil, Lua_::String(why)));
-            };
-            let t = match convert::to_lua(lua, v)? {
-                Lua_::Table(t) => t,
-                other => return Ok((other, Lua_::Nil)),
-            };
-            slot.lua_json = Some(t.clone());
-            Ok((Lua_::Table(t), Lua_::Nil))
-        });
-        m.add_method("set_json", |_, this, v: Lua_| {
-            let json = convert::to_json(&v)
-                .map_err(|e| mlua::Error::RuntimeError(format!("set_json: {e}")))?;
-            let mut slot = this.slot.borrow_mut();
-            let msg = slot.msg.as_mut().ok_or_else(gone)?;
-            msg.body =
-                serde_json::to_vec(&json).map_err(|e| mlua::Error::RuntimeError(e.to_string()))?;
-            msg.system.content_type = Some("application/json".into());
-            msg.system.content_encoding = Some("utf-8".into());
-            slot.body = OnceCell::from(Some(json));
-            slot.lua_json = match v {
-                Lua_::Table(t) => Some(t),
-                _ => None,
-            };
-            Ok(())
-        });
-        m.add_method("set_body", |_, this, body: mlua::LuaString| {
-            let mut slot = this.slot.borrow_mut();
-            let msg = slot.msg.as_mut().ok_or_else(gone)?;
-            msg.body = body.as_bytes().to_vec();
-            slot.body = OnceCell::new();
-            slot.lua_json = None;
-            Ok(())
-        });
-        m.add_meta_method(MetaMethod::Index, |lua, this, key: mlua::LuaString| {
-            let slot = this.slot.borrow();
-            let msg = slot.msg.as_ref().ok_or_else(gone)?;
-            let s = &msg.system;
-            match &*key.to_str()? {
-                "props" => Ok(Lua_::UserData(this.props.clone())),
-                "body" => Ok(Lua_::String(lua.create_string(&msg.body)?)),
-                "source" => opt_str(lua, Some(source_name(msg.source))),
-                "device_id" => opt_str(lua, Some(&s.connection_device_id)),
-                "module_id" => opt_str(lua, s.connection_module_id.as_deref()),
-                "content_type" => opt_str(lua, s.content_type.as_deref()),
-                "content_encoding" => opt_str(lua, s.content_encoding.as_deref()),
-                "message_id" => opt_str(lua, s.message_id.as_deref()),
-                "correlation_id" => opt_str(lua, s.correlation_id.as_deref()),
-                "user_id" => opt_str(lua, s.user_id.as_deref()),
-                "enqueued_ms" => Ok(Lua_::Integer(msg.enqueued_ms as i64)),
-                _ => Ok(Lua_::Nil),
-            }
-        });
-        m.add_meta_method(MetaMethod::NewIndex, |_, this, (key, v): (mlua::LuaString, Lua_)| {
-            let mut slot = this.slot.borrow_mut();
-            let msg = slot.msg.as_mut().ok_or_else(gone)?;
-            let v = text_of(&v)?;
-            let s = &mut msg.system;
-            match &*key.to_str()? {
-                "content_type" => s.content_type = v,
-                "content_encoding" => s.content_encoding = v,
-                "message_id" => s.message_id = v,
-                "correlation_id" => s.correlation_id = v,
-                other => {
-                    return Err(mlua::Error::RuntimeError(format!(
-                        "msg.{other} cannot be set (settable: content_type, content_encoding, message_id, correlation_id; properties in msg.props; the body with msg:set_body or msg:set_json)"
-                    )))
-                }
-            }
-            slot.body = OnceCell::new();
-            slot.lua_json = None;
-            Ok(())
-        });
-    }
+        }
+        slot.body = OnceCell::new();
+        slot.lua_json = None;
+        Ok(())
+    })
 }
 
 impl UserData for PropsHandle {

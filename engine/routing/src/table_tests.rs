@@ -452,6 +452,30 @@ fn handles_read_the_fields_and_refuse_what_cannot_be_set() {
 }
 
 #[test]
+fn a_script_that_overwrites_msg_fields_cannot_break_the_next_message() {
+    let h = r#"return { on_message = function(msg, device, conf, state)
+      msg.props.seen = tostring(getmetatable(msg)) .. "|" .. tostring(pcall == nil)
+      msg.props.level = msg.props.level
+      msg.props = nil
+      msg.json = 5
+    end }"#;
+    let mut r = load_with(
+        r#"return { plugins = { { use = "h", on_error = "drop" } },
+          routes = { { name = "lvl", condition = function(msg, device) return msg.props.level == "x" and msg:json() ~= nil end,
+                       endpoints = { "events" } } } }"#,
+        &plugin("h", h, "return {}"),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    for _ in 0..2 {
+        let mut m = message("{}", &[("level", "x")]);
+        let o = r.route(&mut m, TAGS);
+        assert_eq!(o.verdict, Verdict::Route, "each message sees msg.props and msg:json");
+        assert_eq!(names(&r, o.endpoints), ["events"]);
+        assert!(m.app.contains(&("seen".to_string(), "msg|true".to_string())), "{:?}", m.app);
+    }
+}
+
+#[test]
 fn a_lua_condition_that_fails_does_not_match_and_is_counted() {
     let mut r = load(
         r#"return { routes = {
