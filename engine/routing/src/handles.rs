@@ -65,48 +65,50 @@ pub struct DeviceHandle(Shared);
 /// The handles of one VM.
 pub struct Handles {
     pub slot: Shared,
-    /// `msg`: a table whose raw fields are `props` and the methods (so `msg.props` is a plain
-    /// table read, no call into Rust); every other field is read and written through its
-    /// metatable, from the message in the slot.
+    /// `msg`: an empty table. Its metatable's `__index` is a table holding `props` and the
+    /// methods, so `msg.props` and `msg:json` are table reads with no call into Rust; that
+    /// table's own `__index` reads the other fields from the message in the slot. Writes go
+    /// through `__newindex`, which takes only the settable fields.
     pub msg: Table,
     pub device: AnyUserData,
-    /// The raw fields of `msg`, put back before each message (a script that overwrote one
-    /// cannot break the next message).
-    fields: Vec<(&'static str, Lua_)>,
 }
 
 impl Handles {
     pub fn new(lua: &Lua) -> mlua::Result<Handles> {
         let slot: Shared = Rc::default();
-        let props = lua.create_userdata(PropsHandle(slot.clone()))?;
-        let fields = vec![
-            ("props", Lua_::UserData(props)),
-            ("json", Lua_::Function(json_method(lua, slot.clone())?)),
-            ("set_json", Lua_::Function(set_json_method(lua, slot.clone())?)),
-            ("set_body", Lua_::Function(set_body_method(lua, slot.clone())?)),
-        ];
-        let msg = lua.create_table()?;
+        let fields = lua.create_table()?;
+        fields.raw_set("props", lua.create_userdata(PropsHandle(slot.clone()))?)?;
+        fields.raw_set("json", json_method(lua, slot.clone())?)?;
+        fields.raw_set("set_json", set_json_method(lua, slot.clone())?)?;
+        fields.raw_set("set_body", set_body_method(lua, slot.clone())?)?;
+        let dynamic = lua.create_table()?;
+        dynamic.raw_set("__index", msg_index(lua, slot.clone())?)?;
+        dynamic.raw_set("__metatable", "msg")?;
+        fields.set_metatable(Some(dynamic))?;
         let meta = lua.create_table()?;
-        meta.raw_set("__index", msg_index(lua, slot.clone())?)?;
+        meta.raw_set("__index", fields)?;
         meta.raw_set("__newindex", msg_newindex(lua, slot.clone())?)?;
         // getmetatable(msg) answers this, and setmetatable(msg, …) fails.
         meta.raw_set("__metatable", "msg")?;
+        let msg = lua.create_table()?;
         msg.set_metatable(Some(meta))?;
         let device = lua.create_userdata(DeviceHandle(slot.clone()))?;
-        let handles = Handles {
-            slot,
-            msg,
-            device,
-            fields,
-        };
-        handles.reset()?;
-        Ok(handles)
+        Ok(Handles { slot, msg, device })
     }
 
-    /// Puts `msg`'s raw fields back as they were made.
+    /// Empties `msg` if a script `rawset` something into it (which would shadow a field for
+    /// the next message).
     pub fn reset(&self) -> mlua::Result<()> {
-        for (k, v) in &self.fields {
-            self.msg.raw_set(*k, v.clone())?;
+        if self.msg.is_empty() {
+            return Ok(());
+        }
+        let keys: Vec<Lua_> = self
+            .msg
+            .pairs::<Lua_, Lua_>()
+            .filter_map(|kv| kv.ok().map(|(k, _)| k))
+            .collect();
+        for k in keys {
+            self.msg.raw_set(k, Lua_::Nil)?;
         }
         Ok(())
     }

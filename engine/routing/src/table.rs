@@ -300,8 +300,8 @@ impl Routing {
             body: Vec::new(),
         };
         let owned = std::mem::replace(msg, placeholder);
-        // A raw field of `msg` a script overwrote is put back (raw writes cannot fail short
-        // of the VM's memory limit, and then the scripts fail on their own).
+        // What a script rawset into `msg` goes (writes cannot fail short of the VM's memory
+        // limit, and then the scripts fail on their own).
         let _ = self.handles.reset();
         self.handles.slot.borrow_mut().enter(owned, tags);
         let outcome = match self.run_plugins(source) {

@@ -456,8 +456,8 @@ fn a_script_that_overwrites_msg_fields_cannot_break_the_next_message() {
     let h = r#"return { on_message = function(msg, device, conf, state)
       msg.props.seen = tostring(getmetatable(msg)) .. "|" .. tostring(pcall == nil)
       msg.props.level = msg.props.level
-      msg.props = nil
-      msg.json = 5
+      rawset(msg, "props", {})
+      rawset(msg, "json", 5)
     end }"#;
     let mut r = load_with(
         r#"return { plugins = { { use = "h", on_error = "drop" } },
