@@ -17,7 +17,8 @@
 # Overrides (environment): BROKERS="roost mosquitto rumqttd", SCENARIOS="a b c d h", PAYLOAD,
 # A_SECS, B_SECS, H_MAX_SECS, B_DEVICES, B_RATE, B_INFLIGHT, IDLE, HOLD, D_SECS, D_LOOPS, WARMUP, DRAIN, MAX_DRAIN,
 # THREADS, PORT_BASE, DOC (the Markdown file to update), ROOST_BIN / BENCH_BIN (use these
-# binaries and skip the build), KEEP_WORK=1 (keep the work directory).
+# binaries and skip the build), KEEP_WORK=1 (keep the work directory), ROOST_ROUTES (a
+# routes.lua to apply to roost after it starts; plugins from ROOST_PLUGINS, default plugins/).
 #
 # Everything listens on 127.0.0.1 only. Every server this script starts is stopped on exit.
 
@@ -147,6 +148,11 @@ start_roost() { # name
   control=$(pgrep -P "$up" -f ' control ' | head -1)
   [[ -n $SERVER_PID && -n $control ]] || die "cannot find roost's engine and control processes"
   SERVER_PIDS+=("$control" "$SERVER_PID")
+  if [[ -n ${ROOST_ROUTES:-} ]]; then
+    "$ROOST_BIN" routes apply "$ROOST_ROUTES" --plugins "${ROOST_PLUGINS:-$REPO/plugins}" --data-dir "$ROOST_DATA" \
+      >>"$WORK/roost-$1.log" 2>&1 || die "roost routes apply $ROOST_ROUTES failed (log: $WORK/roost-$1.log)"
+    note "roost routing: $ROOST_ROUTES applied"
+  fi
 }
 
 make_certs() {
