@@ -1696,11 +1696,22 @@ mod tests {
             ),
         )
         .expect("desired");
-        assert_eq!(
-            api.store.registry_seq().expect("seq"),
-            seq,
-            "desired properties are not the registry's"
-        );
+        // Routing reads desired and reported properties too: a registry change carries them.
+        assert_eq!(api.store.registry_seq().expect("seq"), seq + 1);
+        let changes = api
+            .store
+            .changes_between(seq, seq + 1)
+            .expect("store")
+            .expect("in the log");
+        match &changes[..] {
+            [roost_model::link::RegistryChange::Upsert(a)] => {
+                let view: serde_json::Value = serde_json::from_str(&a.twin).expect("twin view");
+                assert_eq!(view["properties"]["desired"]["x"], 1, "{view}");
+                assert!(view["properties"]["desired"].get("$metadata").is_none());
+            }
+            other => panic!("{other:?}"),
+        }
+        let seq = seq + 1;
         call(
             &api,
             &request("PATCH", "/twins/t1", owner(), r#"{"tags":{"site":"oslo"}}"#),
@@ -1714,20 +1725,20 @@ mod tests {
         match &changes[..] {
             [roost_model::link::RegistryChange::Upsert(a)] => {
                 assert_eq!(a.device_id, "t1");
-                assert_eq!(a.tags, r#"{"site":"oslo"}"#);
+                let view: serde_json::Value = serde_json::from_str(&a.twin).expect("twin view");
+                assert_eq!(view["tags"], serde_json::json!({"site": "oslo"}));
+                assert_eq!(view["properties"]["desired"]["x"], 1, "the properties stay");
                 assert!(!a.primary_key.is_empty(), "the keys stay");
             }
             other => panic!("{other:?}"),
         }
         let (_, snapshot) = api.store.snapshot().expect("snapshot");
-        assert_eq!(
-            snapshot
-                .iter()
-                .find(|d| d.device_id == "t1")
-                .expect("t1")
-                .tags,
-            r#"{"site":"oslo"}"#
-        );
+        let view = &snapshot
+            .iter()
+            .find(|d| d.device_id == "t1")
+            .expect("t1")
+            .twin;
+        assert!(view.contains(r#""tags":{"site":"oslo"}"#), "{view}");
         // A device update keeps the tags in its registry change.
         let mut update = request(
             "PUT",
@@ -1745,7 +1756,7 @@ mod tests {
             .expect("store")
             .expect("in the log");
         assert!(
-            matches!(&changes[..], [roost_model::link::RegistryChange::Upsert(a)] if a.tags.contains("oslo") && !a.enabled)
+            matches!(&changes[..], [roost_model::link::RegistryChange::Upsert(a)] if a.twin.contains("oslo") && !a.enabled)
         );
         let _ = std::fs::remove_dir_all(dir);
     }

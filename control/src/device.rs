@@ -93,7 +93,7 @@ impl Module {
             primary_key: decode_key(&self.authentication.symmetric_key.primary_key),
             secondary_key: decode_key(&self.authentication.symmetric_key.secondary_key),
             generation_id: self.generation_id.clone(),
-            tags: String::new(),
+            twin: String::new(),
         }
     }
 }
@@ -144,7 +144,7 @@ impl Device {
             primary_key: decode_key(&self.authentication.symmetric_key.primary_key),
             secondary_key: decode_key(&self.authentication.symmetric_key.secondary_key),
             generation_id: self.generation_id.clone(),
-            tags: String::new(),
+            twin: String::new(),
         }
     }
 }

@@ -605,12 +605,12 @@ impl Store {
         let mut out = Vec::new();
         for d in self.devices(usize::MAX)? {
             let mut auth = d.auth();
-            auth.tags = self.tags_json(&d.device_id)?;
+            auth.twin = self.twin_view(&d.device_id)?;
             out.push(auth);
         }
         for m in self.all_modules()? {
             let mut auth = m.auth();
-            auth.tags = self.tags_json(&m.client_id())?;
+            auth.twin = self.twin_view(&m.client_id())?;
             out.push(auth);
         }
         Ok((seq, out))
@@ -624,11 +624,11 @@ impl Store {
             .unwrap_or_else(|| StoredTwin::new(String::new(), roost_twin::Twin::new(0))))
     }
 
-    /// The twin tags of `client_id` as JSON text, empty when it has none.
-    pub fn tags_json(&self, client_id: &str) -> Result<String, StoreError> {
+    /// What routing reads of `client_id`'s twin (`roost_twin::Twin::routing_view`).
+    pub fn twin_view(&self, client_id: &str) -> Result<String, StoreError> {
         Ok(self
             .twin(client_id)?
-            .map_or_else(String::new, |t| tags_text(&t.twin.tags)))
+            .map_or_else(String::new, |t| t.twin.routing_view()))
     }
 
     /// Updates connection state or activity without changing the etag or the registry log.
@@ -657,7 +657,7 @@ impl Writes<'_> {
             .put_cf(self.store.cf(CF_DEVICES), device.device_id.as_bytes(), json);
         if change {
             let mut auth = device.auth();
-            auth.tags = self.store.tags_json(&device.device_id)?;
+            auth.twin = self.store.twin_view(&device.device_id)?;
             self.changes.push(RegistryChange::Upsert(auth));
         }
         Ok(())
@@ -694,7 +694,7 @@ impl Writes<'_> {
             json,
         );
         let mut auth = module.auth();
-        auth.tags = self.store.tags_json(&module.client_id())?;
+        auth.twin = self.store.twin_view(&module.client_id())?;
         self.changes.push(RegistryChange::Upsert(auth));
         Ok(())
     }
@@ -759,12 +759,4 @@ impl Writes<'_> {
 
 fn decode<T: serde::de::DeserializeOwned>(v: &[u8]) -> Result<T, StoreError> {
     serde_json::from_slice(v).map_err(|e| StoreError::Corrupt(e.to_string()))
-}
-
-/// Twin tags as the registry's `DeviceAuth.tags` carries them: JSON text, empty for none.
-pub fn tags_text(tags: &serde_json::Map<String, serde_json::Value>) -> String {
-    if tags.is_empty() {
-        return String::new();
-    }
-    serde_json::Value::Object(tags.clone()).to_string()
 }

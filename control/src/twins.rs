@@ -205,24 +205,25 @@ impl Twins {
         result
     }
 
-    /// Stores a changed twin with the `twinChangeEvents` record of the change, in one batch;
-    /// with `tags_changed`, the identity's registry change too (the engines' view carries the
-    /// tags, for routing over `$twin.tags`). With `retarget`, the configurations look at the
-    /// twin again.
+    /// Stores a changed twin with the `twinChangeEvents` record of the change, in one batch,
+    /// and, when what routing reads of it changed (tags or properties: the engines' view
+    /// carries them for `$twin…` conditions and enrichments), the identity's registry change
+    /// too. With `retarget`, the configurations look at the twin again.
     fn store_change(
         &self,
         client_id: &str,
         stored: &StoredTwin,
         event: &HubEvent,
-        tags_changed: bool,
         retarget: bool,
     ) -> Result<(), StoreError> {
+        let view = stored.twin.routing_view();
+        let before = self.store.twin_view(client_id)?;
         let mut writes = self.store.writes();
         writes.put_twin(client_id, stored)?;
         event.write_in(&mut writes);
-        if tags_changed {
+        if view != before {
             if let Some(mut auth) = self.auth_of(client_id)? {
-                auth.tags = crate::store::tags_text(&stored.twin.tags);
+                auth.twin = view;
                 writes.upsert_auth(auth);
             }
         }
@@ -234,7 +235,7 @@ impl Twins {
         Ok(())
     }
 
-    /// The registry entry of `client_id` (`device` or `device/module`), without its tags.
+    /// The registry entry of `client_id` (`device` or `device/module`), without its twin view.
     fn auth_of(
         &self,
         client_id: &str,
@@ -323,7 +324,7 @@ impl Twins {
                 change_body(stored.twin.version, tags.as_ref(), section),
             );
             let tags_changed = before_tags != stored.twin.tags;
-            self.store_change(device_id, &stored, &event, tags_changed, tags_changed)?;
+            self.store_change(device_id, &stored, &event, tags_changed)?;
             // Sent inside the writer lock, so devices get desired changes in version order.
             if let Some(body) = desired {
                 self.push_desired(device_id, stored.twin.desired.version(), &body);
@@ -390,7 +391,7 @@ impl Twins {
                             ),
                         );
                         // A configuration's condition may be on reported properties.
-                        self.store_change(&client_id, &stored, &event, false, true)?;
+                        self.store_change(&client_id, &stored, &event, true)?;
                     }
                     Ok((204, Some(version), String::new()))
                 }

@@ -189,3 +189,47 @@ def test_a_hot_reload_under_traffic_loses_and_duplicates_nothing(hub, tmp_path):
     got = wait_until(lambda: (t := telemetry(hub, device_id)) and len(t) >= total and t, 30, f"{total} messages")
     ns = sorted(json.loads(record_body(r))["n"] for r in got)
     assert ns == list(range(total)), f"lost or duplicated: {len(ns)} records"
+
+
+def test_conditions_and_enrichments_read_twin_properties(hub, tmp_path):
+    """`$twin.properties.desired…` and `.reported…` in conditions and enrichments: the device's
+    reported patch and the service's desired patch reach the engines' registry view."""
+    device_id = unique_id("tp")
+    conn = hub.create_device(device_id)
+    rm = hub.registry_manager()
+    rm.update_twin(device_id, Twin(properties={"desired": {"mode": "eco"}}), "*")
+    client = hub.connected_client(conn)
+    call_with_timeout(client.patch_twin_reported_properties, {"fw": {"version": "2.0"}}, what="reported patch")
+    wait_until(lambda: hub.ops_get(f"/registry/devices/{device_id}")["properties"]
+               .get("reported", {}).get("fw") == {"version": "2.0"}, 15,
+               "the reported properties in the engine's registry view")
+    entry = hub.ops_get(f"/registry/devices/{device_id}")
+    assert entry["properties"]["desired"]["mode"] == "eco", entry
+    path = write_routes(tmp_path, """
+return {
+  routes = {
+    { name = "new-fw", condition = "$twin.properties.reported.fw.version = '2.0' AND $twin.properties.desired.mode = 'eco'",
+      endpoints = { "events" } },
+  },
+  fallback = false,
+  enrichments = {
+    { key = "mode", value = "$twin.properties.desired.mode", endpoints = { "events" } },
+    { key = "fw", value = "$twin.properties.reported.fw", endpoints = { "events" } },
+    { key = "absent", value = "$twin.properties.reported.nothing", endpoints = { "events" } },
+  },
+}
+""")
+    hub.cli("routes", "apply", str(path))
+    call_with_timeout(client.send_message, json_message({"n": 1}), what="send")
+    got = wait_until(lambda: telemetry(hub, device_id), 15, "the routed message")
+    props = got[0]["properties"]
+    assert props["mode"] == "eco" and json.loads(props["fw"]) == {"version": "2.0"}, props
+    assert props["absent"] == "$twin.properties.reported.nothing", props
+
+    # A reported value the condition does not take: the next message matches nothing.
+    call_with_timeout(client.patch_twin_reported_properties, {"fw": {"version": "1.0"}}, what="reported patch")
+    wait_until(lambda: hub.ops_get(f"/registry/devices/{device_id}")["properties"]["reported"]["fw"]
+               == {"version": "1.0"}, 15, "the new reported value in the registry view")
+    call_with_timeout(client.send_message, json_message({"n": 2}), what="send")
+    hub.wait_metric("roost_routing_unrouted_total", lambda v: v >= 1, "the unmatched message")
+    assert [json.loads(record_body(r))["n"] for r in telemetry(hub, device_id)] == [1]

@@ -31,7 +31,7 @@ fn message() -> Message {
     }
 }
 
-const TAGS: &str = r#"{"building":"43","site":"north"}"#;
+const TAGS: &str = r#"{"tags":{"building":"43","site":"north"}}"#;
 
 fn load(routes: &str, plugins: &[(String, String)]) -> Routing {
     Routing::load_with_defaults("routes.lua", routes, plugins, "bench")

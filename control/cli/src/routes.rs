@@ -54,7 +54,7 @@ pub enum RoutesCmd {
     /// and the enrichments each endpoint gets (one JSON object per case).
     ///
     /// CASES is JSON (or Lua data): a list of `{name, message: {body, props, content_type,
-    /// content_encoding, device_id, module_id, source}, tags}`, as in a plugin's spec.lua.
+    /// content_encoding, device_id, module_id, source}, tags, properties}`, as in a plugin's spec.lua.
     ///
     /// Example: roost routes test routes.lua --cases cases.json
     Test {
@@ -270,8 +270,7 @@ fn test(file: &Path, cases: &Path, plugins: Option<&Path>, hub_name: &str) -> an
             .map_or_else(|| format!("case {}", i + 1), str::to_string);
         let mut msg = roost_routing::spec::message(case.get("message").unwrap_or(&Value::Null))
             .map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
-        let tags = case.get("tags").map(Value::to_string).unwrap_or_default();
-        let o = routing.route(&mut msg, &tags);
+        let o = routing.route(&mut msg, &roost_routing::spec::twin(case));
         let verdict = match &o.verdict {
             Verdict::Route if o.endpoints == 0 => json!("unrouted"),
             Verdict::Route => json!("route"),

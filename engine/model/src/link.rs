@@ -15,9 +15,11 @@ pub struct DeviceAuth {
     pub primary_key: Vec<u8>,
     pub secondary_key: Vec<u8>,
     pub generation_id: String,
-    /// The identity's twin tags as JSON text (empty: none), for routing conditions and
-    /// enrichments over `$twin.tags`.
-    pub tags: String,
+    /// What routing reads of the identity's twin, as JSON text (empty: nothing):
+    /// `{"tags":{…},"properties":{"desired":{…},"reported":{…}}}` (the sections with their
+    /// `$version`, without `$metadata`), for conditions and enrichments over `$twin.tags…` and
+    /// `$twin.properties…`.
+    pub twin: String,
 }
 
 impl DeviceAuth {
@@ -29,7 +31,7 @@ impl DeviceAuth {
             primary_key: primary.to_vec(),
             secondary_key: secondary.to_vec(),
             generation_id: "g".into(),
-            tags: String::new(),
+            twin: String::new(),
         }
     }
 }
@@ -385,7 +387,7 @@ mod tests {
                     primary_key: vec![1; 32],
                     secondary_key: vec![2; 32],
                     generation_id: "g".into(),
-                    tags: String::new(),
+                    twin: String::new(),
                 }),
                 RegistryChange::Delete {
                     device_id: "d2".into(),

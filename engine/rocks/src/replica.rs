@@ -10,6 +10,12 @@ use roost_storage::{ReplicaStore, SessionStore, StoreError};
 use crate::{CF_META, CF_REGISTRY, CF_SESSIONS};
 
 const SEQ_KEY: &[u8] = b"registry_seq";
+/// The layout of the stored `DeviceAuth` values. A replica of another layout (written by an
+/// older roost) is emptied when it loads: the engine then starts from sequence 0 and control
+/// sends it the registry again.
+const FORMAT_KEY: &[u8] = b"registry_format";
+/// 2: `DeviceAuth::twin` holds the routing view of tags and properties (1 held tags only).
+const FORMAT: u32 = 2;
 const EPOCH_KEY: &[u8] = b"epoch";
 
 /// A [`ReplicaStore`] in the engine's RocksDB (which must have the `registry` and `meta`
@@ -98,6 +104,16 @@ impl SessionStore for RocksReplica {
 
 impl ReplicaStore for RocksReplica {
     fn load(&self) -> Result<(u64, Vec<DeviceAuth>), StoreError> {
+        let format = self
+            .db
+            .get_cf(self.cf(CF_META)?, FORMAT_KEY)
+            .map_err(db_err)?
+            .and_then(|v| v.as_slice().try_into().ok().map(u32::from_le_bytes));
+        if format != Some(FORMAT) && self.seq()? > 0 {
+            // Another layout: start over; control sends the registry on the next link.
+            self.replace(0, &[])?;
+            return Ok((0, Vec::new()));
+        }
         let seq = self.seq()?;
         let mut devices = Vec::new();
         for item in self
@@ -126,6 +142,7 @@ impl ReplicaStore for RocksReplica {
             self.put_device(&mut batch, d)?;
         }
         batch.put_cf(self.cf(CF_META)?, SEQ_KEY, seq.to_le_bytes());
+        batch.put_cf(self.cf(CF_META)?, FORMAT_KEY, FORMAT.to_le_bytes());
         self.write(batch)
     }
 
@@ -145,6 +162,7 @@ impl ReplicaStore for RocksReplica {
         }
         let seq = from_seq + changes.len() as u64;
         batch.put_cf(self.cf(CF_META)?, SEQ_KEY, seq.to_le_bytes());
+        batch.put_cf(self.cf(CF_META)?, FORMAT_KEY, FORMAT.to_le_bytes());
         self.write(batch)
     }
 
@@ -169,5 +187,38 @@ impl ReplicaStore for RocksReplica {
         let mut batch = WriteBatch::default();
         batch.put_cf(self.cf(CF_META)?, EPOCH_KEY, bytes.as_slice());
         self.write(batch)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use roost_model::link::{DeviceAuth, RegistryChange};
+    use roost_storage::ReplicaStore;
+
+    use crate::{EngineDb, CF_META};
+
+    #[test]
+    fn a_replica_of_another_layout_is_emptied_when_it_loads() {
+        let dir = std::env::temp_dir().join(format!("roost-rocks-replica-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let db = EngineDb::open(&dir, 1).expect("open");
+        let replica = db.replica();
+        let d = DeviceAuth::with_keys("d1", true, &[1], &[2]);
+        replica
+            .apply(0, &[RegistryChange::Upsert(d.clone())])
+            .expect("apply");
+        assert_eq!(replica.load().expect("load"), (1, vec![d.clone()]));
+        // As an older roost left it: no layout key.
+        let raw = &replica.db;
+        raw.delete_cf(raw.cf_handle(CF_META).expect("cf"), super::FORMAT_KEY)
+            .expect("delete");
+        assert_eq!(replica.load().expect("load"), (0, vec![]), "emptied");
+        assert_eq!(replica.load().expect("again"), (0, vec![]));
+        replica
+            .apply(0, &[RegistryChange::Upsert(d.clone())])
+            .expect("apply from 0");
+        assert_eq!(replica.load().expect("load"), (1, vec![d]));
+        drop(db);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -7,8 +7,8 @@
 //! - `$body.a.b[0]`: the message body as JSON — only when the content type is
 //!   `application/json` and the encoding UTF-8, UTF-16 or UTF-32; decoded at most once per
 //!   message, whichever condition or plugin asks first;
-//! - `$twin.tags.…`: the sender's twin tags (the module's for a module) from the engine's
-//!   registry view;
+//! - `$twin.tags.…`, `$twin.properties.desired.…`, `$twin.properties.reported.…`: the
+//!   sender's twin (the module's for a module) from the engine's registry view;
 //! - `$contentType`, `$connectionDeviceId`, … : system properties; another `$name` is looked up
 //!   in the system properties, then in the application properties;
 //! - a bare name: an application property, case-insensitively.
@@ -77,7 +77,7 @@ impl Condition {
         &self.text
     }
 
-    /// Whether the condition reads `$twin` (so the caller must find the sender's tags).
+    /// Whether the condition reads `$twin` (so the caller must find the sender's twin view).
     pub fn reads_twin(&self) -> bool {
         self.reads_twin
     }
@@ -144,13 +144,20 @@ fn resolve_path(p: &mut [Segment]) -> Result<(), String> {
                     lower
                 }
                 "properties" => {
-                    return Err(
-                        "$twin.properties is not available to routing conditions yet; \
-                                the engine's registry view holds $twin.tags"
-                            .into(),
-                    )
+                    let part = match p.get(2) {
+                        Some(Segment::Key(k)) => k.to_ascii_lowercase(),
+                        _ => String::new(),
+                    };
+                    if part != "desired" && part != "reported" {
+                        return Err(format!(
+                            "{first}.properties must be followed by .desired or .reported"
+                        ));
+                    }
+                    p[1] = Segment::Key("properties".into());
+                    p[2] = Segment::Key(part);
+                    lower
                 }
-                _ => return Err(format!("{first} must be followed by .tags")),
+                _ => return Err(format!("{first} must be followed by .tags or .properties")),
             }
         }
         name if name.starts_with('$') => {
@@ -175,12 +182,13 @@ fn resolve_path(p: &mut [Segment]) -> Result<(), String> {
     Ok(())
 }
 
-/// A message as conditions (and the Lua host) read it: the message, the sender's twin tags,
-/// and the JSON of each decoded at most once.
+/// A message as conditions (and the Lua host) read it: the message, what routing sees of the
+/// sender's twin, and the JSON of each decoded at most once.
 pub struct Subject<'m> {
     pub message: &'m Message,
-    /// The sender's twin tags as JSON text, from the registry view (empty: none).
-    pub tags: &'m str,
+    /// The sender's twin as the registry view carries it (`DeviceAuth::twin`: JSON text of
+    /// `{"tags":…,"properties":{"desired":…,"reported":…}}`; empty: nothing).
+    pub twin_text: &'m str,
     body: &'m OnceCell<Option<Value>>,
     twin: OnceCell<Option<Value>>,
 }
@@ -188,10 +196,10 @@ pub struct Subject<'m> {
 impl<'m> Subject<'m> {
     /// `body` caches the decoded body; it belongs to whoever owns the message, so a plugin's
     /// decode serves the conditions after it.
-    pub fn new(message: &'m Message, tags: &'m str, body: &'m OnceCell<Option<Value>>) -> Self {
+    pub fn new(message: &'m Message, twin: &'m str, body: &'m OnceCell<Option<Value>>) -> Self {
         Subject {
             message,
-            tags,
+            twin_text: twin,
             body,
             twin: OnceCell::new(),
         }
@@ -203,9 +211,9 @@ impl<'m> Subject<'m> {
         self.body.get_or_init(|| body_json(self.message)).as_ref()
     }
 
-    fn tags(&self) -> Option<&Value> {
+    fn twin(&self) -> Option<&Value> {
         self.twin
-            .get_or_init(|| serde_json::from_str(self.tags).ok())
+            .get_or_init(|| serde_json::from_str(self.twin_text).ok())
             .as_ref()
     }
 
@@ -245,7 +253,7 @@ impl Document for Subject<'_> {
         };
         match first.as_str() {
             "$body" => self.body()?.lookup(&path[1..]),
-            "$twin" => self.tags()?.lookup(&path[2..]),
+            "$twin" => self.twin()?.lookup(&path[1..]),
             name if name.starts_with('$') => {
                 let name = &name[1..];
                 if SYSTEM.contains(&name) {
@@ -397,7 +405,7 @@ mod tests {
         c.matches(&Subject::new(m, tags, &cache))
     }
 
-    const TAGS: &str = r#"{"building":"43","site":{"name":"north"},"floors":[1,2]}"#;
+    const TAGS: &str = r#"{"tags":{"building":"43","site":{"name":"north"},"floors":[1,2]},"properties":{"desired":{"mode":"eco","$version":3},"reported":{"fw":{"version":"1.2"},"$version":7}}}"#;
 
     #[test]
     fn the_specs_examples() {
@@ -424,6 +432,11 @@ mod tests {
                 true,
             ),
             ("$twin.tags.nope = 'x'", false),
+            ("$twin.properties.desired.mode = 'eco'", true),
+            ("$twin.Properties.Reported.fw.version = '1.2'", true),
+            ("$twin.properties.reported.$version = 7", true),
+            ("$twin.properties.reported.mode = 'eco'", false),
+            ("$twin.properties.desired.Mode = 'eco'", false),
             ("level = 'critical'", true),
             ("LEVEL = 'critical' AND $level = 'critical'", true),
             ("temp = '31'", true),
@@ -505,8 +518,8 @@ mod tests {
     fn invalid_conditions_say_why() {
         for (src, want) in [
             ("$body > 1", "invalid condition \"$body > 1\": $body alone cannot be used; name a part of it, as in $body.temperature"),
-            ("$twin.properties.reported.x = 1", "invalid condition \"$twin.properties.reported.x = 1\": $twin.properties is not available to routing conditions yet; the engine's registry view holds $twin.tags"),
-            ("$twin.x = 1", "invalid condition \"$twin.x = 1\": $twin must be followed by .tags"),
+            ("$twin.properties.x = 1", "invalid condition \"$twin.properties.x = 1\": $twin.properties must be followed by .desired or .reported"),
+            ("$twin.x = 1", "invalid condition \"$twin.x = 1\": $twin must be followed by .tags or .properties"),
             ("level.x = 1", "invalid condition \"level.x = 1\": application property level has no parts (the message body is $body)"),
             ("$contentType.x = 1", "invalid condition \"$contentType.x = 1\": $contentType is a property and has no parts"),
             ("level = ", "invalid condition \"level = \": expected a value, a property path or '(', found the end of the query (at offset 8)"),

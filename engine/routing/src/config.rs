@@ -141,8 +141,9 @@ pub enum EnrichValue {
     Literal(String),
     /// `$iothubname`.
     HubName,
-    /// `$twin.tags.a.b`: the path after `tags`.
-    TwinTag(Vec<String>),
+    /// `$twin.tags.a.b`, `$twin.properties.reported.a`: the path after `$twin` (its first
+    /// part `tags` or `properties`, then `desired` or `reported`).
+    Twin(Vec<String>),
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -480,7 +481,8 @@ fn valid_name(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
-/// An enrichment's value: `$iothubname`, `$twin.tags.…`, or a literal.
+/// An enrichment's value: `$iothubname`, `$twin.tags.…`, `$twin.properties.desired|reported.…`,
+/// or a literal.
 fn enrich_value(text: &str) -> Result<EnrichValue, String> {
     if text.eq_ignore_ascii_case("$iothubname") {
         return Ok(EnrichValue::HubName);
@@ -495,12 +497,32 @@ fn enrich_value(text: &str) -> Result<EnrichValue, String> {
             if path.is_empty() || path.iter().any(String::is_empty) {
                 return Err(format!("{text:?} must name a tag, as in $twin.tags.site"));
             }
-            Ok(EnrichValue::TwinTag(path))
+            Ok(EnrichValue::Twin(
+                std::iter::once("tags".to_string()).chain(path).collect(),
+            ))
         }
         (Some(t), Some("properties")) if t.eq_ignore_ascii_case("twin") => {
-            Err("$twin.properties is not available to enrichments yet; the engine's registry view holds $twin.tags".into())
+            let part = parts.next().unwrap_or_default();
+            let path: Vec<String> = parts.map(str::to_string).collect();
+            if !matches!(part, "desired" | "reported")
+                || path.is_empty()
+                || path.iter().any(String::is_empty)
+            {
+                return Err(format!(
+                    "{text:?} must name a property, as in $twin.properties.reported.firmware"
+                ));
+            }
+            Ok(EnrichValue::Twin(
+                ["properties", part]
+                    .into_iter()
+                    .map(str::to_string)
+                    .chain(path)
+                    .collect(),
+            ))
         }
-        _ => Err(format!("{text:?}: a value starting with $ is $iothubname or $twin.tags.…")),
+        _ => Err(format!(
+            "{text:?}: a value starting with $ is $iothubname, $twin.tags.… or $twin.properties.…"
+        )),
     }
 }
 

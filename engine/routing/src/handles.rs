@@ -21,29 +21,29 @@ use crate::convert;
 #[derive(Default)]
 pub struct Slot {
     pub msg: Option<Message>,
-    /// The sender's twin tags as JSON text.
-    pub tags: String,
+    /// The sender's twin as the registry view carries it (`DeviceAuth::twin`).
+    pub twin: String,
     /// The body as JSON (`None` inside: not JSON), decoded at most once.
     pub body: OnceCell<Option<Value>>,
     lua_json: Option<Table>,
-    lua_tags: Option<Table>,
+    lua_twin: Option<Table>,
 }
 
 impl Slot {
     /// Puts `msg` in for routing; the caches start empty.
-    pub fn enter(&mut self, msg: Message, tags: &str) {
+    pub fn enter(&mut self, msg: Message, twin: &str) {
         self.msg = Some(msg);
-        self.tags.clear();
-        self.tags.push_str(tags);
+        self.twin.clear();
+        self.twin.push_str(twin);
         self.body = OnceCell::new();
         self.lua_json = None;
-        self.lua_tags = None;
+        self.lua_twin = None;
     }
 
     /// Takes the message out; handles kept by a script see an empty slot from now on.
     pub fn leave(&mut self) -> Option<Message> {
         self.lua_json = None;
-        self.lua_tags = None;
+        self.lua_twin = None;
         self.msg.take()
     }
 }
@@ -166,8 +166,8 @@ fn json_method(lua: &Lua, slot: Shared) -> mlua::Result<mlua::Function> {
 /// `msg:set_json(v)`: the body becomes `v` as JSON (UTF-8, application/json).
 fn set_json_method(lua: &Lua, slot: Shared) -> mlua::Result<mlua::Function> {
     lua.create_function(move |_, (_this, v): (Lua_, Lua_)| {
-        let json =
-            convert::to_json(&v).map_err(|e| mlua::Error::RuntimeError(format!("set_json: {e}")))?;
+        let json = convert::to_json(&v)
+            .map_err(|e| mlua::Error::RuntimeError(format!("set_json: {e}")))?;
         let mut slot = slot.borrow_mut();
         let msg = slot.msg.as_mut().ok_or_else(gone)?;
         msg.body =
@@ -293,18 +293,37 @@ impl UserData for DeviceHandle {
             match &*key.to_str()? {
                 "id" => opt_str(lua, Some(&msg.system.connection_device_id)),
                 "module" => opt_str(lua, msg.system.connection_module_id.as_deref()),
-                "tags" => {
-                    if let Some(t) = &slot.lua_tags {
-                        return Ok(Lua_::Table(t.clone()));
-                    }
-                    let tags: Value = serde_json::from_str(&slot.tags)
-                        .unwrap_or(Value::Object(Default::default()));
-                    let t = match convert::to_lua(lua, &tags)? {
-                        Lua_::Table(t) => t,
-                        _ => lua.create_table()?,
+                part @ ("tags" | "properties") => {
+                    let twin = match &slot.lua_twin {
+                        Some(t) => t.clone(),
+                        None => {
+                            let twin: Value = serde_json::from_str(&slot.twin)
+                                .unwrap_or(Value::Object(Default::default()));
+                            let t = match convert::to_lua(lua, &twin)? {
+                                Lua_::Table(t) => t,
+                                _ => lua.create_table()?,
+                            };
+                            // Always tables, so `device.properties.reported.x` is nil, not
+                            // an error, for a device with nothing in its twin.
+                            let table = |parent: &Table, k: &str| -> mlua::Result<Table> {
+                                match parent.raw_get::<Lua_>(k)? {
+                                    Lua_::Table(t) => Ok(t),
+                                    _ => {
+                                        let fresh = lua.create_table()?;
+                                        parent.raw_set(k, fresh.clone())?;
+                                        Ok(fresh)
+                                    }
+                                }
+                            };
+                            table(&t, "tags")?;
+                            let properties = table(&t, "properties")?;
+                            table(&properties, "desired")?;
+                            table(&properties, "reported")?;
+                            slot.lua_twin = Some(t.clone());
+                            t
+                        }
                     };
-                    slot.lua_tags = Some(t.clone());
-                    Ok(Lua_::Table(t))
+                    twin.raw_get::<Lua_>(part)
                 }
                 _ => Ok(Lua_::Nil),
             }

@@ -8,6 +8,7 @@
 //!               props = { level = "high" }, content_type = "…", content_encoding = "…",
 //!               device_id = "d1", module_id = "m1", source = "telemetry" },
 //!   tags = { site = "north" },                         -- the sender's twin tags
+//!   properties = { reported = { fw = "1.2" } },        -- and properties (both optional)
 //!   expect = { verdict = "continue",                   -- or "drop", "reject"
 //!              code = "400",                           -- a rejection's code
 //!              props = { level = "high" },             -- every property after the plugin
@@ -107,8 +108,7 @@ fn run_case(plugin: &str, sources: &[(String, String)], case: &Value) -> Result<
     let mut routing = Routing::load_with_defaults("spec-routes.lua", &routes, sources, "spec-hub")
         .map_err(|e| format!("load: {e}"))?;
     let mut msg = message(case.get("message").unwrap_or(&Value::Null))?;
-    let tags = case.get("tags").map(Value::to_string).unwrap_or_default();
-    let outcome = routing.route(&mut msg, &tags);
+    let outcome = routing.route(&mut msg, &twin(case));
     let expect = case
         .get("expect")
         .cloned()
@@ -169,6 +169,15 @@ fn run_case(plugin: &str, sources: &[(String, String)], case: &Value) -> Result<
         }
     }
     Ok(())
+}
+
+/// The twin view (`DeviceAuth::twin`) of a case's `tags` and `properties` (both optional).
+pub fn twin(case: &Value) -> String {
+    serde_json::json!({
+        "tags": case.get("tags").cloned().unwrap_or(Value::Object(Map::new())),
+        "properties": case.get("properties").cloned().unwrap_or(Value::Object(Map::new())),
+    })
+    .to_string()
 }
 
 pub fn message(m: &Value) -> Result<roost_model::Message, String> {

@@ -251,9 +251,10 @@ impl Routing {
             .map(|(_, e)| e.name.as_str())
     }
 
-    /// Whether routing reads the sender's twin tags: a `$twin` condition or enrichment, or any
-    /// Lua (a plugin or condition may read `device.tags`). Otherwise the caller may pass no tags.
-    pub fn reads_tags(&self) -> bool {
+    /// Whether routing reads the sender's twin: a `$twin` condition or enrichment, or any Lua
+    /// (a plugin or condition may read `device.tags` or `device.properties`). Otherwise the
+    /// caller may pass no twin.
+    pub fn reads_twin(&self) -> bool {
         self.lua
             || self
                 .config
@@ -264,7 +265,7 @@ impl Routing {
                 .config
                 .enrichments
                 .iter()
-                .any(|e| matches!(e.value, EnrichValue::TwinTag(_)))
+                .any(|e| matches!(e.value, EnrichValue::Twin(_)))
     }
 
     /// The names of the routes in `bits` (an [`Outcome::routes`]).
@@ -282,15 +283,15 @@ impl Routing {
         self.vm.lua.used_memory()
     }
 
-    /// Routes `msg`, which plugins may change in place. `tags` is the sender's twin tags as JSON
-    /// text from the registry view (empty: none).
-    pub fn route(&mut self, msg: &mut Message, tags: &str) -> Outcome {
+    /// Routes `msg`, which plugins may change in place. `twin` is what routing sees of the
+    /// sender's twin, from the registry view (`DeviceAuth::twin`; empty: nothing).
+    pub fn route(&mut self, msg: &mut Message, twin: &str) -> Outcome {
         let source = RouteSource::of(msg.source);
         if !self.lua {
             // hot path: no Lua in this epoch; the message is read where it is.
             let body = OnceCell::new();
-            let (mask, routes) = self.match_routes(source, Some(&Subject::new(msg, tags, &body)));
-            return self.finish(mask, routes, source, tags);
+            let (mask, routes) = self.match_routes(source, Some(&Subject::new(msg, twin, &body)));
+            return self.finish(mask, routes, source, twin);
         }
         let placeholder = Message {
             source: msg.source,
@@ -303,11 +304,11 @@ impl Routing {
         // What a script rawset into `msg` goes (writes cannot fail short of the VM's memory
         // limit, and then the scripts fail on their own).
         let _ = self.handles.reset();
-        self.handles.slot.borrow_mut().enter(owned, tags);
+        self.handles.slot.borrow_mut().enter(owned, twin);
         let outcome = match self.run_plugins(source) {
             Verdict::Route => {
                 let (mask, routes) = self.match_routes(source, None);
-                self.finish(mask, routes, source, tags)
+                self.finish(mask, routes, source, twin)
             }
             verdict => Outcome {
                 verdict,
@@ -340,7 +341,7 @@ impl Routing {
                         let slot = self.handles.slot.borrow();
                         slot.msg
                             .as_ref()
-                            .is_some_and(|m| c.matches(&Subject::new(m, &slot.tags, &slot.body)))
+                            .is_some_and(|m| c.matches(&Subject::new(m, &slot.twin, &slot.body)))
                     }
                 },
                 When::Lua(f) => {
@@ -366,7 +367,7 @@ impl Routing {
     }
 
     /// The fallback when nothing matched (telemetry only, as IoT Hub), then the enrichments.
-    fn finish(&mut self, mut mask: u64, routes: u128, source: RouteSource, tags: &str) -> Outcome {
+    fn finish(&mut self, mut mask: u64, routes: u128, source: RouteSource, twin: &str) -> Outcome {
         if mask == 0 {
             match (&self.config.fallback, source) {
                 (Some(f), RouteSource::Telemetry) => {
@@ -379,7 +380,7 @@ impl Routing {
             }
         }
         let mut stamps = Vec::new();
-        // The tags are parsed once for every `$twin.tags` enrichment of the message.
+        // The twin is parsed once for every `$twin` enrichment of the message.
         let parsed: OnceCell<Option<Value>> = OnceCell::new();
         for en in &self.config.enrichments {
             let endpoints = en.endpoints.iter().fold(0u64, |m, &e| m | 1 << e) & mask;
@@ -389,9 +390,9 @@ impl Routing {
             let value = match &en.value {
                 EnrichValue::Literal(s) => s.clone(),
                 EnrichValue::HubName => self.hub_name.clone(),
-                EnrichValue::TwinTag(path) => twin_tag(
+                EnrichValue::Twin(path) => twin_value(
                     parsed
-                        .get_or_init(|| serde_json::from_str(tags).ok())
+                        .get_or_init(|| serde_json::from_str(twin).ok())
                         .as_ref(),
                     path,
                 ),
@@ -471,16 +472,17 @@ impl Routing {
     }
 }
 
-/// The value of `$twin.tags.a.b` for an enrichment: a string as it is, another value as JSON,
-/// and, as IoT Hub does, the placeholder's own text when the twin has no such tag.
-fn twin_tag(tags: Option<&Value>, path: &[String]) -> String {
+/// The value of `$twin.tags.a.b` or `$twin.properties.reported.a` for an enrichment: a string
+/// as it is, another value as JSON, and, as IoT Hub does, the placeholder's own text when the
+/// twin has no such value.
+fn twin_value(twin: Option<&Value>, path: &[String]) -> String {
     let found = path
         .iter()
-        .try_fold(tags, |v, k| Some(v?.get(k.as_str())))
+        .try_fold(twin, |v, k| Some(v?.get(k.as_str())))
         .flatten();
     match found {
         Some(Value::String(s)) => s.clone(),
-        Some(Value::Null) | None => format!("$twin.tags.{}", path.join(".")),
+        Some(Value::Null) | None => format!("$twin.{}", path.join(".")),
         Some(other) => other.to_string(),
     }
 }

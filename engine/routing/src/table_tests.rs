@@ -32,7 +32,7 @@ return {
 }
 "#;
 
-const TAGS: &str = r#"{"building":"43","site":"north"}"#;
+const TAGS: &str = r#"{"tags":{"building":"43","site":"north"},"properties":{"desired":{"$version":1},"reported":{"fw":"1.2","$version":4}}}"#;
 
 fn load_with(routes: &str, plugins: &[(String, String)]) -> Result<Routing, ConfigError> {
     Routing::load(
@@ -159,6 +159,54 @@ fn a_missing_twin_tag_is_stamped_with_its_placeholder() {
 }
 
 #[test]
+fn twin_properties_reach_enrichments_and_plugins() {
+    let h = r#"return { on_message = function(msg, device, conf, state)
+      msg.props.seen = tostring(device.properties.reported.fw) .. "|" .. tostring(device.tags.site)
+        .. "|" .. tostring(device.properties.desired["$version"])
+    end }"#;
+    let mut r = load_with(
+        r#"return { plugins = { { use = "h" } },
+          routes = { { name = "fw", condition = "$twin.properties.reported.fw = '1.2'", endpoints = { "events" } } },
+          fallback = false,
+          enrichments = { { key = "fw", value = "$twin.properties.reported.fw", endpoints = { "events" } },
+                          { key = "mode", value = "$twin.properties.desired.mode", endpoints = { "events" } } } }"#,
+        &plugin("h", h, "return {}"),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert!(r.reads_twin());
+    let mut m = message("{}", &[]);
+    let o = r.route(&mut m, TAGS);
+    assert_eq!(names(&r, o.endpoints), ["events"]);
+    let stamps: Vec<(&str, &str)> = o
+        .stamps
+        .iter()
+        .map(|s| (s.key.as_str(), s.value.as_str()))
+        .collect();
+    assert_eq!(
+        stamps,
+        [("fw", "1.2"), ("mode", "$twin.properties.desired.mode")]
+    );
+    assert!(
+        m.app.contains(&("seen".into(), "1.2|north|1".into())),
+        "{:?} {:?}",
+        m.app,
+        r.stats().plugins
+    );
+    // A device with nothing in its twin view: empty tables, no error.
+    let mut bare = message("{}", &[]);
+    let o = r.route(&mut bare, "");
+    assert_eq!(
+        o.endpoints, 0,
+        "the condition is undefined without the property"
+    );
+    assert!(
+        bare.app.contains(&("seen".into(), "nil|nil|nil".into())),
+        "{:?}",
+        bare.app
+    );
+}
+
+#[test]
 fn without_a_fallback_an_unmatched_message_goes_nowhere_and_is_counted() {
     let mut r = load(
         r#"return { routes = { { name = "a", condition = "level = 'x'", endpoints = { "events" } } },
@@ -195,7 +243,7 @@ fn the_default_routes_lua_sends_everything_to_events() {
         1,
         "only the telemetry took the fallback"
     );
-    assert!(!r.reads_tags(), "nothing there reads the twin");
+    assert!(!r.reads_twin(), "nothing there reads the twin");
 }
 
 fn error(src: &str) -> String {
@@ -258,7 +306,11 @@ fn configuration_errors_name_their_line() {
         ),
         (
             "return {\n  enrichments = {\n    { key = \"k\", value = \"$twin.tag.x\", endpoints = { \"events\" } },\n  },\n}",
-            "routes.lua:3: enrichment \"k\": \"$twin.tag.x\": a value starting with $ is $iothubname or $twin.tags.…",
+            "routes.lua:3: enrichment \"k\": \"$twin.tag.x\": a value starting with $ is $iothubname, $twin.tags.… or $twin.properties.…",
+        ),
+        (
+            "return {\n  enrichments = {\n    { key = \"k\", value = \"$twin.properties.x\", endpoints = { \"events\" } },\n  },\n}",
+            "routes.lua:3: enrichment \"k\": \"$twin.properties.x\" must name a property, as in $twin.properties.reported.firmware",
         ),
         (
             "return { plugins = { { use = \"nope\" } } }",
@@ -469,9 +521,18 @@ fn a_script_that_overwrites_msg_fields_cannot_break_the_next_message() {
     for _ in 0..2 {
         let mut m = message("{}", &[("level", "x")]);
         let o = r.route(&mut m, TAGS);
-        assert_eq!(o.verdict, Verdict::Route, "each message sees msg.props and msg:json");
+        assert_eq!(
+            o.verdict,
+            Verdict::Route,
+            "each message sees msg.props and msg:json"
+        );
         assert_eq!(names(&r, o.endpoints), ["events"]);
-        assert!(m.app.contains(&("seen".to_string(), "msg|true".to_string())), "{:?}", m.app);
+        assert!(
+            m.app
+                .contains(&("seen".to_string(), "msg|true".to_string())),
+            "{:?}",
+            m.app
+        );
     }
 }
 

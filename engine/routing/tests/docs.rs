@@ -73,7 +73,7 @@ fn every_tested_example_of_the_routing_reference_loads() {
             let mut m =
                 roost_routing::spec::message(&serde_json::json!({"body": {"temperature": 35}}))
                     .expect("message");
-            let o = r.route(&mut m, r#"{"site":"north"}"#);
+            let o = r.route(&mut m, r#"{"tags":{"site":"north"}}"#);
             assert_eq!(o.verdict, Verdict::Route);
             assert!(
                 m.app.contains(&("hot".to_string(), "true".to_string())),

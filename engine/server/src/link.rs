@@ -575,7 +575,7 @@ mod tests {
     fn a_tag_change_does_not_revoke() {
         let old = dev("a", true);
         let mut tagged = old.clone();
-        tagged.tags = r#"{"site":"oslo"}"#.into();
+        tagged.twin = r#"{"tags":{"site":"oslo"}}"#.into();
         assert!(!revokes(&old, Some(&tagged)));
         let mut rekeyed = tagged.clone();
         rekeyed.primary_key = vec![9];

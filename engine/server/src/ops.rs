@@ -7,7 +7,7 @@
 //!   persisted checkpoint (or `from` when it has none) and `{"positions":{"p":next}}`
 //! - `POST /events/groups/{g}/checkpoint` with `{"p":next,..}` → 204
 //! - `GET /registry/devices/{id}[/modules/{m}]` → the identity as this engine's registry view
-//!   has it (`enabled`, `generationId`, twin `tags`, `registrySequence`; never keys)
+//!   has it (`enabled`, `generationId`, twin `tags` and `properties` as routing sees them, `registrySequence`; never keys)
 //! - both reads take `source=Telemetry|twinChangeEvents|deviceLifecycleEvents|deviceConnectionStateEvents`:
 //!   only records of that `iothub-message-source` (a read looks at most at `MAX_SCANNED`)
 
@@ -101,7 +101,7 @@ impl Ops {
                 format!("{client_id} is not in this engine's registry\n"),
             );
         };
-        let tags = match d.tags.as_str() {
+        let twin = match d.twin.as_str() {
             "" => json!({}),
             t => serde_json::from_str(t).unwrap_or(json!({})),
         };
@@ -111,7 +111,8 @@ impl Ops {
                 "clientId": d.device_id,
                 "enabled": d.enabled,
                 "generationId": d.generation_id,
-                "tags": tags,
+                "tags": twin.get("tags").cloned().unwrap_or(json!({})),
+                "properties": twin.get("properties").cloned().unwrap_or(json!({})),
                 "registrySequence": view.seq(),
             }),
         )

@@ -137,7 +137,7 @@ pub struct ShardRouting {
     pub routing: Routing,
     /// Whether routing reads the sender's twin tags (a `$twin` condition or enrichment, or
     /// any Lua): only then is the registry consulted per message.
-    pub needs_tags: bool,
+    pub needs_twin: bool,
     /// The endpoint names of `last_mask`, reused while messages keep going to the same place.
     names: Vec<String>,
     last_mask: u64,
@@ -154,7 +154,7 @@ impl ShardRouting {
         let routing = source.load(hub_name)?;
         Ok(ShardRouting {
             cell_version,
-            needs_tags: routing.reads_tags(),
+            needs_twin: routing.reads_twin(),
             flushed: routing.stats().clone(),
             routing,
             names: Vec::new(),
@@ -241,13 +241,13 @@ impl ShardRouting {
     pub fn route_and_archive(
         &mut self,
         mut message: Message,
-        tags: &str,
+        twin: &str,
         out: rkyv::util::AlignedVec,
     ) -> (
         Outcome,
         Result<rkyv::util::AlignedVec, rkyv::util::AlignedVec>,
     ) {
-        let outcome = self.routing.route(&mut message, tags);
+        let outcome = self.routing.route(&mut message, twin);
         if outcome.endpoints == 0 || outcome.verdict != roost_routing::Verdict::Route {
             return (outcome, Err(out));
         }

@@ -399,27 +399,27 @@ impl Shard {
     }
 
     /// Routes `message` and appends it once, with the endpoints it goes to, to the shard's
-    /// partition. The routing may read the sender's twin tags: the registry entry of the
+    /// partition. The routing may read the sender's twin (tags and properties): the registry entry of the
     /// message's device (`device/module` for a module).
-    // hot path: no registry read unless the routing reads tags; archive into the shard's
+    // hot path: no registry read unless the routing reads the twin; archive into the shard's
     // scratch buffer, one memcpy into the open batch.
     pub fn store(&self, message: Message) -> Result<Stored, StoreError> {
         let mut routing = self.routing.borrow_mut();
         let registry;
-        let tags = if routing.needs_tags {
+        let twin = if routing.needs_twin {
             registry = self.shared.registry.load();
             let s = &message.system;
             let entry = match &s.connection_module_id {
                 None => registry.device(&s.connection_device_id),
                 Some(m) => registry.device(&format!("{}/{m}", s.connection_device_id)),
             };
-            entry.map_or("", |d| d.tags.as_str())
+            entry.map_or("", |d| d.twin.as_str())
         } else {
             ""
         };
         let mut scratch = self.scratch.borrow_mut();
         let buf = std::mem::take(&mut *scratch);
-        let (outcome, archived) = routing.route_and_archive(message, tags, buf);
+        let (outcome, archived) = routing.route_and_archive(message, twin, buf);
         drop(routing);
         let buf = match archived {
             Ok(buf) => buf,

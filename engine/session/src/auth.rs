@@ -185,7 +185,7 @@ mod tests {
                 primary_key: vec![7; 32],
                 secondary_key: vec![9; 32],
                 generation_id: "638000000000000001".into(),
-                tags: String::new(),
+                twin: String::new(),
             }],
         )
     }

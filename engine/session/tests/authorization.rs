@@ -38,7 +38,7 @@ fn registry() -> Projection {
             primary_key: vec![p; 32],
             secondary_key: vec![s; 32],
             generation_id: format!("gen-{id}"),
-            tags: String::new(),
+            twin: String::new(),
         }),
     )
 }

@@ -420,6 +420,24 @@ impl Twin {
         })
     }
 
+    /// What routing reads of the twin (the registry's `DeviceAuth::twin`), as JSON text:
+    /// `{"tags":{…},"properties":{"desired":{…},"reported":{…}}}` with each section's
+    /// `$version` and no `$metadata`. Empty when the twin has no tags and no properties, so an
+    /// untouched twin costs the engines' registry view nothing.
+    pub fn routing_view(&self) -> String {
+        if self.tags.is_empty()
+            && self.desired.members().is_empty()
+            && self.reported.members().is_empty()
+        {
+            return String::new();
+        }
+        serde_json::json!({
+            "tags": Value::Object(self.tags.clone()),
+            "properties": self.device_view(),
+        })
+        .to_string()
+    }
+
     /// The twin's `tags` and `properties` as the service API shows them.
     pub fn service_view(&self) -> Map<String, Value> {
         let mut out = Map::new();
