@@ -612,6 +612,11 @@ class RawMqttDevice:
 
     def _start_loop(self) -> None:
         self._thread = threading.Thread(target=self._network_loop, name=f"mqtt-{self.device_id}", daemon=True)
+        # paho 1.x writes a publish from the calling thread when it sees no loop thread of its
+        # own, racing the loop's TLS reads on the same SSL object (OpenSSL allows one thread at
+        # a time): packets then vanish now and then. Told about this thread, paho queues the
+        # packet and the loop thread writes it.
+        self.client._thread = self._thread
         self._thread.start()
 
     def connect(self, timeout: float = 20.0) -> None:
