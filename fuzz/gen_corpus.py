@@ -162,6 +162,136 @@ def text_corpora():
     }
 
 
+# ---- AMQP 1.0 (amqp_frame): the frames of the transcripts in specs/azure-amqp-eventhubs.md §7,
+# encoded here independently of roost-amqp (liberal forms too: list0, symbolic descriptors).
+class Sym(str):
+    pass
+
+
+class Described:
+    def __init__(self, descriptor, value):
+        self.descriptor, self.value = descriptor, value
+
+
+class Uuid(bytes):
+    pass
+
+
+class Ts(int):
+    pass
+
+
+class Ulong(int):
+    pass
+
+
+def amqp(v):
+    if v is None:
+        return b"\x40"
+    if v is True:
+        return b"\x41"
+    if v is False:
+        return b"\x42"
+    if isinstance(v, Described):
+        return b"\x00" + amqp(v.descriptor) + amqp(v.value)
+    if isinstance(v, Ts):
+        return b"\x83" + struct.pack(">q", v)
+    if isinstance(v, Ulong):
+        return b"\x53" + bytes([v]) if v < 256 else b"\x80" + struct.pack(">Q", v)
+    if isinstance(v, int):
+        return b"\x70" + struct.pack(">I", v) if v >= 0 else b"\x71" + struct.pack(">i", v)
+    if isinstance(v, Uuid):
+        return b"\x98" + bytes(v)
+    if isinstance(v, bytes):
+        return (b"\xa0" + bytes([len(v)]) if len(v) < 256 else b"\xb0" + struct.pack(">I", len(v))) + v
+    if isinstance(v, Sym):
+        raw = v.encode()
+        return b"\xa3" + bytes([len(raw)]) + raw
+    if isinstance(v, str):
+        raw = v.encode()
+        return (b"\xa1" + bytes([len(raw)]) if len(raw) < 256 else b"\xb1" + struct.pack(">I", len(raw))) + raw
+    if isinstance(v, list):
+        if not v:
+            return b"\x45"
+        body = b"".join(amqp(i) for i in v)
+        return b"\xd0" + struct.pack(">II", len(body) + 4, len(v)) + body
+    if isinstance(v, dict):
+        body = b"".join(amqp(k) + amqp(x) for k, x in v.items())
+        return b"\xd1" + struct.pack(">II", len(body) + 4, 2 * len(v)) + body
+    raise TypeError(v)
+
+
+def perf(code, fields):
+    return amqp(Described(Ulong(code), fields))
+
+
+def amqp_frame(body, kind=0, channel=0):
+    return struct.pack(">IBBH", 8 + len(body), 2, kind, channel) + body
+
+
+def section(code, value):
+    return amqp(Described(Ulong(code), value))
+
+
+def amqp_seeds():
+    host = "hub.example.net"
+    token = "SharedAccessSignature sr=sb%3A%2F%2Fhub.example.net%2Fhub&sig=c2ln&se=1767225600&skn=iothubowner"
+    cbs = section(0x73, [Uuid(bytes(range(16)))]) + section(0x74, {
+        "name": "sb://hub.example.net/hub", "operation": "put-token",
+        "type": "servicebus.windows.net:sastoken", "expiration": Ts(1767225600000)}) + section(0x77, token)
+    transfer = lambda handle, did, payload, settled=False: amqp_frame(
+        perf(0x14, [handle, did, b"\x00\x00\x00\x01", 0, settled, False]) + payload)
+    selector = Described(Sym("apache.org:selector-filter:string"), "amqp.annotation.x-opt-offset > '-1'")
+    event = section(0x72, {Sym("x-opt-sequence-number"): Ulong(0), Sym("x-opt-offset"): "0",
+                           Sym("x-opt-enqueued-time"): Ts(1767225600000), Sym("iothub-connection-device-id"): "dev1",
+                           Sym("iothub-message-source"): "Telemetry"}) \
+        + section(0x73, ["m-1", None, None, None, None, None, Sym("application/json"), Sym("utf-8")]) \
+        + section(0x74, {"level": "critical"}) + section(0x75, b'{"temperature":31}')
+    py_eh = (b"AMQP\x03\x01\x00\x00"
+             + amqp_frame(perf(0x41, [Sym("ANONYMOUS"), b"", host]), kind=1)
+             + b"AMQP\x00\x01\x00\x00"
+             + amqp_frame(perf(0x10, ["c-uuid", host, 1048576, 65535]))
+             + amqp_frame(perf(0x11, [None, 0, 65536, 65536, 4294967295]))
+             + amqp_frame(perf(0x12, ["r-uuid", 2, True, 0, 0, Described(Ulong(0x28), ["$cbs"]), Described(Ulong(0x29), ["$cbs"])]))
+             + amqp_frame(perf(0x12, ["s-uuid", 1, False, 0, 0, Described(Ulong(0x28), ["$cbs"]), Described(Ulong(0x29), ["$cbs"]), None, None, 0]))
+             + amqp_frame(perf(0x13, [0, 65536, 0, 65536, 2, 0, 10000]))
+             + transfer(1, 0, cbs)
+             + amqp_frame(perf(0x12, ["rcv", 3, True, 0, 0,
+                                      Described(Ulong(0x28), ["amqps://hub.example.net/hub/ConsumerGroups/$Default/Partitions/0",
+                                                              None, None, None, None, None, None,
+                                                              {Sym("apache.org:selector-filter:string"): selector}]),
+                                      Described(Ulong(0x29), ["receiver-link-1"]), None, None, None, Ulong(1048576), None,
+                                      [Sym("com.microsoft:georeplication")], {Sym("com.microsoft:timeout"): 0}]))
+             + amqp_frame(b"")
+             + amqp_frame(perf(0x16, [3, True]))
+             + amqp_frame(perf(0x17, []))
+             + amqp_frame(perf(0x18, [])))
+    py_hub = (b"AMQP\x03\x01\x00\x00"
+              + amqp_frame(perf(0x41, [Sym("MSSBCBS")]), kind=1)
+              + b"AMQP\x00\x01\x00\x00"
+              + amqp_frame(perf(0x10, ["c", host, 65536, 65535]))
+              + amqp_frame(perf(0x12, ["sender-link-1", 0, False, 0, 1, Described(Ulong(0x28), ["client"]),
+                                       Described(Ulong(0x29), ["amqps://hub.example.net/messages/devicebound"]),
+                                       None, None, 0, Ulong(1048576)]))
+              + transfer(0, 5, section(0x73, ["uuid-string", None, "/devices/dev1/messages/devicebound"])
+                         + section(0x74, {"iothub-ack": "full"}) + section(0x75, b"hi")))
+    n_dev = (b"AMQP\x00\x01\x00\x00"
+             + amqp_frame(amqp(Described(Sym("amqp:open:list"), ["rhea-uuid", host])))
+             + amqp_frame(perf(0x11, [None, 0, 2048, 4294967295]))
+             + amqp_frame(perf(0x12, ["rheaSender_1", 2, False, None, None, Described(Ulong(0x28), []),
+                                      Described(Ulong(0x29), ["/devices/dev1/messages/events"])]))
+             + transfer(2, 7, section(0x73, [None, None, "/devices/dev1/messages/events"]) + section(0x75, b"x"))
+             + amqp_frame(perf(0x15, [True, 0, 0, True, Described(Ulong(0x24), [])])))
+    event_out = transfer(0, 0, event, settled=True)
+    multi = amqp_frame(perf(0x14, [0, 1, b"t", 0, False, True]) + event[:20]) \
+        + amqp_frame(perf(0x14, [0, None, None, None, False, False]) + event[20:])
+    return {"py_eventhub": py_eh, "py_hub_c2d": py_hub, "node_device": n_dev,
+            "event_out": event_out, "multi_frame": multi,
+            "huge_count": b"AMQP\x00\x01\x00\x00" + amqp_frame(b"\x00\x53\x10\xd0\x00\x00\x00\x05\xff\xff\xff\xff\x40"),
+            "deep": amqp_frame(b"\x00\x53\x01" * 40 + b"\x40"),
+            "oversize": struct.pack(">I", 0xfffffff0) + b"\x02\x00\x00\x00"}
+
+
 def write(target, name, data):
     out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "corpus", target)
     os.makedirs(out, exist_ok=True)
@@ -191,6 +321,8 @@ if __name__ == "__main__":
     for i, text in enumerate(twin):
         for op in (0, 1, 2, 5):
             write("twin_patch", f"seed_{i:02}_{op}", bytes([op]) + text.encode())
+    for name, data in amqp_seeds().items():
+        write("amqp_frame", name, data)
     # link_frame: a length prefix and bodies that are not archives.
     for i, data in enumerate([b"\x00\x00\x00\x00", b"\xff\xff\xff\x7f", b"\x01" * 64, b""]):
         write("link_frame", f"seed_{i:02}", data)
