@@ -323,6 +323,10 @@ if __name__ == "__main__":
             write("twin_patch", f"seed_{i:02}_{op}", bytes([op]) + text.encode())
     for name, data in amqp_seeds().items():
         write("amqp_frame", name, data)
+        # amqp_connection: one byte of choices (chunk size, SASL verdict, time, links), then
+        # the stream.
+        for choice in (0, 0x07, 0x63, 0xa0):
+            write("amqp_connection", f"{name}_{choice:02x}", bytes([choice]) + data)
     # link_frame: a length prefix and bodies that are not archives.
     for i, data in enumerate([b"\x00\x00\x00\x00", b"\xff\xff\xff\x7f", b"\x01" * 64, b""]):
         write("link_frame", f"seed_{i:02}", data)

@@ -3,8 +3,8 @@
 //! performatives and SASL frames, and the message sections.
 //!
 //! It does no I/O and reads no clock, and knows nothing of glommio or tokio: bytes go in,
-//! typed frames come out, and typed frames are written into a buffer. The connection and
-//! session state machine, CBS, the Event Hubs endpoint and the IoT Hub links are built on it.
+//! typed frames come out, and typed frames are written into a buffer; [`Connection`] drives one
+//! connection from them. CBS, the Event Hubs endpoint and the IoT Hub links are built on it.
 //!
 //! Why its own codec rather than `serde_amqp` (fe2o3-amqp's): the rules of the engine's
 //! protocol code (DESIGN.md §4) are zero-copy and limits before buffering. Here a frame is
@@ -20,15 +20,19 @@
 //! - `frame`: protocol headers, [`frame::check`], [`frame::Frame`], [`frame::write_frame`].
 //! - `performative`: [`Performative`] (open … close) and [`Sasl`], read and written.
 //! - `message`: [`Message`] and its sections.
+//! - `connection`: [`Connection`], the server side of a connection as a state machine: SASL,
+//!   OPEN, sessions, links, credit, transfers split and joined, heartbeats, limits, CLOSE.
 //! - `error`: [`Error`], one variant per way input can be wrong, with `error_code()` for
 //!   metrics and `condition()` for the CLOSE a server answers with.
 
+pub mod connection;
 pub mod error;
 pub mod frame;
 pub mod message;
 pub mod performative;
 pub mod types;
 
+pub use connection::{Config, Connection, Event, LinkId, SendError};
 pub use error::Error;
 pub use message::{Body, Header, Message, Properties};
 pub use performative::{
