@@ -1572,8 +1572,10 @@ mod tests {
                 store: store.clone(),
                 hub_name: "localhost".into(),
                 limits: Vec::new(),
+                policies: Vec::new(),
                 epoch: tokio::sync::watch::channel(crate::routes::epoch(
                     &crate::routes::StoredRouting::default(),
+                    Vec::new(),
                     Vec::new(),
                 ))
                 .0,

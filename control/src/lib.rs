@@ -80,6 +80,15 @@ pub fn run(config: ControlConfig, on_ready: impl FnOnce() + Send + 'static) -> a
                 "HostName={};SharedAccessKeyName={};SharedAccessKey={}",
                 config.hostname, owner.name, owner.primary_key
             ),
+            // The Event Hubs-compatible endpoint: the SDKs connect to 5671 on the Endpoint's
+            // host (the engine's --amqp; hub.json's ports.amqp when it is another port).
+            "eventhubs_connection_string": format!(
+                "Endpoint=sb://{}/;SharedAccessKeyName={};SharedAccessKey={};EntityPath={}",
+                config.hostname,
+                owner.name,
+                owner.primary_key,
+                config.hostname.split('.').next().unwrap_or(&config.hostname)
+            ),
             "service_url": format!("https://{}", config.service),
             "control_ops_url": format!("http://{}", config.ops),
         }),
@@ -155,11 +164,17 @@ pub fn run(config: ControlConfig, on_ready: impl FnOnce() + Send + 'static) -> a
         // The config epoch engines run: the stored routing (its version numbers the epoch) and
         // the hub's quotas. A change of settings changes the hash, which is what engines compare.
         let routing = routes::stored(&store)?;
-        let (epoch, _) = tokio::sync::watch::channel(routes::epoch(&routing, config.quotas.to_named()));
+        let policies = routes::policy_entries(&store)?;
+        let (epoch, _) = tokio::sync::watch::channel(routes::epoch(
+            &routing,
+            config.quotas.to_named(),
+            policies.clone(),
+        ));
         let routes = Arc::new(routes::Routes {
             store: store.clone(),
             hub_name: config.hostname.split('.').next().unwrap_or(&config.hostname).to_string(),
             limits: config.quotas.to_named(),
+            policies,
             epoch: epoch.clone(),
             verdicts: Arc::default(),
         });

@@ -11,7 +11,7 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-use roost_model::link::{Epoch, EpochPayload};
+use roost_model::link::{Epoch, EpochPayload, PolicyEntry};
 use roost_routing::{ConfigError, Routing};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -105,16 +105,35 @@ pub fn stored(store: &Store) -> Result<StoredRouting, StoreError> {
     }
 }
 
-/// The epoch for `routing` with the hub's limits.
-pub fn epoch(routing: &StoredRouting, limits: Vec<(String, u64)>) -> Epoch {
+/// The epoch for `routing` with the hub's limits and shared access policies.
+pub fn epoch(
+    routing: &StoredRouting,
+    limits: Vec<(String, u64)>,
+    policies: Vec<PolicyEntry>,
+) -> Epoch {
     Epoch::new(
         routing.version,
         EpochPayload {
             routes: routing.routes.clone(),
             plugins: routing.plugins.clone(),
             limits,
+            policies,
         },
     )
+}
+
+/// The shared access policies as an epoch carries them.
+pub fn policy_entries(store: &Store) -> Result<Vec<PolicyEntry>, StoreError> {
+    Ok(store
+        .policies()?
+        .into_iter()
+        .map(|p| PolicyEntry {
+            name: p.name,
+            primary_key: p.primary_key,
+            secondary_key: p.secondary_key,
+            rights: p.rights.iter().map(|r| format!("{r:?}")).collect(),
+        })
+        .collect())
 }
 
 /// Checks and stores a new routing; returns it with its version. Applies are serialised by the
@@ -155,6 +174,8 @@ pub struct Routes {
     pub hub_name: String,
     /// The hub's quotas, which every epoch carries beside the routing.
     pub limits: Vec<(String, u64)>,
+    /// The shared access policies, which every epoch carries too.
+    pub policies: Vec<PolicyEntry>,
     /// The epoch every link sends its engine.
     pub epoch: watch::Sender<Epoch>,
     pub verdicts: Arc<Verdicts>,
@@ -170,7 +191,7 @@ impl Routes {
             ))
         })?;
         let applied = apply(&self.store, req, &self.hub_name)?;
-        let epoch = epoch(&applied, self.limits.clone());
+        let epoch = epoch(&applied, self.limits.clone(), self.policies.clone());
         let hash = epoch.hash.to_string();
         tracing::info!(version = applied.version, %hash, "routing applied; engines get the new epoch");
         self.epoch.send_replace(epoch);
@@ -224,7 +245,7 @@ mod tests {
         let applied = apply(&store, good, "hub").expect("applied");
         assert_eq!(applied.version, 2);
         assert_eq!(stored(&store).expect("stored"), applied);
-        let e1 = epoch(&applied, vec![]);
+        let e1 = epoch(&applied, vec![], vec![]);
         assert!(e1.hash_is_valid());
         assert_eq!(e1.payload.routes, "return { fallback = false }");
         drop(store);

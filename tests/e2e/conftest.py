@@ -701,7 +701,7 @@ class Hub:
         self.binary = Path(binary)
         self.cores = cores
         self.hostname = hostname
-        self.ports = {name: free_port() for name in ("service", "control_ops", "link", "mqtt", "ops")}
+        self.ports = {name: free_port() for name in ("service", "control_ops", "link", "mqtt", "ops", "amqp")}
         self.control_log = self.root / "control.log"
         self.engine_log = self.root / "engine.log"
         self.cli_log = self.root / "cli.log"
@@ -820,6 +820,7 @@ class Hub:
             "--control", f"127.0.0.1:{p['link']}",
             "--mqtt", f"127.0.0.1:{p['mqtt']}",
             "--ops", f"127.0.0.1:{p['ops']}",
+            "--amqp", f"127.0.0.1:{p['amqp']}",
             "--cores", str(self.cores),
             *self.engine_args,
         ]

@@ -67,7 +67,7 @@ def test_roost_up(roost_binary, tmp_path, request):
     log = tmp_path / "up.log"
     cli_log = tmp_path / "cli.log"
     register_logs(request.node, [("up", log), ("cli", cli_log)])
-    ports = {name: free_port() for name in ("mqtt", "service", "ops", "control_ops", "link")}
+    ports = {name: free_port() for name in ("mqtt", "service", "ops", "control_ops", "link", "amqp")}
     up = spawn(roost_binary, [
         "up", "--data-dir", str(data), "--hostname", "localhost",
         "--mqtt", f"127.0.0.1:{ports['mqtt']}",
@@ -75,6 +75,7 @@ def test_roost_up(roost_binary, tmp_path, request):
         "--ops", f"127.0.0.1:{ports['ops']}",
         "--control-ops", f"127.0.0.1:{ports['control_ops']}",
         "--link", f"127.0.0.1:{ports['link']}",
+        "--amqp", f"127.0.0.1:{ports['amqp']}",
         "--cores", "2",
     ], log)
     children: list[int] = []
@@ -156,7 +157,7 @@ def test_roost_up(roost_binary, tmp_path, request):
         assert rc in (0, 130), f"roost up exited with {rc} on SIGINT"
         wait_until(lambda: not any(alive(c) for c in children), 10, f"children {children} to exit")
         wait_until(lambda: not group_members(up.pid), 10, "no process left in roost up's process group")
-        for name in ("mqtt", "service", "ops", "control_ops"):
+        for name in ("mqtt", "service", "ops", "control_ops", "amqp"):
             assert tcp_refused(ports[name]), f"{name} port {ports[name]} still accepts connections"
     finally:
         shutdown_all_clients()

@@ -293,6 +293,9 @@ pub struct UpArgs {
     /// Engine ops port: /metrics, /healthz, events consumer API.
     #[arg(long, default_value = "127.0.0.1:9464")]
     pub ops: SocketAddr,
+    /// AMQP over TLS: the Event Hubs-compatible endpoint (IoT Hub's port).
+    #[arg(long, default_value = "0.0.0.0:5671")]
+    pub amqp: SocketAddr,
     /// Control ops port: /metrics, /healthz.
     #[arg(long, default_value = "127.0.0.1:9465")]
     pub control_ops: SocketAddr,
@@ -327,6 +330,9 @@ pub struct EngineArgs {
     pub retention: RetentionArgs,
     #[arg(long, default_value = "127.0.0.1:9464")]
     pub ops: SocketAddr,
+    /// AMQP over TLS: the Event Hubs-compatible endpoint (IoT Hub's port is 5671). None: off.
+    #[arg(long, value_name = "ADDR")]
+    pub amqp: Option<SocketAddr>,
     #[arg(long)]
     pub cores: Option<usize>,
     #[arg(long, default_value = "engine-1")]
@@ -530,6 +536,9 @@ pub fn run_engine(args: EngineArgs) -> anyhow::Result<()> {
         .unwrap_or_else(|| "localhost".into());
     let listeners = args.listen.specs();
     let mut ports = json!({ "ops": args.ops.port() });
+    if let Some(a) = args.amqp {
+        ports["amqp"] = json!(a.port());
+    }
     for l in &listeners {
         ports[l.hub_port_key()] = json!(l.addr.port());
     }
@@ -539,6 +548,7 @@ pub fn run_engine(args: EngineArgs) -> anyhow::Result<()> {
         control: args.control,
         listeners,
         ops: args.ops,
+        amqp: args.amqp,
         cores: cores(args.cores),
         node: args.node.clone(),
         durability: durability(args.durability),
@@ -604,6 +614,7 @@ pub fn run_up(args: UpArgs) -> anyhow::Result<()> {
             "--ops",
             &args.ops.to_string(),
         ])
+        .args(["--amqp", &args.amqp.to_string()])
         .args(["--cores", &cores(args.cores).to_string()])
         .args([
             "--durability",
@@ -637,6 +648,10 @@ pub fn run_up(args: UpArgs) -> anyhow::Result<()> {
         };
         println!("  {name:<18} {} {note}", l.addr);
     }
+    println!(
+        "  Event Hubs (AMQP)  {} (the SDKs' fixed port is 5671; connection string in hub.json)",
+        args.amqp
+    );
     println!("  service API        {}", hub.service_url);
     println!(
         "  engine ops         {}/metrics, /healthz, /events (Authorization: Bearer <ops_token>)",

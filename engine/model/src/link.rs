@@ -44,7 +44,8 @@ pub enum RegistryChange {
     Delete { device_id: String },
 }
 
-/// What a config epoch carries. Empty for now: the routing issue fills in routes and plugins.
+/// What a config epoch carries: routing, limits, and the shared access policies the engine's
+/// AMQP endpoints check tokens against.
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, Default, PartialEq, Eq)]
 #[rkyv(derive(Debug))]
 pub struct EpochPayload {
@@ -54,6 +55,34 @@ pub struct EpochPayload {
     pub plugins: Vec<(String, String)>,
     /// Named limits (name, value).
     pub limits: Vec<(String, u64)>,
+    pub policies: Vec<PolicyEntry>,
+}
+
+/// A shared access policy: its keys (base64 text, as in connection strings) and its rights
+/// (`RegistryRead`, `RegistryWrite`, `ServiceConnect`, `DeviceConnect`). `Debug` shows no key.
+#[derive(Archive, Serialize, Deserialize, Clone, PartialEq, Eq)]
+pub struct PolicyEntry {
+    pub name: String,
+    pub primary_key: String,
+    pub secondary_key: String,
+    pub rights: Vec<String>,
+}
+
+impl std::fmt::Debug for PolicyEntry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PolicyEntry")
+            .field("name", &self.name)
+            .field("rights", &self.rights)
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for ArchivedPolicyEntry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PolicyEntry")
+            .field("name", &self.name.as_str())
+            .finish_non_exhaustive()
+    }
 }
 
 /// The content hash of an epoch: SHA-256 over its version and payload.
@@ -113,6 +142,13 @@ impl Epoch {
             ctx.update(&(name.len() as u64).to_le_bytes());
             ctx.update(name.as_bytes());
             ctx.update(&value.to_le_bytes());
+        }
+        for p in &payload.policies {
+            let rights = p.rights.join(",");
+            for part in [&p.name, &p.primary_key, &p.secondary_key, &rights] {
+                ctx.update(&(part.len() as u64).to_le_bytes());
+                ctx.update(part.as_bytes());
+            }
         }
         let mut out = [0u8; 32];
         out.copy_from_slice(ctx.finish().as_ref());
@@ -436,6 +472,24 @@ mod tests {
             ..EpochPayload::default()
         };
         assert_ne!(Epoch::new(1, a).hash, Epoch::new(1, b).hash);
+        let policy = |key: &str| EpochPayload {
+            policies: vec![PolicyEntry {
+                name: "service".into(),
+                primary_key: key.into(),
+                secondary_key: "k2".into(),
+                rights: vec!["ServiceConnect".into()],
+            }],
+            ..EpochPayload::default()
+        };
+        assert_ne!(
+            Epoch::new(1, policy("k1")).hash,
+            Epoch::new(1, policy("k3")).hash,
+            "a new key is a new epoch"
+        );
+        assert!(
+            !format!("{:?}", policy("secret-key")).contains("secret-key"),
+            "no key in Debug"
+        );
         let mut forged = base.clone();
         forged.version = 5;
         assert!(!forged.hash_is_valid());

@@ -15,7 +15,8 @@ const SEQ_KEY: &[u8] = b"registry_seq";
 /// sends it the registry again.
 const FORMAT_KEY: &[u8] = b"registry_format";
 /// 2: `DeviceAuth::twin` holds the routing view of tags and properties (1 held tags only).
-const FORMAT: u32 = 2;
+/// 3: the stored epoch carries the shared access policies.
+const FORMAT: u32 = 3;
 const EPOCH_KEY: &[u8] = b"epoch";
 
 /// A [`ReplicaStore`] in the engine's RocksDB (which must have the `registry` and `meta`
@@ -109,8 +110,12 @@ impl ReplicaStore for RocksReplica {
             .get_cf(self.cf(CF_META)?, FORMAT_KEY)
             .map_err(db_err)?
             .and_then(|v| v.as_slice().try_into().ok().map(u32::from_le_bytes));
-        if format != Some(FORMAT) && self.seq()? > 0 {
-            // Another layout: start over; control sends the registry on the next link.
+        if format != Some(FORMAT) {
+            // Another layout (or a new database): start over; control sends the registry and
+            // the epoch on the next link.
+            let mut batch = WriteBatch::default();
+            batch.delete_cf(self.cf(CF_META)?, EPOCH_KEY);
+            self.write(batch)?;
             self.replace(0, &[])?;
             return Ok((0, Vec::new()));
         }
@@ -186,6 +191,7 @@ impl ReplicaStore for RocksReplica {
             .map_err(|e| StoreError::Db(e.to_string()))?;
         let mut batch = WriteBatch::default();
         batch.put_cf(self.cf(CF_META)?, EPOCH_KEY, bytes.as_slice());
+        batch.put_cf(self.cf(CF_META)?, FORMAT_KEY, FORMAT.to_le_bytes());
         self.write(batch)
     }
 }

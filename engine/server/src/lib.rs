@@ -21,6 +21,7 @@
 //! wake-ups), `wire` (a connection's bytes: plain or TLS, received through the shard's buffer),
 //! `nudge` (wakes every shard from outside, against a glommio 0.9 park).
 
+mod amqp;
 mod conn;
 pub mod link;
 pub mod listeners;
@@ -72,6 +73,8 @@ pub struct EngineConfig {
     pub listeners: Vec<ListenerSpec>,
     /// Ops HTTP: /metrics, /healthz, events consumer API.
     pub ops: SocketAddr,
+    /// AMQP over TLS (IoT Hub's 5671): the Event Hubs-compatible endpoint. `None`: no AMQP.
+    pub amqp: Option<SocketAddr>,
     /// Number of shards (one per core by default).
     pub cores: usize,
     /// Name the engine gives itself on the control link.
@@ -320,6 +323,17 @@ pub fn run(config: EngineConfig, on_ready: impl FnOnce() + Send + 'static) -> an
         registry: link_ctx.state.registry.clone(),
     });
     start_ops(config.ops, ops, ops_token, metrics.clone())?;
+    if let Some(addr) = config.amqp {
+        let endpoint = Arc::new(amqp::AmqpEndpoint {
+            log: log.clone(),
+            metrics: metrics.clone(),
+            hostname: config.hostname.clone(),
+            entity: shared.hub_name.clone(),
+            policies: link_ctx.state.policies.clone(),
+            created_ms: session::unix_now().as_millis() as i64,
+        });
+        amqp::start(addr, tls::device_server_config(&certs)?, endpoint)?;
+    }
     start_retention(log.clone(), config.retention, metrics.clone())?;
 
     let runtime = tokio::runtime::Builder::new_current_thread()

@@ -45,6 +45,9 @@ pub struct EngineState {
     pub routes: Arc<RoutesCell>,
     /// The dispatchers of the epoch's external endpoints.
     pub endpoints: Arc<Dispatchers>,
+    /// The shared access policies of the epoch in force (the AMQP endpoint checks tokens
+    /// against them).
+    pub policies: Arc<std::sync::RwLock<Vec<roost_eventhubs::PolicyKeys>>>,
 }
 
 impl EngineState {
@@ -65,6 +68,7 @@ impl EngineState {
             quotas: Arc::default(),
             routes: Arc::default(),
             endpoints,
+            policies: Arc::default(),
         }
     }
 
@@ -183,6 +187,21 @@ pub fn apply(state: &EngineState, update: Update, origin: Origin) -> Result<(), 
                 })?;
             state.quotas.set(quotas);
             state.routes.set(routes);
+            *state.policies.write().unwrap_or_else(|p| p.into_inner()) = epoch
+                .payload
+                .policies
+                .iter()
+                .map(|p| roost_eventhubs::PolicyKeys {
+                    name: p.name.clone(),
+                    primary: p.primary_key.clone(),
+                    secondary: p.secondary_key.clone(),
+                    rights: p
+                        .rights
+                        .iter()
+                        .filter_map(|r| roost_eventhubs::Right::parse(r))
+                        .collect(),
+                })
+                .collect();
             // `Applied` means every shard routes by it (each loads it on its next tick).
             if !state.routes.wait_in_force(Duration::from_secs(10)) {
                 tracing::warn!(

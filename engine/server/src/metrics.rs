@@ -53,6 +53,16 @@ pub struct Metrics {
     pub epoch_info: IntGaugeVec,
     /// The external endpoints' dispatchers (`roost_endpoint_*`).
     pub endpoints: roost_endpoints::EndpointMetrics,
+    /// AMQP connections open (TLS done).
+    pub amqp_connections: IntGauge,
+    /// AMQP links accepted.
+    pub amqp_links: IntCounter,
+    /// AMQP links, deliveries and connections refused, by reason.
+    pub amqp_refused: IntCounterVec,
+    /// `$cbs` put-tokens, by result (`ok` or why not).
+    pub amqp_cbs: IntCounterVec,
+    /// Events sent to Event Hubs receivers.
+    pub amqp_events_sent: IntCounter,
 }
 
 /// The routing families; labels are the shard and names from the epoch (at most 100 routes,
@@ -190,6 +200,26 @@ impl Metrics {
             routing_load_failures,
             epoch_info,
             endpoints: roost_endpoints::EndpointMetrics::new(&registry),
+            amqp_connections: {
+                let g = IntGauge::new("roost_amqp_connections_current", "AMQP connections open (TLS done).")
+                    .expect("static metric");
+                registry.register(Box::new(g.clone())).expect("registered once");
+                g
+            },
+            amqp_links: {
+                let c = IntCounter::new("roost_amqp_links_total", "AMQP links accepted ($cbs, $management, Event Hubs receivers).")
+                    .expect("static metric");
+                registry.register(Box::new(c.clone())).expect("registered once");
+                c
+            },
+            amqp_refused: counter(&registry, "roost_amqp_refused_total", "AMQP links, deliveries and connections refused, by reason (unauthorized, not_found, decode_error, framing_error, resource_limit, invalid_field, illegal_state, other, or a codec error code).", &["reason"]),
+            amqp_cbs: counter(&registry, "roost_amqp_cbs_put_tokens_total", "$cbs put-token requests, by result (ok, expired, bad_signature, unknown_policy, no_policy, wrong_audience, bad_token, bad_request).", &["result"]),
+            amqp_events_sent: {
+                let c = IntCounter::new("roost_amqp_eventhubs_events_sent_total", "Events sent to Event Hubs receivers.")
+                    .expect("static metric");
+                registry.register(Box::new(c.clone())).expect("registered once");
+                c
+            },
             events_expired: counter(
                 &registry,
                 "roost_events_expired_total",

@@ -1,0 +1,604 @@
+//! The engine's AMQP listener (`--amqp`, IoT Hub's 5671), today the Event Hubs-compatible
+//! endpoint over the `events` log (issue 10): TLS, a `roost_amqp::Connection` per socket,
+//! `$cbs` put-token, `$management` READ, and receivers on
+//! `{hub}/ConsumerGroups/{group}/Partitions/{p}` fed from the log by credit.
+//!
+//! It runs on a thread of its own with a small tokio runtime, like the ops port: reading the
+//! log is a blocking store read, and a reader that falls behind must never hold a shard. Device
+//! and service links over AMQP come next; an attach to any other address is refused with
+//! `amqp:not-found`.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use bytes::{Bytes, BytesMut};
+use roost_amqp::{
+    AmqpError, Attach, Body, Config, Connection, DeliveryState, Event, LinkId, Message, Role,
+};
+use roost_eventhubs::cbs::{self, Grant};
+use roost_eventhubs::{address, event, filter, management, Authority, PolicyKeys, Right};
+use roost_storage::record::BUILTIN;
+use roost_storage::LogStore;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::metrics::Metrics;
+
+/// The most events one pass sends on a receiver before the connection reads again.
+const PUMP_BATCH: u32 = 256;
+/// How often a caught-up receiver with credit looks for new records.
+const POLL: Duration = Duration::from_millis(20);
+
+/// What the listener needs.
+pub struct AmqpEndpoint {
+    pub log: Arc<dyn LogStore>,
+    pub metrics: Arc<Metrics>,
+    pub hostname: String,
+    /// The event hub's name: the hub name (the host name's first label).
+    pub entity: String,
+    /// The policies of the epoch in force.
+    pub policies: Arc<RwLock<Vec<PolicyKeys>>>,
+    /// When the endpoint started, as the event hub's `created_at`.
+    pub created_ms: i64,
+}
+
+/// Starts the listener on a thread of its own; returns once it listens.
+pub fn start(
+    addr: SocketAddr,
+    tls: Arc<rustls::ServerConfig>,
+    endpoint: Arc<AmqpEndpoint>,
+) -> anyhow::Result<()> {
+    let (bound_tx, bound_rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("amqp".into())
+        .spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    let _ = bound_tx.send(Err(anyhow::anyhow!("amqp runtime: {e}")));
+                    return;
+                }
+            };
+            runtime.block_on(async move {
+                let listener = match tokio::net::TcpListener::bind(addr).await {
+                    Ok(l) => l,
+                    Err(e) => {
+                        let _ = bound_tx.send(Err(anyhow::anyhow!(
+                            "cannot listen for AMQP on {addr}: {e}"
+                        )));
+                        return;
+                    }
+                };
+                let _ = bound_tx.send(Ok(()));
+                let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+                loop {
+                    let Ok((socket, _)) = listener.accept().await else {
+                        continue;
+                    };
+                    let _ = socket.set_nodelay(true);
+                    let (acceptor, endpoint) = (acceptor.clone(), endpoint.clone());
+                    tokio::spawn(async move {
+                        endpoint.metrics.amqp_connections.inc();
+                        let handshake =
+                            tokio::time::timeout(Duration::from_secs(10), acceptor.accept(socket));
+                        if let Ok(Ok(stream)) = handshake.await {
+                            serve(stream, &endpoint).await;
+                        }
+                        endpoint.metrics.amqp_connections.dec();
+                    });
+                }
+            });
+        })
+        .context("starting the amqp thread")?;
+    bound_rx
+        .recv()
+        .map_err(|_| anyhow::anyhow!("the amqp thread ended before listening"))?
+}
+
+/// What a link is for.
+enum Link {
+    /// The client sends put-token requests here (target `$cbs`).
+    CbsIn,
+    /// Answers go here (source `$cbs`).
+    CbsOut,
+    ManagementIn,
+    ManagementOut,
+    /// An Event Hubs receiver: the next offset of `partition` to send.
+    Receiver {
+        partition: usize,
+        next: u64,
+    },
+}
+
+struct Session {
+    conn: Connection,
+    links: HashMap<LinkId, Link>,
+    /// What the connection's put-tokens granted.
+    grants: Vec<Grant>,
+    /// Answers waiting for credit on their reply link (`$cbs` or `$management`).
+    replies: Vec<(bool, Message)>,
+}
+
+async fn serve<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, endpoint: &AmqpEndpoint) {
+    let config = Config {
+        container_id: format!("roost-{}", endpoint.hostname),
+        ..Config::default()
+    };
+    let mut s = Session {
+        conn: Connection::new(config, Instant::now()),
+        links: HashMap::new(),
+        grants: Vec::new(),
+        replies: Vec::new(),
+    };
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let deadline = s
+            .conn
+            .poll_timeout()
+            .unwrap_or_else(|| Instant::now() + Duration::from_secs(60));
+        let waiting = s.links.values().any(|l| matches!(l, Link::Receiver { .. }));
+        let wake = match waiting {
+            true => deadline.min(Instant::now() + POLL),
+            false => deadline,
+        };
+        tokio::select! {
+            read = stream.read(&mut buf) => match read {
+                Ok(0) | Err(_) => break,
+                Ok(n) => s.conn.handle_bytes(Instant::now(), &buf[..n]),
+            },
+            _ = tokio::time::sleep_until(tokio::time::Instant::from_std(wake)) => {
+                s.conn.handle_timeout(Instant::now());
+            }
+        }
+        let closed = handle_events(&mut s, endpoint);
+        pump(&mut s, endpoint);
+        while let Some(out) = s.conn.poll_transmit() {
+            if stream.write_all(&out).await.is_err() {
+                return;
+            }
+        }
+        if closed {
+            let _ = stream.shutdown().await;
+            break;
+        }
+    }
+}
+
+fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn authority(endpoint: &AmqpEndpoint) -> Authority {
+    Authority {
+        hostname: endpoint.hostname.clone(),
+        entity: endpoint.entity.clone(),
+        policies: endpoint
+            .policies
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone(),
+    }
+}
+
+/// Acts on the connection's events; true once it is closed.
+fn handle_events(s: &mut Session, endpoint: &AmqpEndpoint) -> bool {
+    let mut closed = false;
+    while let Some(e) = s.conn.poll_event() {
+        match e {
+            // Authentication is the put-token that follows, whatever the mechanism.
+            Event::SaslInit { .. } => s.conn.sasl_outcome(true),
+            Event::Opened { .. } => {}
+            Event::Attach { link, attach } => attach_link(s, endpoint, link, &attach),
+            Event::Credit { .. } => {}
+            Event::Delivery {
+                link,
+                delivery_id,
+                payload,
+                ..
+            } => {
+                let request = Message::read(&payload);
+                match (s.links.get(&link), request) {
+                    (Some(Link::CbsIn), Ok(m)) => {
+                        s.conn.disposition(
+                            link.channel,
+                            delivery_id,
+                            delivery_id,
+                            true,
+                            DeliveryState::Accepted,
+                        );
+                        let answer = put_token(s, endpoint, &m);
+                        s.replies.push((true, answer));
+                    }
+                    (Some(Link::ManagementIn), Ok(m)) => {
+                        s.conn.disposition(
+                            link.channel,
+                            delivery_id,
+                            delivery_id,
+                            true,
+                            DeliveryState::Accepted,
+                        );
+                        let answer = manage(s, endpoint, &m);
+                        s.replies.push((false, answer));
+                    }
+                    (_, Err(e)) => {
+                        endpoint
+                            .metrics
+                            .amqp_refused
+                            .with_label_values(&[e.error_code()])
+                            .inc();
+                        let rejected = DeliveryState::Rejected(Some(AmqpError::new(
+                            "amqp:decode-error",
+                            e.to_string(),
+                        )));
+                        s.conn
+                            .disposition(link.channel, delivery_id, delivery_id, true, rejected);
+                    }
+                    _ => {
+                        let rejected = DeliveryState::Rejected(Some(AmqpError::new(
+                            "amqp:not-allowed",
+                            "this link takes no messages",
+                        )));
+                        s.conn
+                            .disposition(link.channel, delivery_id, delivery_id, true, rejected);
+                    }
+                }
+            }
+            Event::Disposition { .. } => {}
+            Event::Detached { link, .. } => {
+                s.links.remove(&link);
+            }
+            Event::Closed { error, by_peer } => {
+                if let (Some(e), false) = (&error, by_peer) {
+                    endpoint
+                        .metrics
+                        .amqp_refused
+                        .with_label_values(&[short(e.condition.as_str())])
+                        .inc();
+                }
+                closed = true;
+            }
+        }
+    }
+    closed
+}
+
+/// A bounded label from an error condition.
+fn short(condition: &str) -> &'static str {
+    match condition {
+        "amqp:unauthorized-access" => "unauthorized",
+        "amqp:not-found" => "not_found",
+        "amqp:decode-error" => "decode_error",
+        "amqp:connection:framing-error" => "framing_error",
+        "amqp:resource-limit-exceeded" => "resource_limit",
+        "amqp:invalid-field" => "invalid_field",
+        "amqp:illegal-state" => "illegal_state",
+        _ => "other",
+    }
+}
+
+fn attach_link(s: &mut Session, endpoint: &AmqpEndpoint, link: LinkId, a: &Attach) {
+    // The peer's role names the direction: a sender's target, a receiver's source.
+    let address = match a.role {
+        Role::Sender => a.target.as_ref(),
+        Role::Receiver => a.source.as_ref(),
+    }
+    .and_then(|t| t.address.as_ref())
+    .map(|x| x.as_str().to_string())
+    .unwrap_or_default();
+    let kind = match (a.role, address.as_str()) {
+        (Role::Sender, "$cbs") => Link::CbsIn,
+        (Role::Receiver, "$cbs") => Link::CbsOut,
+        (Role::Sender, "$management") => Link::ManagementIn,
+        (Role::Receiver, "$management") => Link::ManagementOut,
+        (Role::Receiver, other) => match receiver(s, endpoint, other, a) {
+            Ok(link) => link,
+            Err(error) => {
+                endpoint
+                    .metrics
+                    .amqp_refused
+                    .with_label_values(&[short(error.condition.as_str())])
+                    .inc();
+                s.conn.refuse_attach(link, a, error);
+                return;
+            }
+        },
+        (Role::Sender, _) => {
+            s.conn.refuse_attach(
+                link,
+                a,
+                AmqpError::new(
+                    "amqp:not-found",
+                    format!("no node {address:?} takes messages here"),
+                ),
+            );
+            return;
+        }
+    };
+    let credit = match kind {
+        Link::CbsIn | Link::ManagementIn => 100,
+        _ => 0,
+    };
+    s.links.insert(link, kind);
+    endpoint.metrics.amqp_links.inc();
+    s.conn.accept_attach(link, a, credit);
+}
+
+/// A receiver on a partition: the connection's put-tokens must cover it with ServiceConnect.
+fn receiver(
+    s: &Session,
+    endpoint: &AmqpEndpoint,
+    address: &str,
+    a: &Attach,
+) -> Result<Link, AmqpError> {
+    let at = address::parse(address, &endpoint.entity)
+        .map_err(|e| AmqpError::new("amqp:not-found", e.to_string()))?;
+    if at.consumer_group != "$default" {
+        return Err(AmqpError::new(
+            "amqp:not-found",
+            format!(
+                "no consumer group {:?} (only $Default so far)",
+                at.consumer_group
+            ),
+        ));
+    }
+    let path = format!(
+        "{}/consumergroups/{}/partitions/{}",
+        endpoint.entity, at.consumer_group, at.partition
+    );
+    let now = now_unix();
+    let allowed = s
+        .grants
+        .iter()
+        .any(|g| g.expires > now && g.covers(&endpoint.hostname, &path, Right::ServiceConnect));
+    if !allowed {
+        return Err(AmqpError::new(
+            "amqp:unauthorized-access",
+            "no put-token on this connection grants ServiceConnect for this partition",
+        ));
+    }
+    if at.partition >= endpoint.log.partition_count() {
+        return Err(AmqpError::new(
+            "com.microsoft:argument-out-of-range",
+            format!("no partition {}", at.partition),
+        ));
+    }
+    let filter_set = a
+        .source
+        .as_ref()
+        .map_or(roost_amqp::Value::Null, |t| t.filter.clone());
+    let start = filter::start(&filter_set)
+        .map_err(|e| AmqpError::new("com.microsoft:argument-error", e.to_string()))?;
+    let log = endpoint.log.as_ref();
+    let p = at.partition;
+    let bounds = log
+        .next_offset(p)
+        .and_then(|next| Ok((log.first_offset(p, next)?, next)));
+    let (first, next) =
+        bounds.map_err(|e| AmqpError::new("com.microsoft:server-busy", e.to_string()))?;
+    let from = start.first_offset(first, next, |ms, inclusive| {
+        first_at_time(log, p, first, next, ms, inclusive)
+    });
+    Ok(Link::Receiver {
+        partition: p,
+        next: from,
+    })
+}
+
+/// The first offset enqueued at (or after) `ms`: a scan from the start of the partition.
+fn first_at_time(
+    log: &dyn LogStore,
+    p: usize,
+    first: u64,
+    next: u64,
+    ms: i64,
+    inclusive: bool,
+) -> u64 {
+    let mut found = next;
+    let _ = roost_storage::log::visit_records(log, p, first, &mut |offset, view| {
+        let at = view.message().enqueued_ms.to_native() as i64;
+        if at > ms || (inclusive && at == ms) {
+            found = offset;
+            return Ok(false);
+        }
+        Ok(true)
+    });
+    found
+}
+
+fn put_token(s: &mut Session, endpoint: &AmqpEndpoint, m: &Message) -> Message {
+    let request = match cbs::read_put_token(m) {
+        Ok(r) => r,
+        Err(e) => {
+            let id = m
+                .properties
+                .as_ref()
+                .map_or(roost_amqp::Value::Null, |p| p.message_id.clone());
+            endpoint
+                .metrics
+                .amqp_cbs
+                .with_label_values(&[e.error_code()])
+                .inc();
+            return cbs::response(&id, e.status(), &e.to_string(), Body::Empty);
+        }
+    };
+    match authority(endpoint).check(&request.token, now_unix()) {
+        Ok(grant) => {
+            endpoint.metrics.amqp_cbs.with_label_values(&["ok"]).inc();
+            s.grants.retain(|g| g.scope != grant.scope);
+            s.grants.push(grant);
+            cbs::response(&request.message_id, 200, "OK", Body::Empty)
+        }
+        Err(e) => {
+            endpoint
+                .metrics
+                .amqp_cbs
+                .with_label_values(&[e.error_code()])
+                .inc();
+            cbs::response(&request.message_id, e.status(), &e.to_string(), Body::Empty)
+        }
+    }
+}
+
+fn manage(s: &Session, endpoint: &AmqpEndpoint, m: &Message) -> Message {
+    let id = m
+        .properties
+        .as_ref()
+        .map_or(roost_amqp::Value::Null, |p| p.message_id.clone());
+    let r = match management::read_request(m) {
+        Ok(r) => r,
+        Err(e) => return cbs::response(&id, 400, &e.to_string(), Body::Empty),
+    };
+    // The request's own security_token, or a put-token on this connection.
+    let now = now_unix();
+    let by_token = r
+        .token
+        .as_deref()
+        .and_then(|t| authority(endpoint).check(t, now).ok())
+        .is_some_and(|g| g.covers(&endpoint.hostname, &endpoint.entity, Right::ServiceConnect));
+    let by_cbs = s.grants.iter().any(|g| {
+        g.expires > now && g.covers(&endpoint.hostname, &endpoint.entity, Right::ServiceConnect)
+    });
+    if !(by_token || by_cbs) {
+        return cbs::response(
+            &r.message_id,
+            401,
+            "a token granting ServiceConnect on this event hub is needed",
+            Body::Empty,
+        );
+    }
+    if !r.entity.eq_ignore_ascii_case(&endpoint.entity) {
+        return cbs::response(
+            &r.message_id,
+            404,
+            &format!("no event hub {:?}", r.entity),
+            Body::Empty,
+        );
+    }
+    let partitions = endpoint.log.partition_count();
+    let body = match &r.read {
+        management::Read::EventHub => {
+            management::eventhub(&endpoint.entity, endpoint.created_ms, partitions)
+        }
+        management::Read::Partition(id) => {
+            let Some(p) = id.parse::<usize>().ok().filter(|p| *p < partitions) else {
+                return cbs::response(
+                    &r.message_id,
+                    404,
+                    &format!("no partition {id:?}"),
+                    Body::Empty,
+                );
+            };
+            match partition_state(endpoint.log.as_ref(), p) {
+                Ok(state) => management::partition(&endpoint.entity, p, state),
+                Err(e) => return cbs::response(&r.message_id, 500, &e.to_string(), Body::Empty),
+            }
+        }
+    };
+    cbs::response(&r.message_id, 200, "OK", Body::Value(body))
+}
+
+fn partition_state(
+    log: &dyn LogStore,
+    p: usize,
+) -> Result<management::PartitionState, roost_storage::LogError> {
+    let next = log.next_offset(p)?;
+    let first = log.first_offset(p, next)?;
+    let mut last_enqueued_ms = None;
+    if next > first {
+        roost_storage::log::visit_records(log, p, next - 1, &mut |_, view| {
+            last_enqueued_ms = Some(view.message().enqueued_ms.to_native() as i64);
+            Ok(false)
+        })?;
+    }
+    Ok(management::PartitionState {
+        first,
+        next,
+        last_enqueued_ms,
+    })
+}
+
+/// Sends what can go: answers waiting for credit, then events on receivers with credit.
+fn pump(s: &mut Session, endpoint: &AmqpEndpoint) {
+    if !s.conn.is_open() {
+        return;
+    }
+    let mut waiting = std::mem::take(&mut s.replies);
+    waiting.retain(|(cbs, answer)| {
+        let node = if *cbs { "$cbs" } else { "$management" };
+        let reply_link = s.links.iter().find_map(|(id, l)| match (l, *cbs) {
+            (Link::CbsOut, true) | (Link::ManagementOut, false) => Some(*id),
+            _ => None,
+        });
+        let Some(link) = reply_link else { return true };
+        let mut out = BytesMut::new();
+        answer.write(&mut out);
+        let sent = s
+            .conn
+            .send(link, Bytes::from_static(b"\0"), out.freeze(), true)
+            .is_ok();
+        if !sent {
+            tracing::trace!(node, "an answer waits for credit");
+        }
+        !sent
+    });
+    s.replies = waiting;
+    let receivers: Vec<LinkId> = s
+        .links
+        .iter()
+        .filter(|(_, l)| matches!(l, Link::Receiver { .. }))
+        .map(|(id, _)| *id)
+        .collect();
+    for link in receivers {
+        let credit = s.conn.credit(link).min(PUMP_BATCH);
+        if credit == 0 {
+            continue;
+        }
+        let Some(Link::Receiver { partition, next }) = s.links.get(&link) else {
+            continue;
+        };
+        let (p, from) = (*partition, *next);
+        let mut events = Vec::new();
+        let read = roost_storage::log::visit_records(
+            endpoint.log.as_ref(),
+            p,
+            from,
+            &mut |offset, view| {
+                if events.len() as u32 >= credit {
+                    return Ok(false);
+                }
+                if view.endpoint(BUILTIN).is_some() {
+                    let mut out = BytesMut::new();
+                    event::event(offset, view).write(&mut out);
+                    events.push((offset, out.freeze()));
+                }
+                Ok(true)
+            },
+        );
+        let Ok(read_to) = read else { continue };
+        let mut sent_to = read_to;
+        for (offset, payload) in events {
+            match s.conn.send(
+                link,
+                Bytes::from(offset.to_be_bytes().to_vec()),
+                payload,
+                true,
+            ) {
+                Ok(_) => endpoint.metrics.amqp_events_sent.inc(),
+                Err(_) => {
+                    sent_to = offset;
+                    break;
+                }
+            }
+        }
+        if let Some(Link::Receiver { next, .. }) = s.links.get_mut(&link) {
+            *next = sent_to;
+        }
+    }
+}

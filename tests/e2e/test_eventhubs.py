@@ -1,0 +1,125 @@
+"""The Event Hubs-compatible endpoint (issue 10) read by the unmodified `azure-eventhub` Python
+client: the connection string from hub.json, `$cbs` put-token with the Event Hubs SDK's SAS
+algorithm, `$management` partition ids and properties, and a receiver reading what the Python
+device SDK sent, from the start and from an offset, with IoT Hub's annotations."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+from azure.iot.device import Message
+
+from conftest import call_with_timeout, unique_id, wait_until
+
+
+def consumer(hub, connection_string: str | None = None):
+    from azure.eventhub import EventHubConsumerClient, TransportType
+
+    return EventHubConsumerClient.from_connection_string(
+        connection_string or hub.info["eventhubs_connection_string"],
+        consumer_group="$Default",
+        # The SDK's port is fixed (5671); the hub's test port is another.
+        custom_endpoint_address=f"sb://{hub.hostname}:{hub.ports['amqp']}",
+        transport_type=TransportType.Amqp,
+        connection_verify=hub.ca_path,
+        retry_total=0,
+    )
+
+
+def telemetry_of(events: list, device_id: str) -> list:
+    """The device's telemetry among the events (its connection-state and lifecycle events are
+    routed to `events` too)."""
+    return [e for e in events
+            if e.system_properties.get(b"iothub-connection-device-id") == device_id.encode()
+            and e.system_properties.get(b"iothub-message-source") == b"Telemetry"]
+
+
+def receive(hub, partition_id: str, starting_position, want: int, timeout: float = 30) -> list:
+    client = consumer(hub)
+    got: list = []
+    done = threading.Event()
+    failed: list = []
+
+    def on_event(_context, event):
+        if event is not None:
+            got.append(event)
+            if len(got) >= want:
+                done.set()
+
+    def on_error(_context, error):
+        failed.append(error)
+        done.set()
+
+    worker = threading.Thread(target=client.receive, daemon=True, kwargs=dict(
+        on_event=on_event, on_error=on_error, partition_id=partition_id,
+        starting_position=starting_position, max_wait_time=1))
+    worker.start()
+    done.wait(timeout)
+    client.close()
+    worker.join(15)
+    assert not failed, failed
+    return got
+
+
+def test_the_event_hubs_client_reads_what_devices_sent(hub):
+    device_id = unique_id("eh")
+    client = hub.connected_client(hub.create_device(device_id))
+    for n in range(3):
+        m = Message(json.dumps({"n": n}), content_encoding="utf-8", content_type="application/json",
+                    message_id=f"m-{n}")
+        m.custom_properties["level"] = "info" if n else "critical"
+        call_with_timeout(client.send_message, m, what="send")
+
+    eh = consumer(hub)
+    try:
+        assert eh.get_partition_ids() == ["0", "1"]
+        props = eh.get_eventhub_properties()
+        assert props["eventhub_name"] == hub.hostname.split(".")[0]
+    finally:
+        eh.close()
+
+    mine = [r for r in hub.records() if r["systemProperties"].get("iothub-connection-device-id") == device_id
+            and r["systemProperties"]["iothub-message-source"] == "Telemetry"]
+    partition = str(mine[0]["partition"])
+    offsets = [r["offset"] for r in mine]
+
+    events = telemetry_of(receive(hub, partition, "-1", want=offsets[-1] + 1), device_id)
+    assert [json.loads(e.body_as_str())["n"] for e in events] == [0, 1, 2]
+    first = events[0]
+    assert first.properties[b"level"] == b"critical"
+    assert first.system_properties[b"iothub-message-source"] == b"Telemetry"
+    assert first.system_properties[b"content-type"] == b"application/json"
+    assert first.system_properties[b"message-id"] == b"m-0"
+    assert int(first.offset) == offsets[0] and first.sequence_number == offsets[0]
+    assert first.enqueued_time is not None
+
+    # From an offset, exclusive: the second and third.
+    later = telemetry_of(receive(hub, partition, str(offsets[0]), want=offsets[-1] - offsets[0]), device_id)
+    assert [json.loads(e.body_as_str())["n"] for e in later] == [1, 2]
+
+    pp = consumer(hub)
+    try:
+        info = pp.get_partition_properties(partition)
+        assert info["last_enqueued_sequence_number"] >= offsets[-1]
+        assert not info["is_empty"]
+    finally:
+        pp.close()
+    hub.wait_metric("roost_amqp_cbs_put_tokens_total", lambda v: v >= 3, "put-tokens", result="ok")
+
+
+def test_a_wrong_key_is_refused(hub):
+    from azure.eventhub.exceptions import AuthenticationError, EventHubError
+
+    cs = hub.info["eventhubs_connection_string"]
+    key = cs.split("SharedAccessKey=")[1].split(";")[0]
+    wrong = cs.replace(key, "d3Jvbmcta2V5LWZvci10ZXN0cy0wMTIzNDU2Nzg5MDEyMzQ=")
+    eh = consumer(hub, wrong)
+    try:
+        with pytest.raises((AuthenticationError, EventHubError)):
+            eh.get_partition_ids()
+    finally:
+        eh.close()
+    hub.wait_metric("roost_amqp_cbs_put_tokens_total", lambda v: v >= 1, "the refused put-token",
+                    result="bad_signature")
