@@ -149,8 +149,14 @@ run([
       check(Date.now() < deadline, `desired ${JSON.stringify(t.properties.desired)}`);
       await new Promise((r) => setTimeout(r, 200));
     }
-    const { responseBody: c } = await registry.getConfiguration(configId);
-    check(c.systemMetrics.results.appliedCount === 1, `metrics ${JSON.stringify(c.systemMetrics)}`);
+    // The metrics are the reconciler's next count, which may come a moment after the content.
+    let c;
+    for (;;) {
+      ({ responseBody: c } = await registry.getConfiguration(configId));
+      if (c.systemMetrics.results.appliedCount === 1) break;
+      check(Date.now() < deadline, `metrics ${JSON.stringify(c.systemMetrics)}`);
+      await new Promise((r) => setTimeout(r, 200));
+    }
     await registry.removeConfiguration(configId);
     return c.systemMetrics.results;
   }],
