@@ -246,6 +246,19 @@ impl HubError {
             JobFailure::Store(e) => Self::server(e),
         }
     }
+    fn groups(e: crate::consumer_groups::GroupError) -> Self {
+        use crate::consumer_groups::GroupError;
+        match e {
+            GroupError::Invalid(m) => Self::bad_request(m),
+            GroupError::NotFound(m) => Self::new(
+                StatusCode::NOT_FOUND,
+                404001,
+                "ConsumerGroupNotFound",
+                format!("no consumer group {m:?}"),
+            ),
+            GroupError::Store(e) => Self::server(e),
+        }
+    }
     fn routes(e: crate::routes::RoutesError) -> Self {
         match e {
             crate::routes::RoutesError::Invalid(m) => Self::bad_request(m),
@@ -394,6 +407,12 @@ enum Route {
     RoutesGet,
     /// `PUT /roost/routes`: a new `routes.lua` and its plugins.
     RoutesPut,
+    /// `GET /roost/consumergroups`: the Event Hubs consumer groups.
+    GroupsGet,
+    /// `PUT /roost/consumergroups/{name}`.
+    GroupPut(String),
+    /// `DELETE /roost/consumergroups/{name}`.
+    GroupDelete(String),
 }
 
 /// Body limits by route: one identity, a bulk request of up to [`MAX_BULK`] of them, a twin
@@ -431,6 +450,13 @@ impl Route {
             (&Method::POST, ["configurations", "testQueries"]) => Route::ConfigTest,
             (&Method::GET, ["roost", "routes"]) => Route::RoutesGet,
             (&Method::PUT, ["roost", "routes"]) => Route::RoutesPut,
+            (&Method::GET, ["roost", "consumergroups"]) => Route::GroupsGet,
+            (&Method::PUT, ["roost", "consumergroups", g]) => {
+                Route::GroupPut(httpd::percent_decode(g))
+            }
+            (&Method::DELETE, ["roost", "consumergroups", g]) => {
+                Route::GroupDelete(httpd::percent_decode(g))
+            }
             (&Method::GET, ["configurations", id]) => Route::ConfigGet(id.to_string()),
             (&Method::PUT, ["configurations", id]) => Route::ConfigPut(id.to_string()),
             (&Method::DELETE, ["configurations", id]) => Route::ConfigDelete(id.to_string()),
@@ -517,9 +543,10 @@ impl Route {
             | Route::ConfigList
             | Route::ConfigGet(_)
             | Route::ConfigTest
-            | Route::RoutesGet => Right::RegistryRead,
+            | Route::RoutesGet
+            | Route::GroupsGet => Right::RegistryRead,
             // The routing decides where every message goes: the hub's own configuration.
-            Route::RoutesPut => Right::RegistryWrite,
+            Route::RoutesPut | Route::GroupPut(_) | Route::GroupDelete(_) => Right::RegistryWrite,
             // Configurations write desired properties across the fleet: registry write, as
             // IoT Hub asks for automatic device management.
             Route::ConfigPut(_) | Route::ConfigDelete(_) => Right::RegistryWrite,
@@ -574,7 +601,10 @@ impl Route {
             | Route::ConfigDelete(_)
             | Route::ConfigTest
             | Route::RoutesGet
-            | Route::RoutesPut => Some(Limit::RegistryOpsPerMin),
+            | Route::RoutesPut
+            | Route::GroupsGet
+            | Route::GroupPut(_)
+            | Route::GroupDelete(_) => Some(Limit::RegistryOpsPerMin),
             Route::FeedbackGet | Route::FeedbackDone { .. } => None,
         }
     }
@@ -593,6 +623,7 @@ impl Route {
             Route::ConfigPut(_) | Route::ConfigTest => TWIN_BODY,
             Route::ConfigList | Route::ConfigGet(_) | Route::ConfigDelete(_) => NO_BODY,
             Route::FeedbackGet | Route::FeedbackDone { .. } | Route::RoutesGet => NO_BODY,
+            Route::GroupsGet | Route::GroupPut(_) | Route::GroupDelete(_) => NO_BODY,
             Route::RoutesPut => crate::routes::MAX_BODY,
             Route::List | Route::Get(_) | Route::Delete(_) | Route::Stats | Route::TwinGet(_) => {
                 NO_BODY
@@ -786,6 +817,39 @@ impl Api {
                 .apply(req.body())
                 .map(|v| httpd::json(StatusCode::OK, &v))
                 .map_err(HubError::routes),
+            Route::GroupsGet => crate::consumer_groups::stored(&self.store)
+                .map(|groups| {
+                    let all: Vec<&str> = std::iter::once(crate::consumer_groups::DEFAULT)
+                        .chain(groups.iter().map(String::as_str))
+                        .collect();
+                    httpd::json(
+                        StatusCode::OK,
+                        &serde_json::json!({ "consumerGroups": all }),
+                    )
+                })
+                .map_err(HubError::server),
+            Route::GroupPut(name) => self.store.exclusive(|| {
+                let created =
+                    crate::consumer_groups::create(&self.store, &name).map_err(HubError::groups)?;
+                if created {
+                    self.routes
+                        .consumer_groups_changed()
+                        .map_err(HubError::server)?;
+                }
+                let status = if created {
+                    StatusCode::CREATED
+                } else {
+                    StatusCode::OK
+                };
+                Ok(httpd::json(status, &serde_json::json!({ "name": name })))
+            }),
+            Route::GroupDelete(name) => self.store.exclusive(|| {
+                crate::consumer_groups::delete(&self.store, &name).map_err(HubError::groups)?;
+                self.routes
+                    .consumer_groups_changed()
+                    .map_err(HubError::server)?;
+                Ok(httpd::empty(StatusCode::NO_CONTENT))
+            }),
         });
         self.count(result.as_ref().map_or_else(|e| e.status, |r| r.status()));
         // A write may have put lifecycle or twin events in the outbox.
@@ -1575,6 +1639,7 @@ mod tests {
                 policies: Vec::new(),
                 epoch: tokio::sync::watch::channel(crate::routes::epoch(
                     &crate::routes::StoredRouting::default(),
+                    Vec::new(),
                     Vec::new(),
                     Vec::new(),
                 ))

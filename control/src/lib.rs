@@ -16,6 +16,7 @@ pub mod api;
 pub mod c2d;
 pub mod certs;
 pub mod configurations;
+pub mod consumer_groups;
 pub mod device;
 pub mod events;
 pub mod jobs;
@@ -169,6 +170,7 @@ pub fn run(config: ControlConfig, on_ready: impl FnOnce() + Send + 'static) -> a
             &routing,
             config.quotas.to_named(),
             policies.clone(),
+            consumer_groups::stored(&store)?,
         ));
         let routes = Arc::new(routes::Routes {
             store: store.clone(),

@@ -110,6 +110,7 @@ pub fn epoch(
     routing: &StoredRouting,
     limits: Vec<(String, u64)>,
     policies: Vec<PolicyEntry>,
+    consumer_groups: Vec<String>,
 ) -> Epoch {
     Epoch::new(
         routing.version,
@@ -118,6 +119,7 @@ pub fn epoch(
             plugins: routing.plugins.clone(),
             limits,
             policies,
+            consumer_groups,
         },
     )
 }
@@ -191,11 +193,23 @@ impl Routes {
             ))
         })?;
         let applied = apply(&self.store, req, &self.hub_name)?;
-        let epoch = epoch(&applied, self.limits.clone(), self.policies.clone());
+        let groups = crate::consumer_groups::stored(&self.store)?;
+        let epoch = epoch(&applied, self.limits.clone(), self.policies.clone(), groups);
         let hash = epoch.hash.to_string();
         tracing::info!(version = applied.version, %hash, "routing applied; engines get the new epoch");
         self.epoch.send_replace(epoch);
         Ok(serde_json::json!({ "version": applied.version, "hash": hash }))
+    }
+
+    /// Puts in force an epoch with the consumer groups as stored now (after a create or a
+    /// delete; same routing version, new hash).
+    pub fn consumer_groups_changed(&self) -> Result<(), StoreError> {
+        let routing = stored(&self.store)?;
+        let groups = crate::consumer_groups::stored(&self.store)?;
+        let epoch = epoch(&routing, self.limits.clone(), self.policies.clone(), groups);
+        tracing::info!(hash = %epoch.hash, "consumer groups changed; engines get the new epoch");
+        self.epoch.send_replace(epoch);
+        Ok(())
     }
 
     /// What is in force and what each linked engine said of it.
@@ -245,7 +259,7 @@ mod tests {
         let applied = apply(&store, good, "hub").expect("applied");
         assert_eq!(applied.version, 2);
         assert_eq!(stored(&store).expect("stored"), applied);
-        let e1 = epoch(&applied, vec![], vec![]);
+        let e1 = epoch(&applied, vec![], vec![], vec![]);
         assert!(e1.hash_is_valid());
         assert_eq!(e1.payload.routes, "return { fallback = false }");
         drop(store);

@@ -295,6 +295,16 @@ impl Store {
         self.put_meta(b"routing", json)
     }
 
+    /// The Event Hubs consumer groups created besides `$Default` (a JSON list), if any.
+    pub fn consumer_groups(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        self.meta(b"consumer_groups")
+    }
+
+    /// Stores the consumer groups, synced.
+    pub fn put_consumer_groups(&self, json: &[u8]) -> Result<(), StoreError> {
+        self.put_meta(b"consumer_groups", json)
+    }
+
     /// A configuration, stored as JSON.
     pub fn configuration(&self, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
         Ok(self.db.get_cf(self.cf(CF_CONFIGURATIONS), id.as_bytes())?)

@@ -14,12 +14,12 @@ from azure.iot.device import Message
 from conftest import call_with_timeout, unique_id, wait_until
 
 
-def consumer(hub, connection_string: str | None = None):
+def consumer(hub, connection_string: str | None = None, group: str = "$Default"):
     from azure.eventhub import EventHubConsumerClient, TransportType
 
     return EventHubConsumerClient.from_connection_string(
         connection_string or hub.info["eventhubs_connection_string"],
-        consumer_group="$Default",
+        consumer_group=group,
         # The SDK's port is fixed (5671); the hub's test port is another.
         custom_endpoint_address=f"sb://{hub.hostname}:{hub.ports['amqp']}",
         transport_type=TransportType.Amqp,
@@ -36,8 +36,11 @@ def telemetry_of(events: list, device_id: str) -> list:
             and e.system_properties.get(b"iothub-message-source") == b"Telemetry"]
 
 
-def receive(hub, partition_id: str, starting_position, want: int, timeout: float = 30) -> list:
-    client = consumer(hub)
+def receive(hub, partition_id: str, starting_position, want: int, timeout: float = 30,
+            group: str = "$Default", starting_position_inclusive: bool = False) -> list:
+    """What one receiver gets until `want` events or `timeout`; the client's first error is
+    raised."""
+    client = consumer(hub, group=group)
     got: list = []
     done = threading.Event()
     failed: list = []
@@ -54,12 +57,14 @@ def receive(hub, partition_id: str, starting_position, want: int, timeout: float
 
     worker = threading.Thread(target=client.receive, daemon=True, kwargs=dict(
         on_event=on_event, on_error=on_error, partition_id=partition_id,
-        starting_position=starting_position, max_wait_time=1))
+        starting_position=starting_position, starting_position_inclusive=starting_position_inclusive,
+        max_wait_time=1))
     worker.start()
     done.wait(timeout)
     client.close()
     worker.join(15)
-    assert not failed, failed
+    if failed:
+        raise failed[0]
     return got
 
 
@@ -123,3 +128,39 @@ def test_a_wrong_key_is_refused(hub):
         eh.close()
     hub.wait_metric("roost_amqp_cbs_put_tokens_total", lambda v: v >= 1, "the refused put-token",
                     result="bad_signature")
+
+
+def test_two_consumer_groups_read_the_same_events_and_an_unknown_one_is_refused(hub):
+    from azure.eventhub.exceptions import EventHubError
+
+    created = hub.cli("consumer-group", "create", "analytics")
+    assert created.returncode == 0
+    groups = json.loads(hub.cli("consumer-group", "list").stdout)["consumerGroups"]
+    assert groups == ["$Default", "analytics"], groups
+    bad = hub.cli("consumer-group", "create", "bad.", check=False)
+    assert bad.returncode != 0 and "consumer group" in bad.stderr, bad.stderr
+
+    device_id = unique_id("cg")
+    client = hub.connected_client(hub.create_device(device_id))
+    call_with_timeout(client.send_message, Message(json.dumps({"n": 7})), what="send")
+    mine = [r for r in hub.records() if r["systemProperties"].get("iothub-connection-device-id") == device_id
+            and r["systemProperties"]["iothub-message-source"] == "Telemetry"]
+    partition, offset = str(mine[0]["partition"]), mine[0]["offset"]
+
+    # The engine has the group once the epoch carrying it is in force.
+    def read(group):
+        return telemetry_of(receive(hub, partition, str(offset), want=1, group=group,
+                                    starting_position_inclusive=True), device_id)
+    results = {}
+    threads = [threading.Thread(target=lambda g=g: results.__setitem__(g, read(g))) for g in ("$Default", "analytics")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert [json.loads(e.body_as_str())["n"] for e in results["$Default"]] == [7]
+    assert [json.loads(e.body_as_str())["n"] for e in results["analytics"]] == [7]
+
+    with pytest.raises(EventHubError):
+        receive(hub, partition, "-1", want=1, group="nobody", timeout=10)
+    assert hub.cli("consumer-group", "delete", "analytics").returncode == 0
+    assert json.loads(hub.cli("consumer-group", "list").stdout)["consumerGroups"] == ["$Default"]

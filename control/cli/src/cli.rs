@@ -96,6 +96,13 @@ pub enum Cmd {
         #[command(subcommand)]
         action: crate::routes::RoutesCmd,
     },
+    /// Create, list and delete the Event Hubs consumer groups (docs/eventhubs.md).
+    ///
+    /// Example: roost consumer-group create analytics
+    ConsumerGroup {
+        #[command(subcommand)]
+        action: crate::groups::GroupCmd,
+    },
     /// Run an IoT Hub query over device twins, module twins or device jobs; prints every page.
     ///
     /// Example: roost query "SELECT deviceId, tags.site FROM devices WHERE properties.reported.battery < 20" -o table

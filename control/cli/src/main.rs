@@ -1,6 +1,7 @@
 //! `roost`: one binary for the hub's processes and its command line (DESIGN.md §9).
 
 mod cli;
+mod groups;
 mod manage;
 mod output;
 mod routes;
@@ -59,5 +60,6 @@ fn main() -> anyhow::Result<()> {
         } => manage::run_job(action, &data_dir, output),
         Cmd::Events { action, data_dir } => cli::run_events(action, &data_dir),
         Cmd::Routes { action } => routes::run(action),
+        Cmd::ConsumerGroup { action } => groups::run(action),
     }
 }

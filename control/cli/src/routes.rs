@@ -169,12 +169,23 @@ fn summary(r: &Routing) -> Value {
 }
 
 fn call(data_dir: &Path, method: Method, body: Option<Vec<u8>>) -> anyhow::Result<Value> {
+    call_at(data_dir, method, "/roost/routes", body)
+}
+
+/// One call of roost's own service API (`/roost/…`); a refusal is an error with control's
+/// answer. An empty answer reads as `null`.
+pub(crate) fn call_at(
+    data_dir: &Path,
+    method: Method,
+    path: &str,
+    body: Option<Vec<u8>>,
+) -> anyhow::Result<Value> {
     let mut svc = ServiceClient::new(hubfile::read(data_dir)?)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     runtime.block_on(async {
-        let resp = svc.call(method, "/roost/routes", body, &[]).await?;
+        let resp = svc.call(method, path, body, &[]).await?;
         if !(200..300).contains(&resp.status) {
             bail!(
                 "control refused it ({}): {}",
@@ -182,7 +193,10 @@ fn call(data_dir: &Path, method: Method, body: Option<Vec<u8>>) -> anyhow::Resul
                 String::from_utf8_lossy(&resp.body)
             );
         }
-        Ok(serde_json::from_slice(&resp.body)?)
+        match resp.body.is_empty() {
+            true => Ok(Value::Null),
+            false => Ok(serde_json::from_slice(&resp.body)?),
+        }
     })
 }
 

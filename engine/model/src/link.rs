@@ -56,6 +56,8 @@ pub struct EpochPayload {
     /// Named limits (name, value).
     pub limits: Vec<(String, u64)>,
     pub policies: Vec<PolicyEntry>,
+    /// The Event Hubs consumer groups created besides `$Default`.
+    pub consumer_groups: Vec<String>,
 }
 
 /// A shared access policy: its keys (base64 text, as in connection strings) and its rights
@@ -142,6 +144,10 @@ impl Epoch {
             ctx.update(&(name.len() as u64).to_le_bytes());
             ctx.update(name.as_bytes());
             ctx.update(&value.to_le_bytes());
+        }
+        for g in &payload.consumer_groups {
+            ctx.update(&(g.len() as u64).to_le_bytes());
+            ctx.update(g.as_bytes());
         }
         for p in &payload.policies {
             let rights = p.rights.join(",");

@@ -40,6 +40,8 @@ pub struct AmqpEndpoint {
     pub entity: String,
     /// The policies of the epoch in force.
     pub policies: Arc<RwLock<Vec<PolicyKeys>>>,
+    /// The consumer groups of the epoch in force besides `$Default`, lowercase.
+    pub consumer_groups: Arc<RwLock<Vec<String>>>,
     /// When the endpoint started, as the event hub's `created_at`.
     pub created_ms: i64,
 }
@@ -110,6 +112,7 @@ enum Link {
     ManagementOut,
     /// An Event Hubs receiver: the next offset of `partition` to send.
     Receiver {
+        group: String,
         partition: usize,
         next: u64,
     },
@@ -339,11 +342,17 @@ fn receiver(
 ) -> Result<Link, AmqpError> {
     let at = address::parse(address, &endpoint.entity)
         .map_err(|e| AmqpError::new("amqp:not-found", e.to_string()))?;
-    if at.consumer_group != "$default" {
+    let known = at.consumer_group == "$default"
+        || endpoint
+            .consumer_groups
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&at.consumer_group);
+    if !known {
         return Err(AmqpError::new(
             "amqp:not-found",
             format!(
-                "no consumer group {:?} (only $Default so far)",
+                "no consumer group {:?} (roost consumer-group create)",
                 at.consumer_group
             ),
         ));
@@ -386,6 +395,7 @@ fn receiver(
         first_at_time(log, p, first, next, ms, inclusive)
     });
     Ok(Link::Receiver {
+        group: at.consumer_group,
         partition: p,
         next: from,
     })
@@ -556,14 +566,28 @@ fn pump(s: &mut Session, endpoint: &AmqpEndpoint) {
         .map(|(id, _)| *id)
         .collect();
     for link in receivers {
-        let credit = s.conn.credit(link).min(PUMP_BATCH);
-        if credit == 0 {
-            continue;
-        }
-        let Some(Link::Receiver { partition, next }) = s.links.get(&link) else {
+        let Some(Link::Receiver {
+            group,
+            partition,
+            next,
+        }) = s.links.get(&link)
+        else {
             continue;
         };
         let (p, from) = (*partition, *next);
+        let end = endpoint.log.next_offset(p).unwrap_or(from);
+        endpoint
+            .metrics
+            .amqp_receiver_lag
+            .with_label_values(&[group.as_str(), &p.to_string()])
+            .set(end.saturating_sub(from) as i64);
+        let credit = s.conn.credit(link).min(PUMP_BATCH);
+        if credit == 0 {
+            if end > from {
+                endpoint.metrics.amqp_credit_stalls.inc();
+            }
+            continue;
+        }
         let mut events = Vec::new();
         let read = roost_storage::log::visit_records(
             endpoint.log.as_ref(),

@@ -330,6 +330,7 @@ pub fn run(config: EngineConfig, on_ready: impl FnOnce() + Send + 'static) -> an
             hostname: config.hostname.clone(),
             entity: shared.hub_name.clone(),
             policies: link_ctx.state.policies.clone(),
+            consumer_groups: link_ctx.state.consumer_groups.clone(),
             created_ms: session::unix_now().as_millis() as i64,
         });
         amqp::start(addr, tls::device_server_config(&certs)?, endpoint)?;

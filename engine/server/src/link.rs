@@ -48,6 +48,8 @@ pub struct EngineState {
     /// The shared access policies of the epoch in force (the AMQP endpoint checks tokens
     /// against them).
     pub policies: Arc<std::sync::RwLock<Vec<roost_eventhubs::PolicyKeys>>>,
+    /// The Event Hubs consumer groups of the epoch in force besides `$Default`, lowercase.
+    pub consumer_groups: Arc<std::sync::RwLock<Vec<String>>>,
 }
 
 impl EngineState {
@@ -69,6 +71,7 @@ impl EngineState {
             routes: Arc::default(),
             endpoints,
             policies: Arc::default(),
+            consumer_groups: Arc::default(),
         }
     }
 
@@ -201,6 +204,15 @@ pub fn apply(state: &EngineState, update: Update, origin: Origin) -> Result<(), 
                         .filter_map(|r| roost_eventhubs::Right::parse(r))
                         .collect(),
                 })
+                .collect();
+            *state
+                .consumer_groups
+                .write()
+                .unwrap_or_else(|p| p.into_inner()) = epoch
+                .payload
+                .consumer_groups
+                .iter()
+                .map(|g| g.to_ascii_lowercase())
                 .collect();
             // `Applied` means every shard routes by it (each loads it on its next tick).
             if !state.routes.wait_in_force(Duration::from_secs(10)) {

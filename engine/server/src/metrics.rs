@@ -63,6 +63,11 @@ pub struct Metrics {
     pub amqp_cbs: IntCounterVec,
     /// Events sent to Event Hubs receivers.
     pub amqp_events_sent: IntCounter,
+    /// Records an Event Hubs receiver has yet to get, by consumer group and partition (the
+    /// latest receiver's, as of its last pass).
+    pub amqp_receiver_lag: IntGaugeVec,
+    /// Passes where a receiver had records waiting but no credit.
+    pub amqp_credit_stalls: IntCounter,
 }
 
 /// The routing families; labels are the shard and names from the epoch (at most 100 routes,
@@ -214,6 +219,21 @@ impl Metrics {
             },
             amqp_refused: counter(&registry, "roost_amqp_refused_total", "AMQP links, deliveries and connections refused, by reason (unauthorized, not_found, decode_error, framing_error, resource_limit, invalid_field, illegal_state, other, or a codec error code).", &["reason"]),
             amqp_cbs: counter(&registry, "roost_amqp_cbs_put_tokens_total", "$cbs put-token requests, by result (ok, expired, bad_signature, unknown_policy, no_policy, wrong_audience, bad_token, bad_request).", &["result"]),
+            amqp_receiver_lag: {
+                let g = IntGaugeVec::new(
+                    Opts::new("roost_amqp_eventhubs_receiver_lag_records", "Records an Event Hubs receiver has yet to get, by consumer group and partition."),
+                    &["group", "partition"],
+                )
+                .expect("static metric");
+                registry.register(Box::new(g.clone())).expect("registered once");
+                g
+            },
+            amqp_credit_stalls: {
+                let c = IntCounter::new("roost_amqp_credit_stalls_total", "Passes where an Event Hubs receiver had records waiting but no credit.")
+                    .expect("static metric");
+                registry.register(Box::new(c.clone())).expect("registered once");
+                c
+            },
             amqp_events_sent: {
                 let c = IntCounter::new("roost_amqp_eventhubs_events_sent_total", "Events sent to Event Hubs receivers.")
                     .expect("static metric");
