@@ -2,7 +2,8 @@
 (`Registry` create/get/update/list/delete with its typed errors, `addModule`, `getTwin` and
 `updateTwin`, `addConfiguration`, `createQuery`, `Client.invokeDeviceMethod`, `JobClient` scheduling, reading, listing and cancelling jobs) and the
 device SDK `azure-iot-device` with its MQTT transport (twin, reported and desired properties,
-a direct method answered at QoS 0) against one hub. The script prints a JSON line per step."""
+a direct method answered at QoS 0) against one hub, and the Event Hubs client `@azure/event-hubs`
+reading the built-in endpoint over AMQP. Each script prints a JSON line per step."""
 
 from __future__ import annotations
 
@@ -47,3 +48,29 @@ def test_node_service_and_device_sdks(shared_hub):
     assert by_name["Registry.get of an unknown device is DeviceNotFoundError"] == "DeviceNotFoundError"
     assert by_name["Client.invokeDeviceMethod is answered by the device"]["payload"] == {"echo": {"delay": 2}}
     assert by_name["Registry.createQuery"] == "node-1"
+
+
+def test_node_event_hubs_client_reads_the_built_in_endpoint(hub):
+    from azure.iot.device import Message
+
+    from conftest import call_with_timeout
+
+    device_id = unique_id("nodeeh")
+    client = hub.connected_client(hub.create_device(device_id))
+    for n in range(3):
+        m = Message(json.dumps({"n": n}), content_encoding="utf-8", content_type="application/json")
+        m.custom_properties["level"] = "critical"
+        call_with_timeout(client.send_message, m, what="send")
+    mine = [r for r in hub.records() if r["systemProperties"].get("iothub-connection-device-id") == device_id]
+    steps = node_steps(hub, "eventhubs.js",
+                       ROOST_EVENTHUBS_CS=hub.info["eventhubs_connection_string"],
+                       ROOST_AMQP_PORT=str(hub.ports["amqp"]),
+                       ROOST_DEVICE_ID=device_id,
+                       ROOST_PARTITION=str(mine[0]["partition"]),
+                       ROOST_COUNT="3",
+                       NODE_EXTRA_CA_CERTS=str(hub.ca_path))
+    by_name = {s["step"]: s["detail"] for s in steps}
+    assert by_name["EventHubConsumerClient.getPartitionIds"] == ["0", "1"]
+    read = by_name["subscribe reads the device telemetry from the start"]
+    assert read["events"] == 3
+    assert read["offset"] == str(mine[0]["offset"]) and read["sequenceNumber"] == mine[0]["offset"]
