@@ -33,6 +33,7 @@ mod pace;
 mod procfs;
 mod publish;
 mod readback;
+mod readlog;
 mod report;
 mod run;
 mod stamp;
@@ -173,6 +174,11 @@ struct Args {
     /// --flood-oversize-rate.
     #[arg(long, conflicts_with_all = ["idle", "connect_rate"])]
     flood: bool,
+    /// Read roost's whole events log once, every partition from its first record, through
+    /// `amqp` (the Event Hubs-compatible endpoint) or `json` (the consumer API), and report
+    /// records per second and the engine's CPU per million (needs --target roost --hub).
+    #[arg(long, value_name = "amqp|json", conflicts_with_all = ["idle", "connect_rate", "flood"])]
+    read_log: Option<String>,
     /// Flood: sockets that connect and never send (held until the server closes them).
     #[arg(long, default_value_t = 0)]
     flood_silent: usize,
@@ -278,6 +284,15 @@ impl Args {
             }
             return Ok(());
         }
+        if let Some(via) = &self.read_log {
+            if via != "amqp" && via != "json" {
+                bail!("--read-log is amqp or json");
+            }
+            if !matches!(self.target, TargetKind::Roost) {
+                bail!("--read-log needs --target roost --hub DATA_DIR");
+            }
+            return Ok(());
+        }
         if self.flood {
             if self.duration.is_none() {
                 bail!("--flood needs --duration");
@@ -348,7 +363,9 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         let setup = setup(&args).await?;
-        if args.idle {
+        if let Some(via) = &args.read_log {
+            readlog::run(&args, setup, via).await
+        } else if args.idle {
             idle::run(&args, setup).await
         } else if args.connect_rate {
             connrate::run(&args, setup).await
