@@ -27,7 +27,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use crate::metrics::Metrics;
 
 /// The most events one pass sends on a receiver before the connection reads again.
-const PUMP_BATCH: u32 = 256;
+const PUMP_BATCH: u32 = 1024;
 /// How often a caught-up receiver with credit looks for new records.
 const POLL: Duration = Duration::from_millis(20);
 
@@ -139,15 +139,19 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, endpoint: &Amqp
         replies: Vec::new(),
     };
     let mut buf = vec![0u8; 16 * 1024];
+    // A pass that filled a receiver's batch may have left records and credit: go again at
+    // once rather than after the poll interval.
+    let mut busy = false;
     loop {
         let deadline = s
             .conn
             .poll_timeout()
             .unwrap_or_else(|| Instant::now() + Duration::from_secs(60));
         let waiting = s.links.values().any(|l| matches!(l, Link::Receiver { .. }));
-        let wake = match waiting {
-            true => deadline.min(Instant::now() + POLL),
-            false => deadline,
+        let wake = match (busy, waiting) {
+            (true, _) => Instant::now(),
+            (false, true) => deadline.min(Instant::now() + POLL),
+            (false, false) => deadline,
         };
         tokio::select! {
             read = stream.read(&mut buf) => match read {
@@ -159,7 +163,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, endpoint: &Amqp
             }
         }
         let closed = handle_events(&mut s, endpoint);
-        pump(&mut s, endpoint);
+        busy = pump(&mut s, endpoint);
         while let Some(out) = s.conn.poll_transmit() {
             if stream.write_all(&out).await.is_err() {
                 return;
@@ -534,10 +538,12 @@ fn partition_state(
     })
 }
 
-/// Sends what can go: answers waiting for credit, then events on receivers with credit.
-fn pump(s: &mut Session, endpoint: &AmqpEndpoint) {
+/// Sends what can go: answers waiting for credit, then events on receivers with credit. True
+/// when a receiver sent a whole batch (more may be waiting).
+fn pump(s: &mut Session, endpoint: &AmqpEndpoint) -> bool {
+    let mut busy = false;
     if !s.conn.is_open() {
-        return;
+        return false;
     }
     let mut waiting = std::mem::take(&mut s.replies);
     waiting.retain(|(cbs, answer)| {
@@ -607,6 +613,7 @@ fn pump(s: &mut Session, endpoint: &AmqpEndpoint) {
         );
         let Ok(read_to) = read else { continue };
         let mut sent_to = read_to;
+        let mut sent = 0u32;
         for (offset, payload) in events {
             match s.conn.send(
                 link,
@@ -614,15 +621,18 @@ fn pump(s: &mut Session, endpoint: &AmqpEndpoint) {
                 payload,
                 true,
             ) {
-                Ok(_) => endpoint.metrics.amqp_events_sent.inc(),
+                Ok(_) => sent += 1,
                 Err(_) => {
                     sent_to = offset;
                     break;
                 }
             }
         }
+        endpoint.metrics.amqp_events_sent.inc_by(u64::from(sent));
+        busy |= sent == credit && sent_to < end;
         if let Some(Link::Receiver { next, .. }) = s.links.get_mut(&link) {
             *next = sent_to;
         }
     }
+    busy
 }
