@@ -604,8 +604,8 @@ fn pump(s: &mut Session, endpoint: &AmqpEndpoint) -> bool {
                     return Ok(false);
                 }
                 if view.endpoint(BUILTIN).is_some() {
-                    let mut out = BytesMut::new();
-                    event::event(offset, view).write(&mut out);
+                    let mut out = BytesMut::with_capacity(256 + view.message().body.len());
+                    event::write_event(offset, view, &mut out);
                     events.push((offset, out.freeze()));
                 }
                 Ok(true)
