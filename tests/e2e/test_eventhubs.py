@@ -164,3 +164,36 @@ def test_two_consumer_groups_read_the_same_events_and_an_unknown_one_is_refused(
         receive(hub, partition, "-1", want=1, group="nobody", timeout=10)
     assert hub.cli("consumer-group", "delete", "analytics").returncode == 0
     assert json.loads(hub.cli("consumer-group", "list").stdout)["consumerGroups"] == ["$Default"]
+
+
+def test_the_hubs_own_events_from_an_enqueued_time(hub):
+    """Lifecycle and twin-change events (routed to `events` by the default routes.lua) reach an
+    Event Hubs reader with their sources, read from an enqueued time."""
+    import datetime
+
+    from azure.iot.hub.models import Twin
+
+    before = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(seconds=1)
+    device_id = unique_id("ehev")
+    hub.create_device(device_id)
+    hub.registry_manager().update_twin(device_id, Twin(tags={"site": "north"}), "*")
+    wanted = {"deviceLifecycleEvents", "twinChangeEvents"}
+
+    def records():
+        rs = [r for r in hub.records() if r["systemProperties"].get("iothub-connection-device-id") == device_id
+              and r["systemProperties"]["iothub-message-source"] in wanted]
+        return rs if {r["systemProperties"]["iothub-message-source"] for r in rs} == wanted else None
+
+    mine = wait_until(records, 15, "the device's lifecycle and twin-change records")
+    for partition in sorted({r["partition"] for r in mine}):
+        count = sum(1 for r in mine if r["partition"] == partition)
+        events = [e for e in receive(hub, str(partition), before, want=10_000, timeout=8)
+                  if e.system_properties.get(b"iothub-connection-device-id") == device_id.encode()]
+        sources = {e.system_properties[b"iothub-message-source"].decode() for e in events}
+        assert sources >= {r["systemProperties"]["iothub-message-source"] for r in mine
+                           if r["partition"] == partition}, sources
+        assert len([e for e in events if e.system_properties[b"iothub-message-source"].decode() in wanted]) == count
+        for e in events:
+            assert e.enqueued_time >= before
+            if e.system_properties[b"iothub-message-source"] == b"twinChangeEvents":
+                assert json.loads(e.body_as_str())["tags"] == {"site": "north"}
