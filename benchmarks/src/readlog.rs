@@ -440,7 +440,7 @@ async fn read_amqp(
                     *n = n.saturating_sub(1);
                 }
                 // Top the credit up once half is used.
-                if entry.1 % (CREDIT / 2) == 0 {
+                if entry.1.is_multiple_of(CREDIT / 2) {
                     let count = entry.1;
                     w.send(FrameType::Amqp, 0, |o| {
                         Performative::Flow(credit(mine, count, transfers_in)).write(o)

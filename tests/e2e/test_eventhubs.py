@@ -37,7 +37,8 @@ def telemetry_of(events: list, device_id: str) -> list:
 
 
 def receive(hub, partition_id: str, starting_position, want: int, timeout: float = 30,
-            group: str = "$Default", starting_position_inclusive: bool = False) -> list:
+            group: str = "$Default", starting_position_inclusive: bool = False,
+            owner_level: int | None = None) -> list:
     """What one receiver gets until `want` events or `timeout`; the client's first error is
     raised."""
     client = consumer(hub, group=group)
@@ -58,7 +59,7 @@ def receive(hub, partition_id: str, starting_position, want: int, timeout: float
     worker = threading.Thread(target=client.receive, daemon=True, kwargs=dict(
         on_event=on_event, on_error=on_error, partition_id=partition_id,
         starting_position=starting_position, starting_position_inclusive=starting_position_inclusive,
-        max_wait_time=1))
+        owner_level=owner_level, max_wait_time=1))
     worker.start()
     done.wait(timeout)
     client.close()
@@ -197,3 +198,42 @@ def test_the_hubs_own_events_from_an_enqueued_time(hub):
             assert e.enqueued_time >= before
             if e.system_properties[b"iothub-message-source"] == b"twinChangeEvents":
                 assert json.loads(e.body_as_str())["tags"] == {"site": "north"}
+
+
+class Reader:
+    """A receiver running in the background until closed; errors the client reports are kept."""
+
+    def __init__(self, hub, partition_id: str, owner_level: int | None):
+        self.client = consumer(hub)
+        self.errors: list = []
+        self.thread = threading.Thread(target=self.client.receive, daemon=True, kwargs=dict(
+            on_event=lambda _c, _e: None, on_error=lambda _c, e: self.errors.append(e),
+            partition_id=partition_id, starting_position="-1", owner_level=owner_level, max_wait_time=1))
+        self.thread.start()
+
+    def close(self) -> None:
+        self.client.close()
+        self.thread.join(15)
+
+
+def test_a_higher_epoch_takes_the_partition_and_a_lower_one_is_refused(hub):
+    first = Reader(hub, "0", owner_level=1)
+    try:
+        hub.wait_metric("roost_amqp_eventhubs_receiver_lag_records", lambda v: v >= 0, "the first receiver",
+                        group="$default", partition="0")
+        second = Reader(hub, "0", owner_level=2)
+        try:
+            stolen = wait_until(lambda: first.errors, 15, "the first receiver to lose the partition")
+            assert "stolen" in str(stolen[0]).lower() or "disconnect" in type(stolen[0]).__name__.lower(), stolen
+            lower = Reader(hub, "0", owner_level=1)
+            try:
+                refused = wait_until(lambda: lower.errors, 15, "the lower epoch to be refused")
+                assert "epoch" in str(refused[0]).lower(), refused
+            finally:
+                lower.close()
+            assert not second.errors, second.errors
+        finally:
+            second.close()
+    finally:
+        first.close()
+    hub.wait_metric("roost_amqp_refused_total", lambda v: v >= 1, "the refusal", reason="link_stolen")

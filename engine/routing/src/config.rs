@@ -593,7 +593,7 @@ impl<'a> Reader<'a> {
 
     /// The `enabled` flag of a route or the fallback (absent: true).
     fn enabled(&self, t: &Table, line: u32, what: &str) -> Result<bool, ConfigError> {
-        match self.get(&t, "enabled", line)? {
+        match self.get(t, "enabled", line)? {
             Lua_::Nil => Ok(true),
             Lua_::Boolean(b) => Ok(b),
             other => Err(self.err(
@@ -639,7 +639,7 @@ impl<'a> Reader<'a> {
     }
 
     fn table_opt(&self, t: &Table, key: &str, line: u32) -> Result<Option<Table>, ConfigError> {
-        match self.get(&t, key, line)? {
+        match self.get(t, key, line)? {
             Lua_::Nil => Ok(None),
             Lua_::Table(t) => Ok(Some(t)),
             other => Err(self.err(
@@ -679,7 +679,7 @@ impl<'a> Reader<'a> {
     }
 
     fn string_opt(&self, t: &Table, key: &str, line: u32) -> Result<Option<String>, ConfigError> {
-        match self.get(&t, key, line)? {
+        match self.get(t, key, line)? {
             Lua_::Nil => Ok(None),
             Lua_::String(s) => Ok(Some(s.to_string_lossy())),
             other => Err(self.err(
@@ -702,7 +702,7 @@ impl<'a> Reader<'a> {
         default: u64,
         max: u64,
     ) -> Result<u64, ConfigError> {
-        match self.get(&t, key, line)? {
+        match self.get(t, key, line)? {
             Lua_::Nil => Ok(default),
             Lua_::Integer(i) if i >= 1 && (i as u64) <= max => Ok(i as u64),
             other => Err(self.err(
@@ -741,7 +741,7 @@ impl<'a> Reader<'a> {
         what: &str,
         index: &dyn Fn(&str) -> Option<usize>,
     ) -> Result<Vec<usize>, ConfigError> {
-        let list = match self.get(&t, "endpoints", line)? {
+        let list = match self.get(t, "endpoints", line)? {
             Lua_::Table(l) => self.sequence(&l, "endpoints", line)?,
             Lua_::Nil => return Err(self.err(Some(line), format!("{what}: endpoints is missing"))),
             other => {
@@ -833,7 +833,7 @@ impl<'a> Reader<'a> {
                 &["kind", "url", "subject"],
             ),
             "mqtt" => {
-                let qos = match self.get(&t, "qos", line)? {
+                let qos = match self.get(t, "qos", line)? {
                     Lua_::Nil => 1,
                     Lua_::Integer(q @ 0..=1) => q as u8,
                     other => {

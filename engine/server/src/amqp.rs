@@ -44,6 +44,93 @@ pub struct AmqpEndpoint {
     pub consumer_groups: Arc<RwLock<Vec<String>>>,
     /// When the endpoint started, as the event hub's `created_at`.
     pub created_ms: i64,
+    /// The receivers on each consumer group and partition, for epoch ownership.
+    pub readers: std::sync::Mutex<HashMap<(String, usize), Vec<Reader>>>,
+    /// Numbers the connections (to tell their readers apart).
+    pub connections: std::sync::atomic::AtomicU64,
+}
+
+/// A receiver on a consumer group's partition, for epoch ownership (`com.microsoft:epoch`).
+pub struct Reader {
+    epoch: Option<i64>,
+    conn: u64,
+    link: LinkId,
+    /// Tells the reader's connection to detach it.
+    evict: tokio::sync::mpsc::UnboundedSender<(LinkId, AmqpError)>,
+}
+
+/// The receiver's epoch, from its attach properties.
+fn epoch_of(a: &Attach) -> Option<i64> {
+    let roost_amqp::Value::Map(pairs) = &a.properties else {
+        return None;
+    };
+    pairs
+        .iter()
+        .find(|(k, _)| k.as_str() == Some("com.microsoft:epoch"))
+        .and_then(|(_, v)| v.as_i64())
+}
+
+/// Takes ownership of a group's partition for a new receiver (Event Hubs' epochs): a receiver
+/// with an epoch evicts the receivers with a lower or equal one and those with none, and is
+/// refused while one with a higher epoch reads; a receiver without an epoch is refused while an
+/// epoch receiver reads. Evicted receivers are detached with `amqp:link:stolen`.
+fn claim(endpoint: &AmqpEndpoint, key: (String, usize), new: Reader) -> Result<(), AmqpError> {
+    let mut readers = endpoint.readers.lock().unwrap_or_else(|p| p.into_inner());
+    let list = readers.entry(key).or_default();
+    let highest = list.iter().filter_map(|r| r.epoch).max();
+    match (new.epoch, highest) {
+        (Some(e), Some(h)) if h > e => {
+            return Err(AmqpError::new(
+                "amqp:link:stolen",
+                format!(
+                    "a receiver with the higher epoch {h} reads this partition; epoch {e} cannot"
+                ),
+            ))
+        }
+        (None, Some(h)) => {
+            return Err(AmqpError::new(
+                "amqp:link:stolen",
+                format!(
+                    "a receiver with epoch {h} reads this partition; one without an epoch cannot"
+                ),
+            ))
+        }
+        (Some(e), _) => {
+            for old in list.drain(..) {
+                let _ = old.evict.send((
+                    old.link,
+                    AmqpError::new(
+                        "amqp:link:stolen",
+                        format!("a receiver with epoch {e} took this partition"),
+                    ),
+                ));
+            }
+        }
+        (None, None) => {}
+    }
+    list.push(new);
+    Ok(())
+}
+
+/// Forgets a connection's readers when it ends, however it ends.
+struct Release<'a> {
+    endpoint: &'a AmqpEndpoint,
+    conn: u64,
+}
+
+impl Drop for Release<'_> {
+    fn drop(&mut self) {
+        release(self.endpoint, self.conn, None);
+    }
+}
+
+/// Forgets a connection's readers (all of them, or the one on `link`).
+fn release(endpoint: &AmqpEndpoint, conn: u64, link: Option<LinkId>) {
+    let mut readers = endpoint.readers.lock().unwrap_or_else(|p| p.into_inner());
+    for list in readers.values_mut() {
+        list.retain(|r| r.conn != conn || link.is_some_and(|l| l != r.link));
+    }
+    readers.retain(|_, list| !list.is_empty());
 }
 
 /// Starts the listener on a thread of its own; returns once it listens.
@@ -119,6 +206,10 @@ enum Link {
 }
 
 struct Session {
+    /// This connection's number.
+    id: u64,
+    /// Where other connections send evictions of this one's receivers.
+    evict: tokio::sync::mpsc::UnboundedSender<(LinkId, AmqpError)>,
     conn: Connection,
     links: HashMap<LinkId, Link>,
     /// What the connection's put-tokens granted.
@@ -132,11 +223,20 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, endpoint: &Amqp
         container_id: format!("roost-{}", endpoint.hostname),
         ..Config::default()
     };
+    let (evict, mut evicted) = tokio::sync::mpsc::unbounded_channel();
     let mut s = Session {
+        id: endpoint
+            .connections
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        evict,
         conn: Connection::new(config, Instant::now()),
         links: HashMap::new(),
         grants: Vec::new(),
         replies: Vec::new(),
+    };
+    let _readers = Release {
+        endpoint,
+        conn: s.id,
     };
     let mut buf = vec![0u8; 16 * 1024];
     // A pass that filled a receiver's batch may have left records and credit: go again at
@@ -160,6 +260,11 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, endpoint: &Amqp
             },
             _ = tokio::time::sleep_until(tokio::time::Instant::from_std(wake)) => {
                 s.conn.handle_timeout(Instant::now());
+            }
+            Some((link, error)) = evicted.recv() => {
+                if s.links.remove(&link).is_some() {
+                    s.conn.detach(link, Some(error));
+                }
             }
         }
         let closed = handle_events(&mut s, endpoint);
@@ -259,7 +364,9 @@ fn handle_events(s: &mut Session, endpoint: &AmqpEndpoint) -> bool {
             }
             Event::Disposition { .. } => {}
             Event::Detached { link, .. } => {
-                s.links.remove(&link);
+                if let Some(Link::Receiver { .. }) = s.links.remove(&link) {
+                    release(endpoint, s.id, Some(link));
+                }
             }
             Event::Closed { error, by_peer } => {
                 if let (Some(e), false) = (&error, by_peer) {
@@ -286,6 +393,7 @@ fn short(condition: &str) -> &'static str {
         "amqp:resource-limit-exceeded" => "resource_limit",
         "amqp:invalid-field" => "invalid_field",
         "amqp:illegal-state" => "illegal_state",
+        "amqp:link:stolen" => "link_stolen",
         _ => "other",
     }
 }
@@ -304,7 +412,22 @@ fn attach_link(s: &mut Session, endpoint: &AmqpEndpoint, link: LinkId, a: &Attac
         (Role::Receiver, "$cbs") => Link::CbsOut,
         (Role::Sender, "$management") => Link::ManagementIn,
         (Role::Receiver, "$management") => Link::ManagementOut,
-        (Role::Receiver, other) => match receiver(s, endpoint, other, a) {
+        (Role::Receiver, other) => match receiver(s, endpoint, other, a).and_then(|kind| {
+            let Link::Receiver {
+                group, partition, ..
+            } = &kind
+            else {
+                return Ok(kind);
+            };
+            let reader = Reader {
+                epoch: epoch_of(a),
+                conn: s.id,
+                link,
+                evict: s.evict.clone(),
+            };
+            claim(endpoint, (group.clone(), *partition), reader)?;
+            Ok(kind)
+        }) {
             Ok(link) => link,
             Err(error) => {
                 endpoint

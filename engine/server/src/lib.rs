@@ -332,6 +332,8 @@ pub fn run(config: EngineConfig, on_ready: impl FnOnce() + Send + 'static) -> an
             policies: link_ctx.state.policies.clone(),
             consumer_groups: link_ctx.state.consumer_groups.clone(),
             created_ms: session::unix_now().as_millis() as i64,
+            readers: Default::default(),
+            connections: Default::default(),
         });
         amqp::start(addr, tls::device_server_config(&certs)?, endpoint)?;
     }
