@@ -61,7 +61,8 @@ def test_node_event_hubs_client_reads_the_built_in_endpoint(hub):
         m = Message(json.dumps({"n": n}), content_encoding="utf-8", content_type="application/json")
         m.custom_properties["level"] = "critical"
         call_with_timeout(client.send_message, m, what="send")
-    mine = [r for r in hub.records() if r["systemProperties"].get("iothub-connection-device-id") == device_id]
+    mine = [r for r in hub.records() if r["systemProperties"].get("iothub-connection-device-id") == device_id
+            and r["systemProperties"]["iothub-message-source"] == "Telemetry"]
     steps = node_steps(hub, "eventhubs.js",
                        ROOST_EVENTHUBS_CS=hub.info["eventhubs_connection_string"],
                        ROOST_AMQP_PORT=str(hub.ports["amqp"]),
