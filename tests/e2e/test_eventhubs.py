@@ -237,3 +237,36 @@ def test_a_higher_epoch_takes_the_partition_and_a_lower_one_is_refused(hub):
     finally:
         first.close()
     hub.wait_metric("roost_amqp_refused_total", lambda v: v >= 1, "the refusal", reason="link_stolen")
+
+
+def test_an_unauthenticated_peer_holds_at_most_four_links(hub):
+    """Before a put-token succeeds a connection may attach only the `$cbs` and `$management`
+    links, four in all: a fifth attach is refused (the frames here are written by the fuzz seed
+    generator's own AMQP encoder)."""
+    import socket
+    import ssl
+    import sys
+    import time
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "fuzz"))
+    from gen_corpus import Described, Ulong, amqp_frame, perf
+
+    ctx = ssl.create_default_context(cafile=hub.ca_path)
+    raw = socket.create_connection(("127.0.0.1", hub.ports["amqp"]), timeout=10)
+    with ctx.wrap_socket(raw, server_hostname=hub.hostname) as s:
+        frames = b"AMQP\x00\x01\x00\x00" + amqp_frame(perf(0x10, ["raw-client", hub.hostname]))
+        frames += amqp_frame(perf(0x11, [None, 0, 100, 100]))
+        for handle in range(5):
+            frames += amqp_frame(perf(0x12, [f"cbs-{handle}", handle, False, None, None,
+                                             Described(Ulong(0x28), ["me"]), Described(Ulong(0x29), ["$cbs"])]))
+        s.sendall(frames)
+        got = b""
+        deadline = time.monotonic() + 10
+        while b"at most 4 links" not in got and time.monotonic() < deadline:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            got += chunk
+    assert b"amqp:unauthorized-access" in got and b"at most 4 links" in got, got[-400:]
+    assert got.count(b"cbs-") == 5, "every attach answered, the fifth with a refusal"

@@ -894,10 +894,9 @@ impl Connection {
             });
         }
         if restore {
-            let session = self
-                .sessions
-                .get_mut(&local)
-                .expect("the session of the transfer");
+            let Some(session) = self.sessions.get_mut(&local) else {
+                return;
+            };
             session.incoming_window = window;
             let flow = Flow {
                 next_incoming_id: Some(session.next_incoming_id),

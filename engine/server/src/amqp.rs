@@ -398,7 +398,28 @@ fn short(condition: &str) -> &'static str {
     }
 }
 
+/// Links a connection may hold before a put-token succeeded: `$cbs` and `$management`, each
+/// way. Until then nothing else is attached, so an unauthenticated peer holds at most this many
+/// partial deliveries.
+const PRE_AUTH_LINKS: usize = 4;
+
 fn attach_link(s: &mut Session, endpoint: &AmqpEndpoint, link: LinkId, a: &Attach) {
+    if s.grants.is_empty() && s.links.len() >= PRE_AUTH_LINKS {
+        endpoint
+            .metrics
+            .amqp_refused
+            .with_label_values(&["unauthorized"])
+            .inc();
+        s.conn.refuse_attach(
+            link,
+            a,
+            AmqpError::new(
+                "amqp:unauthorized-access",
+                format!("at most {PRE_AUTH_LINKS} links before a put-token succeeds"),
+            ),
+        );
+        return;
+    }
     // The peer's role names the direction: a sender's target, a receiver's source.
     let address = match a.role {
         Role::Sender => a.target.as_ref(),
