@@ -270,3 +270,39 @@ def test_an_unauthenticated_peer_holds_at_most_four_links(hub):
             got += chunk
     assert b"amqp:unauthorized-access" in got and b"at most 4 links" in got, got[-400:]
     assert got.count(b"cbs-") == 5, "every attach answered, the fifth with a refusal"
+
+
+def test_unauthenticated_amqp_connections_share_the_engines_caps(hub_factory):
+    """An AMQP connection counts against the engine-wide pre-authentication caps (with MQTT's)
+    until a put-token succeeds; one over the per-address cap is closed before TLS."""
+    import socket
+    import ssl
+
+    hub = hub_factory(start=False)
+    hub.engine_args = ["--max-unauthenticated-per-source", "2"]
+    hub.start()
+    ctx = ssl.create_default_context(cafile=hub.ca_path)
+
+    def tls():
+        raw = socket.create_connection(("127.0.0.1", hub.ports["amqp"]), timeout=5)
+        return ctx.wrap_socket(raw, server_hostname=hub.hostname)
+
+    held = [tls(), tls()]
+    try:
+        with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+            tls().sendall(b"AMQP\x00\x01\x00\x00")
+        hub.wait_metric("roost_amqp_refused_total", lambda v: v >= 1, "the refused connection",
+                        reason="unauthenticated_source_limit")
+    finally:
+        for s in held:
+            s.close()
+    # The slots come back when those connections end: a client authenticates as usual.
+    def reads():
+        c = consumer(hub)
+        try:
+            return c.get_partition_ids()
+        except Exception:  # noqa: BLE001 - retried until the engine has seen the closes
+            return None
+        finally:
+            c.close()
+    assert wait_until(reads, 10, "a connection after the held ones closed") == ["0", "1"]

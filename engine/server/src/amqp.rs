@@ -48,6 +48,9 @@ pub struct AmqpEndpoint {
     pub readers: std::sync::Mutex<HashMap<(String, usize), Vec<Reader>>>,
     /// Numbers the connections (to tell their readers apart).
     pub connections: std::sync::atomic::AtomicU64,
+    /// The engine-wide caps on unauthenticated connections (shared with MQTT): a connection
+    /// holds a slot from accept until its first put-token succeeds.
+    pub pre_auth: Arc<roost_session::PreAuthGate>,
 }
 
 /// A receiver on a consumer group's partition, for epoch ownership (`com.microsoft:epoch`).
@@ -166,8 +169,19 @@ pub fn start(
                 let _ = bound_tx.send(Ok(()));
                 let acceptor = tokio_rustls::TlsAcceptor::from(tls);
                 loop {
-                    let Ok((socket, _)) = listener.accept().await else {
+                    let Ok((socket, peer)) = listener.accept().await else {
                         continue;
+                    };
+                    let slot = match endpoint.pre_auth.enter(peer.ip()) {
+                        Ok(slot) => slot,
+                        Err(reason) => {
+                            endpoint
+                                .metrics
+                                .amqp_refused
+                                .with_label_values(&[reason.error_code()])
+                                .inc();
+                            continue; // dropped: closed before TLS
+                        }
                     };
                     let _ = socket.set_nodelay(true);
                     let (acceptor, endpoint) = (acceptor.clone(), endpoint.clone());
@@ -176,7 +190,7 @@ pub fn start(
                         let handshake =
                             tokio::time::timeout(Duration::from_secs(10), acceptor.accept(socket));
                         if let Ok(Ok(stream)) = handshake.await {
-                            serve(stream, &endpoint).await;
+                            serve(stream, &endpoint, slot).await;
                         }
                         endpoint.metrics.amqp_connections.dec();
                     });
@@ -216,9 +230,15 @@ struct Session {
     grants: Vec<Grant>,
     /// Answers waiting for credit on their reply link (`$cbs` or `$management`).
     replies: Vec<(bool, Message)>,
+    /// Held until the first put-token succeeds.
+    pre_auth: roost_session::PreAuthSlot,
 }
 
-async fn serve<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, endpoint: &AmqpEndpoint) {
+async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
+    endpoint: &AmqpEndpoint,
+    slot: roost_session::PreAuthSlot,
+) {
     let config = Config {
         container_id: format!("roost-{}", endpoint.hostname),
         ..Config::default()
@@ -233,6 +253,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, endpoint: &Amqp
         links: HashMap::new(),
         grants: Vec::new(),
         replies: Vec::new(),
+        pre_auth: slot,
     };
     let _readers = Release {
         endpoint,
@@ -591,6 +612,7 @@ fn put_token(s: &mut Session, endpoint: &AmqpEndpoint, m: &Message) -> Message {
             endpoint.metrics.amqp_cbs.with_label_values(&["ok"]).inc();
             s.grants.retain(|g| g.scope != grant.scope);
             s.grants.push(grant);
+            s.pre_auth.release();
             cbs::response(&request.message_id, 200, "OK", Body::Empty)
         }
         Err(e) => {

@@ -334,6 +334,7 @@ pub fn run(config: EngineConfig, on_ready: impl FnOnce() + Send + 'static) -> an
             created_ms: session::unix_now().as_millis() as i64,
             readers: Default::default(),
             connections: Default::default(),
+            pre_auth: shared.pre_auth.clone(),
         });
         amqp::start(addr, tls::device_server_config(&certs)?, endpoint)?;
     }
