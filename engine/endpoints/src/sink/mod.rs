@@ -57,6 +57,36 @@ pub trait Sink: Send {
     fn deliver(&mut self, items: &[Item]) -> Result<(), SinkError>;
 }
 
+/// A sink that keeps one connection to its destination (NATS, MQTT): the connection is reused
+/// from batch to batch, and one that died while idle (a broker that closed it, pings that went
+/// unanswered) gets one fresh try before the batch counts as failed.
+pub(crate) trait Connected {
+    type Conn;
+    /// The kept connection, if any.
+    fn kept(&mut self) -> &mut Option<Self::Conn>;
+    fn connect(&self) -> Result<Self::Conn, SinkError>;
+    /// Sends `items` on `conn` and waits for the destination's acknowledgements.
+    fn publish(&mut self, conn: &mut Self::Conn, items: &[Item]) -> Result<(), SinkError>;
+
+    fn deliver_connected(&mut self, items: &[Item]) -> Result<(), SinkError> {
+        let mut reused = self.kept().is_some();
+        loop {
+            let mut conn = match self.kept().take() {
+                Some(c) => c,
+                None => self.connect()?,
+            };
+            match self.publish(&mut conn, items) {
+                Ok(()) => {
+                    *self.kept() = Some(conn);
+                    return Ok(());
+                }
+                Err(SinkError::Connect(_)) if reused => reused = false,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
 /// The sink of an endpoint. Relative file paths are taken from `base` (the hub's data
 /// directory); `tls` is the client config for `https` webhooks.
 pub fn open(

@@ -13,7 +13,7 @@ use bytes::{Bytes, BytesMut};
 use roost_mqtt::{check, parse, Connect, ConnectReturnCode, Limits, Packet, Publish, QoS, Str};
 
 use crate::item::{Form, Item};
-use crate::sink::{host_port, Sink, SinkError};
+use crate::sink::{host_port, Connected, Sink, SinkError};
 
 const TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -26,7 +26,7 @@ pub struct Republish {
     next_pkid: u16,
 }
 
-struct Conn {
+pub(crate) struct Conn {
     stream: TcpStream,
     buf: BytesMut,
 }
@@ -195,29 +195,29 @@ impl Conn {
     }
 }
 
+impl Connected for Republish {
+    type Conn = Conn;
+
+    fn kept(&mut self) -> &mut Option<Conn> {
+        &mut self.conn
+    }
+
+    fn connect(&self) -> Result<Conn, SinkError> {
+        Republish::connect(self)
+    }
+
+    fn publish(&mut self, conn: &mut Conn, items: &[Item]) -> Result<(), SinkError> {
+        Republish::publish(self, conn, items)
+    }
+}
+
 impl Sink for Republish {
     fn form(&self) -> Form {
         Form::Raw
     }
 
     fn deliver(&mut self, items: &[Item]) -> Result<(), SinkError> {
-        // A kept connection the broker has closed since: one fresh try before this counts.
-        let reused = self.conn.is_some();
-        for attempt in 0..2 {
-            let mut conn = match self.conn.take() {
-                Some(c) => c,
-                None => self.connect()?,
-            };
-            match self.publish(&mut conn, items) {
-                Ok(()) => {
-                    self.conn = Some(conn);
-                    return Ok(());
-                }
-                Err(SinkError::Connect(_)) if reused && attempt == 0 => continue,
-                Err(e) => return Err(e),
-            }
-        }
-        Err(broken(&self.addr, "unreachable"))
+        self.deliver_connected(items)
     }
 }
 

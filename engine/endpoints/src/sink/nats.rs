@@ -10,7 +10,7 @@ use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use crate::item::{Form, Item};
-use crate::sink::{host_port, Sink, SinkError};
+use crate::sink::{host_port, Connected, Sink, SinkError};
 
 const ACK_TIMEOUT: Duration = Duration::from_secs(10);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -27,7 +27,7 @@ pub struct JetStream {
     conn: Option<Conn>,
 }
 
-struct Conn {
+pub(crate) struct Conn {
     stream: TcpStream,
     buf: Vec<u8>,
     /// The most payload the server takes (its INFO's `max_payload`).
@@ -287,30 +287,29 @@ impl Conn {
     }
 }
 
+impl Connected for JetStream {
+    type Conn = Conn;
+
+    fn kept(&mut self) -> &mut Option<Conn> {
+        &mut self.conn
+    }
+
+    fn connect(&self) -> Result<Conn, SinkError> {
+        JetStream::connect(self)
+    }
+
+    fn publish(&mut self, conn: &mut Conn, items: &[Item]) -> Result<(), SinkError> {
+        JetStream::publish(self, conn, items)
+    }
+}
+
 impl Sink for JetStream {
     fn form(&self) -> Form {
         Form::Raw
     }
 
     fn deliver(&mut self, items: &[Item]) -> Result<(), SinkError> {
-        // A kept connection may have died while idle (the server's pings went unanswered):
-        // one fresh try before this counts as a failure.
-        let reused = self.conn.is_some();
-        for attempt in 0..2 {
-            let mut conn = match self.conn.take() {
-                Some(c) => c,
-                None => self.connect()?,
-            };
-            match self.publish(&mut conn, items) {
-                Ok(()) => {
-                    self.conn = Some(conn);
-                    return Ok(());
-                }
-                Err(SinkError::Connect(_)) if reused && attempt == 0 => continue,
-                Err(e) => return Err(e),
-            }
-        }
-        Err(broken(&self.addr, "unreachable"))
+        self.deliver_connected(items)
     }
 }
 
