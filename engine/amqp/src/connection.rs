@@ -184,6 +184,20 @@ struct Session {
     by_remote: BTreeMap<u32, u32>,
 }
 
+impl Session {
+    /// A FLOW with the session's state (and no link's): where its transfers stand both ways
+    /// and its incoming window.
+    fn flow(&self) -> Flow {
+        Flow {
+            next_incoming_id: Some(self.next_incoming_id),
+            incoming_window: self.incoming_window,
+            next_outgoing_id: self.next_outgoing_id,
+            outgoing_window: u32::MAX,
+            ..Flow::default()
+        }
+    }
+}
+
 pub struct Connection {
     config: Config,
     state: State,
@@ -738,16 +752,13 @@ impl Connection {
             return;
         }
         l.credit = credit;
+        let delivery_count = l.delivery_count;
         session.incoming_window = incoming_window;
         let flow = Flow {
-            next_incoming_id: Some(session.next_incoming_id),
-            incoming_window,
-            next_outgoing_id: session.next_outgoing_id,
-            outgoing_window: u32::MAX,
             handle: Some(link.handle),
-            delivery_count: Some(l.delivery_count),
+            delivery_count: Some(delivery_count),
             link_credit: Some(credit),
-            ..Flow::default()
+            ..session.flow()
         };
         self.write(link.channel, &Performative::Flow(flow));
     }
@@ -789,21 +800,12 @@ impl Connection {
             });
         }
         if f.echo == Some(true) {
-            let (next_in, next_out, window) = (
-                session.next_incoming_id,
-                session.next_outgoing_id,
-                session.incoming_window,
-            );
-            let l = &session.links[&handle];
+            let (delivery_count, credit) = (l.delivery_count, l.credit);
             let flow = Flow {
-                next_incoming_id: Some(next_in),
-                incoming_window: window,
-                next_outgoing_id: next_out,
-                outgoing_window: u32::MAX,
                 handle: Some(handle),
-                delivery_count: Some(l.delivery_count),
-                link_credit: Some(l.credit),
-                ..Flow::default()
+                delivery_count: Some(delivery_count),
+                link_credit: Some(credit),
+                ..session.flow()
             };
             self.write(local, &Performative::Flow(flow));
         }
@@ -898,13 +900,7 @@ impl Connection {
                 return;
             };
             session.incoming_window = window;
-            let flow = Flow {
-                next_incoming_id: Some(session.next_incoming_id),
-                incoming_window: window,
-                next_outgoing_id: session.next_outgoing_id,
-                outgoing_window: u32::MAX,
-                ..Flow::default()
-            };
+            let flow = session.flow();
             self.write(local, &Performative::Flow(flow));
         }
     }
