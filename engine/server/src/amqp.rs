@@ -13,7 +13,6 @@ use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use bytes::{Bytes, BytesMut};
 use roost_amqp::{
     AmqpError, Attach, Body, Config, Connection, DeliveryState, Event, LinkId, Message, Role,
@@ -142,65 +141,36 @@ pub fn start(
     tls: Arc<rustls::ServerConfig>,
     endpoint: Arc<AmqpEndpoint>,
 ) -> anyhow::Result<()> {
-    let (bound_tx, bound_rx) = std::sync::mpsc::channel();
-    std::thread::Builder::new()
-        .name("amqp".into())
-        .spawn(move || {
-            let runtime = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(r) => r,
-                Err(e) => {
-                    let _ = bound_tx.send(Err(anyhow::anyhow!("amqp runtime: {e}")));
-                    return;
+    crate::listen_on_thread("amqp", addr, "AMQP", move |listener| async move {
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+        loop {
+            let Ok((socket, peer)) = listener.accept().await else {
+                continue;
+            };
+            let slot = match endpoint.pre_auth.enter(peer.ip()) {
+                Ok(slot) => slot,
+                Err(reason) => {
+                    endpoint
+                        .metrics
+                        .amqp_refused
+                        .with_label_values(&[reason.error_code()])
+                        .inc();
+                    continue; // dropped: closed before TLS
                 }
             };
-            runtime.block_on(async move {
-                let listener = match tokio::net::TcpListener::bind(addr).await {
-                    Ok(l) => l,
-                    Err(e) => {
-                        let _ = bound_tx.send(Err(anyhow::anyhow!(
-                            "cannot listen for AMQP on {addr}: {e}"
-                        )));
-                        return;
-                    }
-                };
-                let _ = bound_tx.send(Ok(()));
-                let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-                loop {
-                    let Ok((socket, peer)) = listener.accept().await else {
-                        continue;
-                    };
-                    let slot = match endpoint.pre_auth.enter(peer.ip()) {
-                        Ok(slot) => slot,
-                        Err(reason) => {
-                            endpoint
-                                .metrics
-                                .amqp_refused
-                                .with_label_values(&[reason.error_code()])
-                                .inc();
-                            continue; // dropped: closed before TLS
-                        }
-                    };
-                    let _ = socket.set_nodelay(true);
-                    let (acceptor, endpoint) = (acceptor.clone(), endpoint.clone());
-                    tokio::spawn(async move {
-                        endpoint.metrics.amqp_connections.inc();
-                        let handshake =
-                            tokio::time::timeout(Duration::from_secs(10), acceptor.accept(socket));
-                        if let Ok(Ok(stream)) = handshake.await {
-                            serve(stream, &endpoint, slot).await;
-                        }
-                        endpoint.metrics.amqp_connections.dec();
-                    });
+            let _ = socket.set_nodelay(true);
+            let (acceptor, endpoint) = (acceptor.clone(), endpoint.clone());
+            tokio::spawn(async move {
+                endpoint.metrics.amqp_connections.inc();
+                let handshake =
+                    tokio::time::timeout(Duration::from_secs(10), acceptor.accept(socket));
+                if let Ok(Ok(stream)) = handshake.await {
+                    serve(stream, &endpoint, slot).await;
                 }
+                endpoint.metrics.amqp_connections.dec();
             });
-        })
-        .context("starting the amqp thread")?;
-    bound_rx
-        .recv()
-        .map_err(|_| anyhow::anyhow!("the amqp thread ended before listening"))?
+        }
+    })
 }
 
 /// What a link is for.

@@ -133,9 +133,40 @@ fn start_ops(
     token: String,
     metrics: Arc<Metrics>,
 ) -> anyhow::Result<()> {
+    listen_on_thread("ops", addr, "ops", move |listener| async move {
+        let limited = metrics.ops_limited.clone();
+        let limits = httpd::Limits {
+            on_limit: Arc::new(move |reason| limited.with_label_values(&[reason]).inc()),
+            ..httpd::Limits::new()
+        };
+        httpd::serve(
+            listener,
+            None,
+            limits,
+            httpd::admit_bearer(token, ops::MAX_REQUEST_BODY),
+            move |req| ops.clone().handle(req),
+        )
+        .await;
+    })
+}
+
+/// Serves `addr` on a thread named `name` with a small tokio runtime of its own (the ops port,
+/// the AMQP listener: work that must never run on a shard); returns once it listens, or why it
+/// cannot (`what` names the port in that error).
+fn listen_on_thread<F, Fut>(
+    name: &str,
+    addr: SocketAddr,
+    what: &str,
+    serve: F,
+) -> anyhow::Result<()>
+where
+    F: FnOnce(tokio::net::TcpListener) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()>,
+{
+    let what = what.to_string();
     let (bound_tx, bound_rx) = std::sync::mpsc::channel();
     std::thread::Builder::new()
-        .name("ops".into())
+        .name(name.into())
         .spawn(move || {
             let runtime = match tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -143,7 +174,7 @@ fn start_ops(
             {
                 Ok(r) => r,
                 Err(e) => {
-                    let _ = bound_tx.send(Err(anyhow::anyhow!("ops runtime: {e}")));
+                    let _ = bound_tx.send(Err(anyhow::anyhow!("{what} runtime: {e}")));
                     return;
                 }
             };
@@ -152,31 +183,19 @@ fn start_ops(
                     Ok(l) => l,
                     Err(e) => {
                         let _ = bound_tx.send(Err(anyhow::anyhow!(
-                            "cannot listen on ops address {addr}: {e}"
+                            "cannot listen on {what} address {addr}: {e}"
                         )));
                         return;
                     }
                 };
                 let _ = bound_tx.send(Ok(()));
-                let limited = metrics.ops_limited.clone();
-                let limits = httpd::Limits {
-                    on_limit: Arc::new(move |reason| limited.with_label_values(&[reason]).inc()),
-                    ..httpd::Limits::new()
-                };
-                httpd::serve(
-                    listener,
-                    None,
-                    limits,
-                    httpd::admit_bearer(token, ops::MAX_REQUEST_BODY),
-                    move |req| ops.clone().handle(req),
-                )
-                .await;
+                serve(listener).await;
             });
         })
-        .context("starting the ops thread")?;
+        .with_context(|| format!("starting the {name} thread"))?;
     bound_rx
         .recv()
-        .map_err(|_| anyhow::anyhow!("the ops thread ended before listening"))?
+        .map_err(|_| anyhow::anyhow!("the {name} thread ended before listening"))?
 }
 
 /// Runs the engine until SIGINT or SIGTERM. `on_ready` is called once every shard listens and
