@@ -8,7 +8,8 @@
 //! most [`MAX_PENDING`] wait per device (403004 beyond). The engine says when a client takes
 //! messages (`C2dReady`: it subscribed to its devicebound topic, or resumed a session that
 //! had): every pending message is sent then, and each new one at once while it stays ready.
-//! The device's PUBACK (`C2dComplete`) deletes it. One sent to a connection that ended without
+//! The device's settlement (`C2dSettled`: an MQTT PUBACK or AMQP accepted) deletes it;
+//! an AMQP reject dead-letters it and a release sends it again. One sent to a connection that ended without
 //! acknowledging it is sent again, marked redelivered (MQTT DUP), when the client is next
 //! ready. Expired messages are dropped by a sweep every second.
 
@@ -16,7 +17,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use base64::Engine as _;
-use roost_model::link::DeviceCommand;
+use roost_model::link::{C2dMessage, C2dOutcome, DeviceCommand, ServiceReply, ServiceRequest};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
@@ -32,6 +33,9 @@ pub const MAX_BODY: usize = 64 * 1024;
 /// A message's time to live when the sender sets none, and the longest it may set.
 pub const DEFAULT_TTL_MS: u64 = 3600 * 1000;
 pub const MAX_TTL_MS: u64 = 2 * 24 * 3600 * 1000;
+/// Times a message is sent before abandoning it once more dead-letters it (IoT Hub's default
+/// max delivery count).
+pub const MAX_DELIVERIES: u32 = 10;
 /// Feedback records one read returns (IoT Hub batches 64).
 const FEEDBACK_BATCH: usize = 64;
 
@@ -82,6 +86,31 @@ pub struct NewMessage {
     pub expiry_ms: Option<u64>,
     pub properties: Vec<(String, String)>,
     pub body: Vec<u8>,
+}
+
+impl NewMessage {
+    /// A message an AMQP service link sent (`C2dMessage`), checked as the REST send is.
+    pub fn from_link(m: C2dMessage) -> Result<Self, C2dFailure> {
+        let ack = match m.ack.as_deref() {
+            None => Ack::None,
+            Some(a) => Ack::parse(a).ok_or_else(|| {
+                C2dFailure::BadRequest(format!(
+                    "iothub-ack must be none, positive, negative or full, not {a}"
+                ))
+            })?,
+        };
+        Ok(NewMessage {
+            message_id: m.message_id,
+            correlation_id: m.correlation_id,
+            user_id: m.user_id,
+            content_type: m.content_type,
+            content_encoding: m.content_encoding,
+            ack,
+            expiry_ms: m.expiry_ms,
+            properties: m.properties,
+            body: m.body,
+        })
+    }
 }
 
 /// A message in a device's queue.
@@ -163,6 +192,8 @@ impl Queued {
                 "description": match status {
                     "Success" => "Success",
                     "Expired" => "Message expired",
+                    "Rejected" => "Message rejected by the device",
+                    "DeliveryCountExceeded" => "Message delivered too many times",
                     _ => status,
                 },
                 "enqueuedTimeUtc": roost_iothub::time::iso_ms(now_ms),
@@ -354,21 +385,38 @@ impl C2d {
         locked(&self.ready).remove(client_id);
     }
 
-    /// The device acknowledged message `lock`: it is complete.
-    pub fn on_complete(&self, client_id: &str, lock: u64) {
+    /// The client settled message `lock`: completed (deleted, feedback `Success`), rejected
+    /// (dead-lettered: deleted, feedback `Rejected`) or abandoned (sent again at once, until it
+    /// has been sent [`MAX_DELIVERIES`] times; then dead-lettered with
+    /// `DeliveryCountExceeded`).
+    pub fn on_settled(&self, client_id: &str, lock: u64, outcome: C2dOutcome) {
         let _guard = locked(&self.queue_lock);
         let result = (|| {
             let k = key(client_id, lock);
             let Some((_, v)) = self.store.c2d_scan(&k)?.into_iter().next() else {
-                return Ok(()); // expired or completed already
+                return Ok(()); // expired or settled already
             };
-            let q: Queued = serde_json::from_slice(&v).map_err(corrupt)?;
-            self.store.c2d_write(&[(k, None)])?;
-            self.metrics.c2d.with_label_values(&["completed"]).inc();
+            let mut q: Queued = serde_json::from_slice(&v).map_err(corrupt)?;
             if let Some(ready) = locked(&self.ready).get_mut(client_id) {
                 ready.remove(&lock);
             }
-            if let Some(record) = q.feedback("Success", now_ms()) {
+            let status = match outcome {
+                C2dOutcome::Complete => "Success",
+                C2dOutcome::Reject => "Rejected",
+                C2dOutcome::Abandon if q.deliveries >= MAX_DELIVERIES => "DeliveryCountExceeded",
+                C2dOutcome::Abandon => {
+                    self.metrics.c2d.with_label_values(&["abandoned"]).inc();
+                    return self.deliver(client_id, std::slice::from_mut(&mut q));
+                }
+            };
+            self.store.c2d_write(&[(k, None)])?;
+            let label = match status {
+                "Success" => "completed",
+                "Rejected" => "rejected",
+                _ => "dead_lettered",
+            };
+            self.metrics.c2d.with_label_values(&[label]).inc();
+            if let Some(record) = q.feedback(status, now_ms()) {
                 self.add_feedback(&[record])?;
             }
             let left = self.pending(client_id)?.len();
@@ -376,7 +424,7 @@ impl C2d {
             Ok::<(), StoreError>(())
         })();
         if let Err(e) = result {
-            tracing::warn!(error = %e, device = %client_id, "completing a C2D message failed");
+            tracing::warn!(error = %e, device = %client_id, "settling a C2D message failed");
         }
     }
 
@@ -449,5 +497,46 @@ impl C2d {
         };
         self.store.feedback_delete_through(seq)?;
         Ok(true)
+    }
+}
+
+/// Answers an AMQP service link's call (`EngineFrame::Service`) as the REST API answers the
+/// same operation.
+pub fn serve_request(c2d: &C2d, request: ServiceRequest) -> ServiceReply {
+    let refused = |status: u16, code: u32, message: String| ServiceReply::Refused {
+        status,
+        code,
+        message,
+    };
+    let server = |e: StoreError| refused(500, 500001, e.to_string());
+    match request {
+        ServiceRequest::C2dSend { device_id, message } => {
+            let sent = NewMessage::from_link(message).and_then(|m| c2d.send(&device_id, m));
+            match sent {
+                Ok(id) => {
+                    tracing::debug!(device = %device_id, message_id = %id, "C2D message queued over AMQP");
+                    ServiceReply::Done
+                }
+                Err(C2dFailure::DeviceNotFound(id)) => {
+                    refused(404, 404001, format!("device {id} is not registered"))
+                }
+                Err(e @ C2dFailure::QueueFull(_)) => refused(403, 403004, e.to_string()),
+                Err(C2dFailure::BadRequest(m)) => refused(400, 400004, m),
+                Err(C2dFailure::Store(e)) => server(e),
+            }
+        }
+        ServiceRequest::FeedbackReceive => match c2d.feedback() {
+            Ok(None) => ServiceReply::NoFeedback,
+            Ok(Some((lock, records))) => ServiceReply::Feedback {
+                lock,
+                body: serde_json::to_vec(&records).unwrap_or_default(),
+            },
+            Err(e) => server(e),
+        },
+        ServiceRequest::FeedbackComplete { lock } => match c2d.complete_feedback(&lock) {
+            Ok(true) => ServiceReply::Done,
+            Ok(false) => refused(412, 412002, format!("{lock} is not a feedback lock token")),
+            Err(e) => server(e),
+        },
     }
 }

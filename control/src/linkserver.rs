@@ -165,6 +165,13 @@ impl Commands {
             .is_some_and(|l| self.post_on(&l.frames, client_id, command))
     }
 
+    /// Sends `frame` on link `link` (an answer to the engine's own call).
+    fn reply_on_link(&self, link: u64, frame: ControlFrame) {
+        if let Some(l) = locked(&self.links).get(&link) {
+            let _ = l.frames.send(frame);
+        }
+    }
+
     fn post_on(
         &self,
         frames: &mpsc::UnboundedSender<ControlFrame>,
@@ -585,15 +592,25 @@ impl LinkServer {
                 }
                 Ok(())
             }
-            EngineFrame::C2dComplete {
+            EngineFrame::C2dSettled {
                 device_id,
                 module_id,
                 lock,
+                outcome,
             } => {
                 if module_id.is_none() {
                     let c2d = self.c2d.clone();
-                    tokio::task::spawn_blocking(move || c2d.on_complete(&device_id, lock));
+                    tokio::task::spawn_blocking(move || c2d.on_settled(&device_id, lock, outcome));
                 }
+                Ok(())
+            }
+            EngineFrame::Service { id, request } => {
+                // Off the link's task: each writes to the store.
+                let (c2d, commands) = (self.c2d.clone(), self.commands.clone());
+                tokio::task::spawn_blocking(move || {
+                    let reply = crate::c2d::serve_request(&c2d, request);
+                    commands.reply_on_link(link, ControlFrame::ServiceReply { id, reply });
+                });
                 Ok(())
             }
             EngineFrame::MethodResponse {
@@ -690,7 +707,8 @@ fn frame_kind(frame: &EngineFrame) -> &'static str {
         EngineFrame::TwinRequest { .. } => "twin_request",
         EngineFrame::MethodResponse { .. } => "method_response",
         EngineFrame::C2dReady { .. } => "c2d_ready",
-        EngineFrame::C2dComplete { .. } => "c2d_complete",
+        EngineFrame::C2dSettled { .. } => "c2d_settled",
+        EngineFrame::Service { .. } => "service",
     }
 }
 

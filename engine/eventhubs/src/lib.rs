@@ -6,7 +6,8 @@
 //! a receiver starts: offset, sequence number, enqueued time, or the end), [`cbs`] (the
 //! `$cbs` put-token request, checked against the shared access policies with both SAS
 //! algorithms), [`management`] (the `$management` READ answers) and [`event`] (a record as the
-//! event message IoT Hub delivers, with its annotations).
+//! event message IoT Hub delivers, with its annotations), and [`messaging`] (IoT Hub's
+//! messaging links: a service's cloud-to-device message, feedback batches).
 //!
 //! What it is not: a server. It does no I/O; the engine's AMQP listener drives a
 //! `roost_amqp::Connection` and calls these. An offset and a sequence number are the same
@@ -17,6 +18,7 @@ pub mod cbs;
 pub mod event;
 pub mod filter;
 pub mod management;
+pub mod messaging;
 
 pub use address::PartitionAddress;
 pub use cbs::{Authority, CbsError, PolicyKeys, Right};

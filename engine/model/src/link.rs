@@ -173,7 +173,7 @@ impl Epoch {
 #[rkyv(derive(Debug))]
 pub enum DeviceCommand {
     /// A cloud-to-device message from the device's queue at control: `lock` names it in the
-    /// client's `C2dComplete`; `properties` are its property bag in order, system keys
+    /// client's `C2dSettled`; `properties` are its property bag in order, system keys
     /// (`$.mid`, `$.to`, …) included; `redelivered` when an earlier connection was sent it and
     /// did not acknowledge it (MQTT DUP).
     C2d {
@@ -235,6 +235,71 @@ impl TwinOp {
     }
 }
 
+/// How a client settled a cloud-to-device message (spec §5.2 of the AMQP spec).
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[rkyv(derive(Debug))]
+pub enum C2dOutcome {
+    /// Done: deleted, positive feedback.
+    Complete,
+    /// Dead-lettered: deleted, negative feedback.
+    Reject,
+    /// Given back: sent again, up to the delivery count.
+    Abandon,
+}
+
+/// A cloud-to-device message as a service sends it (the AMQP `/messages/devicebound` link);
+/// control queues it as it queues the REST send.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
+#[rkyv(derive(Debug))]
+pub struct C2dMessage {
+    pub message_id: Option<String>,
+    pub correlation_id: Option<String>,
+    pub user_id: Option<String>,
+    pub content_type: Option<String>,
+    pub content_encoding: Option<String>,
+    /// `iothub-ack` as sent (`none`, `positive`, `negative`, `full`); control checks it.
+    pub ack: Option<String>,
+    /// Unix milliseconds.
+    pub expiry_ms: Option<u64>,
+    pub properties: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+/// What an AMQP service link asks of control.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[rkyv(derive(Debug))]
+pub enum ServiceRequest {
+    /// Queue `message` for `device_id`.
+    C2dSend {
+        device_id: String,
+        message: C2dMessage,
+    },
+    /// The oldest feedback records, with the lock that completes them.
+    FeedbackReceive,
+    /// The records a `FeedbackReceive` returned with `lock` are delivered.
+    FeedbackComplete { lock: String },
+}
+
+/// Control's answer to a [`ServiceRequest`].
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[rkyv(derive(Debug))]
+pub enum ServiceReply {
+    Done,
+    /// Refused: an HTTP status and IoT Hub's error code and message, as the REST API answers.
+    Refused {
+        status: u16,
+        code: u32,
+        message: String,
+    },
+    /// Feedback records: the JSON array IoT Hub sends, and the lock that completes them.
+    Feedback {
+        lock: String,
+        body: Vec<u8>,
+    },
+    /// No feedback waits.
+    NoFeedback,
+}
+
 /// What became of a command.
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
 #[rkyv(derive(Debug))]
@@ -292,6 +357,8 @@ pub enum ControlFrame {
         device_id: String,
         message: crate::message::Message,
     },
+    /// The answer to the engine's `Service` call `id`.
+    ServiceReply { id: u64, reply: ServiceReply },
 }
 
 /// Engine → control.
@@ -335,11 +402,13 @@ pub enum EngineFrame {
     /// Event `id` of an `Append` is durable in the log (`appended`), or was refused (the log
     /// could not take it; control sends it again).
     EventAppended { id: u64, appended: bool },
-    /// The client acknowledged cloud-to-device message `lock` (MQTT PUBACK): it is complete.
-    C2dComplete {
+    /// The client settled cloud-to-device message `lock`: completed it (MQTT PUBACK, AMQP
+    /// accepted), rejected it or abandoned it (AMQP rejected, released).
+    C2dSettled {
         device_id: String,
         module_id: Option<String>,
         lock: u64,
+        outcome: C2dOutcome,
     },
     /// The client takes cloud-to-device messages now (it subscribed to its devicebound topic,
     /// or resumed a session that had): control sends it what is pending.
@@ -364,6 +433,9 @@ pub enum EngineFrame {
         rid: String,
         op: TwinOp,
     },
+    /// A service call an AMQP service link makes of control (issue 10); answered with a
+    /// `ServiceReply` of the same `id`.
+    Service { id: u64, request: ServiceRequest },
 }
 
 /// Why a frame could not be read.

@@ -14,7 +14,7 @@ use bytes::{Bytes, BytesMut};
 use futures_lite::future;
 use roost_iothub::props::{encode_bag, PropertyBag, SystemProps};
 use roost_iothub::topic::{parse_publish_topic, DeviceFilter, DeviceTopic, TopicError};
-use roost_model::link::{DeviceCommand, TwinOp};
+use roost_model::link::{C2dOutcome, DeviceCommand, TwinOp};
 use roost_mqtt::{
     ConnectReturnCode, Error as MqttError, Event, QoS, ServerSession, SessionConfig, State, Str,
     SubackCode,
@@ -362,7 +362,7 @@ impl Conn {
                 Event::PubAck(pkid) => {
                     if let Some(i) = self.c2d_inflight.iter().position(|(p, _)| *p == pkid) {
                         let (_, lock) = self.c2d_inflight.swap_remove(i);
-                        self.session.c2d_complete(lock);
+                        self.session.c2d_settled(lock, C2dOutcome::Complete);
                     }
                     self.drain_inbox()?
                 }
@@ -477,7 +477,7 @@ impl Conn {
                         // Complete when the device acknowledges it (spec §2.3).
                         Ok(Some(pkid)) => self.c2d_inflight.push((pkid, lock)),
                         // At QoS 0, sent is all the device will ever say.
-                        Ok(None) => self.session.c2d_complete(lock),
+                        Ok(None) => self.session.c2d_settled(lock, C2dOutcome::Complete),
                         Err(e) => {
                             tracing::debug!(error = %e, "cannot publish a C2D message");
                             self.dropped(kind);

@@ -31,6 +31,7 @@ mod nudge;
 mod ops;
 pub mod router;
 pub mod routing;
+mod service_calls;
 mod session;
 pub mod sessions;
 pub mod shard;
@@ -354,6 +355,7 @@ pub fn run(config: EngineConfig, on_ready: impl FnOnce() + Send + 'static) -> an
             readers: Default::default(),
             connections: Default::default(),
             pre_auth: shared.pre_auth.clone(),
+            services: link_ctx.state.services.clone(),
         });
         amqp::start(addr, tls::device_server_config(&certs)?, endpoint)?;
     }

@@ -50,6 +50,8 @@ pub struct EngineState {
     pub policies: Arc<std::sync::RwLock<Vec<roost_eventhubs::PolicyKeys>>>,
     /// The Event Hubs consumer groups of the epoch in force besides `$Default`, lowercase.
     pub consumer_groups: Arc<std::sync::RwLock<Vec<String>>>,
+    /// Calls AMQP service links make of control, waiting for their answers.
+    pub services: Arc<crate::service_calls::ServiceCalls>,
 }
 
 impl EngineState {
@@ -65,13 +67,17 @@ impl EngineState {
             replica,
             epoch: Mutex::new(None),
             applying: Mutex::new(()),
-            metrics,
-            router,
+            metrics: metrics.clone(),
+            router: router.clone(),
             quotas: Arc::default(),
             routes: Arc::default(),
             endpoints,
             policies: Arc::default(),
             consumer_groups: Arc::default(),
+            services: Arc::new(crate::service_calls::ServiceCalls::new(
+                router.clone(),
+                metrics.clone(),
+            )),
         }
     }
 
@@ -542,6 +548,10 @@ async fn on_control_frame(
         ControlFrame::Snapshot { seq, devices } => Update::Snapshot { seq, devices },
         ControlFrame::Deltas { from_seq, changes } => Update::Deltas { from_seq, changes },
         ControlFrame::Apply { epoch } => Update::Epoch(epoch),
+        ControlFrame::ServiceReply { id, reply } => {
+            state.services.answer(id, reply);
+            return Ok(());
+        }
         // Handled by the reader, before the registry's updates.
         ControlFrame::Append { id, .. } => {
             let _ = answers.send(EngineFrame::EventAppended {

@@ -56,7 +56,9 @@ pub struct Metrics {
     /// AMQP connections open (TLS done).
     pub amqp_connections: IntGauge,
     /// AMQP links accepted.
-    pub amqp_links: IntCounter,
+    pub amqp_links: IntCounterVec,
+    /// AMQP service links' calls of control, by operation and result.
+    pub amqp_service_calls: IntCounterVec,
     /// AMQP links, deliveries and connections refused, by reason.
     pub amqp_refused: IntCounterVec,
     /// `$cbs` put-tokens, by result (`ok` or why not).
@@ -211,12 +213,8 @@ impl Metrics {
                 registry.register(Box::new(g.clone())).expect("registered once");
                 g
             },
-            amqp_links: {
-                let c = IntCounter::new("roost_amqp_links_total", "AMQP links accepted ($cbs, $management, Event Hubs receivers).")
-                    .expect("static metric");
-                registry.register(Box::new(c.clone())).expect("registered once");
-                c
-            },
+            amqp_links: counter(&registry, "roost_amqp_links_total", "AMQP links accepted, by kind (cbs, management, eventhubs_receiver, c2d_sender, feedback_receiver, device_telemetry, device_c2d, device_methods, device_twin).", &["kind"]),
+            amqp_service_calls: counter(&registry, "roost_amqp_service_calls_total", "What AMQP service links asked of control, by operation (c2d_send, feedback_receive, feedback_complete, feedback_abandon) and result (ok, none, a refusal's status, control_away, timed_out, or a message error code).", &["op", "result"]),
             amqp_refused: counter(&registry, "roost_amqp_refused_total", "AMQP links, deliveries and connections refused, by reason (unauthorized, not_found, decode_error, framing_error, resource_limit, invalid_field, illegal_state, other, or a codec error code).", &["reason"]),
             amqp_cbs: counter(&registry, "roost_amqp_cbs_put_tokens_total", "$cbs put-token requests, by result (ok, expired, bad_signature, unknown_policy, no_policy, wrong_audience, bad_token, bad_request).", &["result"]),
             amqp_receiver_lag: {

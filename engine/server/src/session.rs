@@ -13,7 +13,7 @@
 use std::rc::Rc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use roost_model::link::{DeviceCommand, EngineFrame, TwinOp};
+use roost_model::link::{C2dOutcome, DeviceCommand, EngineFrame, TwinOp};
 use roost_model::Message;
 use roost_session::auth::{authenticate_sas, SasClaim};
 use roost_session::quota::{Admit, Bucket, Limit};
@@ -337,13 +337,14 @@ impl<A> DeviceSession<A> {
         }
     }
 
-    /// The client acknowledged cloud-to-device message `lock`.
-    pub fn c2d_complete(&self, lock: u64) {
+    /// The client settled cloud-to-device message `lock` (completed, rejected or abandoned).
+    pub fn c2d_settled(&self, lock: u64, outcome: C2dOutcome) {
         if let Some(identity) = &self.identity {
-            self.shard.shared.router.report(EngineFrame::C2dComplete {
+            self.shard.shared.router.report(EngineFrame::C2dSettled {
                 device_id: identity.device_id.clone(),
                 module_id: identity.module_id.clone(),
                 lock,
+                outcome,
             });
         }
     }

@@ -97,7 +97,6 @@ pub(super) fn release(endpoint: &AmqpEndpoint, conn: u64, link: Option<LinkId>) 
     readers.retain(|_, list| !list.is_empty());
 }
 
-
 /// A receiver attached to `address`: a consumer group's partition, claimed for its epoch.
 pub(super) fn attach_receiver(
     s: &Session,
@@ -211,7 +210,6 @@ fn first_at_time(
     });
     found
 }
-
 
 pub(super) fn manage(s: &Session, endpoint: &AmqpEndpoint, m: &Message) -> Message {
     let id = m

@@ -4,12 +4,12 @@
 //! `{hub}/ConsumerGroups/{group}/Partitions/{p}` fed from the log by credit.
 //!
 //! It runs on a thread of its own with a small tokio runtime, like the ops port: reading the
-//! log is a blocking store read, and a reader that falls behind must never hold a shard. Device
-//! and service links over AMQP come next; an attach to any other address is refused with
-//! `amqp:not-found`.
-
+//! log is a blocking store read, and a reader that falls behind must never hold a shard.
+//! IoT Hub's service links (`service.rs`: cloud-to-device sends and feedback) call control
+//! over the control link. An attach to any other address is refused with `amqp:not-found`.
 
 mod eventhubs;
+mod service;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -26,7 +26,6 @@ use roost_storage::LogStore;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::metrics::Metrics;
-
 
 /// How often a caught-up receiver with credit looks for new records.
 const POLL: Duration = Duration::from_millis(20);
@@ -51,6 +50,8 @@ pub struct AmqpEndpoint {
     /// The engine-wide caps on unauthenticated connections (shared with MQTT): a connection
     /// holds a slot from accept until its first put-token succeeds.
     pub pre_auth: Arc<roost_session::PreAuthGate>,
+    /// Calls of control for the service links (C2D sends, feedback).
+    pub services: Arc<crate::service_calls::ServiceCalls>,
 }
 
 pub use eventhubs::Reader;
@@ -107,6 +108,43 @@ enum Link {
         partition: usize,
         next: u64,
     },
+    /// A service sends cloud-to-device messages here (`/messages/devicebound`); `in_flight`
+    /// of them wait for control.
+    C2dIn {
+        in_flight: u32,
+    },
+    /// Feedback batches go here (`/messages/serviceBound/feedback`).
+    FeedbackOut(service::Feedback),
+}
+
+impl Link {
+    /// The `kind` label of `roost_amqp_links_total`.
+    fn kind(&self) -> &'static str {
+        match self {
+            Link::CbsIn | Link::CbsOut => "cbs",
+            Link::ManagementIn | Link::ManagementOut => "management",
+            Link::Receiver { .. } => "eventhubs_receiver",
+            Link::C2dIn { .. } => "c2d_sender",
+            Link::FeedbackOut(_) => "feedback_receiver",
+        }
+    }
+}
+
+/// Work finished off the connection's task, for it to act on.
+enum Done {
+    /// Control answered a cloud-to-device send: settle the delivery with `state`.
+    C2dSent {
+        link: LinkId,
+        delivery_id: u32,
+        state: DeliveryState,
+    },
+    /// Control completed the feedback batch the receiver accepted.
+    FeedbackCompleted { link: LinkId },
+    /// Control answered a feedback read.
+    Feedback {
+        link: LinkId,
+        reply: Result<roost_model::link::ServiceReply, crate::service_calls::CallFailed>,
+    },
 }
 
 struct Session {
@@ -122,6 +160,8 @@ struct Session {
     replies: Vec<(bool, Message)>,
     /// Held until the first put-token succeeds.
     pre_auth: roost_session::PreAuthSlot,
+    /// Where work finished elsewhere reports back ([`Done`]).
+    done: tokio::sync::mpsc::UnboundedSender<Done>,
 }
 
 async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
@@ -134,6 +174,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         ..Config::default()
     };
     let (evict, mut evicted) = tokio::sync::mpsc::unbounded_channel();
+    let (done, mut finished) = tokio::sync::mpsc::unbounded_channel();
     let mut s = Session {
         id: endpoint
             .connections
@@ -144,6 +185,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         grants: Vec::new(),
         replies: Vec::new(),
         pre_auth: slot,
+        done,
     };
     let _readers = eventhubs::Release {
         endpoint,
@@ -158,7 +200,10 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
             .conn
             .poll_timeout()
             .unwrap_or_else(|| Instant::now() + Duration::from_secs(60));
-        let waiting = s.links.values().any(|l| matches!(l, Link::Receiver { .. }));
+        let waiting = s
+            .links
+            .values()
+            .any(|l| matches!(l, Link::Receiver { .. } | Link::FeedbackOut(_)));
         let wake = match (busy, waiting) {
             (true, _) => Instant::now(),
             (false, true) => deadline.min(Instant::now() + POLL),
@@ -177,6 +222,13 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                     s.conn.detach(link, Some(error));
                 }
             }
+            Some(done) = finished.recv() => match done {
+                Done::C2dSent { link, delivery_id, state } => {
+                    service::on_c2d_sent(&mut s, link, delivery_id, state);
+                }
+                Done::Feedback { link, reply } => service::on_feedback(&mut s, endpoint, link, reply),
+                Done::FeedbackCompleted { link } => service::on_feedback_completed(&mut s, link),
+            },
         }
         let closed = handle_events(&mut s, endpoint);
         busy = pump(&mut s, endpoint);
@@ -226,6 +278,15 @@ fn handle_events(s: &mut Session, endpoint: &AmqpEndpoint) -> bool {
                 payload,
                 ..
             } => {
+                if let Some(Link::C2dIn { .. }) = s.links.get(&link) {
+                    service::on_c2d(s, endpoint, link, delivery_id, &payload);
+                    continue;
+                }
+                if matches!(s.links.get(&link), Some(Link::CbsIn | Link::ManagementIn))
+                    && s.conn.credit(link) < REQUEST_CREDIT / 2
+                {
+                    s.conn.grant(link, REQUEST_CREDIT);
+                }
                 let request = Message::read(&payload);
                 match (s.links.get(&link), request) {
                     (Some(Link::CbsIn), Ok(m)) => {
@@ -273,7 +334,13 @@ fn handle_events(s: &mut Session, endpoint: &AmqpEndpoint) -> bool {
                     }
                 }
             }
-            Event::Disposition { .. } => {}
+            Event::Disposition {
+                channel,
+                first,
+                last,
+                state,
+                ..
+            } => service::on_disposition(s, endpoint, channel, first, last, state.as_ref()),
             Event::Detached { link, .. } => {
                 if let Some(Link::Receiver { .. }) = s.links.remove(&link) {
                     eventhubs::release(endpoint, s.id, Some(link));
@@ -313,6 +380,8 @@ fn short(condition: &str) -> &'static str {
 /// way. Until then nothing else is attached, so an unauthenticated peer holds at most this many
 /// partial deliveries.
 const PRE_AUTH_LINKS: usize = 4;
+/// Credit on a `$cbs` or `$management` request link, topped up as requests are answered.
+const REQUEST_CREDIT: u32 = 100;
 
 fn attach_link(s: &mut Session, endpoint: &AmqpEndpoint, link: LinkId, a: &Attach) {
     if s.grants.is_empty() && s.links.len() >= PRE_AUTH_LINKS {
@@ -344,6 +413,14 @@ fn attach_link(s: &mut Session, endpoint: &AmqpEndpoint, link: LinkId, a: &Attac
         (Role::Receiver, "$cbs") => Ok(Link::CbsOut),
         (Role::Sender, "$management") => Ok(Link::ManagementIn),
         (Role::Receiver, "$management") => Ok(Link::ManagementOut),
+        (Role::Sender, addr) if service::is_devicebound(addr) => {
+            service::authorize(s, endpoint, "messages/devicebound")
+                .map(|()| Link::C2dIn { in_flight: 0 })
+        }
+        (Role::Receiver, addr) if service::is_feedback(addr) => {
+            service::authorize(s, endpoint, "messages/servicebound/feedback")
+                .map(|()| Link::FeedbackOut(service::Feedback::new()))
+        }
         (Role::Receiver, other) => eventhubs::attach_receiver(s, endpoint, link, other, a),
         (Role::Sender, _) => Err(AmqpError::new(
             "amqp:not-found",
@@ -363,14 +440,18 @@ fn attach_link(s: &mut Session, endpoint: &AmqpEndpoint, link: LinkId, a: &Attac
         }
     };
     let credit = match kind {
-        Link::CbsIn | Link::ManagementIn => 100,
+        Link::CbsIn | Link::ManagementIn => REQUEST_CREDIT,
+        Link::C2dIn { .. } => service::C2D_WINDOW,
         _ => 0,
     };
+    endpoint
+        .metrics
+        .amqp_links
+        .with_label_values(&[kind.kind()])
+        .inc();
     s.links.insert(link, kind);
-    endpoint.metrics.amqp_links.inc();
     s.conn.accept_attach(link, a, credit);
 }
-
 
 fn put_token(s: &mut Session, endpoint: &AmqpEndpoint, m: &Message) -> Message {
     let request = match cbs::read_put_token(m) {
@@ -433,5 +514,6 @@ fn pump(s: &mut Session, endpoint: &AmqpEndpoint) -> bool {
         !sent
     });
     s.replies = waiting;
+    service::pump_feedback(s, endpoint);
     eventhubs::pump_receivers(s, endpoint)
 }

@@ -1,0 +1,74 @@
+//! Calls the engine makes of control for AMQP service links (issue 10): a cloud-to-device
+//! send, a feedback read, a feedback completion. Control holds the C2D queues and the
+//! feedback, so each call is an `EngineFrame::Service` with an id, answered by a
+//! `ControlFrame::ServiceReply` with the same id on the link. Any thread may call; the link's
+//! reader answers.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use roost_model::link::{EngineFrame, ServiceReply, ServiceRequest};
+use tokio::sync::oneshot;
+
+use crate::metrics::Metrics;
+use crate::router::RouterTx;
+
+/// How long a call waits for control.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why a call got no answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum CallFailed {
+    #[error("the control plane is not reachable")]
+    ControlAway,
+    #[error("the control plane did not answer in time")]
+    TimedOut,
+}
+
+pub struct ServiceCalls {
+    next: AtomicU64,
+    waiting: Mutex<HashMap<u64, oneshot::Sender<ServiceReply>>>,
+    router: RouterTx,
+    metrics: Arc<Metrics>,
+}
+
+fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl ServiceCalls {
+    pub fn new(router: RouterTx, metrics: Arc<Metrics>) -> Self {
+        Self {
+            next: AtomicU64::new(1),
+            waiting: Mutex::new(HashMap::new()),
+            router,
+            metrics,
+        }
+    }
+
+    /// Sends `request` to control and waits for its answer (at most [`CALL_TIMEOUT`]).
+    pub async fn call(&self, request: ServiceRequest) -> Result<ServiceReply, CallFailed> {
+        if self.metrics.link_connected.get() == 0 {
+            return Err(CallFailed::ControlAway);
+        }
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        locked(&self.waiting).insert(id, tx);
+        self.router.report(EngineFrame::Service { id, request });
+        let answer = tokio::time::timeout(CALL_TIMEOUT, rx).await;
+        locked(&self.waiting).remove(&id);
+        match answer {
+            Ok(Ok(reply)) => Ok(reply),
+            _ => Err(CallFailed::TimedOut),
+        }
+    }
+
+    /// Control's answer to call `id` (late answers are dropped).
+    pub fn answer(&self, id: u64, reply: ServiceReply) {
+        if let Some(tx) = locked(&self.waiting).remove(&id) {
+            let _ = tx.send(reply);
+        }
+    }
+}
