@@ -8,6 +8,7 @@ a token signed with the wrong key."""
 from __future__ import annotations
 
 import contextlib
+import json
 import queue
 
 import pytest
@@ -108,3 +109,26 @@ def test_node_client_send_and_feedback_receiver(shared_hub):
     assert by_name["Client.send reaches the device with its properties"]["messageId"] == "node-c2d-1"
     assert by_name["the feedback receiver gets the Success record"] == "Success"
     assert by_name["Client.send to an unknown device is DeviceNotFoundError"] == "DeviceNotFoundError"
+
+
+def test_node_device_sdk_over_amqp(shared_hub):
+    """The Node device SDK's Amqp transport: telemetry through the same device session as MQTT
+    (in the events log with IoT Hub's properties), C2D complete / reject / abandon, a direct
+    method, the twin, and a module."""
+    hub = shared_hub
+    device_id = unique_id("nodeamqpdev")
+    steps = node_steps(hub, "device_amqp.js",
+                       ROOST_DEVICE_ID=device_id,
+                       ROOST_AMQP_PORT=str(hub.ports["amqp"]),
+                       NODE_EXTRA_CA_CERTS=str(hub.ca_path))
+    by_name = {s["step"]: s["detail"] for s in steps}
+    assert by_name["a direct method is answered over AMQP"]["payload"] == {"echo": {"n": 3}}
+    records = [r for r in hub.records() if r["systemProperties"].get("iothub-connection-device-id") == device_id
+               and r["systemProperties"]["iothub-message-source"] == "Telemetry"]
+    (telemetry,) = [r for r in records if r["systemProperties"].get("message-id") == "amqp-telemetry-1"]
+    assert telemetry["systemProperties"]["content-type"] == "application/json"
+    assert telemetry["properties"]["level"] == "critical"
+    assert json.loads(telemetry["body"]) == {"temperature": 21.5}
+    (from_module,) = [r for r in records if r["systemProperties"].get("message-id") == "amqp-module-1"]
+    assert from_module["systemProperties"]["iothub-connection-module-id"] == "amqpmod"
+    assert hub.metric_sum("roost_amqp_links_total", kind="device_telemetry") >= 2

@@ -22,6 +22,7 @@
 //! `nudge` (wakes every shard from outside, against a glommio 0.9 park).
 
 mod amqp;
+mod bridge;
 mod conn;
 pub mod link;
 pub mod listeners;
@@ -356,6 +357,8 @@ pub fn run(config: EngineConfig, on_ready: impl FnOnce() + Send + 'static) -> an
             connections: Default::default(),
             pre_auth: shared.pre_auth.clone(),
             services: link_ctx.state.services.clone(),
+            shards: cmd_txs.clone(),
+            nudges: shared.nudges.clone(),
         });
         amqp::start(addr, tls::device_server_config(&certs)?, endpoint)?;
     }

@@ -18,7 +18,7 @@ pub struct Metrics {
     connections_accepted: IntCounterVec,
     connack_refused: IntCounterVec,
     disconnects: IntCounterVec,
-    commands_dropped: IntCounterVec,
+    pub(crate) commands_dropped: IntCounterVec,
     throttle_delayed: IntCounterVec,
     twin_requests: IntCounterVec,
     hub_events: IntCounterVec,

@@ -139,6 +139,33 @@ impl<A> DeviceSession<A> {
         Ok(self.identity.insert(identity))
     }
 
+    /// A new token for the session's own identity (an AMQP `$cbs` renewal): checked as the
+    /// first was; on success the session lives until its expiry instead. A refused renewal
+    /// leaves the session with the token it had.
+    pub fn renew(&mut self, token: &str) -> Result<(), Refusal> {
+        let Some(identity) = &self.identity else {
+            return Err(Refusal::UnknownDevice);
+        };
+        let claim = SasClaim {
+            device_id: identity.device_id.clone(),
+            module_id: identity.module_id.clone(),
+            model_id: None,
+            token,
+        };
+        let registry = self.shard.shared.registry.load();
+        let now_unix = unix_now();
+        let renewed = authenticate_sas(
+            &claim,
+            &registry,
+            &self.shard.shared.hostname,
+            now_unix.as_secs(),
+        )?;
+        self.expires_at =
+            Instant::now().checked_add(token_lifetime(renewed.token_expiry, now_unix));
+        self.set_deadline(None);
+        Ok(())
+    }
+
     /// Counts a refusal the protocol decided before authentication (an unsupported version, a
     /// malformed username). Ignored once authenticated: a session that has an identity ends as
     /// a disconnect, never as a refusal.

@@ -65,7 +65,7 @@ fn load_routing(shared: &Shared, shard: usize) -> Result<ShardRouting, (u64, Str
 }
 
 /// Work sent to a shard from another thread.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub enum ShardCommand {
     /// Close connection `conn` (an engine-wide connection id) if it is still open. Ids are
     /// never reused, so a kick meant for a replaced connection cannot close its successor.
@@ -83,6 +83,8 @@ pub enum ShardCommand {
         id: u64,
         message: Box<roost_model::message::Message>,
     },
+    /// Run a device session for a connection another thread serves (AMQP).
+    Bridge(Box<crate::bridge::Bridge>),
     /// Stop accepting, close every connection, flush the log and return.
     Shutdown,
 }
@@ -629,6 +631,10 @@ pub async fn run(
                 ShardCommand::Kick { conn, reason } => shard.kick(conn, reason),
                 ShardCommand::Deliver { id, conn, command } => shard.deliver(id, conn, command),
                 ShardCommand::Append { id, message } => shard.append_event(id, *message),
+                ShardCommand::Bridge(bridge) => {
+                    let on = shard.clone();
+                    shard.spawn_connection(Queue::Devices, crate::bridge::serve(on, *bridge));
+                }
                 ShardCommand::Shutdown => shutdown = true,
             }
         }

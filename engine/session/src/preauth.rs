@@ -104,6 +104,16 @@ impl PreAuthGate {
 }
 
 impl PreAuthSlot {
+    /// A slot that holds no place: for a session whose connection holds its place elsewhere
+    /// (an AMQP connection's thread holds one for the whole connection until a put-token).
+    pub fn none(gate: &Arc<PreAuthGate>) -> PreAuthSlot {
+        PreAuthSlot {
+            gate: gate.clone(),
+            source: IpAddr::from([0, 0, 0, 0]),
+            held: false,
+        }
+    }
+
     /// The connection authenticated: it no longer counts against the caps.
     pub fn release(&mut self) {
         if std::mem::take(&mut self.held) {

@@ -8,6 +8,7 @@
 //! IoT Hub's service links (`service.rs`: cloud-to-device sends and feedback) call control
 //! over the control link. An attach to any other address is refused with `amqp:not-found`.
 
+mod device;
 mod eventhubs;
 mod service;
 
@@ -52,6 +53,9 @@ pub struct AmqpEndpoint {
     pub pre_auth: Arc<roost_session::PreAuthGate>,
     /// Calls of control for the service links (C2D sends, feedback).
     pub services: Arc<crate::service_calls::ServiceCalls>,
+    /// Each shard's command channel and wake-up: a device's session runs on a shard.
+    pub shards: Vec<crossbeam::channel::Sender<crate::shard::ShardCommand>>,
+    pub nudges: Vec<crate::nudge::Nudge>,
 }
 
 pub use eventhubs::Reader;
@@ -115,6 +119,11 @@ enum Link {
     },
     /// Feedback batches go here (`/messages/serviceBound/feedback`).
     FeedbackOut(service::Feedback),
+    /// One of a device's links (`client` is `device` or `device/module`).
+    Device {
+        client: String,
+        role: device::DeviceLink,
+    },
 }
 
 impl Link {
@@ -126,7 +135,15 @@ impl Link {
             Link::Receiver { .. } => "eventhubs_receiver",
             Link::C2dIn { .. } => "c2d_sender",
             Link::FeedbackOut(_) => "feedback_receiver",
+            Link::Device { role, .. } => role.kind(),
         }
+    }
+}
+
+impl Session {
+    /// Whether a put-token succeeded on this connection (a policy's, or a device's).
+    fn authenticated(&self) -> bool {
+        !self.grants.is_empty() || self.devices.values().any(device::Device::authenticated)
     }
 }
 
@@ -140,6 +157,11 @@ enum Done {
     },
     /// Control completed the feedback batch the receiver accepted.
     FeedbackCompleted { link: LinkId },
+    /// A device session on a shard said something.
+    Device {
+        client: String,
+        event: crate::bridge::FromSession,
+    },
     /// Control answered a feedback read.
     Feedback {
         link: LinkId,
@@ -162,6 +184,8 @@ struct Session {
     pre_auth: roost_session::PreAuthSlot,
     /// Where work finished elsewhere reports back ([`Done`]).
     done: tokio::sync::mpsc::UnboundedSender<Done>,
+    /// The devices (and modules) whose put-token came on this connection.
+    devices: HashMap<String, device::Device>,
 }
 
 async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
@@ -186,6 +210,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         replies: Vec::new(),
         pre_auth: slot,
         done,
+        devices: HashMap::new(),
     };
     let _readers = eventhubs::Release {
         endpoint,
@@ -228,6 +253,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                 }
                 Done::Feedback { link, reply } => service::on_feedback(&mut s, endpoint, link, reply),
                 Done::FeedbackCompleted { link } => service::on_feedback_completed(&mut s, link),
+                Done::Device { client, event } => device::on_session(&mut s, endpoint, client, event),
             },
         }
         let closed = handle_events(&mut s, endpoint);
@@ -276,10 +302,25 @@ fn handle_events(s: &mut Session, endpoint: &AmqpEndpoint) -> bool {
                 link,
                 delivery_id,
                 payload,
+                settled,
                 ..
             } => {
                 if let Some(Link::C2dIn { .. }) = s.links.get(&link) {
                     service::on_c2d(s, endpoint, link, delivery_id, &payload);
+                    continue;
+                }
+                if let Some(Link::Device { client, role }) = s.links.get(&link) {
+                    let (client, role) = (client.clone(), *role);
+                    device::on_delivery(
+                        s,
+                        endpoint,
+                        link,
+                        &client,
+                        role,
+                        delivery_id,
+                        settled,
+                        &payload,
+                    );
                     continue;
                 }
                 if matches!(s.links.get(&link), Some(Link::CbsIn | Link::ManagementIn))
@@ -297,8 +338,9 @@ fn handle_events(s: &mut Session, endpoint: &AmqpEndpoint) -> bool {
                             true,
                             DeliveryState::Accepted,
                         );
-                        let answer = put_token(s, endpoint, &m);
-                        s.replies.push((true, answer));
+                        if let Some(answer) = put_token(s, endpoint, &m) {
+                            s.replies.push((true, answer));
+                        }
                     }
                     (Some(Link::ManagementIn), Ok(m)) => {
                         s.conn.disposition(
@@ -340,12 +382,15 @@ fn handle_events(s: &mut Session, endpoint: &AmqpEndpoint) -> bool {
                 last,
                 state,
                 ..
-            } => service::on_disposition(s, endpoint, channel, first, last, state.as_ref()),
-            Event::Detached { link, .. } => {
-                if let Some(Link::Receiver { .. }) = s.links.remove(&link) {
-                    eventhubs::release(endpoint, s.id, Some(link));
-                }
+            } => {
+                service::on_disposition(s, endpoint, channel, first, last, state.as_ref());
+                device::on_disposition(s, channel, first, last, state.as_ref());
             }
+            Event::Detached { link, .. } => match s.links.remove(&link) {
+                Some(Link::Receiver { .. }) => eventhubs::release(endpoint, s.id, Some(link)),
+                Some(Link::Device { client, role }) => device::on_detached(s, &client, role),
+                _ => {}
+            },
             Event::Closed { error, by_peer } => {
                 if let (Some(e), false) = (&error, by_peer) {
                     endpoint
@@ -384,7 +429,7 @@ const PRE_AUTH_LINKS: usize = 4;
 const REQUEST_CREDIT: u32 = 100;
 
 fn attach_link(s: &mut Session, endpoint: &AmqpEndpoint, link: LinkId, a: &Attach) {
-    if s.grants.is_empty() && s.links.len() >= PRE_AUTH_LINKS {
+    if !s.authenticated() && s.links.len() >= PRE_AUTH_LINKS {
         endpoint
             .metrics
             .amqp_refused
@@ -408,7 +453,12 @@ fn attach_link(s: &mut Session, endpoint: &AmqpEndpoint, link: LinkId, a: &Attac
     .and_then(|t| t.address.as_ref())
     .map(|x| x.as_str().to_string())
     .unwrap_or_default();
+    let device_at = roost_eventhubs::messaging::device_address(&address);
     let kind = match (a.role, address.as_str()) {
+        _ if device_at.is_some() => {
+            let at = device_at.expect("checked");
+            device::attach(s, link, a, at)
+        }
         (Role::Sender, "$cbs") => Ok(Link::CbsIn),
         (Role::Receiver, "$cbs") => Ok(Link::CbsOut),
         (Role::Sender, "$management") => Ok(Link::ManagementIn),
@@ -435,6 +485,7 @@ fn attach_link(s: &mut Session, endpoint: &AmqpEndpoint, link: LinkId, a: &Attac
                 .amqp_refused
                 .with_label_values(&[short(error.condition.as_str())])
                 .inc();
+            tracing::debug!(%address, role = ?a.role, condition = %error.condition.as_str(), description = ?error.description, "AMQP attach refused");
             s.conn.refuse_attach(link, a, error);
             return;
         }
@@ -442,6 +493,7 @@ fn attach_link(s: &mut Session, endpoint: &AmqpEndpoint, link: LinkId, a: &Attac
     let credit = match kind {
         Link::CbsIn | Link::ManagementIn => REQUEST_CREDIT,
         Link::C2dIn { .. } => service::C2D_WINDOW,
+        Link::Device { role, .. } => device::initial_credit(role),
         _ => 0,
     };
     endpoint
@@ -453,7 +505,9 @@ fn attach_link(s: &mut Session, endpoint: &AmqpEndpoint, link: LinkId, a: &Attac
     s.conn.accept_attach(link, a, credit);
 }
 
-fn put_token(s: &mut Session, endpoint: &AmqpEndpoint, m: &Message) -> Message {
+/// The answer to a put-token: at once for a policy's token; for a device's, once its session
+/// on a shard has checked it (`None` here).
+fn put_token(s: &mut Session, endpoint: &AmqpEndpoint, m: &Message) -> Option<Message> {
     let request = match cbs::read_put_token(m) {
         Ok(r) => r,
         Err(e) => {
@@ -466,26 +520,44 @@ fn put_token(s: &mut Session, endpoint: &AmqpEndpoint, m: &Message) -> Message {
                 .amqp_cbs
                 .with_label_values(&[e.error_code()])
                 .inc();
-            return cbs::response(&id, e.status(), &e.to_string(), Body::Empty);
+            return Some(cbs::response(&id, e.status(), &e.to_string(), Body::Empty));
         }
     };
-    match authority(endpoint).check(&request.token, now_unix()) {
-        Ok(grant) => {
-            endpoint.metrics.amqp_cbs.with_label_values(&["ok"]).inc();
-            s.grants.retain(|g| g.scope != grant.scope);
-            s.grants.push(grant);
-            s.pre_auth.release();
-            cbs::response(&request.message_id, 200, "OK", Body::Empty)
-        }
-        Err(e) => {
-            endpoint
-                .metrics
-                .amqp_cbs
-                .with_label_values(&[e.error_code()])
-                .inc();
-            cbs::response(&request.message_id, e.status(), &e.to_string(), Body::Empty)
-        }
+    if let Some(identity) = device_identity(endpoint, &request.token) {
+        return device::put_token(s, endpoint, request.message_id, &request.token, identity);
     }
+    Some(
+        match authority(endpoint).check(&request.token, now_unix()) {
+            Ok(grant) => {
+                endpoint.metrics.amqp_cbs.with_label_values(&["ok"]).inc();
+                s.grants.retain(|g| g.scope != grant.scope);
+                s.grants.push(grant);
+                s.pre_auth.release();
+                cbs::response(&request.message_id, 200, "OK", Body::Empty)
+            }
+            Err(e) => {
+                endpoint
+                    .metrics
+                    .amqp_cbs
+                    .with_label_values(&[e.error_code()])
+                    .inc();
+                cbs::response(&request.message_id, e.status(), &e.to_string(), Body::Empty)
+            }
+        },
+    )
+}
+
+/// The device (and module) a token is for, when it is a device's token on this hub: no
+/// policy name, and an `sr` of `{host}/devices/{d}[/modules/{m}]`.
+fn device_identity(endpoint: &AmqpEndpoint, token: &str) -> Option<(String, Option<String>)> {
+    let t = roost_iothub::sas::SasToken::parse(token).ok()?;
+    if t.key_name().is_some() {
+        return None;
+    }
+    let (host, device, module) = roost_eventhubs::messaging::token_identity(t.resource())?;
+    let ours = endpoint.hostname.split(':').next().unwrap_or_default();
+    let host = host.rsplit_once(':').map_or(host.as_str(), |(h, _)| h);
+    host.eq_ignore_ascii_case(ours).then_some((device, module))
 }
 
 /// Sends what can go: answers waiting for credit, then events on receivers with credit. True
@@ -515,5 +587,6 @@ fn pump(s: &mut Session, endpoint: &AmqpEndpoint) -> bool {
     });
     s.replies = waiting;
     service::pump_feedback(s, endpoint);
+    device::pump(s);
     eventhubs::pump_receivers(s, endpoint)
 }
