@@ -22,7 +22,7 @@ use roost_amqp::{
     AmqpError, Attach, Body, Config, Connection, DeliveryState, Event, LinkId, Message, Role,
 };
 use roost_eventhubs::cbs::{self, Grant};
-use roost_eventhubs::{Authority, PolicyKeys};
+use roost_eventhubs::{Authority, PolicyKeys, Right};
 use roost_storage::LogStore;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -224,7 +224,8 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         let deadline = s
             .conn
             .poll_timeout()
-            .unwrap_or_else(|| Instant::now() + Duration::from_secs(60));
+            .unwrap_or_else(|| Instant::now() + Duration::from_secs(60))
+            .min(grants_end(&s));
         let waiting = s
             .links
             .values()
@@ -257,6 +258,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
             },
         }
         let closed = handle_events(&mut s, endpoint);
+        expire_links(&mut s, endpoint);
         busy = pump(&mut s, endpoint);
         while let Some(out) = s.conn.poll_transmit() {
             if stream.write_all(&out).await.is_err() {
@@ -406,6 +408,72 @@ fn handle_events(s: &mut Session, endpoint: &AmqpEndpoint) -> bool {
     closed
 }
 
+/// When the earliest put-token of a policy ends (or far off when there is none).
+fn grants_end(s: &Session) -> Instant {
+    let now = now_unix();
+    let soonest = s.grants.iter().map(|g| g.expires).min();
+    let far = Instant::now() + Duration::from_secs(3600);
+    soonest.map_or(far, |at| {
+        let left = Duration::from_secs(at.saturating_sub(now));
+        (Instant::now() + left).min(far)
+    })
+}
+
+/// The path on the hub a service link's put-token must cover with ServiceConnect.
+fn scope_of(endpoint: &AmqpEndpoint, link: &Link) -> Option<String> {
+    match link {
+        Link::Receiver {
+            group, partition, ..
+        } => Some(format!(
+            "{}/consumergroups/{group}/partitions/{partition}",
+            endpoint.entity
+        )),
+        Link::C2dIn { .. } => Some(service::DEVICEBOUND.to_string()),
+        Link::FeedbackOut(_) => Some(service::FEEDBACK.to_string()),
+        _ => None,
+    }
+}
+
+/// Tokens end: a policy's put-token that expired without a renewal is dropped, and each
+/// service link no remaining token covers is detached with `amqp:unauthorized-access` (a
+/// device's links end with its session, which tracks its own token).
+fn expire_links(s: &mut Session, endpoint: &AmqpEndpoint) {
+    let now = now_unix();
+    if s.grants.iter().all(|g| g.expires > now) {
+        return;
+    }
+    s.grants.retain(|g| g.expires > now);
+    let ended: Vec<LinkId> = s
+        .links
+        .iter()
+        .filter(|(_, l)| {
+            scope_of(endpoint, l).is_some_and(|path| {
+                !s.grants
+                    .iter()
+                    .any(|g| g.covers(&endpoint.hostname, &path, Right::ServiceConnect))
+            })
+        })
+        .map(|(id, _)| *id)
+        .collect();
+    for link in ended {
+        if let Some(Link::Receiver { .. }) = s.links.remove(&link) {
+            eventhubs::release(endpoint, s.id, Some(link));
+        }
+        endpoint
+            .metrics
+            .amqp_refused
+            .with_label_values(&["token_expired"])
+            .inc();
+        s.conn.detach(
+            link,
+            Some(AmqpError::new(
+                "amqp:unauthorized-access",
+                "the put-token this link was authorized by expired and was not renewed",
+            )),
+        );
+    }
+}
+
 /// A bounded label from an error condition.
 fn short(condition: &str) -> &'static str {
     match condition {
@@ -464,11 +532,11 @@ fn attach_link(s: &mut Session, endpoint: &AmqpEndpoint, link: LinkId, a: &Attac
         (Role::Sender, "$management") => Ok(Link::ManagementIn),
         (Role::Receiver, "$management") => Ok(Link::ManagementOut),
         (Role::Sender, addr) if service::is_devicebound(addr) => {
-            service::authorize(s, endpoint, "messages/devicebound")
+            service::authorize(s, endpoint, service::DEVICEBOUND)
                 .map(|()| Link::C2dIn { in_flight: 0 })
         }
         (Role::Receiver, addr) if service::is_feedback(addr) => {
-            service::authorize(s, endpoint, "messages/servicebound/feedback")
+            service::authorize(s, endpoint, service::FEEDBACK)
                 .map(|()| Link::FeedbackOut(service::Feedback::new()))
         }
         (Role::Receiver, other) => eventhubs::attach_receiver(s, endpoint, link, other, a),

@@ -16,6 +16,9 @@ use roost_model::link::{ServiceReply, ServiceRequest};
 use super::{now_unix, AmqpEndpoint, Done, Link, Session};
 use crate::service_calls::CallFailed;
 
+/// The paths a service link's token must cover.
+pub const DEVICEBOUND: &str = "messages/devicebound";
+pub const FEEDBACK: &str = "messages/servicebound/feedback";
 /// Cloud-to-device messages one sender link may have at control at once (its credit).
 pub const C2D_WINDOW: u32 = 16;
 /// How often a feedback receiver with credit asks control for records when there were none.
