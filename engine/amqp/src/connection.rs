@@ -174,7 +174,11 @@ struct Link {
 
 struct Session {
     next_incoming_id: u32,
+    /// The transfer id of the next transfer frame out (one per frame).
     next_outgoing_id: u32,
+    /// The delivery id of the next delivery out (one per delivery, however many frames it
+    /// takes: rhea checks they are consecutive).
+    next_delivery_id: u32,
     /// How many more transfers the peer takes (its incoming window, as of its last FLOW).
     remote_incoming_window: u32,
     /// Ours left before a FLOW restores it.
@@ -539,6 +543,7 @@ impl Connection {
             Session {
                 next_incoming_id: b.next_outgoing_id,
                 next_outgoing_id: 0,
+                next_delivery_id: 0,
                 remote_incoming_window: b.incoming_window,
                 incoming_window: self.config.incoming_window,
                 links: BTreeMap::new(),
@@ -964,7 +969,8 @@ impl Connection {
         }
         l.credit -= 1;
         l.delivery_count = l.delivery_count.wrapping_add(1);
-        let delivery_id = session.next_outgoing_id;
+        let delivery_id = session.next_delivery_id;
+        session.next_delivery_id = session.next_delivery_id.wrapping_add(1);
         session.next_outgoing_id = session.next_outgoing_id.wrapping_add(frames);
         session.remote_incoming_window -= frames;
         let mut rest = payload;
