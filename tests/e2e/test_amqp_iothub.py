@@ -31,15 +31,15 @@ from test_node import node_steps
 
 
 @contextlib.contextmanager
-def uamqp_pointed(hub):
+def uamqp_pointed(hub, port: int | None = None):
     """The SDK always dials port 5671 and trusts certifi's roots: point uamqp's token auth at
-    the hub's test port and CA, nothing else."""
+    the hub's test port (or `port`) and CA, nothing else."""
     import uamqp.authentication as auth
 
     original = auth.JWTTokenAuth.__init__
 
     def init(self, *args, **kwargs):
-        kwargs.setdefault("port", hub.ports["amqp"])
+        kwargs.setdefault("port", port or hub.ports["amqp"])
         kwargs.setdefault("verify", str(hub.ca_path))
         original(self, *args, **kwargs)
 
@@ -264,3 +264,53 @@ def test_a_policy_tokens_expiry_detaches_its_service_links(shared_hub):
     finally:
         c.close()
     assert hub.metric_sum("roost_amqp_refused_total", reason="token_expired") >= 1
+
+
+def test_the_sdks_frames_through_a_recording_proxy(shared_hub):
+    """The official SDKs' own frames, recorded by a TLS-terminating proxy (amqp_capture.py):
+    the Event Hubs client, the service SDK's C2D send and the Node device SDK each work through
+    it, and each recorded stream starts with the protocol header that SDK uses (SASL for the
+    Python clients, bare AMQP for Node). With ROOST_CAPTURE_DIR set, the streams are written
+    there: that is how fuzz/corpus/amqp_frame/sdk_* were made."""
+    import os
+
+    from amqp_capture import CapturingProxy
+    from azure.eventhub import EventHubConsumerClient, TransportType
+
+    hub = shared_hub
+    proxy = CapturingProxy(hub)
+    try:
+        device_id = unique_id("capture")
+        conn_str = hub.create_device(device_id)
+        eh = EventHubConsumerClient.from_connection_string(
+            hub.info["eventhubs_connection_string"], consumer_group="$Default",
+            custom_endpoint_address=f"sb://{hub.hostname}:{proxy.port}", transport_type=TransportType.Amqp,
+            connection_verify=hub.ca_path, retry_total=0)
+        with eh:
+            assert eh.get_partition_ids() == ["0", "1"]
+        with uamqp_pointed(hub, proxy.port):
+            rm = registry_manager(hub)
+            try:
+                rm.send_c2d_message(device_id, "captured", {"iothub-ack": "full"})
+            finally:
+                rm.amqp_svc_client.disconnect_sync()
+        node_steps(hub, "device_amqp_send.js",
+                   ROOST_DEVICE_CS=f"{conn_str};GatewayHostName=localhost:{proxy.port}",
+                   NODE_EXTRA_CA_CERTS=str(hub.ca_path))
+        wait_until(lambda: len(proxy.recorded()) >= 3, 10, "three recorded connections")
+        streams = proxy.recorded()
+    finally:
+        proxy.close()
+    sasl, plain = b"AMQP\x03\x01\x00\x00", b"AMQP\x00\x01\x00\x00"
+    by_client = {
+        "sdk_py_eventhub": [s for s in streams if s.startswith(sasl) and b"ANONYMOUS" in s[:64]],
+        "sdk_py_hub_c2d": [s for s in streams if s.startswith(sasl) and b"MSSBCBS" in s[:64]],
+        "sdk_node_device": [s for s in streams if s.startswith(plain)],
+    }
+    assert all(by_client.values()), {k: len(v) for k, v in by_client.items()}
+    assert not any(b"sig=" in s and b"sig=AAAA" not in s for s in streams), "signatures blanked"
+    out = os.environ.get("ROOST_CAPTURE_DIR")
+    if out:
+        for name, found in by_client.items():
+            for i, stream in enumerate(found):
+                Path(out, f"{name}_{i}").write_bytes(stream)

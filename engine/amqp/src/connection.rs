@@ -145,6 +145,9 @@ pub enum SendError {
 enum State {
     Header,
     Sasl,
+    /// The peer's sasl-init is out to the application; what follows it (a pipelining client's
+    /// AMQP header) waits until [`Connection::sasl_outcome`].
+    SaslAwaitOutcome,
     SaslAwaitHeader,
     /// After the AMQP header: waiting for OPEN.
     AwaitOpen,
@@ -215,6 +218,10 @@ pub struct Connection {
     sessions: BTreeMap<u16, Session>,
     /// The peer's channel → ours.
     by_remote_channel: BTreeMap<u16, u16>,
+    /// The peer's channels whose session it ended: a DETACH or FLOW still arriving on one is
+    /// dropped (pyamqp ends its session before it detaches the `$cbs` links). At most
+    /// channel-max of them, since a BEGIN on the channel takes it out again.
+    ended_channels: std::collections::BTreeSet<u16>,
     started: Instant,
     last_received: Instant,
     last_sent: Instant,
@@ -239,6 +246,7 @@ impl Connection {
             heartbeat_every: None,
             sessions: BTreeMap::new(),
             by_remote_channel: BTreeMap::new(),
+            ended_channels: std::collections::BTreeSet::new(),
             started: now,
             last_received: now,
             last_sent: now,
@@ -276,6 +284,11 @@ impl Connection {
         self.last_received = now;
         self.clock = self.clock.max(now);
         self.input.extend_from_slice(bytes);
+        self.process_input();
+    }
+
+    /// Handles what the input holds, unit by unit, until more bytes are needed.
+    fn process_input(&mut self) {
         while self.state != State::Closed {
             match self.next_unit() {
                 Ok(true) => {}
@@ -299,6 +312,18 @@ impl Connection {
     /// Handles one protocol header or frame from the input; false when more bytes are needed.
     fn next_unit(&mut self) -> Result<bool, Error> {
         match self.state {
+            State::SaslAwaitOutcome => {
+                // Held, but never more than a frame's worth: nothing an unauthenticated peer
+                // sends makes the connection hold more.
+                let max = self.limit();
+                if self.input.len() > max {
+                    return Err(Error::FrameTooLarge {
+                        len: self.input.len(),
+                        max,
+                    });
+                }
+                Ok(false)
+            }
             State::Header | State::SaslAwaitHeader => {
                 let Some(protocol) = protocol_header(&self.input)? else {
                     return Ok(false);
@@ -375,6 +400,7 @@ impl Connection {
                             ));
                             return Ok(());
                         }
+                        self.state = State::SaslAwaitOutcome;
                         self.events.push_back(Event::SaslInit {
                             mechanism: mechanism.as_str().to_string(),
                             initial_response,
@@ -398,7 +424,7 @@ impl Connection {
 
     /// Answers the peer's SASL init: success goes on to AMQP, failure closes.
     pub fn sasl_outcome(&mut self, ok: bool) {
-        if self.state != State::Sasl {
+        if self.state != State::SaslAwaitOutcome {
             return;
         }
         self.write_sasl(&Sasl::Outcome {
@@ -406,7 +432,11 @@ impl Connection {
             additional_data: None,
         });
         match ok {
-            true => self.state = State::SaslAwaitHeader,
+            true => {
+                self.state = State::SaslAwaitHeader;
+                // A pipelining client's AMQP header (and OPEN) may be here already.
+                self.process_input();
+            }
             false => self.close_now(err(
                 "amqp:unauthorized-access",
                 "SASL authentication failed",
@@ -438,6 +468,7 @@ impl Connection {
             Performative::Begin(b) => self.handle_begin(channel, b),
             Performative::End(_) => {
                 if let Some(local) = self.by_remote_channel.remove(&channel) {
+                    self.ended_channels.insert(channel);
                     let links: Vec<u32> = self
                         .sessions
                         .get(&local)
@@ -460,6 +491,11 @@ impl Connection {
                         format!("end on channel {channel}, which has no session"),
                     ));
                 }
+            }
+            Performative::Detach(_) | Performative::Flow(_) | Performative::Disposition(_)
+                if self.ended_channels.contains(&channel) =>
+            {
+                // Late frames of a session the peer ended: nothing is left to act on.
             }
             other => {
                 let Some(&local) = self.by_remote_channel.get(&channel) else {
@@ -551,6 +587,7 @@ impl Connection {
             },
         );
         self.by_remote_channel.insert(channel, local);
+        self.ended_channels.remove(&channel);
         let reply = Begin {
             remote_channel: Some(channel),
             next_outgoing_id: 0,
