@@ -1,8 +1,14 @@
 #!/usr/bin/env bash
-# The Event Hubs-compatible endpoint's read rate beside the JSON consumer API (issue 10 §7):
-# scenario (a) of compare.sh fills the log (one pipelined publisher, QoS 0, 100 B, flat out),
-# then the whole log is read back alternately through AMQP and through the JSON consumer API,
-# ROUNDS times each, on one fresh `roost up`. Figures go into docs/benchmarks.md by hand.
+# The Event Hubs-compatible endpoint's read rate beside the JSON consumer API (issue 10 §7), on
+# one fresh `roost up`:
+#   1. scenario (a) of compare.sh fills the log alone (one pipelined publisher, QoS 0, 100 B,
+#      flat out, SECS seconds);
+#   2. live: an AMQP reader follows the log (`roost-bench --read-log amqp --follow`) while
+#      scenario (a) runs again; it reports how far behind it was when the publisher stopped and
+#      how long it took to catch up (keeping up: nothing behind, no catch-up);
+#   3. the whole log is read back alternately through AMQP and through the JSON consumer API,
+#      ROUNDS times each.
+# Figures go into docs/benchmarks.md by hand.
 #
 #   benchmarks/eventhubs_read.sh            (release binaries from $CARGO_TARGET_DIR)
 #   SECS=10 ROUNDS=2 ROOST_BIN=… BENCH_BIN=… benchmarks/eventhubs_read.sh
@@ -26,6 +32,15 @@ ENGINE=$(pgrep -P "$UP" -f ' engine ' | head -1)
 echo "# fill: scenario (a), $SECS s"
 "$BENCH_BIN" --target roost --hub "$WORK/data" --connections 1 --qos 0 --payload 100 --duration "$SECS" \
   --warmup 1 --server-pid "$ENGINE" | grep -E 'in_msgs_per_s|out_msgs_per_s|lost |server_cpu'
+echo "# live: an AMQP reader follows while scenario (a) runs again, $SECS s"
+"$BENCH_BIN" --target roost --hub "$WORK/data" --read-log amqp --follow "$((SECS + 2))" --server-pid "$ENGINE" \
+  >"$WORK/follow.txt" 2>/dev/null &
+READER=$!
+sleep 0.5
+"$BENCH_BIN" --target roost --hub "$WORK/data" --connections 1 --qos 0 --payload 100 --duration "$SECS" \
+  --warmup 1 --server-pid "$ENGINE" | grep -E 'in_msgs_per_s|out_msgs_per_s|lost |server_cpu'
+wait "$READER" || true
+grep -E 'behind_at_close|catch_up_secs|records_read|records_expected|records_per_sec|server_cpu' "$WORK/follow.txt"
 for r in $(seq 1 "$ROUNDS"); do
   for via in amqp json; do
     echo "# read $r via $via"

@@ -179,6 +179,13 @@ struct Args {
     /// records per second and the engine's CPU per million (needs --target roost --hub).
     #[arg(long, value_name = "amqp|json", conflicts_with_all = ["idle", "connect_rate", "flood"])]
     read_log: Option<String>,
+    /// With --read-log amqp: read live for this many seconds (receivers on every partition
+    /// from the log's end, following what is published meanwhile), then until the log's end
+    /// as it is then;
+    /// reports how far behind the reader was when the window closed and how long it took to
+    /// catch up (a reader that keeps up with the publishers catches up at once).
+    #[arg(long, value_name = "SECS", requires = "read_log")]
+    follow: Option<f64>,
     /// Flood: sockets that connect and never send (held until the server closes them).
     #[arg(long, default_value_t = 0)]
     flood_silent: usize,
@@ -290,6 +297,9 @@ impl Args {
             }
             if !matches!(self.target, TargetKind::Roost) {
                 bail!("--read-log needs --target roost --hub DATA_DIR");
+            }
+            if self.follow.is_some() && via != "amqp" {
+                bail!("--follow is for --read-log amqp");
             }
             return Ok(());
         }

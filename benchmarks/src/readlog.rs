@@ -43,9 +43,8 @@ struct Page {
     next: u64,
 }
 
-pub async fn run(args: &Args, setup: Setup, via: &str) -> anyhow::Result<Outcome> {
-    let data_dir = args.hub.as_ref().context("--read-log needs --hub")?;
-    let hub = crate::hub::Hub::read(data_dir)?;
+/// The log's partitions as the consumer API tells them now.
+async fn partitions(hub: &crate::hub::Hub) -> anyhow::Result<Partitions> {
     let mut ops = roost_common::client::Client::new(&hub.ops.url, None)?;
     let resp = ops
         .request(
@@ -55,19 +54,44 @@ pub async fn run(args: &Args, setup: Setup, via: &str) -> anyhow::Result<Outcome
             None,
         )
         .await?;
-    let parts: Partitions = serde_json::from_slice(&resp.body).context("events partitions")?;
-    let expected: u64 = parts.partitions.iter().map(|p| p.next - p.first).sum();
+    serde_json::from_slice(&resp.body).context("events partitions")
+}
+
+/// What a `--follow` read saw when its window closed.
+#[derive(Default)]
+struct Followed {
+    /// Records the log had beyond what the reader had read, when the window closed.
+    behind_at_close: u64,
+    /// From the window's close to the reader reaching the log's end as it was then.
+    catch_up_secs: f64,
+    /// Records in the log when the window closed (what the reader must read).
+    expected: u64,
+}
+
+pub async fn run(args: &Args, setup: Setup, via: &str) -> anyhow::Result<Outcome> {
+    let data_dir = args.hub.as_ref().context("--read-log needs --hub")?;
+    let hub = crate::hub::Hub::read(data_dir)?;
+    let parts = partitions(&hub).await?;
+    let mut expected: u64 = parts.partitions.iter().map(|p| p.next - p.first).sum();
+    let follow = args.follow.map(Duration::from_secs_f64);
     let before = procfs::sample(&setup.pids)?;
     let t0 = Instant::now();
+    let mut followed = Followed::default();
     let read = match via {
         "json" => read_json(&hub, &parts).await?,
-        "amqp" => read_amqp(data_dir, &hub, &parts).await?,
+        "amqp" => read_amqp(data_dir, &hub, &parts, follow, &mut followed).await?,
         other => bail!("--read-log is amqp or json, not {other}"),
     };
     let secs = t0.elapsed().as_secs_f64();
     let after = procfs::sample(&setup.pids)?;
     let mut report = Report::with_header("read-log", args.label.as_deref(), &setup.target);
     report.put("via", via);
+    if follow.is_some() {
+        expected = followed.expected;
+        report.put("follow_secs", args.follow.unwrap_or_default());
+        report.put("behind_at_close", followed.behind_at_close);
+        report.num("catch_up_secs", followed.catch_up_secs);
+    }
     report.put("records_expected", expected);
     report.put("records_read", read);
     report.num("secs", secs);
@@ -196,6 +220,8 @@ async fn read_amqp(
     data_dir: &std::path::Path,
     hub: &crate::hub::Hub,
     parts: &Partitions,
+    follow: Option<Duration>,
+    followed: &mut Followed,
 ) -> anyhow::Result<u64> {
     let raw: serde_json::Value =
         serde_json::from_slice(&std::fs::read(roost_common::hubfile::path(data_dir))?)?;
@@ -372,10 +398,12 @@ async fn read_amqp(
         }
     }
 
-    // One receiver per partition, from its first record.
+    // One receiver per partition, from its first record (following: on every partition, from
+    // its end, with no end of the read until the window closes).
     let mut left: HashMap<u32, u64> = HashMap::new();
+    let mut firsts: HashMap<u32, u64> = HashMap::new();
     for p in &parts.partitions {
-        if p.next == p.first {
+        if p.next == p.first && follow.is_none() {
             continue;
         }
         let handle = 2 + p.partition as u32;
@@ -383,11 +411,19 @@ async fn read_amqp(
             "{entity}/ConsumerGroups/$Default/Partitions/{}",
             p.partition
         ));
+        // Following starts at the log's end, reading only what is published meanwhile.
+        let (start, selector) = match follow {
+            Some(_) => (
+                p.next,
+                format!("amqp.annotation.x-opt-offset >= '{}'", p.next),
+            ),
+            None => (p.first, "amqp.annotation.x-opt-offset > '-1'".to_string()),
+        };
         source.filter = Value::Map(vec![(
             Value::symbol("apache.org:selector-filter:string"),
             Value::Described(Box::new((
                 Value::symbol("apache.org:selector-filter:string"),
-                Value::string("amqp.annotation.x-opt-offset > '-1'"),
+                Value::string(&selector),
             ))),
         )]);
         w.send(FrameType::Amqp, 0, |o| {
@@ -405,14 +441,43 @@ async fn read_amqp(
             Performative::Flow(credit(handle, 0, transfers_in)).write(o)
         })
         .await?;
-        left.insert(handle, p.next - p.first);
+        firsts.insert(handle, start);
+        left.insert(
+            handle,
+            match follow {
+                Some(_) => u64::MAX,
+                None => p.next - p.first,
+            },
+        );
     }
+    let close_at = follow.map(|f| tokio::time::Instant::now() + f);
+    let mut closed_at: Option<Instant> = None;
     // The server names links by its own handles: map them back through the link names.
     let mut by_server: HashMap<u32, u32> = HashMap::new();
     let mut got: HashMap<u32, (u64, u32)> = HashMap::new();
     let mut total = 0u64;
     while left.values().any(|n| *n > 0) {
-        match w.performative().await? {
+        let next = tokio::select! {
+            p = w.performative() => p?,
+            _ = async { tokio::time::sleep_until(close_at.expect("guarded")).await },
+                if close_at.is_some() && closed_at.is_none() => {
+                // The window closes: the reader must now reach the log's end as it is.
+                closed_at = Some(Instant::now());
+                let now = partitions(hub).await?;
+                followed.expected = 0;
+                for p in &now.partitions {
+                    let handle = 2 + p.partition as u32;
+                    let first = firsts.get(&handle).copied().unwrap_or(p.first);
+                    let read = got.get(&handle).map_or(0, |g| g.0);
+                    let total = p.next - first;
+                    followed.expected += total;
+                    followed.behind_at_close += total.saturating_sub(read);
+                    left.insert(handle, total.saturating_sub(read));
+                }
+                continue;
+            }
+        };
+        match next {
             Performative::Attach(a) => {
                 if let Some(p) = a
                     .name
@@ -450,6 +515,9 @@ async fn read_amqp(
             }
             _ => {}
         }
+    }
+    if let Some(at) = closed_at {
+        followed.catch_up_secs = at.elapsed().as_secs_f64();
     }
     let _ = w
         .send(FrameType::Amqp, 0, |o| Performative::Close(None).write(o))

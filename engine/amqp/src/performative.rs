@@ -467,6 +467,32 @@ fn symbols_value(s: &[Str]) -> Value {
     }
 }
 
+/// TRANSFER at full arity (11 fields, pyamqp reads the payload after them), then its payload;
+/// the same bytes the value tree would give.
+fn write_transfer(t: &Transfer, out: &mut BytesMut) {
+    out.extend_from_slice(&[0x00, 0x53, 0x14]);
+    crate::types::compound(0xc0, 0xd0, 11, out, |out| {
+        encode(&Value::Uint(t.handle), out);
+        encode(&opt_u32(t.delivery_id), out);
+        match &t.delivery_tag {
+            Some(tag) => crate::types::put::binary(out, tag),
+            None => crate::types::put::null(out),
+        }
+        encode(&opt_u32(t.message_format), out);
+        encode(&opt_bool(t.settled), out);
+        encode(&Value::Bool(t.more), out);
+        encode(&t.rcv_settle_mode.map_or(Value::Null, Value::Ubyte), out);
+        match &t.state {
+            Some(state) => encode(&state.value(), out),
+            None => crate::types::put::null(out),
+        }
+        encode(&opt_bool(t.resume), out);
+        encode(&opt_bool(t.aborted), out);
+        encode(&opt_bool(t.batchable), out);
+    });
+    out.extend_from_slice(&t.payload);
+}
+
 fn opt_u32(v: Option<u32>) -> Value {
     v.map_or(Value::Null, Value::Uint)
 }
@@ -834,22 +860,8 @@ impl Performative {
                     f.properties.clone(),
                 ],
             ),
-            Performative::Transfer(t) => (
-                0x14,
-                vec![
-                    Value::Uint(t.handle),
-                    opt_u32(t.delivery_id),
-                    t.delivery_tag.clone().map_or(Value::Null, Value::Binary),
-                    opt_u32(t.message_format),
-                    opt_bool(t.settled),
-                    Value::Bool(t.more),
-                    t.rcv_settle_mode.map_or(Value::Null, Value::Ubyte),
-                    t.state.as_ref().map_or(Value::Null, DeliveryState::value),
-                    opt_bool(t.resume),
-                    opt_bool(t.aborted),
-                    opt_bool(t.batchable),
-                ],
-            ),
+            // The one written per event: straight into `out`, no value tree.
+            Performative::Transfer(t) => return write_transfer(t, out),
             Performative::Disposition(d) => (
                 0x15,
                 vec![
@@ -869,9 +881,6 @@ impl Performative {
             Performative::Close(e) => (0x18, vec![err(e)]),
         };
         encode(&Value::described_list(code, fields), out);
-        if let Performative::Transfer(t) = self {
-            out.extend_from_slice(&t.payload);
-        }
     }
 
     /// The performative's name, for logs and metrics.

@@ -60,6 +60,55 @@ proptest! {
         prop_assert_eq!(decode(&bytes_of(&v)).expect("decodes"), v);
     }
 
+    /// TRANSFER is written straight into the output (no value tree): the same bytes as the
+    /// generic encoding of its fields, and it reads back.
+    #[test]
+    fn a_transfer_written_directly_is_the_generic_encoding(
+        handle in any::<u32>(),
+        delivery_id in proptest::option::of(any::<u32>()),
+        tag in proptest::option::of(proptest::collection::vec(any::<u8>(), 0..300)),
+        settled in proptest::option::of(any::<bool>()),
+        more in any::<bool>(),
+        accepted in any::<bool>(),
+        payload in proptest::collection::vec(any::<u8>(), 0..64),
+    ) {
+        let t = Transfer {
+            handle,
+            delivery_id,
+            delivery_tag: tag.map(Bytes::from),
+            message_format: delivery_id.map(|_| 0),
+            settled,
+            more,
+            rcv_settle_mode: None,
+            state: accepted.then_some(DeliveryState::Accepted),
+            resume: None,
+            aborted: None,
+            batchable: None,
+            payload: Bytes::from(payload),
+        };
+        let mut direct = BytesMut::new();
+        Performative::Transfer(t.clone()).write(&mut direct);
+        let opt_u32 = |v: Option<u32>| v.map_or(Value::Null, Value::Uint);
+        let opt_bool = |v: Option<bool>| v.map_or(Value::Null, Value::Bool);
+        let mut generic = BytesMut::new();
+        encode(&Value::described_list(0x14, vec![
+            Value::Uint(t.handle),
+            opt_u32(t.delivery_id),
+            t.delivery_tag.clone().map_or(Value::Null, Value::Binary),
+            opt_u32(t.message_format),
+            opt_bool(t.settled),
+            Value::Bool(t.more),
+            Value::Null,
+            if accepted { Value::described_list(0x24, vec![]) } else { Value::Null },
+            Value::Null,
+            Value::Null,
+            Value::Null,
+        ]), &mut generic);
+        generic.extend_from_slice(&t.payload);
+        prop_assert_eq!(&direct[..], &generic[..]);
+        prop_assert_eq!(Performative::read(&direct.freeze()).expect("reads"), Performative::Transfer(t));
+    }
+
     #[test]
     fn no_input_panics_the_decoders(data in proptest::collection::vec(any::<u8>(), 0..400)) {
         let b = Bytes::from(data);

@@ -523,25 +523,30 @@ fn variable(small: u8, large: u8, b: &[u8], out: &mut BytesMut) {
 }
 
 /// A list or map: the elements are written first, then the header fitted to their size.
-fn compound(
+pub(crate) fn compound(
     small: u8,
     large: u8,
     count: usize,
     out: &mut BytesMut,
     body: impl FnOnce(&mut BytesMut),
 ) {
-    let mut inner = BytesMut::new();
-    body(&mut inner);
-    if inner.len() < 255 && count <= 255 {
-        out.put_u8(small);
-        out.put_u8((inner.len() + 1) as u8);
-        out.put_u8(count as u8);
+    // Written in place behind room for the wide header, then moved down over the spare bytes
+    // when the narrow one fits: no buffer of its own per list or map.
+    let start = out.len();
+    out.put_slice(&[0; 9]);
+    body(out);
+    let len = out.len() - start - 9;
+    if len < 255 && count <= 255 {
+        out[start] = small;
+        out[start + 1] = (len + 1) as u8;
+        out[start + 2] = count as u8;
+        out.copy_within(start + 9.., start + 3);
+        out.truncate(start + 3 + len);
     } else {
-        out.put_u8(large);
-        out.put_u32((inner.len() + 4) as u32);
-        out.put_u32(count as u32);
+        out[start] = large;
+        out[start + 1..start + 5].copy_from_slice(&((len + 4) as u32).to_be_bytes());
+        out[start + 5..start + 9].copy_from_slice(&(count as u32).to_be_bytes());
     }
-    out.put_slice(&inner);
 }
 
 /// An array: one constructor for all elements, which must all be of one type (the codec's

@@ -2,7 +2,7 @@
 //! `{hub}/ConsumerGroups/{group}/Partitions/{p}` with their start filters, epochs and
 //! credit-fed reads from the `events` log, and the `$management` READ answers.
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use roost_amqp::{AmqpError, Attach, Body, LinkId, Message};
 use roost_eventhubs::cbs;
 use roost_eventhubs::{address, event, filter, management, Right};
@@ -187,6 +187,7 @@ fn receiver(
         group: at.consumer_group,
         partition: p,
         next: from,
+        end: next,
     })
 }
 
@@ -304,12 +305,18 @@ pub(super) fn pump_receivers(s: &mut Session, endpoint: &AmqpEndpoint) -> bool {
             group,
             partition,
             next,
-        }) = s.links.get(&link)
+            end,
+        }) = s.links.get_mut(&link)
         else {
             continue;
         };
         let (p, from) = (*partition, *next);
-        let end = endpoint.log.next_offset(p).unwrap_or(from);
+        // The log's end is looked up (a seek and a count of its last value) only once the
+        // receiver has read to the end it knew: not once per pass of a reader with a backlog.
+        if from >= *end {
+            *end = endpoint.log.next_offset(p).unwrap_or(from);
+        }
+        let end = *end;
         endpoint
             .metrics
             .amqp_receiver_lag
@@ -322,7 +329,9 @@ pub(super) fn pump_receivers(s: &mut Session, endpoint: &AmqpEndpoint) -> bool {
             }
             continue;
         }
-        let mut events = Vec::new();
+        // One buffer for the pass: each event's tag and message are slices of it.
+        let mut scratch = BytesMut::with_capacity(credit as usize * 320);
+        let mut events = Vec::with_capacity(credit as usize);
         let read = roost_storage::log::visit_records(
             endpoint.log.as_ref(),
             p,
@@ -332,9 +341,10 @@ pub(super) fn pump_receivers(s: &mut Session, endpoint: &AmqpEndpoint) -> bool {
                     return Ok(false);
                 }
                 if view.endpoint(BUILTIN).is_some() {
-                    let mut out = BytesMut::with_capacity(256 + view.message().body.len());
-                    event::write_event(offset, view, &mut out);
-                    events.push((offset, out.freeze()));
+                    scratch.extend_from_slice(&offset.to_be_bytes());
+                    let tag = scratch.split().freeze();
+                    event::write_event(offset, view, &mut scratch);
+                    events.push((offset, tag, scratch.split().freeze()));
                 }
                 Ok(true)
             },
@@ -342,13 +352,8 @@ pub(super) fn pump_receivers(s: &mut Session, endpoint: &AmqpEndpoint) -> bool {
         let Ok(read_to) = read else { continue };
         let mut sent_to = read_to;
         let mut sent = 0u32;
-        for (offset, payload) in events {
-            match s.conn.send(
-                link,
-                Bytes::from(offset.to_be_bytes().to_vec()),
-                payload,
-                true,
-            ) {
+        for (offset, tag, payload) in events {
+            match s.conn.send(link, tag, payload, true) {
                 Ok(_) => sent += 1,
                 Err(_) => {
                     sent_to = offset;

@@ -111,6 +111,8 @@ enum Link {
         group: String,
         partition: usize,
         next: u64,
+        /// The partition's end as last looked up.
+        end: u64,
     },
     /// A service sends cloud-to-device messages here (`/messages/devicebound`); `in_flight`
     /// of them wait for control.
