@@ -158,10 +158,26 @@ class RawAmqp:
         self.next_delivery = 0
         self.sock.sendall(b"AMQP\x00\x01\x00\x00" + amqp_frame(perf(0x10, ["raw", hub.hostname]))
                           + amqp_frame(perf(0x11, [None, 0, 100, 100])))
-        # $cbs: a sender (handle 0) and a receiver (handle 1) with credit.
-        self.attach(0, "$cbs")
+        # $cbs: a sender (handle 0) and a receiver (handle 1) with credit; transfers wait for
+        # the server's credit (one sent before it closes the connection).
+        self.attach_sender(0, "$cbs")
         self.attach(1, "$cbs", receiver=True)
         self.sock.sendall(amqp_frame(perf(0x13, [0, 100, 0, 100, 1, 0, 100])))
+
+    def attach_sender(self, handle: int, address: str) -> None:
+        """Attaches a sender and waits for the server's credit on it (a FLOW)."""
+        flows = self.got.count(b"\x00S\x13")
+        self.attach(handle, address)
+        deadline = time.monotonic() + 10
+        while self.got.count(b"\x00S\x13") <= flows:
+            assert time.monotonic() < deadline, f"no credit for {address}; got {self.got[-400:]!r}"
+            self.sock.settimeout(max(0.01, deadline - time.monotonic()))
+            try:
+                chunk = self.sock.recv(65536)
+            except TimeoutError:
+                continue
+            assert chunk, f"closed before credit for {address}; got {self.got[-400:]!r}"
+            self.got += chunk
 
     def attach(self, handle: int, address: str, receiver: bool = False) -> None:
         terminus = [Described(Ulong(0x28), ["me"]), Described(Ulong(0x29), [address])]
@@ -221,7 +237,7 @@ def test_device_tokens_are_checked_and_scoped_to_their_own_device(shared_hub):
         c.attach(3, "/messages/devicebound")
         c.wait_for(b"grants ServiceConnect")
         # Its own telemetry goes.
-        c.attach(4, f"/devices/{a}/messages/events")
+        c.attach_sender(4, f"/devices/{a}/messages/events")
         c.transfer(4, section(0x73, ["raw-telemetry-1"]) + section(0x75, b"from a raw client"))
         wait_until(lambda: any(r["systemProperties"].get("message-id") == "raw-telemetry-1"
                                and r["systemProperties"].get("iothub-connection-device-id") == a
@@ -239,7 +255,7 @@ def test_a_device_tokens_expiry_ends_its_links_unless_renewed(shared_hub):
         for d, c in conns.items():
             c.put_token(device_sas_token(hub.hostname, d, keys[d], ttl=3))
             c.wait_for(b"\xa1\x02OK")
-            c.attach(2, f"/devices/{d}/messages/events")
+            c.attach_sender(2, f"/devices/{d}/messages/events")
         conns[renewed].put_token(device_sas_token(hub.hostname, renewed, keys[renewed], ttl=3600))
         conns[ending].wait_for(b"the device session ended: token_expired", timeout=15)
         time.sleep(1)

@@ -221,21 +221,26 @@ pub(super) fn manage(s: &Session, endpoint: &AmqpEndpoint, m: &Message) -> Messa
         Ok(r) => r,
         Err(e) => return cbs::response(&id, 400, &e.to_string(), Body::Empty),
     };
-    // The request's own security_token, or a put-token on this connection.
+    // The request's own security_token, or a put-token on this connection, granting
+    // ServiceConnect (what reading the endpoint needs) or RegistryRead (a read of the hub's
+    // description).
     let now = now_unix();
+    let reads = |g: &roost_eventhubs::cbs::Grant| {
+        [Right::ServiceConnect, Right::RegistryRead]
+            .iter()
+            .any(|right| g.covers(&endpoint.hostname, &endpoint.entity, *right))
+    };
     let by_token = r
         .token
         .as_deref()
         .and_then(|t| authority(endpoint).check(t, now).ok())
-        .is_some_and(|g| g.covers(&endpoint.hostname, &endpoint.entity, Right::ServiceConnect));
-    let by_cbs = s.grants.iter().any(|g| {
-        g.expires > now && g.covers(&endpoint.hostname, &endpoint.entity, Right::ServiceConnect)
-    });
+        .is_some_and(|g| reads(&g));
+    let by_cbs = s.grants.iter().any(|g| g.expires > now && reads(g));
     if !(by_token || by_cbs) {
         return cbs::response(
             &r.message_id,
             401,
-            "a token granting ServiceConnect on this event hub is needed",
+            "a token granting ServiceConnect or RegistryRead on this event hub is needed",
             Body::Empty,
         );
     }
