@@ -292,6 +292,48 @@ def amqp_seeds():
             "oversize": struct.pack(">I", 0xfffffff0) + b"\x02\x00\x00\x00"}
 
 
+# ---- WebSockets (ws_session, http_head): frames masked as a client sends them, and the
+# upgrade requests the SDKs send (RFC 6455, specs/azure-amqp-eventhubs.md §6).
+def ws_frame(opcode, payload, fin=True, mask=b"\x01\x02\x03\x04"):
+    n = len(payload)
+    head = bytes([(0x80 if fin else 0) | opcode])
+    if n < 126:
+        head += bytes([0x80 | n])
+    elif n < 65536:
+        head += bytes([0x80 | 126]) + struct.pack(">H", n)
+    else:
+        head += bytes([0x80 | 127]) + struct.pack(">Q", n)
+    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+def ws_seeds():
+    c = connect()
+    return {
+        "mqtt_connect": ws_frame(2, c),
+        "fragmented": ws_frame(2, c[:5], fin=False) + ws_frame(0, c[5:]),
+        "ping_close": ws_frame(9, b"p") + ws_frame(8, struct.pack(">H", 1000)),
+        "amqp_header": ws_frame(2, b"AMQP\x00\x01\x00\x00"),
+        "text": ws_frame(1, b"hello"),
+        "unmasked": b"\x82\x02hi",
+        "huge": b"\x82\xff" + struct.pack(">Q", 1 << 40),
+    }
+
+
+def head_seeds():
+    up = ("GET /$iothub/websocket HTTP/1.1\r\nHost: hub.example.net\r\nUpgrade: websocket\r\n"
+          "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+          "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: {}\r\n\r\n")
+    return {
+        "upgrade_mqtt": up.format("mqtt").encode(),
+        "upgrade_amqp": up.format("AMQPWSB10").encode().replace(b"$iothub", b"$servicebus"),
+        "device_post": (b"POST /devices/dev1/messages/events?api-version=2021-04-12 HTTP/1.1\r\n"
+                        b"Host: hub.example.net\r\nAuthorization: SharedAccessSignature sr=x&sig=y&se=1\r\n"
+                        b"iothub-app-level: critical\r\nContent-Length: 2\r\n\r\n{}"),
+        "partial": b"GET / HTTP/1.1\r\nHost: h",
+        "chunked": b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+    }
+
+
 def write(target, name, data):
     out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "corpus", target)
     os.makedirs(out, exist_ok=True)
@@ -327,6 +369,11 @@ if __name__ == "__main__":
         # the stream.
         for choice in (0, 0x07, 0x63, 0xa0):
             write("amqp_connection", f"{name}_{choice:02x}", bytes([choice]) + data)
+    for name, data in ws_seeds().items():
+        for choice in (0x00, 0x47, 0xff):
+            write("ws_session", f"{name}_{choice:02x}", bytes([choice]) + data)
+    for name, data in head_seeds().items():
+        write("http_head", name, data)
     # link_frame: a length prefix and bodies that are not archives.
     for i, data in enumerate([b"\x00\x00\x00\x00", b"\xff\xff\xff\x7f", b"\x01" * 64, b""]):
         write("link_frame", f"seed_{i:02}", data)

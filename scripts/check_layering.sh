@@ -32,7 +32,7 @@ done
 must_not roost-control glommio
 must_not roost-common glommio rocksdb librocksdb-sys
 must_not roost-endpoints glommio rocksdb librocksdb-sys
-for pure in roost-model roost-mqtt roost-amqp roost-eventhubs roost-iothub roost-registry roost-storage roost-session roost-twin roost-query roost-routing; do
+for pure in roost-model roost-mqtt roost-amqp roost-http roost-eventhubs roost-iothub roost-registry roost-storage roost-session roost-twin roost-query roost-routing; do
   must_not "$pure" glommio tokio rocksdb librocksdb-sys
 done
 [ $fail -eq 0 ] && echo "layering: ok"

@@ -511,7 +511,7 @@ pub fn serve_request(c2d: &C2d, request: ServiceRequest) -> ServiceReply {
     let server = |e: StoreError| refused(500, 500001, e.to_string());
     match request {
         ServiceRequest::C2dSend { device_id, message } => {
-            let sent = NewMessage::from_link(message).and_then(|m| c2d.send(&device_id, m));
+            let sent = NewMessage::from_link(*message).and_then(|m| c2d.send(&device_id, m));
             match sent {
                 Ok(id) => {
                     tracing::debug!(device = %device_id, message_id = %id, "C2D message queued over AMQP");

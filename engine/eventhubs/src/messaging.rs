@@ -463,7 +463,8 @@ mod tests {
 
     #[test]
     fn a_service_c2d_message_names_its_device_raw_or_encoded() {
-        let (d, m) = c2d_from_service(&to("/devices/dev%201/messages/devicebound")).unwrap();
+        let (d, m) = c2d_from_service(&to("/devices/dev%201/messages/devicebound"))
+            .expect("the expected value");
         assert_eq!(d, "dev 1");
         assert_eq!(m.ack.as_deref(), Some("full"));
         assert_eq!(m.properties, vec![("n".to_string(), "7".to_string())]);
@@ -472,7 +473,8 @@ mod tests {
             Some("12121212-1212-1212-1212-121212121212")
         );
         assert_eq!(m.body, b"hi");
-        let (d, _) = c2d_from_service(&to("/devices/dev1/messages/deviceBound")).unwrap();
+        let (d, _) = c2d_from_service(&to("/devices/dev1/messages/deviceBound"))
+            .expect("the expected value");
         assert_eq!(d, "dev1");
         for bad in [
             "/devices//messages/devicebound",
@@ -491,9 +493,16 @@ mod tests {
     fn an_empty_amqp_value_body_is_an_empty_message() {
         let mut m = to("/devices/d/messages/devicebound");
         m.body = Body::Value(Value::string(""));
-        assert!(c2d_from_service(&m).unwrap().1.body.is_empty());
+        assert!(c2d_from_service(&m)
+            .expect("the expected value")
+            .1
+            .body
+            .is_empty());
         m.body = Body::Value(Value::List(vec![]));
-        assert_eq!(c2d_from_service(&m).unwrap_err(), MessagingError::BadBody);
+        assert_eq!(
+            c2d_from_service(&m).expect_err("refused"),
+            MessagingError::BadBody
+        );
     }
 
     #[test]
@@ -505,21 +514,22 @@ mod tests {
 
     #[test]
     fn device_addresses_name_an_identity_and_a_node() {
-        let a = device_address("/devices/d1/messages/events").unwrap();
+        let a = device_address("/devices/d1/messages/events").expect("the expected value");
         assert_eq!(
             (a.client_id(), a.node),
             ("d1".to_string(), DeviceNode::Events)
         );
-        let a = device_address("/devices/d%201/modules/m1/methods/devicebound").unwrap();
+        let a = device_address("/devices/d%201/modules/m1/methods/devicebound")
+            .expect("the expected value");
         assert_eq!(
             (a.client_id(), a.node),
             ("d 1/m1".to_string(), DeviceNode::Methods)
         );
-        let a = device_address("amqps://hub/devices/d1/twin").unwrap();
+        let a = device_address("amqps://hub/devices/d1/twin").expect("the expected value");
         assert_eq!(a.node, DeviceNode::Twin);
         assert_eq!(
             device_address("/devices/d1/messages/devicebound")
-                .unwrap()
+                .expect("the expected value")
                 .node,
             DeviceNode::DeviceBound
         );
@@ -565,7 +575,7 @@ mod tests {
             body: Body::Data(vec![Bytes::from_static(b"{}")]),
             ..Message::default()
         };
-        let (bag, body) = telemetry(&m).unwrap();
+        let (bag, body) = telemetry(&m).expect("the expected value");
         assert_eq!(bag.system.message_id.as_deref(), Some("m1"));
         assert_eq!(bag.system.content_type.as_deref(), Some("application/json"));
         assert_eq!(bag.system.subject.as_deref(), Some("comp"));
@@ -584,9 +594,9 @@ mod tests {
             ("k".to_string(), "v".to_string()),
         ];
         let m = c2d_to_device(&bag, b"x");
-        let p = m.properties.clone().unwrap();
+        let p = m.properties.clone().expect("the expected value");
         assert_eq!(p.message_id, Value::string("mid"));
-        assert!(p.absolute_expiry_time.unwrap() > 0);
+        assert!(p.absolute_expiry_time.expect("the expected value") > 0);
         assert_eq!(
             m.application_property("iothub-ack"),
             Some(&Value::string("full"))
@@ -595,9 +605,19 @@ mod tests {
 
         let mut answer = method_request("reboot", "rid-1", b"{}");
         answer.application_properties = vec![(Value::string("IoThub-status"), Value::Int(200))];
-        assert_eq!(method_response(&answer).unwrap().0, "rid-1");
-        answer.properties.as_mut().unwrap().correlation_id = Value::Uuid([0xab; 16]);
-        assert_eq!(method_response(&answer).unwrap().0, uuid_text(&[0xab; 16]));
+        assert_eq!(
+            method_response(&answer).expect("the expected value").0,
+            "rid-1"
+        );
+        answer
+            .properties
+            .as_mut()
+            .expect("the expected value")
+            .correlation_id = Value::Uuid([0xab; 16]);
+        assert_eq!(
+            method_response(&answer).expect("the expected value").0,
+            uuid_text(&[0xab; 16])
+        );
 
         let mut req = Message {
             properties: Some(Properties {
@@ -614,12 +634,12 @@ mod tests {
             ..Message::default()
         };
         assert_eq!(
-            twin_request(&req).unwrap(),
+            twin_request(&req).expect("the expected value"),
             ("t1".to_string(), TwinRequest::SubscribeDesired)
         );
         req.message_annotations[0].1 = Value::string("POST");
         assert_eq!(
-            twin_request(&req).unwrap_err(),
+            twin_request(&req).expect_err("refused"),
             MessagingError::BadTwinOperation
         );
         let r = twin_response("t1", 200, Some(3), b"");

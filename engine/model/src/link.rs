@@ -272,7 +272,7 @@ pub enum ServiceRequest {
     /// Queue `message` for `device_id`.
     C2dSend {
         device_id: String,
-        message: C2dMessage,
+        message: Box<C2dMessage>,
     },
     /// The oldest feedback records, with the lock that completes them.
     FeedbackReceive,

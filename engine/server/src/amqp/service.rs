@@ -96,7 +96,10 @@ pub(super) fn on_c2d(
     let (services, done) = (endpoint.services.clone(), s.done.clone());
     tokio::spawn(async move {
         let reply = services
-            .call(ServiceRequest::C2dSend { device_id, message })
+            .call(ServiceRequest::C2dSend {
+                device_id,
+                message: Box::new(message),
+            })
             .await;
         let (label, state) = match reply {
             Ok(ServiceReply::Done) => ("ok".to_string(), DeliveryState::Accepted),
