@@ -40,8 +40,10 @@ import requests
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 HUB_HOSTNAME = "localhost"
-# The Python device SDK hardcodes this port; conftest redirects it (see _redirecting_connect).
+# The Python device SDK hardcodes these ports; conftest redirects them (see _redirecting_connect):
+# MQTT over TLS, and MQTT over WebSockets (`websockets=True`).
 IOTHUB_MQTT_PORT = 8883
+IOTHUB_HTTPS_PORT = 443
 ENGINE_CORES = 2
 
 READY_TIMEOUT = 60.0  # process start until /healthz answers 200
@@ -403,27 +405,34 @@ def telemetry_topic(device_id: str, props: dict[str, str] | None = None) -> str:
 if not hasattr(paho.Client, "_roost_original_connect"):
     paho.Client._roost_original_connect = paho.Client.connect
     paho.Client._roost_redirect_port = None
+    paho.Client._roost_redirect_https_port = None
 
     def _redirecting_connect(self, host, port=1883, *args, **kwargs):
         target = paho.Client._roost_redirect_port
         if port == IOTHUB_MQTT_PORT and target:
             port = target
+        https = paho.Client._roost_redirect_https_port
+        if port == IOTHUB_HTTPS_PORT and https:
+            port = https
         return paho.Client._roost_original_connect(self, host, port, *args, **kwargs)
 
     paho.Client.connect = _redirecting_connect
 
 
-def redirect_mqtt_to(port: int) -> None:
+def redirect_mqtt_to(port: int, https_port: int | None = None) -> None:
     """Make every paho connect to port 8883 in this process (i.e. the device SDK's) go to `port`
-    instead. Process-wide: the last call wins, so use one hub's MQTT port at a time."""
+    instead, and to port 443 (MQTT over WebSockets) to `https_port`. Process-wide: the last call
+    wins, so use one hub's ports at a time."""
     paho.Client._roost_redirect_port = port
+    paho.Client._roost_redirect_https_port = https_port
 
 
 _device_clients: list[Any] = []
 
 
-def _make_client(cls: Any, conn_str: str, ca_pem: str, mqtt_port: int, **kwargs: Any):
-    redirect_mqtt_to(mqtt_port)
+def _make_client(cls: Any, conn_str: str, ca_pem: str, mqtt_port: int, https_port: int | None = None,
+                 **kwargs: Any):
+    redirect_mqtt_to(mqtt_port, https_port)
     kwargs.setdefault("server_verification_cert", ca_pem)
     kwargs.setdefault("connection_retry", False)
     client = cls.create_from_connection_string(conn_str, **kwargs)
@@ -701,7 +710,7 @@ class Hub:
         self.binary = Path(binary)
         self.cores = cores
         self.hostname = hostname
-        self.ports = {name: free_port() for name in ("service", "control_ops", "link", "mqtt", "ops", "amqp")}
+        self.ports = {name: free_port() for name in ("service", "control_ops", "link", "mqtt", "ops", "amqp", "https")}
         self.control_log = self.root / "control.log"
         self.engine_log = self.root / "engine.log"
         self.cli_log = self.root / "cli.log"
@@ -821,6 +830,7 @@ class Hub:
             "--mqtt", f"127.0.0.1:{p['mqtt']}",
             "--ops", f"127.0.0.1:{p['ops']}",
             "--amqp", f"127.0.0.1:{p['amqp']}",
+            "--https", f"127.0.0.1:{p['https']}",
             "--cores", str(self.cores),
             *self.engine_args,
         ]
@@ -987,7 +997,10 @@ class Hub:
 
     # ---- devices
     def device_client(self, conn_str: str, **kwargs: Any):
-        return make_device_client(conn_str, self.ca_pem, self.mqtt_port, **kwargs)
+        """A device client redirected to this hub; `websockets=True` takes MQTT over WebSockets
+        on the hub's port 443 listener."""
+        return make_device_client(conn_str, self.ca_pem, self.mqtt_port,
+                                  https_port=self.ports.get("https"), **kwargs)
 
     def connected_client(self, conn_str: str, timeout: float = STATE_TIMEOUT, **kwargs: Any):
         """A connected SDK client. A device just created reaches the engine's registry replica

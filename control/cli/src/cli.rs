@@ -156,6 +156,9 @@ pub struct ListenArgs {
     /// Shorthand for --listen mqtt=ADDR: plain (unencrypted) MQTT, for benchmarks only.
     #[arg(long, value_name = "ADDR")]
     pub plain_mqtt: Option<SocketAddr>,
+    /// Shorthand for --listen https+tls=ADDR: IoT Hub's port 443 (MQTT over WebSockets today).
+    #[arg(long, value_name = "ADDR")]
+    pub https: Option<SocketAddr>,
 }
 
 /// What the events log keeps (docs/operations.md).
@@ -269,6 +272,9 @@ impl ListenArgs {
         }
         if let Some(addr) = self.plain_mqtt {
             specs.push(ListenerSpec::new(Protocol::Mqtt, addr, false));
+        }
+        if let Some(addr) = self.https {
+            specs.push(ListenerSpec::new(Protocol::Https, addr, true));
         }
         if self.listen.is_empty() && self.mqtt.is_none() {
             specs.insert(
@@ -652,6 +658,10 @@ pub fn run_up(args: UpArgs) -> anyhow::Result<()> {
                 "(device SDKs: port 8883 is their fixed default)",
             ),
             (Protocol::Mqtt, false) => ("plain MQTT", "(benchmarks only)"),
+            (Protocol::Https, _) => (
+                "port 443 (HTTPS)",
+                "(MQTT over WebSockets at /$iothub/websocket; the SDKs' fixed port is 443)",
+            ),
         };
         println!("  {name:<18} {} {note}", l.addr);
     }

@@ -88,6 +88,23 @@ pub async fn serve(shard: std::rc::Rc<Shard>, mut wire: Wire, pre_auth: PreAuthS
                 .inc(DisconnectReason::TlsHandshakeTimeout.error_code())
         }
     }
+    serve_established(shard, wire, pre_auth, rbuf).await;
+}
+
+/// Frame limits of MQTT over a WebSocket: a frame carries a packet or part of one, so until
+/// CONNECT is through it is as small as the session's first-packet limit (plus the headers of
+/// both); then as large as the largest packet taken.
+pub const WS_FRAME_BEFORE_CONNECT: usize = 8 * 1024 + 64;
+pub const WS_FRAME_AFTER_CONNECT: usize = 512 * 1024;
+
+/// Serves a connection whose transport is up (TLS done; on port 443, the WebSocket upgraded),
+/// with `rbuf` holding the MQTT bytes that came already.
+pub async fn serve_established(
+    shard: std::rc::Rc<Shard>,
+    mut wire: Wire,
+    pre_auth: PreAuthSlot,
+    rbuf: BytesMut,
+) {
     let now = Instant::now();
     let mut conn = Conn {
         session: DeviceSession::open(shard.clone(), pre_auth),
@@ -102,6 +119,7 @@ pub async fn serve(shard: std::rc::Rc<Shard>, mut wire: Wire, pre_auth: PreAuthS
     match conn.until_authenticated(&mut wire).await {
         // The rest of the connection's life is in the devices' task queue.
         Ok(()) => shard.spawn_connection(Queue::Devices, async move {
+            wire.set_ws_max_frame(WS_FRAME_AFTER_CONNECT);
             let reason = conn.run(&mut wire).await;
             conn.goodbye(wire, reason).await;
         }),

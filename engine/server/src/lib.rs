@@ -24,6 +24,7 @@
 mod amqp;
 mod bridge;
 mod conn;
+mod https;
 pub mod link;
 pub mod listeners;
 pub mod log;

@@ -11,15 +11,20 @@ use std::str::FromStr;
 pub enum Protocol {
     /// MQTT 3.1.1 (IoT Hub's :8883 with TLS).
     Mqtt,
+    /// IoT Hub's :443: WebSocket upgrades (MQTT over WebSockets) and HTTPS, told apart by the
+    /// request head (`https.rs`).
+    Https,
 }
 
 impl Protocol {
     /// Every protocol, with its name on the command line.
-    pub const ALL: &'static [(&'static str, Protocol)] = &[("mqtt", Protocol::Mqtt)];
+    pub const ALL: &'static [(&'static str, Protocol)] =
+        &[("mqtt", Protocol::Mqtt), ("https", Protocol::Https)];
 
     pub fn name(self) -> &'static str {
         match self {
             Protocol::Mqtt => "mqtt",
+            Protocol::Https => "https",
         }
     }
 }
@@ -37,7 +42,7 @@ pub struct ListenerSpec {
 pub enum ListenerError {
     #[error("{0:?}: expected PROTOCOL[+tls]=ADDRESS, e.g. mqtt+tls=0.0.0.0:8883")]
     Shape(String),
-    #[error("{0:?}: unknown protocol (known: mqtt)")]
+    #[error("{0:?}: unknown protocol (known: mqtt, https)")]
     Protocol(String),
     #[error("{0:?}: not a socket address")]
     Address(String),

@@ -53,6 +53,10 @@ pub struct Metrics {
     pub epoch_info: IntGaugeVec,
     /// The external endpoints' dispatchers (`roost_endpoint_*`).
     pub endpoints: roost_endpoints::EndpointMetrics,
+    /// Port 443: WebSocket upgrades by result (the subprotocol, or why refused).
+    pub ws_upgrades: IntCounterVec,
+    /// Port 443: plain HTTP requests by route and status.
+    pub https_requests: IntCounterVec,
     /// AMQP connections open (TLS done).
     pub amqp_connections: IntGauge,
     /// AMQP links accepted.
@@ -207,6 +211,8 @@ impl Metrics {
             routing_load_failures,
             epoch_info,
             endpoints: roost_endpoints::EndpointMetrics::new(&registry),
+            ws_upgrades: counter(&registry, "roost_websocket_upgrades_total", "WebSocket upgrades on port 443, by result: the protocol (mqtt-ws, amqp-ws) or why refused (not_get, wrong_path, not_upgrade, bad_version, bad_key, no_subprotocol, not_served).", &["result"]),
+            https_requests: counter(&registry, "roost_https_requests_total", "HTTP requests on port 443 that are not WebSocket upgrades, by route and status (or a head error code).", &["route", "status"]),
             amqp_connections: {
                 let g = IntGauge::new("roost_amqp_connections_current", "AMQP connections open (TLS done).")
                     .expect("static metric");

@@ -736,6 +736,12 @@ async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, spec: ShardListene
             Protocol::Mqtt => {
                 shard.spawn_connection(Queue::PreAuth, conn::serve(shard.clone(), wire, slot));
             }
+            Protocol::Https => {
+                shard.spawn_connection(
+                    Queue::PreAuth,
+                    crate::https::serve(shard.clone(), wire, slot),
+                );
+            }
         }
     }
 }

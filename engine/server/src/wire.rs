@@ -8,6 +8,10 @@
 //! holds the rustls state (keys, sequence numbers) and no record buffers — where the buffered
 //! `rustls::ServerConnection` would keep a 4 KiB deframer buffer per connection.
 //!
+//! A connection upgraded to a WebSocket on port 443 (`https.rs`) keeps the same `Wire` with a
+//! `roost_http::WsSession` inside it: reads hand on the binary stream the frames carry, writes
+//! go out as one binary frame each, and pings are answered on the next read or write.
+//!
 //! What it is not: MQTT. It moves bytes; framing is `roost_mqtt`'s.
 //!
 //! Cancellation: `read` is raced against other wake-ups and may be dropped at any await. Every
@@ -59,6 +63,8 @@ pub struct Wire {
     stream: TcpStream,
     /// Boxed so a plain connection does not carry the (1 KiB) TLS state inline.
     tls: Option<Box<Tls>>,
+    /// The WebSocket framing of an upgraded connection.
+    ws: Option<Box<roost_http::WsSession>>,
 }
 
 struct Tls {
@@ -107,7 +113,11 @@ enum Pumped {
 
 impl Wire {
     pub fn plain(stream: TcpStream) -> Self {
-        Wire { stream, tls: None }
+        Wire {
+            stream,
+            tls: None,
+            ws: None,
+        }
     }
 
     pub fn tls(stream: TcpStream, config: Arc<ServerConfig>) -> Result<Self, WireError> {
@@ -120,7 +130,55 @@ impl Wire {
                 established: false,
                 peer_closed: false,
             })),
+            ws: None,
         })
+    }
+
+    /// From now on the stream is carried in WebSocket frames (after the `101` went out).
+    /// `early` is what the client sent behind its upgrade request; the stream bytes it holds
+    /// are appended to `plain`.
+    pub fn start_websocket(
+        &mut self,
+        mut ws: roost_http::WsSession,
+        early: &[u8],
+        plain: &mut BytesMut,
+    ) -> Result<(), WireError> {
+        ws.handle_bytes(early);
+        self.ws = Some(Box::new(ws));
+        match self.take_ws_data(plain) {
+            true => Err(WireError::Protocol("the WebSocket was closed")),
+            false => Ok(()),
+        }
+    }
+
+    /// Changes the WebSocket frame limit (no-op for a plain stream).
+    pub fn set_ws_max_frame(&mut self, max: usize) {
+        if let Some(ws) = self.ws.as_deref_mut() {
+            ws.set_max_frame(max);
+        }
+    }
+
+    /// Moves the WebSocket's stream bytes to `plain`; true once the WebSocket is closed.
+    fn take_ws_data(&mut self, plain: &mut BytesMut) -> bool {
+        let Some(ws) = self.ws.as_deref_mut() else {
+            return false;
+        };
+        let mut closed = false;
+        while let Some(e) = ws.poll_event() {
+            match e {
+                roost_http::WsEvent::Data(d) => plain.extend_from_slice(&d),
+                roost_http::WsEvent::Closed { .. } => closed = true,
+            }
+        }
+        closed || ws.is_closed()
+    }
+
+    /// Writes what the WebSocket owes the peer (pongs, a close).
+    async fn flush_ws(&mut self) -> Result<(), WireError> {
+        let Some(out) = self.ws.as_deref_mut().and_then(|ws| ws.poll_transmit()) else {
+            return Ok(());
+        };
+        self.write_stream(&out).await
     }
 
     /// Runs the TLS handshake to completion (no-op for plain TCP). Application data that arrived
@@ -155,8 +213,50 @@ impl Wire {
     }
 
     /// Appends at least one byte of plaintext from the peer to `plain`; `Ok(0)` at the end of
-    /// the stream (TCP FIN, or TLS close_notify).
+    /// the stream (TCP FIN, TLS close_notify, or a WebSocket close).
     pub async fn read(&mut self, rx: &RxBuf, plain: &mut BytesMut) -> Result<usize, WireError> {
+        if self.ws.is_none() {
+            return self.read_stream(rx, plain).await;
+        }
+        loop {
+            self.flush_ws().await?;
+            if self.ws.as_deref().is_some_and(|ws| ws.is_closed()) {
+                return Ok(0);
+            }
+            // Received and framed with no await in between: a dropped read loses nothing.
+            let mut raw = BytesMut::new();
+            if self.recv_once(rx, &mut raw).await? == 0 {
+                return Ok(0);
+            }
+            let before = plain.len();
+            if let Some(ws) = self.ws.as_deref_mut() {
+                ws.handle_bytes(&raw);
+            }
+            let closed = self.take_ws_data(plain);
+            if plain.len() > before {
+                return Ok(plain.len() - before);
+            }
+            if closed {
+                let _ = self.flush_ws().await;
+                return Ok(0);
+            }
+        }
+    }
+
+    /// One receive (plain, or TLS decrypted), with nothing awaited after it.
+    async fn recv_once(&mut self, rx: &RxBuf, plain: &mut BytesMut) -> Result<usize, WireError> {
+        if self.tls.is_none() {
+            return Ok(self.recv_plain(rx, plain).await?);
+        }
+        if self.tls.as_deref().is_some_and(|t| t.peer_closed) {
+            return Ok(0);
+        }
+        self.flush_tls().await?;
+        self.recv_tls(rx, plain).await
+    }
+
+    /// [`Self::read`] of the stream itself (plain or TLS).
+    async fn read_stream(&mut self, rx: &RxBuf, plain: &mut BytesMut) -> Result<usize, WireError> {
         if self.tls.is_none() {
             return Ok(self.recv_plain(rx, plain).await?);
         }
@@ -177,8 +277,20 @@ impl Wire {
         }
     }
 
-    /// Writes all of `data` (encrypting it for TLS).
+    /// Writes all of `data` (encrypting it for TLS; one binary frame on a WebSocket).
     pub async fn write_all(&mut self, data: &[u8]) -> Result<(), WireError> {
+        let Some(ws) = self.ws.as_deref_mut() else {
+            return self.write_stream(data).await;
+        };
+        ws.send(data);
+        match ws.poll_transmit() {
+            Some(out) => self.write_stream(&out).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Writes bytes of the stream itself.
+    async fn write_stream(&mut self, data: &[u8]) -> Result<(), WireError> {
         match self.tls.as_deref_mut() {
             None => self.stream.write_all(data).await?,
             Some(tls) => {
@@ -189,8 +301,13 @@ impl Wire {
         Ok(())
     }
 
-    /// Ends the stream: TLS close_notify when the handshake completed, then the TCP shutdown.
+    /// Ends the stream: a WebSocket close, TLS close_notify when the handshake completed, then
+    /// the TCP shutdown.
     pub async fn close(&mut self) -> Result<(), WireError> {
+        if let Some(ws) = self.ws.as_deref_mut() {
+            ws.close(roost_http::CloseCode::Normal);
+            self.flush_ws().await?;
+        }
         if let Some(tls) = self.tls.as_deref_mut() {
             tls.close_notify()?;
             self.flush_tls().await?;

@@ -1,0 +1,187 @@
+//! Port 443 (`https` listener): one TLS listener on every shard that tells its protocols apart
+//! after the handshake by the HTTP request head (issue 11). A WebSocket upgrade on
+//! `/$iothub/websocket` with subprotocol `mqtt` becomes an MQTT connection over the same
+//! `Wire` (the MQTT adapter, `conn.rs`, with the stream carried in WebSocket frames). Still to
+//! come on this port: `AMQPWSB10` upgrades, the HTTPS device API and the service API; until
+//! then they are answered with IoT Hub's error body and closed.
+//!
+//! Bounded like every pre-authentication path: the connection holds its pre-authentication
+//! slot, the TLS handshake has its deadline, and the request head must be whole within 8 KiB
+//! and 10 s.
+
+use std::rc::Rc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use futures_lite::future;
+use roost_http::{head, upgrade, Subprotocol, WsSession};
+use roost_session::{DisconnectReason, PreAuthSlot};
+
+use crate::conn;
+use crate::shard::Shard;
+use crate::wire::Wire;
+
+/// Time for the request head after the TLS handshake.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves one accepted connection on port 443 until it is handed to a protocol adapter or
+/// answered and closed.
+pub async fn serve(shard: Rc<Shard>, mut wire: Wire, pre_auth: PreAuthSlot) {
+    let mut input = BytesMut::new();
+    let handshake = async { Some(wire.handshake(&shard.rx, &mut input).await) };
+    let timeout = async {
+        glommio::timer::Timer::new(conn::HANDSHAKE_TIMEOUT).await;
+        None
+    };
+    let disconnects = &shard.metrics.disconnects;
+    match future::or(handshake, timeout).await {
+        Some(Ok(())) => {}
+        Some(Err(_)) => return disconnects.inc(DisconnectReason::TlsHandshakeFailed.error_code()),
+        None => return disconnects.inc(DisconnectReason::TlsHandshakeTimeout.error_code()),
+    }
+    let head = match read_head(&shard, &mut wire, &mut input).await {
+        Ok(head) => head,
+        Err(Some(e)) => {
+            shard
+                .shared
+                .metrics
+                .https_requests
+                .with_label_values(&["head", e.error_code()])
+                .inc();
+            let body = error_body(e.status(), "BadRequest", &e.to_string());
+            return answer(wire, &body).await;
+        }
+        Err(None) => return disconnects.inc(DisconnectReason::ClosedBeforeConnect.error_code()),
+    };
+    let rest = input.split_off(head.len);
+    if upgrade::is_upgrade(&head) {
+        return websocket(shard, wire, pre_auth, &head, &rest).await;
+    }
+    let route = route_of(head.path());
+    shard
+        .shared
+        .metrics
+        .https_requests
+        .with_label_values(&[route, "404"])
+        .inc();
+    let body = error_body(
+        404,
+        "IotHubNotFound",
+        "this hub does not serve that on port 443 yet (MQTT over WebSockets only)",
+    );
+    answer(wire, &body).await;
+}
+
+/// A bounded label for a request path.
+fn route_of(path: &str) -> &'static str {
+    if path.starts_with("/devices/") {
+        "device"
+    } else if path.starts_with("/$iothub") || path.starts_with("/$servicebus") {
+        "websocket_path"
+    } else {
+        "other"
+    }
+}
+
+/// Reads until the request head is whole: `Err(None)` when the peer left or the time ran out.
+async fn read_head(
+    shard: &Shard,
+    wire: &mut Wire,
+    input: &mut BytesMut,
+) -> Result<head::Head, Option<head::HeadError>> {
+    let deadline = glommio::timer::Timer::new(HEAD_TIMEOUT);
+    let reading = async {
+        loop {
+            if let Some(h) = head::parse(input, head::HeadLimits::default()).map_err(Some)? {
+                return Ok(h);
+            }
+            match wire.read(&shard.rx, input).await {
+                Ok(n) if n > 0 => {}
+                _ => return Err(None),
+            }
+        }
+    };
+    future::or(reading, async {
+        deadline.await;
+        Err(None)
+    })
+    .await
+}
+
+/// Upgrades to a WebSocket and hands the connection to its protocol's adapter.
+async fn websocket(
+    shard: Rc<Shard>,
+    mut wire: Wire,
+    pre_auth: PreAuthSlot,
+    head: &head::Head,
+    early: &[u8],
+) {
+    let upgrades = &shard.shared.metrics.ws_upgrades;
+    let (protocol, key) = match upgrade::accept(head) {
+        Ok(accepted) => accepted,
+        Err(e) => {
+            upgrades.with_label_values(&[e.error_code()]).inc();
+            return answer(wire, &upgrade::refusal(&e)).await;
+        }
+    };
+    if protocol == Subprotocol::Amqp {
+        upgrades.with_label_values(&["not_served"]).inc();
+        let body = error_body(
+            501,
+            "NotImplemented",
+            "AMQP over WebSockets is not served on this port yet; use AMQP on 5671",
+        );
+        return answer(wire, &body).await;
+    }
+    upgrades.with_label_values(&[protocol.label()]).inc();
+    if wire
+        .write_all(&upgrade::response(protocol, &key))
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let mut rbuf = BytesMut::new();
+    let ws = WsSession::new(conn::WS_FRAME_BEFORE_CONNECT);
+    if wire.start_websocket(ws, early, &mut rbuf).is_err() {
+        return shard
+            .metrics
+            .disconnects
+            .inc(DisconnectReason::ClosedBeforeConnect.error_code());
+    }
+    conn::serve_established(shard, wire, pre_auth, rbuf).await;
+}
+
+/// An error answer with IoT Hub's body (`{"Message":"ErrorCode:…;…","ExceptionMessage":""}`),
+/// the connection closed after it.
+fn error_body(status: u16, code: &str, message: &str) -> Vec<u8> {
+    let body = format!(
+        r#"{{"Message":"ErrorCode:{code};{}","ExceptionMessage":""}}"#,
+        message.replace('"', "'")
+    );
+    let reason = match status {
+        400 => "Bad Request",
+        404 => "Not Found",
+        431 => "Request Header Fields Too Large",
+        501 => "Not Implemented",
+        505 => "HTTP Version Not Supported",
+        _ => "Error",
+    };
+    format!(
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+/// Writes `bytes` and closes, within the close timeout.
+async fn answer(mut wire: Wire, bytes: &[u8]) {
+    let send = async {
+        let _ = wire.write_all(bytes).await;
+        let _ = wire.close().await;
+    };
+    let give_up = async {
+        glommio::timer::Timer::new(Duration::from_secs(2)).await;
+    };
+    future::or(send, give_up).await;
+}

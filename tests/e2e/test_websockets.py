@@ -1,0 +1,112 @@
+"""Port 443 (issue 11): the hub's `https` listener tells its protocols apart by the request
+head. The unmodified Python device SDK with `websockets=True` (paho's MQTT over a WebSocket at
+`/$iothub/websocket`, subprotocol `mqtt`) sends telemetry, reads and patches its twin,
+receives desired changes, answers a direct method and receives C2D — through the same MQTT
+adapter and device session as port 8883. Upgrades the hub does not serve are refused with
+their status, and a plain request gets IoT Hub's error body."""
+
+from __future__ import annotations
+
+import json
+import queue
+import socket
+import ssl
+import time
+
+from azure.iot.device import Message, MethodResponse
+from azure.iot.hub.models import Twin, TwinProperties
+
+from conftest import call_with_timeout, unique_id, wait_until
+from test_c2d import send_c2d
+from test_methods import invoke, wait_subscribed
+
+
+def test_the_python_device_sdk_over_websockets(shared_hub):
+    hub = shared_hub
+    device_id = unique_id("ws")
+    client = hub.connected_client(hub.create_device(device_id), websockets=True)
+    assert hub.metric_sum("roost_websocket_upgrades_total", result="mqtt-ws") >= 1
+
+    # Telemetry, acknowledged (QoS 1) and in the log with its properties.
+    m = Message('{"over":"websockets"}', message_id="ws-1", content_encoding="utf-8",
+                content_type="application/json")
+    m.custom_properties["path"] = "443"
+    call_with_timeout(client.send_message, m, what="send over WebSockets")
+    records = [r for r in hub.records()
+               if r["systemProperties"].get("iothub-connection-device-id") == device_id
+               and r["systemProperties"].get("message-id") == "ws-1"]
+    assert len(records) == 1 and records[0]["properties"]["path"] == "443"
+    assert json.loads(records[0]["body"]) == {"over": "websockets"}
+
+    # Twin: read, report, and a desired change pushed.
+    twin = call_with_timeout(client.get_twin, what="get_twin")
+    assert "desired" in twin and "reported" in twin
+    call_with_timeout(client.patch_twin_reported_properties, {"transport": "ws"}, what="report")
+    rm = hub.registry_manager()
+    assert rm.get_twin(device_id).properties.reported["transport"] == "ws"
+    patches: queue.Queue = queue.Queue()
+    client.on_twin_desired_properties_patch_received = patches.put
+    time.sleep(1.0)  # setting the handler subscribes asynchronously
+    rm.update_twin(device_id, Twin(properties=TwinProperties(desired={"rate": 3})), "*")
+    assert patches.get(timeout=10)["rate"] == 3
+
+    # A direct method, answered.
+    def handler(req):
+        client.send_method_response(MethodResponse.create_from_method_request(req, 200, {"via": "ws"}))
+
+    client.on_method_request_received = handler
+    wait_subscribed(hub, rm, device_id)
+    answer = invoke(rm, device_id, "where", None)
+    assert answer.status == 200 and answer.payload == {"via": "ws"}
+
+    # Cloud-to-device, completed by the SDK's PUBACK.
+    got: queue.Queue = queue.Queue()
+    client.on_message_received = got.put
+    time.sleep(1.0)
+    assert send_c2d(hub, device_id, b"to a websocket", {"iothub-messageid": "ws-c2d"}).status_code == 204
+    c2d = got.get(timeout=10)
+    assert c2d.data == b"to a websocket" and c2d.message_id == "ws-c2d"
+    wait_until(lambda: hub.show_device(device_id)["cloudToDeviceMessageCount"] == 0, 10, "completed")
+
+
+def raw_request(hub, request: bytes) -> bytes:
+    ctx = ssl.create_default_context(cafile=hub.ca_path)
+    with socket.create_connection(("127.0.0.1", hub.ports["https"]), timeout=10) as raw:
+        with ctx.wrap_socket(raw, server_hostname=hub.hostname) as s:
+            s.sendall(request)
+            got = b""
+            while True:
+                chunk = s.recv(65536)
+                if not chunk:
+                    return got
+                got += chunk
+
+
+def test_what_port_443_does_not_serve_is_refused_with_its_status(shared_hub):
+    hub = shared_hub
+    upgrade = ("GET {path} HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+               "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: {version}\r\n"
+               "Sec-WebSocket-Protocol: {protocol}\r\n\r\n")
+    cases = [
+        (upgrade.format(path="/$iothub/websocket", version=13, protocol="chat"), b"HTTP/1.1 400 ", b"no subprotocol"),
+        (upgrade.format(path="/$iothub/websocket", version=8, protocol="mqtt"), b"HTTP/1.1 426 ", b"Sec-WebSocket-Version: 13"),
+        (upgrade.format(path="/elsewhere", version=13, protocol="mqtt"), b"HTTP/1.1 404 ", b"no WebSocket"),
+        ("GET /devices/x/messages/deviceBound HTTP/1.1\r\nHost: localhost\r\n\r\n", b"HTTP/1.1 404 ", b"ErrorCode:IotHubNotFound"),
+        ("GET / HTTP/1.1\r\nHost: localhost\r\nX: " + "a" * 9000 + "\r\n\r\n", b"HTTP/1.1 431 ", b"ErrorCode:BadRequest"),
+    ]
+    for request, status, detail in cases:
+        got = raw_request(hub, request.encode())
+        assert got.startswith(status) and detail in got, (request[:60], got[:300])
+    # A good upgrade is answered 101 with the accept key of RFC 6455 and the subprotocol echoed.
+    ctx = ssl.create_default_context(cafile=hub.ca_path)
+    with socket.create_connection(("127.0.0.1", hub.ports["https"]), timeout=10) as raw:
+        with ctx.wrap_socket(raw, server_hostname=hub.hostname) as s:
+            s.sendall(upgrade.format(path="/$iothub/websocket", version=13, protocol="mqtt").encode())
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += s.recv(4096)
+    assert head.startswith(b"HTTP/1.1 101 ")
+    assert b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n" in head
+    assert b"Sec-WebSocket-Protocol: mqtt\r\n" in head
+    assert hub.metric_sum("roost_websocket_upgrades_total", result="no_subprotocol") >= 1
+    assert hub.metric_sum("roost_https_requests_total", route="device", status="404") >= 1
