@@ -123,15 +123,19 @@ def test_node_client_send_and_feedback_receiver(shared_hub):
     assert by_name["Client.send to an unknown device is DeviceNotFoundError"] == "DeviceNotFoundError"
 
 
-def test_node_device_sdk_over_amqp(shared_hub):
-    """The Node device SDK's Amqp transport: telemetry through the same device session as MQTT
-    (in the events log with IoT Hub's properties), C2D complete / reject / abandon, a direct
-    method, the twin, and a module."""
+@pytest.mark.parametrize("transport", ["Amqp", "AmqpWs"])
+def test_node_device_sdk_over_amqp(shared_hub, transport):
+    """The Node device SDK's Amqp transport, and AmqpWs (AMQP in WebSockets on the hub's port
+    443 listener, tunnelled to the same AMQP connection code): telemetry through the same
+    device session as MQTT (in the events log with IoT Hub's properties), C2D complete /
+    reject / abandon, a direct method, the twin, and a module."""
     hub = shared_hub
     device_id = unique_id("nodeamqpdev")
     steps = node_steps(hub, "device_amqp.js",
                        ROOST_DEVICE_ID=device_id,
                        ROOST_AMQP_PORT=str(hub.ports["amqp"]),
+                       ROOST_HTTPS_PORT=str(hub.ports["https"]),
+                       ROOST_TRANSPORT=transport,
                        NODE_EXTRA_CA_CERTS=str(hub.ca_path))
     by_name = {s["step"]: s["detail"] for s in steps}
     assert by_name["a direct method is answered over AMQP"]["payload"] == {"echo": {"n": 3}}
@@ -144,6 +148,8 @@ def test_node_device_sdk_over_amqp(shared_hub):
     (from_module,) = [r for r in records if r["systemProperties"].get("message-id") == "amqp-module-1"]
     assert from_module["systemProperties"]["iothub-connection-module-id"] == "amqpmod"
     assert hub.metric_sum("roost_amqp_links_total", kind="device_telemetry") >= 2
+    if transport == "AmqpWs":
+        assert hub.metric_sum("roost_websocket_upgrades_total", result="amqp-ws") >= 2
 
 
 class RawAmqp:

@@ -110,3 +110,36 @@ def test_what_port_443_does_not_serve_is_refused_with_its_status(shared_hub):
     assert b"Sec-WebSocket-Protocol: mqtt\r\n" in head
     assert hub.metric_sum("roost_websocket_upgrades_total", result="no_subprotocol") >= 1
     assert hub.metric_sum("roost_https_requests_total", route="device", status="404") >= 1
+
+
+def test_the_event_hubs_client_over_websockets(shared_hub):
+    """`azure-eventhub` with `TransportType.AmqpOverWebsocket` (`/$servicebus/websocket`,
+    subprotocol AMQPWSB10) reads the built-in endpoint through port 443."""
+    from azure.eventhub import EventHubConsumerClient, TransportType
+
+    hub = shared_hub
+    device_id = unique_id("wseh")
+    client = hub.connected_client(hub.create_device(device_id))
+    call_with_timeout(client.send_message, Message("over the tunnel", message_id="wseh-1"), what="send")
+    mine = [r for r in hub.records() if r["systemProperties"].get("message-id") == "wseh-1"]
+    partition = str(mine[0]["partition"])
+    consumer = EventHubConsumerClient.from_connection_string(
+        hub.info["eventhubs_connection_string"], consumer_group="$Default",
+        custom_endpoint_address=f"sb://{hub.hostname}:{hub.ports['https']}",
+        transport_type=TransportType.AmqpOverWebsocket, connection_verify=hub.ca_path, retry_total=0)
+    got: list = []
+
+    def on_event(_ctx, event):
+        if event is not None and event.message_id == "wseh-1":
+            got.append(event)
+
+    import threading
+
+    worker = threading.Thread(target=consumer.receive, daemon=True, kwargs=dict(
+        on_event=on_event, partition_id=partition, starting_position="-1"))
+    with consumer:
+        assert consumer.get_partition_ids() == ["0", "1"]
+        worker.start()
+        wait_until(lambda: got, 30, "the event read over WebSockets")
+    assert got[0].body_as_str() == "over the tunnel"
+    assert hub.metric_sum("roost_websocket_upgrades_total", result="amqp-ws") >= 1

@@ -1,9 +1,11 @@
 //! Port 443 (`https` listener): one TLS listener on every shard that tells its protocols apart
 //! after the handshake by the HTTP request head (issue 11). A WebSocket upgrade on
 //! `/$iothub/websocket` with subprotocol `mqtt` becomes an MQTT connection over the same
-//! `Wire` (the MQTT adapter, `conn.rs`, with the stream carried in WebSocket frames). Still to
-//! come on this port: `AMQPWSB10` upgrades, the HTTPS device API and the service API; until
-//! then they are answered with IoT Hub's error body and closed.
+//! `Wire` (the MQTT adapter, `conn.rs`, with the stream carried in WebSocket frames); with
+//! `AMQPWSB10` (on `/$iothub/websocket` or `/$servicebus/websocket`) the stream is tunnelled to
+//! the AMQP listener's thread, where it is an AMQP connection like one on 5671. Still to come
+//! on this port: the HTTPS device API and the service API; until then they are answered with
+//! IoT Hub's error body and closed.
 //!
 //! Bounded like every pre-authentication path: the connection holds its pre-authentication
 //! slot, the TLS handshake has its deadline, and the request head must be whole within 8 KiB
@@ -124,12 +126,13 @@ async fn websocket(
             return answer(wire, &upgrade::refusal(&e)).await;
         }
     };
-    if protocol == Subprotocol::Amqp {
+    let tunnels = shard.shared.amqp_tunnels.clone();
+    if protocol == Subprotocol::Amqp && tunnels.is_none() {
         upgrades.with_label_values(&["not_served"]).inc();
         let body = error_body(
             501,
             "NotImplemented",
-            "AMQP over WebSockets is not served on this port yet; use AMQP on 5671",
+            "this engine runs no AMQP listener (--amqp)",
         );
         return answer(wire, &body).await;
     }
@@ -142,14 +145,82 @@ async fn websocket(
         return;
     }
     let mut rbuf = BytesMut::new();
-    let ws = WsSession::new(conn::WS_FRAME_BEFORE_CONNECT);
+    let max_frame = match protocol {
+        Subprotocol::Mqtt => conn::WS_FRAME_BEFORE_CONNECT,
+        Subprotocol::Amqp => AMQP_WS_FRAME,
+    };
+    let ws = WsSession::new(max_frame);
     if wire.start_websocket(ws, early, &mut rbuf).is_err() {
         return shard
             .metrics
             .disconnects
             .inc(DisconnectReason::ClosedBeforeConnect.error_code());
     }
-    conn::serve_established(shard, wire, pre_auth, rbuf).await;
+    match (protocol, tunnels) {
+        (Subprotocol::Amqp, Some(tunnels)) => tunnel(shard, wire, pre_auth, rbuf, tunnels).await,
+        _ => conn::serve_established(shard, wire, pre_auth, rbuf).await,
+    }
+}
+
+/// The WebSocket frame limit for AMQP: one frame of the listener's AMQP max-frame-size (64 KiB)
+/// with room for a client that writes a few small frames in one message.
+const AMQP_WS_FRAME: usize = 64 * 1024 + 4 * 1024;
+
+/// Hands an AMQP-over-WebSocket connection to the AMQP listener's thread and pumps the stream
+/// both ways until either side ends: the socket, TLS and WebSocket framing stay on this shard,
+/// the AMQP connection (the same as on 5671) runs there.
+async fn tunnel(
+    shard: Rc<Shard>,
+    mut wire: Wire,
+    pre_auth: PreAuthSlot,
+    mut input: BytesMut,
+    tunnels: tokio::sync::mpsc::UnboundedSender<crate::amqp::Tunnel>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let (here, there) = tokio::io::duplex(64 * 1024);
+    let handed = tunnels.send(crate::amqp::Tunnel {
+        stream: there,
+        slot: pre_auth,
+    });
+    if handed.is_err() {
+        return answer(wire, &[]).await;
+    }
+    // One direction never waits on the other: while the peer's bytes wait for room in the
+    // tunnel, what the AMQP side sends is still taken and written out.
+    let (mut from_amqp, mut to_amqp) = tokio::io::split(here);
+    let mut back = vec![0u8; 16 * 1024];
+    loop {
+        enum Turn {
+            In(Result<usize, crate::wire::WireError>),
+            Wrote(std::io::Result<usize>),
+            Out(std::io::Result<usize>),
+        }
+        let turn = {
+            let out = async { Turn::Out(from_amqp.read(&mut back).await) };
+            if input.is_empty() {
+                let peer = async { Turn::In(wire.read(&shard.rx, &mut input).await) };
+                future::or(peer, out).await
+            } else {
+                let write = async { Turn::Wrote(to_amqp.write(&input).await) };
+                future::or(write, out).await
+            }
+        };
+        match turn {
+            Turn::In(Ok(n)) if n > 0 => {}
+            Turn::Wrote(Ok(n)) if n > 0 => {
+                let _ = input.split_to(n);
+            }
+            Turn::Out(Ok(n)) if n > 0 => {
+                if wire.write_all(&back[..n]).await.is_err() {
+                    break;
+                }
+            }
+            _ => break,
+        }
+    }
+    let _ = to_amqp.shutdown().await;
+    let _ = wire.close().await;
 }
 
 /// An error answer with IoT Hub's body (`{"Message":"ErrorCode:…;…","ExceptionMessage":""}`),

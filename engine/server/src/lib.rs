@@ -273,6 +273,7 @@ pub fn run(config: EngineConfig, on_ready: impl FnOnce() + Send + 'static) -> an
         .map(|_| crossbeam::channel::unbounded())
         .unzip();
     let nudges: Vec<nudge::Nudge> = (0..config.cores).map(|_| nudge::Nudge::default()).collect();
+    let (tunnels_tx, tunnels_rx) = tokio::sync::mpsc::unbounded_channel();
     let shared = Arc::new(Shared {
         hostname: config.hostname.clone(),
         registry: state.registry.clone(),
@@ -293,6 +294,7 @@ pub fn run(config: EngineConfig, on_ready: impl FnOnce() + Send + 'static) -> an
             .to_string(),
         shards: config.cores,
         sessions: sessions.clone(),
+        amqp_tunnels: config.amqp.is_some().then_some(tunnels_tx),
     });
 
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
@@ -361,7 +363,12 @@ pub fn run(config: EngineConfig, on_ready: impl FnOnce() + Send + 'static) -> an
             shards: cmd_txs.clone(),
             nudges: shared.nudges.clone(),
         });
-        amqp::start(addr, tls::device_server_config(&certs)?, endpoint)?;
+        amqp::start(
+            addr,
+            tls::device_server_config(&certs)?,
+            endpoint,
+            tunnels_rx,
+        )?;
     }
     start_retention(log.clone(), config.retention, metrics.clone())?;
 

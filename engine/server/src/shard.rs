@@ -113,6 +113,9 @@ pub struct Shared {
     pub shards: usize,
     /// The clients' persistent sessions (CleanSession=0), engine-wide.
     pub sessions: Arc<crate::sessions::Sessions>,
+    /// Where port 443 hands AMQP-over-WebSocket streams to the AMQP listener's thread (none
+    /// without `--amqp`).
+    pub amqp_tunnels: Option<tokio::sync::mpsc::UnboundedSender<crate::amqp::Tunnel>>,
 }
 
 /// A listener as a shard binds it.

@@ -372,6 +372,7 @@ pub(super) fn on_disposition(
     last: u32,
     state: Option<&DeliveryState>,
 ) {
+    tracing::debug!(channel, first, last, ?state, "device disposition");
     let outcome = match state {
         Some(DeliveryState::Rejected(_)) => C2dOutcome::Reject,
         Some(DeliveryState::Released | DeliveryState::Modified { .. }) => C2dOutcome::Abandon,

@@ -60,17 +60,39 @@ pub struct AmqpEndpoint {
 
 pub use eventhubs::Reader;
 
-/// Starts the listener on a thread of its own; returns once it listens.
+/// An AMQP connection that came over a WebSocket on port 443: a shard holds the socket, TLS
+/// and WebSocket framing and pumps the stream through `stream`; it runs here like any other.
+pub struct Tunnel {
+    pub stream: tokio::io::DuplexStream,
+    /// Its place under the caps on unauthenticated connections, until its first put-token.
+    pub slot: roost_session::PreAuthSlot,
+}
+
+/// Starts the listener on a thread of its own; returns once it listens. `tunnels` brings the
+/// AMQP-over-WebSocket connections port 443 accepted.
 pub fn start(
     addr: SocketAddr,
     tls: Arc<rustls::ServerConfig>,
     endpoint: Arc<AmqpEndpoint>,
+    mut tunnels: tokio::sync::mpsc::UnboundedReceiver<Tunnel>,
 ) -> anyhow::Result<()> {
     crate::listen_on_thread("amqp", addr, "AMQP", move |listener| async move {
         let acceptor = tokio_rustls::TlsAcceptor::from(tls);
         loop {
-            let Ok((socket, peer)) = listener.accept().await else {
-                continue;
+            let (socket, peer) = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(a) => a,
+                    Err(_) => continue,
+                },
+                Some(tunnel) = tunnels.recv() => {
+                    let endpoint = endpoint.clone();
+                    tokio::spawn(async move {
+                        endpoint.metrics.amqp_connections.inc();
+                        serve(tunnel.stream, &endpoint, tunnel.slot).await;
+                        endpoint.metrics.amqp_connections.dec();
+                    });
+                    continue;
+                }
             };
             let slot = match endpoint.pre_auth.enter(peer.ip()) {
                 Ok(slot) => slot,
@@ -80,7 +102,7 @@ pub fn start(
                         .amqp_refused
                         .with_label_values(&[reason.error_code()])
                         .inc();
-                    continue; // dropped: closed before TLS
+                    continue;
                 }
             };
             let _ = socket.set_nodelay(true);
