@@ -174,15 +174,20 @@ class RawAmqp:
         """Attaches a sender and waits for the server's credit on it (a FLOW)."""
         flows = self.got.count(b"\x00S\x13")
         self.attach(handle, address)
-        deadline = time.monotonic() + 10
-        while self.got.count(b"\x00S\x13") <= flows:
-            assert time.monotonic() < deadline, f"no credit for {address}; got {self.got[-400:]!r}"
-            self.sock.settimeout(max(0.01, deadline - time.monotonic()))
+        self._until(lambda: self.got.count(b"\x00S\x13") > flows, f"credit for {address}", 10)
+
+    def _until(self, done, what: str, timeout: float) -> None:
+        """Reads until `done()` holds; fails after `timeout` or when the server closes."""
+        deadline = time.monotonic() + timeout
+        while not done():
+            left = deadline - time.monotonic()
+            assert left > 0, f"no {what}; got {self.got[-600:]!r}"
+            self.sock.settimeout(left)
             try:
                 chunk = self.sock.recv(65536)
             except TimeoutError:
                 continue
-            assert chunk, f"closed before credit for {address}; got {self.got[-400:]!r}"
+            assert chunk, f"closed before {what}; got {self.got[-600:]!r}"
             self.got += chunk
 
     def attach(self, handle: int, address: str, receiver: bool = False) -> None:
@@ -206,17 +211,7 @@ class RawAmqp:
                       + section(0x77, token))
 
     def wait_for(self, needle: bytes, timeout: float = 10) -> None:
-        deadline = time.monotonic() + timeout
-        while needle not in self.got:
-            left = deadline - time.monotonic()
-            assert left > 0, f"{needle!r} not seen; got {self.got[-600:]!r}"
-            self.sock.settimeout(left)
-            try:
-                chunk = self.sock.recv(65536)
-            except TimeoutError:
-                continue
-            assert chunk, f"closed before {needle!r}; got {self.got[-600:]!r}"
-            self.got += chunk
+        self._until(lambda: needle in self.got, repr(needle), timeout)
 
     def close(self) -> None:
         self.sock.close()

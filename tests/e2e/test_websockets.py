@@ -143,3 +143,17 @@ def test_the_event_hubs_client_over_websockets(shared_hub):
         wait_until(lambda: got, 30, "the event read over WebSockets")
     assert got[0].body_as_str() == "over the tunnel"
     assert hub.metric_sum("roost_websocket_upgrades_total", result="amqp-ws") >= 1
+
+
+def test_the_node_device_sdk_over_mqtt_websockets(shared_hub):
+    """The Node device SDK's MqttWs transport through port 443: telemetry, twin, method, C2D."""
+    from test_node import node_steps
+
+    hub = shared_hub
+    device_id = unique_id("nodews")
+    node_steps(hub, "device_mqtt_ws.js", ROOST_DEVICE_ID=device_id,
+               ROOST_HTTPS_PORT=str(hub.ports["https"]), ROOST_AMQP_PORT=str(hub.ports["amqp"]),
+               NODE_EXTRA_CA_CERTS=str(hub.ca_path))
+    (record,) = [r for r in hub.records() if r["systemProperties"].get("message-id") == "mqttws-1"]
+    assert record["systemProperties"]["iothub-connection-device-id"] == device_id
+    assert record["properties"]["transport"] == "MqttWs"

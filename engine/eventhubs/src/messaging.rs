@@ -156,16 +156,13 @@ pub fn c2d_from_service(m: &Message) -> Result<(String, C2dMessage), MessagingEr
             properties.push((key.to_string(), value));
         }
     }
-    let text = |s: &Option<roost_amqp::Str>| s.as_ref().map(|s| s.as_str().to_string());
+    let sys = system_text(&p);
     let message = C2dMessage {
-        message_id: id_text(&p.message_id),
-        correlation_id: id_text(&p.correlation_id),
-        user_id: p
-            .user_id
-            .as_ref()
-            .and_then(|b| std::str::from_utf8(b).ok().map(str::to_string)),
-        content_type: text(&p.content_type),
-        content_encoding: text(&p.content_encoding),
+        message_id: sys.message_id,
+        correlation_id: sys.correlation_id,
+        user_id: sys.user_id,
+        content_type: sys.content_type,
+        content_encoding: sys.content_encoding,
         ack,
         expiry_ms: p
             .absolute_expiry_time
@@ -175,6 +172,31 @@ pub fn c2d_from_service(m: &Message) -> Result<(String, C2dMessage), MessagingEr
         body: body_bytes(m)?.to_vec(),
     };
     Ok((device_id, message))
+}
+
+/// The system properties both directions read alike from a properties section: message-id
+/// and correlation-id as text (whatever their AMQP type), user-id as UTF-8, content type and
+/// encoding.
+struct SystemText {
+    message_id: Option<String>,
+    correlation_id: Option<String>,
+    user_id: Option<String>,
+    content_type: Option<String>,
+    content_encoding: Option<String>,
+}
+
+fn system_text(p: &Properties) -> SystemText {
+    let text = |s: &Option<roost_amqp::Str>| s.as_ref().map(|s| s.as_str().to_string());
+    SystemText {
+        message_id: id_text(&p.message_id),
+        correlation_id: id_text(&p.correlation_id),
+        user_id: p
+            .user_id
+            .as_ref()
+            .and_then(|b| std::str::from_utf8(b).ok().map(str::to_string)),
+        content_type: text(&p.content_type),
+        content_encoding: text(&p.content_encoding),
+    }
 }
 
 /// The content type of a feedback message.
@@ -291,17 +313,14 @@ fn iso(ms: i64) -> Option<String> {
 /// a user property.
 pub fn telemetry(m: &Message) -> Result<(PropertyBag, Bytes), MessagingError> {
     let p = m.properties.clone().unwrap_or_default();
-    let text = |s: &Option<roost_amqp::Str>| s.as_ref().map(|s| s.as_str().to_string());
     let annotation = |k: &str| m.annotation(k).and_then(property_text);
+    let sys = system_text(&p);
     let mut system = SystemProps {
-        message_id: id_text(&p.message_id),
-        correlation_id: id_text(&p.correlation_id),
-        user_id: p
-            .user_id
-            .as_ref()
-            .and_then(|b| std::str::from_utf8(b).ok().map(str::to_string)),
-        content_type: text(&p.content_type),
-        content_encoding: text(&p.content_encoding),
+        message_id: sys.message_id,
+        correlation_id: sys.correlation_id,
+        user_id: sys.user_id,
+        content_type: sys.content_type,
+        content_encoding: sys.content_encoding,
         expiry: p.absolute_expiry_time.and_then(iso),
         creation_time: p.creation_time.and_then(iso),
         interface_id: annotation("iothub-interface-id"),

@@ -6,11 +6,10 @@
 // GatewayHostName=localhost:{amqp port} with the hub's CA, the service Client's AMQP URI gets
 // the test port, the REST clients go through the hub's service port.
 'use strict';
-const { Registry, Client } = require('azure-iothub');
 const { Message } = require('azure-iot-common');
 const { Client: DeviceClient, ModuleClient } = require('azure-iot-device');
 const { Amqp, AmqpWs } = require('azure-iot-device-amqp');
-const { env, ca, pointed, run, check, withTimeout } = require('./hub');
+const { env, ca, serviceClients, run, check, until, sleep, withTimeout } = require('./hub');
 
 const cs = env('ROOST_SERVICE_CS');
 const amqpPort = env('ROOST_AMQP_PORT');
@@ -23,26 +22,13 @@ if (overWs) {
   AmqpWs.prototype._getConnectionUri = () => `wss://localhost:${httpsPort}/$iothub/websocket`;
 }
 const id = env('ROOST_DEVICE_ID');
-const host = cs.split(';').find((p) => p.startsWith('HostName=')).slice('HostName='.length);
-const registry = pointed(Registry.fromConnectionString(cs));
-const service = pointed(Client.fromConnectionString(cs));
-service._transport._getConnectionUri = () => `amqps://${host}:${amqpPort}`;
+const { host, registry, service } = serviceClients(cs, amqpPort);
 let device;
 let twin;
 let moduleClient;
 const received = [];
 const desired = [];
 const batches = [];
-
-const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
-
-async function until(what, cond, ms = 20000) {
-  const deadline = Date.now() + ms;
-  while (!cond()) {
-    check(Date.now() < deadline, what);
-    await sleep(100);
-  }
-}
 
 function c2d(messageId, body) {
   const m = new Message(body);

@@ -47,6 +47,31 @@ function check(cond, what) {
   if (!cond) throw new Error(`check failed: ${what}`);
 }
 
+/**
+ * The service clients of connection string `cs`, pointed at the hub: `registry` (REST) and
+ * `service` (its C2D and feedback over AMQP to `amqpPort`, when given; the SDK always dials
+ * 5671), and the hub's host name.
+ */
+function serviceClients(cs, amqpPort) {
+  const { Registry, Client } = require('azure-iothub');
+  const host = cs.split(';').find((p) => p.startsWith('HostName=')).slice('HostName='.length);
+  const registry = pointed(Registry.fromConnectionString(cs));
+  const service = pointed(Client.fromConnectionString(cs));
+  if (amqpPort) service._transport._getConnectionUri = () => `amqps://${host}:${amqpPort}`;
+  return { host, registry, service };
+}
+
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+/** Waits until `cond()` holds, failing with `what` after `ms`. */
+async function until(what, cond, ms = 20000) {
+  const deadline = Date.now() + ms;
+  while (!cond()) {
+    check(Date.now() < deadline, what);
+    await sleep(100);
+  }
+}
+
 function withTimeout(promise, ms, what) {
   return Promise.race([
     promise,
@@ -54,4 +79,4 @@ function withTimeout(promise, ms, what) {
   ]);
 }
 
-module.exports = { env, ca, pointed, run, check, withTimeout };
+module.exports = { env, ca, pointed, serviceClients, run, check, until, sleep, withTimeout };

@@ -5,21 +5,17 @@
 // device is DeviceNotFoundError. Only where the SDK dials is changed: its AMQP URI gets the
 // hub's test port (the SDK always dials 5671); TLS trusts the hub's CA via NODE_EXTRA_CA_CERTS.
 'use strict';
-const { Registry, Client } = require('azure-iothub');
 const errors = require('azure-iothub/dist/common-core/errors');
 const { Message } = require('azure-iot-common');
 const { Client: DeviceClient } = require('azure-iot-device');
 const { Mqtt } = require('azure-iot-device-mqtt');
-const { env, ca, pointed, run, check, withTimeout } = require('./hub');
+const { env, ca, serviceClients, run, check, until, withTimeout } = require('./hub');
 
 const cs = env('ROOST_SERVICE_CS');
 const mqttPort = env('ROOST_MQTT_PORT');
 const amqpPort = env('ROOST_AMQP_PORT');
 const id = env('ROOST_DEVICE_ID');
-const host = cs.split(';').find((p) => p.startsWith('HostName=')).slice('HostName='.length);
-const registry = pointed(Registry.fromConnectionString(cs));
-const service = Client.fromConnectionString(cs);
-service._transport._getConnectionUri = () => `amqps://${host}:${amqpPort}`;
+const { host, registry, service } = serviceClients(cs, amqpPort);
 let device;
 const received = [];
 let feedback;
@@ -54,9 +50,8 @@ run([
     m.contentEncoding = 'utf-8';
     m.properties.add('colour', 'green');
     await withTimeout(service.send(id, m), 20000, 'send');
-    const deadline = Date.now() + 20000;
-    while (received.length === 0 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 100));
-    check(received.length === 1, 'the device received the message');
+    await until('the device received the message', () => received.length > 0);
+    check(received.length === 1, 'the device received the message once');
     const got = received[0];
     check(got.data.toString() === '{"hello":"node"}', `body ${got.data}`);
     check(got.messageId === 'node-c2d-1', `messageId ${got.messageId}`);
@@ -65,15 +60,12 @@ run([
     return { messageId: got.messageId, contentType: got.contentType };
   }],
   ['the feedback receiver gets the Success record', async () => {
-    const deadline = Date.now() + 20000;
-    let mine = [];
-    while (mine.length === 0 && Date.now() < deadline) {
-      mine = batches.flat().filter((r) => r.originalMessageId === 'node-c2d-1');
-      await new Promise((r) => setTimeout(r, 100));
-    }
-    check(mine.length === 1, `a feedback record for the message, batches: ${JSON.stringify(batches)}`);
-    check(mine[0].statusCode === 'Success' && mine[0].deviceId === id, JSON.stringify(mine[0]));
-    return mine[0].statusCode;
+    const mine = () => batches.flat().filter((r) => r.originalMessageId === 'node-c2d-1');
+    await until(`a feedback record for the message, batches: ${JSON.stringify(batches)}`, () => mine().length > 0);
+    check(mine().length === 1, `one feedback record, batches: ${JSON.stringify(batches)}`);
+    const [record] = mine();
+    check(record.statusCode === 'Success' && record.deviceId === id, JSON.stringify(record));
+    return record.statusCode;
   }],
   ['Client.send to an unknown device is DeviceNotFoundError', async () => {
     try {

@@ -355,27 +355,24 @@ fn handle_events(s: &mut Session, endpoint: &AmqpEndpoint) -> bool {
                     s.conn.grant(link, REQUEST_CREDIT);
                 }
                 let request = Message::read(&payload);
+                let node = s.links.get(&link);
+                if request.is_ok() && matches!(node, Some(Link::CbsIn | Link::ManagementIn)) {
+                    // A request is settled as taken; its answer goes on the reply link.
+                    s.conn.disposition(
+                        link.channel,
+                        delivery_id,
+                        delivery_id,
+                        true,
+                        DeliveryState::Accepted,
+                    );
+                }
                 match (s.links.get(&link), request) {
                     (Some(Link::CbsIn), Ok(m)) => {
-                        s.conn.disposition(
-                            link.channel,
-                            delivery_id,
-                            delivery_id,
-                            true,
-                            DeliveryState::Accepted,
-                        );
                         if let Some(answer) = put_token(s, endpoint, &m) {
                             s.replies.push((true, answer));
                         }
                     }
                     (Some(Link::ManagementIn), Ok(m)) => {
-                        s.conn.disposition(
-                            link.channel,
-                            delivery_id,
-                            delivery_id,
-                            true,
-                            DeliveryState::Accepted,
-                        );
                         let answer = eventhubs::manage(s, endpoint, &m);
                         s.replies.push((false, answer));
                     }
