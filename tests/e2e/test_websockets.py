@@ -1,5 +1,6 @@
 """Port 443 (issue 11): the hub's `https` listener tells its protocols apart by the request
-head. The unmodified Python device SDK with `websockets=True` (paho's MQTT over a WebSocket at
+head. The HTTPS device API's telemetry (single messages and batches, kept-alive connections,
+every error path) is driven with raw requests. The unmodified Python device SDK with `websockets=True` (paho's MQTT over a WebSocket at
 `/$iothub/websocket`, subprotocol `mqtt`) sends telemetry, reads and patches its twin,
 receives desired changes, answers a direct method and receives C2D — through the same MQTT
 adapter and device session as port 8883. Upgrades the hub does not serve are refused with
@@ -91,7 +92,8 @@ def test_what_port_443_does_not_serve_is_refused_with_its_status(shared_hub):
         (upgrade.format(path="/$iothub/websocket", version=13, protocol="chat"), b"HTTP/1.1 400 ", b"no subprotocol"),
         (upgrade.format(path="/$iothub/websocket", version=8, protocol="mqtt"), b"HTTP/1.1 426 ", b"Sec-WebSocket-Version: 13"),
         (upgrade.format(path="/elsewhere", version=13, protocol="mqtt"), b"HTTP/1.1 404 ", b"no WebSocket"),
-        ("GET /devices/x/messages/deviceBound HTTP/1.1\r\nHost: localhost\r\n\r\n", b"HTTP/1.1 404 ", b"ErrorCode:IotHubNotFound"),
+        ("GET /devices/x/messages/deviceBound HTTP/1.1\r\nHost: localhost\r\n\r\n", b"HTTP/1.1 501 ", b"ErrorCode:NotImplemented"),
+        ("GET /twins/x HTTP/1.1\r\nHost: localhost\r\n\r\n", b"HTTP/1.1 404 ", b"ErrorCode:IotHubNotFound"),
         ("GET / HTTP/1.1\r\nHost: localhost\r\nX: " + "a" * 9000 + "\r\n\r\n", b"HTTP/1.1 431 ", b"ErrorCode:BadRequest"),
     ]
     for request, status, detail in cases:
@@ -109,7 +111,7 @@ def test_what_port_443_does_not_serve_is_refused_with_its_status(shared_hub):
     assert b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n" in head
     assert b"Sec-WebSocket-Protocol: mqtt\r\n" in head
     assert hub.metric_sum("roost_websocket_upgrades_total", result="no_subprotocol") >= 1
-    assert hub.metric_sum("roost_https_requests_total", route="device", status="404") >= 1
+    assert hub.metric_sum("roost_https_requests_total", route="device", status="501") >= 1
 
 
 def test_the_event_hubs_client_over_websockets(shared_hub):
@@ -157,3 +159,83 @@ def test_the_node_device_sdk_over_mqtt_websockets(shared_hub):
     (record,) = [r for r in hub.records() if r["systemProperties"].get("message-id") == "mqttws-1"]
     assert record["systemProperties"]["iothub-connection-device-id"] == device_id
     assert record["properties"]["transport"] == "MqttWs"
+
+
+def https(hub):
+    import http.client
+
+    ctx = ssl.create_default_context(cafile=hub.ca_path)
+    conn = http.client.HTTPSConnection("127.0.0.1", hub.ports["https"], context=ctx, timeout=10)
+    conn._context.check_hostname = False  # the certificate names the hub's host, not 127.0.0.1
+    return conn
+
+
+def test_the_https_device_api_takes_telemetry(shared_hub):
+    import base64
+
+    from conftest import device_sas_token, parse_connection_string
+
+    hub = shared_hub
+    device_id = unique_id("http")
+    key = parse_connection_string(hub.create_device(device_id))["SharedAccessKey"]
+    token = device_sas_token(hub.hostname, device_id, key)
+    path = f"/devices/{device_id}/messages/events?api-version=2021-04-12"
+    conn = https(hub)
+    # One message, its properties in headers; then a batch on the same (kept-alive) connection.
+    deadline = time.monotonic() + 10
+    while True:  # a device just created reaches the engine's registry replica asynchronously
+        conn.request("POST", path, body=b'{"t":1}', headers={
+            "Authorization": token, "iothub-messageid": "http-1", "iothub-app-level": "warn",
+            "iothub-contenttype": "application/json", "iothub-contentencoding": "utf-8"})
+        r = conn.getresponse()
+        r.read()
+        if r.status != 401 or time.monotonic() > deadline:
+            break
+        conn = https(hub)
+        time.sleep(0.2)
+    assert r.status == 204, r.status
+    batch = json.dumps([
+        {"body": base64.b64encode(b"first").decode(), "properties": {"iothub-app-n": "1", "iothub-messageid": "http-b1"}},
+        {"body": "second", "base64Encoded": False, "properties": {"iothub-messageid": "http-b2"}},
+    ])
+    conn.request("POST", path, body=batch, headers={
+        "Authorization": token, "Content-Type": "application/vnd.microsoft.iothub.json"})
+    r = conn.getresponse()
+    r.read()
+    assert r.status == 204
+    conn.close()
+    records = {r["systemProperties"].get("message-id"): r for r in hub.records()
+               if r["systemProperties"].get("iothub-connection-device-id") == device_id}
+    assert json.loads(records["http-1"]["body"]) == {"t": 1}
+    assert records["http-1"]["properties"]["level"] == "warn"
+    assert records["http-1"]["systemProperties"]["content-type"] == "application/json"
+    assert records["http-b1"]["body"] == "first" and records["http-b1"]["properties"]["n"] == "1"
+    assert records["http-b2"]["body"] == "second"
+    hub.wait_metric("roost_messages_in_total", lambda v: v >= 3, "HTTPS telemetry counted", protocol="https")
+
+    def status_of(method, target, headers, body=None):
+        c = https(hub)
+        c.request(method, target, body=body, headers=headers)
+        resp = c.getresponse()
+        text = resp.read()
+        c.close()
+        return resp.status, resp.getheader("iothub-errorcode"), text
+
+    # Every error path, with IoT Hub's error code.
+    assert status_of("POST", path, {})[:2] == (401, "IotHubUnauthorizedAccess")
+    other = unique_id("httpx")
+    assert status_of("POST", f"/devices/{other}/messages/events", {"Authorization": token})[:2] == \
+        (401, "IotHubUnauthorizedAccess"), "another device's path with this token"
+    bad = token.replace("sig=", "sig=AAAA")
+    assert status_of("POST", path, {"Authorization": bad})[0] == 401
+    assert status_of("POST", path, {"Authorization": token}, b"x" * (400 * 1024))[:2] == (413, "RequestEntityTooLarge")
+    assert status_of("GET", path, {"Authorization": token})[:2] == (405, "MethodNotAllowed")
+    assert status_of("POST", path, {"Authorization": token, "Content-Type": "application/vnd.microsoft.iothub.json"},
+                     b"not json")[:2] == (400, "ArgumentInvalid")
+    assert status_of("GET", "/nothing/here", {})[:2] == (404, "IotHubNotFound")
+    # A refused request's body is never waited for: 401 comes before any of it is sent.
+    ctx = ssl.create_default_context(cafile=hub.ca_path)
+    with socket.create_connection(("127.0.0.1", hub.ports["https"]), timeout=10) as raw:
+        with ctx.wrap_socket(raw, server_hostname=hub.hostname) as s:
+            s.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n".encode())
+            assert s.recv(4096).startswith(b"HTTP/1.1 401 ")

@@ -7,6 +7,7 @@
 
 use bytes::Bytes;
 use roost_amqp::{Body, Message, Properties, Value};
+use roost_iothub::encoding::percent_decode;
 use roost_iothub::props::{PropertyBag, SystemProps};
 use roost_model::link::C2dMessage;
 
@@ -105,26 +106,6 @@ pub fn body_bytes(m: &Message) -> Result<Bytes, MessagingError> {
         Body::Value(Value::Binary(b)) => Ok(b.clone()),
         _ => Err(MessagingError::BadBody),
     }
-}
-
-/// Percent-decoding of a path segment (Node's `encodeURIComponent` device ids).
-fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = |b: u8| (b as char).to_digit(16);
-        if bytes[i] == b'%' && i + 2 < bytes.len() {
-            if let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
-                out.push((h * 16 + l) as u8);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8(out).unwrap_or_else(|_| s.to_string())
 }
 
 /// A service's cloud-to-device message (spec §4.1): the device from `to`

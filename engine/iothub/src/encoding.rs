@@ -19,6 +19,12 @@ pub(crate) fn encode(s: &str) -> String {
     utf8_percent_encode(s, ESCAPE).to_string()
 }
 
+/// Percent-decodes a path segment (an id the SDKs URL-encode into a path or address); bytes
+/// that do not decode as UTF-8 leave `s` as written.
+pub fn percent_decode(s: &str) -> String {
+    decode(s).map_or_else(|_| s.to_string(), |d| d.into_owned())
+}
+
 /// Percent-decodes `s`. `+` stays `+`: no SDK writes a space as `+`, and base64 signatures
 /// contain literal `+` when a client leaves them unescaped. A `%` not followed by two hex digits
 /// is kept as written, as IoT Hub's own .NET decoder does.

@@ -19,7 +19,7 @@
 //! - [`props`]: the URL-encoded property bag carried in telemetry and C2D topics (spec §2.5).
 
 pub mod connstr;
-mod encoding;
+pub mod encoding;
 pub mod props;
 pub mod sas;
 pub mod time;

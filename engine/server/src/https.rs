@@ -3,9 +3,9 @@
 //! `/$iothub/websocket` with subprotocol `mqtt` becomes an MQTT connection over the same
 //! `Wire` (the MQTT adapter, `conn.rs`, with the stream carried in WebSocket frames); with
 //! `AMQPWSB10` (on `/$iothub/websocket` or `/$servicebus/websocket`) the stream is tunnelled to
-//! the AMQP listener's thread, where it is an AMQP connection like one on 5671. Still to come
-//! on this port: the HTTPS device API and the service API; until then they are answered with
-//! IoT Hub's error body and closed.
+//! the AMQP listener's thread, where it is an AMQP connection like one on 5671. Plain requests
+//! are the HTTPS device API (`https_device.rs`: telemetry; C2D over HTTPS still answers 501),
+//! on kept-alive connections. Still to come on this port: the service API.
 //!
 //! Bounded like every pre-authentication path: the connection holds its pre-authentication
 //! slot, the TLS handshake has its deadline, and the request head must be whole within 8 KiB
@@ -59,19 +59,158 @@ pub async fn serve(shard: Rc<Shard>, mut wire: Wire, pre_auth: PreAuthSlot) {
     if upgrade::is_upgrade(&head) {
         return websocket(shard, wire, pre_auth, &head, &rest).await;
     }
-    let route = route_of(head.path());
-    shard
-        .shared
-        .metrics
-        .https_requests
-        .with_label_values(&[route, "404"])
-        .inc();
-    let body = error_body(
-        404,
-        "IotHubNotFound",
-        "this hub does not serve that on port 443 yet (MQTT over WebSockets only)",
-    );
-    answer(wire, &body).await;
+    requests(shard, wire, pre_auth, head, rest).await;
+}
+
+/// How long a kept-alive connection may sit between requests, and a body may take to arrive.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Serves plain HTTP requests on a kept-alive connection: the HTTPS device API's telemetry
+/// (`https_device.rs`); C2D over HTTPS answers 501 until it is served, anything else 404. The
+/// token is checked from the headers before a body is read: a refused request is answered and
+/// the connection closed with nothing of its body held.
+async fn requests(
+    shard: Rc<Shard>,
+    mut wire: Wire,
+    mut pre_auth: PreAuthSlot,
+    mut head: head::Head,
+    mut input: BytesMut,
+) {
+    use crate::https_device::{self, Route};
+    loop {
+        let route = https_device::route(head.path());
+        let label = route_of(head.path());
+        let mut keep = !head.has_token("connection", "close");
+        let answer = match (&route, head.method.as_str()) {
+            (
+                Route::Events {
+                    device_id,
+                    module_id,
+                },
+                "POST",
+            ) => match https_device::authenticate(&shard, &head, device_id, module_id.as_deref()) {
+                Err(refused) => {
+                    keep = false;
+                    refused
+                }
+                Ok(identity) => {
+                    pre_auth.release();
+                    match read_body(&shard, &mut wire, &head, &mut input).await {
+                        Ok(body) => https_device::telemetry(&shard, &head, &identity, body).await,
+                        Err(answer) => {
+                            keep = false;
+                            answer
+                        }
+                    }
+                }
+            },
+            (Route::Events { .. }, _) => {
+                keep = false;
+                https_device::Answer::err(405, "MethodNotAllowed", "telemetry is a POST")
+            }
+            (Route::DeviceBound, _) => {
+                keep = false;
+                https_device::Answer::err(
+                    501,
+                    "NotImplemented",
+                    "cloud-to-device over HTTPS is not served yet; use MQTT or AMQP",
+                )
+            }
+            (Route::Other, _) => {
+                keep = false;
+                https_device::Answer::err(
+                    404,
+                    "IotHubNotFound",
+                    "this hub serves the device API and WebSockets on port 443; the service API is on its own port",
+                )
+            }
+        };
+        shard
+            .shared
+            .metrics
+            .https_requests
+            .with_label_values(&[label, &answer.status.to_string()])
+            .inc();
+        let bytes = match &answer.error {
+            None => format!(
+                "HTTP/1.1 {} No Content\r\nContent-Length: 0\r\n\r\n",
+                answer.status
+            )
+            .into_bytes(),
+            Some((code, message)) => error_body(answer.status, code, message),
+        };
+        if !keep {
+            return self::answer(wire, &bytes).await;
+        }
+        if wire.write_all(&bytes).await.is_err() {
+            return;
+        }
+        // The next request on the connection, within the idle timeout.
+        let next = async { read_head(&shard, &mut wire, &mut input).await };
+        let idle = async {
+            glommio::timer::Timer::new(IDLE_TIMEOUT).await;
+            Err(None)
+        };
+        head = match future::or(next, idle).await {
+            Ok(h) => h,
+            Err(Some(e)) => {
+                let body = error_body(e.status(), "BadRequest", &e.to_string());
+                return self::answer(wire, &body).await;
+            }
+            Err(None) => return self::answer(wire, &[]).await,
+        };
+        input = input.split_off(head.len);
+    }
+}
+
+/// Reads a request's body (`Content-Length` bytes, at most [`https_device::MAX_BODY`]), with
+/// what came behind the head first.
+async fn read_body(
+    shard: &Shard,
+    wire: &mut Wire,
+    head: &head::Head,
+    input: &mut BytesMut,
+) -> Result<bytes::Bytes, crate::https_device::Answer> {
+    use crate::https_device::{Answer, MAX_BODY};
+    let len = match head.content_length() {
+        Ok(Some(n)) => n,
+        Ok(None) => {
+            return Err(Answer::err(
+                411,
+                "LengthRequired",
+                "a body needs Content-Length",
+            ))
+        }
+        Err(e) => return Err(Answer::err(400, "ArgumentInvalid", e.to_string())),
+    };
+    if len > MAX_BODY {
+        return Err(Answer::err(
+            413,
+            "RequestEntityTooLarge",
+            format!("the body is over {MAX_BODY} bytes"),
+        ));
+    }
+    let reading = async {
+        while input.len() < len {
+            match wire.read(&shard.rx, input).await {
+                Ok(n) if n > 0 => {}
+                _ => return false,
+            }
+        }
+        true
+    };
+    let late = async {
+        glommio::timer::Timer::new(IDLE_TIMEOUT).await;
+        false
+    };
+    if !future::or(reading, late).await {
+        return Err(Answer::err(
+            408,
+            "RequestTimeout",
+            "the body did not arrive",
+        ));
+    }
+    Ok(input.split_to(len).freeze())
 }
 
 /// A bounded label for a request path.
@@ -232,14 +371,21 @@ fn error_body(status: u16, code: &str, message: &str) -> Vec<u8> {
     );
     let reason = match status {
         400 => "Bad Request",
+        401 => "Unauthorized",
         404 => "Not Found",
+        405 => "Method Not Allowed",
+        408 => "Request Timeout",
+        411 => "Length Required",
+        413 => "Payload Too Large",
+        429 => "Too Many Requests",
+        503 => "Service Unavailable",
         431 => "Request Header Fields Too Large",
         501 => "Not Implemented",
         505 => "HTTP Version Not Supported",
         _ => "Error",
     };
     format!(
-        "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json; charset=utf-8\r\niothub-errorcode: {code}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     )
     .into_bytes()

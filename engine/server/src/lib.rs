@@ -25,6 +25,7 @@ mod amqp;
 mod bridge;
 mod conn;
 mod https;
+mod https_device;
 pub mod link;
 pub mod listeners;
 pub mod log;

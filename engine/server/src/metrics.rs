@@ -370,6 +370,8 @@ impl Metrics {
             connections_accepted: self.connections_accepted.with_label_values(&[&s]).local(),
             messages_in: self.messages_in.with_label_values(&[&s, "mqtt"]).local(),
             bytes_in: self.bytes_in.with_label_values(&[&s, "mqtt"]).local(),
+            https_messages_in: self.messages_in.with_label_values(&[&s, "https"]).local(),
+            https_bytes_in: self.bytes_in.with_label_values(&[&s, "https"]).local(),
             log_appends: self.log_appends.with_label_values(&[&s]).local(),
             log_commits: self.log_commits.with_label_values(&[&s]).local(),
             log_write_failures: self.log_write_failures.with_label_values(&[&s]).local(),
@@ -398,6 +400,9 @@ pub struct ShardMetrics {
     pub connections_accepted: LocalIntCounter,
     pub messages_in: LocalIntCounter,
     pub bytes_in: LocalIntCounter,
+    /// The HTTPS device API's telemetry (port 443).
+    pub https_messages_in: LocalIntCounter,
+    pub https_bytes_in: LocalIntCounter,
     pub log_appends: LocalIntCounter,
     pub log_commits: LocalIntCounter,
     pub log_write_failures: LocalIntCounter,
@@ -421,6 +426,8 @@ impl ShardMetrics {
         self.connections_accepted.flush();
         self.messages_in.flush();
         self.bytes_in.flush();
+        self.https_messages_in.flush();
+        self.https_bytes_in.flush();
         self.log_appends.flush();
         self.log_commits.flush();
         self.log_write_failures.flush();
