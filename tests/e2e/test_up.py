@@ -8,6 +8,7 @@ import signal
 import stat
 from pathlib import Path
 
+import pytest
 import requests
 from azure.iot.device import Message
 
@@ -67,7 +68,7 @@ def test_roost_up(roost_binary, tmp_path, request):
     log = tmp_path / "up.log"
     cli_log = tmp_path / "cli.log"
     register_logs(request.node, [("up", log), ("cli", cli_log)])
-    ports = {name: free_port() for name in ("mqtt", "service", "ops", "control_ops", "link", "amqp")}
+    ports = {name: free_port() for name in ("mqtt", "service", "ops", "control_ops", "link", "amqp", "https")}
     up = spawn(roost_binary, [
         "up", "--data-dir", str(data), "--hostname", "localhost",
         "--mqtt", f"127.0.0.1:{ports['mqtt']}",
@@ -76,6 +77,7 @@ def test_roost_up(roost_binary, tmp_path, request):
         "--control-ops", f"127.0.0.1:{ports['control_ops']}",
         "--link", f"127.0.0.1:{ports['link']}",
         "--amqp", f"127.0.0.1:{ports['amqp']}",
+        "--https", f"127.0.0.1:{ports['https']}",
         "--cores", "2",
     ], log)
     children: list[int] = []
@@ -96,6 +98,7 @@ def test_roost_up(roost_binary, tmp_path, request):
         info = wait_until(hub_json, READY_TIMEOUT, "hub.json with the custom ports")
         assert info["hostname"] == "localhost"
         assert info["ports"]["ops"] == ports["ops"]
+        assert info["ports"]["https"] == ports["https"]
         assert info["service_url"].endswith(f":{ports['service']}")
         assert info["ops_url"].endswith(f":{ports['ops']}")
         assert Path(info["ca"]).is_absolute() and Path(info["ca"]).is_file()
@@ -168,3 +171,43 @@ def test_roost_up(roost_binary, tmp_path, request):
                     os.kill(c, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
+
+
+def test_a_port_it_may_not_bind_is_named_with_the_flag_to_choose_another(roost_binary):
+    """Binding IoT Hub's port 443 needs root or CAP_NET_BIND_SERVICE: without them `roost up`
+    does not start, and the engine's error names the flag that picks another port. Run as an
+    unprivileged user when the tests run as root (setpriv: user nobody, no capabilities)."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    if os.geteuid() == 0:
+        if shutil.which("setpriv") is None:
+            pytest.fail("setpriv (util-linux) is needed to run this as an unprivileged user", pytrace=False)
+        prefix = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all",
+                  "--bounding-set=-all"]
+    else:
+        prefix = []
+    work = Path(tempfile.mkdtemp(prefix="roost-443-", dir="/tmp"))
+    try:
+        os.chmod(work, 0o777)
+        # The unprivileged user may not reach the build's directory: run a link of the binary
+        # (a copy across file systems) from the work directory; `up` starts its children from it.
+        binary = work / "roost"
+        try:
+            os.link(roost_binary, binary)
+        except OSError:
+            shutil.copy2(roost_binary, binary)
+        ports = {name: free_port() for name in ("mqtt", "service", "ops", "control_ops", "link", "amqp")}
+        cp = subprocess.run([
+            *prefix, str(binary), "up", "--data-dir", str(work / "data"), "--hostname", "localhost",
+            "--mqtt", f"127.0.0.1:{ports['mqtt']}", "--https", "127.0.0.1:443",
+            "--service", f"127.0.0.1:{ports['service']}", "--ops", f"127.0.0.1:{ports['ops']}",
+            "--control-ops", f"127.0.0.1:{ports['control_ops']}", "--link", f"127.0.0.1:{ports['link']}",
+            "--amqp", f"127.0.0.1:{ports['amqp']}", "--cores", "1",
+        ], capture_output=True, text=True, timeout=120)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    out = cp.stdout + cp.stderr
+    assert cp.returncode != 0, out[-2000:]
+    assert "cannot listen on 127.0.0.1:443 (https)" in out and "choose another with --https ADDR" in out, out[-2000:]

@@ -228,14 +228,17 @@ def test_the_https_device_api_takes_telemetry(shared_hub):
         (401, "IotHubUnauthorizedAccess"), "another device's path with this token"
     bad = token.replace("sig=", "sig=AAAA")
     assert status_of("POST", path, {"Authorization": bad})[0] == 401
-    assert status_of("POST", path, {"Authorization": token}, b"x" * (400 * 1024))[:2] == (413, "RequestEntityTooLarge")
     assert status_of("GET", path, {"Authorization": token})[:2] == (405, "MethodNotAllowed")
     assert status_of("POST", path, {"Authorization": token, "Content-Type": "application/vnd.microsoft.iothub.json"},
                      b"not json")[:2] == (400, "ArgumentInvalid")
     assert status_of("GET", "/nothing/here", {})[:2] == (404, "IotHubNotFound")
-    # A refused request's body is never waited for: 401 comes before any of it is sent.
+    # Refused from the head, before any of the body is sent: a bad token (401), and a body
+    # announced over the limit (413).
     ctx = ssl.create_default_context(cafile=hub.ca_path)
-    with socket.create_connection(("127.0.0.1", hub.ports["https"]), timeout=10) as raw:
-        with ctx.wrap_socket(raw, server_hostname=hub.hostname) as s:
-            s.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n".encode())
-            assert s.recv(4096).startswith(b"HTTP/1.1 401 ")
+    for auth, status in (("SharedAccessSignature sr=x&sig=y&se=1", b"HTTP/1.1 401 "), (token, b"HTTP/1.1 413 ")):
+        with socket.create_connection(("127.0.0.1", hub.ports["https"]), timeout=10) as raw:
+            with ctx.wrap_socket(raw, server_hostname=hub.hostname) as s:
+                s.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: {auth}\r\n"
+                          f"Content-Length: 1000000\r\n\r\n".encode())
+                answer = s.recv(4096)
+                assert answer.startswith(status), answer[:200]

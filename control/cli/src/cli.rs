@@ -147,7 +147,9 @@ pub enum DurabilityArg {
 #[derive(Args, Clone)]
 pub struct ListenArgs {
     /// A device listener, PROTOCOL[+tls]=ADDRESS; repeat for more. Without any (and without
-    /// --mqtt) the engine listens on mqtt+tls=0.0.0.0:8883, IoT Hub's MQTT port.
+    /// --mqtt) the engine listens on mqtt+tls=0.0.0.0:8883, IoT Hub's MQTT port, and with no
+    /// listener option at all also on https+tls=0.0.0.0:443 (binding 443 needs root or
+    /// CAP_NET_BIND_SERVICE; give --https ADDR for another port).
     #[arg(long = "listen", value_name = "SPEC")]
     pub listen: Vec<ListenerSpec>,
     /// Shorthand for --listen mqtt+tls=ADDR.
@@ -156,7 +158,8 @@ pub struct ListenArgs {
     /// Shorthand for --listen mqtt=ADDR: plain (unencrypted) MQTT, for benchmarks only.
     #[arg(long, value_name = "ADDR")]
     pub plain_mqtt: Option<SocketAddr>,
-    /// Shorthand for --listen https+tls=ADDR: IoT Hub's port 443 (MQTT over WebSockets today).
+    /// Shorthand for --listen https+tls=ADDR: IoT Hub's port 443 (MQTT and AMQP over
+    /// WebSockets, the HTTPS device API).
     #[arg(long, value_name = "ADDR")]
     pub https: Option<SocketAddr>,
 }
@@ -276,11 +279,20 @@ impl ListenArgs {
         if let Some(addr) = self.https {
             specs.push(ListenerSpec::new(Protocol::Https, addr, true));
         }
+        let nothing_asked = specs.is_empty();
         if self.listen.is_empty() && self.mqtt.is_none() {
             specs.insert(
                 0,
                 ListenerSpec::new(Protocol::Mqtt, SocketAddr::from(([0, 0, 0, 0], 8883)), true),
             );
+        }
+        // With no listener asked for, IoT Hub's ports: 8883, and 443 (WebSockets, HTTPS).
+        if nothing_asked {
+            specs.push(ListenerSpec::new(
+                Protocol::Https,
+                SocketAddr::from(([0, 0, 0, 0], 443)),
+                true,
+            ));
         }
         specs
     }

@@ -609,8 +609,21 @@ pub async fn run(
         let listener = match TcpListener::bind(l.addr) {
             Ok(listener) => listener,
             Err(e) => {
+                // A port below 1024 (IoT Hub's 443) without the right to bind it: say how to
+                // choose another.
+                let e = std::io::Error::from(e);
+                let hint = match (e.kind(), l.addr.port()) {
+                    (std::io::ErrorKind::PermissionDenied, p) if p < 1024 => format!(
+                        "; port {p} needs root or CAP_NET_BIND_SERVICE: choose another with {}",
+                        match l.protocol {
+                            Protocol::Https => "--https ADDR",
+                            Protocol::Mqtt => "--mqtt ADDR",
+                        }
+                    ),
+                    _ => String::new(),
+                };
                 let _ = ready.send(Err(format!(
-                    "shard {id}: cannot listen on {} ({}): {e}",
+                    "shard {id}: cannot listen on {} ({}): {e}{hint}",
                     l.addr,
                     l.protocol.name()
                 )));
