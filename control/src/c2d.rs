@@ -33,6 +33,8 @@ pub const MAX_BODY: usize = 64 * 1024;
 /// A message's time to live when the sender sets none, and the longest it may set.
 pub const DEFAULT_TTL_MS: u64 = 3600 * 1000;
 pub const MAX_TTL_MS: u64 = 2 * 24 * 3600 * 1000;
+/// How long an HTTPS receive holds a message (IoT Hub's lock).
+pub const HTTP_LOCK_MS: u64 = 60_000;
 /// Times a message is sent before abandoning it once more dead-letters it (IoT Hub's default
 /// max delivery count).
 pub const MAX_DELIVERIES: u32 = 10;
@@ -131,6 +133,9 @@ pub struct Queued {
     pub body: String,
     /// Times it was sent to a connection of the device.
     pub deliveries: u32,
+    /// Taken by an HTTPS receive until then (Unix ms; IoT Hub's one-minute lock).
+    #[serde(default)]
+    pub http_lock_until_ms: Option<u64>,
 }
 
 impl Queued {
@@ -312,6 +317,7 @@ impl C2d {
             properties: message.properties,
             body: base64::engine::general_purpose::STANDARD.encode(&message.body),
             deliveries: 0,
+            http_lock_until_ms: None,
         };
         self.write(&queued)?;
         self.metrics.c2d.with_label_values(&["queued"]).inc();
@@ -428,6 +434,50 @@ impl C2d {
         }
     }
 
+    /// An HTTPS receive (`GET /devices/{id}/messages/deviceBound`): the oldest message not
+    /// expired and not locked by an earlier receive, locked for [`HTTP_LOCK_MS`] and counted as
+    /// a delivery; its lock token is its lock.
+    pub fn receive_locked(&self, device_id: &str) -> Result<Option<Queued>, StoreError> {
+        let _guard = locked(&self.queue_lock);
+        let now = now_ms();
+        for mut q in self.pending(device_id)? {
+            if q.expiry_ms <= now || q.http_lock_until_ms.is_some_and(|t| t > now) {
+                continue;
+            }
+            q.http_lock_until_ms = Some(now + HTTP_LOCK_MS);
+            q.deliveries += 1;
+            self.write(&q)?;
+            self.metrics.c2d.with_label_values(&["delivered"]).inc();
+            return Ok(Some(q));
+        }
+        Ok(None)
+    }
+
+    /// An HTTPS settlement of the message locked as `lock`: `false` when no message holds that
+    /// lock now (settled already, or its lock expired: 412002).
+    pub fn settle_locked(
+        &self,
+        device_id: &str,
+        lock: u64,
+        outcome: C2dOutcome,
+    ) -> Result<bool, StoreError> {
+        {
+            let _guard = locked(&self.queue_lock);
+            let k = key(device_id, lock);
+            let Some((_, v)) = self.store.c2d_scan(&k)?.into_iter().next() else {
+                return Ok(false);
+            };
+            let mut q: Queued = serde_json::from_slice(&v).map_err(corrupt)?;
+            if !q.http_lock_until_ms.is_some_and(|t| t > now_ms()) {
+                return Ok(false);
+            }
+            q.http_lock_until_ms = None;
+            self.write(&q)?;
+        }
+        self.on_settled(device_id, lock, outcome);
+        Ok(true)
+    }
+
     /// Drops every expired message, with feedback where asked; returns how many.
     pub fn sweep_expired(&self) -> Result<usize, StoreError> {
         let _guard = locked(&self.queue_lock);
@@ -531,6 +581,36 @@ pub fn serve_request(c2d: &C2d, request: ServiceRequest) -> ServiceReply {
                 lock,
                 body: serde_json::to_vec(&records).unwrap_or_default(),
             },
+            Err(e) => server(e),
+        },
+        ServiceRequest::C2dReceive { device_id } => match c2d.receive_locked(&device_id) {
+            Ok(None) => ServiceReply::NoMessage,
+            Ok(Some(q)) => match q.command() {
+                DeviceCommand::C2d {
+                    lock,
+                    properties,
+                    body,
+                    ..
+                } => ServiceReply::Message {
+                    lock,
+                    properties,
+                    body,
+                },
+                _ => server(StoreError::Corrupt("not a C2D message".into())),
+            },
+            Err(e) => server(e),
+        },
+        ServiceRequest::C2dSettleLocked {
+            device_id,
+            lock,
+            outcome,
+        } => match c2d.settle_locked(&device_id, lock, outcome) {
+            Ok(true) => ServiceReply::Done,
+            Ok(false) => refused(
+                412,
+                412002,
+                format!("no message of {device_id} holds the lock {lock} (settled, or its lock expired)"),
+            ),
             Err(e) => server(e),
         },
         ServiceRequest::FeedbackComplete { lock } => match c2d.complete_feedback(&lock) {

@@ -1,6 +1,6 @@
 """Port 443 (issue 11): the hub's `https` listener tells its protocols apart by the request
-head. The HTTPS device API's telemetry (single messages and batches, kept-alive connections,
-every error path) is driven with raw requests. The unmodified Python device SDK with `websockets=True` (paho's MQTT over a WebSocket at
+head. The HTTPS device API — telemetry (single messages and batches, kept-alive connections,
+every error path) and C2D with lock tokens — is driven with raw requests. The unmodified Python device SDK with `websockets=True` (paho's MQTT over a WebSocket at
 `/$iothub/websocket`, subprotocol `mqtt`) sends telemetry, reads and patches its twin,
 receives desired changes, answers a direct method and receives C2D — through the same MQTT
 adapter and device session as port 8883. Upgrades the hub does not serve are refused with
@@ -92,7 +92,7 @@ def test_what_port_443_does_not_serve_is_refused_with_its_status(shared_hub):
         (upgrade.format(path="/$iothub/websocket", version=13, protocol="chat"), b"HTTP/1.1 400 ", b"no subprotocol"),
         (upgrade.format(path="/$iothub/websocket", version=8, protocol="mqtt"), b"HTTP/1.1 426 ", b"Sec-WebSocket-Version: 13"),
         (upgrade.format(path="/elsewhere", version=13, protocol="mqtt"), b"HTTP/1.1 404 ", b"no WebSocket"),
-        ("GET /devices/x/messages/deviceBound HTTP/1.1\r\nHost: localhost\r\n\r\n", b"HTTP/1.1 501 ", b"ErrorCode:NotImplemented"),
+        ("GET /devices/x/messages/deviceBound HTTP/1.1\r\nHost: localhost\r\n\r\n", b"HTTP/1.1 401 ", b"ErrorCode:IotHubUnauthorizedAccess"),
         ("GET /twins/x HTTP/1.1\r\nHost: localhost\r\n\r\n", b"HTTP/1.1 404 ", b"ErrorCode:IotHubNotFound"),
         ("GET / HTTP/1.1\r\nHost: localhost\r\nX: " + "a" * 9000 + "\r\n\r\n", b"HTTP/1.1 431 ", b"ErrorCode:BadRequest"),
     ]
@@ -111,7 +111,7 @@ def test_what_port_443_does_not_serve_is_refused_with_its_status(shared_hub):
     assert b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n" in head
     assert b"Sec-WebSocket-Protocol: mqtt\r\n" in head
     assert hub.metric_sum("roost_websocket_upgrades_total", result="no_subprotocol") >= 1
-    assert hub.metric_sum("roost_https_requests_total", route="device", status="501") >= 1
+    assert hub.metric_sum("roost_https_requests_total", route="device", status="401") >= 1
 
 
 def test_the_event_hubs_client_over_websockets(shared_hub):
@@ -242,3 +242,70 @@ def test_the_https_device_api_takes_telemetry(shared_hub):
                           f"Content-Length: 1000000\r\n\r\n".encode())
                 answer = s.recv(4096)
                 assert answer.startswith(status), answer[:200]
+
+
+def test_cloud_to_device_over_https(shared_hub):
+    """C2D with the HTTPS device API: GET takes the oldest message with its lock token as the
+    ETag, DELETE completes it, DELETE ?reject dead-letters it, POST …/abandon gives it back;
+    a lock no message holds is 412 DeviceMessageLockLost; feedback follows each outcome."""
+    from conftest import device_sas_token, parse_connection_string
+    from test_c2d import feedback
+
+    hub = shared_hub
+    device_id = unique_id("httpc2d")
+    key = parse_connection_string(hub.create_device(device_id))["SharedAccessKey"]
+    token = device_sas_token(hub.hostname, device_id, key)
+    base = f"/devices/{device_id}/messages/deviceBound"
+    api = "api-version=2021-04-12"
+    conn = https(hub)
+
+    def req(method, target):
+        conn.request(method, target, headers={"Authorization": token})
+        r = conn.getresponse()
+        return r, r.read()
+
+    deadline = time.monotonic() + 10
+    while True:  # the device reaches the engine's registry replica asynchronously
+        r, _ = req("GET", f"{base}?{api}")
+        if r.status != 401 or time.monotonic() > deadline:
+            break
+        conn = https(hub)
+        time.sleep(0.2)
+    assert r.status == 204, "nothing waits yet"
+    for mid, body in (("h1", b"one"), ("h2", b"two"), ("h3", b"three")):
+        assert send_c2d(hub, device_id, body, {"iothub-messageid": mid, "iothub-ack": "full",
+                                               "iothub-app-colour": "red"}).status_code == 204
+
+    def take():
+        r, body = req("GET", f"{base}?{api}")
+        assert r.status == 200, (r.status, body)
+        etag = r.getheader("ETag")
+        assert etag.startswith('"') and etag.endswith('"'), etag
+        return r, body, etag.strip('"')
+
+    r, body, lock = take()
+    assert body == b"one" and r.getheader("iothub-messageid") == "h1"
+    assert r.getheader("iothub-app-colour") == "red" and r.getheader("iothub-ack") == "full"
+    assert r.getheader("iothub-to") == f"/devices/{device_id}/messages/deviceBound"
+    assert req("DELETE", f"{base}/{lock}?{api}")[0].status == 204
+    r, body, lock = take()
+    assert r.getheader("iothub-messageid") == "h2"
+    assert req("DELETE", f"{base}/{lock}?{api}&reject")[0].status == 204
+    r, body, lock = take()
+    assert r.getheader("iothub-messageid") == "h3"
+    assert req("POST", f"{base}/{lock}/abandon?{api}")[0].status == 204
+    r, body, again = take()
+    assert r.getheader("iothub-messageid") == "h3" and body == b"three", "abandoned: given back"
+    assert req("DELETE", f"{base}/{again}?{api}")[0].status == 204
+    assert req("GET", f"{base}?{api}")[0].status == 204
+    r, body = req("DELETE", f"{base}/{again}?{api}")
+    assert r.status == 412 and r.getheader("iothub-errorcode") == "DeviceMessageLockLost", body
+    conn.close()
+    assert hub.show_device(device_id)["cloudToDeviceMessageCount"] == 0
+
+    def statuses():
+        records, _ = feedback(hub)
+        got = {r["originalMessageId"]: r["statusCode"] for r in records if r["deviceId"] == device_id}
+        return got if len(got) == 3 else None
+
+    assert wait_until(statuses, 10, "feedback for the three") == {"h1": "Success", "h2": "Rejected", "h3": "Success"}

@@ -274,6 +274,14 @@ pub enum ServiceRequest {
         device_id: String,
         message: Box<C2dMessage>,
     },
+    /// An HTTPS receive of `device_id`'s oldest message, locked for a minute.
+    C2dReceive { device_id: String },
+    /// An HTTPS settlement of the message locked as `lock`.
+    C2dSettleLocked {
+        device_id: String,
+        lock: u64,
+        outcome: C2dOutcome,
+    },
     /// The oldest feedback records, with the lock that completes them.
     FeedbackReceive,
     /// The records a `FeedbackReceive` returned with `lock` are delivered.
@@ -298,6 +306,14 @@ pub enum ServiceReply {
     },
     /// No feedback waits.
     NoFeedback,
+    /// A message for an HTTPS receive: its lock token and property bag (`$.mid`, … first).
+    Message {
+        lock: u64,
+        properties: Vec<(String, String)>,
+        body: Vec<u8>,
+    },
+    /// No message waits.
+    NoMessage,
 }
 
 /// What became of a command.

@@ -4,7 +4,7 @@
 //! `Wire` (the MQTT adapter, `conn.rs`, with the stream carried in WebSocket frames); with
 //! `AMQPWSB10` (on `/$iothub/websocket` or `/$servicebus/websocket`) the stream is tunnelled to
 //! the AMQP listener's thread, where it is an AMQP connection like one on 5671. Plain requests
-//! are the HTTPS device API (`https_device.rs`: telemetry; C2D over HTTPS still answers 501),
+//! are the HTTPS device API (`https_device.rs`: telemetry, and C2D with lock tokens),
 //! on kept-alive connections. Still to come on this port: the service API.
 //!
 //! Bounded like every pre-authentication path: the connection holds its pre-authentication
@@ -108,13 +108,102 @@ async fn requests(
                 keep = false;
                 https_device::Answer::err(405, "MethodNotAllowed", "telemetry is a POST")
             }
-            (Route::DeviceBound, _) => {
+            (Route::Receive { device_id }, "GET") => {
+                match https_device::authenticate(&shard, &head, device_id, None) {
+                    Err(refused) => {
+                        keep = false;
+                        refused
+                    }
+                    Ok(_) => {
+                        pre_auth.release();
+                        match https_device::receive(&shard, device_id).await {
+                            Ok(Some((headers, body))) => {
+                                shard
+                                    .shared
+                                    .metrics
+                                    .https_requests
+                                    .with_label_values(&[label, "200"])
+                                    .inc();
+                                if wire
+                                    .write_all(&ok_with_body(&headers, &body))
+                                    .await
+                                    .is_err()
+                                {
+                                    return;
+                                }
+                                match next_request(&shard, &mut wire, &mut input).await {
+                                    Some(h) => {
+                                        head = h;
+                                        input = input.split_off(head.len);
+                                        continue;
+                                    }
+                                    None => return,
+                                }
+                            }
+                            Ok(None) => https_device::Answer::ok(),
+                            Err(answer) => answer,
+                        }
+                    }
+                }
+            }
+            (
+                Route::Settle {
+                    device_id,
+                    lock,
+                    abandon,
+                },
+                method,
+            ) => {
+                let outcome = match (method, *abandon) {
+                    ("DELETE", false)
+                        if head
+                            .query()
+                            .split('&')
+                            .any(|p| p == "reject" || p.starts_with("reject=")) =>
+                    {
+                        Some(roost_model::link::C2dOutcome::Reject)
+                    }
+                    ("DELETE", false) => Some(roost_model::link::C2dOutcome::Complete),
+                    ("POST", true) => Some(roost_model::link::C2dOutcome::Abandon),
+                    _ => None,
+                };
+                match (
+                    outcome,
+                    https_device::authenticate(&shard, &head, device_id, None),
+                ) {
+                    (_, Err(refused)) => {
+                        keep = false;
+                        refused
+                    }
+                    (None, Ok(_)) => {
+                        keep = false;
+                        https_device::Answer::err(
+                            405,
+                            "MethodNotAllowed",
+                            "complete and reject are a DELETE, abandon a POST",
+                        )
+                    }
+                    (Some(outcome), Ok(_)) => {
+                        pre_auth.release();
+                        // A POST may carry an (empty) body: take it before the next request.
+                        if head.content_length().ok().flatten().unwrap_or(0) > 0 {
+                            if let Err(answer) =
+                                read_body(&shard, &mut wire, &head, &mut input).await
+                            {
+                                keep = false;
+                                answer
+                            } else {
+                                https_device::settle(&shard, device_id, lock, outcome).await
+                            }
+                        } else {
+                            https_device::settle(&shard, device_id, lock, outcome).await
+                        }
+                    }
+                }
+            }
+            (Route::Receive { .. }, _) => {
                 keep = false;
-                https_device::Answer::err(
-                    501,
-                    "NotImplemented",
-                    "cloud-to-device over HTTPS is not served yet; use MQTT or AMQP",
-                )
+                https_device::Answer::err(405, "MethodNotAllowed", "a receive is a GET")
             }
             (Route::Other, _) => {
                 keep = false;
@@ -132,11 +221,7 @@ async fn requests(
             .with_label_values(&[label, &answer.status.to_string()])
             .inc();
         let bytes = match &answer.error {
-            None => format!(
-                "HTTP/1.1 {} No Content\r\nContent-Length: 0\r\n\r\n",
-                answer.status
-            )
-            .into_bytes(),
+            None => format!("HTTP/1.1 {} No Content\r\n\r\n", answer.status).into_bytes(),
             Some((code, message)) => error_body(answer.status, code, message),
         };
         if !keep {
@@ -145,22 +230,49 @@ async fn requests(
         if wire.write_all(&bytes).await.is_err() {
             return;
         }
-        // The next request on the connection, within the idle timeout.
-        let next = async { read_head(&shard, &mut wire, &mut input).await };
-        let idle = async {
-            glommio::timer::Timer::new(IDLE_TIMEOUT).await;
-            Err(None)
-        };
-        head = match future::or(next, idle).await {
-            Ok(h) => h,
-            Err(Some(e)) => {
-                let body = error_body(e.status(), "BadRequest", &e.to_string());
-                return self::answer(wire, &body).await;
+        match next_request(&shard, &mut wire, &mut input).await {
+            Some(h) => {
+                head = h;
+                input = input.split_off(head.len);
             }
-            Err(None) => return self::answer(wire, &[]).await,
-        };
-        input = input.split_off(head.len);
+            None => return,
+        }
     }
+}
+
+/// The next request's head on a kept-alive connection, within the idle timeout; `None` when
+/// the connection is over (the peer left, went quiet, or sent a bad head, which is answered).
+async fn next_request(shard: &Shard, wire: &mut Wire, input: &mut BytesMut) -> Option<head::Head> {
+    let next = async { read_head(shard, wire, input).await };
+    let idle = async {
+        glommio::timer::Timer::new(IDLE_TIMEOUT).await;
+        Err(None)
+    };
+    match future::or(next, idle).await {
+        Ok(h) => Some(h),
+        Err(Some(e)) => {
+            let body = error_body(e.status(), "BadRequest", &e.to_string());
+            let _ = wire.write_all(&body).await;
+            let _ = wire.close().await;
+            None
+        }
+        Err(None) => {
+            let _ = wire.close().await;
+            None
+        }
+    }
+}
+
+/// `200 OK` with a message's headers and body.
+fn ok_with_body(headers: &[(String, String)], body: &[u8]) -> Vec<u8> {
+    let mut out = String::from("HTTP/1.1 200 OK\r\n");
+    for (name, value) in headers {
+        out.push_str(&format!("{name}: {value}\r\n"));
+    }
+    out.push_str(&format!("Content-Length: {}\r\n\r\n", body.len()));
+    let mut bytes = out.into_bytes();
+    bytes.extend_from_slice(body);
+    bytes
 }
 
 /// Reads a request's body (`Content-Length` bytes, at most [`https_device::MAX_BODY`]), with
@@ -372,6 +484,7 @@ fn error_body(status: u16, code: &str, message: &str) -> Vec<u8> {
     let reason = match status {
         400 => "Bad Request",
         401 => "Unauthorized",
+        412 => "Precondition Failed",
         404 => "Not Found",
         405 => "Method Not Allowed",
         408 => "Request Timeout",

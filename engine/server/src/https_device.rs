@@ -5,8 +5,11 @@
 //! telemetry, and answered 204 once durable. A request holds no device session: HTTP devices
 //! do not connect, so nothing is claimed and nobody is kicked.
 //!
-//! Cloud-to-device over HTTPS (`…/messages/deviceBound` with lock tokens) is not served yet
-//! (501).
+//! Cloud-to-device over HTTPS: `GET /devices/{d}/messages/deviceBound` takes the oldest
+//! message, locked for a minute, with its lock token as the `ETag`; `DELETE …/deviceBound/{lock}`
+//! completes it (`?reject`: dead-letters it), `POST …/deviceBound/{lock}/abandon` gives it back.
+//! The queue is control's: each is a call over the control link (`ServiceRequest::C2dReceive`,
+//! `C2dSettleLocked`), raced against the shard's own timer.
 
 use std::time::Instant;
 
@@ -31,7 +34,8 @@ pub struct Answer {
 }
 
 impl Answer {
-    fn ok() -> Self {
+    /// 204: done, nothing to say.
+    pub fn ok() -> Self {
         Answer {
             status: 204,
             error: None,
@@ -53,7 +57,17 @@ pub enum Route {
         device_id: String,
         module_id: Option<String>,
     },
-    DeviceBound,
+    /// `…/messages/deviceBound`: a receive (GET).
+    Receive {
+        device_id: String,
+    },
+    /// `…/messages/deviceBound/{lock}` (DELETE: complete, or reject with `?reject`) or
+    /// `…/messages/deviceBound/{lock}/abandon` (POST).
+    Settle {
+        device_id: String,
+        lock: String,
+        abandon: bool,
+    },
     Other,
 }
 
@@ -75,8 +89,28 @@ pub fn route(path: &str) -> Route {
                 module_id: Some(decode(m)),
             }
         }
-        [_, "messages", bound, ..] if bound.eq_ignore_ascii_case("devicebound") => {
-            Route::DeviceBound
+        [d, "messages", bound] if !d.is_empty() && bound.eq_ignore_ascii_case("devicebound") => {
+            Route::Receive {
+                device_id: decode(d),
+            }
+        }
+        [d, "messages", bound, lock]
+            if !d.is_empty() && bound.eq_ignore_ascii_case("devicebound") =>
+        {
+            Route::Settle {
+                device_id: decode(d),
+                lock: decode(lock).trim_matches('"').to_string(),
+                abandon: false,
+            }
+        }
+        [d, "messages", bound, lock, "abandon"]
+            if !d.is_empty() && bound.eq_ignore_ascii_case("devicebound") =>
+        {
+            Route::Settle {
+                device_id: decode(d),
+                lock: decode(lock).trim_matches('"').to_string(),
+                abandon: true,
+            }
         }
         _ => Route::Other,
     }
@@ -257,6 +291,123 @@ pub async fn telemetry(shard: &Shard, head: &Head, identity: &Identity, body: By
     Answer::ok()
 }
 
+/// A call of control from the shard, within the call timeout.
+async fn call(
+    shard: &Shard,
+    request: roost_model::link::ServiceRequest,
+) -> Result<roost_model::link::ServiceReply, Answer> {
+    use futures_lite::future;
+    let unavailable = |why: &str| Answer::err(503, "ServiceUnavailable", why.to_string());
+    let (id, rx) = shard
+        .shared
+        .services
+        .start(request)
+        .map_err(|e| unavailable(&e.to_string()))?;
+    let answer = async { rx.await.ok() };
+    let late = async {
+        glommio::timer::Timer::new(crate::service_calls::CALL_TIMEOUT).await;
+        None
+    };
+    let reply = future::or(answer, late).await;
+    shard.shared.services.forget(id);
+    reply.ok_or_else(|| unavailable("the control plane did not answer in time"))
+}
+
+/// A refusal control answered with, as the HTTP answer.
+fn refused(status: u16, message: String) -> Answer {
+    let code = match status {
+        404 => "DeviceNotFound",
+        412 => "DeviceMessageLockLost",
+        400 => "ArgumentInvalid",
+        _ => "ServerError",
+    };
+    Answer::err(status, code, message)
+}
+
+/// A message for an HTTPS receive: 200, the body, the lock token as a quoted `ETag`, and the
+/// properties as the HTTPS device API's headers; 204 when none waits.
+pub async fn receive(
+    shard: &Shard,
+    device_id: &str,
+) -> Result<Option<(Vec<(String, String)>, Vec<u8>)>, Answer> {
+    use roost_model::link::{ServiceReply, ServiceRequest};
+    let reply = call(
+        shard,
+        ServiceRequest::C2dReceive {
+            device_id: device_id.to_string(),
+        },
+    )
+    .await?;
+    match reply {
+        ServiceReply::NoMessage => Ok(None),
+        ServiceReply::Message {
+            lock,
+            properties,
+            body,
+        } => {
+            let mut headers = vec![("ETag".to_string(), format!("\"{lock}\""))];
+            for (k, v) in properties {
+                let name = match k.as_str() {
+                    "$.mid" => "iothub-messageid".to_string(),
+                    "$.to" => "iothub-to".to_string(),
+                    "$.exp" => "iothub-expiry".to_string(),
+                    "$.cid" => "iothub-correlationid".to_string(),
+                    "$.uid" => "iothub-userid".to_string(),
+                    "$.ct" => "Content-Type".to_string(),
+                    "$.ce" => "Content-Encoding".to_string(),
+                    "iothub-ack" => "iothub-ack".to_string(),
+                    key => format!("iothub-app-{key}"),
+                };
+                // Header values may not hold line breaks.
+                headers.push((name, v.replace(['\r', '\n'], " ")));
+            }
+            Ok(Some((headers, body)))
+        }
+        ServiceReply::Refused {
+            status, message, ..
+        } => Err(refused(status, message)),
+        _ => Err(Answer::err(
+            500,
+            "ServerError",
+            "control answered something else",
+        )),
+    }
+}
+
+/// An HTTPS settlement of the message locked as `lock`.
+pub async fn settle(
+    shard: &Shard,
+    device_id: &str,
+    lock: &str,
+    outcome: roost_model::link::C2dOutcome,
+) -> Answer {
+    use roost_model::link::{ServiceReply, ServiceRequest};
+    let Ok(lock) = lock.parse::<u64>() else {
+        return Answer::err(
+            412,
+            "DeviceMessageLockLost",
+            format!("{lock:?} is not a lock token"),
+        );
+    };
+    match call(
+        shard,
+        ServiceRequest::C2dSettleLocked {
+            device_id: device_id.to_string(),
+            lock,
+            outcome,
+        },
+    )
+    .await
+    {
+        Ok(ServiceReply::Done) => Answer::ok(),
+        Ok(ServiceReply::Refused {
+            status, message, ..
+        }) => refused(status, message),
+        Ok(_) => Answer::err(500, "ServerError", "control answered something else"),
+        Err(answer) => answer,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -278,8 +429,18 @@ mod tests {
             }
         );
         assert_eq!(
-            route("/devices/d/messages/deviceBound/lock/abandon"),
-            Route::DeviceBound
+            route("/devices/d/messages/deviceBound/%2212%22/abandon"),
+            Route::Settle {
+                device_id: "d".into(),
+                lock: "12".into(),
+                abandon: true
+            }
+        );
+        assert_eq!(
+            route("/devices/d/messages/devicebound"),
+            Route::Receive {
+                device_id: "d".into()
+            }
         );
         assert_eq!(route("/devices//messages/events"), Route::Other);
         assert_eq!(route("/twins/d"), Route::Other);

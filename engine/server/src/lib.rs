@@ -296,6 +296,7 @@ pub fn run(config: EngineConfig, on_ready: impl FnOnce() + Send + 'static) -> an
         shards: config.cores,
         sessions: sessions.clone(),
         amqp_tunnels: config.amqp.is_some().then_some(tunnels_tx),
+        services: state.services.clone(),
     });
 
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();

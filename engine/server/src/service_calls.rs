@@ -48,8 +48,24 @@ impl ServiceCalls {
         }
     }
 
-    /// Sends `request` to control and waits for its answer (at most [`CALL_TIMEOUT`]).
+    /// Sends `request` to control and waits for its answer (at most [`CALL_TIMEOUT`]), on a
+    /// tokio runtime.
     pub async fn call(&self, request: ServiceRequest) -> Result<ServiceReply, CallFailed> {
+        let (id, rx) = self.start(request)?;
+        let answer = tokio::time::timeout(CALL_TIMEOUT, rx).await;
+        self.forget(id);
+        match answer {
+            Ok(Ok(reply)) => Ok(reply),
+            _ => Err(CallFailed::TimedOut),
+        }
+    }
+
+    /// Sends `request` to control; the answer comes on the receiver (any runtime may await it,
+    /// racing its own timer, then [`Self::forget`] the call).
+    pub fn start(
+        &self,
+        request: ServiceRequest,
+    ) -> Result<(u64, oneshot::Receiver<ServiceReply>), CallFailed> {
         if self.metrics.link_connected.get() == 0 {
             return Err(CallFailed::ControlAway);
         }
@@ -57,12 +73,12 @@ impl ServiceCalls {
         let (tx, rx) = oneshot::channel();
         locked(&self.waiting).insert(id, tx);
         self.router.report(EngineFrame::Service { id, request });
-        let answer = tokio::time::timeout(CALL_TIMEOUT, rx).await;
+        Ok((id, rx))
+    }
+
+    /// Stops waiting for call `id`.
+    pub fn forget(&self, id: u64) {
         locked(&self.waiting).remove(&id);
-        match answer {
-            Ok(Ok(reply)) => Ok(reply),
-            _ => Err(CallFailed::TimedOut),
-        }
     }
 
     /// Control's answer to call `id` (late answers are dropped).

@@ -116,6 +116,8 @@ pub struct Shared {
     /// Where port 443 hands AMQP-over-WebSocket streams to the AMQP listener's thread (none
     /// without `--amqp`).
     pub amqp_tunnels: Option<tokio::sync::mpsc::UnboundedSender<crate::amqp::Tunnel>>,
+    /// Calls of control (the HTTPS device API's C2D receive and settlement).
+    pub services: Arc<crate::service_calls::ServiceCalls>,
 }
 
 /// A listener as a shard binds it.

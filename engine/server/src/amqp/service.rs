@@ -224,7 +224,7 @@ pub(super) fn on_feedback(
         Ok(ServiceReply::Feedback { .. }) => "ok".to_string(),
         Ok(ServiceReply::NoFeedback) => "none".to_string(),
         Ok(ServiceReply::Refused { status, .. }) => status.to_string(),
-        Ok(ServiceReply::Done) => "500".to_string(),
+        Ok(_) => "500".to_string(),
         Err(e) => call_failed(*e).to_string(),
     };
     endpoint
