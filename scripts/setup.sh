@@ -94,7 +94,7 @@ install_venv() {
 install_node_sdks() {
   local dir=tests/e2e/node
   if [ -d "$dir/node_modules/azure-iothub" ] && [ -d "$dir/node_modules/azure-iot-device-mqtt" ] \
-    && [ -d "$dir/node_modules/@azure/event-hubs" ] && [ -d "$dir/node_modules/azure-iot-device-amqp" ] \
+    && [ -d "$dir/node_modules/@azure/event-hubs" ] && [ -d "$dir/node_modules/azure-iot-device-amqp" ] && [ -d "$dir/node_modules/azure-iot-device-http" ] \
     && [ "$dir/node_modules/.package-lock.json" -nt "$dir/package-lock.json" ]; then
     return 0
   fi

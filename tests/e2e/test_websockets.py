@@ -309,3 +309,30 @@ def test_cloud_to_device_over_https(shared_hub):
         return got if len(got) == 3 else None
 
     assert wait_until(statuses, 10, "feedback for the three") == {"h1": "Success", "h2": "Rejected", "h3": "Success"}
+
+
+def test_the_node_device_sdk_over_http(shared_hub):
+    """The Node device SDK's Http transport through port 443: sendEvent, sendEventBatch, and
+    C2D by polling with complete, reject and abandon (each in the feedback)."""
+    from test_c2d import feedback
+    from test_node import node_steps
+
+    hub = shared_hub
+    device_id = unique_id("nodehttp")
+    node_steps(hub, "device_http.js", ROOST_DEVICE_ID=device_id,
+               ROOST_HTTPS_PORT=str(hub.ports["https"]), ROOST_AMQP_PORT=str(hub.ports["amqp"]),
+               NODE_EXTRA_CA_CERTS=str(hub.ca_path))
+    records = [r for r in hub.records() if r["systemProperties"].get("iothub-connection-device-id") == device_id
+               and r["systemProperties"]["iothub-message-source"] == "Telemetry"]
+    (single,) = [r for r in records if r["systemProperties"].get("message-id") == "http-node-1"]
+    assert single["properties"]["transport"] == "Http"
+    # The SDK's batch carries each message's body and application properties (not its id).
+    assert {"batch http-node-b1", "batch http-node-b2"} <= {r["body"] for r in records}
+
+    def statuses():
+        records, _ = feedback(hub)
+        got = {r["originalMessageId"]: r["statusCode"] for r in records if r["deviceId"] == device_id}
+        return got if len(got) == 3 else None
+
+    assert wait_until(statuses, 15, "feedback for the three") == {
+        "http-c2d-complete": "Success", "http-c2d-reject": "Rejected", "http-c2d-abandon": "Success"}

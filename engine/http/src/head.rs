@@ -111,6 +111,67 @@ impl Head {
     }
 }
 
+/// Whether the body is sent in chunks (`Transfer-Encoding: chunked`, as Node's `http` sends a
+/// body it was given no length for).
+pub fn is_chunked(head: &Head) -> bool {
+    head.has_token("transfer-encoding", "chunked")
+}
+
+/// A chunked body (RFC 9112 §7.1) at the start of `input`: its data joined and the bytes it
+/// took, once its last chunk and trailer have come (`Ok(None)` until then); refused past `max`
+/// data bytes, on a malformed chunk, or a size line longer than 1 KiB.
+pub fn dechunk(input: &[u8], max: usize) -> Result<Option<(Vec<u8>, usize)>, HeadError> {
+    let line_end = |from: usize| -> Result<Option<usize>, HeadError> {
+        match input[from..].windows(2).position(|w| w == b"\r\n") {
+            Some(i) if i <= 1024 => Ok(Some(from + i)),
+            Some(_) => Err(HeadError::Malformed("a chunk line over 1 KiB")),
+            None if input.len() - from > 1024 => {
+                Err(HeadError::Malformed("a chunk line over 1 KiB"))
+            }
+            None => Ok(None),
+        }
+    };
+    let mut out = Vec::new();
+    let mut pos = 0;
+    loop {
+        let Some(end) = line_end(pos)? else {
+            return Ok(None);
+        };
+        let line = std::str::from_utf8(&input[pos..end])
+            .map_err(|_| HeadError::Malformed("a chunk size"))?;
+        let size = line.split(';').next().unwrap_or_default().trim();
+        let size =
+            usize::from_str_radix(size, 16).map_err(|_| HeadError::Malformed("a chunk size"))?;
+        pos = end + 2;
+        if size == 0 {
+            // Trailer fields, then the blank line.
+            loop {
+                let Some(end) = line_end(pos)? else {
+                    return Ok(None);
+                };
+                let blank = end == pos;
+                pos = end + 2;
+                if blank {
+                    return Ok(Some((out, pos)));
+                }
+            }
+        }
+        if out.len().saturating_add(size) > max {
+            return Err(HeadError::TooLarge(max));
+        }
+        if input.len() < pos + size + 2 {
+            return Ok(None);
+        }
+        out.extend_from_slice(&input[pos..pos + size]);
+        if &input[pos + size..pos + size + 2] != b"\r\n" {
+            return Err(HeadError::Malformed(
+                "a chunk's data is not followed by CRLF",
+            ));
+        }
+        pos += size + 2;
+    }
+}
+
 /// Reads a request head from the start of `input`: `Ok(None)` until its blank line has come
 /// (refused at once when what has come already cannot fit the limits).
 pub fn parse(input: &[u8], limits: HeadLimits) -> Result<Option<Head>, HeadError> {
@@ -160,6 +221,23 @@ pub fn parse(input: &[u8], limits: HeadLimits) -> Result<Option<Head>, HeadError
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_chunked_body_is_joined_once_whole_and_bounded() {
+        let body = b"5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\nX-Trailer: 1\r\n\r\nNEXT";
+        for cut in 0..body.len() - 4 {
+            assert_eq!(dechunk(&body[..cut], 100), Ok(None), "{cut}");
+        }
+        let (data, used) = dechunk(body, 100).expect("whole").expect("done");
+        assert_eq!(
+            (data.as_slice(), &body[used..]),
+            (&b"hello world"[..], &b"NEXT"[..])
+        );
+        assert_eq!(dechunk(body, 8), Err(HeadError::TooLarge(8)));
+        assert!(dechunk(b"zz\r\n", 100).is_err());
+        assert!(dechunk(b"2\r\nabXY", 100).is_err());
+        assert!(dechunk(&[b'1'; 2000], 100).is_err());
+    }
 
     #[test]
     fn a_head_is_read_once_whole_and_refused_early_when_too_large() {

@@ -186,7 +186,9 @@ async fn requests(
                     (Some(outcome), Ok(_)) => {
                         pre_auth.release();
                         // A POST may carry an (empty) body: take it before the next request.
-                        if head.content_length().ok().flatten().unwrap_or(0) > 0 {
+                        if head::is_chunked(&head)
+                            || head.content_length().ok().flatten().unwrap_or(0) > 0
+                        {
                             if let Err(answer) =
                                 read_body(&shard, &mut wire, &head, &mut input).await
                             {
@@ -275,6 +277,53 @@ fn ok_with_body(headers: &[(String, String)], body: &[u8]) -> Vec<u8> {
     bytes
 }
 
+/// Reads a chunked body (at most [`https_device::MAX_BODY`] bytes of data).
+async fn read_chunked(
+    shard: &Shard,
+    wire: &mut Wire,
+    input: &mut BytesMut,
+) -> Result<bytes::Bytes, crate::https_device::Answer> {
+    use crate::https_device::{Answer, MAX_BODY};
+    let reading = async {
+        loop {
+            match head::dechunk(input, MAX_BODY) {
+                Ok(Some((data, used))) => {
+                    let _ = input.split_to(used);
+                    return Ok(bytes::Bytes::from(data));
+                }
+                Ok(None) => {}
+                Err(head::HeadError::TooLarge(max)) => {
+                    return Err(Answer::err(
+                        413,
+                        "RequestEntityTooLarge",
+                        format!("the body is over {max} bytes"),
+                    ))
+                }
+                Err(e) => return Err(Answer::err(400, "ArgumentInvalid", e.to_string())),
+            }
+            match wire.read(&shard.rx, input).await {
+                Ok(n) if n > 0 => {}
+                _ => {
+                    return Err(Answer::err(
+                        408,
+                        "RequestTimeout",
+                        "the body did not arrive",
+                    ))
+                }
+            }
+        }
+    };
+    let late = async {
+        glommio::timer::Timer::new(IDLE_TIMEOUT).await;
+        Err(Answer::err(
+            408,
+            "RequestTimeout",
+            "the body did not arrive",
+        ))
+    };
+    future::or(reading, late).await
+}
+
 /// Reads a request's body (`Content-Length` bytes, at most [`https_device::MAX_BODY`]), with
 /// what came behind the head first.
 async fn read_body(
@@ -284,6 +333,9 @@ async fn read_body(
     input: &mut BytesMut,
 ) -> Result<bytes::Bytes, crate::https_device::Answer> {
     use crate::https_device::{Answer, MAX_BODY};
+    if head::is_chunked(head) {
+        return read_chunked(shard, wire, input).await;
+    }
     let len = match head.content_length() {
         Ok(Some(n)) => n,
         Ok(None) => {
