@@ -186,10 +186,14 @@ struct Partitions {
     partitions: Vec<PartitionInfo>,
 }
 
+/// One partition of the events log, as the consumer API lists it.
 #[derive(Deserialize)]
-struct PartitionInfo {
-    partition: usize,
-    next: u64,
+pub struct PartitionInfo {
+    pub partition: usize,
+    /// Its oldest record kept.
+    pub first: u64,
+    /// The offset its next record gets.
+    pub next: u64,
 }
 
 #[derive(Deserialize)]
@@ -217,7 +221,18 @@ pub struct OpsEndpoint {
 }
 
 impl OpsEndpoint {
-    async fn get(
+    /// The events log's partitions as they are now.
+    pub async fn partitions(&self) -> anyhow::Result<Vec<PartitionInfo>> {
+        let mut client = roost_common::client::Client::new(&self.url, None)?;
+        let resp = self
+            .get(&mut client, "/events/partitions")
+            .await
+            .context("reading the events partitions")?;
+        let p: Partitions = serde_json::from_slice(&resp.body).context("events partitions JSON")?;
+        Ok(p.partitions)
+    }
+
+    pub async fn get(
         &self,
         client: &mut roost_common::client::Client,
         path: &str,
@@ -313,13 +328,8 @@ impl OpsReader {
 
 /// `(partition, next offset)` of every partition of the events log.
 async fn partition_ends(ops: &OpsEndpoint) -> anyhow::Result<Vec<(usize, u64)>> {
-    let mut client = roost_common::client::Client::new(&ops.url, None)?;
-    let resp = ops
-        .get(&mut client, "/events/partitions")
-        .await
-        .context("reading the events partitions")?;
-    let p: Partitions = serde_json::from_slice(&resp.body).context("events partitions JSON")?;
-    Ok(p.partitions.iter().map(|p| (p.partition, p.next)).collect())
+    let parts = ops.partitions().await?;
+    Ok(parts.iter().map(|p| (p.partition, p.next)).collect())
 }
 
 /// Reads one partition from `next` until the goal is reached; returns where it got to.

@@ -17,6 +17,7 @@ use roost_amqp::{
 use serde::Deserialize;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use crate::readback::PartitionInfo;
 use crate::report::Report;
 use crate::{procfs, Args, Outcome, Setup};
 
@@ -26,35 +27,9 @@ const CREDIT: u32 = 2000;
 const PAGE: usize = 5000;
 
 #[derive(Deserialize)]
-struct Partitions {
-    partitions: Vec<PartitionInfo>,
-}
-
-#[derive(Deserialize)]
-struct PartitionInfo {
-    partition: usize,
-    first: u64,
-    next: u64,
-}
-
-#[derive(Deserialize)]
 struct Page {
     records: Vec<serde_json::Value>,
     next: u64,
-}
-
-/// The log's partitions as the consumer API tells them now.
-async fn partitions(hub: &crate::hub::Hub) -> anyhow::Result<Partitions> {
-    let mut ops = roost_common::client::Client::new(&hub.ops.url, None)?;
-    let resp = ops
-        .request(
-            hyper::Method::GET,
-            "/events/partitions",
-            &hub.ops.auth,
-            None,
-        )
-        .await?;
-    serde_json::from_slice(&resp.body).context("events partitions")
 }
 
 /// What a `--follow` read saw when its window closed.
@@ -71,8 +46,8 @@ struct Followed {
 pub async fn run(args: &Args, setup: Setup, via: &str) -> anyhow::Result<Outcome> {
     let data_dir = args.hub.as_ref().context("--read-log needs --hub")?;
     let hub = crate::hub::Hub::read(data_dir)?;
-    let parts = partitions(&hub).await?;
-    let mut expected: u64 = parts.partitions.iter().map(|p| p.next - p.first).sum();
+    let parts = hub.ops.partitions().await?;
+    let mut expected: u64 = parts.iter().map(|p| p.next - p.first).sum();
     let follow = args.follow.map(Duration::from_secs_f64);
     let before = procfs::sample(&setup.pids)?;
     let t0 = Instant::now();
@@ -106,19 +81,17 @@ pub async fn run(args: &Args, setup: Setup, via: &str) -> anyhow::Result<Outcome
     Ok(Outcome { report, failure })
 }
 
-async fn read_json(hub: &crate::hub::Hub, parts: &Partitions) -> anyhow::Result<u64> {
+async fn read_json(hub: &crate::hub::Hub, parts: &[PartitionInfo]) -> anyhow::Result<u64> {
     let mut total = 0;
     let mut tasks = tokio::task::JoinSet::new();
-    for p in &parts.partitions {
+    for p in parts {
         let (ops, partition, mut from, end) = (hub.ops.clone(), p.partition, p.first, p.next);
         tasks.spawn(async move {
             let mut client = roost_common::client::Client::new(&ops.url, None)?;
             let mut n = 0u64;
             while from < end {
                 let path = format!("/events/partitions/{partition}/records?from={from}&max={PAGE}");
-                let resp = client
-                    .request(hyper::Method::GET, &path, &ops.auth, None)
-                    .await?;
+                let resp = ops.get(&mut client, &path).await?;
                 let page: Page = serde_json::from_slice(&resp.body).context("records page")?;
                 n += page.records.len() as u64;
                 if page.next == from {
@@ -199,27 +172,17 @@ fn terminus(address: &str) -> Terminus {
 
 fn attach(name: &str, handle: u32, role: Role, source: Terminus, target: Terminus) -> Performative {
     Performative::Attach(Attach {
-        name: name.into(),
-        handle,
-        role,
-        snd_settle_mode: None,
-        rcv_settle_mode: None,
         source: Some(source),
         target: Some(target),
-        unsettled: Value::Null,
-        incomplete_unsettled: None,
         initial_delivery_count: (role == Role::Sender).then_some(0),
-        max_message_size: None,
-        offered_capabilities: vec![],
-        desired_capabilities: vec![],
-        properties: Value::Null,
+        ..Attach::new(name.into(), handle, role)
     })
 }
 
 async fn read_amqp(
     data_dir: &std::path::Path,
     hub: &crate::hub::Hub,
-    parts: &Partitions,
+    parts: &[PartitionInfo],
     follow: Option<Duration>,
     followed: &mut Followed,
 ) -> anyhow::Result<u64> {
@@ -369,18 +332,11 @@ async fn read_amqp(
         }
     }
     let transfer = Transfer {
-        handle: 0,
         delivery_id: Some(0),
         delivery_tag: Some(Bytes::from_static(b"t")),
         message_format: Some(0),
         settled: Some(false),
-        more: false,
-        rcv_settle_mode: None,
-        state: None,
-        resume: None,
-        aborted: None,
-        batchable: None,
-        payload: payload.freeze(),
+        ..Transfer::new(0, payload.freeze())
     };
     w.send(FrameType::Amqp, 0, |o| {
         Performative::Transfer(transfer).write(o)
@@ -402,7 +358,7 @@ async fn read_amqp(
     // its end, with no end of the read until the window closes).
     let mut left: HashMap<u32, u64> = HashMap::new();
     let mut firsts: HashMap<u32, u64> = HashMap::new();
-    for p in &parts.partitions {
+    for p in parts {
         if p.next == p.first && follow.is_none() {
             continue;
         }
@@ -463,9 +419,9 @@ async fn read_amqp(
                 if close_at.is_some() && closed_at.is_none() => {
                 // The window closes: the reader must now reach the log's end as it is.
                 closed_at = Some(Instant::now());
-                let now = partitions(hub).await?;
+                let now = hub.ops.partitions().await?;
                 followed.expected = 0;
-                for p in &now.partitions {
+                for p in &now {
                     let handle = 2 + p.partition as u32;
                     let first = firsts.get(&handle).copied().unwrap_or(p.first);
                     let read = got.get(&handle).map_or(0, |g| g.0);

@@ -230,6 +230,14 @@ pub struct Connection {
     clock: Instant,
 }
 
+/// The server's role on a link: the sender of a link the peer receives on.
+fn role_of(sending: bool) -> Role {
+    match sending {
+        true => Role::Sender,
+        false => Role::Receiver,
+    }
+}
+
 fn err(condition: &str, description: impl Into<String>) -> AmqpError {
     AmqpError::new(condition, description)
 }
@@ -707,24 +715,13 @@ impl Connection {
         l.answered = true;
         let sending = l.sending;
         let reply = Attach {
-            name: attach.name.clone(),
-            handle: link.handle,
-            role: if sending {
-                Role::Sender
-            } else {
-                Role::Receiver
-            },
             snd_settle_mode: attach.snd_settle_mode,
             rcv_settle_mode: attach.rcv_settle_mode,
             source: Some(attach.source.clone().unwrap_or_default()),
             target: Some(attach.target.clone().unwrap_or_default()),
-            unsettled: crate::Value::Null,
-            incomplete_unsettled: None,
             initial_delivery_count: sending.then_some(0),
             max_message_size: Some(max_message_size),
-            offered_capabilities: vec![],
-            desired_capabilities: vec![],
-            properties: crate::Value::Null,
+            ..Attach::new(attach.name.clone(), link.handle, role_of(sending))
         };
         self.write(link.channel, &Performative::Attach(reply));
         if !sending && credit > 0 {
@@ -739,24 +736,10 @@ impl Connection {
         l.answered = true;
         let sending = l.sending;
         let reply = Attach {
-            name: attach.name.clone(),
-            handle: link.handle,
-            role: if sending {
-                Role::Sender
-            } else {
-                Role::Receiver
-            },
-            snd_settle_mode: None,
-            rcv_settle_mode: None,
             source: if sending { None } else { attach.source.clone() },
             target: if sending { attach.target.clone() } else { None },
-            unsettled: crate::Value::Null,
-            incomplete_unsettled: None,
             initial_delivery_count: sending.then_some(0),
-            max_message_size: None,
-            offered_capabilities: vec![],
-            desired_capabilities: vec![],
-            properties: crate::Value::Null,
+            ..Attach::new(attach.name.clone(), link.handle, role_of(sending))
         };
         self.write(link.channel, &Performative::Attach(reply));
         self.detach(link, Some(error));
@@ -1016,18 +999,12 @@ impl Connection {
             let chunk = rest.split_to(rest.len().min(room));
             let more = !rest.is_empty();
             let t = Transfer {
-                handle: link.handle,
                 delivery_id: first.then_some(delivery_id),
                 delivery_tag: first.then(|| tag.clone()),
                 message_format: first.then_some(0),
                 settled: first.then_some(settled),
                 more,
-                rcv_settle_mode: None,
-                state: None,
-                resume: None,
-                aborted: None,
-                batchable: None,
-                payload: chunk,
+                ..Transfer::new(link.handle, chunk)
             };
             self.write(link.channel, &Performative::Transfer(t));
             first = false;

@@ -558,6 +558,29 @@ pub struct Attach {
     pub properties: Value,
 }
 
+impl Attach {
+    /// An ATTACH of link `name` on `handle` in `role` with every optional field absent (no
+    /// termini, settle modes, delivery count or properties): set the rest with `..`.
+    pub fn new(name: Str, handle: u32, role: Role) -> Self {
+        Attach {
+            name,
+            handle,
+            role,
+            snd_settle_mode: None,
+            rcv_settle_mode: None,
+            source: None,
+            target: None,
+            unsettled: Value::Null,
+            incomplete_unsettled: None,
+            initial_delivery_count: None,
+            max_message_size: None,
+            offered_capabilities: vec![],
+            desired_capabilities: vec![],
+            properties: Value::Null,
+        }
+    }
+}
+
 /// FLOW (§2.7.4).
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Flow {
@@ -589,6 +612,27 @@ pub struct Transfer {
     pub aborted: Option<bool>,
     pub batchable: Option<bool>,
     pub payload: Bytes,
+}
+
+impl Transfer {
+    /// A TRANSFER on `handle` carrying `payload` with every optional field absent and `more`
+    /// false (a later frame of a delivery): set the rest with `..`.
+    pub fn new(handle: u32, payload: Bytes) -> Self {
+        Transfer {
+            handle,
+            delivery_id: None,
+            delivery_tag: None,
+            message_format: None,
+            settled: None,
+            more: false,
+            rcv_settle_mode: None,
+            state: None,
+            resume: None,
+            aborted: None,
+            batchable: None,
+            payload,
+        }
+    }
 }
 
 /// DISPOSITION (§2.7.6).

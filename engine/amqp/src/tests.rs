@@ -73,18 +73,13 @@ proptest! {
         payload in proptest::collection::vec(any::<u8>(), 0..64),
     ) {
         let t = Transfer {
-            handle,
             delivery_id,
             delivery_tag: tag.map(Bytes::from),
             message_format: delivery_id.map(|_| 0),
             settled,
             more,
-            rcv_settle_mode: None,
             state: accepted.then_some(DeliveryState::Accepted),
-            resume: None,
-            aborted: None,
-            batchable: None,
-            payload: Bytes::from(payload),
+            ..Transfer::new(handle, Bytes::from(payload))
         };
         let mut direct = BytesMut::new();
         Performative::Transfer(t.clone()).write(&mut direct);
@@ -159,20 +154,10 @@ fn performatives_are_written_at_full_arity_with_small_ulong_descriptors() {
         ..Begin::default()
     });
     let attach = Performative::Attach(Attach {
-        name: "l".into(),
-        handle: 0,
-        role: Role::Sender,
-        snd_settle_mode: None,
-        rcv_settle_mode: None,
         source: Some(Terminus::at("$cbs")),
         target: Some(Terminus::at("cbs")),
-        unsettled: Value::Null,
-        incomplete_unsettled: None,
         initial_delivery_count: Some(0),
-        max_message_size: None,
-        offered_capabilities: vec![],
-        desired_capabilities: vec![],
-        properties: Value::Null,
+        ..Attach::new("l".into(), 0, Role::Sender)
     });
     let flow = Performative::Flow(Flow {
         handle: Some(0),
@@ -181,18 +166,11 @@ fn performatives_are_written_at_full_arity_with_small_ulong_descriptors() {
         ..Flow::default()
     });
     let transfer = Performative::Transfer(Transfer {
-        handle: 0,
         delivery_id: Some(0),
         delivery_tag: Some(Bytes::from_static(b"\0\0\0\0")),
         message_format: Some(0),
         settled: Some(true),
-        more: false,
-        rcv_settle_mode: None,
-        state: None,
-        resume: None,
-        aborted: None,
-        batchable: None,
-        payload: Bytes::from_static(b"payload"),
+        ..Transfer::new(0, Bytes::from_static(b"payload"))
     });
     let disposition = Performative::Disposition(Disposition {
         role: Role::Receiver,
@@ -423,18 +401,11 @@ fn a_message_round_trips_with_its_types() {
     let mut frame = BytesMut::new();
     write_frame(FrameType::Amqp, 1, &mut frame, |out| {
         Performative::Transfer(Transfer {
-            handle: 0,
             delivery_id: Some(9),
             delivery_tag: Some(Bytes::from_static(b"t")),
             message_format: Some(0),
             settled: Some(false),
-            more: false,
-            rcv_settle_mode: None,
-            state: None,
-            resume: None,
-            aborted: None,
-            batchable: None,
-            payload: payload.clone(),
+            ..Transfer::new(0, payload.clone())
         })
         .write(out)
     });

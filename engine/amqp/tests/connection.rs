@@ -8,7 +8,7 @@ use bytes::{Bytes, BytesMut};
 use roost_amqp::frame::{check, write_frame, Frame, FrameType, AMQP_HEADER, SASL_HEADER};
 use roost_amqp::{
     AmqpError, Attach, Begin, Config, Connection, DeliveryState, Disposition, Event, Flow, LinkId,
-    Open, Performative, Role, Sasl, SendError, Terminus, Transfer, Value,
+    Open, Performative, Role, Sasl, SendError, Terminus, Transfer,
 };
 
 /// The client end: frames written with the codec, the server's bytes read back as frames.
@@ -121,20 +121,10 @@ impl Client {
     /// Attaches a link with the client's `role` at `address`; returns the server's id for it.
     fn attach(&mut self, handle: u32, role: Role, address: &str) -> (LinkId, Attach) {
         let a = Attach {
-            name: format!("link-{handle}").as_str().into(),
-            handle,
-            role,
-            snd_settle_mode: None,
-            rcv_settle_mode: None,
             source: Some(Terminus::at(address)),
             target: Some(Terminus::at(address)),
-            unsettled: Value::Null,
-            incomplete_unsettled: None,
             initial_delivery_count: (role == Role::Sender).then_some(0),
-            max_message_size: None,
-            offered_capabilities: vec![],
-            desired_capabilities: vec![],
-            properties: Value::Null,
+            ..Attach::new(format!("link-{handle}").as_str().into(), handle, role)
         };
         self.send(0, Performative::Attach(a));
         match self.events().pop() {
@@ -147,18 +137,12 @@ impl Client {
         self.send(
             0,
             Performative::Transfer(Transfer {
-                handle,
                 delivery_id: id,
                 delivery_tag: id.map(|i| Bytes::from(i.to_be_bytes().to_vec())),
                 message_format: Some(0),
                 settled: Some(false),
                 more,
-                rcv_settle_mode: None,
-                state: None,
-                resume: None,
-                aborted: None,
-                batchable: None,
-                payload: Bytes::from_static(payload),
+                ..Transfer::new(handle, Bytes::from_static(payload))
             }),
         );
     }
@@ -532,22 +516,7 @@ fn limits_hold_before_and_after_open() {
 
 impl Client {
     fn attach_template(&self) -> Attach {
-        Attach {
-            name: "x".into(),
-            handle: 9,
-            role: Role::Sender,
-            snd_settle_mode: None,
-            rcv_settle_mode: None,
-            source: None,
-            target: None,
-            unsettled: Value::Null,
-            incomplete_unsettled: None,
-            initial_delivery_count: None,
-            max_message_size: None,
-            offered_capabilities: vec![],
-            desired_capabilities: vec![],
-            properties: Value::Null,
-        }
+        Attach::new("x".into(), 9, Role::Sender)
     }
 }
 
