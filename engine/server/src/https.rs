@@ -65,10 +65,10 @@ pub async fn serve(shard: Rc<Shard>, mut wire: Wire, pre_auth: PreAuthSlot) {
 /// How long a kept-alive connection may sit between requests, and a body may take to arrive.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Serves plain HTTP requests on a kept-alive connection: the HTTPS device API's telemetry
-/// (`https_device.rs`); C2D over HTTPS answers 501 until it is served, anything else 404. The
-/// token is checked from the headers before a body is read: a refused request is answered and
-/// the connection closed with nothing of its body held.
+/// Serves plain HTTP requests on a kept-alive connection: the HTTPS device API
+/// (`https_device.rs`), anything else 404. The token is checked from the headers before a body
+/// is read: a request refused before its body was read is answered and the connection closed,
+/// with nothing of the body held (and nothing known of what follows it on the stream).
 async fn requests(
     shard: Rc<Shard>,
     mut wire: Wire,
@@ -76,157 +76,24 @@ async fn requests(
     mut head: head::Head,
     mut input: BytesMut,
 ) {
-    use crate::https_device::{self, Route};
     loop {
-        let route = https_device::route(head.path());
-        let label = route_of(head.path());
-        let mut keep = !head.has_token("connection", "close");
-        let answer = match (&route, head.method.as_str()) {
-            (
-                Route::Events {
-                    device_id,
-                    module_id,
-                },
-                "POST",
-            ) => match https_device::authenticate(&shard, &head, device_id, module_id.as_deref()) {
-                Err(refused) => {
-                    keep = false;
-                    refused
-                }
-                Ok(identity) => {
-                    pre_auth.release();
-                    match read_body(&shard, &mut wire, &head, &mut input).await {
-                        Ok(body) => https_device::telemetry(&shard, &head, &identity, body).await,
-                        Err(answer) => {
-                            keep = false;
-                            answer
-                        }
-                    }
-                }
-            },
-            (Route::Events { .. }, _) => {
-                keep = false;
-                https_device::Answer::err(405, "MethodNotAllowed", "telemetry is a POST")
-            }
-            (Route::Receive { device_id }, "GET") => {
-                match https_device::authenticate(&shard, &head, device_id, None) {
-                    Err(refused) => {
-                        keep = false;
-                        refused
-                    }
-                    Ok(_) => {
-                        pre_auth.release();
-                        match https_device::receive(&shard, device_id).await {
-                            Ok(Some((headers, body))) => {
-                                shard
-                                    .shared
-                                    .metrics
-                                    .https_requests
-                                    .with_label_values(&[label, "200"])
-                                    .inc();
-                                if wire
-                                    .write_all(&ok_with_body(&headers, &body))
-                                    .await
-                                    .is_err()
-                                {
-                                    return;
-                                }
-                                match next_request(&shard, &mut wire, &mut input).await {
-                                    Some(h) => {
-                                        head = h;
-                                        input = input.split_off(head.len);
-                                        continue;
-                                    }
-                                    None => return,
-                                }
-                            }
-                            Ok(None) => https_device::Answer::ok(),
-                            Err(answer) => answer,
-                        }
-                    }
-                }
-            }
-            (
-                Route::Settle {
-                    device_id,
-                    lock,
-                    abandon,
-                },
-                method,
-            ) => {
-                let outcome = match (method, *abandon) {
-                    ("DELETE", false)
-                        if head
-                            .query()
-                            .split('&')
-                            .any(|p| p == "reject" || p.starts_with("reject=")) =>
-                    {
-                        Some(roost_model::link::C2dOutcome::Reject)
-                    }
-                    ("DELETE", false) => Some(roost_model::link::C2dOutcome::Complete),
-                    ("POST", true) => Some(roost_model::link::C2dOutcome::Abandon),
-                    _ => None,
-                };
-                match (
-                    outcome,
-                    https_device::authenticate(&shard, &head, device_id, None),
-                ) {
-                    (_, Err(refused)) => {
-                        keep = false;
-                        refused
-                    }
-                    (None, Ok(_)) => {
-                        keep = false;
-                        https_device::Answer::err(
-                            405,
-                            "MethodNotAllowed",
-                            "complete and reject are a DELETE, abandon a POST",
-                        )
-                    }
-                    (Some(outcome), Ok(_)) => {
-                        pre_auth.release();
-                        // A POST may carry an (empty) body: take it before the next request.
-                        if head::is_chunked(&head)
-                            || head.content_length().ok().flatten().unwrap_or(0) > 0
-                        {
-                            if let Err(answer) =
-                                read_body(&shard, &mut wire, &head, &mut input).await
-                            {
-                                keep = false;
-                                answer
-                            } else {
-                                https_device::settle(&shard, device_id, lock, outcome).await
-                            }
-                        } else {
-                            https_device::settle(&shard, device_id, lock, outcome).await
-                        }
-                    }
-                }
-            }
-            (Route::Receive { .. }, _) => {
-                keep = false;
-                https_device::Answer::err(405, "MethodNotAllowed", "a receive is a GET")
-            }
-            (Route::Other, _) => {
-                keep = false;
-                https_device::Answer::err(
-                    404,
-                    "IotHubNotFound",
-                    "this hub serves the device API and WebSockets on port 443; the service API is on its own port",
-                )
-            }
-        };
+        let (answer, in_step) =
+            match device_request(&shard, &mut wire, &mut pre_auth, &head, &mut input).await {
+                Ok(answer) => (answer, true),
+                Err(refused) => (refused, false),
+            };
         shard
             .shared
             .metrics
             .https_requests
-            .with_label_values(&[label, &answer.status.to_string()])
+            .with_label_values(&[route_of(head.path()), &answer.status.to_string()])
             .inc();
-        let bytes = match &answer.error {
-            None => format!("HTTP/1.1 {} No Content\r\n\r\n", answer.status).into_bytes(),
-            Some((code, message)) => error_body(answer.status, code, message),
+        let bytes = match (&answer.error, &answer.message) {
+            (Some((code, message)), _) => error_body(answer.status, code, message),
+            (None, Some((headers, body))) => ok_with_body(headers, body),
+            (None, None) => format!("HTTP/1.1 {} No Content\r\n\r\n", answer.status).into_bytes(),
         };
-        if !keep {
+        if !in_step || head.has_token("connection", "close") {
             return self::answer(wire, &bytes).await;
         }
         if wire.write_all(&bytes).await.is_err() {
@@ -240,6 +107,87 @@ async fn requests(
             None => return,
         }
     }
+}
+
+/// One request of the HTTPS device API: `Err` when it is refused before its body was read
+/// (unknown route, wrong method, a token refused, a body that cannot be taken), `Ok` once it
+/// was read whole and answered.
+async fn device_request(
+    shard: &Shard,
+    wire: &mut Wire,
+    pre_auth: &mut PreAuthSlot,
+    head: &head::Head,
+    input: &mut BytesMut,
+) -> Result<crate::https_device::Answer, crate::https_device::Answer> {
+    use crate::https_device::{self, Answer, Route};
+    use roost_model::link::C2dOutcome;
+    let route = https_device::route(head.path());
+    let refuse_method = |what: &str| Err(Answer::err(405, "MethodNotAllowed", what.to_string()));
+    // The identity the path names, and for a settlement its outcome.
+    let (device_id, module_id, outcome) = match (&route, head.method.as_str()) {
+        (Route::Other, _) => {
+            return Err(Answer::err(
+                404,
+                "IotHubNotFound",
+                "this hub serves the device API and WebSockets on port 443; the service API is on its own port",
+            ))
+        }
+        (
+            Route::Events {
+                device_id,
+                module_id,
+            },
+            "POST",
+        ) => (device_id, module_id.as_deref(), None),
+        (Route::Receive { device_id }, "GET") => (device_id, None, None),
+        (Route::Events { .. }, _) => return refuse_method("telemetry is a POST"),
+        (Route::Receive { .. }, _) => return refuse_method("a receive is a GET"),
+        (
+            Route::Settle {
+                device_id,
+                abandon: false,
+                ..
+            },
+            "DELETE",
+        ) => {
+            let reject = head
+                .query()
+                .split('&')
+                .any(|p| p == "reject" || p.starts_with("reject="));
+            let outcome = match reject {
+                true => C2dOutcome::Reject,
+                false => C2dOutcome::Complete,
+            };
+            (device_id, None, Some(outcome))
+        }
+        (
+            Route::Settle {
+                device_id,
+                abandon: true,
+                ..
+            },
+            "POST",
+        ) => (device_id, None, Some(C2dOutcome::Abandon)),
+        (Route::Settle { .. }, _) => {
+            return refuse_method("complete and reject are a DELETE, abandon a POST")
+        }
+    };
+    let identity = https_device::authenticate(shard, head, device_id, module_id)?;
+    pre_auth.release();
+    Ok(match (&route, outcome) {
+        (Route::Events { .. }, _) => {
+            let body = read_body(shard, wire, head, input).await?;
+            https_device::telemetry(shard, head, &identity, body).await
+        }
+        (Route::Settle { lock, .. }, Some(outcome)) => {
+            // A POST may carry an (empty) body: take it before the next request.
+            if head::is_chunked(head) || head.content_length().ok().flatten().unwrap_or(0) > 0 {
+                read_body(shard, wire, head, input).await?;
+            }
+            https_device::settle(shard, device_id, lock, outcome).await
+        }
+        _ => https_device::receive(shard, device_id).await,
+    })
 }
 
 /// The next request's head on a kept-alive connection, within the idle timeout; `None` when

@@ -27,10 +27,12 @@ use crate::shard::{Shard, Stored};
 /// with room for a batch's JSON and base64.
 pub const MAX_BODY: usize = 256 * 1024 * 4 / 3 + 16 * 1024;
 
-/// An answer: status, IoT Hub's error code name and message (none for success).
+/// An answer: status, IoT Hub's error code name and message (none for success), and for a
+/// C2D receive the message (its headers and body).
 pub struct Answer {
     pub status: u16,
     pub error: Option<(&'static str, String)>,
+    pub message: Option<(Vec<(String, String)>, Vec<u8>)>,
 }
 
 impl Answer {
@@ -39,6 +41,7 @@ impl Answer {
         Answer {
             status: 204,
             error: None,
+            message: None,
         }
     }
 
@@ -46,6 +49,16 @@ impl Answer {
         Answer {
             status,
             error: Some((code, message.into())),
+            message: None,
+        }
+    }
+
+    /// 200 with a message.
+    fn message(headers: Vec<(String, String)>, body: Vec<u8>) -> Self {
+        Answer {
+            status: 200,
+            error: None,
+            message: Some((headers, body)),
         }
     }
 }
@@ -326,20 +339,21 @@ fn refused(status: u16, message: String) -> Answer {
 
 /// A message for an HTTPS receive: 200, the body, the lock token as a quoted `ETag`, and the
 /// properties as the HTTPS device API's headers; 204 when none waits.
-pub async fn receive(
-    shard: &Shard,
-    device_id: &str,
-) -> Result<Option<(Vec<(String, String)>, Vec<u8>)>, Answer> {
+pub async fn receive(shard: &Shard, device_id: &str) -> Answer {
     use roost_model::link::{ServiceReply, ServiceRequest};
-    let reply = call(
+    let reply = match call(
         shard,
         ServiceRequest::C2dReceive {
             device_id: device_id.to_string(),
         },
     )
-    .await?;
+    .await
+    {
+        Ok(reply) => reply,
+        Err(answer) => return answer,
+    };
     match reply {
-        ServiceReply::NoMessage => Ok(None),
+        ServiceReply::NoMessage => Answer::ok(),
         ServiceReply::Message {
             lock,
             properties,
@@ -361,16 +375,12 @@ pub async fn receive(
                 // Header values may not hold line breaks.
                 headers.push((name, v.replace(['\r', '\n'], " ")));
             }
-            Ok(Some((headers, body)))
+            Answer::message(headers, body)
         }
         ServiceReply::Refused {
             status, message, ..
-        } => Err(refused(status, message)),
-        _ => Err(Answer::err(
-            500,
-            "ServerError",
-            "control answered something else",
-        )),
+        } => refused(status, message),
+        _ => Answer::err(500, "ServerError", "control answered something else"),
     }
 }
 

@@ -542,29 +542,27 @@ fn attach_link(s: &mut Session, endpoint: &AmqpEndpoint, link: LinkId, a: &Attac
     .and_then(|t| t.address.as_ref())
     .map(|x| x.as_str().to_string())
     .unwrap_or_default();
-    let device_at = roost_eventhubs::messaging::device_address(&address);
-    let kind = match (a.role, address.as_str()) {
-        _ if device_at.is_some() => {
-            let at = device_at.expect("checked");
-            device::attach(s, link, a, at)
-        }
-        (Role::Sender, "$cbs") => Ok(Link::CbsIn),
-        (Role::Receiver, "$cbs") => Ok(Link::CbsOut),
-        (Role::Sender, "$management") => Ok(Link::ManagementIn),
-        (Role::Receiver, "$management") => Ok(Link::ManagementOut),
-        (Role::Sender, addr) if service::is_devicebound(addr) => {
-            service::authorize(s, endpoint, service::DEVICEBOUND)
-                .map(|()| Link::C2dIn { in_flight: 0 })
-        }
-        (Role::Receiver, addr) if service::is_feedback(addr) => {
-            service::authorize(s, endpoint, service::FEEDBACK)
-                .map(|()| Link::FeedbackOut(service::Feedback::new()))
-        }
-        (Role::Receiver, other) => eventhubs::attach_receiver(s, endpoint, link, other, a),
-        (Role::Sender, _) => Err(AmqpError::new(
-            "amqp:not-found",
-            format!("no node {address:?} takes messages here"),
-        )),
+    let kind = match roost_eventhubs::messaging::device_address(&address) {
+        Some(at) => device::attach(s, link, a, at),
+        None => match (a.role, address.as_str()) {
+            (Role::Sender, "$cbs") => Ok(Link::CbsIn),
+            (Role::Receiver, "$cbs") => Ok(Link::CbsOut),
+            (Role::Sender, "$management") => Ok(Link::ManagementIn),
+            (Role::Receiver, "$management") => Ok(Link::ManagementOut),
+            (Role::Sender, addr) if service::is_devicebound(addr) => {
+                service::authorize(s, endpoint, service::DEVICEBOUND)
+                    .map(|()| Link::C2dIn { in_flight: 0 })
+            }
+            (Role::Receiver, addr) if service::is_feedback(addr) => {
+                service::authorize(s, endpoint, service::FEEDBACK)
+                    .map(|()| Link::FeedbackOut(service::Feedback::new()))
+            }
+            (Role::Receiver, other) => eventhubs::attach_receiver(s, endpoint, link, other, a),
+            (Role::Sender, _) => Err(AmqpError::new(
+                "amqp:not-found",
+                format!("no node {address:?} takes messages here"),
+            )),
+        },
     };
     let kind = match kind {
         Ok(kind) => kind,

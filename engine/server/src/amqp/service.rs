@@ -101,8 +101,9 @@ pub(super) fn on_c2d(
                 message: Box::new(message),
             })
             .await;
-        let (label, state) = match reply {
-            Ok(ServiceReply::Done) => ("ok".to_string(), DeliveryState::Accepted),
+        count_call(&metrics, "c2d_send", &reply);
+        let state = match reply {
+            Ok(ServiceReply::Done) => DeliveryState::Accepted,
             Ok(ServiceReply::Refused {
                 status, message, ..
             }) => {
@@ -113,28 +114,17 @@ pub(super) fn on_c2d(
                     400 => "amqp:not-allowed",
                     _ => "amqp:internal-error",
                 };
-                let error = AmqpError::new(condition, message);
-                (status.to_string(), DeliveryState::Rejected(Some(error)))
+                DeliveryState::Rejected(Some(AmqpError::new(condition, message)))
             }
-            Ok(_) => (
-                "500".to_string(),
-                DeliveryState::Rejected(Some(AmqpError::new(
-                    "amqp:internal-error",
-                    "control answered something else",
-                ))),
-            ),
-            Err(e) => (
-                call_failed(e).to_string(),
-                DeliveryState::Rejected(Some(AmqpError::new(
-                    "com.microsoft:server-busy",
-                    e.to_string(),
-                ))),
-            ),
+            Ok(_) => DeliveryState::Rejected(Some(AmqpError::new(
+                "amqp:internal-error",
+                "control answered something else",
+            ))),
+            Err(e) => DeliveryState::Rejected(Some(AmqpError::new(
+                "com.microsoft:server-busy",
+                e.to_string(),
+            ))),
         };
-        metrics
-            .amqp_service_calls
-            .with_label_values(&["c2d_send", &label])
-            .inc();
         let _ = done.send(Done::C2dSent {
             link,
             delivery_id,
@@ -143,11 +133,24 @@ pub(super) fn on_c2d(
     });
 }
 
-fn call_failed(e: CallFailed) -> &'static str {
-    match e {
-        CallFailed::ControlAway => "control_away",
-        CallFailed::TimedOut => "timed_out",
-    }
+/// Counts a call of control in `roost_amqp_service_calls_total{op,result}`: `ok`, `none` (no
+/// feedback waits), a refusal's status, or why control gave no answer.
+fn count_call(
+    metrics: &crate::metrics::Metrics,
+    op: &str,
+    reply: &Result<ServiceReply, CallFailed>,
+) {
+    let result = match reply {
+        Ok(ServiceReply::Refused { status, .. }) => status.to_string(),
+        Ok(ServiceReply::NoFeedback) => "none".to_string(),
+        Ok(_) => "ok".to_string(),
+        Err(CallFailed::ControlAway) => "control_away".to_string(),
+        Err(CallFailed::TimedOut) => "timed_out".to_string(),
+    };
+    metrics
+        .amqp_service_calls
+        .with_label_values(&[op, &result])
+        .inc();
 }
 
 /// Control queued (or refused) a message: settle its delivery and give the credit back.
@@ -220,18 +223,7 @@ pub(super) fn on_feedback(
     link: LinkId,
     reply: Result<ServiceReply, CallFailed>,
 ) {
-    let label = match &reply {
-        Ok(ServiceReply::Feedback { .. }) => "ok".to_string(),
-        Ok(ServiceReply::NoFeedback) => "none".to_string(),
-        Ok(ServiceReply::Refused { status, .. }) => status.to_string(),
-        Ok(_) => "500".to_string(),
-        Err(e) => call_failed(*e).to_string(),
-    };
-    endpoint
-        .metrics
-        .amqp_service_calls
-        .with_label_values(&["feedback_receive", &label])
-        .inc();
+    count_call(&endpoint.metrics, "feedback_receive", &reply);
     let sent = match reply {
         Ok(ServiceReply::Feedback { lock, body }) => {
             let mut out = BytesMut::new();
@@ -291,16 +283,7 @@ pub(super) fn on_disposition(
             let reply = services
                 .call(ServiceRequest::FeedbackComplete { lock })
                 .await;
-            let label = match reply {
-                Ok(ServiceReply::Done) => "ok".to_string(),
-                Ok(ServiceReply::Refused { status, .. }) => status.to_string(),
-                Ok(_) => "500".to_string(),
-                Err(e) => call_failed(e).to_string(),
-            };
-            metrics
-                .amqp_service_calls
-                .with_label_values(&["feedback_complete", &label])
-                .inc();
+            count_call(&metrics, "feedback_complete", &reply);
             let _ = done.send(Done::FeedbackCompleted { link });
         });
     }
