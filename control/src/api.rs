@@ -7,7 +7,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use hyper::http::request::Parts;
 use hyper::{HeaderMap, Method, StatusCode};
 use roost_common::httpd::{self, percent_decode, query_param, Req, Resp};
+use bytes::Bytes;
 use roost_iothub::sas::SasToken;
+use roost_model::link::{ServiceReply, ServiceRequest};
 use roost_session::quota::{Admit, Bucket, Limit, Quotas};
 use serde_json::json;
 
@@ -352,6 +354,35 @@ fn if_match(req: &Req) -> Option<String> {
     Some(unquote(value).to_string())
 }
 
+/// A response as the link carries it back to the engine: status, headers (those of the
+/// response's framing left to the engine), body.
+async fn http_reply(resp: Resp) -> ServiceReply {
+    use http_body_util::BodyExt as _;
+    let (parts, body) = resp.into_parts();
+    let headers = parts
+        .headers
+        .iter()
+        .filter(|(name, _)| {
+            ![
+                hyper::header::CONTENT_LENGTH,
+                hyper::header::TRANSFER_ENCODING,
+                hyper::header::CONNECTION,
+            ]
+            .contains(name)
+        })
+        .filter_map(|(name, value)| Some((name.to_string(), value.to_str().ok()?.to_string())))
+        .collect();
+    let body = match body.collect().await {
+        Ok(b) => b.to_bytes().to_vec(),
+        Err(never) => match never {},
+    };
+    ServiceReply::Http {
+        status: parts.status.as_u16(),
+        headers,
+        body,
+    }
+}
+
 /// Strips the quotes of an etag as sent in `If-Match` or a body.
 fn unquote(s: &str) -> &str {
     s.trim().trim_matches('"')
@@ -641,6 +672,51 @@ impl Api {
             self.count(e.status);
             e.response()
         })
+    }
+
+    /// A service request that reached an engine's port 443 (issue 11), served as this API
+    /// serves its own port: `RestAdmit` is [`Self::admit`] on the head alone (the engine reads
+    /// no body before it is admitted); `Rest` is admitted again, held to its route's body
+    /// limit, then [`Self::handle`]d.
+    pub async fn forwarded(self: Arc<Self>, request: ServiceRequest) -> ServiceReply {
+        let (head, body) = match request {
+            ServiceRequest::RestAdmit { head } => (head, None),
+            ServiceRequest::Rest { head, body } => (head, Some(body)),
+            _ => return http_reply(HubError::server("not a REST request").response()).await,
+        };
+        let mut builder = hyper::Request::builder()
+            .method(head.method.as_str())
+            .uri(head.target.as_str());
+        for (name, value) in &head.headers {
+            builder = builder.header(name.as_str(), value.as_str());
+        }
+        let (parts, ()) = match builder.body(()) {
+            Ok(req) => req.into_parts(),
+            Err(e) => {
+                let bad = HubError::new(StatusCode::BAD_REQUEST, 400004, "ArgumentInvalid", e.to_string());
+                return http_reply(bad.response()).await;
+            }
+        };
+        let limit = match self.admit(&parts) {
+            Ok(limit) => limit.min(httpd::MAX_BODY),
+            Err(refusal) => return http_reply(refusal).await,
+        };
+        let Some(body) = body else {
+            return ServiceReply::Admitted {
+                body_limit: limit as u64,
+            };
+        };
+        if body.len() > limit {
+            let large = HubError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                413001,
+                "RequestEntityTooLarge",
+                format!("the body is over {limit} bytes"),
+            );
+            return http_reply(large.response()).await;
+        }
+        let resp = self.handle(hyper::Request::from_parts(parts, Bytes::from(body))).await;
+        http_reply(resp).await
     }
 
     fn check(&self, parts: &Parts) -> Result<usize, HubError> {

@@ -618,5 +618,9 @@ pub fn serve_request(c2d: &C2d, request: ServiceRequest) -> ServiceReply {
             Ok(false) => refused(412, 412002, format!("{lock} is not a feedback lock token")),
             Err(e) => server(e),
         },
+        // The link server gives these to the service API.
+        ServiceRequest::RestAdmit { .. } | ServiceRequest::Rest { .. } => {
+            refused(500, 500001, "a REST request is served by the service API".into())
+        }
     }
 }

@@ -199,7 +199,10 @@ pub fn run(config: ControlConfig, on_ready: impl FnOnce() + Send + 'static) -> a
             Some(service_tls),
             metrics.http_limits("service"),
             move |parts: &_| admit_api.admit(parts),
-            move |req| api.clone().handle(req),
+            {
+                let api = api.clone();
+                move |req| api.clone().handle(req)
+            },
         ));
 
         let ops = tokio::net::TcpListener::bind(config.ops)
@@ -240,6 +243,7 @@ pub fn run(config: ControlConfig, on_ready: impl FnOnce() + Send + 'static) -> a
             methods,
             c2d,
             events: events.clone(),
+            api,
         });
         tokio::spawn(link.run(endpoint.clone()));
 

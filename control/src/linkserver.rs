@@ -67,6 +67,8 @@ pub struct LinkServer {
     pub methods: Arc<Methods>,
     pub c2d: Arc<C2d>,
     pub events: Arc<crate::events::HubEvents>,
+    /// The service API, for service requests that reached an engine's port 443.
+    pub api: Arc<crate::api::Api>,
 }
 
 /// Twin requests one engine may have queued at control; past it one is answered at once with
@@ -605,12 +607,23 @@ impl LinkServer {
                 Ok(())
             }
             EngineFrame::Service { id, request } => {
-                // Off the link's task: each writes to the store.
-                let (c2d, commands) = (self.c2d.clone(), self.commands.clone());
-                tokio::task::spawn_blocking(move || {
-                    let reply = crate::c2d::serve_request(&c2d, request);
-                    commands.reply_on_link(link, ControlFrame::ServiceReply { id, reply });
-                });
+                let commands = self.commands.clone();
+                if request.is_rest() {
+                    // Served as the service API serves its own port (a method call waits for
+                    // its device on the runtime; the rest go to the blocking pool there).
+                    let api = self.api.clone();
+                    tokio::spawn(async move {
+                        let reply = api.forwarded(request).await;
+                        commands.reply_on_link(link, ControlFrame::ServiceReply { id, reply });
+                    });
+                } else {
+                    // Off the link's task: each writes to the store.
+                    let c2d = self.c2d.clone();
+                    tokio::task::spawn_blocking(move || {
+                        let reply = crate::c2d::serve_request(&c2d, request);
+                        commands.reply_on_link(link, ControlFrame::ServiceReply { id, reply });
+                    });
+                }
                 Ok(())
             }
             EngineFrame::MethodResponse {

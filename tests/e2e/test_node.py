@@ -21,18 +21,24 @@ from conftest import unique_id
 NODE_DIR = Path(__file__).parent / "node"
 
 
-def node_steps(hub, script: str, **extra: str) -> list[dict]:
+def node_steps(hub, script: str, default_service_port: bool = False, **extra: str) -> list[dict]:
+    """Runs tests/e2e/node/`script` against `hub`. Its service clients go to the hub's service
+    port; with `default_service_port`, to the SDK's own default (https://{HostName}, port 443),
+    with only the connection string and the CA trusted through NODE_EXTRA_CA_CERTS."""
     if shutil.which("node") is None or not (NODE_DIR / "node_modules" / "azure-iothub").is_dir():
         pytest.fail("the Node SDKs are not installed: run scripts/setup.sh (npm ci in tests/e2e/node)",
                     pytrace=False)
     env = {
         **os.environ,
         "ROOST_SERVICE_CS": hub.service_connection_string,
-        "ROOST_SERVICE_PORT": str(urllib.parse.urlparse(hub.service_url).port),
         "ROOST_CA": str(hub.ca_path),
         "ROOST_MQTT_PORT": str(hub.mqtt_port),
         **extra,
     }
+    if default_service_port:
+        env["NODE_EXTRA_CA_CERTS"] = str(hub.ca_path)
+    else:
+        env["ROOST_SERVICE_PORT"] = str(urllib.parse.urlparse(hub.service_url).port)
     cp = subprocess.run(["node", script], cwd=NODE_DIR, env=env, capture_output=True, text=True, timeout=120)
     steps = [json.loads(line) for line in cp.stdout.splitlines() if line.startswith("{")]
     failed = [s for s in steps if not s["ok"]]

@@ -1,5 +1,6 @@
 """Port 443 (issue 11): the hub's `https` listener tells its protocols apart by the request
-head. The HTTPS device API — telemetry (single messages and batches, kept-alive connections,
+head. The service SDKs (Python `IoTHubRegistryManager`, Node `azure-iothub`) reach the service
+API there with nothing but the connection string and a trusted CA. The HTTPS device API — telemetry (single messages and batches, kept-alive connections,
 every error path) and C2D with lock tokens — is driven with raw requests. The unmodified Python device SDK with `websockets=True` (paho's MQTT over a WebSocket at
 `/$iothub/websocket`, subprotocol `mqtt`) sends telemetry, reads and patches its twin,
 receives desired changes, answers a direct method and receives C2D — through the same MQTT
@@ -93,7 +94,12 @@ def test_what_port_443_does_not_serve_is_refused_with_its_status(shared_hub):
         (upgrade.format(path="/$iothub/websocket", version=8, protocol="mqtt"), b"HTTP/1.1 426 ", b"Sec-WebSocket-Version: 13"),
         (upgrade.format(path="/elsewhere", version=13, protocol="mqtt"), b"HTTP/1.1 404 ", b"no WebSocket"),
         ("GET /devices/x/messages/deviceBound HTTP/1.1\r\nHost: localhost\r\n\r\n", b"HTTP/1.1 401 ", b"ErrorCode:IotHubUnauthorizedAccess"),
-        ("GET /twins/x HTTP/1.1\r\nHost: localhost\r\n\r\n", b"HTTP/1.1 404 ", b"ErrorCode:IotHubNotFound"),
+        # The service API's paths are control's: a twin read without a token is 401 there.
+        ("GET /twins/x HTTP/1.1\r\nHost: localhost\r\n\r\n", b"HTTP/1.1 401 ", b"iothub-errorcode: IotHubUnauthorized"),
+        # Refused from the head: nothing of the announced body is read.
+        ("PUT /devices/x?api-version=2021-04-12 HTTP/1.1\r\nHost: localhost\r\nContent-Length: 900000\r\n"
+         "Authorization: SharedAccessSignature sr=localhost&sig=AAAA&se=9999999999&skn=iothubowner\r\n\r\n",
+         b"HTTP/1.1 401 ", b"Connection: close"),
         ("GET / HTTP/1.1\r\nHost: localhost\r\nX: " + "a" * 9000 + "\r\n\r\n", b"HTTP/1.1 431 ", b"ErrorCode:BadRequest"),
     ]
     for request, status, detail in cases:
@@ -231,7 +237,7 @@ def test_the_https_device_api_takes_telemetry(shared_hub):
     assert status_of("GET", path, {"Authorization": token})[:2] == (405, "MethodNotAllowed")
     assert status_of("POST", path, {"Authorization": token, "Content-Type": "application/vnd.microsoft.iothub.json"},
                      b"not json")[:2] == (400, "ArgumentInvalid")
-    assert status_of("GET", "/nothing/here", {})[:2] == (404, "IotHubNotFound")
+    assert status_of("GET", "/nothing/here", {})[:2] == (404, "NotFound")
     # Refused from the head, before any of the body is sent: a bad token (401), and a body
     # announced over the limit (413).
     ctx = ssl.create_default_context(cafile=hub.ca_path)
@@ -336,3 +342,60 @@ def test_the_node_device_sdk_over_http(shared_hub):
 
     assert wait_until(statuses, 15, "feedback for the three") == {
         "http-c2d-complete": "Success", "http-c2d-reject": "Rejected", "http-c2d-abandon": "Success"}
+
+
+def test_the_service_sdks_on_their_default_port(hub_factory, monkeypatch):
+    """A hub whose `https` listener is on 443 serves the service API there, forwarded to
+    control over the link: the Python `IoTHubRegistryManager` and the Node `azure-iothub`
+    clients get the service connection string (`HostName=localhost`) and the hub's CA as a
+    trusted root (REQUESTS_CA_BUNDLE, NODE_EXTRA_CA_CERTS) and nothing else — no base URL, no
+    port — for registry writes and reads, typed errors, twins, a query, jobs and a direct method
+    that waits for its device."""
+    from azure.iot.hub import IoTHubRegistryManager
+    from azure.iot.hub.models import QuerySpecification, Twin
+    from msrest.exceptions import HttpOperationError
+
+    from test_methods import status_and_code
+    from test_node import node_steps
+
+    hub = hub_factory(start=False)
+    hub.ports["https"] = 443
+    hub.start()
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(hub.ca_path))
+    rm = IoTHubRegistryManager.from_connection_string(hub.service_connection_string)
+    assert rm.protocol.config.base_url == "https://localhost"
+
+    device_id = unique_id("svc443")
+    created = rm.create_device_with_sas(device_id, None, None, "enabled")
+    assert created.device_id == device_id and rm.get_device(device_id).status == "enabled"
+    try:
+        rm.get_device(device_id + "-nope")
+        raise AssertionError("found a device that does not exist")
+    except HttpOperationError as e:
+        assert status_and_code(e) == (404, "DeviceNotFound")
+    rm.update_twin(device_id, Twin(tags={"floor": 3}), "*")
+    assert rm.get_twin(device_id).tags == {"floor": 3}
+    rows = rm.query_iot_hub(QuerySpecification(query=f"SELECT * FROM devices WHERE tags.floor = 3 AND deviceId = '{device_id}'"))
+    assert [t.device_id for t in rows.items] == [device_id]
+
+    # A direct method: the call waits at control for the device, over the link, then answers.
+    key = created.authentication.symmetric_key.primary_key
+    client = hub.connected_client(f"HostName={hub.hostname};DeviceId={device_id};SharedAccessKey={key}")
+
+    def handler(req):
+        client.send_method_response(MethodResponse.create_from_method_request(req, 200, {"port": 443}))
+
+    client.on_method_request_received = handler
+    wait_subscribed(hub, rm, device_id)
+    answer = invoke(rm, device_id, "where", None)
+    assert answer.status == 200 and answer.payload == {"port": 443}
+    rm.delete_device(device_id)
+    hub.wait_metric("roost_https_requests_total", lambda v: v >= 6, "service requests on 443",
+                    route="service", status="200")
+
+    # The Node service SDK: Registry, Client.invokeDeviceMethod and JobClient at their defaults.
+    before = hub.metric_sum("roost_https_requests_total", route="service")
+    steps = node_steps(hub, "service_and_device.js", default_service_port=True, ROOST_DEVICE_ID=unique_id("node443"))
+    assert len(steps) == 14, [s["step"] for s in steps]
+    hub.wait_metric("roost_https_requests_total", lambda v: v >= before + 20, "the Node SDK's requests on 443",
+                    route="service")

@@ -286,6 +286,29 @@ pub enum ServiceRequest {
     FeedbackReceive,
     /// The records a `FeedbackReceive` returned with `lock` are delivered.
     FeedbackComplete { lock: String },
+    /// A service REST request that reached the engine's port 443, judged from its head before
+    /// its body is read: answered `Admitted` with the route's body limit, or `Http` refused.
+    RestAdmit { head: RestHead },
+    /// A service REST request that reached port 443, body read: served as control's own
+    /// service API serves it, answered `Http`.
+    Rest { head: RestHead, body: Vec<u8> },
+}
+
+impl ServiceRequest {
+    /// A service REST request (served by control's service API), not a C2D queue operation.
+    pub fn is_rest(&self) -> bool {
+        matches!(self, ServiceRequest::RestAdmit { .. } | ServiceRequest::Rest { .. })
+    }
+}
+
+/// A service REST request's head as port 443 read it.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[rkyv(derive(Debug))]
+pub struct RestHead {
+    pub method: String,
+    /// The request target: path and query.
+    pub target: String,
+    pub headers: Vec<(String, String)>,
 }
 
 /// Control's answer to a [`ServiceRequest`].
@@ -314,6 +337,14 @@ pub enum ServiceReply {
     },
     /// No message waits.
     NoMessage,
+    /// A `RestAdmit` admitted: the body may hold up to this many bytes.
+    Admitted { body_limit: u64 },
+    /// The service API's HTTP answer to a `Rest` (or a `RestAdmit` refused).
+    Http {
+        status: u16,
+        headers: Vec<(String, String)>,
+        body: Vec<u8>,
+    },
 }
 
 /// What became of a command.

@@ -4,8 +4,9 @@
 //! `Wire` (the MQTT adapter, `conn.rs`, with the stream carried in WebSocket frames); with
 //! `AMQPWSB10` (on `/$iothub/websocket` or `/$servicebus/websocket`) the stream is tunnelled to
 //! the AMQP listener's thread, where it is an AMQP connection like one on 5671. Plain requests
-//! are the HTTPS device API (`https_device.rs`: telemetry, and C2D with lock tokens),
-//! on kept-alive connections. Still to come on this port: the service API.
+//! are the HTTPS device API (`https_device.rs`: telemetry, and C2D with lock tokens) or the
+//! service REST API (`https_service.rs`: forwarded to control over the link), told apart per
+//! request on kept-alive connections.
 //!
 //! Bounded like every pre-authentication path: the connection holds its pre-authentication
 //! slot, the TLS handshake has its deadline, and the request head must be whole within 8 KiB
@@ -66,9 +67,10 @@ pub async fn serve(shard: Rc<Shard>, mut wire: Wire, pre_auth: PreAuthSlot) {
 const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Serves plain HTTP requests on a kept-alive connection: the HTTPS device API
-/// (`https_device.rs`), anything else 404. The token is checked from the headers before a body
-/// is read: a request refused before its body was read is answered and the connection closed,
-/// with nothing of the body held (and nothing known of what follows it on the stream).
+/// (`https_device.rs`) or the service API (`https_service.rs`). The token is checked from the
+/// headers before a body is read: a request refused before its body was read is answered and
+/// the connection closed, with nothing of the body held (and nothing known of what follows it
+/// on the stream).
 async fn requests(
     shard: Rc<Shard>,
     mut wire: Wire,
@@ -77,20 +79,31 @@ async fn requests(
     mut input: BytesMut,
 ) {
     loop {
-        let (answer, in_step) =
-            match device_request(&shard, &mut wire, &mut pre_auth, &head, &mut input).await {
-                Ok(answer) => (answer, true),
-                Err(refused) => (refused, false),
-            };
+        let service = crate::https_service::is_service(&head);
+        let served = match service {
+            true => {
+                crate::https_service::request(&shard, &mut wire, &mut pre_auth, &head, &mut input)
+                    .await
+            }
+            false => device_request(&shard, &mut wire, &mut pre_auth, &head, &mut input).await,
+        };
+        let (answer, in_step) = match served {
+            Ok(answer) => (answer, true),
+            Err(refused) => (refused, false),
+        };
+        let route = match service {
+            true => "service",
+            false => route_of(head.path()),
+        };
         shard
             .shared
             .metrics
             .https_requests
-            .with_label_values(&[route_of(head.path()), &answer.status.to_string()])
+            .with_label_values(&[route, &answer.status.to_string()])
             .inc();
         let bytes = match (&answer.error, &answer.message) {
             (Some((code, message)), _) => error_body(answer.status, code, message),
-            (None, Some((headers, body))) => ok_with_body(headers, body),
+            (None, Some((headers, body))) => with_body(answer.status, headers, body, !in_step),
             (None, None) => format!("HTTP/1.1 {} No Content\r\n\r\n", answer.status).into_bytes(),
         };
         if !in_step || head.has_token("connection", "close") {
@@ -125,13 +138,8 @@ async fn device_request(
     let refuse_method = |what: &str| Err(Answer::err(405, "MethodNotAllowed", what.to_string()));
     // The identity the path names, and for a settlement its outcome.
     let (device_id, module_id, outcome) = match (&route, head.method.as_str()) {
-        (Route::Other, _) => {
-            return Err(Answer::err(
-                404,
-                "IotHubNotFound",
-                "this hub serves the device API and WebSockets on port 443; the service API is on its own port",
-            ))
-        }
+        // `https_service::is_service` took every other path.
+        (Route::Other, _) => return Err(Answer::err(404, "IotHubNotFound", "no such route")),
         (
             Route::Events {
                 device_id,
@@ -176,13 +184,13 @@ async fn device_request(
     pre_auth.release();
     Ok(match (&route, outcome) {
         (Route::Events { .. }, _) => {
-            let body = read_body(shard, wire, head, input).await?;
+            let body = read_body(shard, wire, head, input, https_device::MAX_BODY).await?;
             https_device::telemetry(shard, head, &identity, body).await
         }
         (Route::Settle { lock, .. }, Some(outcome)) => {
             // A POST may carry an (empty) body: take it before the next request.
             if head::is_chunked(head) || head.content_length().ok().flatten().unwrap_or(0) > 0 {
-                read_body(shard, wire, head, input).await?;
+                read_body(shard, wire, head, input, https_device::MAX_BODY).await?;
             }
             https_device::settle(shard, device_id, lock, outcome).await
         }
@@ -213,11 +221,18 @@ async fn next_request(shard: &Shard, wire: &mut Wire, input: &mut BytesMut) -> O
     }
 }
 
-/// `200 OK` with a message's headers and body.
-fn ok_with_body(headers: &[(String, String)], body: &[u8]) -> Vec<u8> {
-    let mut out = String::from("HTTP/1.1 200 OK\r\n");
+/// An answer with headers and a body (a C2D message, or the service API's answer), and
+/// `Connection: close` when the connection ends after it.
+fn with_body(status: u16, headers: &[(String, String)], body: &[u8], closing: bool) -> Vec<u8> {
+    let mut out = format!("HTTP/1.1 {status} {}\r\n", reason(status));
     for (name, value) in headers {
-        out.push_str(&format!("{name}: {value}\r\n"));
+        // A value with a line break would split the head; control never sends one.
+        if !value.contains(['\r', '\n']) {
+            out.push_str(&format!("{name}: {value}\r\n"));
+        }
+    }
+    if closing {
+        out.push_str("Connection: close\r\n");
     }
     out.push_str(&format!("Content-Length: {}\r\n\r\n", body.len()));
     let mut bytes = out.into_bytes();
@@ -225,16 +240,17 @@ fn ok_with_body(headers: &[(String, String)], body: &[u8]) -> Vec<u8> {
     bytes
 }
 
-/// Reads a chunked body (at most [`https_device::MAX_BODY`] bytes of data).
+/// Reads a chunked body (at most `max` bytes of data).
 async fn read_chunked(
     shard: &Shard,
     wire: &mut Wire,
     input: &mut BytesMut,
+    max: usize,
 ) -> Result<bytes::Bytes, crate::https_device::Answer> {
-    use crate::https_device::{Answer, MAX_BODY};
+    use crate::https_device::Answer;
     let reading = async {
         loop {
-            match head::dechunk(input, MAX_BODY) {
+            match head::dechunk(input, max) {
                 Ok(Some((data, used))) => {
                     let _ = input.split_to(used);
                     return Ok(bytes::Bytes::from(data));
@@ -272,17 +288,18 @@ async fn read_chunked(
     future::or(reading, late).await
 }
 
-/// Reads a request's body (`Content-Length` bytes, at most [`https_device::MAX_BODY`]), with
-/// what came behind the head first.
-async fn read_body(
+/// Reads a request's body (`Content-Length` bytes, or chunks, at most `max`), with what came
+/// behind the head first.
+pub(crate) async fn read_body(
     shard: &Shard,
     wire: &mut Wire,
     head: &head::Head,
     input: &mut BytesMut,
+    max: usize,
 ) -> Result<bytes::Bytes, crate::https_device::Answer> {
-    use crate::https_device::{Answer, MAX_BODY};
+    use crate::https_device::Answer;
     if head::is_chunked(head) {
-        return read_chunked(shard, wire, input).await;
+        return read_chunked(shard, wire, input, max).await;
     }
     let len = match head.content_length() {
         Ok(Some(n)) => n,
@@ -295,11 +312,11 @@ async fn read_body(
         }
         Err(e) => return Err(Answer::err(400, "ArgumentInvalid", e.to_string())),
     };
-    if len > MAX_BODY {
+    if len > max {
         return Err(Answer::err(
             413,
             "RequestEntityTooLarge",
-            format!("the body is over {MAX_BODY} bytes"),
+            format!("the body is over {max} bytes"),
         ));
     }
     let reading = async {
@@ -481,27 +498,40 @@ fn error_body(status: u16, code: &str, message: &str) -> Vec<u8> {
         r#"{{"Message":"ErrorCode:{code};{}","ExceptionMessage":""}}"#,
         message.replace('"', "'")
     );
-    let reason = match status {
-        400 => "Bad Request",
-        401 => "Unauthorized",
-        412 => "Precondition Failed",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        408 => "Request Timeout",
-        411 => "Length Required",
-        413 => "Payload Too Large",
-        429 => "Too Many Requests",
-        503 => "Service Unavailable",
-        431 => "Request Header Fields Too Large",
-        501 => "Not Implemented",
-        505 => "HTTP Version Not Supported",
-        _ => "Error",
-    };
     format!(
-        "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json; charset=utf-8\r\niothub-errorcode: {code}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "HTTP/1.1 {status} {}\r\nContent-Type: application/json; charset=utf-8\r\niothub-errorcode: {code}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        reason(status),
         body.len()
     )
     .into_bytes()
+}
+
+/// A status line's reason phrase (clients read the code; the phrase is for people).
+fn reason(status: u16) -> &'static str {
+    match status {
+        200 => "OK",
+        201 => "Created",
+        202 => "Accepted",
+        204 => "No Content",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        403 => "Forbidden",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        408 => "Request Timeout",
+        409 => "Conflict",
+        411 => "Length Required",
+        412 => "Precondition Failed",
+        413 => "Payload Too Large",
+        429 => "Too Many Requests",
+        431 => "Request Header Fields Too Large",
+        500 => "Internal Server Error",
+        501 => "Not Implemented",
+        503 => "Service Unavailable",
+        504 => "Gateway Timeout",
+        505 => "HTTP Version Not Supported",
+        _ => "Status",
+    }
 }
 
 /// Writes `bytes` and closes, within the close timeout.

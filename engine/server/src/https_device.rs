@@ -27,8 +27,8 @@ use crate::shard::{Shard, Stored};
 /// with room for a batch's JSON and base64.
 pub const MAX_BODY: usize = 256 * 1024 * 4 / 3 + 16 * 1024;
 
-/// An answer: status, IoT Hub's error code name and message (none for success), and for a
-/// C2D receive the message (its headers and body).
+/// An answer: status, IoT Hub's error code name and message (none for success), or headers
+/// and a body (a C2D receive's message, the service API's answer).
 pub struct Answer {
     pub status: u16,
     pub error: Option<(&'static str, String)>,
@@ -53,10 +53,10 @@ impl Answer {
         }
     }
 
-    /// 200 with a message.
-    fn message(headers: Vec<(String, String)>, body: Vec<u8>) -> Self {
+    /// A status with headers and a body: a C2D message (200), or the service API's answer.
+    pub fn with_body(status: u16, headers: Vec<(String, String)>, body: Vec<u8>) -> Self {
         Answer {
-            status: 200,
+            status,
             error: None,
             message: Some((headers, body)),
         }
@@ -305,9 +305,12 @@ pub async fn telemetry(shard: &Shard, head: &Head, identity: &Identity, body: By
 }
 
 /// A call of control from the shard, within the call timeout.
-async fn call(
+/// A call to control over the link, raced against the shard's own timer: 503 when control is
+/// away, the link drops, or `within` passes.
+pub async fn call(
     shard: &Shard,
     request: roost_model::link::ServiceRequest,
+    within: std::time::Duration,
 ) -> Result<roost_model::link::ServiceReply, Answer> {
     use futures_lite::future;
     let unavailable = |why: &str| Answer::err(503, "ServiceUnavailable", why.to_string());
@@ -316,14 +319,18 @@ async fn call(
         .services
         .start(request)
         .map_err(|e| unavailable(&e.to_string()))?;
-    let answer = async { rx.await.ok() };
+    let answer = async { Some(rx.await.map_err(|_| "the control link went down")) };
     let late = async {
-        glommio::timer::Timer::new(crate::service_calls::CALL_TIMEOUT).await;
+        glommio::timer::Timer::new(within).await;
         None
     };
     let reply = future::or(answer, late).await;
     shard.shared.services.forget(id);
-    reply.ok_or_else(|| unavailable("the control plane did not answer in time"))
+    match reply {
+        Some(Ok(reply)) => Ok(reply),
+        Some(Err(why)) => Err(unavailable(why)),
+        None => Err(unavailable("the control plane did not answer in time")),
+    }
 }
 
 /// A refusal control answered with, as the HTTP answer.
@@ -346,6 +353,7 @@ pub async fn receive(shard: &Shard, device_id: &str) -> Answer {
         ServiceRequest::C2dReceive {
             device_id: device_id.to_string(),
         },
+        crate::service_calls::CALL_TIMEOUT,
     )
     .await
     {
@@ -375,7 +383,7 @@ pub async fn receive(shard: &Shard, device_id: &str) -> Answer {
                 // Header values may not hold line breaks.
                 headers.push((name, v.replace(['\r', '\n'], " ")));
             }
-            Answer::message(headers, body)
+            Answer::with_body(200, headers, body)
         }
         ServiceReply::Refused {
             status, message, ..
@@ -406,6 +414,7 @@ pub async fn settle(
             lock,
             outcome,
         },
+        crate::service_calls::CALL_TIMEOUT,
     )
     .await
     {

@@ -26,6 +26,7 @@ mod bridge;
 mod conn;
 mod https;
 mod https_device;
+mod https_service;
 pub mod link;
 pub mod listeners;
 pub mod log;

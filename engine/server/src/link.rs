@@ -341,6 +341,7 @@ pub async fn run(
                 let why = serve(&ctx, conn, &mut events, &answers, &mut pending).await;
                 tracing::warn!(reason = %why, "control link down");
                 metrics.link_connected.set(0);
+                ctx.state.services.link_lost();
             }
             Err(e) => tracing::debug!(error = %e, "control unreachable"),
         }

@@ -81,6 +81,12 @@ impl ServiceCalls {
         locked(&self.waiting).remove(&id);
     }
 
+    /// The link went down: no call waiting now will be answered, so each ends at once (its
+    /// receiver sees the sender dropped) instead of at its timeout.
+    pub fn link_lost(&self) {
+        locked(&self.waiting).clear();
+    }
+
     /// Control's answer to call `id` (late answers are dropped).
     pub fn answer(&self, id: u64, reply: ServiceReply) {
         if let Some(tx) = locked(&self.waiting).remove(&id) {

@@ -1,7 +1,8 @@
 // Points the official Node SDKs at a local roost hub (wire spec §9) without changing them:
 // the service clients' HTTPS goes through an agent that trusts the hub's CA and connects to the
-// hub's service port (the SDK always dials 443); the device client's MQTT goes to
-// GatewayHostName=host:port with the CA in setOptions({ca}).
+// hub's service port (the SDK always dials 443) — or, with no ROOST_SERVICE_PORT, to the SDK's
+// own default, https://{HostName}:443, trusting the CA through NODE_EXTRA_CA_CERTS; the device
+// client's MQTT goes to GatewayHostName=host:port with the CA in setOptions({ca}).
 'use strict';
 const fs = require('fs');
 const https = require('https');
@@ -13,7 +14,7 @@ const env = (name) => {
 };
 
 const ca = fs.readFileSync(env('ROOST_CA'), 'utf8');
-const servicePort = Number(env('ROOST_SERVICE_PORT'));
+const servicePort = process.env.ROOST_SERVICE_PORT ? Number(process.env.ROOST_SERVICE_PORT) : null;
 
 class HubAgent extends https.Agent {
   createConnection(options, callback) {
@@ -23,9 +24,12 @@ class HubAgent extends https.Agent {
 
 const agent = new HubAgent({ keepAlive: true, ca });
 
-/** A service SDK client (Registry, Client, JobClient) sent to the hub's service port. */
+/**
+ * A service SDK client (Registry, Client, JobClient) sent to the hub's service port; as it is
+ * when the hub serves the SDK's default port.
+ */
 function pointed(client) {
-  client._restApiClient.setOptions({ http: { agent }, ca });
+  if (servicePort !== null) client._restApiClient.setOptions({ http: { agent }, ca });
   return client;
 }
 
