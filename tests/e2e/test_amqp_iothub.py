@@ -150,6 +150,10 @@ def test_node_device_sdk_over_amqp(shared_hub, transport):
     assert hub.metric_sum("roost_amqp_links_total", kind="device_telemetry") >= 2
     if transport == "AmqpWs":
         assert hub.metric_sum("roost_websocket_upgrades_total", result="amqp-ws") >= 2
+    # The device session's series carry the protocol it came by: the device and its module.
+    protocol = {"Amqp": "amqp", "AmqpWs": "amqp-ws"}[transport]
+    hub.wait_metric("roost_connections_accepted_total", lambda v: v >= 2, f"{protocol} sessions", protocol=protocol)
+    hub.wait_metric("roost_messages_in_total", lambda v: v >= 2, f"{protocol} telemetry", protocol=protocol)
 
 
 class RawAmqp:

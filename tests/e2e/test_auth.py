@@ -29,7 +29,7 @@ from conftest import (
     wait_until,
 )
 
-REFUSED = "roost_mqtt_connack_refused_total"
+REFUSED = "roost_connect_refused_total"
 
 
 def refused(metrics: dict, reason: str) -> float:
@@ -154,7 +154,7 @@ def test_second_connection_replaces_first(shared_hub):
     hub = shared_hub
     device_id, conn_str = known_device(hub, "twice")
     rm = hub.registry_manager()
-    metric = "roost_mqtt_disconnects_total"
+    metric = "roost_disconnects_total"
     before = hub.metrics()
     first = hub.connected_client(conn_str)
     second = hub.connected_client(conn_str)
@@ -162,7 +162,7 @@ def test_second_connection_replaces_first(shared_hub):
     hub.wait_metric(metric, lambda v: v >= metric_sum_of(before, metric, reason="replaced_by_new_connection") + 1,
                     "+1", reason="replaced_by_new_connection")
     assert second.connected
-    hub.wait_metric("roost_mqtt_connections_current", lambda v: v == 1, "== 1 (old connection gone)")
+    hub.wait_metric("roost_connections_current", lambda v: v == 1, "== 1 (old connection gone)")
     body = f"from the second connection {device_id}"
     call_with_timeout(second.send_message, Message(body), what="send on the second connection")
     assert [record_body(r) for r in telemetry_of(hub.records(), device_id)] == [body.encode()]

@@ -32,8 +32,8 @@ from conftest import (
     wait_until,
 )
 
-DISCONNECTS = "roost_mqtt_disconnects_total"
-REFUSED = "roost_mqtt_connack_refused_total"
+DISCONNECTS = "roost_disconnects_total"
+REFUSED = "roost_connect_refused_total"
 
 
 def wait_counted(hub, before: dict, name: str, reason: str, n: int = 1) -> None:

@@ -89,8 +89,8 @@ def test_module_lifecycle_telemetry_twin_and_methods(shared_hub):
     # Deleting the module ends its connection and its identity.
     before = hub.metrics()
     rm.delete_module(device_id, "sensor")
-    hub.wait_metric("roost_mqtt_disconnects_total",
-                    lambda v: v >= metric_sum_of(before, "roost_mqtt_disconnects_total", reason="device_revoked") + 1,
+    hub.wait_metric("roost_disconnects_total",
+                    lambda v: v >= metric_sum_of(before, "roost_disconnects_total", reason="device_revoked") + 1,
                     "+1", reason="device_revoked")
     assert device.connected, "deleting the module leaves its device alone"
     assert rm.get_modules(device_id) == []
@@ -130,7 +130,7 @@ def test_a_module_is_refused_with_its_devices_key(shared_hub):
         finally:
             client.shutdown()
         m = hub.metrics()
-        return metric_sum_of(m, "roost_mqtt_connack_refused_total", reason="signature_mismatch") > \
-            metric_sum_of(before, "roost_mqtt_connack_refused_total", reason="signature_mismatch")
+        return metric_sum_of(m, "roost_connect_refused_total", reason="signature_mismatch") > \
+            metric_sum_of(before, "roost_connect_refused_total", reason="signature_mismatch")
 
     wait_until(refused_for_the_key, 20, "refused as a signature mismatch")

@@ -22,7 +22,7 @@ from conftest import (
     wait_until,
 )
 
-DISCONNECTS = "roost_mqtt_disconnects_total"
+DISCONNECTS = "roost_disconnects_total"
 
 
 def disconnects(metrics: dict, **labels: str) -> float:

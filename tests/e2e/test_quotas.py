@@ -34,7 +34,7 @@ from conftest import (
     wait_until,
 )
 
-DISCONNECTS = "roost_mqtt_disconnects_total"
+DISCONNECTS = "roost_disconnects_total"
 DELAYED = "roost_throttle_delayed_total"
 THROTTLED = "roost_control_throttled_total"
 API = "api-version=2021-04-12"

@@ -30,7 +30,7 @@ def test_the_sdk_keeps_its_methods_and_desired_patches_across_an_engine_restart(
     # reconnects on its own with CleanSession=0 and subscribes to nothing.
     hub.kill_engine()
     hub.start_engine()
-    wait_until(lambda: metric_sum_of(hub.metrics(), "roost_mqtt_connections_current") >= 1, 60,
+    wait_until(lambda: metric_sum_of(hub.metrics(), "roost_connections_current") >= 1, 60,
                "the SDK reconnected", interval=0.5)
     result = invoke(rm, device_id, "after", 2, connect_timeout=10)
     assert result.status == 200 and result.payload["method"] == "after"

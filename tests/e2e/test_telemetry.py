@@ -97,9 +97,9 @@ def test_telemetry_round_trip(hub):
     assert client.connected
     hub.wait_connection_state(rm, device_id, "Connected")
     assert hub.show_device(device_id)["connectionState"] == "Connected"
-    hub.wait_metric("roost_mqtt_connections_current", lambda v: v == 1, "== 1")
-    hub.wait_metric("roost_mqtt_connections_accepted_total",
-                    lambda v: v >= hub_sum(before, "roost_mqtt_connections_accepted_total") + 1, "+1")
+    hub.wait_metric("roost_connections_current", lambda v: v == 1, "== 1")
+    hub.wait_metric("roost_connections_accepted_total",
+                    lambda v: v >= hub_sum(before, "roost_connections_accepted_total") + 1, "+1")
 
     # ---- send: four JSON messages with every system property, then a binary one
     t_min = time.time()
@@ -176,9 +176,9 @@ def test_telemetry_round_trip(hub):
     # ---- disconnect: connectionState and the gauge follow
     shutdown_client(client)
     hub.wait_connection_state(rm, device_id, "Disconnected")
-    hub.wait_metric("roost_mqtt_connections_current", lambda v: v == 0, "== 0")
-    hub.wait_metric("roost_mqtt_disconnects_total",
-                    lambda v: v >= hub_sum(before, "roost_mqtt_disconnects_total", reason="client_disconnect") + 1,
+    hub.wait_metric("roost_connections_current", lambda v: v == 0, "== 0")
+    hub.wait_metric("roost_disconnects_total",
+                    lambda v: v >= hub_sum(before, "roost_disconnects_total", reason="client_disconnect") + 1,
                     "+1", reason="client_disconnect")
     wait_until(lambda: hub.show_device(device_id)["connectionState"] == "Disconnected", 5,
                "`roost device show` connectionState Disconnected")

@@ -68,7 +68,7 @@ def test_a_service_update_reaches_the_subscribed_device(shared_hub):
     patches: queue.Queue = queue.Queue()
     client.on_twin_desired_properties_patch_received = patches.put
     # Setting the handler subscribes; wait for it to take hold before the service writes.
-    wait_until(lambda: metric_sum_of(hub.metrics(), "roost_mqtt_connections_current") >= 1, 10,
+    wait_until(lambda: metric_sum_of(hub.metrics(), "roost_connections_current") >= 1, 10,
                "connected")
     time.sleep(1.0)
 

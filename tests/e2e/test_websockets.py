@@ -39,6 +39,8 @@ def test_the_python_device_sdk_over_websockets(shared_hub):
                and r["systemProperties"].get("message-id") == "ws-1"]
     assert len(records) == 1 and records[0]["properties"]["path"] == "443"
     assert json.loads(records[0]["body"]) == {"over": "websockets"}
+    hub.wait_metric("roost_connections_accepted_total", lambda v: v >= 1, "an mqtt-ws session", protocol="mqtt-ws")
+    hub.wait_metric("roost_messages_in_total", lambda v: v >= 1, "mqtt-ws telemetry", protocol="mqtt-ws")
 
     # Twin: read, report, and a desired change pushed.
     twin = call_with_timeout(client.get_twin, what="get_twin")

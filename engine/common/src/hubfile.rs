@@ -182,6 +182,8 @@ pub struct HubInfo {
     pub ops_url: Option<String>,
     pub mqtt_port: Option<u16>,
     pub plain_mqtt_port: Option<u16>,
+    /// Port 443's listener (WebSockets, the HTTPS device API, the service API).
+    pub https_port: Option<u16>,
     /// The bearer token of the ops ports.
     pub ops_token: Option<String>,
 }
@@ -213,6 +215,7 @@ pub fn read(data_dir: &Path) -> Result<HubInfo, HubFileError> {
         ops_url: s("ops_url").ok(),
         mqtt_port: port("mqtt"),
         plain_mqtt_port: port("plain_mqtt"),
+        https_port: port("https"),
         ops_token: s("ops_token").ok(),
     })
 }

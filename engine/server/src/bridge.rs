@@ -82,6 +82,8 @@ pub struct Bridge {
     pub device_id: String,
     pub module_id: Option<String>,
     pub token: String,
+    /// `Amqp`, or `AmqpWs` for a connection that came over a WebSocket on port 443.
+    pub transport: crate::metrics::Transport,
     pub input: UnboundedReceiver<ToSession>,
     pub output: Box<dyn Fn(FromSession) + Send>,
 }
@@ -107,7 +109,7 @@ enum Woken {
 pub async fn serve(shard: std::rc::Rc<Shard>, mut bridge: Bridge) {
     // The connection's own thread holds its place under the pre-authentication caps.
     let slot = PreAuthSlot::none(&shard.shared.pre_auth);
-    let mut session = DeviceSession::<u64>::open(shard, slot);
+    let mut session = DeviceSession::<u64>::open(shard, slot, bridge.transport);
     let claim = SasClaim {
         device_id: bridge.device_id.clone(),
         module_id: bridge.module_id.clone(),

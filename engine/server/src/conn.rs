@@ -25,6 +25,7 @@ use roost_session::{DisconnectReason, PreAuthSlot};
 
 use crate::session::{unix_now, DeviceSession};
 use crate::sessions::Subscriptions;
+use crate::metrics::Transport;
 use crate::shard::{Queue, Shard};
 use crate::signal::Wake;
 use crate::wire::{Wire, WireError};
@@ -78,17 +79,19 @@ pub async fn serve(shard: std::rc::Rc<Shard>, mut wire: Wire, pre_auth: PreAuthS
         Some(Err(_)) => {
             return shard
                 .metrics
+                .of(Transport::Mqtt)
                 .disconnects
                 .inc(DisconnectReason::TlsHandshakeFailed.error_code())
         }
         None => {
             return shard
                 .metrics
+                .of(Transport::Mqtt)
                 .disconnects
                 .inc(DisconnectReason::TlsHandshakeTimeout.error_code())
         }
     }
-    serve_established(shard, wire, pre_auth, rbuf).await;
+    serve_established(shard, wire, pre_auth, rbuf, Transport::Mqtt).await;
 }
 
 /// Frame limits of MQTT over a WebSocket: a frame carries a packet or part of one, so until
@@ -97,17 +100,18 @@ pub async fn serve(shard: std::rc::Rc<Shard>, mut wire: Wire, pre_auth: PreAuthS
 pub const WS_FRAME_BEFORE_CONNECT: usize = 8 * 1024 + 64;
 pub const WS_FRAME_AFTER_CONNECT: usize = 512 * 1024;
 
-/// Serves a connection whose transport is up (TLS done; on port 443, the WebSocket upgraded),
-/// with `rbuf` holding the MQTT bytes that came already.
+/// Serves a connection whose transport is up (TLS done; on port 443, the WebSocket upgraded:
+/// `transport` says which), with `rbuf` holding the MQTT bytes that came already.
 pub async fn serve_established(
     shard: std::rc::Rc<Shard>,
     mut wire: Wire,
     pre_auth: PreAuthSlot,
     rbuf: BytesMut,
+    transport: Transport,
 ) {
     let now = Instant::now();
     let mut conn = Conn {
-        session: DeviceSession::open(shard.clone(), pre_auth),
+        session: DeviceSession::open(shard.clone(), pre_auth, transport),
         mqtt: ServerSession::new(now, SessionConfig::default()),
         subscribed: Subscriptions::default(),
         persistent: false,
@@ -118,7 +122,7 @@ pub async fn serve_established(
     };
     match conn.until_authenticated(&mut wire).await {
         // The rest of the connection's life is in the devices' task queue.
-        Ok(()) => shard.spawn_connection(Queue::Devices, async move {
+        Ok(()) => shard.spawn_connection(Queue::Devices, transport, async move {
             wire.set_ws_max_frame(WS_FRAME_AFTER_CONNECT);
             let reason = conn.run(&mut wire).await;
             conn.goodbye(wire, reason).await;

@@ -21,6 +21,7 @@ use roost_http::{head, upgrade, Subprotocol, WsSession};
 use roost_session::{DisconnectReason, PreAuthSlot};
 
 use crate::conn;
+use crate::metrics::Transport;
 use crate::shard::Shard;
 use crate::wire::Wire;
 
@@ -36,7 +37,7 @@ pub async fn serve(shard: Rc<Shard>, mut wire: Wire, pre_auth: PreAuthSlot) {
         glommio::timer::Timer::new(conn::HANDSHAKE_TIMEOUT).await;
         None
     };
-    let disconnects = &shard.metrics.disconnects;
+    let disconnects = &shard.metrics.of(Transport::Https).disconnects;
     match future::or(handshake, timeout).await {
         Some(Ok(())) => {}
         Some(Err(_)) => return disconnects.inc(DisconnectReason::TlsHandshakeFailed.error_code()),
@@ -421,12 +422,13 @@ async fn websocket(
     if wire.start_websocket(ws, early, &mut rbuf).is_err() {
         return shard
             .metrics
+            .of(Transport::Https)
             .disconnects
             .inc(DisconnectReason::ClosedBeforeConnect.error_code());
     }
     match (protocol, tunnels) {
         (Subprotocol::Amqp, Some(tunnels)) => tunnel(shard, wire, pre_auth, rbuf, tunnels).await,
-        _ => conn::serve_established(shard, wire, pre_auth, rbuf).await,
+        _ => conn::serve_established(shard, wire, pre_auth, rbuf, Transport::MqttWs).await,
     }
 }
 

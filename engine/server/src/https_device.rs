@@ -21,6 +21,7 @@ use roost_session::auth::{authenticate_sas, Identity, SasClaim};
 use roost_session::quota::Admit;
 use roost_session::telemetry;
 
+use crate::metrics::Transport;
 use crate::shard::{Shard, Stored};
 
 /// The largest request body taken: IoT Hub's 256 KiB message (a batch holds at most as much)
@@ -152,7 +153,7 @@ pub fn authenticate(
     let registry = shard.shared.registry.load();
     let now = crate::session::unix_now().as_secs();
     authenticate_sas(&claim, &registry, &shard.shared.hostname, now).map_err(|refusal| {
-        shard.metrics.refused.inc(refusal.reason());
+        shard.metrics.of(Transport::Https).refused.inc(refusal.reason());
         Answer::err(
             401,
             "IotHubUnauthorizedAccess",
@@ -293,8 +294,9 @@ pub async fn telemetry(shard: &Shard, head: &Head, identity: &Identity, body: By
                 )
             }
         }
-        shard.metrics.https_messages_in.inc();
-        shard.metrics.https_bytes_in.inc_by(body.len() as u64);
+        let m = shard.metrics.of(Transport::Https);
+        m.messages_in.inc();
+        m.bytes_in.inc_by(body.len() as u64);
     }
     if let Some(batch) = last_batch {
         if shard.log.durable(batch).await.is_err() {

@@ -16,7 +16,7 @@ pub struct Metrics {
     pub registry: Registry,
     connections_current: IntGaugeVec,
     connections_accepted: IntCounterVec,
-    connack_refused: IntCounterVec,
+    connect_refused: IntCounterVec,
     disconnects: IntCounterVec,
     pub(crate) commands_dropped: IntCounterVec,
     throttle_delayed: IntCounterVec,
@@ -102,8 +102,11 @@ impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
         let connections_current = IntGaugeVec::new(
-            Opts::new("roost_mqtt_connections_current", "Open MQTT connections."),
-            &["shard"],
+            Opts::new(
+                "roost_connections_current",
+                "Open device connections that authenticated, by protocol.",
+            ),
+            &["shard", "protocol"],
         )
         .expect("static metric");
         registry
@@ -271,21 +274,21 @@ impl Metrics {
             ),
             connections_accepted: counter(
                 &registry,
-                "roost_mqtt_connections_accepted_total",
-                "MQTT connections that completed CONNECT.",
-                &["shard"],
+                "roost_connections_accepted_total",
+                "Device connections that authenticated, by protocol.",
+                &["shard", "protocol"],
             ),
-            connack_refused: counter(
+            connect_refused: counter(
                 &registry,
-                "roost_mqtt_connack_refused_total",
-                "CONNECTs refused, by reason.",
-                &["shard", "reason"],
+                "roost_connect_refused_total",
+                "Device connections refused at authentication (an MQTT CONNECT, an AMQP device's put-token), by protocol and reason.",
+                &["shard", "protocol", "reason"],
             ),
             disconnects: counter(
                 &registry,
-                "roost_mqtt_disconnects_total",
-                "MQTT connections closed, by reason.",
-                &["shard", "reason"],
+                "roost_disconnects_total",
+                "Device connections closed, by protocol and reason (a connection on port 443 counts as https until it upgrades).",
+                &["shard", "protocol", "reason"],
             ),
             commands_dropped: counter(
                 &registry,
@@ -365,24 +368,28 @@ impl Metrics {
     /// The local handles one shard counts with.
     pub fn shard(&self, shard: usize) -> ShardMetrics {
         let s = shard.to_string();
+        let by = |t: Transport| {
+            let p = t.label();
+            ByTransport {
+                connections_current: self.connections_current.with_label_values(&[&s, p]),
+                connections_accepted: self.connections_accepted.with_label_values(&[&s, p]).local(),
+                messages_in: self.messages_in.with_label_values(&[&s, p]).local(),
+                bytes_in: self.bytes_in.with_label_values(&[&s, p]).local(),
+                refused: Reasons::new(self.connect_refused.clone(), vec![s.clone(), p.into()]),
+                disconnects: Reasons::new(self.disconnects.clone(), vec![s.clone(), p.into()]),
+            }
+        };
         ShardMetrics {
-            connections_current: self.connections_current.with_label_values(&[&s]),
-            connections_accepted: self.connections_accepted.with_label_values(&[&s]).local(),
-            messages_in: self.messages_in.with_label_values(&[&s, "mqtt"]).local(),
-            bytes_in: self.bytes_in.with_label_values(&[&s, "mqtt"]).local(),
-            https_messages_in: self.messages_in.with_label_values(&[&s, "https"]).local(),
-            https_bytes_in: self.bytes_in.with_label_values(&[&s, "https"]).local(),
+            transports: Transport::ALL.map(by),
             log_appends: self.log_appends.with_label_values(&[&s]).local(),
             log_commits: self.log_commits.with_label_values(&[&s]).local(),
             log_write_failures: self.log_write_failures.with_label_values(&[&s]).local(),
             log_unavailable: self.log_unavailable.with_label_values(&[&s]),
             log_append_latency: self.log_append_latency.with_label_values(&[&s]).local(),
-            refused: Reasons::new(self.connack_refused.clone(), s.clone()),
-            disconnects: Reasons::new(self.disconnects.clone(), s.clone()),
-            commands_dropped: Reasons::new(self.commands_dropped.clone(), s.clone()),
-            throttle_delayed: Reasons::new(self.throttle_delayed.clone(), s.clone()),
-            hub_events: Reasons::new(self.hub_events.clone(), s.clone()),
-            twin_requests: Reasons::new(self.twin_requests.clone(), s),
+            commands_dropped: Reasons::new(self.commands_dropped.clone(), vec![s.clone()]),
+            throttle_delayed: Reasons::new(self.throttle_delayed.clone(), vec![s.clone()]),
+            hub_events: Reasons::new(self.hub_events.clone(), vec![s.clone()]),
+            twin_requests: Reasons::new(self.twin_requests.clone(), vec![s]),
         }
     }
 }
@@ -393,24 +400,72 @@ impl Default for Metrics {
     }
 }
 
-/// A shard's counters. Not `Send`: it lives and is flushed on its shard.
-pub struct ShardMetrics {
+/// The protocol a device connection speaks, as the `protocol` label names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    Mqtt,
+    /// MQTT over a WebSocket on port 443.
+    MqttWs,
+    Amqp,
+    /// AMQP over a WebSocket on port 443.
+    AmqpWs,
+    /// The HTTPS device API on port 443 (and a connection there before it upgrades).
+    Https,
+}
+
+impl Transport {
+    pub const ALL: [Transport; 5] = [
+        Transport::Mqtt,
+        Transport::MqttWs,
+        Transport::Amqp,
+        Transport::AmqpWs,
+        Transport::Https,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Transport::Mqtt => "mqtt",
+            Transport::MqttWs => "mqtt-ws",
+            Transport::Amqp => "amqp",
+            Transport::AmqpWs => "amqp-ws",
+            Transport::Https => "https",
+        }
+    }
+}
+
+/// One shard's series of one protocol.
+pub struct ByTransport {
     /// Changes only on connect and disconnect, so it is updated directly.
     pub connections_current: IntGauge,
     pub connections_accepted: LocalIntCounter,
     pub messages_in: LocalIntCounter,
     pub bytes_in: LocalIntCounter,
-    /// The HTTPS device API's telemetry (port 443).
-    pub https_messages_in: LocalIntCounter,
-    pub https_bytes_in: LocalIntCounter,
+    /// Connections refused at authentication, by reason.
+    pub refused: Reasons,
+    /// Connections closed, by reason.
+    pub disconnects: Reasons,
+}
+
+impl ByTransport {
+    fn flush(&self) {
+        self.connections_accepted.flush();
+        self.messages_in.flush();
+        self.bytes_in.flush();
+        self.refused.flush();
+        self.disconnects.flush();
+    }
+}
+
+/// A shard's counters. Not `Send`: it lives and is flushed on its shard.
+pub struct ShardMetrics {
+    /// Connections, messages in, refusals and disconnects, by protocol ([`Self::of`]).
+    transports: [ByTransport; 5],
     pub log_appends: LocalIntCounter,
     pub log_commits: LocalIntCounter,
     pub log_write_failures: LocalIntCounter,
     /// Set by the committer as the partition becomes unavailable and available again.
     pub log_unavailable: IntGauge,
     pub log_append_latency: LocalHistogram,
-    pub refused: Reasons,
-    pub disconnects: Reasons,
     pub commands_dropped: Reasons,
     /// Requests delayed by a rate quota, by the quota's name.
     pub throttle_delayed: Reasons,
@@ -421,19 +476,20 @@ pub struct ShardMetrics {
 }
 
 impl ShardMetrics {
+    /// The series of connections speaking `transport`.
+    pub fn of(&self, transport: Transport) -> &ByTransport {
+        &self.transports[transport as usize]
+    }
+
     /// Moves the shard's local counts into the shared series.
     pub fn flush(&self) {
-        self.connections_accepted.flush();
-        self.messages_in.flush();
-        self.bytes_in.flush();
-        self.https_messages_in.flush();
-        self.https_bytes_in.flush();
+        for t in &self.transports {
+            t.flush();
+        }
         self.log_appends.flush();
         self.log_commits.flush();
         self.log_write_failures.flush();
         self.log_append_latency.flush();
-        self.refused.flush();
-        self.disconnects.flush();
         self.commands_dropped.flush();
         self.throttle_delayed.flush();
         self.twin_requests.flush();
@@ -441,18 +497,19 @@ impl ShardMetrics {
     }
 }
 
-/// Counters labelled by a reason from a bounded set of static error codes.
+/// Counters labelled by a reason from a bounded set of static error codes, after fixed labels
+/// (the shard, and for some the protocol).
 pub struct Reasons {
     family: IntCounterVec,
-    shard: String,
+    fixed: Vec<String>,
     by_reason: RefCell<HashMap<&'static str, LocalIntCounter>>,
 }
 
 impl Reasons {
-    fn new(family: IntCounterVec, shard: String) -> Self {
+    fn new(family: IntCounterVec, fixed: Vec<String>) -> Self {
         Self {
             family,
-            shard,
+            fixed,
             by_reason: RefCell::new(HashMap::new()),
         }
     }
@@ -461,9 +518,9 @@ impl Reasons {
         let mut map = self.by_reason.borrow_mut();
         map.entry(reason)
             .or_insert_with(|| {
-                self.family
-                    .with_label_values(&[&self.shard, reason])
-                    .local()
+                let mut labels: Vec<&str> = self.fixed.iter().map(String::as_str).collect();
+                labels.push(reason);
+                self.family.with_label_values(&labels).local()
             })
             .inc();
     }
@@ -483,9 +540,9 @@ mod tests {
     fn local_counts_appear_after_a_flush() {
         let m = Metrics::new();
         let s = m.shard(1);
-        s.messages_in.inc_by(3);
-        s.refused.inc("unknown_device");
-        s.refused.inc("unknown_device");
+        s.of(Transport::Mqtt).messages_in.inc_by(3);
+        s.of(Transport::AmqpWs).refused.inc("unknown_device");
+        s.of(Transport::AmqpWs).refused.inc("unknown_device");
         assert!(!m
             .encode()
             .contains("roost_messages_in_total{protocol=\"mqtt\",shard=\"1\"} 3"));
@@ -497,7 +554,7 @@ mod tests {
         );
         assert!(
             text.contains(
-                "roost_mqtt_connack_refused_total{reason=\"unknown_device\",shard=\"1\"} 2"
+                "roost_connect_refused_total{protocol=\"amqp-ws\",reason=\"unknown_device\",shard=\"1\"} 2"
             ),
             "{text}"
         );

@@ -20,6 +20,7 @@ use roost_session::quota::{Admit, Bucket, Limit};
 use roost_session::router::twin_error;
 use roost_session::{DisconnectReason, Identity, Ingest, PreAuthSlot, Refusal, RouterInput};
 
+use crate::metrics::Transport;
 use crate::shard::{ConnHandles, Shard, StoreError, Stored};
 use crate::signal::Signal;
 
@@ -34,6 +35,8 @@ pub const MAX_TWIN_PATCH: usize = 64 * 1024;
 
 pub struct DeviceSession<A> {
     pub shard: Rc<Shard>,
+    /// The protocol it speaks, for its metrics.
+    transport: Transport,
     gid: u64,
     handles: Rc<ConnHandles>,
     identity: Option<Identity>,
@@ -62,12 +65,13 @@ struct SessionQuotas {
 }
 
 impl<A> DeviceSession<A> {
-    /// A session for a connection that has just opened on `shard`, holding `pre_auth` (taken
-    /// at accept) until it authenticates.
-    pub fn open(shard: Rc<Shard>, pre_auth: PreAuthSlot) -> Self {
+    /// A session for a connection speaking `transport` that has just opened on `shard`,
+    /// holding `pre_auth` (taken at accept) until it authenticates.
+    pub fn open(shard: Rc<Shard>, pre_auth: PreAuthSlot, transport: Transport) -> Self {
         let (gid, handles) = shard.register();
         Self {
             shard,
+            transport,
             gid,
             handles,
             identity: None,
@@ -132,7 +136,7 @@ impl<A> DeviceSession<A> {
             Instant::now().checked_add(token_lifetime(identity.token_expiry, now_unix));
         // The router reports the client connected, in claim order with every shard's.
         self.shard.claim(&identity, self.gid);
-        let m = &self.shard.metrics;
+        let m = self.shard.metrics.of(self.transport);
         m.connections_accepted.inc();
         m.connections_current.inc();
         tracing::debug!(client = %identity.client_id(), shard = self.shard.id, "device connected");
@@ -173,7 +177,7 @@ impl<A> DeviceSession<A> {
         if self.identity.is_some() {
             return;
         }
-        self.shard.metrics.refused.inc(reason);
+        self.shard.metrics.of(self.transport).refused.inc(reason);
         self.refused = true;
     }
 
@@ -197,7 +201,7 @@ impl<A> DeviceSession<A> {
             StoreError::Archive => DisconnectReason::ArchiveFailed,
             StoreError::Log => DisconnectReason::LogWriteFailed,
         })?;
-        let m = &self.shard.metrics;
+        let m = self.shard.metrics.of(self.transport);
         m.messages_in.inc();
         m.bytes_in.inc_by(body_len as u64);
         if mono_now.duration_since(self.last_activity) >= ACTIVITY_EVERY {
@@ -463,12 +467,12 @@ impl<A> DeviceSession<A> {
             return;
         }
         if let Some(reason) = reason {
-            shard.metrics.disconnects.inc(reason.error_code());
+            shard.metrics.of(self.transport).disconnects.inc(reason.error_code());
         }
         let Some(identity) = identity else {
             return;
         };
-        shard.metrics.connections_current.dec();
+        shard.metrics.of(self.transport).connections_current.dec();
         tracing::debug!(device = %identity.device_id, reason = reason.map(|r| r.error_code()), "device disconnected");
     }
 }

@@ -26,7 +26,7 @@ use rustls::ServerConfig;
 use crate::conn;
 use crate::listeners::Protocol;
 use crate::log::{Durability, Partition};
-use crate::metrics::{Metrics, ShardMetrics};
+use crate::metrics::{Metrics, ShardMetrics, Transport};
 use crate::router::{RouterInput, RouterTx};
 use crate::routing::ShardRouting;
 use crate::session::unix_now;
@@ -500,12 +500,14 @@ impl Shard {
     pub fn spawn_connection(
         self: &Rc<Self>,
         queue: Queue,
+        transport: Transport,
         task: impl std::future::Future<Output = ()> + 'static,
     ) {
         let shard = self.clone();
         let task = unwind_boundary(task, move || {
             shard
                 .metrics
+                .of(transport)
                 .disconnects
                 .inc(DisconnectReason::Panicked.error_code());
             tracing::error!(
@@ -651,7 +653,9 @@ pub async fn run(
                 ShardCommand::Append { id, message } => shard.append_event(id, *message),
                 ShardCommand::Bridge(bridge) => {
                     let on = shard.clone();
-                    shard.spawn_connection(Queue::Devices, crate::bridge::serve(on, *bridge));
+                    let transport = bridge.transport;
+                    let task = crate::bridge::serve(on, *bridge);
+                    shard.spawn_connection(Queue::Devices, transport, task);
                 }
                 ShardCommand::Shutdown => shutdown = true,
             }
@@ -697,6 +701,12 @@ fn set_tcp_keepalive(stream: &glommio::net::TcpStream) -> std::io::Result<()> {
 }
 
 async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, spec: ShardListener) {
+    // Until a connection on port 443 upgrades, it counts as https.
+    let transport = match spec.protocol {
+        Protocol::Mqtt => Transport::Mqtt,
+        Protocol::Https => Transport::Https,
+    };
+    let disconnects = &shard.metrics.of(transport).disconnects;
     loop {
         let stream = match listener.accept().await {
             Ok(s) => s,
@@ -709,26 +719,20 @@ async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, spec: ShardListene
         // Before anything is read or allocated for it: within the new-connection rate and with
         // a place under the caps on unauthenticated connections, or closed at once.
         if !shard.admit_connection(Instant::now()) {
-            shard
-                .metrics
-                .disconnects
-                .inc(DisconnectReason::ConnectThrottled.error_code());
+            disconnects.inc(DisconnectReason::ConnectThrottled.error_code());
             continue;
         }
         let source = match stream.peer_addr() {
             Ok(addr) => addr.ip(),
             Err(_) => {
-                shard
-                    .metrics
-                    .disconnects
-                    .inc(DisconnectReason::IoError.error_code());
+                disconnects.inc(DisconnectReason::IoError.error_code());
                 continue;
             }
         };
         let slot = match shard.shared.pre_auth.enter(source) {
             Ok(slot) => slot,
             Err(reason) => {
-                shard.metrics.disconnects.inc(reason.error_code());
+                disconnects.inc(reason.error_code());
                 continue;
             }
         };
@@ -742,21 +746,19 @@ async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, spec: ShardListene
                 Ok(wire) => wire,
                 Err(e) => {
                     tracing::warn!(shard = shard.id, error = %e, "cannot start TLS");
-                    shard
-                        .metrics
-                        .disconnects
-                        .inc(DisconnectReason::TlsHandshakeFailed.error_code());
+                    disconnects.inc(DisconnectReason::TlsHandshakeFailed.error_code());
                     continue;
                 }
             },
         };
         match spec.protocol {
             Protocol::Mqtt => {
-                shard.spawn_connection(Queue::PreAuth, conn::serve(shard.clone(), wire, slot));
+                shard.spawn_connection(Queue::PreAuth, transport, conn::serve(shard.clone(), wire, slot));
             }
             Protocol::Https => {
                 shard.spawn_connection(
                     Queue::PreAuth,
+                    transport,
                     crate::https::serve(shard.clone(), wire, slot),
                 );
             }

@@ -1,5 +1,5 @@
 //! Why a device session ended: one variant per cause, with the stable label that
-//! `roost_mqtt_disconnects_total{reason}` (and every later protocol's counter) carries.
+//! `roost_disconnects_total{protocol, reason}` carries for every protocol.
 
 /// Why a connection ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

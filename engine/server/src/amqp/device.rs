@@ -131,6 +131,7 @@ pub(super) fn put_token(
         device_id,
         module_id,
         token: token.to_string(),
+        transport: s.transport,
         input,
         output: Box::new(move |event| {
             let _ = done.send(Done::Device {

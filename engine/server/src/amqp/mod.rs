@@ -12,6 +12,7 @@ mod device;
 mod eventhubs;
 mod service;
 
+use crate::metrics::Transport;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
@@ -88,7 +89,7 @@ pub fn start(
                     let endpoint = endpoint.clone();
                     tokio::spawn(async move {
                         endpoint.metrics.amqp_connections.inc();
-                        serve(tunnel.stream, &endpoint, tunnel.slot).await;
+                        serve(tunnel.stream, &endpoint, tunnel.slot, Transport::AmqpWs).await;
                         endpoint.metrics.amqp_connections.dec();
                     });
                     continue;
@@ -112,7 +113,7 @@ pub fn start(
                 let handshake =
                     tokio::time::timeout(Duration::from_secs(10), acceptor.accept(socket));
                 if let Ok(Ok(stream)) = handshake.await {
-                    serve(stream, &endpoint, slot).await;
+                    serve(stream, &endpoint, slot, Transport::Amqp).await;
                 }
                 endpoint.metrics.amqp_connections.dec();
             });
@@ -210,12 +211,15 @@ struct Session {
     done: tokio::sync::mpsc::UnboundedSender<Done>,
     /// The devices (and modules) whose put-token came on this connection.
     devices: HashMap<String, device::Device>,
+    /// `Amqp` (port 5671) or `AmqpWs` (tunnelled from port 443), for its devices' metrics.
+    transport: Transport,
 }
 
 async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     mut stream: S,
     endpoint: &AmqpEndpoint,
     slot: roost_session::PreAuthSlot,
+    transport: Transport,
 ) {
     let config = Config {
         container_id: format!("roost-{}", endpoint.hostname),
@@ -235,6 +239,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         pre_auth: slot,
         done,
         devices: HashMap::new(),
+        transport,
     };
     let _readers = eventhubs::Release {
         endpoint,
