@@ -50,6 +50,12 @@ impl Hub {
         Ok(SocketAddr::from(([127, 0, 0, 1], port)))
     }
 
+    /// Port 443's listener, for MQTT over WebSockets.
+    pub fn https_addr(&self) -> anyhow::Result<SocketAddr> {
+        let port = self.info.https_port.context("hub.json has no ports.https: start the hub with --https ADDR")?;
+        Ok(SocketAddr::from(([127, 0, 0, 1], port)))
+    }
+
     async fn call(
         &self,
         client: &mut ServiceClient,

@@ -38,6 +38,7 @@ mod report;
 mod run;
 mod stamp;
 mod target;
+mod ws;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -107,6 +108,11 @@ struct Args {
     /// Allow TLS session resumption (default: every connect is a full handshake).
     #[arg(long)]
     tls_resume: bool,
+    /// MQTT over a WebSocket on roost's port 443 (`/$iothub/websocket`, subprotocol `mqtt`), as
+    /// the SDKs' WebSocket transports connect; needs --target roost and --tls. Default address:
+    /// hub.json's ports.https.
+    #[arg(long, requires = "tls")]
+    websocket: bool,
     /// Connections (publishers; idle connections; parallel connect loops with --connect-rate).
     #[arg(short = 'c', long, default_value_t = 1)]
     connections: usize,
@@ -275,6 +281,9 @@ impl Args {
             || self.prefix.is_empty()
         {
             bail!("--prefix may only hold letters, digits and - _ . :");
+        }
+        if self.websocket && !matches!(self.target, TargetKind::Roost) {
+            bail!("--websocket needs --target roost (IoT Hub's WebSocket path)");
         }
         if self.idle {
             if self.hold > target::MAX_SILENCE.as_secs_f64() {
@@ -496,15 +505,19 @@ async fn setup(args: &Args) -> anyhow::Result<Setup> {
                 .as_ref()
                 .context("--target roost needs --hub DATA_DIR")?;
             let hub = Hub::read(dir)?;
-            let addr = match args.addr {
-                Some(a) => a,
-                None => hub.mqtt_addr(args.tls)?,
+            let addr = match (args.addr, args.websocket) {
+                (Some(a), _) => a,
+                (None, true) => hub.https_addr()?,
+                (None, false) => hub.mqtt_addr(args.tls)?,
             };
-            let transport = transport(
+            let mut transport = transport(
                 args,
                 Some(args.ca.clone().unwrap_or_else(|| hub.ca.clone())),
                 &hub.hostname,
             )?;
+            if args.websocket {
+                transport = transport.over_websocket()?;
+            }
             let key = match &args.device_key {
                 Some(k) => {
                     STANDARD.decode(k).context("--device-key is not base64")?;

@@ -60,6 +60,12 @@ pub enum Transport {
         connector: TlsConnector,
         name: ServerName<'static>,
     },
+    /// TLS, then a WebSocket upgrade on IoT Hub's `/$iothub/websocket` with subprotocol
+    /// `mqtt` (roost's port 443); the stream is carried in binary frames.
+    TlsWebSocket {
+        connector: TlsConnector,
+        name: ServerName<'static>,
+    },
 }
 
 impl Transport {
@@ -96,14 +102,28 @@ impl Transport {
     }
 
     pub fn is_tls(&self) -> bool {
-        matches!(self, Transport::Tls { .. })
+        matches!(
+            self,
+            Transport::Tls { .. } | Transport::TlsWebSocket { .. }
+        )
+    }
+
+    /// The same TLS, with MQTT carried over a WebSocket.
+    pub fn over_websocket(self) -> anyhow::Result<Self> {
+        match self {
+            Transport::Tls { connector, name } | Transport::TlsWebSocket { connector, name } => {
+                Ok(Transport::TlsWebSocket { connector, name })
+            }
+            Transport::Plain => bail!("--websocket needs --tls (port 443 is TLS)"),
+        }
     }
 }
 
-/// A connected byte stream, plain or TLS.
+/// A connected byte stream, plain, TLS, or in a WebSocket over TLS.
 pub enum Stream {
     Plain(TcpStream),
     Tls(Box<TlsStream<TcpStream>>),
+    WebSocket(Box<crate::ws::WsStream<TlsStream<TcpStream>>>),
 }
 
 /// Opens TCP (from `source` when given) and, for TLS, completes the handshake; all within
@@ -135,6 +155,20 @@ pub async fn connect(
                     .with_context(|| format!("TLS handshake with {target}"))?;
                 Ok(Stream::Tls(Box::new(tls)))
             }
+            Transport::TlsWebSocket { connector, name } => {
+                let tls = connector
+                    .connect(name.clone(), tcp)
+                    .await
+                    .with_context(|| format!("TLS handshake with {target}"))?;
+                let host = match name {
+                    ServerName::DnsName(d) => d.as_ref().to_string(),
+                    _ => target.ip().to_string(),
+                };
+                let ws = crate::ws::WsStream::upgrade(tls, &host)
+                    .await
+                    .with_context(|| format!("WebSocket upgrade with {target}"))?;
+                Ok(Stream::WebSocket(Box::new(ws)))
+            }
         }
     };
     match tokio::time::timeout(timeout, work).await {
@@ -152,6 +186,7 @@ impl AsyncRead for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            Stream::WebSocket(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
         }
     }
 }
@@ -165,6 +200,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            Stream::WebSocket(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
         }
     }
 
@@ -172,6 +208,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_flush(cx),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            Stream::WebSocket(s) => Pin::new(s.as_mut()).poll_flush(cx),
         }
     }
 
@@ -179,6 +216,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            Stream::WebSocket(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
     }
 }

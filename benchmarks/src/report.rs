@@ -27,6 +27,9 @@ impl Report {
         rep.put("target", kind);
         rep.put("addr", target.addr.to_string());
         rep.put("tls", target.transport.is_tls());
+        if matches!(target.transport, crate::net::Transport::TlsWebSocket { .. }) {
+            rep.put("websocket", true);
+        }
         rep
     }
 

@@ -107,7 +107,10 @@ async fn requests(
             (None, Some((headers, body))) => with_body(answer.status, headers, body, !in_step),
             (None, None) => format!("HTTP/1.1 {} No Content\r\n\r\n", answer.status).into_bytes(),
         };
-        if !in_step || head.has_token("connection", "close") {
+        if !in_step {
+            return refuse(&shard, wire, &bytes, &head, input.len()).await;
+        }
+        if head.has_token("connection", "close") {
             return self::answer(wire, &bytes).await;
         }
         if wire.write_all(&bytes).await.is_err() {
@@ -506,6 +509,45 @@ fn error_body(status: u16, code: &str, message: &str) -> Vec<u8> {
         body.len()
     )
     .into_bytes()
+}
+
+/// How much of a refused request's body is read and dropped before the connection closes, and
+/// for how long at most.
+const DRAIN_MAX: usize = 1024 * 1024;
+const DRAIN_TIME: Duration = Duration::from_secs(2);
+
+/// Answers a request refused before its body was read, then closes. A client that sends its
+/// body without waiting for an answer (most do) would see its connection reset if it were
+/// closed with that body unread; so up to [`DRAIN_MAX`] bytes of what it announced (`held`
+/// came already) are read and dropped, within [`DRAIN_TIME`]: it gets to read the answer.
+/// Nothing is kept: each read lands in the shard's buffer and is cleared.
+async fn refuse(shard: &Shard, mut wire: Wire, bytes: &[u8], head: &head::Head, held: usize) {
+    let announced = match head.content_length() {
+        Ok(n) => n.unwrap_or(0),
+        Err(_) if head::is_chunked(head) => DRAIN_MAX,
+        Err(_) => 0,
+    };
+    let send = async {
+        if wire.write_all(bytes).await.is_err() {
+            return;
+        }
+        let mut left = announced.min(DRAIN_MAX).saturating_sub(held);
+        let mut sink = BytesMut::new();
+        while left > 0 {
+            match wire.read(&shard.rx, &mut sink).await {
+                Ok(n) if n > 0 => {
+                    left = left.saturating_sub(n);
+                    sink.clear();
+                }
+                _ => break,
+            }
+        }
+        let _ = wire.close().await;
+    };
+    let give_up = async {
+        glommio::timer::Timer::new(DRAIN_TIME).await;
+    };
+    future::or(send, give_up).await;
 }
 
 /// A status line's reason phrase (clients read the code; the phrase is for people).
