@@ -136,13 +136,17 @@ impl WsSession {
         self.input.len()
     }
 
-    /// Frees the buffers of a quiet session (no partial frame, nothing to send).
+    /// Frees the buffers of a quiet session (no partial frame, nothing to send, no event
+    /// waiting).
     pub fn release_idle_memory(&mut self) {
         if self.input.is_empty() {
             self.input = BytesMut::new();
         }
         if self.output.is_empty() {
             self.output = BytesMut::new();
+        }
+        if self.events.is_empty() {
+            self.events = VecDeque::new();
         }
     }
 

@@ -202,7 +202,7 @@ impl Conn {
         self.session.set_deadline(self.mqtt.poll_timeout());
         if self.rbuf.is_empty() && self.session.is_quiet() {
             // Going quiet: an idle connection holds no buffers.
-            self.release_buffers();
+            self.release_buffers(wire);
         }
         // A connection whose input never runs dry must still let the shard's other tasks
         // (the log committer, other connections) run, and must not outrun the log.
@@ -280,7 +280,7 @@ impl Conn {
 
     /// Frees what a quiet connection does not need: the read and write buffers and the
     /// session's queues grow back on the next burst.
-    fn release_buffers(&mut self) {
+    fn release_buffers(&mut self, wire: &mut Wire) {
         if self.rbuf.capacity() > 0 {
             self.rbuf = BytesMut::new();
         }
@@ -289,6 +289,7 @@ impl Conn {
         }
         self.session.release_idle_memory();
         self.mqtt.release_idle_memory();
+        wire.release_idle_memory();
     }
 
     /// PUBACKs every publish whose batch is durable, in order.

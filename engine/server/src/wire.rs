@@ -151,6 +151,14 @@ impl Wire {
         }
     }
 
+    /// Frees a quiet WebSocket's buffers (no-op for a plain stream: its TLS state keeps no
+    /// buffer between records already).
+    pub fn release_idle_memory(&mut self) {
+        if let Some(ws) = self.ws.as_deref_mut() {
+            ws.release_idle_memory();
+        }
+    }
+
     /// Changes the WebSocket frame limit (no-op for a plain stream).
     pub fn set_ws_max_frame(&mut self, max: usize) {
         if let Some(ws) = self.ws.as_deref_mut() {
