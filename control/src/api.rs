@@ -16,8 +16,7 @@ use serde_json::json;
 use crate::c2d::{Ack, C2d, C2dFailure, NewMessage};
 use crate::configurations::{ConfigFailure, Configurations};
 use crate::device::{
-    Authentication, AuthenticationWrite, Capabilities, Device, DeviceWrite, Module, ModuleWrite,
-    SymmetricKey, X509Thumbprint, NEVER,
+    AuthenticationWrite, Capabilities, Device, DeviceWrite, Module, ModuleWrite, NEVER,
 };
 use crate::jobs::{JobFailure, Jobs};
 use crate::methods::{MethodCall, MethodFailure, Methods};
@@ -1038,32 +1037,10 @@ impl Api {
         };
         let empty = AuthenticationWrite::default();
         let auth = body.authentication.as_ref().unwrap_or(&empty);
-        if let Some(kind) = auth.kind.as_deref() {
-            if kind != "sas" {
-                return Err(HubError::bad_request(format!(
-                    "authentication type {kind} is not supported yet; use sas"
-                )));
-            }
-        }
-        let mut keys = auth.symmetric_key.clone().unwrap_or_default();
-        // An empty key is no key: the Node SDK's `Registry.create({deviceId})` sends
-        // `{"primaryKey":"","secondaryKey":""}` and IoT Hub generates both.
-        for k in [&mut keys.primary_key, &mut keys.secondary_key] {
-            if k.as_deref() == Some("") {
-                *k = None;
-            }
-        }
-        for k in [&keys.primary_key, &keys.secondary_key]
-            .into_iter()
-            .flatten()
-        {
-            if !crate::device::valid_key(k) {
-                return Err(HubError::bad_request(
-                    "symmetric keys must be base64 of 16 to 64 bytes",
-                ));
-            }
-        }
         let existing = self.store.device(id).map_err(HubError::server)?;
+        let authentication = auth
+            .resolve(existing.as_ref().map(|d| &d.authentication))
+            .map_err(HubError::bad_request)?;
         let is_new = existing.is_none();
         let now = iso_now();
         let device = match (existing, if_match) {
@@ -1085,13 +1062,7 @@ impl Api {
                 }
                 d.status = status.to_string();
                 d.status_reason = body.status_reason.clone();
-                // Keys left out of an update are kept, not regenerated.
-                if let Some(k) = &keys.primary_key {
-                    d.authentication.symmetric_key.primary_key = Some(k.clone());
-                }
-                if let Some(k) = &keys.secondary_key {
-                    d.authentication.symmetric_key.secondary_key = Some(k.clone());
-                }
+                d.authentication = authentication;
                 if let Some(c) = body.capabilities.clone() {
                     d.capabilities = c;
                 }
@@ -1127,22 +1098,7 @@ impl Api {
                     status_updated_time: NEVER.into(),
                     last_activity_time: NEVER.into(),
                     cloud_to_device_message_count: 0,
-                    authentication: Authentication {
-                        kind: "sas".into(),
-                        symmetric_key: SymmetricKey {
-                            primary_key: Some(
-                                keys.primary_key
-                                    .clone()
-                                    .unwrap_or_else(roost_iothub::sas::generate_key),
-                            ),
-                            secondary_key: Some(
-                                keys.secondary_key
-                                    .clone()
-                                    .unwrap_or_else(roost_iothub::sas::generate_key),
-                            ),
-                        },
-                        x509_thumbprint: X509Thumbprint::default(),
-                    },
+                    authentication,
                     capabilities,
                 }
             }
@@ -1316,23 +1272,10 @@ impl Api {
             }
             let empty = AuthenticationWrite::default();
             let auth = body.authentication.as_ref().unwrap_or(&empty);
-            if auth.kind.as_deref().is_some_and(|k| k != "sas") {
-                return Err(HubError::bad_request(
-                    "only sas authentication is supported yet",
-                ));
-            }
-            let mut keys = auth.symmetric_key.clone().unwrap_or_default();
-            for k in [&mut keys.primary_key, &mut keys.secondary_key] {
-                if k.as_deref() == Some("") {
-                    *k = None;
-                }
-                if k.as_deref().is_some_and(|k| !crate::device::valid_key(k)) {
-                    return Err(HubError::bad_request(
-                        "symmetric keys must be base64 of 16 to 64 bytes",
-                    ));
-                }
-            }
             let existing = self.store.module(id, m).map_err(HubError::server)?;
+            let authentication = auth
+                .resolve(existing.as_ref().map(|e| &e.authentication))
+                .map_err(HubError::bad_request)?;
             let created = existing.is_none();
             let mut module = match (existing, if_match.as_deref()) {
                 (Some(_), None) => {
@@ -1358,24 +1301,10 @@ impl Api {
                     connection_state_updated_time: NEVER.into(),
                     last_activity_time: NEVER.into(),
                     cloud_to_device_message_count: 0,
-                    authentication: Authentication {
-                        kind: "sas".into(),
-                        symmetric_key: SymmetricKey::default(),
-                        x509_thumbprint: X509Thumbprint::default(),
-                    },
+                    authentication: authentication.clone(),
                 },
             };
-            let sk = &mut module.authentication.symmetric_key;
-            for (slot, given) in [
-                (&mut sk.primary_key, &keys.primary_key),
-                (&mut sk.secondary_key, &keys.secondary_key),
-            ] {
-                match given {
-                    Some(k) => *slot = Some(k.clone()),
-                    None if slot.is_none() => *slot = Some(roost_iothub::sas::generate_key()),
-                    None => {}
-                }
-            }
+            module.authentication = authentication;
             if body.managed_by.is_some() {
                 module.managed_by = body.managed_by.clone();
             }

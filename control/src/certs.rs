@@ -75,7 +75,37 @@ pub fn ensure(data_dir: &Path, hostname: &str) -> anyhow::Result<CertPaths> {
     Ok(paths)
 }
 
-fn write_private(path: &Path, pem: &str) -> anyhow::Result<()> {
+/// A device's self-signed certificate (IoT Hub's `selfSigned` authentication): its common
+/// name the identity (`device` or `device/module`), valid for `days`, for client
+/// authentication.
+pub struct DeviceCert {
+    pub cert_pem: String,
+    pub key_pem: String,
+    /// Uppercase hex SHA-256 of the certificate's DER, as the registry takes it.
+    pub thumbprint: String,
+}
+
+pub fn self_signed_device_cert(identity: &str, days: u32) -> anyhow::Result<DeviceCert> {
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params.distinguished_name.push(DnType::CommonName, identity);
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    let now = rcgen::date_time_ymd(1970, 1, 1)
+        + std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?;
+    params.not_before = now - std::time::Duration::from_secs(300);
+    params.not_after = now + std::time::Duration::from_secs(u64::from(days) * 86_400);
+    let key = KeyPair::generate()?;
+    let cert = params.self_signed(&key)?;
+    let read = roost_iothub::x509::ClientCert::from_der(cert.der())?;
+    Ok(DeviceCert {
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+        thumbprint: read.sha256.to_ascii_uppercase(),
+    })
+}
+
+/// Writes a private key (owner-only).
+pub fn write_private(path: &Path, pem: &str) -> anyhow::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let mut f = std::fs::OpenOptions::new()

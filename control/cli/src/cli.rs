@@ -388,12 +388,29 @@ pub struct ControlArgs {
 
 #[derive(Subcommand)]
 pub enum DeviceCmd {
-    /// Register a device (SAS keys generated) and print its connection string.
+    /// Register a device (SAS keys generated) and print its connection string; with --x509,
+    /// a device that authenticates with a client certificate.
     Create {
         id: String,
         /// Register it disabled.
         #[arg(long)]
         disabled: bool,
+        /// Authenticate it with a client certificate (IoT Hub's selfSigned): a certificate and
+        /// key are issued (common name = the id) into --cert-dir and its SHA-256 thumbprint is
+        /// registered, or --thumbprint registers one you have; prints the `x509=true`
+        /// connection string and the files' paths.
+        #[arg(long)]
+        x509: bool,
+        /// The thumbprint to register (hex SHA-1 or SHA-256 of your certificate's DER) instead
+        /// of issuing a certificate.
+        #[arg(long, requires = "x509", value_name = "HEX")]
+        thumbprint: Option<String>,
+        /// Where an issued certificate and key go. Default: <data>/devices.
+        #[arg(long, requires = "x509", value_name = "DIR")]
+        cert_dir: Option<PathBuf>,
+        /// Days an issued certificate is valid (0: it expires at once; for tests).
+        #[arg(long, requires = "x509", default_value_t = 365)]
+        valid_days: u32,
     },
     /// List devices as JSON.
     List,
@@ -827,13 +844,32 @@ pub fn run_device(action: DeviceCmd, data_dir: &Path, out: Output) -> anyhow::Re
         .build()?;
     runtime.block_on(async {
         match action {
-            DeviceCmd::Create { id, disabled } => {
+            DeviceCmd::Create {
+                id,
+                disabled,
+                x509,
+                thumbprint,
+                cert_dir,
+                valid_days,
+            } => {
                 roost_model::DeviceId::parse(&id)
                     .map_err(|e| anyhow::anyhow!("invalid device id {id:?}: {e}"))?;
+                // The certificate is written only once the device is registered.
+                let mut issued = None;
+                let authentication = match (x509, thumbprint) {
+                    (false, _) => json!({ "type": "sas", "symmetricKey": {} }),
+                    (true, Some(t)) => json!({ "type": "selfSigned", "x509Thumbprint": { "primaryThumbprint": t } }),
+                    (true, None) => {
+                        let cert = roost_control::certs::self_signed_device_cert(&id, valid_days)?;
+                        let t = cert.thumbprint.clone();
+                        issued = Some(cert);
+                        json!({ "type": "selfSigned", "x509Thumbprint": { "primaryThumbprint": t } })
+                    }
+                };
                 let body = json!({
                     "deviceId": id,
                     "status": if disabled { "disabled" } else { "enabled" },
-                    "authentication": { "type": "sas", "symmetricKey": {} },
+                    "authentication": authentication,
                     "capabilities": { "iotEdge": false },
                 });
                 let resp = svc
@@ -845,6 +881,22 @@ pub fn run_device(action: DeviceCmd, data_dir: &Path, out: Output) -> anyhow::Re
                     )
                     .await?;
                 check(&resp)?;
+                if x509 {
+                    println!("HostName={};DeviceId={};x509=true", svc.hub.hostname, id);
+                    if let Some(cert) = issued {
+                        let dir = cert_dir.unwrap_or_else(|| data_dir.join("devices"));
+                        roost_common::hubfile::private_dir(&dir)
+                            .with_context(|| format!("creating {}", dir.display()))?;
+                        let (pem, key) = (dir.join(format!("{id}.pem")), dir.join(format!("{id}.key")));
+                        std::fs::write(&pem, &cert.cert_pem)
+                            .with_context(|| format!("writing {}", pem.display()))?;
+                        roost_control::certs::write_private(&key, &cert.key_pem)?;
+                        println!("certificate: {}", pem.display());
+                        println!("key: {}", key.display());
+                        println!("thumbprint: {}", cert.thumbprint);
+                    }
+                    return Ok(());
+                }
                 let device: Value = serde_json::from_slice(&resp.body)?;
                 let key = device["authentication"]["symmetricKey"]["primaryKey"]
                     .as_str()

@@ -115,19 +115,78 @@ fn roots(ca: &Path) -> Result<RootCertStore, TlsError> {
     Ok(roots)
 }
 
-/// The device-facing server config (MQTT :8883, HTTPS): TLS 1.2 and 1.3 (nothing older), no
-/// client certificate, the server's chain without the root.
+/// The device-facing server config (MQTT :8883, HTTPS): TLS 1.2 and 1.3 (nothing older), a
+/// client certificate asked for but not required ([`DeviceCertVerifier`]), the server's chain
+/// without the root.
 pub fn device_server_config(paths: &CertPaths) -> Result<Arc<ServerConfig>, TlsError> {
+    let verifier = Arc::new(DeviceCertVerifier {
+        algorithms: provider().signature_verification_algorithms,
+    });
     let cfg = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| TlsError::Config(e.to_string()))?
-        .with_no_client_auth()
+        .with_client_cert_verifier(verifier)
         .with_single_cert(
             served_chain(&paths.server(), &paths.ca())?,
             load_key(&paths.server_key())?,
         )
         .map_err(|e| TlsError::Config(e.to_string()))?;
     Ok(Arc::new(cfg))
+}
+
+/// Devices' client certificates (spec §1.4): asked for, never required — SAS devices share
+/// the port — and taken from any client whose key signs the handshake (TLS's proof that it
+/// holds the certificate). Which identity a certificate stands for, if any, is the device
+/// session's decision at CONNECT (a thumbprint in the registry, or a chain to a verified CA),
+/// where a refusal is a CONNACK with a counted reason rather than a failed handshake.
+#[derive(Debug)]
+pub struct DeviceCertVerifier {
+    algorithms: rustls::crypto::WebPkiSupportedAlgorithms,
+}
+
+impl rustls::server::danger::ClientCertVerifier for DeviceCertVerifier {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        false
+    }
+
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
+        Ok(rustls::server::danger::ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
 }
 
 /// The control plane's end of the link: requires a client certificate issued by the CA.

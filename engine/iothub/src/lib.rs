@@ -17,6 +17,7 @@
 //! - [`username`]: the MQTT CONNECT username (spec §2.1).
 //! - [`topic`]: topics a device may publish to (spec §2.2).
 //! - [`props`]: the URL-encoded property bag carried in telemetry and C2D topics (spec §2.5).
+//! - [`x509`]: a device's client certificate: thumbprints, validity, common name (spec §1.4).
 
 pub mod connstr;
 pub mod encoding;
@@ -25,6 +26,7 @@ pub mod sas;
 pub mod time;
 pub mod topic;
 pub mod username;
+pub mod x509;
 
 #[cfg(test)]
 mod vectors;

@@ -20,6 +20,21 @@ pub struct DeviceAuth {
     /// `$version`, without `$metadata`), for conditions and enrichments over `$twin.tags…` and
     /// `$twin.properties…`.
     pub twin: String,
+    /// How the identity may authenticate with a client certificate (none for SAS devices).
+    pub x509: X509Auth,
+}
+
+/// An identity's X.509 authentication (IoT Hub's `selfSigned` and `certificateAuthority`).
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, Default, PartialEq, Eq)]
+#[rkyv(derive(Debug))]
+pub enum X509Auth {
+    #[default]
+    None,
+    /// A certificate whose SHA-1 or SHA-256 thumbprint is one of these (primary, secondary;
+    /// lowercase hex).
+    SelfSigned { thumbprints: Vec<String> },
+    /// A certificate chaining to a CA the hub verified, its common name the identity's.
+    CertificateAuthority,
 }
 
 impl DeviceAuth {
@@ -32,6 +47,7 @@ impl DeviceAuth {
             secondary_key: secondary.to_vec(),
             generation_id: "g".into(),
             twin: String::new(),
+            x509: X509Auth::None,
         }
     }
 }
@@ -549,6 +565,7 @@ mod tests {
                     secondary_key: vec![2; 32],
                     generation_id: "g".into(),
                     twin: String::new(),
+                    x509: X509Auth::None,
                 }),
                 RegistryChange::Delete {
                     device_id: "d2".into(),

@@ -16,7 +16,8 @@ const SEQ_KEY: &[u8] = b"registry_seq";
 const FORMAT_KEY: &[u8] = b"registry_format";
 /// 2: `DeviceAuth::twin` holds the routing view of tags and properties (1 held tags only).
 /// 3: the stored epoch carries the shared access policies.
-const FORMAT: u32 = 3;
+/// 4: `DeviceAuth::x509` (certificate authentication).
+const FORMAT: u32 = 4;
 const EPOCH_KEY: &[u8] = b"epoch";
 
 /// A [`ReplicaStore`] in the engine's RocksDB (which must have the `registry` and `meta`

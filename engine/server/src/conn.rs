@@ -19,9 +19,10 @@ use roost_mqtt::{
     ConnectReturnCode, Error as MqttError, Event, QoS, ServerSession, SessionConfig, State, Str,
     SubackCode,
 };
-use roost_session::auth::mqtt_credentials;
+use roost_iothub::x509::{CertError, ClientCert};
+use roost_session::auth::{mqtt_credentials, mqtt_x509_claim};
 use roost_session::telemetry;
-use roost_session::{DisconnectReason, PreAuthSlot};
+use roost_session::{DisconnectReason, PreAuthSlot, Refusal};
 
 use crate::session::{unix_now, DeviceSession};
 use crate::sessions::Subscriptions;
@@ -63,6 +64,9 @@ struct Conn {
     wbuf: BytesMut,
     /// Over a send quota: frames are not handled, nor bytes read, until then.
     throttled_until: Option<Instant>,
+    /// The certificate the client presented in the TLS handshake, read, until CONNECT decides
+    /// what it proves.
+    client_cert: Option<Box<Result<ClientCert, CertError>>>,
 }
 
 /// Serves one accepted connection (plain or TLS) to the end. `pre_auth` is its place under
@@ -119,6 +123,9 @@ pub async fn serve_established(
         rbuf,
         wbuf: BytesMut::new(),
         throttled_until: None,
+        client_cert: wire
+            .client_cert()
+            .map(|der| Box::new(ClientCert::from_der(der))),
     };
     match conn.until_authenticated(&mut wire).await {
         // The rest of the connection's life is in the devices' task queue.
@@ -278,6 +285,12 @@ impl Conn {
         step
     }
 
+    /// Counts a refusal decided before the registry was asked (the claim itself is bad).
+    fn refused(&mut self, refusal: Refusal) -> Refusal {
+        self.session.refuse(refusal.reason());
+        refusal
+    }
+
     /// Frees what a quiet connection does not need: the read and write buffers and the
     /// session's queues grow back on the next burst.
     fn release_buffers(&mut self, wire: &mut Wire) {
@@ -335,16 +348,25 @@ impl Conn {
         while let Some(event) = self.mqtt.poll_event() {
             match event {
                 Event::Connect(c) => {
-                    let outcome = match mqtt_credentials(
-                        c.client_id.as_str(),
-                        c.username.as_ref().map(|u| u.as_str()),
-                        c.password.as_deref(),
-                    ) {
-                        Ok(claim) => self.session.authenticate(&claim).map(|_| ()),
-                        Err(refusal) => {
-                            self.session.refuse(refusal.reason());
-                            Err(refusal)
-                        }
+                    let (client_id, username) =
+                        (c.client_id.as_str(), c.username.as_ref().map(|u| u.as_str()));
+                    // Without a password, the certificate the handshake carried is the proof
+                    // (spec §1.4); with one, the SAS token is, certificate or not.
+                    let outcome = match (c.password.as_deref(), self.client_cert.take()) {
+                        (None, Some(cert)) => match *cert {
+                            Ok(cert) => match mqtt_x509_claim(client_id, username, &cert) {
+                                Ok(claim) => self.session.authenticate_x509(&claim).map(|_| ()),
+                                Err(refusal) => Err(self.refused(refusal)),
+                            },
+                            Err(e) => {
+                                tracing::debug!(error = %e, "a client certificate that cannot be read");
+                                Err(self.refused(Refusal::BadCertificate))
+                            }
+                        },
+                        (password, _) => match mqtt_credentials(client_id, username, password) {
+                            Ok(claim) => self.session.authenticate(&claim).map(|_| ()),
+                            Err(refusal) => Err(self.refused(refusal)),
+                        },
                     };
                     match outcome {
                         Ok(()) => {

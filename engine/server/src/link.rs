@@ -291,6 +291,7 @@ fn revokes(old: &DeviceAuth, new: Option<&DeviceAuth>) -> bool {
             || new.primary_key != old.primary_key
             || new.secondary_key != old.secondary_key
             || new.generation_id != old.generation_id
+            || new.x509 != old.x509
     })
 }
 

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use roost_model::link::{C2dOutcome, DeviceCommand, EngineFrame, TwinOp};
 use roost_model::Message;
-use roost_session::auth::{authenticate_sas, SasClaim};
+use roost_session::auth::{authenticate_sas, SasClaim, X509Claim};
 use roost_session::quota::{Admit, Bucket, Limit};
 use roost_session::router::twin_error;
 use roost_session::{DisconnectReason, Identity, Ingest, PreAuthSlot, Refusal, RouterInput};
@@ -119,12 +119,31 @@ impl<A> DeviceSession<A> {
     pub fn authenticate(&mut self, claim: &SasClaim<'_>) -> Result<&Identity, Refusal> {
         let registry = self.shard.shared.registry.load();
         let now_unix = unix_now();
-        let identity = match authenticate_sas(
+        let checked = authenticate_sas(
             claim,
             &registry,
             &self.shard.shared.hostname,
             now_unix.as_secs(),
-        ) {
+        );
+        self.admit(checked, now_unix)
+    }
+
+    /// As [`Self::authenticate`], with the client certificate the TLS handshake carried; the
+    /// session lasts until the certificate expires.
+    pub fn authenticate_x509(&mut self, claim: &X509Claim<'_>) -> Result<&Identity, Refusal> {
+        let registry = self.shard.shared.registry.load();
+        let now_unix = unix_now();
+        let checked = roost_session::auth::authenticate_x509(claim, &registry, now_unix.as_secs());
+        self.admit(checked, now_unix)
+    }
+
+    /// The session becomes the identity the registry admitted (or counts the refusal).
+    fn admit(
+        &mut self,
+        checked: Result<Identity, Refusal>,
+        now_unix: Duration,
+    ) -> Result<&Identity, Refusal> {
+        let identity = match checked {
             Ok(identity) => identity,
             Err(refusal) => {
                 self.refuse(refusal.reason());

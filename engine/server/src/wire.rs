@@ -134,6 +134,11 @@ impl Wire {
         })
     }
 
+    /// The certificate the client presented in the TLS handshake (its first, the leaf), if any.
+    pub fn client_cert(&self) -> Option<&rustls::pki_types::CertificateDer<'static>> {
+        self.tls.as_deref()?.conn.peer_certificates()?.first()
+    }
+
     /// From now on the stream is carried in WebSocket frames (after the `101` went out).
     /// `early` is what the client sent behind its upgrade request; the stream bytes it holds
     /// are appended to `plain`.

@@ -1,10 +1,13 @@
 //! Authenticating a client against the registry projection with a SAS token (spec §1.2,
-//! §2.1). [`authenticate_sas`] is protocol-neutral: a claimed identity and a token. Each
-//! protocol adapter turns what its client sends into that claim; [`mqtt_credentials`] does it
-//! for an MQTT CONNECT (username, client id, password).
+//! §2.1) or a client certificate (§1.4). [`authenticate_sas`] and [`authenticate_x509`] are
+//! protocol-neutral: a claimed identity and its proof. Each protocol adapter turns what its
+//! client sends into that claim; [`mqtt_credentials`] does it for an MQTT CONNECT (username,
+//! client id, password, and the certificate the TLS handshake carried).
 
 use roost_iothub::sas::SasToken;
 use roost_iothub::username::Username;
+use roost_iothub::x509::ClientCert;
+use roost_model::link::X509Auth;
 use roost_registry::Projection;
 
 /// Who a connection authenticated as.
@@ -14,8 +17,34 @@ pub struct Identity {
     pub module_id: Option<String>,
     pub generation_id: String,
     pub model_id: Option<String>,
-    /// Unix seconds after which the token is no longer valid.
+    /// Unix seconds after which the credential (token or certificate) is no longer valid.
     pub token_expiry: u64,
+    pub method: AuthMethod,
+}
+
+/// How an identity proved itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthMethod {
+    Sas,
+    /// A certificate whose thumbprint the registry holds.
+    SelfSigned,
+    /// A certificate chaining to a CA the hub verified.
+    CertificateAuthority,
+}
+
+impl AuthMethod {
+    /// `iothub-connection-auth-method`, as IoT Hub stamps it on a message.
+    pub fn stamp(self) -> &'static str {
+        match self {
+            AuthMethod::Sas => r#"{"scope":"device","type":"sas","issuer":"iothub"}"#,
+            AuthMethod::SelfSigned => {
+                r#"{"scope":"device","type":"x509Certificate","issuer":"iothub"}"#
+            }
+            AuthMethod::CertificateAuthority => {
+                r#"{"scope":"device","type":"x509CA","issuer":"iothub"}"#
+            }
+        }
+    }
 }
 
 impl Identity {
@@ -44,6 +73,16 @@ pub enum Refusal {
     SignatureMismatch,
     TokenExpired,
     DeviceDisabled,
+    /// A certificate whose thumbprint is neither of the identity's.
+    ThumbprintMismatch,
+    /// A certificate outside its validity period.
+    CertificateExpired,
+    /// A certificate for an identity that authenticates with SAS keys.
+    NotX509Identity,
+    /// A `certificateAuthority` identity: no CA is verified with this hub yet.
+    CaNotVerified,
+    /// A client certificate that cannot be read.
+    BadCertificate,
 }
 
 impl Refusal {
@@ -60,6 +99,11 @@ impl Refusal {
             Refusal::SignatureMismatch => "signature_mismatch",
             Refusal::TokenExpired => "token_expired",
             Refusal::DeviceDisabled => "device_disabled",
+            Refusal::ThumbprintMismatch => "thumbprint_mismatch",
+            Refusal::CertificateExpired => "certificate_expired",
+            Refusal::NotX509Identity => "not_x509_identity",
+            Refusal::CaNotVerified => "ca_not_verified",
+            Refusal::BadCertificate => "bad_certificate",
         }
     }
 }
@@ -91,20 +135,51 @@ pub fn mqtt_credentials<'a>(
     username: Option<&str>,
     password: Option<&'a [u8]>,
 ) -> Result<SasClaim<'a>, Refusal> {
-    let username = username.ok_or(Refusal::BadUsername)?;
-    let user = Username::parse(username).map_err(|_| Refusal::BadUsername)?;
+    let (device_id, module_id, model_id) = mqtt_identity(client_id, username)?;
     let password = password.ok_or(Refusal::NoPassword)?;
     let token = std::str::from_utf8(password).map_err(|_| Refusal::BadToken("not_utf8"))?;
-    let claim = SasClaim {
-        device_id: user.device.as_str().to_string(),
-        module_id: user.module.as_ref().map(|m| m.as_str().to_string()),
-        model_id: user.model_id,
+    Ok(SasClaim {
+        device_id,
+        module_id,
+        model_id,
         token,
+    })
+}
+
+/// The claim of an MQTT CONNECT without a password from a client that presented `cert` in
+/// the TLS handshake (spec §1.4: username and client id as with SAS).
+pub fn mqtt_x509_claim<'a>(
+    client_id: &str,
+    username: Option<&str>,
+    cert: &'a ClientCert,
+) -> Result<X509Claim<'a>, Refusal> {
+    let (device_id, module_id, model_id) = mqtt_identity(client_id, username)?;
+    Ok(X509Claim {
+        device_id,
+        module_id,
+        model_id,
+        cert,
+    })
+}
+
+/// The identity a CONNECT's username names (device, module, model id), which the client id must
+/// be.
+fn mqtt_identity(
+    client_id: &str,
+    username: Option<&str>,
+) -> Result<(String, Option<String>, Option<String>), Refusal> {
+    let username = username.ok_or(Refusal::BadUsername)?;
+    let user = Username::parse(username).map_err(|_| Refusal::BadUsername)?;
+    let device = user.device.as_str();
+    let module = user.module.as_ref().map(|m| m.as_str());
+    let named = match module {
+        Some(m) => format!("{device}/{m}"),
+        None => device.to_string(),
     };
-    if client_id != claim.client_id() {
+    if client_id != named {
         return Err(Refusal::ClientIdMismatch);
     }
-    Ok(claim)
+    Ok((device.to_string(), module.map(str::to_string), user.model_id))
 }
 
 /// Checks a claimed identity's SAS token against the registry: the token must be a device
@@ -163,6 +238,61 @@ pub fn authenticate_sas(
         generation_id: entry.generation_id.clone(),
         model_id: claim.model_id.clone(),
         token_expiry: token.expiry(),
+        method: AuthMethod::Sas,
+    })
+}
+
+/// Who a client claims to be, and the certificate it presented: the TLS handshake proved
+/// that it holds the certificate's key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct X509Claim<'a> {
+    pub device_id: String,
+    pub module_id: Option<String>,
+    pub model_id: Option<String>,
+    pub cert: &'a ClientCert,
+}
+
+/// Checks a claimed identity's client certificate against the registry (spec §1.4): a
+/// `selfSigned` identity's certificate must have one of its thumbprints (SHA-1 or SHA-256,
+/// either case) and be within its validity period; the session lasts until the certificate
+/// expires. As with tokens, the credential is checked before the device's status.
+pub fn authenticate_x509(
+    claim: &X509Claim<'_>,
+    registry: &Projection,
+    now_unix: u64,
+) -> Result<Identity, Refusal> {
+    let device = claim.device_id.as_str();
+    let module = claim.module_id.as_deref();
+    let device_entry = registry.device(device).ok_or(Refusal::UnknownDevice)?;
+    let entry = match module {
+        Some(m) => registry
+            .device(&format!("{device}/{m}"))
+            .ok_or(Refusal::UnknownModule)?,
+        None => device_entry,
+    };
+    let method = match &entry.x509 {
+        X509Auth::SelfSigned { thumbprints } => {
+            if !thumbprints.iter().any(|t| claim.cert.has_thumbprint(t)) {
+                return Err(Refusal::ThumbprintMismatch);
+            }
+            AuthMethod::SelfSigned
+        }
+        X509Auth::CertificateAuthority => return Err(Refusal::CaNotVerified),
+        X509Auth::None => return Err(Refusal::NotX509Identity),
+    };
+    if !claim.cert.valid_at(now_unix as i64) {
+        return Err(Refusal::CertificateExpired);
+    }
+    if !entry.enabled || !device_entry.enabled {
+        return Err(Refusal::DeviceDisabled);
+    }
+    Ok(Identity {
+        device_id: device.to_string(),
+        module_id: module.map(str::to_string),
+        generation_id: entry.generation_id.clone(),
+        model_id: claim.model_id.clone(),
+        token_expiry: u64::try_from(claim.cert.not_after).unwrap_or(0),
+        method,
     })
 }
 
@@ -186,6 +316,7 @@ mod tests {
                 secondary_key: vec![9; 32],
                 generation_id: "638000000000000001".into(),
                 twin: String::new(),
+                x509: Default::default(),
             }],
         )
     }
@@ -405,5 +536,51 @@ mod tests {
         let err = authenticate(&with_key(&[5; 32]), &registry(false), "localhost", NOW)
             .expect_err("device disabled");
         assert_eq!(err.reason(), "device_disabled");
+    }
+
+    fn cert() -> ClientCert {
+        ClientCert {
+            sha1: "f71dc870d6f2b0cb39a3adb6a4f96bc0ef35451e".into(),
+            sha256: "28d185d0a746f985b2e6db4bb12fbfbf1f0138317b94afd1d46ca313822e134d".into(),
+            not_before: NOW as i64 - 60,
+            not_after: NOW as i64 + 3600,
+            common_name: Some("dev-x".into()),
+        }
+    }
+
+    fn x509_registry(x509: X509Auth, enabled: bool) -> Projection {
+        let mut d = DeviceAuth::with_keys("dev-x", enabled, &[], &[]);
+        d.x509 = x509;
+        let sas = DeviceAuth::with_keys("dev-1", true, &[7; 32], &[9; 32]);
+        Projection::new(1, [d, sas])
+    }
+
+    #[test]
+    fn a_certificate_authenticates_a_self_signed_identity_by_either_thumbprint() {
+        let c = cert();
+        let claim = mqtt_x509_claim("dev-x", Some("localhost/dev-x/?api-version=2019-10-01"), &c).expect("claim");
+        for t in [c.sha1.to_ascii_uppercase(), c.sha256.clone()] {
+            let reg = x509_registry(X509Auth::SelfSigned { thumbprints: vec!["00".repeat(20), t.to_ascii_lowercase()] }, true);
+            let id = authenticate_x509(&claim, &reg, NOW).expect("authenticated");
+            assert_eq!(id.method, AuthMethod::SelfSigned);
+            assert_eq!(id.token_expiry, NOW + 3600, "the session ends when the certificate does");
+        }
+        let refused = |x509, enabled, now| authenticate_x509(&claim, &x509_registry(x509, enabled), now).unwrap_err();
+        let other = X509Auth::SelfSigned { thumbprints: vec!["ab".repeat(32)] };
+        let own = X509Auth::SelfSigned { thumbprints: vec![c.sha256.clone()] };
+        assert_eq!(refused(other, true, NOW), Refusal::ThumbprintMismatch);
+        assert_eq!(refused(own.clone(), true, NOW + 3601), Refusal::CertificateExpired);
+        assert_eq!(refused(own.clone(), true, NOW - 61), Refusal::CertificateExpired);
+        assert_eq!(refused(own, false, NOW), Refusal::DeviceDisabled);
+        assert_eq!(refused(X509Auth::CertificateAuthority, true, NOW), Refusal::CaNotVerified);
+        // A SAS identity is not authenticated by a certificate, and an unknown one is unknown.
+        let sas = mqtt_x509_claim("dev-1", Some("localhost/dev-1/?api-version=2019-10-01"), &c).expect("claim");
+        let reg = x509_registry(X509Auth::None, true);
+        assert_eq!(authenticate_x509(&sas, &reg, NOW).unwrap_err(), Refusal::NotX509Identity);
+        let nobody = mqtt_x509_claim("dev-9", Some("localhost/dev-9/?api-version=2019-10-01"), &c).expect("claim");
+        assert_eq!(authenticate_x509(&nobody, &reg, NOW).unwrap_err(), Refusal::UnknownDevice);
+        // The client id must still be the identity the username names.
+        assert_eq!(mqtt_x509_claim("dev-1", Some("localhost/dev-x/?api-version=2019-10-01"), &c).unwrap_err(),
+                   Refusal::ClientIdMismatch);
     }
 }

@@ -30,8 +30,6 @@ pub fn publish_bag<'t>(identity: &Identity, topic: &'t str) -> Result<&'t str, D
 /// Largest device-to-cloud body IoT Hub accepts (spec §2.3, §8).
 pub const MAX_D2C_BODY: usize = 256 * 1024;
 
-const SAS_AUTH_METHOD: &str = r#"{"scope":"device","type":"sas","issuer":"iothub"}"#;
-
 /// The record for one telemetry message: the device's properties plus what the hub stamps.
 pub fn record(
     id: &Identity,
@@ -62,7 +60,7 @@ pub fn record(
             connection_device_id: id.device_id.clone(),
             connection_module_id: id.module_id.clone(),
             auth_generation_id: id.generation_id.clone(),
-            auth_method: SAS_AUTH_METHOD.into(),
+            auth_method: id.method.stamp().into(),
             data_schema: id.model_id.clone(),
         },
         app,
@@ -83,6 +81,7 @@ mod tests {
             generation_id: "638000000000000001".into(),
             model_id: Some("dtmi:com:example:Thermostat;1".into()),
             token_expiry: 0,
+            method: crate::auth::AuthMethod::Sas,
         }
     }
 
@@ -99,7 +98,7 @@ mod tests {
         assert_eq!(m.system.connection_device_id, "dev-1");
         assert_eq!(m.system.connection_module_id.as_deref(), Some("mod"));
         assert_eq!(m.system.auth_generation_id, "638000000000000001");
-        assert_eq!(m.system.auth_method, SAS_AUTH_METHOD);
+        assert_eq!(m.system.auth_method, r#"{"scope":"device","type":"sas","issuer":"iothub"}"#);
         assert_eq!(
             m.system.data_schema.as_deref(),
             Some("dtmi:com:example:Thermostat;1")

@@ -39,6 +39,7 @@ fn registry() -> Projection {
             secondary_key: vec![s; 32],
             generation_id: format!("gen-{id}"),
             twin: String::new(),
+            x509: Default::default(),
         }),
     )
 }
@@ -277,6 +278,7 @@ fn identity(device: &str, module: Option<&str>) -> Identity {
         generation_id: "g".into(),
         model_id: None,
         token_expiry: NOW + 3600,
+        method: roost_session::auth::AuthMethod::Sas,
     }
 }
 
