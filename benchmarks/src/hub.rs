@@ -52,7 +52,10 @@ impl Hub {
 
     /// Port 443's listener, for MQTT over WebSockets.
     pub fn https_addr(&self) -> anyhow::Result<SocketAddr> {
-        let port = self.info.https_port.context("hub.json has no ports.https: start the hub with --https ADDR")?;
+        let port = self
+            .info
+            .https_port
+            .context("hub.json has no ports.https: start the hub with --https ADDR")?;
         Ok(SocketAddr::from(([127, 0, 0, 1], port)))
     }
 

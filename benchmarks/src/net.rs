@@ -102,10 +102,7 @@ impl Transport {
     }
 
     pub fn is_tls(&self) -> bool {
-        matches!(
-            self,
-            Transport::Tls { .. } | Transport::TlsWebSocket { .. }
-        )
+        matches!(self, Transport::Tls { .. } | Transport::TlsWebSocket { .. })
     }
 
     /// The same TLS, with MQTT carried over a WebSocket.

@@ -57,7 +57,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsStream<S> {
         if !status.starts_with("HTTP/1.1 101") {
             bail!("the upgrade was refused: {status}");
         }
-        if !head.to_ascii_lowercase().contains("sec-websocket-protocol: mqtt") {
+        if !head
+            .to_ascii_lowercase()
+            .contains("sec-websocket-protocol: mqtt")
+        {
             bail!("the server did not choose the mqtt subprotocol");
         }
         raw.advance(end);
@@ -81,10 +84,16 @@ impl<S> WsStream<S> {
             return Ok(None);
         };
         if b1 & 0x80 != 0 {
-            return Err(io::Error::new(io::ErrorKind::InvalidData, "a masked server frame"));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "a masked server frame",
+            ));
         }
         let (len, ext) = match b1 & 0x7f {
-            126 if self.raw.len() >= 4 => (usize::from(u16::from_be_bytes([self.raw[2], self.raw[3]])), 2),
+            126 if self.raw.len() >= 4 => (
+                usize::from(u16::from_be_bytes([self.raw[2], self.raw[3]])),
+                2,
+            ),
             127 if self.raw.len() >= 10 => {
                 let mut b = [0u8; 8];
                 b.copy_from_slice(&self.raw[2..10]);
@@ -243,7 +252,9 @@ mod tests {
             assert!(head.contains("Sec-WebSocket-Protocol: mqtt\r\n"), "{head}");
             // The answer, then two binary frames (one split in two by a continuation), a ping,
             // and a frame with a 16-bit length.
-            let mut out = b"HTTP/1.1 101 Switching Protocols\r\nSec-WebSocket-Protocol: mqtt\r\n\r\n".to_vec();
+            let mut out =
+                b"HTTP/1.1 101 Switching Protocols\r\nSec-WebSocket-Protocol: mqtt\r\n\r\n"
+                    .to_vec();
             out.extend_from_slice(&[0x02, 3, b'a', b'b', b'c']);
             out.extend_from_slice(&[0x80, 1, b'd']);
             out.extend_from_slice(&[0x89, 2, 0, 0]);
@@ -256,7 +267,11 @@ mod tests {
             assert_eq!((hdr[0], hdr[1]), (0x82, 0x80 | 5));
             let mut body = [0u8; 5];
             server.read_exact(&mut body).await.unwrap();
-            let unmasked: Vec<u8> = body.iter().enumerate().map(|(i, b)| b ^ hdr[2 + i % 4]).collect();
+            let unmasked: Vec<u8> = body
+                .iter()
+                .enumerate()
+                .map(|(i, b)| b ^ hdr[2 + i % 4])
+                .collect();
             assert_eq!(unmasked, b"hello");
             server.write_all(&[0x88, 0]).await.unwrap();
         });

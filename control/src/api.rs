@@ -4,10 +4,10 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use bytes::Bytes;
 use hyper::http::request::Parts;
 use hyper::{HeaderMap, Method, StatusCode};
 use roost_common::httpd::{self, percent_decode, query_param, Req, Resp};
-use bytes::Bytes;
 use roost_iothub::sas::SasToken;
 use roost_model::link::{ServiceReply, ServiceRequest};
 use roost_session::quota::{Admit, Bucket, Limit, Quotas};
@@ -692,7 +692,12 @@ impl Api {
         let (parts, ()) = match builder.body(()) {
             Ok(req) => req.into_parts(),
             Err(e) => {
-                let bad = HubError::new(StatusCode::BAD_REQUEST, 400004, "ArgumentInvalid", e.to_string());
+                let bad = HubError::new(
+                    StatusCode::BAD_REQUEST,
+                    400004,
+                    "ArgumentInvalid",
+                    e.to_string(),
+                );
                 return http_reply(bad.response()).await;
             }
         };
@@ -714,7 +719,9 @@ impl Api {
             );
             return http_reply(large.response()).await;
         }
-        let resp = self.handle(hyper::Request::from_parts(parts, Bytes::from(body))).await;
+        let resp = self
+            .handle(hyper::Request::from_parts(parts, Bytes::from(body)))
+            .await;
         http_reply(resp).await
     }
 

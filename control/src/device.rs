@@ -171,7 +171,9 @@ impl AuthenticationWrite {
                     .map(|e| e.symmetric_key.clone())
                     .unwrap_or_default();
                 let pick = |given: Option<String>, had: Option<String>| {
-                    given.or(had).unwrap_or_else(roost_iothub::sas::generate_key)
+                    given
+                        .or(had)
+                        .unwrap_or_else(roost_iothub::sas::generate_key)
                 };
                 Ok(Authentication {
                     kind: "sas".into(),
@@ -185,11 +187,18 @@ impl AuthenticationWrite {
             "selfSigned" => {
                 let t = self.x509_thumbprint.clone().unwrap_or_default();
                 let given = |t: Option<String>| t.filter(|t| !t.is_empty());
-                let (primary, secondary) = (given(t.primary_thumbprint), given(t.secondary_thumbprint));
+                let (primary, secondary) =
+                    (given(t.primary_thumbprint), given(t.secondary_thumbprint));
                 let Some(primary) = primary else {
-                    return Err("a selfSigned identity needs x509Thumbprint.primaryThumbprint".into());
+                    return Err(
+                        "a selfSigned identity needs x509Thumbprint.primaryThumbprint".into(),
+                    );
                 };
-                if ![Some(&primary), secondary.as_ref()].into_iter().flatten().all(|t| valid_thumbprint(t)) {
+                if ![Some(&primary), secondary.as_ref()]
+                    .into_iter()
+                    .flatten()
+                    .all(|t| valid_thumbprint(t))
+                {
                     return Err("a thumbprint is the hex SHA-1 (40 digits) or SHA-256 (64 digits) of the certificate".into());
                 }
                 Ok(Authentication {

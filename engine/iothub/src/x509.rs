@@ -34,8 +34,8 @@ fn hex(bytes: &[u8]) -> String {
 
 impl ClientCert {
     pub fn from_der(der: &[u8]) -> Result<Self, CertError> {
-        let (rest, cert) = x509_parser::parse_x509_certificate(der)
-            .map_err(|e| CertError(e.to_string()))?;
+        let (rest, cert) =
+            x509_parser::parse_x509_certificate(der).map_err(|e| CertError(e.to_string()))?;
         if !rest.is_empty() {
             return Err(CertError("bytes after the certificate".into()));
         }

@@ -313,7 +313,10 @@ pub enum ServiceRequest {
 impl ServiceRequest {
     /// A service REST request (served by control's service API), not a C2D queue operation.
     pub fn is_rest(&self) -> bool {
-        matches!(self, ServiceRequest::RestAdmit { .. } | ServiceRequest::Rest { .. })
+        matches!(
+            self,
+            ServiceRequest::RestAdmit { .. } | ServiceRequest::Rest { .. }
+        )
     }
 }
 
@@ -354,7 +357,9 @@ pub enum ServiceReply {
     /// No message waits.
     NoMessage,
     /// A `RestAdmit` admitted: the body may hold up to this many bytes.
-    Admitted { body_limit: u64 },
+    Admitted {
+        body_limit: u64,
+    },
     /// The service API's HTTP answer to a `Rest` (or a `RestAdmit` refused).
     Http {
         status: u16,

@@ -14,19 +14,19 @@ use bytes::{Bytes, BytesMut};
 use futures_lite::future;
 use roost_iothub::props::{encode_bag, PropertyBag, SystemProps};
 use roost_iothub::topic::{parse_publish_topic, DeviceFilter, DeviceTopic, TopicError};
+use roost_iothub::x509::{CertError, ClientCert};
 use roost_model::link::{C2dOutcome, DeviceCommand, TwinOp};
 use roost_mqtt::{
     ConnectReturnCode, Error as MqttError, Event, QoS, ServerSession, SessionConfig, State, Str,
     SubackCode,
 };
-use roost_iothub::x509::{CertError, ClientCert};
 use roost_session::auth::{mqtt_credentials, mqtt_x509_claim};
 use roost_session::telemetry;
 use roost_session::{DisconnectReason, PreAuthSlot, Refusal};
 
+use crate::metrics::Transport;
 use crate::session::{unix_now, DeviceSession};
 use crate::sessions::Subscriptions;
-use crate::metrics::Transport;
 use crate::shard::{Queue, Shard};
 use crate::signal::Wake;
 use crate::wire::{Wire, WireError};
@@ -348,8 +348,10 @@ impl Conn {
         while let Some(event) = self.mqtt.poll_event() {
             match event {
                 Event::Connect(c) => {
-                    let (client_id, username) =
-                        (c.client_id.as_str(), c.username.as_ref().map(|u| u.as_str()));
+                    let (client_id, username) = (
+                        c.client_id.as_str(),
+                        c.username.as_ref().map(|u| u.as_str()),
+                    );
                     // Without a password, the certificate the handshake carried is the proof
                     // (spec §1.4); with one, the SAS token is, certificate or not.
                     let outcome = match (c.password.as_deref(), self.client_cert.take()) {

@@ -153,7 +153,11 @@ pub fn authenticate(
     let registry = shard.shared.registry.load();
     let now = crate::session::unix_now().as_secs();
     authenticate_sas(&claim, &registry, &shard.shared.hostname, now).map_err(|refusal| {
-        shard.metrics.of(Transport::Https).refused.inc(refusal.reason());
+        shard
+            .metrics
+            .of(Transport::Https)
+            .refused
+            .inc(refusal.reason());
         Answer::err(
             401,
             "IotHubUnauthorizedAccess",

@@ -80,7 +80,11 @@ pub async fn request(
             Err(e) => return Err(Answer::err(400, "ArgumentInvalid", e.to_string())),
         };
     let body = if has_body {
-        let admitted = call(shard, ServiceRequest::RestAdmit { head: rest.clone() }, ADMIT_TIMEOUT);
+        let admitted = call(
+            shard,
+            ServiceRequest::RestAdmit { head: rest.clone() },
+            ADMIT_TIMEOUT,
+        );
         let limit = match admitted.await? {
             ServiceReply::Admitted { body_limit } => body_limit as usize,
             ServiceReply::Http {
@@ -88,7 +92,13 @@ pub async fn request(
                 headers,
                 body,
             } => return Err(Answer::with_body(status, headers, body)),
-            _ => return Err(Answer::err(500, "ServerError", "control answered something else")),
+            _ => {
+                return Err(Answer::err(
+                    500,
+                    "ServerError",
+                    "control answered something else",
+                ))
+            }
         };
         pre_auth.release();
         crate::https::read_body(shard, wire, head, input, limit).await?
@@ -116,7 +126,11 @@ pub async fn request(
             pre_auth.release();
             Ok(answer)
         }
-        _ => Err(Answer::err(500, "ServerError", "control answered something else")),
+        _ => Err(Answer::err(
+            500,
+            "ServerError",
+            "control answered something else",
+        )),
     }
 }
 
@@ -140,13 +154,33 @@ mod tests {
         let policy = "SharedAccessSignature sr=hub&sig=x&se=1&skn=iothubowner";
         let device = "SharedAccessSignature sr=hub%2Fdevices%2Fd&sig=x&se=1";
         // The device API's paths with a device's token, or none, stay the device API's.
-        assert!(!is_service(&head("POST", "/devices/d/messages/events?api-version=2020-09-30", Some(device))));
-        assert!(!is_service(&head("GET", "/devices/d/messages/deviceBound", None)));
+        assert!(!is_service(&head(
+            "POST",
+            "/devices/d/messages/events?api-version=2020-09-30",
+            Some(device)
+        )));
+        assert!(!is_service(&head(
+            "GET",
+            "/devices/d/messages/deviceBound",
+            None
+        )));
         // A policy's token is the service's, on any path (C2D send is a POST to deviceBound).
-        assert!(is_service(&head("POST", "/devices/d/messages/deviceBound", Some(policy))));
-        assert!(is_service(&head("GET", "/devices/d?api-version=2021-04-12", Some(policy))));
+        assert!(is_service(&head(
+            "POST",
+            "/devices/d/messages/deviceBound",
+            Some(policy)
+        )));
+        assert!(is_service(&head(
+            "GET",
+            "/devices/d?api-version=2021-04-12",
+            Some(policy)
+        )));
         // Paths only the service API has, whatever the token.
-        assert!(is_service(&head("GET", "/devices/d?api-version=2021-04-12", None)));
+        assert!(is_service(&head(
+            "GET",
+            "/devices/d?api-version=2021-04-12",
+            None
+        )));
         assert!(is_service(&head("POST", "/devices/query", Some(device))));
         assert!(is_service(&head("GET", "/twins/d", None)));
         assert!(is_service(&head("GET", "/statistics/devices", None)));

@@ -372,7 +372,10 @@ impl Metrics {
             let p = t.label();
             ByTransport {
                 connections_current: self.connections_current.with_label_values(&[&s, p]),
-                connections_accepted: self.connections_accepted.with_label_values(&[&s, p]).local(),
+                connections_accepted: self
+                    .connections_accepted
+                    .with_label_values(&[&s, p])
+                    .local(),
                 messages_in: self.messages_in.with_label_values(&[&s, p]).local(),
                 bytes_in: self.bytes_in.with_label_values(&[&s, p]).local(),
                 refused: Reasons::new(self.connect_refused.clone(), vec![s.clone(), p.into()]),

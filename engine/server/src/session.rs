@@ -486,7 +486,11 @@ impl<A> DeviceSession<A> {
             return;
         }
         if let Some(reason) = reason {
-            shard.metrics.of(self.transport).disconnects.inc(reason.error_code());
+            shard
+                .metrics
+                .of(self.transport)
+                .disconnects
+                .inc(reason.error_code());
         }
         let Some(identity) = identity else {
             return;

@@ -753,7 +753,11 @@ async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, spec: ShardListene
         };
         match spec.protocol {
             Protocol::Mqtt => {
-                shard.spawn_connection(Queue::PreAuth, transport, conn::serve(shard.clone(), wire, slot));
+                shard.spawn_connection(
+                    Queue::PreAuth,
+                    transport,
+                    conn::serve(shard.clone(), wire, slot),
+                );
             }
             Protocol::Https => {
                 shard.spawn_connection(

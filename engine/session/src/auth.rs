@@ -179,7 +179,11 @@ fn mqtt_identity(
     if client_id != named {
         return Err(Refusal::ClientIdMismatch);
     }
-    Ok((device.to_string(), module.map(str::to_string), user.model_id))
+    Ok((
+        device.to_string(),
+        module.map(str::to_string),
+        user.model_id,
+    ))
 }
 
 /// Checks a claimed identity's SAS token against the registry: the token must be a device
@@ -558,29 +562,64 @@ mod tests {
     #[test]
     fn a_certificate_authenticates_a_self_signed_identity_by_either_thumbprint() {
         let c = cert();
-        let claim = mqtt_x509_claim("dev-x", Some("localhost/dev-x/?api-version=2019-10-01"), &c).expect("claim");
+        let claim = mqtt_x509_claim("dev-x", Some("localhost/dev-x/?api-version=2019-10-01"), &c)
+            .expect("claim");
         for t in [c.sha1.to_ascii_uppercase(), c.sha256.clone()] {
-            let reg = x509_registry(X509Auth::SelfSigned { thumbprints: vec!["00".repeat(20), t.to_ascii_lowercase()] }, true);
+            let reg = x509_registry(
+                X509Auth::SelfSigned {
+                    thumbprints: vec!["00".repeat(20), t.to_ascii_lowercase()],
+                },
+                true,
+            );
             let id = authenticate_x509(&claim, &reg, NOW).expect("authenticated");
             assert_eq!(id.method, AuthMethod::SelfSigned);
-            assert_eq!(id.token_expiry, NOW + 3600, "the session ends when the certificate does");
+            assert_eq!(
+                id.token_expiry,
+                NOW + 3600,
+                "the session ends when the certificate does"
+            );
         }
-        let refused = |x509, enabled, now| authenticate_x509(&claim, &x509_registry(x509, enabled), now).unwrap_err();
-        let other = X509Auth::SelfSigned { thumbprints: vec!["ab".repeat(32)] };
-        let own = X509Auth::SelfSigned { thumbprints: vec![c.sha256.clone()] };
-        assert_eq!(refused(other, true, NOW), Refusal::ThumbprintMismatch);
-        assert_eq!(refused(own.clone(), true, NOW + 3601), Refusal::CertificateExpired);
-        assert_eq!(refused(own.clone(), true, NOW - 61), Refusal::CertificateExpired);
-        assert_eq!(refused(own, false, NOW), Refusal::DeviceDisabled);
-        assert_eq!(refused(X509Auth::CertificateAuthority, true, NOW), Refusal::CaNotVerified);
+        let refused = |x509, enabled, now| {
+            authenticate_x509(&claim, &x509_registry(x509, enabled), now).err()
+        };
+        let other = X509Auth::SelfSigned {
+            thumbprints: vec!["ab".repeat(32)],
+        };
+        let own = X509Auth::SelfSigned {
+            thumbprints: vec![c.sha256.clone()],
+        };
+        assert_eq!(refused(other, true, NOW), Some(Refusal::ThumbprintMismatch));
+        assert_eq!(
+            refused(own.clone(), true, NOW + 3601),
+            Some(Refusal::CertificateExpired)
+        );
+        assert_eq!(
+            refused(own.clone(), true, NOW - 61),
+            Some(Refusal::CertificateExpired)
+        );
+        assert_eq!(refused(own, false, NOW), Some(Refusal::DeviceDisabled));
+        assert_eq!(
+            refused(X509Auth::CertificateAuthority, true, NOW),
+            Some(Refusal::CaNotVerified)
+        );
         // A SAS identity is not authenticated by a certificate, and an unknown one is unknown.
-        let sas = mqtt_x509_claim("dev-1", Some("localhost/dev-1/?api-version=2019-10-01"), &c).expect("claim");
+        let sas = mqtt_x509_claim("dev-1", Some("localhost/dev-1/?api-version=2019-10-01"), &c)
+            .expect("claim");
         let reg = x509_registry(X509Auth::None, true);
-        assert_eq!(authenticate_x509(&sas, &reg, NOW).unwrap_err(), Refusal::NotX509Identity);
-        let nobody = mqtt_x509_claim("dev-9", Some("localhost/dev-9/?api-version=2019-10-01"), &c).expect("claim");
-        assert_eq!(authenticate_x509(&nobody, &reg, NOW).unwrap_err(), Refusal::UnknownDevice);
+        assert_eq!(
+            authenticate_x509(&sas, &reg, NOW).err(),
+            Some(Refusal::NotX509Identity)
+        );
+        let nobody = mqtt_x509_claim("dev-9", Some("localhost/dev-9/?api-version=2019-10-01"), &c)
+            .expect("claim");
+        assert_eq!(
+            authenticate_x509(&nobody, &reg, NOW).err(),
+            Some(Refusal::UnknownDevice)
+        );
         // The client id must still be the identity the username names.
-        assert_eq!(mqtt_x509_claim("dev-1", Some("localhost/dev-x/?api-version=2019-10-01"), &c).unwrap_err(),
-                   Refusal::ClientIdMismatch);
+        assert_eq!(
+            mqtt_x509_claim("dev-1", Some("localhost/dev-x/?api-version=2019-10-01"), &c).err(),
+            Some(Refusal::ClientIdMismatch)
+        );
     }
 }

@@ -98,7 +98,10 @@ mod tests {
         assert_eq!(m.system.connection_device_id, "dev-1");
         assert_eq!(m.system.connection_module_id.as_deref(), Some("mod"));
         assert_eq!(m.system.auth_generation_id, "638000000000000001");
-        assert_eq!(m.system.auth_method, r#"{"scope":"device","type":"sas","issuer":"iothub"}"#);
+        assert_eq!(
+            m.system.auth_method,
+            r#"{"scope":"device","type":"sas","issuer":"iothub"}"#
+        );
         assert_eq!(
             m.system.data_schema.as_deref(),
             Some("dtmi:com:example:Thermostat;1")
