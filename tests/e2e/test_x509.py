@@ -116,18 +116,19 @@ def test_a_self_signed_device_connects_with_its_certificate(shared_hub):
         assert '"type":"x509Certificate"' in records[mid]["systemProperties"]["iothub-connection-auth-method"]
 
 
-def test_the_node_device_sdk_with_a_certificate_over_mqtt_and_websockets(shared_hub):
+def test_the_node_device_sdk_with_a_certificate_over_mqtt_websockets_and_http(shared_hub):
     from test_node import node_steps
 
     hub = shared_hub
     issued = create_x509_device(hub, unique_id("x509nodesrc"))
     device_id = unique_id("x509node")
-    node_steps(hub, "device_x509.js", ROOST_DEVICE_ID=device_id, ROOST_CERT=issued["certificate"],
+    steps = node_steps(hub, "device_x509.js", ROOST_DEVICE_ID=device_id, ROOST_CERT=issued["certificate"],
                ROOST_KEY=issued["key"], ROOST_THUMBPRINT=issued["thumbprint"],
                ROOST_HTTPS_PORT=str(hub.ports["https"]))
     records = {r["systemProperties"].get("message-id"): r for r in hub.records()
                if r["systemProperties"].get("iothub-connection-device-id") == device_id}
-    for mid in ("x509-node-mqtt", "x509-node-ws"):
+    assert len(steps) == 4, [s["step"] for s in steps]
+    for mid in ("x509-node-mqtt", "x509-node-ws", "x509-node-http"):
         assert '"type":"x509Certificate"' in records[mid]["systemProperties"]["iothub-connection-auth-method"]
     assert hub.registry_manager().get_twin(device_id).properties.reported["via"] == "x509-node-ws"
 

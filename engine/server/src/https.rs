@@ -184,7 +184,8 @@ async fn device_request(
             return refuse_method("complete and reject are a DELETE, abandon a POST")
         }
     };
-    let identity = https_device::authenticate(shard, head, device_id, module_id)?;
+    let cert = wire.client_cert().map(|c| c.as_ref());
+    let identity = https_device::authenticate(shard, head, device_id, module_id, cert)?;
     pre_auth.release();
     Ok(match (&route, outcome) {
         (Route::Events { .. }, _) => {

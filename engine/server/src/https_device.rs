@@ -17,7 +17,9 @@ use base64::Engine as _;
 use bytes::Bytes;
 use roost_http::Head;
 use roost_iothub::props::{PropertyBag, SystemProps};
-use roost_session::auth::{authenticate_sas, Identity, SasClaim};
+use roost_iothub::x509::ClientCert;
+use roost_session::auth::{authenticate_sas, authenticate_x509, Identity, SasClaim, X509Claim};
+use roost_session::Refusal;
 use roost_session::quota::Admit;
 use roost_session::telemetry;
 
@@ -130,29 +132,50 @@ pub fn route(path: &str) -> Route {
     }
 }
 
-/// Checks the request's token against the registry for the identity its path names.
+/// Checks the request's credential against the registry for the identity its path names: the
+/// SAS token in its `Authorization` header, or without one, the client certificate the
+/// connection's TLS handshake carried (`client_cert`; spec §1.4, as the Node SDK's Http
+/// transport sends it).
 pub fn authenticate(
     shard: &Shard,
     head: &Head,
     device_id: &str,
     module_id: Option<&str>,
+    client_cert: Option<&[u8]>,
 ) -> Result<Identity, Answer> {
-    let Some(token) = head.header("authorization") else {
-        return Err(Answer::err(
-            401,
-            "IotHubUnauthorizedAccess",
-            "the request has no Authorization header (a device SAS token)",
-        ));
-    };
-    let claim = SasClaim {
-        device_id: device_id.to_string(),
-        module_id: module_id.map(str::to_string),
-        model_id: None,
-        token,
-    };
     let registry = shard.shared.registry.load();
     let now = crate::session::unix_now().as_secs();
-    authenticate_sas(&claim, &registry, &shard.shared.hostname, now).map_err(|refusal| {
+    let checked = match (head.header("authorization"), client_cert) {
+        (Some(token), _) => {
+            let claim = SasClaim {
+                device_id: device_id.to_string(),
+                module_id: module_id.map(str::to_string),
+                model_id: None,
+                token,
+            };
+            authenticate_sas(&claim, &registry, &shard.shared.hostname, now)
+        }
+        (None, Some(der)) => match ClientCert::from_der(der) {
+            Ok(cert) => {
+                let claim = X509Claim {
+                    device_id: device_id.to_string(),
+                    module_id: module_id.map(str::to_string),
+                    model_id: None,
+                    cert: &cert,
+                };
+                authenticate_x509(&claim, &registry, now)
+            }
+            Err(_) => Err(Refusal::BadCertificate),
+        },
+        (None, None) => {
+            return Err(Answer::err(
+                401,
+                "IotHubUnauthorizedAccess",
+                "the request has no Authorization header (a device SAS token) and the connection no client certificate",
+            ))
+        }
+    };
+    checked.map_err(|refusal| {
         shard
             .metrics
             .of(Transport::Https)
@@ -161,7 +184,7 @@ pub fn authenticate(
         Answer::err(
             401,
             "IotHubUnauthorizedAccess",
-            format!("the token was refused: {}", refusal.reason()),
+            format!("the credential was refused: {}", refusal.reason()),
         )
     })
 }

@@ -1,13 +1,15 @@
 // The Node device SDK authenticating with a client certificate (IoT Hub's selfSigned): a
 // device registered through the Node service SDK's Registry with the certificate's thumbprint
 // connects over MQTT with `x509=true` and setOptions({cert, key}), sends, reads its twin and
-// reports; then the same over MqttWs (port 443). Only where the SDK dials is changed (the
+// reports; then the same over MqttWs (port 443), and telemetry over the Http transport. Only where the SDK dials is changed (the
 // MQTT and WebSocket URIs' ports).
 'use strict';
 const fs = require('fs');
 const { Message } = require('azure-iot-common');
 const { Client: DeviceClient } = require('azure-iot-device');
+const https = require('https');
 const { Mqtt, MqttWs } = require('azure-iot-device-mqtt');
+const { Http } = require('azure-iot-device-http');
 const { env, ca, serviceClients, run, check, withTimeout } = require('./hub');
 
 const cs = env('ROOST_SERVICE_CS');
@@ -31,6 +33,13 @@ MqttWs.prototype._getBaseTransportConfig = function pointedAtTheTestPort(credent
   return config;
 };
 const { host, registry } = serviceClients(cs);
+
+// The Http transport always dials 443: its requests go through an agent to the test's port.
+class PortAgent extends https.Agent {
+  createConnection(options, callback) {
+    return super.createConnection({ ...options, port: Number(httpsPort) }, callback);
+  }
+}
 
 async function session(transport, connectionString, messageId) {
   const device = DeviceClient.fromConnectionString(connectionString, transport);
@@ -66,5 +75,14 @@ run([
   }],
   ['MqttWs with the certificate', async () => {
     await session(MqttWs, `HostName=${host};DeviceId=${id};x509=true`, 'x509-node-ws');
+  }],
+  ['Http with the certificate (no Authorization header)', async () => {
+    const device = DeviceClient.fromConnectionString(`HostName=${host};DeviceId=${id};x509=true`, Http);
+    // (The Http transport answers setOptions only when a receivePolicy is among the options.)
+    await device.setOptions({ ca, cert, key, http: { agent: new PortAgent({ keepAlive: true, ca }), receivePolicy: { interval: 1 } } });
+    const m = new Message('{"auth":"x509","over":"https"}');
+    m.messageId = 'x509-node-http';
+    await withTimeout(device.sendEvent(m), 20000, 'sendEvent');
+    await device.close();
   }],
 ]);

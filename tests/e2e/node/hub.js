@@ -35,7 +35,17 @@ function pointed(client) {
 
 /** Runs `steps` in order; prints one JSON line per step; exits 1 at the first failure. */
 async function run(steps) {
+  // A step awaiting a promise nothing will settle lets the event loop empty and Node exit 0
+  // mid-run: report that step as failed instead of passing silently.
+  let current = null;
+  process.on('exit', (code) => {
+    if (code === 0 && current !== null) {
+      console.log(JSON.stringify({ step: current, ok: false, error: 'Node exited before the step finished (a promise nothing settles)' }));
+      process.exitCode = 1;
+    }
+  });
   for (const [name, step] of steps) {
+    current = name;
     try {
       const detail = await step();
       console.log(JSON.stringify({ step: name, ok: true, detail: detail === undefined ? null : detail }));
@@ -44,6 +54,7 @@ async function run(steps) {
       process.exit(1);
     }
   }
+  current = null;
   process.exit(0);
 }
 
