@@ -19,9 +19,9 @@ use roost_http::Head;
 use roost_iothub::props::{PropertyBag, SystemProps};
 use roost_iothub::x509::ClientCert;
 use roost_session::auth::{authenticate_sas, authenticate_x509, Identity, SasClaim, X509Claim};
-use roost_session::Refusal;
 use roost_session::quota::Admit;
 use roost_session::telemetry;
+use roost_session::Refusal;
 
 use crate::metrics::Transport;
 use crate::shard::{Shard, Stored};

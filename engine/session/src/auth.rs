@@ -7,7 +7,7 @@
 use roost_iothub::sas::SasToken;
 use roost_iothub::username::Username;
 use roost_iothub::x509::ClientCert;
-use roost_model::link::X509Auth;
+use roost_model::link::{DeviceAuth, X509Auth};
 use roost_registry::Projection;
 
 /// Who a connection authenticated as.
@@ -215,15 +215,7 @@ pub fn authenticate_sas(
     if !roost_iothub::sas::names_identity(token.resource(), &target) {
         return Err(Refusal::WrongAudience);
     }
-    let device_entry = registry.device(device).ok_or(Refusal::UnknownDevice)?;
-    // A module is its own identity (`device/module` in the projection) with its own keys;
-    // its device's keys never stand in for them.
-    let entry = match module {
-        Some(m) => registry
-            .device(&format!("{device}/{m}"))
-            .ok_or(Refusal::UnknownModule)?,
-        None => device_entry,
-    };
+    let (entry, device_entry) = entries(registry, device, module)?;
     let keys: Vec<&[u8]> = [entry.primary_key.as_slice(), entry.secondary_key.as_slice()]
         .into_iter()
         .filter(|k| !k.is_empty())
@@ -232,17 +224,58 @@ pub fn authenticate_sas(
         roost_iothub::sas::SasError::Expired { .. } => Refusal::TokenExpired,
         _ => Refusal::SignatureMismatch,
     })?;
-    // A module of a disabled device is disabled with it.
+    let proven = Proven {
+        model_id: &claim.model_id,
+        expiry: token.expiry(),
+        method: AuthMethod::Sas,
+    };
+    admitted(entry, device_entry, module, proven)
+}
+
+/// The registry entries of an identity: its own, and its device's (the same for a device). A
+/// module is its own identity (`device/module` in the projection) with its own credentials;
+/// its device's never stand in for them.
+fn entries<'r>(
+    registry: &'r Projection,
+    device: &str,
+    module: Option<&str>,
+) -> Result<(&'r DeviceAuth, &'r DeviceAuth), Refusal> {
+    let device_entry = registry.device(device).ok_or(Refusal::UnknownDevice)?;
+    let entry = match module {
+        Some(m) => registry
+            .device(&format!("{device}/{m}"))
+            .ok_or(Refusal::UnknownModule)?,
+        None => device_entry,
+    };
+    Ok((entry, device_entry))
+}
+
+/// What a checked credential says of the session it opens.
+struct Proven<'a> {
+    model_id: &'a Option<String>,
+    /// Unix seconds when the credential ends.
+    expiry: u64,
+    method: AuthMethod,
+}
+
+/// The identity whose credential was proven, if it is enabled (a module of a disabled device
+/// is disabled with it).
+fn admitted(
+    entry: &DeviceAuth,
+    device_entry: &DeviceAuth,
+    module: Option<&str>,
+    proven: Proven<'_>,
+) -> Result<Identity, Refusal> {
     if !entry.enabled || !device_entry.enabled {
         return Err(Refusal::DeviceDisabled);
     }
     Ok(Identity {
-        device_id: device.to_string(),
+        device_id: device_entry.device_id.clone(),
         module_id: module.map(str::to_string),
         generation_id: entry.generation_id.clone(),
-        model_id: claim.model_id.clone(),
-        token_expiry: token.expiry(),
-        method: AuthMethod::Sas,
+        model_id: proven.model_id.clone(),
+        token_expiry: proven.expiry,
+        method: proven.method,
     })
 }
 
@@ -265,15 +298,8 @@ pub fn authenticate_x509(
     registry: &Projection,
     now_unix: u64,
 ) -> Result<Identity, Refusal> {
-    let device = claim.device_id.as_str();
     let module = claim.module_id.as_deref();
-    let device_entry = registry.device(device).ok_or(Refusal::UnknownDevice)?;
-    let entry = match module {
-        Some(m) => registry
-            .device(&format!("{device}/{m}"))
-            .ok_or(Refusal::UnknownModule)?,
-        None => device_entry,
-    };
+    let (entry, device_entry) = entries(registry, &claim.device_id, module)?;
     let method = match &entry.x509 {
         X509Auth::SelfSigned { thumbprints } => {
             if !thumbprints.iter().any(|t| claim.cert.has_thumbprint(t)) {
@@ -287,17 +313,12 @@ pub fn authenticate_x509(
     if !claim.cert.valid_at(now_unix as i64) {
         return Err(Refusal::CertificateExpired);
     }
-    if !entry.enabled || !device_entry.enabled {
-        return Err(Refusal::DeviceDisabled);
-    }
-    Ok(Identity {
-        device_id: device.to_string(),
-        module_id: module.map(str::to_string),
-        generation_id: entry.generation_id.clone(),
-        model_id: claim.model_id.clone(),
-        token_expiry: u64::try_from(claim.cert.not_after).unwrap_or(0),
+    let proven = Proven {
+        model_id: &claim.model_id,
+        expiry: u64::try_from(claim.cert.not_after).unwrap_or(0),
         method,
-    })
+    };
+    admitted(entry, device_entry, module, proven)
 }
 
 #[cfg(test)]
