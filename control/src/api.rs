@@ -691,15 +691,7 @@ impl Api {
         }
         let (parts, ()) = match builder.body(()) {
             Ok(req) => req.into_parts(),
-            Err(e) => {
-                let bad = HubError::new(
-                    StatusCode::BAD_REQUEST,
-                    400004,
-                    "ArgumentInvalid",
-                    e.to_string(),
-                );
-                return http_reply(bad.response()).await;
-            }
+            Err(e) => return http_reply(HubError::bad_request(e.to_string()).response()).await,
         };
         let limit = match self.admit(&parts) {
             Ok(limit) => limit.min(httpd::MAX_BODY),
@@ -1297,7 +1289,10 @@ impl Api {
                     return Err(HubError::precondition_failed())
                 }
                 (None, Some(tag)) if tag != "*" => return Err(Self::module_not_found(id, m)),
-                (Some(e), Some(_)) => e,
+                (Some(e), Some(_)) => Module {
+                    authentication,
+                    ..e
+                },
                 (None, _) => Module {
                     module_id: m.to_string(),
                     device_id: id.to_string(),
@@ -1308,10 +1303,9 @@ impl Api {
                     connection_state_updated_time: NEVER.into(),
                     last_activity_time: NEVER.into(),
                     cloud_to_device_message_count: 0,
-                    authentication: authentication.clone(),
+                    authentication,
                 },
             };
-            module.authentication = authentication;
             if body.managed_by.is_some() {
                 module.managed_by = body.managed_by.clone();
             }

@@ -854,17 +854,16 @@ pub fn run_device(action: DeviceCmd, data_dir: &Path, out: Output) -> anyhow::Re
             } => {
                 roost_model::DeviceId::parse(&id)
                     .map_err(|e| anyhow::anyhow!("invalid device id {id:?}: {e}"))?;
-                // The certificate is written only once the device is registered.
-                let mut issued = None;
-                let authentication = match (x509, thumbprint) {
-                    (false, _) => json!({ "type": "sas", "symmetricKey": {} }),
-                    (true, Some(t)) => json!({ "type": "selfSigned", "x509Thumbprint": { "primaryThumbprint": t } }),
-                    (true, None) => {
-                        let cert = roost_control::certs::self_signed_device_cert(&id, valid_days)?;
-                        let t = cert.thumbprint.clone();
-                        issued = Some(cert);
-                        json!({ "type": "selfSigned", "x509Thumbprint": { "primaryThumbprint": t } })
-                    }
+                // An issued certificate is written only once the device is registered.
+                let issued = match x509 && thumbprint.is_none() {
+                    true => Some(roost_control::certs::self_signed_device_cert(&id, valid_days)?),
+                    false => None,
+                };
+                // Some exactly with --x509 (--thumbprint requires it).
+                let registered = thumbprint.or_else(|| issued.as_ref().map(|c| c.thumbprint.clone()));
+                let authentication = match registered {
+                    Some(t) => json!({ "type": "selfSigned", "x509Thumbprint": { "primaryThumbprint": t } }),
+                    None => json!({ "type": "sas", "symmetricKey": {} }),
                 };
                 let body = json!({
                     "deviceId": id,

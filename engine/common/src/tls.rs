@@ -119,10 +119,11 @@ fn roots(ca: &Path) -> Result<RootCertStore, TlsError> {
 /// client certificate asked for but not required ([`DeviceCertVerifier`]), the server's chain
 /// without the root.
 pub fn device_server_config(paths: &CertPaths) -> Result<Arc<ServerConfig>, TlsError> {
+    let provider = provider();
     let verifier = Arc::new(DeviceCertVerifier {
-        algorithms: provider().signature_verification_algorithms,
+        algorithms: provider.signature_verification_algorithms,
     });
-    let cfg = ServerConfig::builder_with_provider(provider())
+    let cfg = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| TlsError::Config(e.to_string()))?
         .with_client_cert_verifier(verifier)

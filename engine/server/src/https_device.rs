@@ -333,7 +333,6 @@ pub async fn telemetry(shard: &Shard, head: &Head, identity: &Identity, body: By
     Answer::ok()
 }
 
-/// A call of control from the shard, within the call timeout.
 /// A call to control over the link, raced against the shard's own timer: 503 when control is
 /// away, the link drops, or `within` passes.
 pub async fn call(

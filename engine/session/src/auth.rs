@@ -47,13 +47,19 @@ impl AuthMethod {
     }
 }
 
+/// `device` or `device/module`: an identity's client id, how the directory, the connection
+/// table and the registry projection know it.
+pub fn client_id_of(device: &str, module: Option<&str>) -> String {
+    match module {
+        Some(m) => format!("{device}/{m}"),
+        None => device.to_string(),
+    }
+}
+
 impl Identity {
     /// `device` or `device/module`: how the directory and the connection table know it.
     pub fn client_id(&self) -> String {
-        match &self.module_id {
-            Some(m) => format!("{}/{m}", self.device_id),
-            None => self.device_id.clone(),
-        }
+        client_id_of(&self.device_id, self.module_id.as_deref())
     }
 }
 
@@ -121,10 +127,7 @@ pub struct SasClaim<'a> {
 impl SasClaim<'_> {
     /// `device` or `device/module`: the identity's client id, and its key in the directory.
     pub fn client_id(&self) -> String {
-        match &self.module_id {
-            Some(m) => format!("{}/{m}", self.device_id),
-            None => self.device_id.clone(),
-        }
+        client_id_of(&self.device_id, self.module_id.as_deref())
     }
 }
 
@@ -172,11 +175,7 @@ fn mqtt_identity(
     let user = Username::parse(username).map_err(|_| Refusal::BadUsername)?;
     let device = user.device.as_str();
     let module = user.module.as_ref().map(|m| m.as_str());
-    let named = match module {
-        Some(m) => format!("{device}/{m}"),
-        None => device.to_string(),
-    };
-    if client_id != named {
+    if client_id != client_id_of(device, module) {
         return Err(Refusal::ClientIdMismatch);
     }
     Ok((
@@ -243,7 +242,7 @@ fn entries<'r>(
     let device_entry = registry.device(device).ok_or(Refusal::UnknownDevice)?;
     let entry = match module {
         Some(m) => registry
-            .device(&format!("{device}/{m}"))
+            .device(&client_id_of(device, Some(m)))
             .ok_or(Refusal::UnknownModule)?,
         None => device_entry,
     };

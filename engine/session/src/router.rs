@@ -425,10 +425,7 @@ mod tests {
                         connected,
                         ..
                     } => Some((
-                        match module_id {
-                            Some(m) => format!("{device_id}/{m}"),
-                            None => device_id.clone(),
-                        },
+                        crate::auth::client_id_of(device_id, module_id.as_deref()),
                         *connected,
                     )),
                     _ => None,

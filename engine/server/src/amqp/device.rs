@@ -105,10 +105,7 @@ pub(super) fn put_token(
     identity: (String, Option<String>),
 ) -> Option<Message> {
     let (device_id, module_id) = identity;
-    let client_id = match &module_id {
-        Some(m) => format!("{device_id}/{m}"),
-        None => device_id.clone(),
-    };
+    let client_id = roost_session::auth::client_id_of(&device_id, module_id.as_deref());
     if let Some(d) = s.devices.get_mut(&client_id) {
         let renew = ToSession::Renew {
             token: token.to_string(),
