@@ -260,6 +260,27 @@ impl HubError {
             GroupError::Store(e) => Self::server(e),
         }
     }
+    fn cas(e: crate::cas::CaError) -> Self {
+        use crate::cas::CaError;
+        let message = e.to_string();
+        match e {
+            CaError::Invalid(m) => Self::bad_request(m),
+            CaError::NotFound(_) => Self::new(
+                StatusCode::NOT_FOUND,
+                404001,
+                "CertificateNotFound",
+                message,
+            ),
+            CaError::EtagMismatch => Self::precondition_failed(),
+            CaError::VerificationFailed(_) => Self::new(
+                StatusCode::BAD_REQUEST,
+                400004,
+                "CertificateVerificationFailed",
+                message,
+            ),
+            CaError::Store(e) => Self::server(e),
+        }
+    }
     fn routes(e: crate::routes::RoutesError) -> Self {
         match e {
             crate::routes::RoutesError::Invalid(m) => Self::bad_request(m),
@@ -443,6 +464,18 @@ enum Route {
     GroupPut(String),
     /// `DELETE /roost/consumergroups/{name}`.
     GroupDelete(String),
+    /// `GET /roost/certificates`: the CA certificates (`cas.rs`).
+    CasList,
+    /// `GET /roost/certificates/{name}`.
+    CaGet(String),
+    /// `PUT /roost/certificates/{name}`.
+    CaPut(String),
+    /// `DELETE /roost/certificates/{name}`.
+    CaDelete(String),
+    /// `POST /roost/certificates/{name}/generateVerificationCode`.
+    CaCode(String),
+    /// `POST /roost/certificates/{name}/verify`.
+    CaVerify(String),
 }
 
 /// Body limits by route: one identity, a bulk request of up to [`MAX_BULK`] of them, a twin
@@ -486,6 +519,16 @@ impl Route {
             }
             (&Method::DELETE, ["roost", "consumergroups", g]) => {
                 Route::GroupDelete(httpd::percent_decode(g))
+            }
+            (&Method::GET, ["roost", "certificates"]) => Route::CasList,
+            (&Method::GET, ["roost", "certificates", n]) => Route::CaGet(n.to_string()),
+            (&Method::PUT, ["roost", "certificates", n]) => Route::CaPut(n.to_string()),
+            (&Method::DELETE, ["roost", "certificates", n]) => Route::CaDelete(n.to_string()),
+            (&Method::POST, ["roost", "certificates", n, "generateVerificationCode"]) => {
+                Route::CaCode(n.to_string())
+            }
+            (&Method::POST, ["roost", "certificates", n, "verify"]) => {
+                Route::CaVerify(n.to_string())
             }
             (&Method::GET, ["configurations", id]) => Route::ConfigGet(id.to_string()),
             (&Method::PUT, ["configurations", id]) => Route::ConfigPut(id.to_string()),
@@ -574,9 +617,15 @@ impl Route {
             | Route::ConfigGet(_)
             | Route::ConfigTest
             | Route::RoutesGet
-            | Route::GroupsGet => Right::RegistryRead,
+            | Route::GroupsGet
+            | Route::CasList
+            | Route::CaGet(_) => Right::RegistryRead,
             // The routing decides where every message goes: the hub's own configuration.
             Route::RoutesPut | Route::GroupPut(_) | Route::GroupDelete(_) => Right::RegistryWrite,
+            // Trusting a CA admits every device it signs for: registry write.
+            Route::CaPut(_) | Route::CaDelete(_) | Route::CaCode(_) | Route::CaVerify(_) => {
+                Right::RegistryWrite
+            }
             // Configurations write desired properties across the fleet: registry write, as
             // IoT Hub asks for automatic device management.
             Route::ConfigPut(_) | Route::ConfigDelete(_) => Right::RegistryWrite,
@@ -634,7 +683,13 @@ impl Route {
             | Route::RoutesPut
             | Route::GroupsGet
             | Route::GroupPut(_)
-            | Route::GroupDelete(_) => Some(Limit::RegistryOpsPerMin),
+            | Route::GroupDelete(_)
+            | Route::CasList
+            | Route::CaGet(_)
+            | Route::CaPut(_)
+            | Route::CaDelete(_)
+            | Route::CaCode(_)
+            | Route::CaVerify(_) => Some(Limit::RegistryOpsPerMin),
             Route::FeedbackGet | Route::FeedbackDone { .. } => None,
         }
     }
@@ -654,6 +709,8 @@ impl Route {
             Route::ConfigList | Route::ConfigGet(_) | Route::ConfigDelete(_) => NO_BODY,
             Route::FeedbackGet | Route::FeedbackDone { .. } | Route::RoutesGet => NO_BODY,
             Route::GroupsGet | Route::GroupPut(_) | Route::GroupDelete(_) => NO_BODY,
+            Route::CasList | Route::CaGet(_) | Route::CaDelete(_) | Route::CaCode(_) => NO_BODY,
+            Route::CaPut(_) | Route::CaVerify(_) => crate::cas::MAX_BODY,
             Route::RoutesPut => crate::routes::MAX_BODY,
             Route::List | Route::Get(_) | Route::Delete(_) | Route::Stats | Route::TwinGet(_) => {
                 NO_BODY
@@ -907,7 +964,7 @@ impl Api {
                     crate::consumer_groups::create(&self.store, &name).map_err(HubError::groups)?;
                 if created {
                     self.routes
-                        .consumer_groups_changed()
+                        .republish("consumer group created")
                         .map_err(HubError::server)?;
                 }
                 let status = if created {
@@ -917,10 +974,60 @@ impl Api {
                 };
                 Ok(httpd::json(status, &serde_json::json!({ "name": name })))
             }),
+            Route::CasList => crate::cas::stored(&self.store)
+                .map(|all| {
+                    let value: Vec<_> = all.iter().map(|c| c.description()).collect();
+                    httpd::json(StatusCode::OK, &serde_json::json!({ "value": value }))
+                })
+                .map_err(HubError::server),
+            Route::CaGet(name) => crate::cas::get(&self.store, &name)
+                .map(|c| httpd::json(StatusCode::OK, &c.description()))
+                .map_err(HubError::cas),
+            Route::CaPut(name) => self.store.exclusive(|| {
+                let was_trusted = crate::cas::get(&self.store, &name).is_ok_and(|c| c.is_verified);
+                let (ca, created) =
+                    crate::cas::put(&self.store, &name, req.body(), if_match(req).as_deref())
+                        .map_err(HubError::cas)?;
+                if was_trusted && !ca.is_verified {
+                    self.routes
+                        .republish("a verified CA's certificate replaced")
+                        .map_err(HubError::server)?;
+                }
+                let status = if created {
+                    StatusCode::CREATED
+                } else {
+                    StatusCode::OK
+                };
+                Ok(httpd::json(status, &ca.description()))
+            }),
+            Route::CaDelete(name) => self.store.exclusive(|| {
+                let was_trusted =
+                    crate::cas::delete(&self.store, &name, if_match(req).as_deref())
+                        .map_err(HubError::cas)?;
+                if was_trusted {
+                    self.routes
+                        .republish("a verified CA removed")
+                        .map_err(HubError::server)?;
+                }
+                Ok(httpd::empty(StatusCode::NO_CONTENT))
+            }),
+            Route::CaCode(name) => self.store.exclusive(|| {
+                crate::cas::generate_code(&self.store, &name, if_match(req).as_deref())
+                    .map(|c| httpd::json(StatusCode::OK, &c.description()))
+                    .map_err(HubError::cas)
+            }),
+            Route::CaVerify(name) => self.store.exclusive(|| {
+                let ca = crate::cas::verify(&self.store, &name, req.body(), if_match(req).as_deref())
+                    .map_err(HubError::cas)?;
+                self.routes
+                    .republish("a CA verified")
+                    .map_err(HubError::server)?;
+                Ok(httpd::json(StatusCode::OK, &ca.description()))
+            }),
             Route::GroupDelete(name) => self.store.exclusive(|| {
                 crate::consumer_groups::delete(&self.store, &name).map_err(HubError::groups)?;
                 self.routes
-                    .consumer_groups_changed()
+                    .republish("consumer group deleted")
                     .map_err(HubError::server)?;
                 Ok(httpd::empty(StatusCode::NO_CONTENT))
             }),
@@ -1645,6 +1752,7 @@ mod tests {
                 policies: Vec::new(),
                 epoch: tokio::sync::watch::channel(crate::routes::epoch(
                     &crate::routes::StoredRouting::default(),
+                    Vec::new(),
                     Vec::new(),
                     Vec::new(),
                     Vec::new(),

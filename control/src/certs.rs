@@ -75,9 +75,9 @@ pub fn ensure(data_dir: &Path, hostname: &str) -> anyhow::Result<CertPaths> {
     Ok(paths)
 }
 
-/// A device's self-signed certificate (IoT Hub's `selfSigned` authentication): its common
-/// name the identity (`device` or `device/module`), valid for `days`, for client
-/// authentication.
+/// A device's certificate and key (IoT Hub's `selfSigned` or `certificateAuthority`
+/// authentication): its common name the identity (`device` or `device/module`), valid for
+/// `days`, for client authentication.
 pub struct DeviceCert {
     pub cert_pem: String,
     pub key_pem: String,
@@ -85,23 +85,76 @@ pub struct DeviceCert {
     pub thumbprint: String,
 }
 
-pub fn self_signed_device_cert(identity: &str, days: u32) -> anyhow::Result<DeviceCert> {
+/// A certificate valid from five minutes ago for `days`, its subject's common name `cn`.
+fn params_for(cn: &str, days: u32) -> anyhow::Result<CertificateParams> {
     let mut params = CertificateParams::new(Vec::<String>::new())?;
-    params.distinguished_name.push(DnType::CommonName, identity);
-    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.distinguished_name.push(DnType::CommonName, cn);
     let now = rcgen::date_time_ymd(1970, 1, 1)
         + std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?;
     params.not_before = now - std::time::Duration::from_secs(300);
     params.not_after = now + std::time::Duration::from_secs(u64::from(days) * 86_400);
-    let key = KeyPair::generate()?;
-    let cert = params.self_signed(&key)?;
+    Ok(params)
+}
+
+/// A client-authentication leaf for `identity`.
+fn device_params(identity: &str, days: u32) -> anyhow::Result<CertificateParams> {
+    let mut params = params_for(identity, days)?;
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    Ok(params)
+}
+
+fn device_cert(cert: rcgen::Certificate, key: &KeyPair) -> anyhow::Result<DeviceCert> {
     let read = roost_iothub::x509::ClientCert::from_der(cert.der())?;
     Ok(DeviceCert {
         cert_pem: cert.pem(),
         key_pem: key.serialize_pem(),
         thumbprint: read.sha256.to_ascii_uppercase(),
     })
+}
+
+pub fn self_signed_device_cert(identity: &str, days: u32) -> anyhow::Result<DeviceCert> {
+    let key = KeyPair::generate()?;
+    let cert = device_params(identity, days)?.self_signed(&key)?;
+    device_cert(cert, &key)
+}
+
+/// A certificate for `identity` (`device` or `device/module`) signed by the CA whose
+/// certificate and key are given in PEM (IoT Hub's `certificateAuthority` authentication).
+pub fn ca_signed_device_cert(
+    identity: &str,
+    days: u32,
+    ca_cert_pem: &str,
+    ca_key_pem: &str,
+) -> anyhow::Result<DeviceCert> {
+    let ca_key = KeyPair::from_pem(ca_key_pem).context("reading the CA's key")?;
+    let issuer = Issuer::from_ca_cert_pem(ca_cert_pem, ca_key).context("reading the CA's certificate")?;
+    let key = KeyPair::generate()?;
+    let cert = device_params(identity, days)?.signed_by(&key, &issuer)?;
+    device_cert(cert, &key)
+}
+
+/// A CA for a fleet's device certificates: its certificate and key, PEM.
+pub fn fleet_ca(cn: &str, days: u32) -> anyhow::Result<(String, String)> {
+    let mut params = params_for(cn, days)?;
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let key = KeyPair::generate()?;
+    let cert = params.self_signed(&key)?;
+    Ok((cert.pem(), key.serialize_pem()))
+}
+
+/// The proof of possession of a CA's key that IoT Hub asks for: a certificate whose common
+/// name is the verification code, signed by the CA (PEM).
+pub fn verification_cert(code: &str, ca_cert_pem: &str, ca_key_pem: &str) -> anyhow::Result<String> {
+    let ca_key = KeyPair::from_pem(ca_key_pem).context("reading the CA's key")?;
+    let issuer = Issuer::from_ca_cert_pem(ca_cert_pem, ca_key).context("reading the CA's certificate")?;
+    let key = KeyPair::generate()?;
+    Ok(params_for(code, 1)?.signed_by(&key, &issuer)?.pem())
 }
 
 /// Writes a private key (owner-only).

@@ -14,6 +14,7 @@
 
 pub mod api;
 pub mod c2d;
+pub mod cas;
 pub mod certs;
 pub mod configurations;
 pub mod consumer_groups;
@@ -171,6 +172,7 @@ pub fn run(config: ControlConfig, on_ready: impl FnOnce() + Send + 'static) -> a
             config.quotas.to_named(),
             policies.clone(),
             consumer_groups::stored(&store)?,
+            cas::trusted(&store)?,
         ));
         let routes = Arc::new(routes::Routes {
             store: store.clone(),

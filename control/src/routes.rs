@@ -11,7 +11,7 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-use roost_model::link::{Epoch, EpochPayload, PolicyEntry};
+use roost_model::link::{CaEntry, Epoch, EpochPayload, PolicyEntry};
 use roost_routing::{ConfigError, Routing};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -105,12 +105,14 @@ pub fn stored(store: &Store) -> Result<StoredRouting, StoreError> {
     }
 }
 
-/// The epoch for `routing` with the hub's limits and shared access policies.
+/// The epoch for `routing` with the hub's limits, shared access policies, consumer groups
+/// and verified CAs.
 pub fn epoch(
     routing: &StoredRouting,
     limits: Vec<(String, u64)>,
     policies: Vec<PolicyEntry>,
     consumer_groups: Vec<String>,
+    cas: Vec<CaEntry>,
 ) -> Epoch {
     Epoch::new(
         routing.version,
@@ -120,6 +122,7 @@ pub fn epoch(
             limits,
             policies,
             consumer_groups,
+            cas,
         },
     )
 }
@@ -193,23 +196,25 @@ impl Routes {
             ))
         })?;
         let applied = apply(&self.store, req, &self.hub_name)?;
-        let groups = crate::consumer_groups::stored(&self.store)?;
-        let epoch = epoch(&applied, self.limits.clone(), self.policies.clone(), groups);
-        let hash = epoch.hash.to_string();
-        tracing::info!(version = applied.version, %hash, "routing applied; engines get the new epoch");
-        self.epoch.send_replace(epoch);
+        let hash = self.republish("routing applied")?.to_string();
         Ok(serde_json::json!({ "version": applied.version, "hash": hash }))
     }
 
-    /// Puts in force an epoch with the consumer groups as stored now (after a create or a
-    /// delete; same routing version, new hash).
-    pub fn consumer_groups_changed(&self) -> Result<(), StoreError> {
+    /// Puts in force an epoch of what is stored now — routing, consumer groups, verified
+    /// CAs — after `what` changed one of them (same routing version, new hash).
+    pub fn republish(&self, what: &str) -> Result<roost_model::link::EpochHash, StoreError> {
         let routing = stored(&self.store)?;
-        let groups = crate::consumer_groups::stored(&self.store)?;
-        let epoch = epoch(&routing, self.limits.clone(), self.policies.clone(), groups);
-        tracing::info!(hash = %epoch.hash, "consumer groups changed; engines get the new epoch");
+        let epoch = epoch(
+            &routing,
+            self.limits.clone(),
+            self.policies.clone(),
+            crate::consumer_groups::stored(&self.store)?,
+            crate::cas::trusted(&self.store)?,
+        );
+        let hash = epoch.hash;
+        tracing::info!(version = routing.version, %hash, "{what}; engines get the new epoch");
         self.epoch.send_replace(epoch);
-        Ok(())
+        Ok(hash)
     }
 
     /// What is in force and what each linked engine said of it.
@@ -259,7 +264,7 @@ mod tests {
         let applied = apply(&store, good, "hub").expect("applied");
         assert_eq!(applied.version, 2);
         assert_eq!(stored(&store).expect("stored"), applied);
-        let e1 = epoch(&applied, vec![], vec![], vec![]);
+        let e1 = epoch(&applied, vec![], vec![], vec![], vec![]);
         assert!(e1.hash_is_valid());
         assert_eq!(e1.payload.routes, "return { fallback = false }");
         drop(store);

@@ -305,6 +305,16 @@ impl Store {
         self.put_meta(b"consumer_groups", json)
     }
 
+    /// The CA certificates (JSON, `cas.rs`).
+    pub fn cas(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        self.meta(b"cas")
+    }
+
+    /// Stores the CA certificates, synced.
+    pub fn put_cas(&self, json: &[u8]) -> Result<(), StoreError> {
+        self.put_meta(b"cas", json)
+    }
+
     /// A configuration, stored as JSON.
     pub fn configuration(&self, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
         Ok(self.db.get_cf(self.cf(CF_CONFIGURATIONS), id.as_bytes())?)

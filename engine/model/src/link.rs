@@ -74,6 +74,17 @@ pub struct EpochPayload {
     pub policies: Vec<PolicyEntry>,
     /// The Event Hubs consumer groups created besides `$Default`.
     pub consumer_groups: Vec<String>,
+    /// The CA certificates verified by proof of possession: `certificateAuthority` devices'
+    /// chains must lead to one of them.
+    pub cas: Vec<CaEntry>,
+}
+
+/// A CA certificate the hub trusts: its name at control and its DER.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[rkyv(derive(Debug))]
+pub struct CaEntry {
+    pub name: String,
+    pub der: Vec<u8>,
 }
 
 /// A shared access policy: its keys (base64 text, as in connection strings) and its rights
@@ -170,6 +181,12 @@ impl Epoch {
             for part in [&p.name, &p.primary_key, &p.secondary_key, &rights] {
                 ctx.update(&(part.len() as u64).to_le_bytes());
                 ctx.update(part.as_bytes());
+            }
+        }
+        for ca in &payload.cas {
+            for part in [ca.name.as_bytes(), &ca.der] {
+                ctx.update(&(part.len() as u64).to_le_bytes());
+                ctx.update(part);
             }
         }
         let mut out = [0u8; 32];
@@ -637,6 +654,15 @@ mod tests {
             !format!("{:?}", policy("secret-key")).contains("secret-key"),
             "no key in Debug"
         );
+        let ca = |der: &[u8]| EpochPayload {
+            cas: vec![CaEntry {
+                name: "fleet".into(),
+                der: der.to_vec(),
+            }],
+            ..EpochPayload::default()
+        };
+        assert_ne!(base.hash, Epoch::new(1, ca(b"x")).hash, "a CA trusted");
+        assert_ne!(Epoch::new(1, ca(b"x")).hash, Epoch::new(1, ca(b"y")).hash);
         let mut forged = base.clone();
         forged.version = 5;
         assert!(!forged.hash_is_valid());

@@ -17,7 +17,8 @@ const FORMAT_KEY: &[u8] = b"registry_format";
 /// 2: `DeviceAuth::twin` holds the routing view of tags and properties (1 held tags only).
 /// 3: the stored epoch carries the shared access policies.
 /// 4: `DeviceAuth::x509` (certificate authentication).
-const FORMAT: u32 = 4;
+/// 5: the stored epoch carries the verified CAs.
+const FORMAT: u32 = 5;
 const EPOCH_KEY: &[u8] = b"epoch";
 
 /// A [`ReplicaStore`] in the engine's RocksDB (which must have the `registry` and `meta`

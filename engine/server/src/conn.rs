@@ -124,8 +124,8 @@ pub async fn serve_established(
         wbuf: BytesMut::new(),
         throttled_until: None,
         client_cert: wire
-            .client_cert()
-            .map(|der| Box::new(ClientCert::from_der(der))),
+            .client_certs()
+            .map(|chain| Box::new(ClientCert::from_chain(chain))),
     };
     match conn.until_authenticated(&mut wire).await {
         // The rest of the connection's life is in the devices' task queue.

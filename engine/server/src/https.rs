@@ -184,7 +184,7 @@ async fn device_request(
             return refuse_method("complete and reject are a DELETE, abandon a POST")
         }
     };
-    let cert = wire.client_cert().map(|c| c.as_ref());
+    let cert = wire.client_certs();
     let identity = https_device::authenticate(shard, head, device_id, module_id, cert)?;
     pre_auth.release();
     Ok(match (&route, outcome) {

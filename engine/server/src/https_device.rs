@@ -141,7 +141,7 @@ pub fn authenticate(
     head: &Head,
     device_id: &str,
     module_id: Option<&str>,
-    client_cert: Option<&[u8]>,
+    client_cert: Option<&[rustls::pki_types::CertificateDer<'static>]>,
 ) -> Result<Identity, Answer> {
     let registry = shard.shared.registry.load();
     let now = crate::session::unix_now().as_secs();
@@ -155,7 +155,7 @@ pub fn authenticate(
             };
             authenticate_sas(&claim, &registry, &shard.shared.hostname, now)
         }
-        (None, Some(der)) => match ClientCert::from_der(der) {
+        (None, Some(chain)) => match ClientCert::from_chain(chain) {
             Ok(cert) => {
                 let claim = X509Claim {
                     device_id: device_id.to_string(),
@@ -163,7 +163,7 @@ pub fn authenticate(
                     model_id: None,
                     cert: &cert,
                 };
-                authenticate_x509(&claim, &registry, now)
+                authenticate_x509(&claim, &registry, &shard.shared.cas.load(), now)
             }
             Err(_) => Err(Refusal::BadCertificate),
         },

@@ -287,6 +287,7 @@ pub fn run(config: EngineConfig, on_ready: impl FnOnce() + Send + 'static) -> an
         nudges: nudges.clone(),
         pre_auth: roost_session::PreAuthGate::new(config.pre_auth),
         quotas: state.quotas.clone(),
+        cas: state.cas.clone(),
         routes: state.routes.clone(),
         hub_name: config
             .hostname

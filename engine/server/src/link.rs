@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use roost_common::link::{read_frame_body, LinkError};
 use roost_common::tls::LINK_SERVER_NAME;
+use roost_iothub::x509::TrustedCas;
 use roost_model::link::{ControlFrame, DeviceAuth, EngineFrame, Epoch, EpochHash, RegistryChange};
 use roost_registry::{Projection, Registry};
 use roost_session::quota::{QuotaCell, Quotas};
@@ -50,6 +51,8 @@ pub struct EngineState {
     pub policies: Arc<std::sync::RwLock<Vec<roost_eventhubs::PolicyKeys>>>,
     /// The Event Hubs consumer groups of the epoch in force besides `$Default`, lowercase.
     pub consumer_groups: Arc<std::sync::RwLock<Vec<String>>>,
+    /// The CAs of the epoch in force (`certificateAuthority` devices chain to one of them).
+    pub cas: Arc<CasCell>,
     /// Calls AMQP service links make of control, waiting for their answers.
     pub services: Arc<crate::service_calls::ServiceCalls>,
 }
@@ -74,6 +77,7 @@ impl EngineState {
             endpoints,
             policies: Arc::default(),
             consumer_groups: Arc::default(),
+            cas: Arc::default(),
             services: Arc::new(crate::service_calls::ServiceCalls::new(
                 router.clone(),
                 metrics.clone(),
@@ -88,6 +92,24 @@ impl EngineState {
             .unwrap_or_else(|p| p.into_inner())
             .as_ref()
             .map(|e| e.hash)
+    }
+}
+
+/// The CAs the hub trusts, replaced whole by each epoch.
+#[derive(Default)]
+pub struct CasCell(std::sync::RwLock<Arc<TrustedCas>>);
+
+impl CasCell {
+    pub fn load(&self) -> Arc<TrustedCas> {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Puts `next` in force; answers whether the set of CAs changed.
+    fn replace(&self, next: TrustedCas) -> bool {
+        let mut current = self.0.write().unwrap_or_else(|p| p.into_inner());
+        let changed = !current.ids().eq(next.ids());
+        *current = Arc::new(next);
+        changed
     }
 }
 
@@ -220,6 +242,21 @@ pub fn apply(state: &EngineState, update: Update, origin: Origin) -> Result<(), 
                 .iter()
                 .map(|g| g.to_ascii_lowercase())
                 .collect();
+            let (cas, unusable) = TrustedCas::new(
+                epoch
+                    .payload
+                    .cas
+                    .iter()
+                    .map(|c| (c.name.as_str(), c.der.as_slice())),
+            );
+            for (name, e) in unusable {
+                tracing::warn!(ca = %name, error = %e, "a CA of the epoch cannot be a trust anchor");
+            }
+            if state.cas.replace(cas) {
+                let ids = state.cas.load().ids().map(str::to_string).collect();
+                // Sessions authenticated through a CA no longer trusted end.
+                state.router.send(RouterInput::TrustedCas { ids });
+            }
             // `Applied` means every shard routes by it (each loads it on its next tick).
             if !state.routes.wait_in_force(Duration::from_secs(10)) {
                 tracing::warn!(

@@ -133,7 +133,9 @@ impl<A> DeviceSession<A> {
     pub fn authenticate_x509(&mut self, claim: &X509Claim<'_>) -> Result<&Identity, Refusal> {
         let registry = self.shard.shared.registry.load();
         let now_unix = unix_now();
-        let checked = roost_session::auth::authenticate_x509(claim, &registry, now_unix.as_secs());
+        let cas = self.shard.shared.cas.load();
+        let checked =
+            roost_session::auth::authenticate_x509(claim, &registry, &cas, now_unix.as_secs());
         self.admit(checked, now_unix)
     }
 

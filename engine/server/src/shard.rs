@@ -105,6 +105,8 @@ pub struct Shared {
     pub pre_auth: Arc<PreAuthGate>,
     /// The hub's quotas in force; each shard meters its share of the hub-wide rates.
     pub quotas: Arc<QuotaCell>,
+    /// The CAs the hub trusts (`certificateAuthority` devices' chains end at one).
+    pub cas: Arc<crate::link::CasCell>,
     /// The routing in force (`routes.lua` and plugins); each shard loads its own VM from it.
     pub routes: Arc<crate::routing::RoutesCell>,
     /// The hub's name (`$iothubname`): the first label of its host name.
@@ -280,6 +282,7 @@ impl Shard {
                 shard: self.id,
                 conn: gid,
             },
+            ca: identity.ca.clone(),
             at_ms: unix_ms(),
         });
     }

@@ -134,9 +134,14 @@ impl Wire {
         })
     }
 
-    /// The certificate the client presented in the TLS handshake (its first, the leaf), if any.
-    pub fn client_cert(&self) -> Option<&rustls::pki_types::CertificateDer<'static>> {
-        self.tls.as_deref()?.conn.peer_certificates()?.first()
+    /// The certificates the client presented in the TLS handshake (the leaf first, then its
+    /// intermediates), if any.
+    pub fn client_certs(&self) -> Option<&[rustls::pki_types::CertificateDer<'static>]> {
+        self.tls
+            .as_deref()?
+            .conn
+            .peer_certificates()
+            .filter(|c| !c.is_empty())
     }
 
     /// From now on the stream is carried in WebSocket frames (after the `101` went out).

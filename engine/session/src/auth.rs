@@ -6,7 +6,7 @@
 
 use roost_iothub::sas::SasToken;
 use roost_iothub::username::Username;
-use roost_iothub::x509::ClientCert;
+use roost_iothub::x509::{ChainError, ClientCert, TrustedCas};
 use roost_model::link::{DeviceAuth, X509Auth};
 use roost_registry::Projection;
 
@@ -20,6 +20,9 @@ pub struct Identity {
     /// Unix seconds after which the credential (token or certificate) is no longer valid.
     pub token_expiry: u64,
     pub method: AuthMethod,
+    /// The CA a `certificateAuthority` identity's chain led to (`x509::ca_id`): its sessions
+    /// end when the hub stops trusting it.
+    pub ca: Option<String>,
 }
 
 /// How an identity proved itself.
@@ -85,8 +88,12 @@ pub enum Refusal {
     CertificateExpired,
     /// A certificate for an identity that authenticates with SAS keys.
     NotX509Identity,
-    /// A `certificateAuthority` identity: no CA is verified with this hub yet.
+    /// A `certificateAuthority` identity whose certificate does not chain to a CA the hub
+    /// verified.
     CaNotVerified,
+    /// A `certificateAuthority` identity whose certificate's common name is not its id
+    /// (`device` or `device/module`).
+    CommonNameMismatch,
     /// A client certificate that cannot be read.
     BadCertificate,
 }
@@ -109,6 +116,7 @@ impl Refusal {
             Refusal::CertificateExpired => "certificate_expired",
             Refusal::NotX509Identity => "not_x509_identity",
             Refusal::CaNotVerified => "ca_not_verified",
+            Refusal::CommonNameMismatch => "common_name_mismatch",
             Refusal::BadCertificate => "bad_certificate",
         }
     }
@@ -227,6 +235,7 @@ pub fn authenticate_sas(
         model_id: &claim.model_id,
         expiry: token.expiry(),
         method: AuthMethod::Sas,
+        ca: None,
     };
     admitted(entry, device_entry, module, proven)
 }
@@ -255,6 +264,7 @@ struct Proven<'a> {
     /// Unix seconds when the credential ends.
     expiry: u64,
     method: AuthMethod,
+    ca: Option<String>,
 }
 
 /// The identity whose credential was proven, if it is enabled (a module of a disabled device
@@ -275,6 +285,7 @@ fn admitted(
         model_id: proven.model_id.clone(),
         token_expiry: proven.expiry,
         method: proven.method,
+        ca: proven.ca,
     })
 }
 
@@ -290,23 +301,36 @@ pub struct X509Claim<'a> {
 
 /// Checks a claimed identity's client certificate against the registry (spec §1.4): a
 /// `selfSigned` identity's certificate must have one of its thumbprints (SHA-1 or SHA-256,
-/// either case) and be within its validity period; the session lasts until the certificate
-/// expires. As with tokens, the credential is checked before the device's status.
+/// either case); a `certificateAuthority` identity's must chain to one of the CAs the hub
+/// verified (`cas`) and name the identity in its common name. Either way it must be within
+/// its validity period, and the session lasts until it expires. As with tokens, the
+/// credential is checked before the device's status.
 pub fn authenticate_x509(
     claim: &X509Claim<'_>,
     registry: &Projection,
+    cas: &TrustedCas,
     now_unix: u64,
 ) -> Result<Identity, Refusal> {
     let module = claim.module_id.as_deref();
     let (entry, device_entry) = entries(registry, &claim.device_id, module)?;
-    let method = match &entry.x509 {
+    let (method, ca) = match &entry.x509 {
         X509Auth::SelfSigned { thumbprints } => {
             if !thumbprints.iter().any(|t| claim.cert.has_thumbprint(t)) {
                 return Err(Refusal::ThumbprintMismatch);
             }
-            AuthMethod::SelfSigned
+            (AuthMethod::SelfSigned, None)
         }
-        X509Auth::CertificateAuthority => return Err(Refusal::CaNotVerified),
+        X509Auth::CertificateAuthority => {
+            let ca = cas.verify(claim.cert, now_unix).map_err(|e| match e {
+                ChainError::Expired => Refusal::CertificateExpired,
+                ChainError::Untrusted(_) => Refusal::CaNotVerified,
+            })?;
+            let own = client_id_of(&claim.device_id, module);
+            if claim.cert.common_name.as_deref() != Some(own.as_str()) {
+                return Err(Refusal::CommonNameMismatch);
+            }
+            (AuthMethod::CertificateAuthority, Some(ca.to_string()))
+        }
         X509Auth::None => return Err(Refusal::NotX509Identity),
     };
     if !claim.cert.valid_at(now_unix as i64) {
@@ -316,6 +340,7 @@ pub fn authenticate_x509(
         model_id: &claim.model_id,
         expiry: u64::try_from(claim.cert.not_after).unwrap_or(0),
         method,
+        ca,
     };
     admitted(entry, device_entry, module, proven)
 }
@@ -569,8 +594,11 @@ mod tests {
             not_before: NOW as i64 - 60,
             not_after: NOW as i64 + 3600,
             common_name: Some("dev-x".into()),
+            chain: Vec::new(),
         }
     }
+
+    const NO_CAS: &TrustedCas = &TrustedCas::EMPTY;
 
     fn x509_registry(x509: X509Auth, enabled: bool) -> Projection {
         let mut d = DeviceAuth::with_keys("dev-x", enabled, &[], &[]);
@@ -591,7 +619,7 @@ mod tests {
                 },
                 true,
             );
-            let id = authenticate_x509(&claim, &reg, NOW).expect("authenticated");
+            let id = authenticate_x509(&claim, &reg, NO_CAS, NOW).expect("authenticated");
             assert_eq!(id.method, AuthMethod::SelfSigned);
             assert_eq!(
                 id.token_expiry,
@@ -600,7 +628,7 @@ mod tests {
             );
         }
         let refused = |x509, enabled, now| {
-            authenticate_x509(&claim, &x509_registry(x509, enabled), now).err()
+            authenticate_x509(&claim, &x509_registry(x509, enabled), NO_CAS, now).err()
         };
         let other = X509Auth::SelfSigned {
             thumbprints: vec!["ab".repeat(32)],
@@ -627,19 +655,79 @@ mod tests {
             .expect("claim");
         let reg = x509_registry(X509Auth::None, true);
         assert_eq!(
-            authenticate_x509(&sas, &reg, NOW).err(),
+            authenticate_x509(&sas, &reg, NO_CAS, NOW).err(),
             Some(Refusal::NotX509Identity)
         );
         let nobody = mqtt_x509_claim("dev-9", Some("localhost/dev-9/?api-version=2019-10-01"), &c)
             .expect("claim");
         assert_eq!(
-            authenticate_x509(&nobody, &reg, NOW).err(),
+            authenticate_x509(&nobody, &reg, NO_CAS, NOW).err(),
             Some(Refusal::UnknownDevice)
         );
         // The client id must still be the identity the username names.
         assert_eq!(
             mqtt_x509_claim("dev-1", Some("localhost/dev-x/?api-version=2019-10-01"), &c).err(),
             Some(Refusal::ClientIdMismatch)
+        );
+    }
+
+    /// A `certificateAuthority` identity: a chain to a verified CA whose leaf names it (the
+    /// device, or `device/module`); the session remembers the CA.
+    #[test]
+    fn a_ca_identity_needs_a_chain_to_a_verified_ca_and_its_own_name() {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("params");
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params.distinguished_name.push(DnType::CommonName, "fleet");
+        let ca_key = KeyPair::generate().expect("key");
+        let ca_der = ca_params.self_signed(&ca_key).expect("ca").der().to_vec();
+        let issue = |cn: &str| {
+            let mut p = CertificateParams::new(Vec::<String>::new()).expect("params");
+            p.distinguished_name.push(DnType::CommonName, cn);
+            let key = KeyPair::generate().expect("key");
+            let issuer = Issuer::from_params(&ca_params, &ca_key);
+            let der = p.signed_by(&key, &issuer).expect("leaf").der().to_vec();
+            ClientCert::from_der(&der).expect("reads")
+        };
+        let (cas, _) = TrustedCas::new([("fleet", &ca_der[..])]);
+        let mut module = DeviceAuth::with_keys("dev-x/mod-a", true, &[], &[]);
+        module.x509 = X509Auth::CertificateAuthority;
+        let mut reg = x509_registry(X509Auth::CertificateAuthority, true);
+        reg = reg.with_changes(&[roost_model::link::RegistryChange::Upsert(module)]);
+        let claim = |cert| X509Claim {
+            device_id: "dev-x".into(),
+            module_id: None,
+            model_id: None,
+            cert,
+        };
+        let own = issue("dev-x");
+        let id = authenticate_x509(&claim(&own), &reg, &cas, NOW).expect("authenticated");
+        assert_eq!(id.method, AuthMethod::CertificateAuthority);
+        assert_eq!(id.ca.as_deref(), Some(roost_iothub::x509::ca_id(&ca_der).as_str()));
+        let other = issue("dev-y");
+        assert_eq!(
+            authenticate_x509(&claim(&other), &reg, &cas, NOW).err(),
+            Some(Refusal::CommonNameMismatch)
+        );
+        assert_eq!(
+            authenticate_x509(&claim(&own), &reg, NO_CAS, NOW).err(),
+            Some(Refusal::CaNotVerified),
+            "a CA no longer trusted"
+        );
+        let for_module = issue("dev-x/mod-a");
+        let module_claim = X509Claim {
+            module_id: Some("mod-a".into()),
+            ..claim(&for_module)
+        };
+        let id = authenticate_x509(&module_claim, &reg, &cas, NOW).expect("the module");
+        assert_eq!(id.client_id(), "dev-x/mod-a");
+        let device_cert_for_module = X509Claim {
+            module_id: Some("mod-a".into()),
+            ..claim(&own)
+        };
+        assert_eq!(
+            authenticate_x509(&device_cert_for_module, &reg, &cas, NOW).err(),
+            Some(Refusal::CommonNameMismatch)
         );
     }
 }

@@ -109,7 +109,7 @@ mod tests {
     fn routed_answered_or_timed_out_each_exactly_once() {
         let t0 = Instant::now();
         let mut dir = Directory::default();
-        dir.claim("dev", Holder { shard: 1, conn: 7 });
+        dir.claim("dev", Holder { shard: 1, conn: 7 }, None);
         let mut t = CommandTracker::new(Duration::from_secs(5));
         assert_eq!(
             t.submit(&dir, t0, 1, "other"),

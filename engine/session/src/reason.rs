@@ -24,6 +24,8 @@ pub enum DisconnectReason {
     ReplacedByNewConnection,
     /// The device was disabled or deleted, or its keys changed.
     DeviceRevoked,
+    /// The CA the session's certificate chained to is no longer trusted (removed at control).
+    CaRevoked,
     /// The SAS token the session authenticated with expired (IoT Hub disconnects at expiry; the
     /// SDKs reconnect with a fresh token before that).
     TokenExpired,
@@ -78,6 +80,7 @@ impl DisconnectReason {
             DisconnectReason::Refused => "connack_refused",
             DisconnectReason::ReplacedByNewConnection => "replaced_by_new_connection",
             DisconnectReason::DeviceRevoked => "device_revoked",
+            DisconnectReason::CaRevoked => "ca_revoked",
             DisconnectReason::TokenExpired => "token_expired",
             DisconnectReason::TooManyUnauthenticated => "unauthenticated_limit",
             DisconnectReason::TooManyUnauthenticatedFromSource => "unauthenticated_source_limit",
@@ -116,6 +119,7 @@ mod tests {
             DisconnectReason::Refused,
             DisconnectReason::ReplacedByNewConnection,
             DisconnectReason::DeviceRevoked,
+            DisconnectReason::CaRevoked,
             DisconnectReason::TokenExpired,
             DisconnectReason::TooManyUnauthenticated,
             DisconnectReason::TooManyUnauthenticatedFromSource,

@@ -35,6 +35,8 @@ pub enum RouterInput {
         device_id: String,
         module_id: Option<String>,
         holder: Holder,
+        /// The CA its certificate chained to, if it authenticated through one.
+        ca: Option<String>,
         at_ms: u64,
     },
     /// Connection `conn` of `client_id` ended at `at_ms`.
@@ -60,6 +62,9 @@ pub enum RouterInput {
     /// The device may no longer connect (disabled, deleted, keys changed): close every
     /// connection of it and its modules.
     Revoke { device_id: String },
+    /// The CAs the hub trusts now (`x509::ca_id`): close every connection authenticated
+    /// through another.
+    TrustedCas { ids: Vec<String> },
     /// A connected client's twin request, for control.
     TwinRequest {
         client_id: String,
@@ -133,9 +138,10 @@ impl Router {
                 device_id,
                 module_id,
                 holder,
+                ca,
                 at_ms,
             } => {
-                if let Some(old) = self.directory.claim(&client_id, holder) {
+                if let Some(old) = self.directory.claim(&client_id, holder, ca) {
                     out.push(RouterOutput::Kick {
                         shard: old.shard,
                         conn: old.conn,
@@ -165,6 +171,15 @@ impl Router {
                         connected: false,
                         at_ms,
                     }));
+                }
+            }
+            RouterInput::TrustedCas { ids } => {
+                for h in self.directory.anchored_outside(&ids) {
+                    out.push(RouterOutput::Kick {
+                        shard: h.shard,
+                        conn: h.conn,
+                        reason: DisconnectReason::CaRevoked,
+                    });
                 }
             }
             RouterInput::Revoke { device_id } => {
@@ -405,6 +420,7 @@ mod tests {
                 device_id,
                 module_id,
                 holder: Holder { shard, conn },
+                ca: None,
                 at_ms: 1,
             });
         }

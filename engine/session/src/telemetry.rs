@@ -82,6 +82,7 @@ mod tests {
             model_id: Some("dtmi:com:example:Thermostat;1".into()),
             token_expiry: 0,
             method: crate::auth::AuthMethod::Sas,
+            ca: None,
         }
     }
 

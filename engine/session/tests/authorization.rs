@@ -279,6 +279,7 @@ fn identity(device: &str, module: Option<&str>) -> Identity {
         model_id: None,
         token_expiry: NOW + 3600,
         method: roost_session::auth::AuthMethod::Sas,
+        ca: None,
     }
 }
 
