@@ -103,6 +103,13 @@ pub enum Cmd {
         #[command(subcommand)]
         action: crate::groups::GroupCmd,
     },
+    /// Make, register and verify the CAs that sign device certificates (docs/x509.md).
+    ///
+    /// Example: roost ca init; roost device create dev-1 --x509 --ca fleet
+    Ca {
+        #[command(subcommand)]
+        action: crate::cas::CaCmd,
+    },
     /// Run an IoT Hub query over device twins, module twins or device jobs; prints every page.
     ///
     /// Example: roost query "SELECT deviceId, tags.site FROM devices WHERE properties.reported.battery < 20" -o table
@@ -403,8 +410,12 @@ pub enum DeviceCmd {
         x509: bool,
         /// The thumbprint to register (hex SHA-1 or SHA-256 of your certificate's DER) instead
         /// of issuing a certificate.
-        #[arg(long, requires = "x509", value_name = "HEX")]
+        #[arg(long, requires = "x509", value_name = "HEX", conflicts_with = "ca")]
         thumbprint: Option<String>,
+        /// Register it as certificateAuthority and issue its certificate with the CA `roost
+        /// ca init` made under this name (in <data>/cas).
+        #[arg(long, requires = "x509", value_name = "NAME")]
+        ca: Option<String>,
         /// Where an issued certificate and key go. Default: <data>/devices.
         #[arg(long, requires = "x509", value_name = "DIR")]
         cert_dir: Option<PathBuf>,
@@ -849,21 +860,38 @@ pub fn run_device(action: DeviceCmd, data_dir: &Path, out: Output) -> anyhow::Re
                 disabled,
                 x509,
                 thumbprint,
+                ca,
                 cert_dir,
                 valid_days,
             } => {
                 roost_model::DeviceId::parse(&id)
                     .map_err(|e| anyhow::anyhow!("invalid device id {id:?}: {e}"))?;
                 // An issued certificate is written only once the device is registered.
-                let issued = match x509 && thumbprint.is_none() {
-                    true => Some(roost_control::certs::self_signed_device_cert(&id, valid_days)?),
-                    false => None,
+                let issued = match (x509, &thumbprint, &ca) {
+                    (true, None, Some(ca)) => {
+                        let (cert, key) = crate::cas::files(data_dir, ca);
+                        let read = |p: &Path| {
+                            std::fs::read_to_string(p).with_context(|| {
+                                format!("reading {} (a CA made by `roost ca init {ca}`)", p.display())
+                            })
+                        };
+                        Some(roost_control::certs::ca_signed_device_cert(
+                            &id,
+                            valid_days,
+                            &read(&cert)?,
+                            &read(&key)?,
+                        )?)
+                    }
+                    (true, None, None) => {
+                        Some(roost_control::certs::self_signed_device_cert(&id, valid_days)?)
+                    }
+                    _ => None,
                 };
-                // Some exactly with --x509 (--thumbprint requires it).
-                let registered = thumbprint.or_else(|| issued.as_ref().map(|c| c.thumbprint.clone()));
-                let authentication = match registered {
-                    Some(t) => json!({ "type": "selfSigned", "x509Thumbprint": { "primaryThumbprint": t } }),
-                    None => json!({ "type": "sas", "symmetricKey": {} }),
+                let authentication = match (&ca, thumbprint.or_else(|| issued.as_ref().map(|c| c.thumbprint.clone()))) {
+                    (Some(_), _) => json!({ "type": "certificateAuthority" }),
+                    // Some exactly with --x509 (--thumbprint requires it).
+                    (None, Some(t)) => json!({ "type": "selfSigned", "x509Thumbprint": { "primaryThumbprint": t } }),
+                    (None, None) => json!({ "type": "sas", "symmetricKey": {} }),
                 };
                 let body = json!({
                     "deviceId": id,

@@ -1,5 +1,6 @@
 //! `roost`: one binary for the hub's processes and its command line (DESIGN.md §9).
 
+mod cas;
 mod cli;
 mod groups;
 mod manage;
@@ -61,5 +62,6 @@ fn main() -> anyhow::Result<()> {
         Cmd::Events { action, data_dir } => cli::run_events(action, &data_dir),
         Cmd::Routes { action } => routes::run(action),
         Cmd::ConsumerGroup { action } => groups::run(action),
+        Cmd::Ca { action } => cas::run(action),
     }
 }

@@ -102,7 +102,7 @@ pub enum ChainError {
     Expired,
     /// No path to a trusted CA (unknown issuer, bad signature, a CA not verified, a budget
     /// spent): webpki's reason.
-    #[error("no chain to a verified CA: {0}")]
+    #[error("{0}")]
     Untrusted(String),
 }
 
@@ -199,7 +199,7 @@ fn verify_chain(
     };
     let leaf = rustls_pki_types::CertificateDer::from(leaf.as_slice());
     let ee = webpki::EndEntityCert::try_from(&leaf)
-        .map_err(|e| ChainError::Untrusted(format!("{e:?}")))?;
+        .map_err(|e| ChainError::Untrusted(format!("the certificate cannot be verified: {e:?}")))?;
     let intermediates: Vec<rustls_pki_types::CertificateDer<'_>> = rest
         .iter()
         .map(|c| rustls_pki_types::CertificateDer::from(c.as_slice()))
@@ -221,7 +221,7 @@ fn verify_chain(
             webpki::Error::CertExpired { .. } | webpki::Error::CertNotValidYet { .. } => {
                 ChainError::Expired
             }
-            e => ChainError::Untrusted(format!("{e:?}")),
+            e => ChainError::Untrusted(format!("no chain to a trusted CA: {e:?}")),
         })?;
     Ok(path.anchor().subject_public_key_info.to_vec())
 }

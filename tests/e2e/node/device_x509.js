@@ -1,5 +1,6 @@
-// The Node device SDK authenticating with a client certificate (IoT Hub's selfSigned): a
-// device registered through the Node service SDK's Registry with the certificate's thumbprint
+// The Node device SDK authenticating with a client certificate: a device registered through
+// the Node service SDK's Registry — with the certificate's thumbprint (selfSigned), or as
+// certificateAuthority when ROOST_X509_AUTH says so (its certificate signed by a verified CA) —
 // connects over MQTT with `x509=true` and setOptions({cert, key}), sends, reads its twin and
 // reports; then the same over MqttWs (port 443), and telemetry over the Http transport. Only where the SDK dials is changed (the
 // MQTT and WebSocket URIs' ports).
@@ -18,7 +19,8 @@ const httpsPort = env('ROOST_HTTPS_PORT');
 const id = env('ROOST_DEVICE_ID');
 const cert = fs.readFileSync(env('ROOST_CERT'), 'utf8');
 const key = fs.readFileSync(env('ROOST_KEY'), 'utf8');
-const thumbprint = env('ROOST_THUMBPRINT');
+const authType = process.env.ROOST_X509_AUTH || 'selfSigned';
+const thumbprint = authType === 'selfSigned' ? env('ROOST_THUMBPRINT') : undefined;
 // The SDK's X.509 credentials keep no GatewayHostName: point Mqtt's URI at the test's port.
 const mqttConfig = Mqtt.prototype._getBaseTransportConfig;
 Mqtt.prototype._getBaseTransportConfig = function pointedAtTheMqttPort(credentials) {
@@ -55,12 +57,12 @@ async function session(transport, connectionString, messageId) {
 }
 
 run([
-  ['Registry.create with a selfSigned thumbprint', async () => {
-    const { responseBody: d } = await registry.create({
-      deviceId: id,
-      authentication: { x509Thumbprint: { primaryThumbprint: thumbprint } },
-    });
-    check(d.authentication.type === 'selfSigned', `type ${d.authentication.type}`);
+  [`Registry.create as ${authType}`, async () => {
+    const authentication = authType === 'certificateAuthority'
+      ? { type: 'certificateAuthority' }
+      : { x509Thumbprint: { primaryThumbprint: thumbprint } };
+    const { responseBody: d } = await registry.create({ deviceId: id, authentication });
+    check(d.authentication.type === authType, `type ${d.authentication.type}`);
     return d.authentication.type;
   }],
   ['Mqtt with the certificate', async () => {
