@@ -124,13 +124,13 @@ def test_the_node_device_sdk_with_a_certificate_over_mqtt_websockets_and_http(sh
     device_id = unique_id("x509node")
     steps = node_steps(hub, "device_x509.js", ROOST_DEVICE_ID=device_id, ROOST_CERT=issued["certificate"],
                ROOST_KEY=issued["key"], ROOST_THUMBPRINT=issued["thumbprint"],
-               ROOST_HTTPS_PORT=str(hub.ports["https"]))
+               ROOST_HTTPS_PORT=str(hub.ports["https"]), ROOST_AMQP_PORT=str(hub.ports["amqp"]))
     records = {r["systemProperties"].get("message-id"): r for r in hub.records()
                if r["systemProperties"].get("iothub-connection-device-id") == device_id}
-    assert len(steps) == 4, [s["step"] for s in steps]
-    for mid in ("x509-node-mqtt", "x509-node-ws", "x509-node-http"):
+    assert len(steps) == 6, [s["step"] for s in steps]
+    for mid in ("x509-node-mqtt", "x509-node-ws", "x509-node-amqp", "x509-node-amqpws", "x509-node-http"):
         assert '"type":"x509Certificate"' in records[mid]["systemProperties"]["iothub-connection-auth-method"]
-    assert hub.registry_manager().get_twin(device_id).properties.reported["via"] == "x509-node-ws"
+    assert hub.registry_manager().get_twin(device_id).properties.reported["via"] == "x509-node-amqpws"
 
 
 def test_a_thumbprint_registered_by_the_service_sdk_in_sha1_lowercase(shared_hub):

@@ -157,11 +157,11 @@ def test_the_node_device_sdk_with_a_ca_signed_certificate(shared_hub, tmp_path):
     cert, key = issue_device(tmp_path, device_id, "fleet")
     steps = node_steps(hub, "device_x509.js", ROOST_DEVICE_ID=device_id, ROOST_CERT=cert, ROOST_KEY=key,
                        ROOST_X509_AUTH="certificateAuthority",
-                       ROOST_HTTPS_PORT=str(hub.ports["https"]))
-    assert len(steps) == 4, [s["step"] for s in steps]
+                       ROOST_HTTPS_PORT=str(hub.ports["https"]), ROOST_AMQP_PORT=str(hub.ports["amqp"]))
+    assert len(steps) == 6, [s["step"] for s in steps]
     records = {r["systemProperties"].get("message-id"): r for r in hub.records()
                if r["systemProperties"].get("iothub-connection-device-id") == device_id}
-    for mid in ("x509-node-mqtt", "x509-node-ws", "x509-node-http"):
+    for mid in ("x509-node-mqtt", "x509-node-ws", "x509-node-amqp", "x509-node-amqpws", "x509-node-http"):
         assert '"type":"x509CA"' in records[mid]["systemProperties"]["iothub-connection-auth-method"]
     hub.cli("ca", "remove", name)
 

@@ -16,7 +16,8 @@ use bytes::Bytes;
 use futures_lite::future;
 use roost_iothub::props::PropertyBag;
 use roost_model::link::{C2dOutcome, DeviceCommand, TwinOp};
-use roost_session::auth::SasClaim;
+use roost_iothub::x509::ClientCert;
+use roost_session::auth::{SasClaim, X509Claim};
 use roost_session::{telemetry, DisconnectReason, PreAuthSlot};
 use tokio::sync::mpsc::UnboundedReceiver;
 
@@ -77,11 +78,20 @@ pub enum FromSession {
     Ended(DisconnectReason),
 }
 
+/// What a bridged session proves its identity with.
+pub enum Credential {
+    /// A SAS token (an AMQP `$cbs` put-token).
+    Token(String),
+    /// The client certificate the connection's TLS handshake carried (an AMQP device that
+    /// attaches its links without a put-token, as the Node SDK does with X.509).
+    Certificate(Box<ClientCert>),
+}
+
 /// A bridged session to start on a shard.
 pub struct Bridge {
     pub device_id: String,
     pub module_id: Option<String>,
-    pub token: String,
+    pub credential: Credential,
     /// `Amqp`, or `AmqpWs` for a connection that came over a WebSocket on port 443.
     pub transport: crate::metrics::Transport,
     pub input: UnboundedReceiver<ToSession>,
@@ -110,18 +120,31 @@ pub async fn serve(shard: std::rc::Rc<Shard>, mut bridge: Bridge) {
     // The connection's own thread holds its place under the pre-authentication caps.
     let slot = PreAuthSlot::none(&shard.shared.pre_auth);
     let mut session = DeviceSession::<u64>::open(shard, slot, bridge.transport);
-    let claim = SasClaim {
-        device_id: bridge.device_id.clone(),
-        module_id: bridge.module_id.clone(),
-        model_id: None,
-        token: &bridge.token,
+    let (device_id, module_id) = (bridge.device_id.clone(), bridge.module_id.clone());
+    let checked = match &bridge.credential {
+        Credential::Token(token) => session
+            .authenticate(&SasClaim {
+                device_id,
+                module_id,
+                model_id: None,
+                token,
+            })
+            .map(|_| ()),
+        Credential::Certificate(cert) => session
+            .authenticate_x509(&X509Claim {
+                device_id,
+                module_id,
+                model_id: None,
+                cert,
+            })
+            .map(|_| ()),
     };
-    if let Err(refusal) = session.authenticate(&claim) {
+    if let Err(refusal) = checked {
         (bridge.output)(FromSession::Refused(refusal.reason()));
         session.finish(DisconnectReason::Refused);
         return;
     }
-    bridge.token.clear();
+    bridge.credential = Credential::Token(String::new());
     (bridge.output)(FromSession::Authenticated);
     let reason = run(&mut session, &mut bridge).await;
     (bridge.output)(FromSession::Ended(reason));

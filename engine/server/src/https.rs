@@ -455,6 +455,7 @@ async fn tunnel(
     let (here, there) = tokio::io::duplex(64 * 1024);
     let handed = tunnels.send(crate::amqp::Tunnel {
         stream: there,
+        client_certs: wire.client_certs().map(<[_]>::to_vec),
         slot: pre_auth,
     });
     if handed.is_err() {

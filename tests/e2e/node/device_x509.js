@@ -2,7 +2,7 @@
 // the Node service SDK's Registry — with the certificate's thumbprint (selfSigned), or as
 // certificateAuthority when ROOST_X509_AUTH says so (its certificate signed by a verified CA) —
 // connects over MQTT with `x509=true` and setOptions({cert, key}), sends, reads its twin and
-// reports; then the same over MqttWs (port 443), and telemetry over the Http transport. Only where the SDK dials is changed (the
+// reports; then the same over MqttWs (port 443), Amqp and AmqpWs, and telemetry over the Http transport. Only where the SDK dials is changed (the
 // MQTT and WebSocket URIs' ports).
 'use strict';
 const fs = require('fs');
@@ -11,11 +11,13 @@ const { Client: DeviceClient } = require('azure-iot-device');
 const https = require('https');
 const { Mqtt, MqttWs } = require('azure-iot-device-mqtt');
 const { Http } = require('azure-iot-device-http');
+const { Amqp, AmqpWs } = require('azure-iot-device-amqp');
 const { env, ca, serviceClients, run, check, withTimeout } = require('./hub');
 
 const cs = env('ROOST_SERVICE_CS');
 const mqttPort = env('ROOST_MQTT_PORT');
 const httpsPort = env('ROOST_HTTPS_PORT');
+const amqpPort = env('ROOST_AMQP_PORT');
 const id = env('ROOST_DEVICE_ID');
 const cert = fs.readFileSync(env('ROOST_CERT'), 'utf8');
 const key = fs.readFileSync(env('ROOST_KEY'), 'utf8');
@@ -34,6 +36,9 @@ MqttWs.prototype._getBaseTransportConfig = function pointedAtTheTestPort(credent
   config.uri = config.uri.replace(':443/', `:${httpsPort}/`);
   return config;
 };
+// Amqp and AmqpWs too: a certificate, no $cbs put-token — the links are attached at once.
+Amqp.prototype._getConnectionUri = () => `amqps://localhost:${amqpPort}`;
+AmqpWs.prototype._getConnectionUri = () => `wss://localhost:${httpsPort}/$iothub/websocket`;
 const { host, registry } = serviceClients(cs);
 
 // The Http transport always dials 443: its requests go through an agent to the test's port.
@@ -77,6 +82,12 @@ run([
   }],
   ['MqttWs with the certificate', async () => {
     await session(MqttWs, `HostName=${host};DeviceId=${id};x509=true`, 'x509-node-ws');
+  }],
+  ['Amqp with the certificate', async () => {
+    await session(Amqp, `HostName=${host};DeviceId=${id};x509=true`, 'x509-node-amqp');
+  }],
+  ['AmqpWs with the certificate', async () => {
+    await session(AmqpWs, `HostName=${host};DeviceId=${id};x509=true`, 'x509-node-amqpws');
   }],
   ['Http with the certificate (no Authorization header)', async () => {
     const device = DeviceClient.fromConnectionString(`HostName=${host};DeviceId=${id};x509=true`, Http);

@@ -21,7 +21,7 @@ use roost_session::DisconnectReason;
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::{AmqpEndpoint, Done, Link, Session};
-use crate::bridge::{Bridge, FromSession, ToSession};
+use crate::bridge::{Bridge, Credential, FromSession, ToSession};
 use crate::shard::ShardCommand;
 
 /// Telemetry one device link may have waiting to be durable (its credit).
@@ -77,9 +77,35 @@ pub struct Device {
     /// C2D messages sent and not settled: delivery id → lock.
     c2d_unsettled: HashMap<u32, u64>,
     next_tag: u64,
+    /// Links attached while the session was still authenticating (a device authenticated by
+    /// its certificate attaches without a put-token): answered once the session has decided.
+    pending: Vec<(LinkId, Box<Attach>, DeviceLink)>,
 }
 
 impl Device {
+    fn new(to_session: UnboundedSender<ToSession>) -> Self {
+        Self {
+            to_session,
+            authenticated: false,
+            waiting_tokens: Vec::new(),
+            acks: HashMap::new(),
+            next_ack: 0,
+            c2d: None,
+            methods_out: None,
+            twin_out: None,
+            desired: false,
+            outbox: VecDeque::new(),
+            c2d_unsettled: HashMap::new(),
+            next_tag: 0,
+            pending: Vec::new(),
+        }
+    }
+
+    /// Links waiting for the session's verdict.
+    pub fn pending_links(&self) -> usize {
+        self.pending.len()
+    }
+
     /// Whether its session accepted its token.
     pub fn authenticated(&self) -> bool {
         self.authenticated
@@ -121,13 +147,37 @@ pub(super) fn put_token(
         d.waiting_tokens.push(message_id);
         return None;
     }
+    match start(s, endpoint, device_id, module_id, Credential::Token(token.to_string())) {
+        Some(d) => {
+            d.waiting_tokens.push(message_id);
+            None
+        }
+        None => Some(cbs::response(
+            &message_id,
+            503,
+            "the engine is stopping",
+            Body::Empty,
+        )),
+    }
+}
+
+/// Starts the identity's session on its shard with `credential`; `None` when the engine is
+/// stopping.
+fn start<'s>(
+    s: &'s mut Session,
+    endpoint: &AmqpEndpoint,
+    device_id: String,
+    module_id: Option<String>,
+    credential: Credential,
+) -> Option<&'s mut Device> {
+    let client_id = roost_session::auth::client_id_of(&device_id, module_id.as_deref());
     let (to_session, input) = tokio::sync::mpsc::unbounded_channel();
     let done = s.done.clone();
     let client = client_id.clone();
     let bridge = Bridge {
         device_id,
         module_id,
-        token: token.to_string(),
+        credential,
         transport: s.transport,
         input,
         output: Box::new(move |event| {
@@ -143,53 +193,70 @@ pub(super) fn put_token(
         .get(shard)
         .is_some_and(|tx| tx.send(ShardCommand::Bridge(Box::new(bridge))).is_ok());
     if !started {
-        return Some(cbs::response(
-            &message_id,
-            503,
-            "the engine is stopping",
-            Body::Empty,
-        ));
+        return None;
     }
     if let Some(n) = endpoint.nudges.get(shard) {
         n.nudge();
     }
-    s.devices.insert(
-        client_id,
-        Device {
-            to_session,
-            authenticated: false,
-            waiting_tokens: vec![message_id],
-            acks: HashMap::new(),
-            next_ack: 0,
-            c2d: None,
-            methods_out: None,
-            twin_out: None,
-            desired: false,
-            outbox: VecDeque::new(),
-            c2d_unsettled: HashMap::new(),
-            next_tag: 0,
-        },
-    );
-    None
+    Some(
+        s.devices
+            .entry(client_id)
+            .or_insert_with(|| Device::new(to_session)),
+    )
 }
 
-/// A link on a device address: the identity must be authenticated on this connection.
+/// A link on a device address: the identity must be authenticated on this connection — by a
+/// put-token, or by the connection's client certificate, in which case the first link starts
+/// the session and the links wait for its verdict (`Ok(None)`: answered later).
 pub(super) fn attach(
     s: &mut Session,
+    endpoint: &AmqpEndpoint,
     link: LinkId,
     a: &Attach,
     at: DeviceAddress,
-) -> Result<Link, AmqpError> {
+) -> Result<Option<Link>, AmqpError> {
     let client = at.client_id();
-    let Some(d) = s.devices.get_mut(&client).filter(|d| d.authenticated) else {
-        return Err(AmqpError::new(
-            "amqp:unauthorized-access",
-            format!("no put-token on this connection authenticated {client:?}"),
-        ));
+    let role = role_of(a, &at)?;
+    let authenticating = match s.devices.get(&client) {
+        Some(d) => !d.authenticated,
+        None => match s.client_cert.as_ref() {
+            Some(Ok(cert)) => {
+                let cert = Credential::Certificate(Box::new(cert.clone()));
+                let (device_id, module_id) = (at.device_id.clone(), at.module_id.clone());
+                if start(s, endpoint, device_id, module_id, cert).is_none() {
+                    return Err(AmqpError::new("amqp:internal-error", "the engine is stopping"));
+                }
+                true
+            }
+            Some(Err(_)) => {
+                return Err(AmqpError::new(
+                    "amqp:unauthorized-access",
+                    "the connection's client certificate cannot be read",
+                ))
+            }
+            None => {
+                return Err(AmqpError::new(
+                    "amqp:unauthorized-access",
+                    format!("no put-token on this connection authenticated {client:?}"),
+                ))
+            }
+        },
     };
-    // The peer's role: a sender sends to the hub. A module receives its inputs on its events
-    // address.
-    let role = match (a.role, at.node) {
+    let Some(d) = s.devices.get_mut(&client) else {
+        return Err(AmqpError::new("amqp:internal-error", "the device session is gone"));
+    };
+    if authenticating {
+        d.pending.push((link, Box::new(a.clone()), role));
+        return Ok(None);
+    }
+    bind(d, link, role);
+    Ok(Some(Link::Device { client, role }))
+}
+
+/// Which of the identity's links an attach is. The peer's role: a sender sends to the hub. A
+/// module receives its inputs on its events address.
+fn role_of(a: &Attach, at: &DeviceAddress) -> Result<DeviceLink, AmqpError> {
+    Ok(match (a.role, at.node) {
         (Role::Sender, DeviceNode::Events) => DeviceLink::Telemetry,
         (Role::Receiver, DeviceNode::DeviceBound) => DeviceLink::C2d,
         (Role::Receiver, DeviceNode::Events) if at.module_id.is_some() => DeviceLink::C2d,
@@ -203,7 +270,11 @@ pub(super) fn attach(
                 "this device node does not go that way",
             ))
         }
-    };
+    })
+}
+
+/// The identity's session now sends on `link` what its role carries.
+fn bind(d: &mut Device, link: LinkId, role: DeviceLink) {
     match role {
         DeviceLink::C2d => {
             d.c2d = Some(link);
@@ -216,7 +287,6 @@ pub(super) fn attach(
         DeviceLink::TwinOut => d.twin_out = Some(link),
         _ => {}
     }
-    Ok(Link::Device { client, role })
 }
 
 /// The credit a device link starts with.
@@ -402,21 +472,47 @@ pub(super) fn on_session(
     match event {
         FromSession::Authenticated => {
             d.authenticated = true;
-            metrics.amqp_cbs.with_label_values(&["ok"]).inc();
+            if !d.waiting_tokens.is_empty() {
+                metrics.amqp_cbs.with_label_values(&["ok"]).inc();
+            }
             for id in d.waiting_tokens.drain(..) {
                 s.replies
                     .push((true, cbs::response(&id, 200, "OK", Body::Empty)));
             }
+            let pending = std::mem::take(&mut d.pending);
+            for (link, _, role) in &pending {
+                bind(d, *link, *role);
+            }
             s.pre_auth.release();
+            for (link, attach, role) in pending {
+                let kind = Link::Device {
+                    client: client.clone(),
+                    role,
+                };
+                super::accept_link(s, endpoint, link, &attach, kind);
+            }
         }
         FromSession::Refused(reason) => {
-            metrics.amqp_cbs.with_label_values(&[reason]).inc();
+            if !d.waiting_tokens.is_empty() {
+                metrics.amqp_cbs.with_label_values(&[reason]).inc();
+            }
             for id in d.waiting_tokens.drain(..) {
                 let why = format!("the device token was refused: {reason}");
                 s.replies
                     .push((true, cbs::response(&id, 401, &why, Body::Empty)));
             }
+            let pending = std::mem::take(&mut d.pending);
             s.devices.remove(&client);
+            for (link, attach, _) in pending {
+                let why = format!("the device's client certificate was refused: {reason}");
+                super::refuse_link(
+                    s,
+                    endpoint,
+                    link,
+                    &attach,
+                    AmqpError::new("amqp:unauthorized-access", why),
+                );
+            }
         }
         FromSession::Renewed(verdict) => {
             let (status, why) = match verdict {

@@ -13,6 +13,7 @@ mod eventhubs;
 mod service;
 
 use crate::metrics::Transport;
+use roost_iothub::x509::{CertError, ClientCert};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
@@ -65,6 +66,8 @@ pub use eventhubs::Reader;
 /// and WebSocket framing and pumps the stream through `stream`; it runs here like any other.
 pub struct Tunnel {
     pub stream: tokio::io::DuplexStream,
+    /// The certificates the client presented in port 443's TLS handshake, if any.
+    pub client_certs: Option<Vec<rustls::pki_types::CertificateDer<'static>>>,
     /// Its place under the caps on unauthenticated connections, until its first put-token.
     pub slot: roost_session::PreAuthSlot,
 }
@@ -89,7 +92,8 @@ pub fn start(
                     let endpoint = endpoint.clone();
                     tokio::spawn(async move {
                         endpoint.metrics.amqp_connections.inc();
-                        serve(tunnel.stream, &endpoint, tunnel.slot, Transport::AmqpWs).await;
+                        let cert = tunnel.client_certs.as_deref().map(ClientCert::from_chain);
+                        serve(tunnel.stream, &endpoint, tunnel.slot, Transport::AmqpWs, cert).await;
                         endpoint.metrics.amqp_connections.dec();
                     });
                     continue;
@@ -113,7 +117,13 @@ pub fn start(
                 let handshake =
                     tokio::time::timeout(Duration::from_secs(10), acceptor.accept(socket));
                 if let Ok(Ok(stream)) = handshake.await {
-                    serve(stream, &endpoint, slot, Transport::Amqp).await;
+                    let cert = stream
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .filter(|c| !c.is_empty())
+                        .map(ClientCert::from_chain);
+                    serve(stream, &endpoint, slot, Transport::Amqp, cert).await;
                 }
                 endpoint.metrics.amqp_connections.dec();
             });
@@ -213,6 +223,9 @@ struct Session {
     devices: HashMap<String, device::Device>,
     /// `Amqp` (port 5671) or `AmqpWs` (tunnelled from port 443), for its devices' metrics.
     transport: Transport,
+    /// The client certificate the TLS handshake carried: a device link attached without a
+    /// put-token is authenticated by it (spec §1.4).
+    client_cert: Option<Result<ClientCert, CertError>>,
 }
 
 async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
@@ -220,6 +233,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     endpoint: &AmqpEndpoint,
     slot: roost_session::PreAuthSlot,
     transport: Transport,
+    client_cert: Option<Result<ClientCert, CertError>>,
 ) {
     let config = Config {
         container_id: format!("roost-{}", endpoint.hostname),
@@ -240,6 +254,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         done,
         devices: HashMap::new(),
         transport,
+        client_cert,
     };
     let _readers = eventhubs::Release {
         endpoint,
@@ -523,7 +538,8 @@ const PRE_AUTH_LINKS: usize = 4;
 const REQUEST_CREDIT: u32 = 100;
 
 fn attach_link(s: &mut Session, endpoint: &AmqpEndpoint, link: LinkId, a: &Attach) {
-    if !s.authenticated() && s.links.len() >= PRE_AUTH_LINKS {
+    let waiting: usize = s.devices.values().map(device::Device::pending_links).sum();
+    if !s.authenticated() && s.links.len() + waiting >= PRE_AUTH_LINKS {
         endpoint
             .metrics
             .amqp_refused
@@ -548,7 +564,12 @@ fn attach_link(s: &mut Session, endpoint: &AmqpEndpoint, link: LinkId, a: &Attac
     .map(|x| x.as_str().to_string())
     .unwrap_or_default();
     let kind = match roost_eventhubs::messaging::device_address(&address) {
-        Some(at) => device::attach(s, link, a, at),
+        Some(at) => match device::attach(s, endpoint, link, a, at) {
+            Ok(Some(kind)) => Ok(kind),
+            // Answered when the device's session has checked its certificate.
+            Ok(None) => return,
+            Err(e) => Err(e),
+        },
         None => match (a.role, address.as_str()) {
             (Role::Sender, "$cbs") => Ok(Link::CbsIn),
             (Role::Receiver, "$cbs") => Ok(Link::CbsOut),
@@ -569,19 +590,27 @@ fn attach_link(s: &mut Session, endpoint: &AmqpEndpoint, link: LinkId, a: &Attac
             )),
         },
     };
-    let kind = match kind {
-        Ok(kind) => kind,
+    match kind {
+        Ok(kind) => accept_link(s, endpoint, link, a, kind),
         Err(error) => {
-            endpoint
-                .metrics
-                .amqp_refused
-                .with_label_values(&[short(error.condition.as_str())])
-                .inc();
             tracing::debug!(%address, role = ?a.role, condition = %error.condition.as_str(), description = ?error.description, "AMQP attach refused");
-            s.conn.refuse_attach(link, a, error);
-            return;
+            refuse_link(s, endpoint, link, a, error);
         }
-    };
+    }
+}
+
+/// Refuses an attach, counted by its condition.
+fn refuse_link(s: &mut Session, endpoint: &AmqpEndpoint, link: LinkId, a: &Attach, error: AmqpError) {
+    endpoint
+        .metrics
+        .amqp_refused
+        .with_label_values(&[short(error.condition.as_str())])
+        .inc();
+    s.conn.refuse_attach(link, a, error);
+}
+
+/// Accepts an attach as `kind`, with the credit its kind starts with.
+fn accept_link(s: &mut Session, endpoint: &AmqpEndpoint, link: LinkId, a: &Attach, kind: Link) {
     let credit = match kind {
         Link::CbsIn | Link::ManagementIn => REQUEST_CREDIT,
         Link::C2dIn { .. } => service::C2D_WINDOW,
