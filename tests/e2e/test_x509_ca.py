@@ -91,6 +91,11 @@ def test_roost_ca_init_signs_devices_that_connect_until_the_ca_is_removed(shared
     finally:
         shutdown_client(client)
     refused(hub, device_id, issued["certificate"], issued["key"], "ca_not_verified")
+    # Authentications are counted by the credential presented and their outcome.
+    hub.wait_metric("roost_authentications_total", lambda v: v >= 1, "an x509 accepted",
+                    method="x509", outcome="accepted", protocol="mqtt")
+    hub.wait_metric("roost_authentications_total", lambda v: v >= 1, "an x509 refused",
+                    method="x509", outcome="ca_not_verified", protocol="mqtt")
 
 
 def test_proof_of_possession_over_rest_with_openssl_and_an_intermediate(shared_hub, tmp_path):

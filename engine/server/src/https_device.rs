@@ -23,7 +23,7 @@ use roost_session::quota::Admit;
 use roost_session::telemetry;
 use roost_session::Refusal;
 
-use crate::metrics::Transport;
+use crate::metrics::{AuthCredential, Transport};
 use crate::shard::{Shard, Stored};
 
 /// The largest request body taken: IoT Hub's 256 KiB message (a batch holds at most as much)
@@ -145,7 +145,7 @@ pub fn authenticate(
 ) -> Result<Identity, Answer> {
     let registry = shard.shared.registry.load();
     let now = crate::session::unix_now().as_secs();
-    let checked = match (head.header("authorization"), client_cert) {
+    let (credential, checked) = match (head.header("authorization"), client_cert) {
         (Some(token), _) => {
             let claim = SasClaim {
                 device_id: device_id.to_string(),
@@ -153,20 +153,24 @@ pub fn authenticate(
                 model_id: None,
                 token,
             };
-            authenticate_sas(&claim, &registry, &shard.shared.hostname, now)
+            let checked = authenticate_sas(&claim, &registry, &shard.shared.hostname, now);
+            (AuthCredential::Sas, checked)
         }
-        (None, Some(chain)) => match ClientCert::from_chain(chain) {
-            Ok(cert) => {
-                let claim = X509Claim {
-                    device_id: device_id.to_string(),
-                    module_id: module_id.map(str::to_string),
-                    model_id: None,
-                    cert: &cert,
-                };
-                authenticate_x509(&claim, &registry, &shard.shared.cas.load(), now)
-            }
-            Err(_) => Err(Refusal::BadCertificate),
-        },
+        (None, Some(chain)) => {
+            let checked = match ClientCert::from_chain(chain) {
+                Ok(cert) => {
+                    let claim = X509Claim {
+                        device_id: device_id.to_string(),
+                        module_id: module_id.map(str::to_string),
+                        model_id: None,
+                        cert: &cert,
+                    };
+                    authenticate_x509(&claim, &registry, &shard.shared.cas.load(), now)
+                }
+                Err(_) => Err(Refusal::BadCertificate),
+            };
+            (AuthCredential::X509, checked)
+        }
         (None, None) => {
             return Err(Answer::err(
                 401,
@@ -175,12 +179,13 @@ pub fn authenticate(
             ))
         }
     };
+    let m = shard.metrics.of(Transport::Https);
+    m.authenticated(
+        credential,
+        checked.as_ref().map_or_else(Refusal::reason, |_| "accepted"),
+    );
     checked.map_err(|refusal| {
-        shard
-            .metrics
-            .of(Transport::Https)
-            .refused
-            .inc(refusal.reason());
+        m.refused.inc(refusal.reason());
         Answer::err(
             401,
             "IotHubUnauthorizedAccess",

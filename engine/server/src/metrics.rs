@@ -17,6 +17,7 @@ pub struct Metrics {
     connections_current: IntGaugeVec,
     connections_accepted: IntCounterVec,
     connect_refused: IntCounterVec,
+    authentications: IntCounterVec,
     disconnects: IntCounterVec,
     pub(crate) commands_dropped: IntCounterVec,
     throttle_delayed: IntCounterVec,
@@ -284,6 +285,12 @@ impl Metrics {
                 "Device connections refused at authentication (an MQTT CONNECT, an AMQP device's put-token), by protocol and reason.",
                 &["shard", "protocol", "reason"],
             ),
+            authentications: counter(
+                &registry,
+                "roost_authentications_total",
+                "Device credentials checked, by protocol, method (sas: a SAS token; x509: a client certificate) and outcome (accepted, or the refusal's reason).",
+                &["shard", "protocol", "method", "outcome"],
+            ),
             disconnects: counter(
                 &registry,
                 "roost_disconnects_total",
@@ -379,6 +386,12 @@ impl Metrics {
                 messages_in: self.messages_in.with_label_values(&[&s, p]).local(),
                 bytes_in: self.bytes_in.with_label_values(&[&s, p]).local(),
                 refused: Reasons::new(self.connect_refused.clone(), vec![s.clone(), p.into()]),
+                authentications: [AuthCredential::Sas, AuthCredential::X509].map(|c| {
+                    Reasons::new(
+                        self.authentications.clone(),
+                        vec![s.clone(), p.into(), c.label().into()],
+                    )
+                }),
                 disconnects: Reasons::new(self.disconnects.clone(), vec![s.clone(), p.into()]),
             }
         };
@@ -445,12 +458,38 @@ pub struct ByTransport {
     pub bytes_in: LocalIntCounter,
     /// Connections refused at authentication, by reason.
     pub refused: Reasons,
+    /// Credentials checked, by [`AuthCredential`] then outcome.
+    authentications: [Reasons; 2],
     /// Connections closed, by reason.
     pub disconnects: Reasons,
 }
 
+/// The credential a device presented, as `roost_authentications_total`'s `method` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthCredential {
+    Sas,
+    X509,
+}
+
+impl AuthCredential {
+    pub fn label(self) -> &'static str {
+        match self {
+            AuthCredential::Sas => "sas",
+            AuthCredential::X509 => "x509",
+        }
+    }
+}
+
 impl ByTransport {
+    /// Counts one credential checked: `outcome` is `accepted` or the refusal's reason.
+    pub fn authenticated(&self, credential: AuthCredential, outcome: &'static str) {
+        self.authentications[credential as usize].inc(outcome);
+    }
+
     fn flush(&self) {
+        for a in &self.authentications {
+            a.flush();
+        }
         self.connections_accepted.flush();
         self.messages_in.flush();
         self.bytes_in.flush();

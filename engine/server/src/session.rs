@@ -20,7 +20,7 @@ use roost_session::quota::{Admit, Bucket, Limit};
 use roost_session::router::twin_error;
 use roost_session::{DisconnectReason, Identity, Ingest, PreAuthSlot, Refusal, RouterInput};
 
-use crate::metrics::Transport;
+use crate::metrics::{AuthCredential, Transport};
 use crate::shard::{ConnHandles, Shard, StoreError, Stored};
 use crate::signal::Signal;
 
@@ -125,7 +125,7 @@ impl<A> DeviceSession<A> {
             &self.shard.shared.hostname,
             now_unix.as_secs(),
         );
-        self.admit(checked, now_unix)
+        self.admit(checked, now_unix, AuthCredential::Sas)
     }
 
     /// As [`Self::authenticate`], with the client certificate the TLS handshake carried; the
@@ -136,7 +136,7 @@ impl<A> DeviceSession<A> {
         let cas = self.shard.shared.cas.load();
         let checked =
             roost_session::auth::authenticate_x509(claim, &registry, &cas, now_unix.as_secs());
-        self.admit(checked, now_unix)
+        self.admit(checked, now_unix, AuthCredential::X509)
     }
 
     /// The session becomes the identity the registry admitted (or counts the refusal).
@@ -144,7 +144,13 @@ impl<A> DeviceSession<A> {
         &mut self,
         checked: Result<Identity, Refusal>,
         now_unix: Duration,
+        credential: AuthCredential,
     ) -> Result<&Identity, Refusal> {
+        let outcome = checked.as_ref().map_or_else(Refusal::reason, |_| "accepted");
+        self.shard
+            .metrics
+            .of(self.transport)
+            .authenticated(credential, outcome);
         let identity = match checked {
             Ok(identity) => identity,
             Err(refusal) => {
