@@ -140,6 +140,12 @@ pub struct HubError {
     message: String,
 }
 
+impl std::fmt::Display for HubError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}: {}", self.code, self.name, self.message)
+    }
+}
+
 impl HubError {
     fn new(status: StatusCode, code: u32, name: &'static str, message: impl Into<String>) -> Self {
         Self {
@@ -331,7 +337,7 @@ impl HubError {
     }
 }
 
-fn tracking_id() -> String {
+pub fn tracking_id() -> String {
     let mut b = [0u8; 16];
     let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b);
     b.iter().map(|x| format!("{x:02x}")).collect()
@@ -1220,6 +1226,32 @@ impl Api {
         }
         writes.put(&device, true).map_err(HubError::server)?;
         Ok(device)
+    }
+
+    /// Creates the device `id` with `authentication`, or updates an existing one's
+    /// authentication (keeping its status and twin), for the provisioning service. Answers
+    /// whether it was created.
+    pub fn provision_device(
+        &self,
+        id: &str,
+        authentication: serde_json::Value,
+        iot_edge: bool,
+    ) -> Result<bool, HubError> {
+        let status = self.store.device(id).map_err(HubError::server)?.map(|d| d.status);
+        let body: DeviceWrite = serde_json::from_value(json!({
+            "deviceId": id,
+            "status": status.as_deref().unwrap_or("enabled"),
+            "authentication": authentication,
+            "capabilities": { "iotEdge": iot_edge },
+        }))
+        .map_err(|e| HubError::bad_request(format!("invalid device: {e}")))?;
+        self.store.exclusive(|| {
+            let mut writes = self.store.writes();
+            let device = self.write_device(&mut writes, id, &body, Some("*"))?;
+            writes.commit().map_err(HubError::server)?;
+            tracing::info!(device = %device.device_id, "device provisioned");
+            Ok(status.is_none())
+        })
     }
 
     fn delete(&self, id: &str, req: &Req) -> Result<Resp, HubError> {

@@ -19,6 +19,7 @@ pub mod certs;
 pub mod configurations;
 pub mod consumer_groups;
 pub mod device;
+pub mod dps;
 pub mod events;
 pub mod jobs;
 pub mod linkserver;
@@ -56,6 +57,8 @@ pub struct ControlConfig {
     /// The hub's quotas: metered here (the service API) and sent to every engine in the
     /// config epoch.
     pub quotas: Quotas,
+    /// The provisioning service's listeners and host name.
+    pub dps: dps::DpsConfig,
 }
 
 /// Runs the control plane until SIGINT or SIGTERM; `on_ready` once every port listens.
@@ -206,6 +209,47 @@ pub fn run(config: ControlConfig, on_ready: impl FnOnce() + Send + 'static) -> a
                 move |req| api.clone().handle(req)
             },
         ));
+
+        if config.dps.https.is_some() || config.dps.mqtt.is_some() {
+            let identity = dps::ServiceIdentity::ensure(&store)?;
+            hubfile::merge(
+                &data_dir,
+                json!({ "dps": {
+                    "hostname": config.dps.hostname,
+                    "id_scope": identity.id_scope,
+                    "service_connection_string": format!(
+                        "HostName={};SharedAccessKeyName={};SharedAccessKey={}",
+                        config.dps.hostname, identity.policy_name, identity.primary_key
+                    ),
+                    "ports": {
+                        "https": config.dps.https.map(|a| a.port()),
+                        "mqtt": config.dps.mqtt.map(|a| a.port()),
+                    },
+                }}),
+            )?;
+            let provisioning = Arc::new(dps::Provisioning::new(
+                store.clone(),
+                api.clone(),
+                identity,
+                config.dps.clone(),
+                config.hostname.clone(),
+                metrics.clone(),
+            ));
+            let dps_tls = tokio_rustls::TlsAcceptor::from(tls::device_server_config(&certs)?);
+            if let Some(addr) = config.dps.https {
+                let listener = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("cannot listen on the provisioning HTTPS address {addr}"))?;
+                tokio::spawn(dps::http::serve(provisioning.clone(), listener, dps_tls.clone(), metrics.http_limits("dps")));
+            }
+            if let Some(addr) = config.dps.mqtt {
+                let listener = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("cannot listen on the provisioning MQTT address {addr}"))?;
+                tokio::spawn(dps::mqtt::serve(provisioning, listener, dps_tls));
+            }
+            tracing::info!(https = ?config.dps.https, mqtt = ?config.dps.mqtt, hostname = %config.dps.hostname, "provisioning service ready");
+        }
 
         let ops = tokio::net::TcpListener::bind(config.ops)
             .await

@@ -34,6 +34,12 @@ pub struct ControlMetrics {
     pub jobs: IntCounterVec,
     /// The hub's own events made durable in an engine's log, by `source`.
     pub hub_events: IntCounterVec,
+    /// Device registrations with the provisioning service, by `outcome` (assigned, failed, or
+    /// the refusal's reason) and `allocation` (hashed, static, geoLatency, custom; none when
+    /// refused).
+    pub dps_registrations: IntCounterVec,
+    /// Provisioning service API calls (enrollments), by `status`.
+    pub dps_requests: IntCounterVec,
 }
 
 impl ControlMetrics {
@@ -151,6 +157,22 @@ impl ControlMetrics {
             &["source"],
         )
         .expect("static metric");
+        let dps_registrations = IntCounterVec::new(
+            Opts::new(
+                "roost_dps_registrations_total",
+                "Device registrations with the provisioning service, by outcome (assigned, failed, or the refusal's reason) and allocation (hashed, static, geoLatency, custom; none when refused).",
+            ),
+            &["outcome", "allocation"],
+        )
+        .expect("static metric");
+        let dps_requests = IntCounterVec::new(
+            Opts::new(
+                "roost_dps_requests_total",
+                "Provisioning service HTTPS requests (device registrations and the enrollments API), by kind (device, service) and status.",
+            ),
+            &["kind", "status"],
+        )
+        .expect("static metric");
         let registry_sequence = IntGauge::new(
             "roost_control_registry_sequence",
             "Sequence of the last registry change.",
@@ -177,6 +199,8 @@ impl ControlMetrics {
             Box::new(queries.clone()),
             Box::new(jobs.clone()),
             Box::new(hub_events.clone()),
+            Box::new(dps_registrations.clone()),
+            Box::new(dps_requests.clone()),
         ] {
             registry
                 .register(m)
@@ -199,6 +223,8 @@ impl ControlMetrics {
             queries,
             jobs,
             hub_events,
+            dps_registrations,
+            dps_requests,
         }
     }
 

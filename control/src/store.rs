@@ -36,6 +36,9 @@ const CF_DEVICE_JOBS: &str = "device_jobs";
 const CF_CONFIGURATIONS: &str = "configurations";
 /// The hub's own events waiting to reach an engine's `events` log (`events.rs`), by sequence.
 const CF_EVENTS_OUT: &str = "events_out";
+/// The provisioning service's enrollments and registration states (`dps/`), by kind-prefixed
+/// key.
+const CF_DPS: &str = "dps";
 const SEQ_KEY: &[u8] = b"registry_seq";
 const POLICIES_KEY: &[u8] = b"policies";
 const ETAG_KEY: &[u8] = b"etag_counter";
@@ -75,6 +78,7 @@ impl Store {
             CF_DEVICE_JOBS,
             CF_EVENTS_OUT,
             CF_CONFIGURATIONS,
+            CF_DPS,
         ]
         .map(|n| ColumnFamilyDescriptor::new(n, Options::default()));
         let db = DB::open_cf_descriptors(&opts, path, cfs)?;
@@ -303,6 +307,49 @@ impl Store {
     /// Stores the consumer groups, synced.
     pub fn put_consumer_groups(&self, json: &[u8]) -> Result<(), StoreError> {
         self.put_meta(b"consumer_groups", json)
+    }
+
+    /// A provisioning record (JSON, `dps/`).
+    pub fn dps(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.db.get_cf(self.cf(CF_DPS), key.as_bytes())?)
+    }
+
+    /// Writes (or with `None` deletes) a provisioning record, synced.
+    pub fn put_dps(&self, key: &str, json: Option<&[u8]>) -> Result<(), StoreError> {
+        let mut opts = WriteOptions::default();
+        opts.set_sync(true);
+        let cf = self.cf(CF_DPS);
+        match json {
+            Some(j) => self.db.put_cf_opt(cf, key.as_bytes(), j, &opts)?,
+            None => self.db.delete_cf_opt(cf, key.as_bytes(), &opts)?,
+        }
+        Ok(())
+    }
+
+    /// Up to `limit` provisioning records whose keys start with `prefix`, after the key
+    /// `after` (a page's continuation), in key order.
+    pub fn dps_page(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let from = after.unwrap_or(prefix);
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(
+            self.cf(CF_DPS),
+            IteratorMode::From(from.as_bytes(), Direction::Forward),
+        ) {
+            let (k, v) = item?;
+            if !k.starts_with(prefix.as_bytes()) || out.len() >= limit {
+                break;
+            }
+            if after.is_some_and(|a| *k == *a.as_bytes()) {
+                continue;
+            }
+            out.push((String::from_utf8_lossy(&k).into_owned(), v.to_vec()));
+        }
+        Ok(out)
     }
 
     /// The CA certificates (JSON, `cas.rs`).

@@ -710,7 +710,8 @@ class Hub:
         self.binary = Path(binary)
         self.cores = cores
         self.hostname = hostname
-        self.ports = {name: free_port() for name in ("service", "control_ops", "link", "mqtt", "ops", "amqp", "https")}
+        self.ports = {name: free_port() for name in ("service", "control_ops", "link", "mqtt", "ops", "amqp", "https",
+                                                        "dps_https", "dps_mqtt")}
         self.control_log = self.root / "control.log"
         self.engine_log = self.root / "engine.log"
         self.cli_log = self.root / "cli.log"
@@ -758,6 +759,12 @@ class Hub:
     @property
     def service_url(self) -> str:
         return self.info["service_url"]
+
+    @property
+    def dps(self) -> dict:
+        """hub.json's `dps`: the provisioning service's hostname, id_scope,
+        service_connection_string and ports."""
+        return read_hub_json(self.data_dir)["dps"]
 
     @property
     def service_connection_string(self) -> str:
@@ -817,6 +824,8 @@ class Hub:
             "--service", f"127.0.0.1:{p['service']}",
             "--ops", f"127.0.0.1:{p['control_ops']}",
             "--link", f"127.0.0.1:{p['link']}",
+            "--dps-https", f"127.0.0.1:{p['dps_https']}",
+            "--dps-mqtt", f"127.0.0.1:{p['dps_mqtt']}",
             *self.control_args,
         ], self.control_log)
         self._wait_healthy(self.control, f"{self.control_ops_url}/healthz", "roost control", self.control_log)

@@ -320,6 +320,8 @@ pub struct UpArgs {
     pub retention: RetentionArgs,
     #[command(flatten)]
     pub quotas: QuotaArgs,
+    #[command(flatten)]
+    pub dps: DpsArgs,
     #[arg(long, default_value = "0.0.0.0:8443")]
     pub service: SocketAddr,
     /// Engine ops port: /metrics, /healthz, events consumer API.
@@ -391,6 +393,48 @@ pub struct ControlArgs {
     pub link: SocketAddr,
     #[command(flatten)]
     pub quotas: QuotaArgs,
+    #[command(flatten)]
+    pub dps: DpsArgs,
+}
+
+/// The provisioning service (docs/provisioning.md): off unless a listener is given.
+#[derive(Args, Clone)]
+pub struct DpsArgs {
+    /// Serve the provisioning service's HTTPS API (device registration and enrollments) here;
+    /// DPS devices expect port 443 on the service's host.
+    #[arg(long, value_name = "ADDR")]
+    pub dps_https: Option<SocketAddr>,
+    /// Serve provisioning over MQTT (TLS) here; DPS devices expect port 8883 on its host.
+    #[arg(long, value_name = "ADDR")]
+    pub dps_mqtt: Option<SocketAddr>,
+    /// The provisioning service's host name (its service API's tokens are scoped to it).
+    /// Default: the hub's host name. The server certificate must name it.
+    #[arg(long, value_name = "NAME")]
+    pub dps_hostname: Option<String>,
+}
+
+impl DpsArgs {
+    pub fn config(&self, hub: &str) -> roost_control::dps::DpsConfig {
+        roost_control::dps::DpsConfig {
+            hostname: self.dps_hostname.clone().unwrap_or_else(|| hub.to_string()),
+            https: self.dps_https,
+            mqtt: self.dps_mqtt,
+        }
+    }
+
+    pub fn to_args(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if let Some(a) = self.dps_https {
+            out.extend(["--dps-https".to_string(), a.to_string()]);
+        }
+        if let Some(a) = self.dps_mqtt {
+            out.extend(["--dps-mqtt".to_string(), a.to_string()]);
+        }
+        if let Some(h) = &self.dps_hostname {
+            out.extend(["--dps-hostname".to_string(), h.clone()]);
+        }
+        out
+    }
 }
 
 #[derive(Subcommand)]
@@ -621,6 +665,7 @@ pub fn run_control(args: ControlArgs) -> anyhow::Result<()> {
     let quotas = args.quotas.quotas()?;
     roost_control::run(
         roost_control::ControlConfig {
+            dps: args.dps.config(&args.hostname),
             data_dir: args.data_dir,
             hostname: args.hostname,
             service: args.service,
@@ -650,6 +695,7 @@ pub fn run_up(args: UpArgs) -> anyhow::Result<()> {
         ])
         .args(["--link", &args.link.to_string()])
         .args(args.quotas.to_args())
+        .args(args.dps.to_args())
         .spawn()
         .context("starting control")?;
     let mut children = Children(vec![]);

@@ -101,63 +101,82 @@ pub async fn serve<A, H, F>(
             (handler.clone(), admit.clone(), tls.clone(), limits.clone());
         tokio::spawn(async move {
             let _slot = slot;
-            let body_read = limits.body_read;
-            let service = service_fn(move |req: Request<Incoming>| {
-                let (handler, admit) = (handler.clone(), admit.clone());
-                async move {
-                    let (parts, body) = req.into_parts();
-                    let limit = match admit(&parts) {
-                        Ok(limit) => limit.min(MAX_BODY),
-                        Err(refusal) => return Ok(refusal),
-                    };
-                    if declared_length(&parts).is_some_and(|n| n > limit as u64) {
-                        return Ok(text(
-                            StatusCode::PAYLOAD_TOO_LARGE,
-                            "request body too large",
-                        ));
-                    }
-                    let read = tokio::time::timeout(body_read, Limited::new(body, limit).collect());
-                    let resp = match read.await {
-                        Ok(Ok(b)) => handler(Request::from_parts(parts, b.to_bytes())).await,
-                        Ok(Err(_)) => text(StatusCode::PAYLOAD_TOO_LARGE, "request body too large"),
-                        Err(_) => {
-                            text(StatusCode::REQUEST_TIMEOUT, "request body not sent in time")
-                        }
-                    };
-                    Ok::<_, std::convert::Infallible>(resp)
-                }
-            });
-            let mut builder = hyper::server::conn::http1::Builder::new();
-            builder
-                .timer(TokioTimer::new())
-                .header_read_timeout(limits.header_read);
-            let result = match tls {
-                None => {
-                    builder
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await
-                }
+            match tls {
+                None => connection(stream, None, handler, admit, limits).await,
                 Some(acceptor) => {
                     match tokio::time::timeout(limits.tls_handshake, acceptor.accept(stream)).await
                     {
-                        Ok(Ok(s)) => builder.serve_connection(TokioIo::new(s), service).await,
-                        Ok(Err(e)) => {
-                            tracing::debug!(error = %e, "https handshake failed");
-                            return;
+                        Ok(Ok(s)) => {
+                            let peer = s
+                                .get_ref()
+                                .1
+                                .peer_certificates()
+                                .filter(|c| !c.is_empty())
+                                .map(|c| PeerCerts(Arc::new(c.to_vec())));
+                            connection(s, peer, handler, admit, limits).await
                         }
-                        Err(_) => {
-                            (limits.on_limit)("tls_handshake_timeout");
-                            return;
-                        }
+                        Ok(Err(e)) => tracing::debug!(error = %e, "https handshake failed"),
+                        Err(_) => (limits.on_limit)("tls_handshake_timeout"),
                     }
                 }
-            };
-            match result {
-                Err(e) if e.is_timeout() => (limits.on_limit)("header_read_timeout"),
-                Err(e) => tracing::debug!(error = %e, "http connection ended with an error"),
-                Ok(()) => {}
             }
         });
+    }
+}
+
+/// The certificates a client presented in the TLS handshake (leaf first): a request's
+/// extension on a server whose TLS asks for client certificates.
+#[derive(Clone)]
+pub struct PeerCerts(pub Arc<Vec<rustls::pki_types::CertificateDer<'static>>>);
+
+/// Serves one connection's requests.
+async fn connection<S, A, H, F>(
+    io: S,
+    peer: Option<PeerCerts>,
+    handler: Arc<H>,
+    admit: Arc<A>,
+    limits: Limits,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    A: Admit,
+    H: Fn(Req) -> F + Send + Sync + 'static,
+    F: Future<Output = Resp> + Send + 'static,
+{
+    let body_read = limits.body_read;
+    let service = service_fn(move |req: Request<Incoming>| {
+        let (handler, admit, peer) = (handler.clone(), admit.clone(), peer.clone());
+        async move {
+            let (mut parts, body) = req.into_parts();
+            if let Some(peer) = peer {
+                parts.extensions.insert(peer);
+            }
+            let limit = match admit(&parts) {
+                Ok(limit) => limit.min(MAX_BODY),
+                Err(refusal) => return Ok(refusal),
+            };
+            if declared_length(&parts).is_some_and(|n| n > limit as u64) {
+                return Ok(text(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "request body too large",
+                ));
+            }
+            let read = tokio::time::timeout(body_read, Limited::new(body, limit).collect());
+            let resp = match read.await {
+                Ok(Ok(b)) => handler(Request::from_parts(parts, b.to_bytes())).await,
+                Ok(Err(_)) => text(StatusCode::PAYLOAD_TOO_LARGE, "request body too large"),
+                Err(_) => text(StatusCode::REQUEST_TIMEOUT, "request body not sent in time"),
+            };
+            Ok::<_, std::convert::Infallible>(resp)
+        }
+    });
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read);
+    match builder.serve_connection(TokioIo::new(io), service).await {
+        Err(e) if e.is_timeout() => (limits.on_limit)("header_read_timeout"),
+        Err(e) => tracing::debug!(error = %e, "http connection ended with an error"),
+        Ok(()) => {}
     }
 }
 

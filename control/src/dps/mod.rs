@@ -1,0 +1,519 @@
+//! The Device Provisioning Service (wire spec §7), served by control on its own host name and
+//! ports: a device that knows only the service's host, an ID scope and a key or certificate
+//! registers, is checked against the enrollments (`enrollments.rs`), created in the hub's
+//! registry (with the enrollment's initial twin) and told which hub it was assigned to — this
+//! one. [`Provisioning`] is the protocol-free core; `http.rs` serves it over HTTPS (with the
+//! service API for enrollments on the same port), `mqtt.rs` over MQTT.
+//!
+//! Not here yet: AMQP and WebSocket transports for devices, the Lua `on_provision`
+//! allocation hook (a `custom` policy fails until it lands), TPM attestation.
+
+pub mod enrollments;
+pub mod http;
+pub mod mqtt;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use roost_iothub::sas::SasToken;
+use roost_iothub::x509::{ClientCert, TrustedCas};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::api::Api;
+use crate::store::{Store, StoreError};
+use enrollments::{EnrollmentGroup, IndividualEnrollment, RegistrationState, StoredRegistration};
+
+/// Where the provisioning service listens and the host name it answers to.
+#[derive(Debug, Clone)]
+pub struct DpsConfig {
+    /// The service's host name: its service API's tokens are scoped to it.
+    pub hostname: String,
+    /// HTTPS: the device registration API and the service API for enrollments.
+    pub https: Option<SocketAddr>,
+    /// MQTT over TLS: device registration.
+    pub mqtt: Option<SocketAddr>,
+}
+
+/// The service's identity, made on first start and kept in control's store: its ID scope and
+/// the keys of its `provisioningserviceowner` policy.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ServiceIdentity {
+    pub id_scope: String,
+    pub policy_name: String,
+    pub primary_key: String,
+    pub secondary_key: String,
+}
+
+impl ServiceIdentity {
+    /// The stored identity, or a new one (stored) on first start.
+    pub fn ensure(store: &Store) -> Result<Self, StoreError> {
+        if let Some(raw) = store.dps("meta/identity")? {
+            return serde_json::from_slice(&raw).map_err(|e| StoreError::Corrupt(e.to_string()));
+        }
+        let mut bytes = [0u8; 4];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
+            .map_err(|_| StoreError::Corrupt("no randomness for an ID scope".into()))?;
+        let hex: String = bytes.iter().map(|b| format!("{b:02X}")).collect();
+        let identity = Self {
+            id_scope: format!("0ne00{}", &hex[..6]),
+            policy_name: "provisioningserviceowner".into(),
+            primary_key: roost_iothub::sas::generate_key(),
+            secondary_key: roost_iothub::sas::generate_key(),
+        };
+        let json = serde_json::to_vec(&identity).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        store.put_dps("meta/identity", Some(&json))?;
+        Ok(identity)
+    }
+}
+
+/// What a device proves its registration with.
+pub enum Credential<'a> {
+    /// A SAS token scoped to `{idScope}/registrations/{registrationId}`, signed with the
+    /// enrollment's key or the key its group derives.
+    Token(&'a str),
+    /// The client certificate of the TLS handshake (its common name the registration id).
+    Certificate(&'a ClientCert),
+}
+
+/// A refusal or failure, with the HTTP status and DPS error code it is answered with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DpsError {
+    pub status: u16,
+    pub code: u32,
+    pub message: String,
+    /// The `roost_dps_registrations_total` outcome.
+    pub reason: &'static str,
+}
+
+impl DpsError {
+    fn unauthorized(reason: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status: 401,
+            code: 401002,
+            message: message.into(),
+            reason,
+        }
+    }
+
+    fn bad_request(reason: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status: 400,
+            code: 400004,
+            message: message.into(),
+            reason,
+        }
+    }
+
+    fn server(e: impl std::fmt::Display) -> Self {
+        Self {
+            status: 500,
+            code: 500000,
+            message: e.to_string(),
+            reason: "internal_error",
+        }
+    }
+
+    /// The JSON error body DPS answers with.
+    pub fn body(&self) -> Value {
+        json!({
+            "errorCode": self.code,
+            "trackingId": crate::api::tracking_id(),
+            "message": self.message,
+            "timestampUtc": crate::api::iso_now(),
+        })
+    }
+}
+
+/// The enrollment a registration matched, and what the device's identity in the hub is.
+struct Enrolled {
+    settings: enrollments::Settings,
+    /// The device id an individual enrollment names.
+    device_id: Option<String>,
+    /// The group it came through.
+    group: Option<String>,
+    /// `authentication` for the hub's device PUT.
+    authentication: Value,
+}
+
+impl Enrolled {
+    fn individual(e: IndividualEnrollment, authentication: Value) -> Self {
+        Self { settings: e.settings, device_id: e.device_id, group: None, authentication }
+    }
+
+    fn group(g: EnrollmentGroup, authentication: Value) -> Self {
+        Self { settings: g.settings, device_id: None, group: Some(g.enrollment_group_id), authentication }
+    }
+}
+
+/// A registration in progress or done: its answer, for the status polls.
+struct Operation {
+    registration_id: String,
+    answer: Value,
+    at: Instant,
+}
+
+/// Operations are answered for this long after they finish.
+const OPERATION_TTL: Duration = Duration::from_secs(600);
+/// At most this many operations are remembered; past it the oldest goes.
+const MAX_OPERATIONS: usize = 10_000;
+/// What a 202 tells a device to wait before it asks for the operation's status, seconds.
+pub const RETRY_AFTER: u32 = 1;
+
+/// The provisioning service's core: authenticate a registration, assign it, answer its status.
+pub struct Provisioning {
+    pub store: Arc<Store>,
+    pub api: Arc<Api>,
+    pub identity: ServiceIdentity,
+    pub config: DpsConfig,
+    /// The one hub devices are assigned to (this hub's host name).
+    pub hub: String,
+    operations: Mutex<HashMap<String, Operation>>,
+    pub metrics: Arc<crate::metrics::ControlMetrics>,
+}
+
+/// `{idScope}/registrations/{registrationId}`: the scope of a registration's token.
+pub fn registration_resource(id_scope: &str, registration_id: &str) -> String {
+    format!("{id_scope}/registrations/{registration_id}")
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+impl Provisioning {
+    pub fn new(
+        store: Arc<Store>,
+        api: Arc<Api>,
+        identity: ServiceIdentity,
+        config: DpsConfig,
+        hub: String,
+        metrics: Arc<crate::metrics::ControlMetrics>,
+    ) -> Self {
+        Self {
+            store,
+            api,
+            identity,
+            config,
+            hub,
+            operations: Mutex::new(HashMap::new()),
+            metrics,
+        }
+    }
+
+    /// Checks that `credential` proves `registration_id` is enrolled in `id_scope`.
+    fn authenticate(
+        &self,
+        id_scope: &str,
+        registration_id: &str,
+        credential: &Credential<'_>,
+    ) -> Result<Enrolled, DpsError> {
+        if id_scope != self.identity.id_scope {
+            return Err(DpsError::unauthorized("unknown_scope", "no provisioning service has this ID scope"));
+        }
+        enrollments::validate_registration_id(registration_id)
+            .map_err(|e| DpsError::bad_request("bad_registration_id", e.to_string()))?;
+        let individual = enrollments::individual(&self.store, registration_id).map_err(DpsError::server)?;
+        match credential {
+            Credential::Token(token) => self.by_token(id_scope, registration_id, token, individual),
+            Credential::Certificate(cert) => self.by_certificate(registration_id, cert, individual),
+        }
+    }
+
+    fn by_token(
+        &self,
+        id_scope: &str,
+        registration_id: &str,
+        token: &str,
+        individual: Option<IndividualEnrollment>,
+    ) -> Result<Enrolled, DpsError> {
+        let token = SasToken::parse(token)
+            .map_err(|e| DpsError::unauthorized("bad_token", format!("the token cannot be read: {e}")))?;
+        if token.resource() != registration_resource(id_scope, registration_id) {
+            return Err(DpsError::unauthorized(
+                "wrong_audience",
+                "the token is not scoped to this registration",
+            ));
+        }
+        if token.key_name().is_some_and(|k| k != "registration") {
+            return Err(DpsError::unauthorized("bad_token", "a registration token's skn is registration"));
+        }
+        let now = unix_now();
+        token
+            .check_expiry(now)
+            .map_err(|_| DpsError::unauthorized("token_expired", "the token has expired"))?;
+        let decode = |k: &Option<String>| k.as_deref().and_then(|k| roost_iothub::sas::decode_key(k).ok());
+        let sas = |primary: String, secondary: String| json!({"type": "sas", "symmetricKey": {"primaryKey": primary, "secondaryKey": secondary}});
+        if let Some(e) = individual {
+            let Some(keys) = e.attestation.symmetric_key.clone().filter(|_| e.attestation.kind == "symmetricKey") else {
+                return Err(DpsError::unauthorized("wrong_attestation", "this registration is enrolled with a certificate"));
+            };
+            let candidates: Vec<Vec<u8>> = [decode(&keys.primary_key), decode(&keys.secondary_key)].into_iter().flatten().collect();
+            let refs: Vec<&[u8]> = candidates.iter().map(Vec::as_slice).collect();
+            token
+                .verify(&refs, now)
+                .map_err(|_| DpsError::unauthorized("signature_mismatch", "the token is not signed with the enrollment's key"))?;
+            let authentication = sas(keys.primary_key.unwrap_or_default(), keys.secondary_key.unwrap_or_default());
+            return Ok(Enrolled::individual(e, authentication));
+        }
+        let groups = self.store.dps_page("g/", None, enrollments::MAX_GROUPS).map_err(DpsError::server)?;
+        for (_, raw) in groups {
+            let Ok(g) = serde_json::from_slice::<EnrollmentGroup>(&raw) else { continue };
+            let Some(keys) = g.attestation.symmetric_key.clone().filter(|_| g.attestation.kind == "symmetricKey") else {
+                continue;
+            };
+            let derive = |k: &Option<String>| k.as_deref().and_then(|k| enrollments::derive_key(k, registration_id).ok());
+            let (primary, secondary) = (derive(&keys.primary_key), derive(&keys.secondary_key));
+            let candidates: Vec<Vec<u8>> = [decode(&primary), decode(&secondary)].into_iter().flatten().collect();
+            let refs: Vec<&[u8]> = candidates.iter().map(Vec::as_slice).collect();
+            if token.verify(&refs, now).is_ok() {
+                let authentication = sas(primary.unwrap_or_default(), secondary.unwrap_or_default());
+                return Ok(Enrolled::group(g, authentication));
+            }
+        }
+        Err(DpsError::unauthorized("not_enrolled", "no enrollment's key signed this token"))
+    }
+
+    fn by_certificate(
+        &self,
+        registration_id: &str,
+        cert: &ClientCert,
+        individual: Option<IndividualEnrollment>,
+    ) -> Result<Enrolled, DpsError> {
+        if cert.common_name.as_deref() != Some(registration_id) {
+            return Err(DpsError::unauthorized(
+                "common_name_mismatch",
+                "the certificate's common name is not the registration id",
+            ));
+        }
+        let now = unix_now();
+        if !cert.valid_at(now as i64) {
+            return Err(DpsError::unauthorized("certificate_expired", "the certificate has expired"));
+        }
+        let authentication = json!({
+            "type": "selfSigned",
+            "x509Thumbprint": { "primaryThumbprint": cert.sha256.to_ascii_uppercase() },
+        });
+        let chains = |x: &enrollments::X509Attestation, signing: &Option<enrollments::Certificates>| -> bool {
+            let mut anchors: Vec<(String, Vec<u8>)> = Vec::new();
+            if let Some(c) = signing {
+                for w in [&c.primary, &c.secondary].into_iter().flatten() {
+                    if let Some(der) = enrollments::certificate_der(w) {
+                        anchors.push(("signing".into(), der));
+                    }
+                }
+            }
+            if let Some(r) = &x.ca_references {
+                let trusted = crate::cas::trusted(&self.store).unwrap_or_default();
+                for name in [&r.primary, &r.secondary].into_iter().flatten() {
+                    if let Some(ca) = trusted.iter().find(|c| &c.name == name) {
+                        anchors.push((ca.name.clone(), ca.der.clone()));
+                    }
+                }
+            }
+            let (cas, _) = TrustedCas::new(anchors.iter().map(|(n, d)| (n.as_str(), d.as_slice())));
+            cas.verify(cert, now).is_ok()
+        };
+        if let Some(e) = individual {
+            let Some(x) = e.attestation.x509.clone().filter(|_| e.attestation.kind == "x509") else {
+                return Err(DpsError::unauthorized("wrong_attestation", "this registration is enrolled with a symmetric key"));
+            };
+            let by_thumbprint = x.client_certificates.as_ref().is_some_and(|c| {
+                [&c.primary, &c.secondary].into_iter().flatten().any(|w| {
+                    enrollments::certificate_der(w).is_some_and(|der| roost_iothub::x509::ca_id(&der) == cert.sha256)
+                })
+            });
+            if !by_thumbprint && !chains(&x, &None) {
+                return Err(DpsError::unauthorized("thumbprint_mismatch", "the certificate is not the enrollment's"));
+            }
+            return Ok(Enrolled::individual(e, authentication));
+        }
+        let groups = self.store.dps_page("g/", None, enrollments::MAX_GROUPS).map_err(DpsError::server)?;
+        for (_, raw) in groups {
+            let Ok(g) = serde_json::from_slice::<EnrollmentGroup>(&raw) else { continue };
+            let Some(x) = g.attestation.x509.clone().filter(|_| g.attestation.kind == "x509") else { continue };
+            if chains(&x, &x.signing_certificates) {
+                return Ok(Enrolled::group(g, authentication));
+            }
+        }
+        Err(DpsError::unauthorized("not_enrolled", "no enrollment group's certificate signed this certificate"))
+    }
+
+    /// Whether `credential` proves `registration_id` is enrolled (an MQTT CONNECT's check).
+    pub fn check(&self, id_scope: &str, registration_id: &str, credential: &Credential<'_>) -> Result<(), DpsError> {
+        self.authenticate(id_scope, registration_id, credential).map(|_| ())
+    }
+
+    /// A device's registration (`iotdps-register`): authenticated, then assigned at once —
+    /// the device created or updated in the hub's registry with its initial twin — and
+    /// answered as an operation in progress (`assigning`, 202), whose status the device then
+    /// asks for. Blocking (store writes): call it off the async threads.
+    pub fn register(
+        &self,
+        id_scope: &str,
+        registration_id: &str,
+        credential: &Credential<'_>,
+    ) -> Result<Value, DpsError> {
+        let enrolled = match self.authenticate(id_scope, registration_id, credential) {
+            Ok(e) => e,
+            Err(e) => {
+                self.count(e.reason, "none");
+                return Err(e);
+            }
+        };
+        let policy = enrolled.settings.allocation_policy.clone().unwrap_or_else(|| "hashed".into());
+        let operation_id = new_operation_id();
+        let state = self.assign(registration_id, &enrolled);
+        let status = state.status.clone();
+        self.count(if status == "assigned" { "assigned" } else { "failed" }, allocation_label(&policy));
+        let answer = json!({
+            "operationId": operation_id,
+            "status": status,
+            "registrationState": state,
+        });
+        let mut ops = self.operations.lock().unwrap_or_else(|p| p.into_inner());
+        ops.retain(|_, o| o.at.elapsed() < OPERATION_TTL);
+        if ops.len() >= MAX_OPERATIONS {
+            if let Some(oldest) = ops.iter().min_by_key(|(_, o)| o.at).map(|(k, _)| k.clone()) {
+                ops.remove(&oldest);
+            }
+        }
+        ops.insert(
+            operation_id.clone(),
+            Operation { registration_id: registration_id.to_string(), answer, at: Instant::now() },
+        );
+        Ok(json!({ "operationId": operation_id, "status": "assigning" }))
+    }
+
+    /// The status of `operation_id` (`iotdps-get-operationstatus`), for the registration that
+    /// started it, proven again.
+    pub fn operation(
+        &self,
+        id_scope: &str,
+        registration_id: &str,
+        operation_id: &str,
+        credential: &Credential<'_>,
+    ) -> Result<Value, DpsError> {
+        self.authenticate(id_scope, registration_id, credential)?;
+        let ops = self.operations.lock().unwrap_or_else(|p| p.into_inner());
+        match ops.get(operation_id) {
+            Some(o) if o.registration_id == registration_id && o.at.elapsed() < OPERATION_TTL => Ok(o.answer.clone()),
+            _ => Err(DpsError {
+                status: 404,
+                code: 404201,
+                message: "no such operation for this registration".into(),
+                reason: "unknown_operation",
+            }),
+        }
+    }
+
+    fn count(&self, outcome: &str, allocation: &str) {
+        self.metrics.dps_registrations.with_label_values(&[outcome, allocation]).inc();
+    }
+
+    /// Assigns a registration: creates or updates its device in the hub and records its
+    /// registration state.
+    fn assign(&self, registration_id: &str, enrolled: &Enrolled) -> RegistrationState {
+        let settings = &enrolled.settings;
+        let device_id = enrolled.device_id.clone().unwrap_or_else(|| registration_id.to_string());
+        let previous = enrollments::registration(&self.store, registration_id).ok().flatten();
+        let now = crate::api::iso_now();
+        let mut state = RegistrationState {
+            registration_id: registration_id.to_string(),
+            created_date_time_utc: Some(
+                previous.as_ref().and_then(|p| p.state.created_date_time_utc.clone()).unwrap_or_else(|| now.clone()),
+            ),
+            device_id: Some(device_id.clone()),
+            last_updated_date_time_utc: Some(now),
+            ..RegistrationState::default()
+        };
+        let outcome = (|| -> Result<&'static str, String> {
+            if settings.provisioning_status.as_deref() == Some("disabled") {
+                return Err("the enrollment is disabled".into());
+            }
+            if settings.allocation_policy.as_deref() == Some("custom") {
+                return Err("custom allocation needs the on_provision hook, which this hub does not run yet".into());
+            }
+            let iot_edge = settings
+                .capabilities
+                .as_ref()
+                .and_then(|c| c.get("iotEdge"))
+                .and_then(Value::as_bool)
+                .unwrap_or(false);
+            let created = self
+                .api
+                .provision_device(&device_id, enrolled.authentication.clone(), iot_edge)
+                .map_err(|e| e.to_string())?;
+            let migrate = settings.reprovision_policy.unwrap_or_default().migrate_device_data;
+            let substatus = match (created, migrate) {
+                (true, _) => "initialAssignment",
+                (false, true) => "deviceDataMigrated",
+                (false, false) => "deviceDataReset",
+            };
+            if let Some(twin) = &settings.initial_twin {
+                if created || !migrate {
+                    let collection = |v: Option<&Value>| strip_metadata(v.cloned().unwrap_or_else(|| json!({})));
+                    let patch = json!({
+                        "tags": collection(twin.get("tags")),
+                        "properties": { "desired": collection(twin.pointer("/properties/desired")) },
+                    });
+                    let body = serde_json::to_vec(&patch).map_err(|e| e.to_string())?;
+                    self.api.twins.write(&device_id, &body, Some("*"), !created).map_err(|e| format!("{e:?}"))?;
+                }
+            }
+            Ok(substatus)
+        })();
+        match outcome {
+            Ok(substatus) => {
+                state.status = "assigned".into();
+                state.substatus = Some(substatus.into());
+                state.assigned_hub = Some(self.hub.clone());
+            }
+            Err(message) => {
+                tracing::info!(registration = %registration_id, %message, "registration failed");
+                state.status = if settings.provisioning_status.as_deref() == Some("disabled") { "disabled".into() } else { "failed".into() };
+                state.error_code = Some(400209);
+                state.error_message = Some(message);
+            }
+        }
+        state.etag = self.store.next_etag().ok();
+        let stored = StoredRegistration {
+            state: state.clone(),
+            group: enrolled.group.clone(),
+        };
+        if let Err(e) = enrollments::save_registration(&self.store, &stored) {
+            tracing::warn!(error = %e, "a registration state could not be stored");
+        }
+        state
+    }
+}
+
+/// A twin collection as the service API takes it: without the fields a `TwinCollection` of
+/// the DPS service API may carry beside the properties (`version`, `count`, `metadata`,
+/// `$metadata`, `$version`).
+fn strip_metadata(mut v: Value) -> Value {
+    if let Value::Object(m) = &mut v {
+        m.retain(|k, _| !matches!(k.as_str(), "version" | "count" | "metadata" | "$metadata" | "$version"));
+    }
+    v
+}
+
+fn allocation_label(policy: &str) -> &'static str {
+    match policy {
+        "static" => "static",
+        "custom" => "custom",
+        "geoLatency" => "geoLatency",
+        _ => "hashed",
+    }
+}
+
+fn new_operation_id() -> String {
+    let mut bytes = [0u8; 16];
+    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes);
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    format!("5.{hex}")
+}

@@ -1,0 +1,332 @@
+//! The provisioning service over MQTT (wire spec §7): a device connects over TLS with client id
+//! = its registration id, username `{idScope}/registrations/{registrationId}/api-version=…`,
+//! and a registration SAS token as password (or none, and its client certificate), subscribes
+//! to `$dps/registrations/res/#`, publishes `$dps/registrations/PUT/iotdps-register/?$rid=…`
+//! and then `$dps/registrations/GET/iotdps-get-operationstatus/?$rid=…&operationId=…`; each
+//! is answered on `$dps/registrations/res/{status}/?$rid=…[&retry-after=…]` with a JSON body.
+//!
+//! The MQTT state machine is roost-mqtt's (the engine's); the credential is checked at CONNECT
+//! against the enrollments and again, with the enrollments as they are then, at each request.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use roost_iothub::x509::ClientCert;
+use roost_mqtt::{
+    check, ConnectReturnCode, Event, Limits, QoS, ServerSession, SessionConfig, State, Str,
+    SubackCode,
+};
+use serde_json::Value;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use super::{Credential, DpsError, Provisioning, RETRY_AFTER};
+
+/// Connections served at once; past it a new one is closed at accept.
+const MAX_CONNECTIONS: usize = 4096;
+const RESPONSES: &str = "$dps/registrations/res/";
+
+/// What the connection proved at CONNECT.
+struct Registrant {
+    scope: String,
+    registration: String,
+    token: Option<String>,
+    cert: Option<ClientCert>,
+}
+
+impl Registrant {
+    fn credential(&self) -> Option<Credential<'_>> {
+        match (&self.token, &self.cert) {
+            (Some(t), _) => Some(Credential::Token(t)),
+            (None, Some(c)) => Some(Credential::Certificate(c)),
+            (None, None) => None,
+        }
+    }
+}
+
+/// `{idScope}/registrations/{registrationId}/api-version=…`: the scope and registration id.
+pub fn parse_username(username: &str) -> Option<(&str, &str)> {
+    let mut parts = username.splitn(4, '/');
+    let scope = parts.next().filter(|s| !s.is_empty())?;
+    if parts.next()? != "registrations" {
+        return None;
+    }
+    let registration = parts.next().filter(|s| !s.is_empty())?;
+    parts.next()?.starts_with("api-version=").then_some((scope, registration))
+}
+
+/// A request topic: (`register` or `status`, `$rid`, `operationId`).
+pub fn parse_request(topic: &str) -> Option<(&'static str, String, Option<String>)> {
+    let (kind, query) = if let Some(q) = topic.strip_prefix("$dps/registrations/PUT/iotdps-register/?") {
+        ("register", q)
+    } else if let Some(q) = topic.strip_prefix("$dps/registrations/GET/iotdps-get-operationstatus/?") {
+        ("status", q)
+    } else {
+        return None;
+    };
+    let mut rid = None;
+    let mut operation = None;
+    for pair in query.split('&') {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let v = roost_common::httpd::percent_decode(v);
+        match k {
+            "$rid" => rid = Some(v),
+            "operationId" => operation = Some(v),
+            _ => {}
+        }
+    }
+    Some((kind, rid?, operation))
+}
+
+/// The answer topic for `rid` with `status`.
+fn response_topic(status: u16, rid: &str, retry_after: Option<u32>) -> String {
+    // `$` only in `$rid`: the Python SDK splits the topic on it.
+    let rid: String = rid.chars().filter(|c| *c != '$' && *c != '&').collect();
+    match retry_after {
+        Some(s) => format!("{RESPONSES}{status}/?$rid={rid}&retry-after={s}"),
+        None => format!("{RESPONSES}{status}/?$rid={rid}"),
+    }
+}
+
+/// Serves the provisioning service's MQTT port.
+pub async fn serve(dps: Arc<Provisioning>, listener: tokio::net::TcpListener, tls: tokio_rustls::TlsAcceptor) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let Ok((socket, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            continue;
+        };
+        let (dps, tls) = (dps.clone(), tls.clone());
+        tokio::spawn(async move {
+            let _slot = slot;
+            let _ = socket.set_nodelay(true);
+            let Ok(Ok(stream)) = tokio::time::timeout(Duration::from_secs(10), tls.accept(socket)).await else {
+                return;
+            };
+            let cert = stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .filter(|c| !c.is_empty())
+                .map(ClientCert::from_chain);
+            connection(stream, &dps, cert).await;
+        });
+    }
+}
+
+async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
+    dps: &Arc<Provisioning>,
+    cert: Option<Result<ClientCert, roost_iothub::x509::CertError>>,
+) {
+    let config = SessionConfig {
+        limits: Limits { max_frame: 64 * 1024 },
+        ..SessionConfig::default()
+    };
+    let mut session = ServerSession::new(Instant::now(), config);
+    let mut registrant: Option<Registrant> = None;
+    let mut cert = cert;
+    let mut input = BytesMut::with_capacity(4096);
+    let mut output = BytesMut::new();
+    loop {
+        // Frames already read.
+        loop {
+            match check(&input, session.limits()) {
+                Ok(Some(len)) => {
+                    let frame = input.split_to(len).freeze();
+                    if session.handle_frame(Instant::now(), frame).is_err() {
+                        break;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    session.handle_decode_error(e);
+                    break;
+                }
+            }
+        }
+        while let Some(event) = session.poll_event() {
+            match event {
+                Event::Connect(c) => {
+                    let verdict = admit(dps, &c, cert.take()).await;
+                    match verdict {
+                        Ok(r) => {
+                            registrant = Some(r);
+                            session.accept(false);
+                        }
+                        Err(code) => session.refuse(code),
+                    }
+                }
+                Event::Subscribe(s) => {
+                    let codes: Vec<SubackCode> = s
+                        .filters
+                        .iter()
+                        .map(|(f, q)| match f.as_str() {
+                            "$dps/registrations/res/#" => SubackCode::Granted(if *q == QoS::AtMostOnce { QoS::AtMostOnce } else { QoS::AtLeastOnce }),
+                            _ => SubackCode::Failure,
+                        })
+                        .collect();
+                    session.grant_subscribe(s.pkid, &codes);
+                }
+                Event::Unsubscribe(u) => session.ack_unsubscribe(u.pkid),
+                Event::Publish(p) => {
+                    if p.qos == QoS::AtLeastOnce {
+                        session.ack_publish(p.pkid);
+                    }
+                    let Some(r) = &registrant else { continue };
+                    let (topic, body) = request(dps, r, p.topic.as_str(), p.payload).await;
+                    let _ = session.send_publish(Str::from(topic), Bytes::from(body), QoS::AtMostOnce, false);
+                }
+                Event::Disconnect => return,
+                Event::PubAck(_) => {}
+            }
+        }
+        if session.poll_transmit(&mut output) {
+            if stream.write_all(&output).await.is_err() {
+                return;
+            }
+            output.clear();
+        }
+        if session.state() == State::Closed {
+            let _ = stream.shutdown().await;
+            return;
+        }
+        session.release_idle_memory();
+        let deadline = session.poll_timeout().map(tokio::time::Instant::from_std);
+        let read = stream.read_buf(&mut input);
+        let outcome = match deadline {
+            Some(d) => match tokio::time::timeout_at(d, read).await {
+                Ok(r) => Some(r),
+                Err(_) => None,
+            },
+            None => Some(read.await),
+        };
+        match outcome {
+            Some(Ok(0)) | Some(Err(_)) => return,
+            Some(Ok(_)) => {}
+            None => {
+                if session.handle_timeout(Instant::now()).is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Checks a CONNECT: the username names the scope and registration, the client id is the
+/// registration id, and the password (a token) or the certificate proves it is enrolled.
+async fn admit(
+    dps: &Arc<Provisioning>,
+    c: &roost_mqtt::Connect,
+    cert: Option<Result<ClientCert, roost_iothub::x509::CertError>>,
+) -> Result<Registrant, ConnectReturnCode> {
+    let username = c.username.as_ref().map(|u| u.as_str().to_string()).unwrap_or_default();
+    let Some((scope, registration)) = parse_username(&username) else {
+        return Err(ConnectReturnCode::BadUsernameOrPassword);
+    };
+    if c.client_id.as_str() != registration {
+        return Err(ConnectReturnCode::IdentifierRejected);
+    }
+    let token = match &c.password {
+        Some(p) => Some(String::from_utf8(p.to_vec()).map_err(|_| ConnectReturnCode::BadUsernameOrPassword)?),
+        None => None,
+    };
+    let cert = match (token.is_some(), cert) {
+        (false, Some(Ok(c))) => Some(c),
+        (false, Some(Err(_))) | (false, None) => return Err(ConnectReturnCode::NotAuthorized),
+        (true, _) => None,
+    };
+    let r = Registrant {
+        scope: scope.to_string(),
+        registration: registration.to_string(),
+        token,
+        cert,
+    };
+    let dps2 = dps.clone();
+    let checked = tokio::task::spawn_blocking(move || {
+        let result = match r.credential() {
+            Some(c) => dps2.check(&r.scope, &r.registration, &c),
+            None => Err(DpsError::unauthorized("no_credential", "no credential")),
+        };
+        (r, result)
+    })
+    .await;
+    match checked {
+        Ok((r, Ok(()))) => Ok(r),
+        Ok((_, Err(e))) => {
+            dps.metrics.dps_registrations.with_label_values(&[e.reason, "none"]).inc();
+            Err(ConnectReturnCode::NotAuthorized)
+        }
+        Err(_) => Err(ConnectReturnCode::ServerUnavailable),
+    }
+}
+
+/// Serves one request publish: the answer's topic and body.
+async fn request(dps: &Arc<Provisioning>, r: &Registrant, topic: &str, payload: Bytes) -> (String, Vec<u8>) {
+    let Some((kind, rid, operation)) = parse_request(topic) else {
+        let e = DpsError::bad_request("bad_topic", "not a provisioning request topic");
+        return (response_topic(400, "", None), e.body().to_string().into_bytes());
+    };
+    let (scope, registration) = (r.scope.clone(), r.registration.clone());
+    let (token, cert) = (r.token.clone(), r.cert.clone());
+    let dps2 = dps.clone();
+    let result = tokio::task::spawn_blocking(move || {
+        let credential = match (&token, &cert) {
+            (Some(t), _) => Credential::Token(t),
+            (None, Some(c)) => Credential::Certificate(c),
+            (None, None) => return Err(DpsError::unauthorized("no_credential", "no credential")),
+        };
+        match kind {
+            "register" => {
+                let body: Value = serde_json::from_slice(&payload)
+                    .map_err(|e| DpsError::bad_request("bad_body", format!("the body must be JSON: {e}")))?;
+                if body.get("registrationId").and_then(Value::as_str) != Some(registration.as_str()) {
+                    return Err(DpsError::bad_request("bad_body", "registrationId does not match the connection's"));
+                }
+                dps2.register(&scope, &registration, &credential)
+            }
+            _ => {
+                let op = operation.unwrap_or_default();
+                dps2.operation(&scope, &registration, &op, &credential)
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| Err(DpsError::server("the request failed")));
+    match result {
+        Ok(body) => {
+            let assigning = body.get("status").and_then(Value::as_str) == Some("assigning");
+            let (status, retry) = if assigning { (202, Some(RETRY_AFTER)) } else { (200, None) };
+            (response_topic(status, &rid, retry), body.to_string().into_bytes())
+        }
+        Err(e) => (response_topic(e.status, &rid, None), e.body().to_string().into_bytes()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usernames_and_topics_as_the_sdks_send_them() {
+        let py = "0ne00AB/registrations/dev-1/api-version=2019-03-31&ClientVersion=azure-iot-device-provisioning-py%2F2.14.0";
+        assert_eq!(parse_username(py), Some(("0ne00AB", "dev-1")));
+        assert_eq!(parse_username("0ne00AB/registrations/dev-1/?api-version=x"), None);
+        assert_eq!(parse_username("0ne00AB/devices/dev-1/api-version=x"), None);
+        assert_eq!(
+            parse_request("$dps/registrations/PUT/iotdps-register/?$rid=a1b2"),
+            Some(("register", "a1b2".into(), None))
+        );
+        assert_eq!(
+            parse_request("$dps/registrations/GET/iotdps-get-operationstatus/?$rid=7&operationId=5.ab%2Bc"),
+            Some(("status", "7".into(), Some("5.ab+c".into())))
+        );
+        assert_eq!(parse_request("$dps/registrations/PUT/iotdps-register/?x=1"), None);
+        assert_eq!(parse_request("devices/x/messages/events/"), None);
+        assert_eq!(response_topic(202, "r1", Some(1)), "$dps/registrations/res/202/?$rid=r1&retry-after=1");
+        assert_eq!(response_topic(401, "r$&1", None), "$dps/registrations/res/401/?$rid=r1");
+    }
+}

@@ -1,0 +1,171 @@
+"""The Device Provisioning Service (issue 12, spec §7): enrollments made through the service
+API (`/enrollments`, `/enrollmentGroups`, with the service's own policy token), then the
+unmodified Python `ProvisioningDeviceClient` registering over MQTT — a symmetric-key group
+enrollment (the device's key derived from the group's) and an X.509 individual enrollment —
+and connecting to the hub it was assigned, where it was created with the enrollment's initial
+twin. The Node provisioning device SDK (Mqtt, Http) and service client are in
+`node/dps.js`. Refused, each counted: a key no enrollment derives, a certificate that is not
+the enrollment's, a disabled enrollment."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import subprocess
+from pathlib import Path
+
+import pytest
+import requests
+from azure.iot.device import Message
+
+from conftest import (call_with_timeout, metric_sum_of, redirect_mqtt_to, service_sas_token, shutdown_client,
+                      unique_id)
+
+API = {"api-version": "2021-10-01"}
+
+
+def dps_call(hub, method: str, path: str, **kw) -> requests.Response:
+    d = hub.dps
+    parts = dict(p.split("=", 1) for p in d["service_connection_string"].split(";"))
+    token = service_sas_token(parts["HostName"], parts["SharedAccessKeyName"], parts["SharedAccessKey"])
+    return requests.request(method, f"https://127.0.0.1:{d['ports']['https']}{path}", params=API,
+                            headers={"Authorization": token}, verify=hub.ca_path, timeout=15, **kw)
+
+
+def derive(group_key: str, registration_id: str) -> str:
+    mac = hmac.new(base64.b64decode(group_key), registration_id.encode(), hashlib.sha256)
+    return base64.b64encode(mac.digest()).decode()
+
+
+def provisioning_client(hub, registration_id: str, *, key: str | None = None, x509=None):
+    from azure.iot.device import ProvisioningDeviceClient
+
+    redirect_mqtt_to(hub.dps["ports"]["mqtt"])
+    common = dict(provisioning_host="localhost", registration_id=registration_id, id_scope=hub.dps["id_scope"],
+                  server_verification_cert=hub.ca_pem)
+    if x509 is not None:
+        return ProvisioningDeviceClient.create_from_x509_certificate(x509=x509, **common)
+    return ProvisioningDeviceClient.create_from_symmetric_key(symmetric_key=key, **common)
+
+
+def hub_client(hub, device_id: str, assigned_hub: str, *, key: str | None = None, x509=None):
+    from azure.iot.device import IoTHubDeviceClient
+
+    redirect_mqtt_to(hub.mqtt_port)
+    common = dict(hostname=assigned_hub, device_id=device_id, server_verification_cert=hub.ca_pem,
+                  connection_retry=False)
+    if x509 is not None:
+        return IoTHubDeviceClient.create_from_x509_certificate(x509=x509, **common)
+    return IoTHubDeviceClient.create_from_symmetric_key(symmetric_key=key, **common)
+
+
+def test_a_symmetric_key_group_enrollment_provisions_devices_over_mqtt(shared_hub):
+    hub = shared_hub
+    group = unique_id("fleet")
+    r = dps_call(hub, "PUT", f"/enrollmentGroups/{group}", json={
+        "enrollmentGroupId": group,
+        "attestation": {"type": "symmetricKey"},
+        "initialTwin": {"tags": {"site": "lab"}, "properties": {"desired": {"rate": 5}}},
+    })
+    assert r.status_code == 200, r.text
+    group_key = r.json()["attestation"]["symmetricKey"]["primaryKey"]
+    assert r.json()["provisioningStatus"] == "enabled" and r.json()["etag"]
+
+    registration_id = unique_id("sensor")
+    device_key = derive(group_key, registration_id)
+    client = provisioning_client(hub, registration_id, key=device_key)
+    result = call_with_timeout(client.register, what="register", timeout=60)
+    assert result.status == "assigned"
+    state = result.registration_state
+    assert state.assigned_hub == hub.hostname and state.device_id == registration_id
+    assert state.sub_status == "initialAssignment"
+
+    # The device is in the registry, with the derived key and the initial twin, before the
+    # answer said assigned.
+    device = hub.show_device(registration_id)
+    assert device["authentication"]["symmetricKey"]["primaryKey"] == device_key
+    twin = hub.registry_manager().get_twin(registration_id)
+    assert twin.tags == {"site": "lab"} and twin.properties.desired["rate"] == 5
+
+    device_client = hub_client(hub, state.device_id, state.assigned_hub, key=device_key)
+    try:
+        call_with_timeout(device_client.connect, what="connect to the assigned hub")
+        call_with_timeout(device_client.send_message, Message("provisioned"), what="send")
+    finally:
+        shutdown_client(device_client)
+
+    # Registering again is a reprovisioning: the device keeps its twin.
+    result = call_with_timeout(provisioning_client(hub, registration_id, key=device_key).register,
+                               what="register again", timeout=60)
+    assert result.registration_state.sub_status == "deviceDataMigrated"
+    state = dps_call(hub, "GET", f"/registrations/{registration_id}").json()
+    assert state["status"] == "assigned" and state["deviceId"] == registration_id
+    assert metric_sum_of(hub.control_metrics(), "roost_dps_registrations_total", outcome="assigned",
+                         allocation="hashed") >= 2
+
+
+def test_an_x509_individual_enrollment_provisions_a_device(shared_hub, tmp_path):
+    from azure.iot.device import X509
+    from azure.iot.device.exceptions import CredentialError
+
+    hub = shared_hub
+    registration_id = unique_id("camera")
+    for name in (registration_id, "other"):
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                        "-keyout", f"{name}.key", "-out", f"{name}.pem", "-subj", f"/CN={registration_id}",
+                        "-days", "30"], cwd=tmp_path, check=True, capture_output=True, timeout=30)
+    cert = (tmp_path / f"{registration_id}.pem").read_text()
+    r = dps_call(hub, "PUT", f"/enrollments/{registration_id}", json={
+        "registrationId": registration_id,
+        "deviceId": registration_id + "-dev",
+        "attestation": {"type": "x509", "x509": {"clientCertificates": {"primary": {"certificate": cert}}}},
+    })
+    assert r.status_code == 200, r.text
+    info = r.json()["attestation"]["x509"]["clientCertificates"]["primary"]["info"]
+    assert info["subjectName"] == f"CN={registration_id}" and len(info["sha256Thumbprint"]) == 64
+    assert "certificate" not in r.json()["attestation"]["x509"]["clientCertificates"]["primary"]
+
+    # Another certificate with the same name is not the enrollment's.
+    other = X509(cert_file=str(tmp_path / "other.pem"), key_file=str(tmp_path / "other.key"))
+    with pytest.raises(CredentialError):
+        call_with_timeout(provisioning_client(hub, registration_id, x509=other).register, what="refused", timeout=60)
+
+    mine = X509(cert_file=str(tmp_path / f"{registration_id}.pem"), key_file=str(tmp_path / f"{registration_id}.key"))
+    result = call_with_timeout(provisioning_client(hub, registration_id, x509=mine).register, what="register",
+                               timeout=60)
+    assert result.status == "assigned" and result.registration_state.device_id == registration_id + "-dev"
+    assert hub.show_device(registration_id + "-dev")["authentication"]["type"] == "selfSigned"
+    device_client = hub_client(hub, registration_id + "-dev", result.registration_state.assigned_hub, x509=mine)
+    try:
+        call_with_timeout(device_client.connect, what="connect with the certificate")
+    finally:
+        shutdown_client(device_client)
+
+
+def test_refusals(shared_hub):
+    from azure.iot.device.exceptions import ClientError, CredentialError
+
+    hub = shared_hub
+    registration_id = unique_id("nobody")
+    bogus = base64.b64encode(b"k" * 32).decode()
+    with pytest.raises(CredentialError):
+        call_with_timeout(provisioning_client(hub, registration_id, key=bogus).register, what="refused", timeout=60)
+    assert metric_sum_of(hub.control_metrics(), "roost_dps_registrations_total", outcome="not_enrolled") >= 1
+
+    # A disabled enrollment: the registration fails (the SDK raises), no device is made.
+    disabled = unique_id("off")
+    r = dps_call(hub, "PUT", f"/enrollments/{disabled}", json={
+        "registrationId": disabled, "attestation": {"type": "symmetricKey"}, "provisioningStatus": "disabled"})
+    assert r.status_code == 200, r.text
+    key = r.json()["attestation"]["symmetricKey"]["primaryKey"]
+    with pytest.raises(ClientError):
+        call_with_timeout(provisioning_client(hub, disabled, key=key).register, what="disabled", timeout=60)
+    assert hub.cli("device", "show", disabled, check=False).returncode != 0
+
+    # The service API needs the service's own policy token; a hub token is not one.
+    r = requests.get(f"https://127.0.0.1:{hub.dps['ports']['https']}/enrollments/{disabled}", params=API,
+                     headers=hub.service_headers(), verify=hub.ca_path, timeout=10)
+    assert r.status_code == 401, r.text
+    assert dps_call(hub, "DELETE", f"/enrollments/{disabled}").status_code == 204
+    assert dps_call(hub, "GET", f"/enrollments/{disabled}").status_code == 404
