@@ -169,3 +169,23 @@ def test_refusals(shared_hub):
     assert r.status_code == 401, r.text
     assert dps_call(hub, "DELETE", f"/enrollments/{disabled}").status_code == 204
     assert dps_call(hub, "GET", f"/enrollments/{disabled}").status_code == 404
+
+
+def test_the_node_provisioning_sdks(shared_hub, tmp_path):
+    from test_node import node_steps
+
+    hub = shared_hub
+    x509_reg = unique_id("node-x509")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                    "-keyout", "dev.key", "-out", "dev.pem", "-subj", f"/CN={x509_reg}", "-days", "30"],
+                   cwd=tmp_path, check=True, capture_output=True, timeout=30)
+    suffix = unique_id("s")
+    steps = node_steps(hub, "dps.js", ROOST_DPS_CS=hub.dps["service_connection_string"],
+                       ROOST_DPS_SCOPE=hub.dps["id_scope"], ROOST_DPS_HTTPS_PORT=str(hub.dps["ports"]["https"]),
+                       ROOST_DPS_MQTT_PORT=str(hub.dps["ports"]["mqtt"]), ROOST_SUFFIX=suffix,
+                       ROOST_X509_REG=x509_reg, ROOST_CERT=str(tmp_path / "dev.pem"), ROOST_KEY=str(tmp_path / "dev.key"),
+                       NODE_EXTRA_CA_CERTS=str(hub.ca_path))
+    assert len(steps) == 7, [s["step"] for s in steps]
+    assert hub.registry_manager().get_twin(f"node-mqtt-{suffix}").tags == {"by": "node"}
+    sent = {r["systemProperties"].get("message-id") for r in hub.records()}
+    assert {"dps-node-mqtt", "dps-node-http"} <= sent
