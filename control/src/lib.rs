@@ -225,6 +225,13 @@ pub fn run(config: ControlConfig, on_ready: impl FnOnce() + Send + 'static) -> a
                         "https": config.dps.https.map(|a| a.port()),
                         "mqtt": config.dps.mqtt.map(|a| a.port()),
                     },
+                    // Where this host's own tools reach the HTTPS API.
+                    "url": config.dps.https.map(|mut a| {
+                        if a.ip().is_unspecified() {
+                            a.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+                        }
+                        format!("https://{a}")
+                    }),
                 }}),
             )?;
             let provisioning = Arc::new(dps::Provisioning::new(

@@ -10,6 +10,7 @@ the enrollment's, a disabled enrollment."""
 from __future__ import annotations
 
 import base64
+import json
 import hashlib
 import hmac
 import subprocess
@@ -189,3 +190,27 @@ def test_the_node_provisioning_sdks(shared_hub, tmp_path):
     assert hub.registry_manager().get_twin(f"node-mqtt-{suffix}").tags == {"by": "node"}
     sent = {r["systemProperties"].get("message-id") for r in hub.records()}
     assert {"dps-node-mqtt", "dps-node-http"} <= sent
+
+
+def test_roost_dps_in_the_cli(shared_hub):
+    hub = shared_hub
+    shown = dict(line.split(": ", 1) for line in hub.cli("dps", "show").stdout.splitlines())
+    assert shown["ID scope"] == hub.dps["id_scope"]
+    group = unique_id("cligroup")
+    made = json.loads(hub.cli("dps", "group", "create", group, "--twin", '{"tags": {"via": "cli"}}').stdout)
+    assert made["attestation"]["type"] == "symmetricKey" and made["initialTwin"]["tags"] == {"via": "cli"}
+    registration_id = unique_id("cli-dev")
+    device_key = hub.cli("dps", "derive-key", group, registration_id).stdout.strip()
+    assert device_key == derive(made["attestation"]["symmetricKey"]["primaryKey"], registration_id)
+    result = call_with_timeout(provisioning_client(hub, registration_id, key=device_key).register, what="register",
+                               timeout=60)
+    assert result.status == "assigned"
+    assert json.loads(hub.cli("dps", "registration", "show", registration_id).stdout)["status"] == "assigned"
+    individual = unique_id("cli-one")
+    enrolled = json.loads(hub.cli("dps", "enrollment", "create", individual, "--device-id", individual + "-d").stdout)
+    assert enrolled["deviceId"] == individual + "-d"
+    listed = json.loads(hub.cli("dps", "enrollment", "list").stdout)
+    assert individual in [e["registrationId"] for e in listed]
+    hub.cli("dps", "enrollment", "delete", individual)
+    hub.cli("dps", "group", "delete", group)
+    assert hub.cli("dps", "group", "show", group, check=False).returncode != 0

@@ -110,6 +110,13 @@ pub enum Cmd {
         #[command(subcommand)]
         action: crate::cas::CaCmd,
     },
+    /// The provisioning service: enrollments, groups, registrations (docs/provisioning.md).
+    ///
+    /// Example: roost dps group create fleet --twin '{"tags":{"site":"lab"}}'; roost dps derive-key fleet sensor-1
+    Dps {
+        #[command(subcommand)]
+        action: crate::dps::DpsCmd,
+    },
     /// Run an IoT Hub query over device twins, module twins or device jobs; prints every page.
     ///
     /// Example: roost query "SELECT deviceId, tags.site FROM devices WHERE properties.reported.battery < 20" -o table

@@ -2,6 +2,7 @@
 
 mod cas;
 mod cli;
+mod dps;
 mod groups;
 mod manage;
 mod output;
@@ -63,5 +64,6 @@ fn main() -> anyhow::Result<()> {
         Cmd::Routes { action } => routes::run(action),
         Cmd::ConsumerGroup { action } => groups::run(action),
         Cmd::Ca { action } => cas::run(action),
+        Cmd::Dps { action } => dps::run(action),
     }
 }

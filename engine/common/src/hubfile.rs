@@ -186,6 +186,18 @@ pub struct HubInfo {
     pub https_port: Option<u16>,
     /// The bearer token of the ops ports.
     pub ops_token: Option<String>,
+    /// The provisioning service, when control serves it.
+    pub dps: Option<DpsInfo>,
+}
+
+/// hub.json's `dps`: how to reach the provisioning service.
+#[derive(Debug, Clone)]
+pub struct DpsInfo {
+    pub hostname: String,
+    pub id_scope: String,
+    pub service_connection_string: String,
+    /// `https://addr:port` of its HTTPS API, if served.
+    pub url: Option<String>,
 }
 
 pub fn read(data_dir: &Path) -> Result<HubInfo, HubFileError> {
@@ -217,6 +229,15 @@ pub fn read(data_dir: &Path) -> Result<HubInfo, HubFileError> {
         plain_mqtt_port: port("plain_mqtt"),
         https_port: port("https"),
         ops_token: s("ops_token").ok(),
+        dps: v.get("dps").and_then(|d| {
+            let s = |k: &str| d.get(k).and_then(Value::as_str).map(str::to_string);
+            Some(DpsInfo {
+                hostname: s("hostname")?,
+                id_scope: s("id_scope")?,
+                service_connection_string: s("service_connection_string")?,
+                url: s("url"),
+            })
+        }),
     })
 }
 

@@ -29,34 +29,52 @@ pub enum ServiceError {
 pub struct ServiceClient {
     pub hub: HubInfo,
     client: Client,
+    /// The host name tokens are scoped to (the connection string's).
+    scope: String,
     key_name: String,
     key: Vec<u8>,
+    api_version: &'static str,
 }
 
 impl ServiceClient {
+    /// A client of the hub's service API.
     pub fn new(hub: HubInfo) -> Result<Self, ServiceError> {
-        let cs = ServiceConnectionString::parse(&hub.service_connection_string)
+        let (url, cs) = (hub.service_url.clone(), hub.service_connection_string.clone());
+        Self::of(hub, &url, &cs, API_VERSION)
+    }
+
+    /// A client of the API at `url` whose policy `connection_string` names (the hub's, or
+    /// the provisioning service's), calling it with `api_version`; it trusts the hub's CA.
+    pub fn of(
+        hub: HubInfo,
+        url: &str,
+        connection_string: &str,
+        api_version: &'static str,
+    ) -> Result<Self, ServiceError> {
+        let cs = ServiceConnectionString::parse(connection_string)
             .map_err(|e| ServiceError::ConnectionString(e.to_string()))?;
         let key = roost_iothub::sas::decode_key(&cs.key)
             .map_err(|e| ServiceError::ConnectionString(format!("key: {e}")))?;
         let tls = tls::ca_client_config(&CertPaths::of_ca(&hub.ca))?;
-        let client = Client::new(&hub.service_url, Some((tls, hub.hostname.clone())))?;
+        let client = Client::new(url, Some((tls, cs.host_name.clone())))?;
         Ok(Self {
             hub,
             client,
+            scope: cs.host_name,
             key_name: cs.key_name,
             key,
+            api_version,
         })
     }
 
-    /// A SAS token for the whole hub, signed with the policy key.
+    /// A SAS token for the whole hub (or service), signed with the policy key.
     pub fn token(&self) -> String {
         let expiry = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0)
             + TOKEN_TTL_SECS;
-        let resource = roost_iothub::sas::encode_resource(&self.hub.hostname);
+        let resource = roost_iothub::sas::encode_resource(&self.scope);
         roost_iothub::sas::sign(&resource, &self.key, expiry, Some(&self.key_name))
     }
 
@@ -69,7 +87,7 @@ impl ServiceClient {
         extra_headers: &[(&str, String)],
     ) -> Result<Response, ClientError> {
         let sep = if path.contains('?') { '&' } else { '?' };
-        let path = format!("{path}{sep}api-version={API_VERSION}");
+        let path = format!("{path}{sep}api-version={}", self.api_version);
         let mut headers = vec![
             ("authorization", self.token()),
             ("accept", "application/json".to_string()),
