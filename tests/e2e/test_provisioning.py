@@ -214,3 +214,56 @@ def test_roost_dps_in_the_cli(shared_hub):
     hub.cli("dps", "enrollment", "delete", individual)
     hub.cli("dps", "group", "delete", group)
     assert hub.cli("dps", "group", "show", group, check=False).returncode != 0
+
+
+def test_x509_enrollment_groups_by_signing_certificate_and_by_hub_ca(shared_hub, tmp_path):
+    from azure.iot.device import X509
+    from azure.iot.device.exceptions import CredentialError
+    from test_x509_ca import CA_EXT, issue_device, new_key_and_csr, openssl, sign
+
+    hub = shared_hub
+    # A group whose signing certificate is an intermediate the device presents after its own.
+    openssl(tmp_path, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+            "-keyout", "root.key", "-out", "root.pem", "-subj", "/CN=dps root", "-days", "30",
+            "-addext", "basicConstraints=critical,CA:true", "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+    new_key_and_csr(tmp_path, "inter", "dps intermediate")
+    sign(tmp_path, "inter", "root", CA_EXT)
+    group = unique_id("signed")
+    r = dps_call(hub, "PUT", f"/enrollmentGroups/{group}", json={
+        "enrollmentGroupId": group,
+        "attestation": {"type": "x509", "x509": {"signingCertificates": {
+            "primary": {"certificate": (tmp_path / "root.pem").read_text()}}}},
+    })
+    assert r.status_code == 200, r.text
+    registration_id = unique_id("chained")
+    cert, key = issue_device(tmp_path, registration_id, "inter", chain=["inter"])
+    result = call_with_timeout(provisioning_client(hub, registration_id, x509=X509(cert_file=cert, key_file=key)).register,
+                               what="register through the group", timeout=60)
+    assert result.status == "assigned"
+    device_client = hub_client(hub, registration_id, result.registration_state.assigned_hub,
+                               x509=X509(cert_file=cert, key_file=key))
+    try:
+        call_with_timeout(device_client.connect, what="connect")
+    finally:
+        shutdown_client(device_client)
+    # A certificate no group's CA signed is not enrolled.
+    stranger_id = unique_id("stranger")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                    "-keyout", "s.key", "-out", "s.pem", "-subj", f"/CN={stranger_id}", "-days", "30"],
+                   cwd=tmp_path, check=True, capture_output=True, timeout=30)
+    with pytest.raises(CredentialError):
+        call_with_timeout(provisioning_client(hub, stranger_id, x509=X509(cert_file=str(tmp_path / "s.pem"),
+                                                                          key_file=str(tmp_path / "s.key"))).register,
+                          what="refused", timeout=60)
+
+    # A group that names a CA verified with the hub (`roost ca init`).
+    ca_name = unique_id("dpsca")
+    made = dict(line.split(": ", 1) for line in hub.cli("ca", "init", ca_name).stdout.splitlines())
+    (tmp_path / "hubca.pem").write_text(Path(made["certificate"]).read_text())
+    (tmp_path / "hubca.key").write_text(Path(made["key"]).read_text())
+    json.loads(hub.cli("dps", "group", "create", unique_id("byca"), "--ca", ca_name).stdout)
+    registration_id = unique_id("by-ca")
+    cert, key = issue_device(tmp_path, registration_id, "hubca")
+    result = call_with_timeout(provisioning_client(hub, registration_id, x509=X509(cert_file=cert, key_file=key)).register,
+                               what="register through the hub's CA", timeout=60)
+    assert result.status == "assigned" and result.registration_state.device_id == registration_id
