@@ -267,3 +267,58 @@ def test_x509_enrollment_groups_by_signing_certificate_and_by_hub_ca(shared_hub,
     result = call_with_timeout(provisioning_client(hub, registration_id, x509=X509(cert_file=cert, key_file=key)).register,
                                what="register through the hub's CA", timeout=60)
     assert result.status == "assigned" and result.registration_state.device_id == registration_id
+
+
+ALLOCATE = """
+-- Custom allocation: devices named by floor, their payload echoed with the floor's twin tag.
+return {
+  on_provision = function(request, conf, state)
+    local floor = request.payload and request.payload.floor
+    if not floor then return nil end
+    return {
+      deviceId = conf.prefix .. floor .. "-" .. request.registrationId,
+      initialTwin = { tags = { floor = floor }, properties = { desired = { heating = conf.heating } } },
+      payload = { floor = floor, welcome = "floor " .. floor },
+    }
+  end,
+}
+"""
+
+
+def test_a_custom_allocation_runs_the_lua_on_provision_hook(hub, tmp_path):
+    from azure.iot.device.exceptions import ClientError
+
+    plugin = tmp_path / "plugins" / "by_floor"
+    plugin.mkdir(parents=True)
+    (plugin / "handler.lua").write_text(ALLOCATE)
+    (plugin / "schema.lua").write_text(
+        'return { fields = { prefix = { type = "string", default = "f" }, heating = { type = "integer" } } }')
+    routes = tmp_path / "routes.lua"
+    routes.write_text((Path(__file__).resolve().parents[2] / "routes.lua").read_text().replace(
+        "  fallback = {", '  provisioning = { use = "by_floor", config = { heating = 21 } },\n  fallback = {'))
+    hub.cli("routes", "apply", str(routes))
+    group = unique_id("custom")
+    r = dps_call(hub, "PUT", f"/enrollmentGroups/{group}", json={
+        "enrollmentGroupId": group, "attestation": {"type": "symmetricKey"}, "allocationPolicy": "custom"})
+    assert r.status_code == 200, r.text
+    group_key = r.json()["attestation"]["symmetricKey"]["primaryKey"]
+
+    registration_id = unique_id("thermo")
+    client = provisioning_client(hub, registration_id, key=derive(group_key, registration_id))
+    client.provisioning_payload = {"floor": 4}
+    result = call_with_timeout(client.register, what="register", timeout=60)
+    assert result.status == "assigned"
+    device_id = f"f4-{registration_id}"
+    assert result.registration_state.device_id == device_id
+    assert json.loads(result.registration_state.response_payload) == {"floor": 4, "welcome": "floor 4"}
+    twin = hub.registry_manager().get_twin(device_id)
+    assert twin.tags == {"floor": 4} and twin.properties.desired["heating"] == 21
+    assert metric_sum_of(hub.control_metrics(), "roost_dps_registrations_total", outcome="assigned",
+                         allocation="custom") == 1
+    # Without a floor the hook answers nil: the registration fails, no device is made.
+    other = unique_id("nofloor")
+    with pytest.raises(ClientError):
+        call_with_timeout(provisioning_client(hub, other, key=derive(group_key, other)).register, what="refused",
+                          timeout=60)
+    state = dps_call(hub, "GET", f"/registrations/{other}").json()
+    assert state["status"] == "failed" and "refused" in state["errorMessage"]

@@ -69,6 +69,10 @@ pub struct Settings {
     /// Create it disabled.
     #[arg(long)]
     disabled: bool,
+    /// The allocation policy: hashed (default), static, geoLatency, or custom (the
+    /// `on_provision` hook of routes.lua's provisioning plugin).
+    #[arg(long, value_name = "POLICY")]
+    allocation: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -156,6 +160,9 @@ fn enrollment_body(settings: &Settings, individual: bool) -> anyhow::Result<Valu
     });
     if let Some(t) = &settings.twin {
         body["initialTwin"] = serde_json::from_str(t).context("--twin is not JSON")?;
+    }
+    if let Some(a) = &settings.allocation {
+        body["allocationPolicy"] = json!(a);
     }
     Ok(body)
 }

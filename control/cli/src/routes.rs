@@ -212,10 +212,11 @@ fn apply(
     let used: Map<String, Value> = files
         .into_iter()
         .filter(|(path, _)| {
-            routing
-                .config()
+            let config = routing.config();
+            config
                 .plugins
                 .iter()
+                .chain(config.provisioning.iter())
                 .any(|p| path.split_once('/').is_some_and(|(n, _)| n == p.name))
         })
         .map(|(p, s)| (p, Value::String(s)))

@@ -223,7 +223,7 @@ impl Provisioning {
         }
         let cert = peer_cert(req);
         match credential(req, cert.as_ref()) {
-            Ok(c) => match self.register(scope, registration, &c) {
+            Ok(c) => match self.register(scope, registration, &c, body.get("payload").cloned()) {
                 Ok(body) => {
                     let mut resp = httpd::json(StatusCode::ACCEPTED, &body);
                     resp.headers_mut()

@@ -5,8 +5,10 @@
 //! one. [`Provisioning`] is the protocol-free core; `http.rs` serves it over HTTPS (with the
 //! service API for enrollments on the same port), `mqtt.rs` over MQTT.
 //!
-//! Not here yet: AMQP and WebSocket transports for devices, the Lua `on_provision`
-//! allocation hook (a `custom` policy fails until it lands), TPM attestation.
+//! A `custom` allocation policy runs the `on_provision` hook of the plugin `routes.lua` names
+//! for provisioning (the routing's plugin host, its sandbox and limits).
+//!
+//! Not here yet: AMQP and WebSocket transports for devices, TPM attestation.
 
 pub mod enrollments;
 pub mod http;
@@ -129,6 +131,10 @@ impl DpsError {
 
 /// The enrollment a registration matched, and what the device's identity in the hub is.
 struct Enrolled {
+    /// `individual` or `group`, and its id.
+    enrollment: (&'static str, String),
+    /// `symmetricKey` or `x509`.
+    attestation: &'static str,
     settings: enrollments::Settings,
     /// The device id an individual enrollment names.
     device_id: Option<String>,
@@ -140,11 +146,32 @@ struct Enrolled {
 
 impl Enrolled {
     fn individual(e: IndividualEnrollment, authentication: Value) -> Self {
-        Self { settings: e.settings, device_id: e.device_id, group: None, authentication }
+        Self {
+            enrollment: ("individual", e.registration_id),
+            attestation: attestation_of(&e.attestation),
+            settings: e.settings,
+            device_id: e.device_id,
+            group: None,
+            authentication,
+        }
     }
 
     fn group(g: EnrollmentGroup, authentication: Value) -> Self {
-        Self { settings: g.settings, device_id: None, group: Some(g.enrollment_group_id), authentication }
+        Self {
+            enrollment: ("group", g.enrollment_group_id.clone()),
+            attestation: attestation_of(&g.attestation),
+            settings: g.settings,
+            device_id: None,
+            group: Some(g.enrollment_group_id),
+            authentication,
+        }
+    }
+}
+
+fn attestation_of(a: &enrollments::Attestation) -> &'static str {
+    match a.kind.as_str() {
+        "x509" => "x509",
+        _ => "symmetricKey",
     }
 }
 
@@ -357,6 +384,7 @@ impl Provisioning {
         id_scope: &str,
         registration_id: &str,
         credential: &Credential<'_>,
+        payload: Option<Value>,
     ) -> Result<Value, DpsError> {
         let enrolled = match self.authenticate(id_scope, registration_id, credential) {
             Ok(e) => e,
@@ -367,7 +395,7 @@ impl Provisioning {
         };
         let policy = enrolled.settings.allocation_policy.clone().unwrap_or_else(|| "hashed".into());
         let operation_id = new_operation_id();
-        let state = self.assign(registration_id, &enrolled);
+        let state = self.assign(registration_id, &enrolled, payload);
         let status = state.status.clone();
         self.count(if status == "assigned" { "assigned" } else { "failed" }, allocation_label(&policy));
         let answer = json!({
@@ -417,9 +445,9 @@ impl Provisioning {
 
     /// Assigns a registration: creates or updates its device in the hub and records its
     /// registration state.
-    fn assign(&self, registration_id: &str, enrolled: &Enrolled) -> RegistrationState {
+    fn assign(&self, registration_id: &str, enrolled: &Enrolled, payload: Option<Value>) -> RegistrationState {
         let settings = &enrolled.settings;
-        let device_id = enrolled.device_id.clone().unwrap_or_else(|| registration_id.to_string());
+        let mut device_id = enrolled.device_id.clone().unwrap_or_else(|| registration_id.to_string());
         let previous = enrollments::registration(&self.store, registration_id).ok().flatten();
         let now = crate::api::iso_now();
         let mut state = RegistrationState {
@@ -427,7 +455,6 @@ impl Provisioning {
             created_date_time_utc: Some(
                 previous.as_ref().and_then(|p| p.state.created_date_time_utc.clone()).unwrap_or_else(|| now.clone()),
             ),
-            device_id: Some(device_id.clone()),
             last_updated_date_time_utc: Some(now),
             ..RegistrationState::default()
         };
@@ -435,8 +462,31 @@ impl Provisioning {
             if settings.provisioning_status.as_deref() == Some("disabled") {
                 return Err("the enrollment is disabled".into());
             }
+            let mut initial_twin = settings.initial_twin.clone();
             if settings.allocation_policy.as_deref() == Some("custom") {
-                return Err("custom allocation needs the on_provision hook, which this hub does not run yet".into());
+                let request = json!({
+                    "registrationId": registration_id,
+                    "deviceId": device_id,
+                    "payload": payload,
+                    "enrollment": { "type": enrolled.enrollment.0, "id": enrolled.enrollment.1 },
+                    "attestation": enrolled.attestation,
+                    "hub": self.hub,
+                    "linkedHubs": [self.hub],
+                });
+                let allocation = self.allocate(&request)?;
+                if let Some(h) = allocation.get("iotHubHostName").and_then(Value::as_str) {
+                    if !h.eq_ignore_ascii_case(&self.hub) {
+                        return Err(format!("the allocation names {h:?}, not a hub linked to this service"));
+                    }
+                }
+                if let Some(d) = allocation.get("deviceId").and_then(Value::as_str) {
+                    roost_model::DeviceId::parse(d).map_err(|e| format!("the allocation's deviceId: {e}"))?;
+                    device_id = d.to_string();
+                }
+                if let Some(t) = allocation.get("initialTwin").filter(|t| t.is_object()) {
+                    initial_twin = Some(t.clone());
+                }
+                state.payload = allocation.get("payload").cloned().filter(|p| !p.is_null());
             }
             let iot_edge = settings
                 .capabilities
@@ -454,7 +504,7 @@ impl Provisioning {
                 (false, true) => "deviceDataMigrated",
                 (false, false) => "deviceDataReset",
             };
-            if let Some(twin) = &settings.initial_twin {
+            if let Some(twin) = &initial_twin {
                 if created || !migrate {
                     let collection = |v: Option<&Value>| strip_metadata(v.cloned().unwrap_or_else(|| json!({})));
                     let patch = json!({
@@ -467,6 +517,7 @@ impl Provisioning {
             }
             Ok(substatus)
         })();
+        state.device_id = Some(device_id);
         match outcome {
             Ok(substatus) => {
                 state.status = "assigned".into();
@@ -478,6 +529,7 @@ impl Provisioning {
                 state.status = if settings.provisioning_status.as_deref() == Some("disabled") { "disabled".into() } else { "failed".into() };
                 state.error_code = Some(400209);
                 state.error_message = Some(message);
+                state.payload = None;
             }
         }
         state.etag = self.store.next_etag().ok();
@@ -489,6 +541,22 @@ impl Provisioning {
             tracing::warn!(error = %e, "a registration state could not be stored");
         }
         state
+    }
+
+    /// A `custom` allocation: the `on_provision` hook of the plugin routes.lua names for
+    /// provisioning, loaded from the routing in force (each call its own load: state does
+    /// not outlive a registration). `nil` refuses the registration.
+    fn allocate(&self, request: &Value) -> Result<Value, String> {
+        let routing = crate::routes::stored(&self.store).map_err(|e| e.to_string())?;
+        let hub_name = self.hub.split('.').next().unwrap_or(&self.hub);
+        let mut loaded = roost_routing::Routing::load_with_defaults("routes.lua", &routing.routes, &routing.plugins, hub_name)
+            .map_err(|e| format!("the routing in force does not load: {e}"))?;
+        match loaded.provision(request) {
+            Ok(Some(allocation)) if allocation.is_object() => Ok(allocation),
+            Ok(Some(_)) => Err("on_provision answered a list, not an allocation".into()),
+            Ok(None) => Err("the provisioning plugin refused the registration".into()),
+            Err(e) => Err(e.to_string()),
+        }
     }
 }
 

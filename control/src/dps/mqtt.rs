@@ -286,7 +286,7 @@ async fn request(dps: &Arc<Provisioning>, r: &Registrant, topic: &str, payload: 
                 if body.get("registrationId").and_then(Value::as_str) != Some(registration.as_str()) {
                     return Err(DpsError::bad_request("bad_body", "registrationId does not match the connection's"));
                 }
-                dps2.register(&scope, &registration, &credential)
+                dps2.register(&scope, &registration, &credential, body.get("payload").cloned())
             }
             _ => {
                 let op = operation.unwrap_or_default();

@@ -176,6 +176,9 @@ pub struct RoutesConfig {
     /// `events` first, then the declared ones in name order.
     pub endpoints: Vec<Endpoint>,
     pub plugins: Vec<PluginUse>,
+    /// The plugin whose `on_provision` allocates registrations of `custom` enrollments
+    /// (`provisioning = { use = …, config = … }`).
+    pub provisioning: Option<PluginUse>,
     pub routes: Vec<Route>,
     /// `None`: the fallback route is disabled.
     pub fallback: Option<Vec<usize>>,
@@ -221,7 +224,7 @@ pub fn read(file: &str, src: &str, root: Lua_) -> Result<RoutesConfig, ConfigErr
         &root,
         1,
         "the returned table",
-        &["endpoints", "plugins", "routes", "fallback", "enrichments"],
+        &["endpoints", "plugins", "routes", "fallback", "enrichments", "provisioning"],
     )?;
 
     let mut endpoints = vec![Endpoint {
@@ -340,6 +343,31 @@ pub fn read(file: &str, src: &str, root: Lua_) -> Result<RoutesConfig, ConfigErr
             sources,
         });
     }
+
+    let provisioning = match r.table_opt(&root, "provisioning", 1)? {
+        None => None,
+        Some(p) => {
+            let line = r.at.key("provisioning", 1).unwrap_or(1);
+            let name = r.string(&p, "use", line)?;
+            let f = r.fields(&p, line, "provisioning", &["use", "config"])?;
+            let config = match r.get(&p, "config", line)? {
+                Lua_::Nil => Value::Object(Default::default()),
+                v => convert::to_json(&v).map_err(|e| {
+                    r.err(
+                        r.at.key("config", line),
+                        format!("provisioning plugin {name:?} config: {e}"),
+                    )
+                })?,
+            };
+            f.done()?;
+            Some(PluginUse {
+                name,
+                config,
+                on_error: OnError::Skip,
+                sources: Vec::new(),
+            })
+        }
+    };
 
     let mut routes: Vec<Route> = Vec::new();
     let (from, list) = r.tables(&root, "routes", MAX_ROUTES)?;
@@ -468,6 +496,7 @@ pub fn read(file: &str, src: &str, root: Lua_) -> Result<RoutesConfig, ConfigErr
     Ok(RoutesConfig {
         endpoints,
         plugins,
+        provisioning,
         routes,
         fallback,
         enrichments,

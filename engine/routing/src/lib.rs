@@ -36,4 +36,4 @@ pub mod table;
 pub use condition::{Condition, ConditionError};
 pub use config::{ConfigError, EndpointKind, RouteSource, RoutesConfig};
 pub use sandbox::Limits;
-pub use table::{Outcome, Routing, Settings, Sources, Stamp, Stats, Verdict};
+pub use table::{Outcome, ProvisionError, Routing, Settings, Sources, Stamp, Stats, Verdict};

@@ -25,7 +25,7 @@ use crate::sandbox::{error_code, error_text, Limits, Vm};
 use crate::schema::Schema;
 
 /// The hooks a plugin module may define, with the parameters each takes.
-pub const HOOKS: [(&str, u8); 2] = [("init", 1), ("on_message", 4)];
+pub const HOOKS: [(&str, u8); 3] = [("init", 1), ("on_message", 4), ("on_provision", 3)];
 
 /// The labels a plugin failure is counted under.
 pub const PLUGIN_ERRORS: [&str; 8] = [
@@ -96,12 +96,23 @@ pub struct PluginStats {
     pub nanos: u64,
 }
 
-/// A plugin as loaded for one use in `routes.lua`.
+/// A plugin as loaded for one use in `routes.lua`, with the hook that use calls
+/// (`on_message` for the message pipeline, `on_provision` for provisioning).
 struct Plugin {
     usage: PluginUse,
-    on_message: Function,
+    hook: Function,
     conf: Table,
     state: Lua_,
+}
+
+/// Why the provisioning hook gave no allocation.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProvisionError {
+    #[error("routes.lua names no provisioning plugin")]
+    NotConfigured,
+    /// The hook failed: a [`PLUGIN_ERRORS`] label and what Lua said.
+    #[error("the provisioning plugin failed ({code}): {message}")]
+    Failed { code: &'static str, message: String },
 }
 
 /// The sources of an epoch: `routes.lua` and the plugins' files by path
@@ -126,6 +137,8 @@ pub struct Routing {
     handles: Handles,
     config: RoutesConfig,
     plugins: Vec<Plugin>,
+    /// The provisioning plugin, if `routes.lua` names one.
+    provisioner: Option<Plugin>,
     /// Whether any Lua runs per message (plugins or Lua conditions).
     lua: bool,
     hub_name: String,
@@ -192,8 +205,12 @@ impl Routing {
 
         let mut plugins = Vec::new();
         for usage in &config.plugins {
-            plugins.push(load_plugin(&vm, &sources, usage)?);
+            plugins.push(load_plugin(&vm, &sources, usage, "on_message")?);
         }
+        let provisioner = match &config.provisioning {
+            Some(usage) => Some(load_plugin(&vm, &sources, usage, "on_provision")?),
+            None => None,
+        };
         let lua_conditions = config.routes.iter().any(|r| matches!(r.when, When::Lua(_)));
         let stats = Stats {
             matches: vec![0; config.routes.len()],
@@ -207,6 +224,7 @@ impl Routing {
             handles,
             config,
             plugins,
+            provisioner,
             hub_name: settings.hub_name,
             stats,
         })
@@ -239,6 +257,36 @@ impl Routing {
 
     pub fn stats(&self) -> &Stats {
         &self.stats
+    }
+
+    /// Runs the provisioning plugin's `on_provision(request, conf, state)` under the VM's
+    /// limits: `request` is the registration (a JSON object, as a Lua table). The hook answers
+    /// a table — the allocation (`Some`) — or `nil`: the registration is refused (`None`).
+    pub fn provision(&mut self, request: &Value) -> Result<Option<Value>, ProvisionError> {
+        let Some(p) = &self.provisioner else {
+            return Err(ProvisionError::NotConfigured);
+        };
+        let failed = |e: &mlua::Error| ProvisionError::Failed {
+            code: error_code(e),
+            message: error_text(e),
+        };
+        self.vm.arm();
+        let request = convert::to_lua(&self.vm.lua, request).map_err(|e| failed(&e))?;
+        self.vm.arm();
+        match p.hook.call::<Lua_>((request, &p.conf, &p.state)) {
+            Ok(Lua_::Nil) => Ok(None),
+            Ok(v @ Lua_::Table(_)) => convert::to_json(&v).map(Some).map_err(|e| {
+                ProvisionError::Failed {
+                    code: "verdict",
+                    message: format!("on_provision answered what is not data: {e}"),
+                }
+            }),
+            Ok(other) => Err(ProvisionError::Failed {
+                code: "verdict",
+                message: format!("on_provision answers a table or nil, not a {}", other.type_name()),
+            }),
+            Err(e) => Err(failed(&e)),
+        }
     }
 
     /// The names of the endpoints in `mask`.
@@ -421,7 +469,7 @@ impl Routing {
             st.runs += 1;
             self.vm.arm();
             let started = Instant::now();
-            let result = p.on_message.call::<Lua_>((
+            let result = p.hook.call::<Lua_>((
                 &self.handles.msg,
                 &self.handles.device,
                 &p.conf,
@@ -548,7 +596,12 @@ fn install_hub(lua: &Lua, hub_name: &str) -> mlua::Result<()> {
 
 /// Loads one use of a plugin: its schema, the checked config, the handler and its hooks, and
 /// runs `init(conf)`.
-fn load_plugin(vm: &Vm, sources: &Sources<'_>, usage: &PluginUse) -> Result<Plugin, ConfigError> {
+fn load_plugin(
+    vm: &Vm,
+    sources: &Sources<'_>,
+    usage: &PluginUse,
+    required: &str,
+) -> Result<Plugin, ConfigError> {
     let lua = &vm.lua;
     let name = &usage.name;
     let handler_file = format!("plugins/{name}/handler.lua");
@@ -655,8 +708,8 @@ fn load_plugin(vm: &Vm, sources: &Sources<'_>, usage: &PluginUse) -> Result<Plug
         hooks.push((key, f));
     }
     let hook = |n: &str| hooks.iter().find(|(h, _)| h == n).map(|(_, f)| f.clone());
-    let on_message = hook("on_message")
-        .ok_or_else(|| err(&handler_file, None, "on_message is missing".into()))?;
+    let called = hook(required)
+        .ok_or_else(|| err(&handler_file, None, format!("{required} is missing")))?;
     let conf = match convert::to_lua(lua, &conf).map_err(|e| lua_error(&handler_file, &e))? {
         Lua_::Table(t) => t,
         _ => lua
@@ -684,7 +737,7 @@ fn load_plugin(vm: &Vm, sources: &Sources<'_>, usage: &PluginUse) -> Result<Plug
     };
     Ok(Plugin {
         usage: usage.clone(),
-        on_message,
+        hook: called,
         conf,
         state,
     })

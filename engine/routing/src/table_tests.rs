@@ -258,7 +258,7 @@ fn configuration_errors_name_their_line() {
     for (src, want) in [
         (
             "return {\n  endpoints = {},\n  colour = 1,\n}",
-            "routes.lua:3: unknown key \"colour\" in the returned table (known: endpoints, enrichments, fallback, plugins, routes)",
+            "routes.lua:3: unknown key \"colour\" in the returned table (known: endpoints, enrichments, fallback, plugins, provisioning, routes)",
         ),
         (
             "return {\n  routes = {\n    { name = \"a\",\n      endpoints = { \"events\" },\n      sorce = \"telemetry\" },\n  },\n}",
@@ -341,7 +341,7 @@ fn plugins_are_checked_when_they_load() {
     const OK: &str = "return { on_message = function(msg, device, conf, state) end }";
     const SCHEMA: &str = "return { fields = { n = { type = \"integer\", default = 1 } } }";
     for (handler, schema, config, want) in [
-        ("return { on_mesage = function(a, b, c, d) end }", SCHEMA, "{}", "plugins/p/handler.lua: unknown hook \"on_mesage\" (hooks: init, on_message)"),
+        ("return { on_mesage = function(a, b, c, d) end }", SCHEMA, "{}", "plugins/p/handler.lua: unknown hook \"on_mesage\" (hooks: init, on_message, on_provision)"),
         ("return {\n  on_message = function(msg, device) end }", SCHEMA, "{}", "plugins/p/handler.lua:2: on_message takes 4 parameters, not 2"),
         ("return { init = function(conf) end }", SCHEMA, "{}", "plugins/p/handler.lua: on_message is missing"),
         ("return 1", SCHEMA, "{}", "plugins/p/handler.lua: must return a table of hooks, not a integer"),
@@ -548,4 +548,53 @@ fn a_lua_condition_that_fails_does_not_match_and_is_counted() {
     assert_eq!(names(&r, o.endpoints), ["events"], "the fallback");
     assert_eq!(r.stats().condition_errors, [1, 1]);
     assert_eq!(r.stats().fallback, 1);
+}
+
+/// `provisioning = { use = …, config = … }`: the plugin's `on_provision(request, conf, state)`
+/// allocates a registration (a table), refuses it (`nil`), or fails (counted by its label).
+#[test]
+fn the_provisioning_hook_allocates_refuses_or_fails() {
+    let handler = r#"
+        return {
+          init = function(conf) return { seen = 0 } end,
+          on_provision = function(request, conf, state)
+            state.seen = state.seen + 1
+            if request.payload and request.payload.spin then while true do end end
+            if request.registrationId == "blocked" then return nil end
+            return {
+              deviceId = conf.prefix .. request.registrationId,
+              initialTwin = { tags = { floor = request.payload and request.payload.floor or 0 } },
+              payload = { seen = state.seen },
+            }
+          end,
+        }"#;
+    let schema = r#"return { fields = { prefix = { type = "string", default = "dev-" } } }"#;
+    let plugins = plugin("alloc", handler, schema);
+    let routes = r#"return { provisioning = { use = "alloc", config = { prefix = "p-" } } }"#;
+    let mut r = load_with(routes, &plugins).expect("loads");
+    assert!(r.config().plugins.is_empty(), "not a message plugin");
+    let got = r
+        .provision(&serde_json::json!({"registrationId": "r1", "payload": {"floor": 3}}))
+        .expect("runs")
+        .expect("allocated");
+    assert_eq!(got["deviceId"], "p-r1");
+    assert_eq!(got["initialTwin"]["tags"]["floor"], 3);
+    assert_eq!(got["payload"]["seen"], 1);
+    let again = r.provision(&serde_json::json!({"registrationId": "r2"})).expect("runs").expect("allocated");
+    assert_eq!(again["payload"]["seen"], 2, "state lives between calls of one load");
+    assert_eq!(r.provision(&serde_json::json!({"registrationId": "blocked"})), Ok(None));
+    match r.provision(&serde_json::json!({"registrationId": "r3", "payload": {"spin": true}})) {
+        Err(crate::table::ProvisionError::Failed { code, .. }) => assert_eq!(code, "budget"),
+        other => panic!("an endless hook was not stopped: {other:?}"),
+    }
+    // Without the hook the plugin cannot be the provisioning plugin; without the key there is
+    // no hook to call.
+    let no_hook = plugin("alloc", "return { on_message = function(m, d, c, s) end }", schema);
+    let e = load_with(routes, &no_hook).err().expect("refused");
+    assert!(e.to_string().contains("on_provision is missing"), "{e}");
+    let mut plain = load_with("return {}", &[]).expect("loads");
+    assert_eq!(
+        plain.provision(&serde_json::json!({})),
+        Err(crate::table::ProvisionError::NotConfigured)
+    );
 }
