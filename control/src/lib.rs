@@ -210,7 +210,7 @@ pub fn run(config: ControlConfig, on_ready: impl FnOnce() + Send + 'static) -> a
             },
         ));
 
-        if config.dps.https.is_some() || config.dps.mqtt.is_some() {
+        if config.dps.https.is_some() || config.dps.mqtt.is_some() || config.dps.amqp.is_some() {
             let identity = dps::ServiceIdentity::ensure(&store)?;
             hubfile::merge(
                 &data_dir,
@@ -224,6 +224,7 @@ pub fn run(config: ControlConfig, on_ready: impl FnOnce() + Send + 'static) -> a
                     "ports": {
                         "https": config.dps.https.map(|a| a.port()),
                         "mqtt": config.dps.mqtt.map(|a| a.port()),
+                        "amqp": config.dps.amqp.map(|a| a.port()),
                     },
                     // Where this host's own tools reach the HTTPS API.
                     "url": config.dps.https.map(|mut a| {
@@ -253,9 +254,15 @@ pub fn run(config: ControlConfig, on_ready: impl FnOnce() + Send + 'static) -> a
                 let listener = tokio::net::TcpListener::bind(addr)
                     .await
                     .with_context(|| format!("cannot listen on the provisioning MQTT address {addr}"))?;
-                tokio::spawn(dps::mqtt::serve(provisioning, listener, dps_tls));
+                tokio::spawn(dps::mqtt::serve(provisioning.clone(), listener, dps_tls.clone()));
             }
-            tracing::info!(https = ?config.dps.https, mqtt = ?config.dps.mqtt, hostname = %config.dps.hostname, "provisioning service ready");
+            if let Some(addr) = config.dps.amqp {
+                let listener = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("cannot listen on the provisioning AMQP address {addr}"))?;
+                tokio::spawn(dps::amqp::serve(provisioning, listener, dps_tls));
+            }
+            tracing::info!(https = ?config.dps.https, mqtt = ?config.dps.mqtt, amqp = ?config.dps.amqp, hostname = %config.dps.hostname, "provisioning service ready");
         }
 
         let ops = tokio::net::TcpListener::bind(config.ops)

@@ -183,13 +183,14 @@ def test_the_node_provisioning_sdks(shared_hub, tmp_path):
     suffix = unique_id("s")
     steps = node_steps(hub, "dps.js", ROOST_DPS_CS=hub.dps["service_connection_string"],
                        ROOST_DPS_SCOPE=hub.dps["id_scope"], ROOST_DPS_HTTPS_PORT=str(hub.dps["ports"]["https"]),
-                       ROOST_DPS_MQTT_PORT=str(hub.dps["ports"]["mqtt"]), ROOST_SUFFIX=suffix,
+                       ROOST_DPS_MQTT_PORT=str(hub.dps["ports"]["mqtt"]),
+                       ROOST_DPS_AMQP_PORT=str(hub.dps["ports"]["amqp"]), ROOST_SUFFIX=suffix,
                        ROOST_X509_REG=x509_reg, ROOST_CERT=str(tmp_path / "dev.pem"), ROOST_KEY=str(tmp_path / "dev.key"),
                        NODE_EXTRA_CA_CERTS=str(hub.ca_path))
-    assert len(steps) == 7, [s["step"] for s in steps]
+    assert len(steps) == 9, [s["step"] for s in steps]
     assert hub.registry_manager().get_twin(f"node-mqtt-{suffix}").tags == {"by": "node"}
     sent = {r["systemProperties"].get("message-id") for r in hub.records()}
-    assert {"dps-node-mqtt", "dps-node-http"} <= sent
+    assert {"dps-node-mqtt", "dps-node-http", "dps-node-amqp"} <= sent
 
 
 def test_roost_dps_in_the_cli(shared_hub):

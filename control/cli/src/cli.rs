@@ -414,6 +414,9 @@ pub struct DpsArgs {
     /// Serve provisioning over MQTT (TLS) here; DPS devices expect port 8883 on its host.
     #[arg(long, value_name = "ADDR")]
     pub dps_mqtt: Option<SocketAddr>,
+    /// Serve provisioning over AMQP (TLS) here; DPS devices expect port 5671 on its host.
+    #[arg(long, value_name = "ADDR")]
+    pub dps_amqp: Option<SocketAddr>,
     /// The provisioning service's host name (its service API's tokens are scoped to it).
     /// Default: the hub's host name. The server certificate must name it.
     #[arg(long, value_name = "NAME")]
@@ -426,6 +429,7 @@ impl DpsArgs {
             hostname: self.dps_hostname.clone().unwrap_or_else(|| hub.to_string()),
             https: self.dps_https,
             mqtt: self.dps_mqtt,
+            amqp: self.dps_amqp,
         }
     }
 
@@ -436,6 +440,9 @@ impl DpsArgs {
         }
         if let Some(a) = self.dps_mqtt {
             out.extend(["--dps-mqtt".to_string(), a.to_string()]);
+        }
+        if let Some(a) = self.dps_amqp {
+            out.extend(["--dps-amqp".to_string(), a.to_string()]);
         }
         if let Some(h) = &self.dps_hostname {
             out.extend(["--dps-hostname".to_string(), h.clone()]);

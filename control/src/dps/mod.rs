@@ -10,6 +10,7 @@
 //!
 //! Not here yet: AMQP and WebSocket transports for devices, TPM attestation.
 
+pub mod amqp;
 pub mod enrollments;
 pub mod http;
 pub mod mqtt;
@@ -37,6 +38,8 @@ pub struct DpsConfig {
     pub https: Option<SocketAddr>,
     /// MQTT over TLS: device registration.
     pub mqtt: Option<SocketAddr>,
+    /// AMQP over TLS: device registration.
+    pub amqp: Option<SocketAddr>,
 }
 
 /// The service's identity, made on first start and kept in control's store: its ID scope and

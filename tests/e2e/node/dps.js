@@ -1,8 +1,8 @@
 // The Node provisioning SDKs against roost's provisioning service (issue 12): the service
 // client (azure-iot-provisioning-service) makes a symmetric-key enrollment group and an X.509
 // individual enrollment, reads, queries and deletes them; the device client
-// (azure-iot-provisioning-device) registers over Mqtt (a group-derived key) and over Http (the
-// X.509 certificate, and a symmetric key), then each device connects to the hub it was
+// (azure-iot-provisioning-device) registers over Mqtt (a group-derived key), Http (the X.509
+// certificate, and a symmetric key) and Amqp (a derived key by SASL PLAIN; the certificate), then each device connects to the hub it was
 // assigned and sends. Only where the SDKs dial is changed: the service client's and the Http
 // transport's HTTPS go through an agent to the service's port (they always dial 443); the Mqtt
 // transport takes host:port; the CA is trusted through setOptions or NODE_EXTRA_CA_CERTS.
@@ -17,6 +17,7 @@ const { Http: HttpBase } = require('azure-iot-http-base');
 const { ProvisioningDeviceClient } = require('azure-iot-provisioning-device');
 const { Mqtt: ProvisioningMqtt } = require('azure-iot-provisioning-device-mqtt');
 const { Http: ProvisioningHttp } = require('azure-iot-provisioning-device-http');
+const { Amqp: ProvisioningAmqp } = require('azure-iot-provisioning-device-amqp');
 const { SymmetricKeySecurityClient } = require('azure-iot-security-symmetric-key');
 const { X509Security } = require('azure-iot-security-x509');
 const { ProvisioningServiceClient } = require('azure-iot-provisioning-service');
@@ -26,6 +27,7 @@ const dpsCs = env('ROOST_DPS_CS');
 const idScope = env('ROOST_DPS_SCOPE');
 const dpsHttpsPort = Number(env('ROOST_DPS_HTTPS_PORT'));
 const dpsMqttPort = env('ROOST_DPS_MQTT_PORT');
+const dpsAmqpPort = env('ROOST_DPS_AMQP_PORT');
 const mqttPort = env('ROOST_MQTT_PORT');
 const suffix = env('ROOST_SUFFIX');
 const cert = fs.readFileSync(env('ROOST_CERT'), 'utf8');
@@ -44,6 +46,7 @@ service._restApiClient.setOptions({ ca, http: { agent } });
 const groupId = `nodegroup-${suffix}`;
 const mqttReg = `node-mqtt-${suffix}`;
 const httpReg = `node-http-${suffix}`;
+const amqpReg = `node-amqp-${suffix}`;
 const x509Reg = env('ROOST_X509_REG');
 let groupKey;
 let individualKey;
@@ -117,6 +120,19 @@ run([
   }],
   ['register over Http with the X.509 certificate', async () => {
     const result = await register(httpTransport(), new X509Security(x509Reg, { cert, key }));
+    check(result.status === 'assigned' && result.deviceId === x509Reg, JSON.stringify(result));
+  }],
+  ['register over Amqp with the group-derived key (SASL PLAIN), then connect', async () => {
+    const derived = crypto.createHmac('SHA256', Buffer.from(groupKey, 'base64')).update(amqpReg, 'utf8').digest('base64');
+    const client = ProvisioningDeviceClient.create(`localhost:${dpsAmqpPort}`, idScope, new ProvisioningAmqp(),
+      new SymmetricKeySecurityClient(amqpReg, derived));
+    const result = await withTimeout(client.register(), 60000, 'register');
+    await sendFrom(result, derived, 'dps-node-amqp');
+  }],
+  ['register over Amqp with the X.509 certificate (no SASL)', async () => {
+    const client = ProvisioningDeviceClient.create(`localhost:${dpsAmqpPort}`, idScope, new ProvisioningAmqp(),
+      new X509Security(x509Reg, { cert, key }));
+    const result = await withTimeout(client.register(), 60000, 'register');
     check(result.status === 'assigned' && result.deviceId === x509Reg, JSON.stringify(result));
   }],
   ['getDeviceRegistrationState, then delete the enrollments', async () => {
