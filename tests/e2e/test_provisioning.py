@@ -39,12 +39,12 @@ def derive(group_key: str, registration_id: str) -> str:
     return base64.b64encode(mac.digest()).decode()
 
 
-def provisioning_client(hub, registration_id: str, *, key: str | None = None, x509=None):
+def provisioning_client(hub, registration_id: str, *, key: str | None = None, x509=None, websockets: bool = False):
     from azure.iot.device import ProvisioningDeviceClient
 
-    redirect_mqtt_to(hub.dps["ports"]["mqtt"])
+    redirect_mqtt_to(hub.dps["ports"]["mqtt"], hub.dps["ports"]["https"])
     common = dict(provisioning_host="localhost", registration_id=registration_id, id_scope=hub.dps["id_scope"],
-                  server_verification_cert=hub.ca_pem)
+                  server_verification_cert=hub.ca_pem, websockets=websockets)
     if x509 is not None:
         return ProvisioningDeviceClient.create_from_x509_certificate(x509=x509, **common)
     return ProvisioningDeviceClient.create_from_symmetric_key(symmetric_key=key, **common)
@@ -96,8 +96,9 @@ def test_a_symmetric_key_group_enrollment_provisions_devices_over_mqtt(shared_hu
     finally:
         shutdown_client(device_client)
 
-    # Registering again is a reprovisioning: the device keeps its twin.
-    result = call_with_timeout(provisioning_client(hub, registration_id, key=device_key).register,
+    # Registering again (over MQTT in WebSockets, port 443's path) is a reprovisioning: the
+    # device keeps its twin.
+    result = call_with_timeout(provisioning_client(hub, registration_id, key=device_key, websockets=True).register,
                                what="register again", timeout=60)
     assert result.registration_state.sub_status == "deviceDataMigrated"
     state = dps_call(hub, "GET", f"/registrations/{registration_id}").json()
@@ -187,7 +188,7 @@ def test_the_node_provisioning_sdks(shared_hub, tmp_path):
                        ROOST_DPS_AMQP_PORT=str(hub.dps["ports"]["amqp"]), ROOST_SUFFIX=suffix,
                        ROOST_X509_REG=x509_reg, ROOST_CERT=str(tmp_path / "dev.pem"), ROOST_KEY=str(tmp_path / "dev.key"),
                        NODE_EXTRA_CA_CERTS=str(hub.ca_path))
-    assert len(steps) == 9, [s["step"] for s in steps]
+    assert len(steps) == 10, [s["step"] for s in steps]
     assert hub.registry_manager().get_twin(f"node-mqtt-{suffix}").tags == {"by": "node"}
     sent = {r["systemProperties"].get("message-id") for r in hub.records()}
     assert {"dps-node-mqtt", "dps-node-http", "dps-node-amqp"} <= sent

@@ -112,7 +112,7 @@ async fn blocking<T: Send + 'static>(
     .unwrap_or_else(|_| Err(DpsError::server("the request failed")))
 }
 
-async fn connection<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, dps: &Arc<Provisioning>, cert: Option<ClientCert>) {
+pub(super) async fn connection<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, dps: &Arc<Provisioning>, cert: Option<ClientCert>) {
     let config = Config {
         container_id: format!("roost-dps-{}", dps.config.hostname),
         sasl_mechanisms: vec!["PLAIN".into()],

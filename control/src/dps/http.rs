@@ -125,6 +125,10 @@ impl Provisioning {
     /// Before the body: the route, and for the service API the policy's token. A device's
     /// credential is checked with the enrollments once the (small) body is read.
     pub fn admit(&self, parts: &Parts) -> Result<usize, Resp> {
+        if super::websocket::is_upgrade(parts) {
+            // MQTT or AMQP over a WebSocket: its credential comes in the protocol.
+            return Ok(0);
+        }
         let Some(route) = Route::parse(&parts.method, parts.uri.path()) else {
             return Err(error(404, 404000, "no such provisioning service path"));
         };
@@ -409,9 +413,12 @@ pub async fn serve(
         Some(tls),
         limits,
         move |parts: &Parts| admit_dps.admit(parts),
-        move |req| {
+        move |req: Req| {
             let dps = dps.clone();
             async move {
+                if roost_http::upgrade::is_websocket_path(req.uri().path()) {
+                    return super::websocket::upgrade(dps, req);
+                }
                 match tokio::task::spawn_blocking(move || dps.handle(&req)).await {
                     Ok(resp) => resp,
                     Err(_) => error(500, 500000, "the request failed"),

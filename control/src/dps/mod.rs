@@ -14,6 +14,7 @@ pub mod amqp;
 pub mod enrollments;
 pub mod http;
 pub mod mqtt;
+pub mod websocket;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

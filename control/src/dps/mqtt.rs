@@ -117,7 +117,7 @@ pub async fn serve(dps: Arc<Provisioning>, listener: tokio::net::TcpListener, tl
     }
 }
 
-async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
+pub(super) async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
     mut stream: S,
     dps: &Arc<Provisioning>,
     cert: Option<Result<ClientCert, roost_iothub::x509::CertError>>,

@@ -173,7 +173,11 @@ async fn connection<S, A, H, F>(
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read);
-    match builder.serve_connection(TokioIo::new(io), service).await {
+    match builder
+        .serve_connection(TokioIo::new(io), service)
+        .with_upgrades()
+        .await
+    {
         Err(e) if e.is_timeout() => (limits.on_limit)("header_read_timeout"),
         Err(e) => tracing::debug!(error = %e, "http connection ended with an error"),
         Ok(()) => {}

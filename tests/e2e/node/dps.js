@@ -2,7 +2,8 @@
 // client (azure-iot-provisioning-service) makes a symmetric-key enrollment group and an X.509
 // individual enrollment, reads, queries and deletes them; the device client
 // (azure-iot-provisioning-device) registers over Mqtt (a group-derived key), Http (the X.509
-// certificate, and a symmetric key) and Amqp (a derived key by SASL PLAIN; the certificate), then each device connects to the hub it was
+// certificate, and a symmetric key), Amqp (a derived key by SASL PLAIN; the certificate) and
+// MqttWs and AmqpWs (the certificate, over the service's HTTPS port), then each device connects to the hub it was
 // assigned and sends. Only where the SDKs dial is changed: the service client's and the Http
 // transport's HTTPS go through an agent to the service's port (they always dial 443); the Mqtt
 // transport takes host:port; the CA is trusted through setOptions or NODE_EXTRA_CA_CERTS.
@@ -15,9 +16,9 @@ const { Client: DeviceClient } = require('azure-iot-device');
 const { Mqtt } = require('azure-iot-device-mqtt');
 const { Http: HttpBase } = require('azure-iot-http-base');
 const { ProvisioningDeviceClient } = require('azure-iot-provisioning-device');
-const { Mqtt: ProvisioningMqtt } = require('azure-iot-provisioning-device-mqtt');
+const { Mqtt: ProvisioningMqtt, MqttWs: ProvisioningMqttWs } = require('azure-iot-provisioning-device-mqtt');
 const { Http: ProvisioningHttp } = require('azure-iot-provisioning-device-http');
-const { Amqp: ProvisioningAmqp } = require('azure-iot-provisioning-device-amqp');
+const { Amqp: ProvisioningAmqp, AmqpWs: ProvisioningAmqpWs } = require('azure-iot-provisioning-device-amqp');
 const { SymmetricKeySecurityClient } = require('azure-iot-security-symmetric-key');
 const { X509Security } = require('azure-iot-security-x509');
 const { ProvisioningServiceClient } = require('azure-iot-provisioning-service');
@@ -39,6 +40,10 @@ class PortAgent extends https.Agent {
   }
 }
 const agent = new PortAgent({ keepAlive: false, ca });
+
+// The WebSocket transports always dial 443: point them at the service's HTTPS port.
+ProvisioningMqttWs.prototype._getConnectionUri = () => `wss://localhost:${dpsHttpsPort}/$iothub/websocket`;
+ProvisioningAmqpWs.prototype._getConnectionUri = () => `wss://localhost:${dpsHttpsPort}/$iothub/websocket`;
 
 const service = ProvisioningServiceClient.fromConnectionString(dpsCs);
 service._restApiClient.setOptions({ ca, http: { agent } });
@@ -134,6 +139,14 @@ run([
       new X509Security(x509Reg, { cert, key }));
     const result = await withTimeout(client.register(), 60000, 'register');
     check(result.status === 'assigned' && result.deviceId === x509Reg, JSON.stringify(result));
+  }],
+  ['register over MqttWs and AmqpWs (port 443 WebSockets) with the certificate', async () => {
+    for (const Transport of [ProvisioningMqttWs, ProvisioningAmqpWs]) {
+      const client = ProvisioningDeviceClient.create('localhost', idScope, new Transport(),
+        new X509Security(x509Reg, { cert, key }));
+      const result = await withTimeout(client.register(), 60000, `register over ${Transport.name}`);
+      check(result.status === 'assigned' && result.deviceId === x509Reg, JSON.stringify(result));
+    }
   }],
   ['getDeviceRegistrationState, then delete the enrollments', async () => {
     const { responseBody: st } = await service.getDeviceRegistrationState(mqttReg);
