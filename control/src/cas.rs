@@ -303,11 +303,13 @@ pub fn delete(store: &Store, name: &str, if_match: Option<&str>) -> Result<bool,
     Ok(removed.is_verified)
 }
 
-/// A fresh verification code for `name` (random, 48 hex digits, uppercase as IoT Hub's).
-pub fn generate_code(
+/// Changes the CA `name` with `change` (when `if_match` allows), stamps it updated with a new
+/// etag, stores the list and answers the CA as changed. Nothing is stored when `change` fails.
+fn update(
     store: &Store,
     name: &str,
     if_match: Option<&str>,
+    change: impl FnOnce(&mut StoredCa) -> Result<(), CaError>,
 ) -> Result<StoredCa, CaError> {
     let mut all = stored(store)?;
     let ca = all
@@ -315,15 +317,27 @@ pub fn generate_code(
         .find(|c| c.name == name)
         .ok_or_else(|| CaError::NotFound(name.chars().take(64).collect()))?;
     check_etag(ca, if_match)?;
-    let mut bytes = [0u8; 24];
-    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
-        .map_err(|_| CaError::Invalid("no randomness for a verification code".into()))?;
-    ca.verification_code = Some(bytes.iter().map(|b| format!("{b:02X}")).collect());
+    change(ca)?;
     ca.updated = now();
     ca.etag += 1;
     let out = ca.clone();
     save(store, &all)?;
     Ok(out)
+}
+
+/// A fresh verification code for `name` (random, 48 hex digits, uppercase as IoT Hub's).
+pub fn generate_code(
+    store: &Store,
+    name: &str,
+    if_match: Option<&str>,
+) -> Result<StoredCa, CaError> {
+    let mut bytes = [0u8; 24];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
+        .map_err(|_| CaError::Invalid("no randomness for a verification code".into()))?;
+    update(store, name, if_match, |ca| {
+        ca.verification_code = Some(bytes.iter().map(|b| format!("{b:02X}")).collect());
+        Ok(())
+    })
 }
 
 #[derive(Deserialize)]
@@ -346,26 +360,18 @@ pub fn verify(
         ))
     })?;
     let proof = der_of(&req.certificate)?;
-    let mut all = stored(store)?;
-    let ca = all
-        .iter_mut()
-        .find(|c| c.name == name)
-        .ok_or_else(|| CaError::NotFound(name.chars().take(64).collect()))?;
-    check_etag(ca, if_match)?;
-    let Some(code) = ca.verification_code.clone() else {
-        return Err(CaError::VerificationFailed(
-            "no verification code is pending: generate one first".into(),
-        ));
-    };
-    roost_iothub::x509::verify_possession(&ca.der(), &proof, &code, now() as u64)
-        .map_err(|e| CaError::VerificationFailed(e.to_string()))?;
-    ca.is_verified = true;
-    ca.verification_code = None;
-    ca.updated = now();
-    ca.etag += 1;
-    let out = ca.clone();
-    save(store, &all)?;
-    Ok(out)
+    update(store, name, if_match, |ca| {
+        let Some(code) = ca.verification_code.clone() else {
+            return Err(CaError::VerificationFailed(
+                "no verification code is pending: generate one first".into(),
+            ));
+        };
+        roost_iothub::x509::verify_possession(&ca.der(), &proof, &code, now() as u64)
+            .map_err(|e| CaError::VerificationFailed(e.to_string()))?;
+        ca.is_verified = true;
+        ca.verification_code = None;
+        Ok(())
+    })
 }
 
 #[cfg(test)]

@@ -13,7 +13,6 @@ import base64
 import json
 import hashlib
 import hmac
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -111,12 +110,12 @@ def test_an_x509_individual_enrollment_provisions_a_device(shared_hub, tmp_path)
     from azure.iot.device import X509
     from azure.iot.device.exceptions import CredentialError
 
+    from test_x509_ca import self_signed
+
     hub = shared_hub
     registration_id = unique_id("camera")
     for name in (registration_id, "other"):
-        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-                        "-keyout", f"{name}.key", "-out", f"{name}.pem", "-subj", f"/CN={registration_id}",
-                        "-days", "30"], cwd=tmp_path, check=True, capture_output=True, timeout=30)
+        self_signed(tmp_path, name, registration_id)
     cert = (tmp_path / f"{registration_id}.pem").read_text()
     r = dps_call(hub, "PUT", f"/enrollments/{registration_id}", json={
         "registrationId": registration_id,
@@ -175,12 +174,11 @@ def test_refusals(shared_hub):
 
 def test_the_node_provisioning_sdks(shared_hub, tmp_path):
     from test_node import node_steps
+    from test_x509_ca import self_signed
 
     hub = shared_hub
     x509_reg = unique_id("node-x509")
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-                    "-keyout", "dev.key", "-out", "dev.pem", "-subj", f"/CN={x509_reg}", "-days", "30"],
-                   cwd=tmp_path, check=True, capture_output=True, timeout=30)
+    self_signed(tmp_path, "dev", x509_reg)
     suffix = unique_id("s")
     steps = node_steps(hub, "dps.js", ROOST_DPS_CS=hub.dps["service_connection_string"],
                        ROOST_DPS_SCOPE=hub.dps["id_scope"], ROOST_DPS_HTTPS_PORT=str(hub.dps["ports"]["https"]),
@@ -221,15 +219,11 @@ def test_roost_dps_in_the_cli(shared_hub):
 def test_x509_enrollment_groups_by_signing_certificate_and_by_hub_ca(shared_hub, tmp_path):
     from azure.iot.device import X509
     from azure.iot.device.exceptions import CredentialError
-    from test_x509_ca import CA_EXT, issue_device, new_key_and_csr, openssl, sign
+    from test_x509_ca import issue_device, root_and_intermediate, self_signed
 
     hub = shared_hub
     # A group whose signing certificate is an intermediate the device presents after its own.
-    openssl(tmp_path, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-            "-keyout", "root.key", "-out", "root.pem", "-subj", "/CN=dps root", "-days", "30",
-            "-addext", "basicConstraints=critical,CA:true", "-addext", "keyUsage=critical,keyCertSign,cRLSign")
-    new_key_and_csr(tmp_path, "inter", "dps intermediate")
-    sign(tmp_path, "inter", "root", CA_EXT)
+    root_and_intermediate(tmp_path, "dps")
     group = unique_id("signed")
     r = dps_call(hub, "PUT", f"/enrollmentGroups/{group}", json={
         "enrollmentGroupId": group,
@@ -250,9 +244,7 @@ def test_x509_enrollment_groups_by_signing_certificate_and_by_hub_ca(shared_hub,
         shutdown_client(device_client)
     # A certificate no group's CA signed is not enrolled.
     stranger_id = unique_id("stranger")
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-                    "-keyout", "s.key", "-out", "s.pem", "-subj", f"/CN={stranger_id}", "-days", "30"],
-                   cwd=tmp_path, check=True, capture_output=True, timeout=30)
+    self_signed(tmp_path, "s", stranger_id)
     with pytest.raises(CredentialError):
         call_with_timeout(provisioning_client(hub, stranger_id, x509=X509(cert_file=str(tmp_path / "s.pem"),
                                                                           key_file=str(tmp_path / "s.key"))).register,

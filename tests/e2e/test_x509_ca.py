@@ -46,6 +46,22 @@ CA_EXT = "basicConstraints=critical,CA:true\nkeyUsage=critical,keyCertSign,cRLSi
 LEAF_EXT = "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=clientAuth\n"
 
 
+def self_signed(cwd: Path, name: str, cn: str, *extensions: str) -> None:
+    """`name`.pem and `name`.key: a self-signed certificate for `cn` (`-addext` each of
+    `extensions`)."""
+    args = [arg for ext in extensions for arg in ("-addext", ext)]
+    openssl(cwd, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+            "-keyout", f"{name}.key", "-out", f"{name}.pem", "-subj", f"/CN={cn}", "-days", "30", *args)
+
+
+def root_and_intermediate(cwd: Path, label: str) -> None:
+    """A root CA (`root`.pem/.key) and an intermediate CA it signed (`inter`.pem/.key)."""
+    self_signed(cwd, "root", f"{label} root", "basicConstraints=critical,CA:true",
+                "keyUsage=critical,keyCertSign,cRLSign")
+    new_key_and_csr(cwd, "inter", f"{label} intermediate")
+    sign(cwd, "inter", "root", CA_EXT)
+
+
 def issue_device(cwd: Path, cn: str, issuer: str, chain: list[str] = ()) -> tuple[str, str]:
     """A device certificate for `cn` signed by `issuer`; the file holds it, then `chain`."""
     name = f"dev-{cn.replace('/', '_')}"
@@ -100,11 +116,7 @@ def test_roost_ca_init_signs_devices_that_connect_until_the_ca_is_removed(shared
 
 def test_proof_of_possession_over_rest_with_openssl_and_an_intermediate(shared_hub, tmp_path):
     hub = shared_hub
-    openssl(tmp_path, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-            "-keyout", "root.key", "-out", "root.pem", "-subj", "/CN=roost test root", "-days", "30",
-            "-addext", "basicConstraints=critical,CA:true", "-addext", "keyUsage=critical,keyCertSign,cRLSign")
-    new_key_and_csr(tmp_path, "inter", "roost test intermediate")
-    sign(tmp_path, "inter", "root", CA_EXT)
+    root_and_intermediate(tmp_path, "roost test")
     name = unique_id("root")
 
     r = rest(hub, "PUT", f"/{name}", json={"properties": {"certificate": (tmp_path / "root.pem").read_text()}})

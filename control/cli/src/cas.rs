@@ -71,9 +71,7 @@ pub enum CaCmd {
 }
 
 fn path(name: &str) -> String {
-    let encoded: String =
-        percent_encoding::utf8_percent_encode(name, percent_encoding::NON_ALPHANUMERIC).collect();
-    format!("/roost/certificates/{encoded}")
+    format!("/roost/certificates/{}", crate::cli::path_id(name))
 }
 
 /// Where `roost ca init` keeps a CA's certificate and key.

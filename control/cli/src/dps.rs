@@ -10,6 +10,8 @@ use roost_common::hubfile;
 use roost_common::service::ServiceClient;
 use serde_json::{json, Value};
 
+use crate::cli::path_id as id;
+
 /// The DPS service API version the Node service client calls.
 const API_VERSION: &str = "2021-10-01";
 
@@ -135,10 +137,6 @@ fn call(data_dir: &Path, method: Method, path: &str, body: Option<Value>) -> any
             false => Ok(serde_json::from_slice(&resp.body)?),
         }
     })
-}
-
-fn id(s: &str) -> String {
-    percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).collect()
 }
 
 fn attestation(settings: &Settings, individual: bool) -> anyhow::Result<Value> {

@@ -30,9 +30,7 @@ pub enum GroupCmd {
 }
 
 fn path(name: &str) -> String {
-    let encoded: String =
-        percent_encoding::utf8_percent_encode(name, percent_encoding::NON_ALPHANUMERIC).collect();
-    format!("/roost/consumergroups/{encoded}")
+    format!("/roost/consumergroups/{}", crate::cli::path_id(name))
 }
 
 pub fn run(cmd: GroupCmd) -> anyhow::Result<()> {

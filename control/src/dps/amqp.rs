@@ -23,8 +23,6 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::{Credential, DpsError, Provisioning, RETRY_AFTER};
 
-/// Connections served at once; past it a new one is closed at accept.
-const MAX_CONNECTIONS: usize = 4096;
 /// Requests a device may have unanswered (the credit of its sending link).
 const CREDIT: u32 = 8;
 
@@ -64,32 +62,11 @@ pub fn parse_address(address: &str) -> Option<(String, String)> {
 
 /// Serves the provisioning service's AMQP port.
 pub async fn serve(dps: Arc<Provisioning>, listener: tokio::net::TcpListener, tls: tokio_rustls::TlsAcceptor) {
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    loop {
-        let Ok((socket, _)) = listener.accept().await else {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-            continue;
-        };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            continue;
-        };
-        let (dps, tls) = (dps.clone(), tls.clone());
-        tokio::spawn(async move {
-            let _slot = slot;
-            let _ = socket.set_nodelay(true);
-            let Ok(Ok(stream)) = tokio::time::timeout(Duration::from_secs(10), tls.accept(socket)).await else {
-                return;
-            };
-            let cert = stream
-                .get_ref()
-                .1
-                .peer_certificates()
-                .filter(|c| !c.is_empty())
-                .map(ClientCert::from_chain)
-                .and_then(Result::ok);
-            connection(stream, &dps, cert).await;
-        });
-    }
+    super::accept_tls(listener, tls, move |stream, cert| {
+        let dps = dps.clone();
+        async move { connection(stream, &dps, cert.and_then(Result::ok)).await }
+    })
+    .await;
 }
 
 /// Runs `f` with the registrant's credential off the async threads.

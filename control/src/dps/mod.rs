@@ -210,6 +210,50 @@ pub fn registration_resource(id_scope: &str, registration_id: &str) -> String {
     format!("{id_scope}/registrations/{registration_id}")
 }
 
+/// Connections one provisioning listener serves at once; past it a new one is closed at accept.
+const MAX_CONNECTIONS: usize = 4096;
+
+/// Accepts TLS connections on `listener` (at most [`MAX_CONNECTIONS`] at once, 10 s for the
+/// handshake) and serves each with `serve`, given the client certificate it presented.
+async fn accept_tls<F, Fut>(listener: tokio::net::TcpListener, tls: tokio_rustls::TlsAcceptor, serve: F)
+where
+    F: Fn(
+            tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+            Option<Result<ClientCert, roost_iothub::x509::CertError>>,
+        ) -> Fut
+        + Send
+        + Sync
+        + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let serve = Arc::new(serve);
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let Ok((socket, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            continue;
+        };
+        let (serve, tls) = (serve.clone(), tls.clone());
+        tokio::spawn(async move {
+            let _slot = slot;
+            let _ = socket.set_nodelay(true);
+            let Ok(Ok(stream)) = tokio::time::timeout(Duration::from_secs(10), tls.accept(socket)).await else {
+                return;
+            };
+            let cert = stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .filter(|c| !c.is_empty())
+                .map(ClientCert::from_chain);
+            serve(stream, cert).await;
+        });
+    }
+}
+
 fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

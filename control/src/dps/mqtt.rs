@@ -9,7 +9,7 @@
 //! against the enrollments and again, with the enrollments as they are then, at each request.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use roost_iothub::x509::ClientCert;
@@ -22,8 +22,6 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::{Credential, DpsError, Provisioning, RETRY_AFTER};
 
-/// Connections served at once; past it a new one is closed at accept.
-const MAX_CONNECTIONS: usize = 4096;
 const RESPONSES: &str = "$dps/registrations/res/";
 
 /// What the connection proved at CONNECT.
@@ -90,31 +88,11 @@ fn response_topic(status: u16, rid: &str, retry_after: Option<u32>) -> String {
 
 /// Serves the provisioning service's MQTT port.
 pub async fn serve(dps: Arc<Provisioning>, listener: tokio::net::TcpListener, tls: tokio_rustls::TlsAcceptor) {
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    loop {
-        let Ok((socket, _)) = listener.accept().await else {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-            continue;
-        };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            continue;
-        };
-        let (dps, tls) = (dps.clone(), tls.clone());
-        tokio::spawn(async move {
-            let _slot = slot;
-            let _ = socket.set_nodelay(true);
-            let Ok(Ok(stream)) = tokio::time::timeout(Duration::from_secs(10), tls.accept(socket)).await else {
-                return;
-            };
-            let cert = stream
-                .get_ref()
-                .1
-                .peer_certificates()
-                .filter(|c| !c.is_empty())
-                .map(ClientCert::from_chain);
-            connection(stream, &dps, cert).await;
-        });
-    }
+    super::accept_tls(listener, tls, move |stream, cert| {
+        let dps = dps.clone();
+        async move { connection(stream, &dps, cert).await }
+    })
+    .await;
 }
 
 pub(super) async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
