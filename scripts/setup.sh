@@ -82,7 +82,7 @@ install_packages() {
 }
 
 install_venv() {
-  if [ -x .venv/bin/python ] && .venv/bin/python -c 'import azure.iot.device, azure.iot.hub, azure.eventhub, pytest, requests, nats, websocket' 2>/dev/null; then
+  if [ -x .venv/bin/python ] && .venv/bin/python -c 'import azure.iot.device, azure.iot.hub, azure.eventhub, azure.storage.blob, pytest, requests, nats, websocket' 2>/dev/null; then
     return 0
   fi
   echo "setup: creating .venv with the Azure IoT SDKs"

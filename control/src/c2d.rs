@@ -622,5 +622,8 @@ pub fn serve_request(c2d: &C2d, request: ServiceRequest) -> ServiceReply {
         ServiceRequest::RestAdmit { .. } | ServiceRequest::Rest { .. } => {
             refused(500, 500001, "a REST request is served by the service API".into())
         }
+        ServiceRequest::FileUpload { .. } => {
+            refused(500, 500001, "a file upload is served by the file uploads".into())
+        }
     }
 }

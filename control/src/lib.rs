@@ -13,6 +13,7 @@
 //! (REST), `linkserver` (QUIC), `certs`, `metrics`. HTTP serving, certificate loading and hub.json come from `roost-common`.
 
 pub mod api;
+pub mod blobs;
 pub mod c2d;
 pub mod cas;
 pub mod certs;
@@ -21,6 +22,7 @@ pub mod consumer_groups;
 pub mod device;
 pub mod dps;
 pub mod events;
+pub mod files;
 pub mod jobs;
 pub mod linkserver;
 pub mod methods;
@@ -59,6 +61,9 @@ pub struct ControlConfig {
     pub quotas: Quotas,
     /// The provisioning service's listeners and host name.
     pub dps: dps::DpsConfig,
+    /// The embedded blob store file uploads go to: where it listens (HTTPS) and the host
+    /// name devices reach it by (`None`: file upload is off).
+    pub blob: Option<(SocketAddr, String)>,
 }
 
 /// Runs the control plane until SIGINT or SIGTERM; `on_ready` once every port listens.
@@ -293,6 +298,49 @@ pub fn run(config: ControlConfig, on_ready: impl FnOnce() + Send + 'static) -> a
         server_config.transport_config(Arc::new(transport));
         let endpoint = quinn::Endpoint::server(server_config, config.link)
             .with_context(|| format!("cannot listen on link address {}", config.link))?;
+        let files = match &config.blob {
+            None => None,
+            Some((addr, host)) => {
+                let key = match store.meta_value(b"blob_key")? {
+                    Some(k) => k,
+                    None => {
+                        let mut k = vec![0u8; 32];
+                        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut k)
+                            .map_err(|_| anyhow::anyhow!("no randomness for the blob store's key"))?;
+                        store.put_meta_value(b"blob_key", &k)?;
+                        k
+                    }
+                };
+                let root = data_dir.join("blobs");
+                hubfile::private_dir(&root)?;
+                let host = match addr.port() {
+                    443 => host.clone(),
+                    port => format!("{host}:{port}"),
+                };
+                let blobs = Arc::new(blobs::BlobStore::new(root, key, host));
+                let listener = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("cannot listen on the blob store address {addr}"))?;
+                let blob_tls = tokio_rustls::TlsAcceptor::from(tls::device_server_config(&certs)?);
+                let limits = httpd::Limits {
+                    max_connections: 256,
+                    max_body: blobs::MAX_BLOB_BODY,
+                    body_read: std::time::Duration::from_secs(600),
+                    ..metrics.http_limits("blob")
+                };
+                tokio::spawn(blobs::serve(blobs.clone(), listener, blob_tls, limits));
+                hubfile::merge(&data_dir, json!({ "blob": { "url": format!("https://{}", blobs.host) } }))?;
+                tracing::info!(%addr, host = %blobs.host, "blob store ready");
+                Some(Arc::new(files::FileUploads::new(
+                    blobs,
+                    "fileuploads".into(),
+                    metrics.clone(),
+                    Box::new(|n: files::Notification| {
+                        tracing::info!(device = %n.device_id, blob = %n.blob_name, bytes = n.size, "file uploaded");
+                    }),
+                )))
+            }
+        };
         let link = Arc::new(linkserver::LinkServer {
             store: store.clone(),
             metrics: metrics.clone(),
@@ -304,6 +352,7 @@ pub fn run(config: ControlConfig, on_ready: impl FnOnce() + Send + 'static) -> a
             c2d,
             events: events.clone(),
             api,
+            files,
         });
         tokio::spawn(link.run(endpoint.clone()));
 

@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 
 use roost_common::link::LinkError;
 use roost_model::link::{
-    CommandOutcome, ControlFrame, DeviceCommand, EngineFrame, Epoch, EpochHash, FrameError, TwinOp,
+    CommandOutcome, ControlFrame, DeviceCommand, EngineFrame, Epoch, EpochHash, FrameError,
+    ServiceReply, ServiceRequest, TwinOp,
 };
 use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -69,6 +70,8 @@ pub struct LinkServer {
     pub events: Arc<crate::events::HubEvents>,
     /// The service API, for service requests that reached an engine's port 443.
     pub api: Arc<crate::api::Api>,
+    /// File uploads, when a blob store is configured.
+    pub files: Option<Arc<crate::files::FileUploads>>,
 }
 
 /// Twin requests one engine may have queued at control; past it one is answered at once with
@@ -614,6 +617,23 @@ impl LinkServer {
                     let api = self.api.clone();
                     tokio::spawn(async move {
                         let reply = api.forwarded(request).await;
+                        commands.reply_on_link(link, ControlFrame::ServiceReply { id, reply });
+                    });
+                } else if let ServiceRequest::FileUpload {
+                    device_id,
+                    notification,
+                    correlation_id,
+                    body,
+                } = request
+                {
+                    let files = self.files.clone();
+                    tokio::task::spawn_blocking(move || {
+                        let (status, body) = match &files {
+                            Some(f) => f.serve(&device_id, notification, correlation_id.as_deref(), &body),
+                            None => (400, br#"{"Message":"{\"errorCode\":400004,\"message\":\"file upload is not configured on this hub (control's --blob)\"}","ExceptionMessage":""}"#.to_vec()),
+                        };
+                        let headers = vec![("content-type".to_string(), "application/json; charset=utf-8".to_string())];
+                        let reply = ServiceReply::Http { status, headers, body };
                         commands.reply_on_link(link, ControlFrame::ServiceReply { id, reply });
                     });
                 } else {

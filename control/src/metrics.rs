@@ -40,6 +40,11 @@ pub struct ControlMetrics {
     pub dps_registrations: IntCounterVec,
     /// Provisioning service API calls (enrollments), by `status`.
     pub dps_requests: IntCounterVec,
+    /// File uploads, by `outcome` (started, completed, failed, refused_active_limit,
+    /// missing_blob).
+    pub file_uploads: IntCounterVec,
+    /// Bytes of the uploads completed.
+    pub file_upload_bytes: prometheus::IntCounter,
 }
 
 impl ControlMetrics {
@@ -173,6 +178,19 @@ impl ControlMetrics {
             &["kind", "status"],
         )
         .expect("static metric");
+        let file_uploads = IntCounterVec::new(
+            Opts::new(
+                "roost_file_uploads_total",
+                "File uploads, by outcome (started, completed, failed, refused_active_limit, missing_blob).",
+            ),
+            &["outcome"],
+        )
+        .expect("static metric");
+        let file_upload_bytes = prometheus::IntCounter::new(
+            "roost_file_upload_bytes_total",
+            "Bytes of the file uploads completed.",
+        )
+        .expect("static metric");
         let registry_sequence = IntGauge::new(
             "roost_control_registry_sequence",
             "Sequence of the last registry change.",
@@ -201,6 +219,8 @@ impl ControlMetrics {
             Box::new(hub_events.clone()),
             Box::new(dps_registrations.clone()),
             Box::new(dps_requests.clone()),
+            Box::new(file_uploads.clone()),
+            Box::new(file_upload_bytes.clone()),
         ] {
             registry
                 .register(m)
@@ -225,6 +245,8 @@ impl ControlMetrics {
             hub_events,
             dps_registrations,
             dps_requests,
+            file_uploads,
+            file_upload_bytes,
         }
     }
 

@@ -309,6 +309,16 @@ impl Store {
         self.put_meta(b"consumer_groups", json)
     }
 
+    /// A value of the meta column family (a key the process made for itself).
+    pub fn meta_value(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        self.meta(key)
+    }
+
+    /// Stores a value in the meta column family, synced.
+    pub fn put_meta_value(&self, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+        self.put_meta(key, value)
+    }
+
     /// A provisioning record (JSON, `dps/`).
     pub fn dps(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
         Ok(self.db.get_cf(self.cf(CF_DPS), key.as_bytes())?)

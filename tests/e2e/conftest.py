@@ -711,7 +711,7 @@ class Hub:
         self.cores = cores
         self.hostname = hostname
         self.ports = {name: free_port() for name in ("service", "control_ops", "link", "mqtt", "ops", "amqp", "https",
-                                                        "dps_https", "dps_mqtt", "dps_amqp")}
+                                                        "dps_https", "dps_mqtt", "dps_amqp", "blob")}
         self.control_log = self.root / "control.log"
         self.engine_log = self.root / "engine.log"
         self.cli_log = self.root / "cli.log"
@@ -827,6 +827,7 @@ class Hub:
             "--dps-https", f"127.0.0.1:{p['dps_https']}",
             "--dps-mqtt", f"127.0.0.1:{p['dps_mqtt']}",
             "--dps-amqp", f"127.0.0.1:{p['dps_amqp']}",
+            "--blob", f"127.0.0.1:{p['blob']}",
             *self.control_args,
         ], self.control_log)
         self._wait_healthy(self.control, f"{self.control_ops_url}/healthz", "roost control", self.control_log)

@@ -329,6 +329,8 @@ pub struct UpArgs {
     pub quotas: QuotaArgs,
     #[command(flatten)]
     pub dps: DpsArgs,
+    #[command(flatten)]
+    pub blob: BlobArgs,
     #[arg(long, default_value = "0.0.0.0:8443")]
     pub service: SocketAddr,
     /// Engine ops port: /metrics, /healthz, events consumer API.
@@ -402,6 +404,38 @@ pub struct ControlArgs {
     pub quotas: QuotaArgs,
     #[command(flatten)]
     pub dps: DpsArgs,
+    #[command(flatten)]
+    pub blob: BlobArgs,
+}
+
+/// The embedded blob store file uploads go to (docs/file-upload.md): off unless given.
+#[derive(Args, Clone)]
+pub struct BlobArgs {
+    /// Serve the blob store (HTTPS, Azure Blob's block-blob calls) here; devices upload to it.
+    #[arg(long, value_name = "ADDR")]
+    pub blob: Option<SocketAddr>,
+    /// The host name devices reach the blob store by. Default: the hub's host name. The
+    /// server certificate must name it.
+    #[arg(long, value_name = "NAME")]
+    pub blob_hostname: Option<String>,
+}
+
+impl BlobArgs {
+    pub fn config(&self, hub: &str) -> Option<(SocketAddr, String)> {
+        self.blob
+            .map(|a| (a, self.blob_hostname.clone().unwrap_or_else(|| hub.to_string())))
+    }
+
+    pub fn to_args(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if let Some(a) = self.blob {
+            out.extend(["--blob".to_string(), a.to_string()]);
+        }
+        if let Some(h) = &self.blob_hostname {
+            out.extend(["--blob-hostname".to_string(), h.clone()]);
+        }
+        out
+    }
 }
 
 /// The provisioning service (docs/provisioning.md): off unless a listener is given.
@@ -680,6 +714,7 @@ pub fn run_control(args: ControlArgs) -> anyhow::Result<()> {
     roost_control::run(
         roost_control::ControlConfig {
             dps: args.dps.config(&args.hostname),
+            blob: args.blob.config(&args.hostname),
             data_dir: args.data_dir,
             hostname: args.hostname,
             service: args.service,
@@ -710,6 +745,7 @@ pub fn run_up(args: UpArgs) -> anyhow::Result<()> {
         .args(["--link", &args.link.to_string()])
         .args(args.quotas.to_args())
         .args(args.dps.to_args())
+        .args(args.blob.to_args())
         .spawn()
         .context("starting control")?;
     let mut children = Children(vec![]);

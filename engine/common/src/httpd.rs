@@ -37,6 +37,8 @@ pub struct Limits {
     pub header_read: Duration,
     /// Time for a request's body once its headers are admitted.
     pub body_read: Duration,
+    /// The largest body any request may send, whatever its admission allows.
+    pub max_body: usize,
     /// Told the reason each time a connection is refused or cut by a limit.
     pub on_limit: Arc<dyn Fn(&'static str) + Send + Sync>,
 }
@@ -50,6 +52,7 @@ impl Limits {
             tls_handshake: Duration::from_secs(10),
             header_read: Duration::from_secs(20),
             body_read: Duration::from_secs(30),
+            max_body: MAX_BODY,
             on_limit: Arc::new(|_| {}),
         }
     }
@@ -142,7 +145,7 @@ async fn connection<S, A, H, F>(
     H: Fn(Req) -> F + Send + Sync + 'static,
     F: Future<Output = Resp> + Send + 'static,
 {
-    let body_read = limits.body_read;
+    let (body_read, max_body) = (limits.body_read, limits.max_body);
     let service = service_fn(move |req: Request<Incoming>| {
         let (handler, admit, peer) = (handler.clone(), admit.clone(), peer.clone());
         async move {
@@ -151,7 +154,7 @@ async fn connection<S, A, H, F>(
                 parts.extensions.insert(peer);
             }
             let limit = match admit(&parts) {
-                Ok(limit) => limit.min(MAX_BODY),
+                Ok(limit) => limit.min(max_body),
                 Err(refusal) => return Ok(refusal),
             };
             if declared_length(&parts).is_some_and(|n| n > limit as u64) {
@@ -315,6 +318,7 @@ mod tests {
             tls_handshake: Duration::from_secs(1),
             header_read: Duration::from_millis(300),
             body_read: Duration::from_millis(300),
+            max_body: MAX_BODY,
             on_limit: Arc::new(move |r| h.lock().expect("lock").push(r)),
         };
         let admit = |parts: &Parts| match parts.headers.contains_key("authorization") {

@@ -325,6 +325,15 @@ pub enum ServiceRequest {
     /// A service REST request that reached port 443, body read: served as control's own
     /// service API serves it, answered `Http`.
     Rest { head: RestHead, body: Vec<u8> },
+    /// A device's file-upload request on port 443 (authenticated there): the start
+    /// (`POST /devices/{d}/files`), or with `notification` its end
+    /// (`…/files/notifications[/{correlation_id}]`); answered `Http`.
+    FileUpload {
+        device_id: String,
+        notification: bool,
+        correlation_id: Option<String>,
+        body: Vec<u8>,
+    },
 }
 
 impl ServiceRequest {

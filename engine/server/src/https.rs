@@ -183,6 +183,8 @@ async fn device_request(
         (Route::Settle { .. }, _) => {
             return refuse_method("complete and reject are a DELETE, abandon a POST")
         }
+        (Route::Files { device_id, .. }, "POST") => (device_id, None, None),
+        (Route::Files { .. }, _) => return refuse_method("file upload requests are POSTs"),
     };
     let cert = wire.client_certs();
     let identity = https_device::authenticate(shard, head, device_id, module_id, cert)?;
@@ -198,6 +200,19 @@ async fn device_request(
                 read_body(shard, wire, head, input, https_device::MAX_BODY).await?;
             }
             https_device::settle(shard, device_id, lock, outcome).await
+        }
+        (
+            Route::Files {
+                notification,
+                correlation_id,
+                ..
+            },
+            _,
+        ) => {
+            let body = read_body(shard, wire, head, input, https_device::FILES_BODY).await?;
+            let body = body.to_vec();
+            https_device::files(shard, device_id, *notification, correlation_id.as_deref(), body)
+                .await
         }
         _ => https_device::receive(shard, device_id).await,
     })

@@ -84,6 +84,13 @@ pub enum Route {
         lock: String,
         abandon: bool,
     },
+    /// `…/files` (POST: an upload target), `…/files/notifications[/{correlationId}]` (POST:
+    /// the upload is over).
+    Files {
+        device_id: String,
+        notification: bool,
+        correlation_id: Option<String>,
+    },
     Other,
 }
 
@@ -119,6 +126,21 @@ pub fn route(path: &str) -> Route {
                 abandon: false,
             }
         }
+        [d, "files"] if !d.is_empty() => Route::Files {
+            device_id: decode(d),
+            notification: false,
+            correlation_id: None,
+        },
+        [d, "files", "notifications"] if !d.is_empty() => Route::Files {
+            device_id: decode(d),
+            notification: true,
+            correlation_id: None,
+        },
+        [d, "files", "notifications", cid] if !d.is_empty() => Route::Files {
+            device_id: decode(d),
+            notification: true,
+            correlation_id: Some(decode(cid)),
+        },
         [d, "messages", bound, lock, "abandon"]
             if !d.is_empty() && bound.eq_ignore_ascii_case("devicebound") =>
         {
@@ -363,6 +385,32 @@ pub async fn call(
         Some(Ok(reply)) => Ok(reply),
         Some(Err(why)) => Err(unavailable(why)),
         None => Err(unavailable("the control plane did not answer in time")),
+    }
+}
+
+/// The largest file-upload request body: a blob name or an upload's outcome.
+pub const FILES_BODY: usize = 8 * 1024;
+
+/// A file-upload request (`Route::Files`), served by control: its answer as control gave it.
+pub async fn files(
+    shard: &Shard,
+    device_id: &str,
+    notification: bool,
+    correlation_id: Option<&str>,
+    body: Vec<u8>,
+) -> Answer {
+    use roost_model::link::{ServiceReply, ServiceRequest};
+    let request = ServiceRequest::FileUpload {
+        device_id: device_id.to_string(),
+        notification,
+        correlation_id: correlation_id.map(str::to_string),
+        body,
+    };
+    match call(shard, request, crate::service_calls::CALL_TIMEOUT).await {
+        Ok(ServiceReply::Http { status, headers, body }) => Answer::with_body(status, headers, body),
+        Ok(ServiceReply::Refused { status, message, .. }) => refused(status, message),
+        Ok(_) => Answer::err(500, "ServerError", "control answered a file upload with something else"),
+        Err(answer) => answer,
     }
 }
 
