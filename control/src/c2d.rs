@@ -24,7 +24,7 @@ use serde_json::json;
 use crate::api::now_ms;
 use crate::linkserver::Commands;
 use crate::metrics::ControlMetrics;
-use crate::store::{Store, StoreError};
+use crate::store::{ServiceQueue, Store, StoreError};
 
 /// Messages that may wait for one device (IoT Hub's limit).
 pub const MAX_PENDING: usize = 50;
@@ -519,7 +519,7 @@ impl C2d {
             rows.push((seq, serde_json::to_vec(r).map_err(corrupt)?));
         }
         if !rows.is_empty() {
-            self.store.feedback_put(&rows)?;
+            self.store.queue_put(ServiceQueue::Feedback, &rows)?;
         }
         Ok(())
     }
@@ -527,7 +527,7 @@ impl C2d {
     /// Up to 64 feedback records, oldest first, and the lock token that completes them
     /// (`None` when there are none).
     pub fn feedback(&self) -> Result<Option<(String, Vec<serde_json::Value>)>, StoreError> {
-        let rows = self.store.feedback_list(FEEDBACK_BATCH)?;
+        let rows = self.store.queue_list(ServiceQueue::Feedback, FEEDBACK_BATCH)?;
         let Some((last, _)) = rows.last() else {
             return Ok(None);
         };
@@ -545,7 +545,7 @@ impl C2d {
         let Ok(seq) = lock.parse::<u64>() else {
             return Ok(false);
         };
-        self.store.feedback_delete_through(seq)?;
+        self.store.queue_delete_through(ServiceQueue::Feedback, seq)?;
         Ok(true)
     }
 }
@@ -622,8 +622,10 @@ pub fn serve_request(c2d: &C2d, request: ServiceRequest) -> ServiceReply {
         ServiceRequest::RestAdmit { .. } | ServiceRequest::Rest { .. } => {
             refused(500, 500001, "a REST request is served by the service API".into())
         }
-        ServiceRequest::FileUpload { .. } => {
-            refused(500, 500001, "a file upload is served by the file uploads".into())
+        ServiceRequest::FileUpload { .. }
+        | ServiceRequest::FileNotificationReceive
+        | ServiceRequest::FileNotificationComplete { .. } => {
+            refused(500, 500001, "file uploads are served by the file uploads".into())
         }
     }
 }

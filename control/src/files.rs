@@ -17,6 +17,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::blobs::{BlobPath, BlobStore};
+use crate::store::{ServiceQueue, Store, StoreError};
 
 /// Uploads one device may have started and not finished.
 pub const MAX_ACTIVE: usize = 10;
@@ -63,9 +64,14 @@ pub struct FileUploads {
     pub container: String,
     active: Mutex<HashMap<String, Upload>>,
     pub metrics: Arc<crate::metrics::ControlMetrics>,
-    /// Told each successful upload.
-    pub notify: Box<dyn Fn(Notification) + Send + Sync>,
+    /// The notifications waiting for the service (`/messages/serviceBound/filenotifications`).
+    store: Arc<Store>,
+    /// Told each successful upload, after it is queued (the hub's `file_upload` event).
+    pub notify: Box<dyn Fn(&Notification) + Send + Sync>,
 }
+
+/// The counter numbering queued notifications.
+const NOTIFICATION_SEQ: &[u8] = b"file_notification_seq";
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -93,16 +99,33 @@ impl FileUploads {
     pub fn new(
         blobs: Arc<BlobStore>,
         container: String,
+        store: Arc<Store>,
         metrics: Arc<crate::metrics::ControlMetrics>,
-        notify: Box<dyn Fn(Notification) + Send + Sync>,
+        notify: Box<dyn Fn(&Notification) + Send + Sync>,
     ) -> Self {
         Self {
             blobs,
             container,
             active: Mutex::new(HashMap::new()),
             metrics,
+            store,
             notify,
         }
+    }
+
+    /// The oldest notification waiting for the service and the lock that completes it.
+    pub fn next_notification(&self) -> Result<Option<(String, Vec<u8>)>, StoreError> {
+        let rows = self.store.queue_list(ServiceQueue::FileNotifications, 1)?;
+        Ok(rows.into_iter().next().map(|(seq, body)| (seq.to_string(), body)))
+    }
+
+    /// The notification read with `lock` is delivered; `false` for a token that is not one.
+    pub fn complete_notification(&self, lock: &str) -> Result<bool, StoreError> {
+        let Ok(seq) = lock.parse::<u64>() else {
+            return Ok(false);
+        };
+        self.store.queue_delete_through(ServiceQueue::FileNotifications, seq)?;
+        Ok(true)
     }
 
     fn count(&self, outcome: &str) {
@@ -176,14 +199,20 @@ impl FileUploads {
         self.count("completed");
         self.metrics.file_upload_bytes.inc_by(size);
         let now = crate::api::iso_now();
-        (self.notify)(Notification {
+        let notification = Notification {
             device_id: device_id.to_string(),
             blob_uri: self.blobs.uri(&upload.blob),
             blob_name: upload.blob.blob.clone(),
             size,
             last_updated: now.clone(),
             enqueued: now,
+        };
+        let queued = self.store.next_counter(NOTIFICATION_SEQ).and_then(|seq| {
+            let body = notification.body().to_string().into_bytes();
+            self.store.queue_put(ServiceQueue::FileNotifications, &[(seq, body)])
         });
+        queued.map_err(|e| (500, 500001, format!("the notification could not be stored: {e}")))?;
+        (self.notify)(&notification);
         Ok(())
     }
 
@@ -206,5 +235,43 @@ impl FileUploads {
             });
             (status, body.to_string().into_bytes())
         })
+    }
+}
+
+/// Answers an AMQP file-notification receiver's call (`FileNotificationReceive`,
+/// `FileNotificationComplete`) as the feedback receiver's are answered.
+pub fn serve_notifications(
+    files: Option<&FileUploads>,
+    request: roost_model::link::ServiceRequest,
+) -> roost_model::link::ServiceReply {
+    use roost_model::link::{ServiceReply, ServiceRequest};
+    let Some(files) = files else {
+        return ServiceReply::NoFeedback;
+    };
+    let server = |e: StoreError| ServiceReply::Refused {
+        status: 500,
+        code: 500001,
+        message: e.to_string(),
+    };
+    match request {
+        ServiceRequest::FileNotificationReceive => match files.next_notification() {
+            Ok(Some((lock, body))) => ServiceReply::Feedback { lock, body },
+            Ok(None) => ServiceReply::NoFeedback,
+            Err(e) => server(e),
+        },
+        ServiceRequest::FileNotificationComplete { lock } => match files.complete_notification(&lock) {
+            Ok(true) => ServiceReply::Done,
+            Ok(false) => ServiceReply::Refused {
+                status: 412,
+                code: 412002,
+                message: format!("{lock} is not a file notification lock token"),
+            },
+            Err(e) => server(e),
+        },
+        _ => ServiceReply::Refused {
+            status: 500,
+            code: 500001,
+            message: "not a file notification call".into(),
+        },
     }
 }

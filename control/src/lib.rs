@@ -334,8 +334,9 @@ pub fn run(config: ControlConfig, on_ready: impl FnOnce() + Send + 'static) -> a
                 Some(Arc::new(files::FileUploads::new(
                     blobs,
                     "fileuploads".into(),
+                    store.clone(),
                     metrics.clone(),
-                    Box::new(|n: files::Notification| {
+                    Box::new(|n: &files::Notification| {
                         tracing::info!(device = %n.device_id, blob = %n.blob_name, bytes = n.size, "file uploaded");
                     }),
                 )))

@@ -619,6 +619,16 @@ impl LinkServer {
                         let reply = api.forwarded(request).await;
                         commands.reply_on_link(link, ControlFrame::ServiceReply { id, reply });
                     });
+                } else if matches!(
+                    request,
+                    ServiceRequest::FileNotificationReceive
+                        | ServiceRequest::FileNotificationComplete { .. }
+                ) {
+                    let files = self.files.clone();
+                    tokio::task::spawn_blocking(move || {
+                        let reply = crate::files::serve_notifications(files.as_deref(), request);
+                        commands.reply_on_link(link, ControlFrame::ServiceReply { id, reply });
+                    });
                 } else if let ServiceRequest::FileUpload {
                     device_id,
                     notification,

@@ -39,6 +39,25 @@ const CF_EVENTS_OUT: &str = "events_out";
 /// The provisioning service's enrollments and registration states (`dps/`), by kind-prefixed
 /// key.
 const CF_DPS: &str = "dps";
+/// File-upload notifications waiting for the service (`files.rs`), by sequence.
+const CF_FILE_NOTIFICATIONS: &str = "file_notifications";
+
+/// A queue of records the service reads over AMQP in order: C2D feedback, file-upload
+/// notifications.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServiceQueue {
+    Feedback,
+    FileNotifications,
+}
+
+impl ServiceQueue {
+    fn cf(self) -> &'static str {
+        match self {
+            ServiceQueue::Feedback => CF_FEEDBACK,
+            ServiceQueue::FileNotifications => CF_FILE_NOTIFICATIONS,
+        }
+    }
+}
 const SEQ_KEY: &[u8] = b"registry_seq";
 const POLICIES_KEY: &[u8] = b"policies";
 const ETAG_KEY: &[u8] = b"etag_counter";
@@ -79,6 +98,7 @@ impl Store {
             CF_EVENTS_OUT,
             CF_CONFIGURATIONS,
             CF_DPS,
+            CF_FILE_NOTIFICATIONS,
         ]
         .map(|n| ColumnFamilyDescriptor::new(n, Options::default()));
         let db = DB::open_cf_descriptors(&opts, path, cfs)?;
@@ -553,39 +573,39 @@ impl Store {
         Ok(out)
     }
 
-    /// Appends feedback records (synced) under the keys given.
-    pub fn feedback_put(&self, records: &[(u64, Vec<u8>)]) -> Result<(), StoreError> {
+    /// Appends records to `queue` (synced) under the keys given.
+    pub fn queue_put(&self, queue: ServiceQueue, records: &[(u64, Vec<u8>)]) -> Result<(), StoreError> {
         let mut batch = WriteBatch::default();
         for (seq, v) in records {
-            batch.put_cf(self.cf(CF_FEEDBACK), seq.to_be_bytes(), v);
+            batch.put_cf(self.cf(queue.cf()), seq.to_be_bytes(), v);
         }
         self.write_synced(batch)
     }
 
-    /// Up to `max` feedback records, oldest first.
-    pub fn feedback_list(&self, max: usize) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+    /// Up to `max` records of `queue`, oldest first.
+    pub fn queue_list(&self, queue: ServiceQueue, max: usize) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
         let mut out = Vec::new();
         for item in self
             .db
-            .iterator_cf(self.cf(CF_FEEDBACK), IteratorMode::Start)
+            .iterator_cf(self.cf(queue.cf()), IteratorMode::Start)
             .take(max)
         {
             let (k, v) = item?;
             let seq = u64::from_be_bytes(
                 k.as_ref()
                     .try_into()
-                    .map_err(|_| StoreError::Corrupt("feedback key".into()))?,
+                    .map_err(|_| StoreError::Corrupt("queue key".into()))?,
             );
             out.push((seq, v.to_vec()));
         }
         Ok(out)
     }
 
-    /// Deletes the feedback records up to and including `seq`.
-    pub fn feedback_delete_through(&self, seq: u64) -> Result<(), StoreError> {
+    /// Deletes the records of `queue` up to and including `seq`.
+    pub fn queue_delete_through(&self, queue: ServiceQueue, seq: u64) -> Result<(), StoreError> {
         let mut batch = WriteBatch::default();
         batch.delete_range_cf(
-            self.cf(CF_FEEDBACK),
+            self.cf(queue.cf()),
             0u64.to_be_bytes(),
             seq.saturating_add(1).to_be_bytes(),
         );

@@ -79,3 +79,13 @@ def test_at_most_ten_uploads_in_flight_per_device(shared_hub):
         assert "400" in str(e.value.__cause__), e.value.__cause__
     finally:
         shutdown_client(client)
+
+
+def test_the_node_sdks_upload_and_the_service_is_notified(shared_hub):
+    from test_node import node_steps
+
+    hub = shared_hub
+    device_id = unique_id("nodeupload")
+    steps = node_steps(hub, "file_upload.js", ROOST_DEVICE_ID=device_id, ROOST_HTTPS_PORT=str(hub.ports["https"]),
+                       ROOST_AMQP_PORT=str(hub.ports["amqp"]), NODE_EXTRA_CA_CERTS=str(hub.ca_path))
+    assert len(steps) == 3, [s["step"] for s in steps]

@@ -198,6 +198,25 @@ pub fn feedback_message(lock: &str, body: Vec<u8>) -> Message {
     }
 }
 
+/// A file-upload notification's content type (as IoT Hub marks one).
+pub const FILE_NOTIFICATION_CONTENT_TYPE: &str =
+    "application/vnd.microsoft.iothub.filenotification.json";
+
+/// A file-upload notification for `/messages/serviceBound/filenotifications`: its JSON in a
+/// data section (the Node service client reads `data`), its lock as the message id.
+pub fn file_notification_message(lock: &str, body: Vec<u8>) -> Message {
+    Message {
+        properties: Some(Properties {
+            message_id: Value::string(lock),
+            content_type: Some(FILE_NOTIFICATION_CONTENT_TYPE.into()),
+            content_encoding: Some("utf-8".into()),
+            ..Properties::default()
+        }),
+        body: Body::Data(vec![Bytes::from(body)]),
+        ..Message::default()
+    }
+}
+
 /// The node of a device address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeviceNode {

@@ -319,6 +319,11 @@ pub enum ServiceRequest {
     FeedbackReceive,
     /// The records a `FeedbackReceive` returned with `lock` are delivered.
     FeedbackComplete { lock: String },
+    /// The oldest file-upload notification, with the lock that completes it (answered
+    /// `Feedback` with one JSON object, or `NoFeedback`).
+    FileNotificationReceive,
+    /// The notification a `FileNotificationReceive` returned with `lock` is delivered.
+    FileNotificationComplete { lock: String },
     /// A service REST request that reached the engine's port 443, judged from its head before
     /// its body is read: answered `Admitted` with the route's body limit, or `Http` refused.
     RestAdmit { head: RestHead },

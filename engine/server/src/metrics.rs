@@ -224,7 +224,7 @@ impl Metrics {
                 g
             },
             amqp_links: counter(&registry, "roost_amqp_links_total", "AMQP links accepted, by kind (cbs, management, eventhubs_receiver, c2d_sender, feedback_receiver, device_telemetry, device_c2d, device_methods, device_twin).", &["kind"]),
-            amqp_service_calls: counter(&registry, "roost_amqp_service_calls_total", "What AMQP service links asked of control, by operation (c2d_send, feedback_receive, feedback_complete, feedback_abandon) and result (ok, none, a refusal's status, control_away, timed_out, or a message error code).", &["op", "result"]),
+            amqp_service_calls: counter(&registry, "roost_amqp_service_calls_total", "What AMQP service links asked of control, by operation (c2d_send, feedback_receive, feedback_complete, feedback_abandon, file_notification_receive, file_notification_complete, file_notification_abandon) and result (ok, none, a refusal's status, control_away, timed_out, or a message error code).", &["op", "result"]),
             amqp_refused: counter(&registry, "roost_amqp_refused_total", "AMQP links, deliveries and connections refused, by reason (unauthorized, not_found, decode_error, framing_error, resource_limit, invalid_field, illegal_state, other, or a codec error code).", &["reason"]),
             amqp_cbs: counter(&registry, "roost_amqp_cbs_put_tokens_total", "$cbs put-token requests, by result (ok, expired, bad_signature, unknown_policy, no_policy, wrong_audience, bad_token, bad_request).", &["result"]),
             amqp_receiver_lag: {

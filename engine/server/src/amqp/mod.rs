@@ -580,8 +580,16 @@ fn attach_link(s: &mut Session, endpoint: &AmqpEndpoint, link: LinkId, a: &Attac
                     .map(|()| Link::C2dIn { in_flight: 0 })
             }
             (Role::Receiver, addr) if service::is_feedback(addr) => {
-                service::authorize(s, endpoint, service::FEEDBACK)
-                    .map(|()| Link::FeedbackOut(service::Feedback::new()))
+                service::authorize(s, endpoint, service::FEEDBACK).map(|()| {
+                    Link::FeedbackOut(service::Feedback::new(service::ServiceQueue::Feedback))
+                })
+            }
+            (Role::Receiver, addr) if service::is_file_notifications(addr) => {
+                service::authorize(s, endpoint, service::FILE_NOTIFICATIONS).map(|()| {
+                    Link::FeedbackOut(service::Feedback::new(
+                        service::ServiceQueue::FileNotifications,
+                    ))
+                })
             }
             (Role::Receiver, other) => eventhubs::attach_receiver(s, endpoint, link, other, a),
             (Role::Sender, _) => Err(AmqpError::new(

@@ -1,7 +1,9 @@
 //! IoT Hub's service links over AMQP (spec §4): the `/messages/devicebound` sender through
 //! which `send_c2d_message` (Python) and `Client.send` (Node) queue cloud-to-device messages,
-//! and the `/messages/serviceBound/feedback` receiver that delivers feedback batches. Control
-//! holds the queues and the feedback; every operation is a call over the control link
+//! the `/messages/serviceBound/feedback` receiver that delivers feedback batches, and the
+//! `/messages/serviceBound/filenotifications` receiver that delivers file-upload notifications
+//! one per message. Control holds the queues, the feedback and the notifications; every
+//! operation is a call over the control link
 //! (`crate::service_calls`), answered on the connection's completion channel, so the
 //! connection never waits for control.
 
@@ -19,6 +21,7 @@ use crate::service_calls::CallFailed;
 /// The paths a service link's token must cover.
 pub const DEVICEBOUND: &str = "messages/devicebound";
 pub const FEEDBACK: &str = "messages/servicebound/feedback";
+pub const FILE_NOTIFICATIONS: &str = "messages/servicebound/filenotifications";
 /// Cloud-to-device messages one sender link may have at control at once (its credit).
 pub const C2D_WINDOW: u32 = 16;
 /// How often a feedback receiver with credit asks control for records when there were none.
@@ -33,6 +36,11 @@ pub fn is_devicebound(address: &str) -> bool {
 /// The node feedback is read from.
 pub fn is_feedback(address: &str) -> bool {
     node_path(address).eq_ignore_ascii_case("/messages/servicebound/feedback")
+}
+
+/// The node file-upload notifications are read from.
+pub fn is_file_notifications(address: &str) -> bool {
+    node_path(address).eq_ignore_ascii_case("/messages/servicebound/filenotifications")
 }
 
 /// The path of an address with any `scheme://host` in front.
@@ -166,9 +174,45 @@ pub(super) fn on_c2d_sent(s: &mut Session, link: LinkId, delivery_id: u32, state
     }
 }
 
-/// A feedback receiver's state.
+/// What a service receiver reads: C2D feedback batches, or file-upload notifications.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServiceQueue {
+    Feedback,
+    FileNotifications,
+}
+
+impl ServiceQueue {
+    fn receive(self) -> ServiceRequest {
+        match self {
+            ServiceQueue::Feedback => ServiceRequest::FeedbackReceive,
+            ServiceQueue::FileNotifications => ServiceRequest::FileNotificationReceive,
+        }
+    }
+
+    fn complete(self, lock: String) -> ServiceRequest {
+        match self {
+            ServiceQueue::Feedback => ServiceRequest::FeedbackComplete { lock },
+            ServiceQueue::FileNotifications => ServiceRequest::FileNotificationComplete { lock },
+        }
+    }
+
+    /// The `call` label of its calls' metrics.
+    fn label(self, what: &str) -> &'static str {
+        match (self, what) {
+            (ServiceQueue::Feedback, "receive") => "feedback_receive",
+            (ServiceQueue::Feedback, "complete") => "feedback_complete",
+            (ServiceQueue::Feedback, _) => "feedback_abandon",
+            (ServiceQueue::FileNotifications, "receive") => "file_notification_receive",
+            (ServiceQueue::FileNotifications, "complete") => "file_notification_complete",
+            (ServiceQueue::FileNotifications, _) => "file_notification_abandon",
+        }
+    }
+}
+
+/// A feedback or file-notification receiver's state.
 #[derive(Debug)]
 pub struct Feedback {
+    queue: ServiceQueue,
     /// A call to control is out.
     asking: bool,
     /// The batch sent and not yet settled: its delivery id and lock.
@@ -178,8 +222,9 @@ pub struct Feedback {
 }
 
 impl Feedback {
-    pub fn new() -> Self {
+    pub fn new(queue: ServiceQueue) -> Self {
         Self {
+            queue,
             asking: false,
             unsettled: None,
             next_poll: Instant::now(),
@@ -190,17 +235,17 @@ impl Feedback {
 /// Asks control for feedback for each receiver with credit and nothing out.
 pub(super) fn pump_feedback(s: &mut Session, endpoint: &AmqpEndpoint) {
     let now = Instant::now();
-    let ready: Vec<LinkId> = s
+    let ready: Vec<(LinkId, ServiceQueue)> = s
         .links
         .iter()
         .filter_map(|(id, l)| match l {
             Link::FeedbackOut(f) if !f.asking && f.unsettled.is_none() && f.next_poll <= now => {
-                Some(*id)
+                Some((*id, f.queue))
             }
             _ => None,
         })
         .collect();
-    for link in ready {
+    for (link, queue) in ready {
         if s.conn.credit(link) == 0 {
             continue;
         }
@@ -209,7 +254,7 @@ pub(super) fn pump_feedback(s: &mut Session, endpoint: &AmqpEndpoint) {
         }
         let (services, done) = (endpoint.services.clone(), s.done.clone());
         tokio::spawn(async move {
-            let reply = services.call(ServiceRequest::FeedbackReceive).await;
+            let reply = services.call(queue.receive()).await;
             let _ = done.send(Done::Feedback { link, reply });
         });
     }
@@ -223,11 +268,19 @@ pub(super) fn on_feedback(
     link: LinkId,
     reply: Result<ServiceReply, CallFailed>,
 ) {
-    count_call(&endpoint.metrics, "feedback_receive", &reply);
+    let queue = match s.links.get(&link) {
+        Some(Link::FeedbackOut(f)) => f.queue,
+        _ => return,
+    };
+    count_call(&endpoint.metrics, queue.label("receive"), &reply);
     let sent = match reply {
         Ok(ServiceReply::Feedback { lock, body }) => {
             let mut out = BytesMut::new();
-            messaging::feedback_message(&lock, body).write(&mut out);
+            let message = match queue {
+                ServiceQueue::Feedback => messaging::feedback_message(&lock, body),
+                ServiceQueue::FileNotifications => messaging::file_notification_message(&lock, body),
+            };
+            message.write(&mut out);
             let tag = Bytes::from(lock.clone().into_bytes());
             s.conn
                 .send(link, tag, out.freeze(), false)
@@ -268,11 +321,12 @@ pub(super) fn on_disposition(
             continue;
         };
         let metrics = endpoint.metrics.clone();
+        let queue = f.queue;
         if !matches!(state, Some(DeliveryState::Accepted)) {
             f.next_poll = Instant::now();
             metrics
                 .amqp_service_calls
-                .with_label_values(&["feedback_abandon", "ok"])
+                .with_label_values(&[queue.label("abandon"), "ok"])
                 .inc();
             continue;
         }
@@ -280,10 +334,8 @@ pub(super) fn on_disposition(
         f.asking = true;
         let (services, done, link) = (endpoint.services.clone(), s.done.clone(), *id);
         tokio::spawn(async move {
-            let reply = services
-                .call(ServiceRequest::FeedbackComplete { lock })
-                .await;
-            count_call(&metrics, "feedback_complete", &reply);
+            let reply = services.call(queue.complete(lock)).await;
+            count_call(&metrics, queue.label("complete"), &reply);
             let _ = done.send(Done::FeedbackCompleted { link });
         });
     }
