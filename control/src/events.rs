@@ -50,6 +50,8 @@ pub enum EventSource {
     TwinChange,
     Lifecycle,
     ConnectionState,
+    /// A device's file upload completed.
+    FileUpload,
 }
 
 impl EventSource {
@@ -58,6 +60,7 @@ impl EventSource {
             EventSource::TwinChange => Source::TwinChangeEvents,
             EventSource::Lifecycle => Source::DeviceLifecycleEvents,
             EventSource::ConnectionState => Source::DeviceConnectionStateEvents,
+            EventSource::FileUpload => Source::FileUploadNotifications,
         }
     }
 
@@ -67,6 +70,7 @@ impl EventSource {
             EventSource::TwinChange => "twinChangeNotification",
             EventSource::Lifecycle => "deviceLifecycleNotification",
             EventSource::ConnectionState => "deviceConnectionStateNotification",
+            EventSource::FileUpload => "fileUploadNotification",
         }
     }
 }

@@ -336,9 +336,21 @@ pub fn run(config: ControlConfig, on_ready: impl FnOnce() + Send + 'static) -> a
                     "fileuploads".into(),
                     store.clone(),
                     metrics.clone(),
-                    Box::new(|n: &files::Notification| {
-                        tracing::info!(device = %n.device_id, blob = %n.blob_name, bytes = n.size, "file uploaded");
-                    }),
+                    {
+                        // Each completed upload is also the hub's `file_upload` event, routable
+                        // like its other events.
+                        let (store, events) = (store.clone(), events.clone());
+                        Box::new(move |n: &files::Notification| {
+                            tracing::info!(device = %n.device_id, blob = %n.blob_name, bytes = n.size, "file uploaded");
+                            let mut writes = store.writes();
+                            events::HubEvent::new(events::EventSource::FileUpload, &n.device_id, "fileUploaded", n.body())
+                                .write_in(&mut writes);
+                            match writes.commit() {
+                                Ok(()) => events.written(),
+                                Err(e) => tracing::warn!(error = %e, "the file upload event could not be stored"),
+                            }
+                        })
+                    },
                 )))
             }
         };

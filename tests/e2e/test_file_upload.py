@@ -6,6 +6,7 @@ store, then notifies the hub (`notify_blob_upload_status`); the file is then rea
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -53,6 +54,14 @@ def test_a_device_uploads_a_file_that_is_then_readable(shared_hub, blocks):
         assert "AuthenticationFailed" in str(refused.value) or "403" in str(refused.value)
     finally:
         shutdown_client(client)
+    # The completed upload is the hub's file_upload event, routed (by the default routes.lua)
+    # to `events` with the notification as its body.
+    from test_events import record_body, wait_events
+
+    event = wait_events(hub, device_id, "fileUploadNotifications", 1)[0]
+    assert event["properties"]["opType"] == "fileUploaded"
+    body = json.loads(record_body(event))
+    assert body["blobName"] == f"{device_id}/reports/today.bin" and body["blobSizeInBytes"] == len(data)
     m = hub.control_metrics()
     assert metric_sum_of(m, "roost_file_uploads_total", outcome="completed") >= 1
     assert metric_sum_of(m, "roost_file_upload_bytes_total") >= len(data)

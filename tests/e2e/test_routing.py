@@ -79,7 +79,7 @@ def test_check_reports_errors_on_their_line(hub_factory, tmp_path):
     hub = hub_factory(start=False)
     ok = hub_cli_plain(hub, "routes", "check", str(REPO / "routes.lua"))
     summary = json.loads(ok.stdout)
-    assert [r["name"] for r in summary["routes"]] == ["twin-changes", "lifecycle", "connection-state"]
+    assert [r["name"] for r in summary["routes"]] == ["twin-changes", "lifecycle", "connection-state", "file-uploads"]
     assert summary["fallback"] == ["events"]
     bad = tmp_path / "bad.lua"
     bad.write_text("return {\n  routes = {\n    { name = \"a\",\n      endpoints = { \"nowhere\" } },\n  },\n}\n")

@@ -10,14 +10,18 @@ pub enum Source {
     TwinChangeEvents,
     DeviceLifecycleEvents,
     DeviceConnectionStateEvents,
+    /// A device's file upload completed (roost's `file_upload` routing source). Last: the
+    /// variants before it keep their archived values.
+    FileUploadNotifications,
 }
 
 /// Every value of `iothub-message-source` the log holds.
-pub const SOURCES: [&str; 4] = [
+pub const SOURCES: [&str; 5] = [
     "Telemetry",
     "twinChangeEvents",
     "deviceLifecycleEvents",
     "deviceConnectionStateEvents",
+    "fileUploadNotifications",
 ];
 
 impl Source {
@@ -28,6 +32,7 @@ impl Source {
             Source::TwinChangeEvents => "twinChangeEvents",
             Source::DeviceLifecycleEvents => "deviceLifecycleEvents",
             Source::DeviceConnectionStateEvents => "deviceConnectionStateEvents",
+            Source::FileUploadNotifications => "fileUploadNotifications",
         }
     }
 }
@@ -39,6 +44,7 @@ impl ArchivedSource {
             ArchivedSource::TwinChangeEvents => "twinChangeEvents",
             ArchivedSource::DeviceLifecycleEvents => "deviceLifecycleEvents",
             ArchivedSource::DeviceConnectionStateEvents => "deviceConnectionStateEvents",
+            ArchivedSource::FileUploadNotifications => "fileUploadNotifications",
         }
     }
 }

@@ -370,6 +370,7 @@ pub fn source_name(s: Source) -> &'static str {
         Source::TwinChangeEvents => "twin_change",
         Source::DeviceLifecycleEvents => "lifecycle",
         Source::DeviceConnectionStateEvents => "connection_state",
+        Source::FileUploadNotifications => "file_upload",
     }
 }
 

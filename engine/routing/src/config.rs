@@ -61,6 +61,7 @@ impl RouteSource {
             roost_model::Source::TwinChangeEvents => RouteSource::TwinChange,
             roost_model::Source::DeviceLifecycleEvents => RouteSource::Lifecycle,
             roost_model::Source::DeviceConnectionStateEvents => RouteSource::ConnectionState,
+            roost_model::Source::FileUploadNotifications => RouteSource::FileUpload,
         }
     }
 }

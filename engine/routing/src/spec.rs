@@ -204,6 +204,7 @@ pub fn message(m: &Value) -> Result<roost_model::Message, String> {
         Some("twin_change") => roost_model::Source::TwinChangeEvents,
         Some("lifecycle") => roost_model::Source::DeviceLifecycleEvents,
         Some("connection_state") => roost_model::Source::DeviceConnectionStateEvents,
+        Some("file_upload") => roost_model::Source::FileUploadNotifications,
         Some(other) => return Err(format!("unknown source {other:?}")),
     };
     Ok(roost_model::Message {

@@ -232,6 +232,7 @@ fn the_default_routes_lua_sends_everything_to_events() {
         Source::TwinChangeEvents,
         Source::DeviceLifecycleEvents,
         Source::DeviceConnectionStateEvents,
+        Source::FileUploadNotifications,
     ] {
         let mut m = message("{}", &[]);
         m.source = source;
