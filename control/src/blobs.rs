@@ -275,9 +275,18 @@ impl BlobStore {
             .ok_or_else(|| storage_error(StatusCode::BAD_REQUEST, "InvalidQueryParameterValue", "blockid must be base64 of at most 64 bytes"))?;
         let dir = self.blocks_dir(path);
         std::fs::create_dir_all(&dir).map_err(Self::io_error)?;
-        let staged = std::fs::read_dir(&dir).map(|d| d.count()).unwrap_or(0);
-        if staged >= MAX_BLOCKS {
+        let (count, bytes) = std::fs::read_dir(&dir)
+            .map(|d| {
+                d.filter_map(Result::ok)
+                    .filter_map(|e| e.metadata().ok())
+                    .fold((0usize, 0u64), |(n, b), m| (n + 1, b + m.len()))
+            })
+            .unwrap_or((0, 0));
+        if count >= MAX_BLOCKS {
             return Err(storage_error(StatusCode::CONFLICT, "BlockCountExceedsLimit", "too many uncommitted blocks"));
+        }
+        if bytes + req.body().len() as u64 > MAX_BLOB {
+            return Err(storage_error(StatusCode::PAYLOAD_TOO_LARGE, "RequestBodyTooLarge", "the uncommitted blocks would make too large a blob"));
         }
         std::fs::write(dir.join(hex(&id)), req.body()).map_err(Self::io_error)?;
         Ok(self.created(path))
@@ -410,8 +419,48 @@ pub fn block_list(xml: &str) -> Option<Vec<String>> {
     None
 }
 
-/// Serves the blob store's HTTPS port.
+/// Staged blocks no block list committed are removed this long after their last write (the
+/// SAS that wrote them has expired by then).
+const STALE_BLOCKS: Duration = Duration::from_secs(2 * 3600);
+
+impl BlobStore {
+    /// Removes the staged blocks of uploads abandoned for [`STALE_BLOCKS`]; answers how many
+    /// blobs' blocks went.
+    pub fn sweep_stale_blocks(&self) -> usize {
+        let Ok(dirs) = std::fs::read_dir(self.root.join(".blocks")) else {
+            return 0;
+        };
+        let mut removed = 0;
+        for d in dirs.filter_map(Result::ok) {
+            let stale = d
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age > STALE_BLOCKS);
+            if stale && std::fs::remove_dir_all(d.path()).is_ok() {
+                removed += 1;
+            }
+        }
+        removed
+    }
+}
+
+/// Serves the blob store's HTTPS port (and sweeps abandoned blocks every ten minutes).
 pub async fn serve(store: Arc<BlobStore>, listener: tokio::net::TcpListener, tls: tokio_rustls::TlsAcceptor, limits: httpd::Limits) {
+    let sweeper = store.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(600));
+        loop {
+            tick.tick().await;
+            let s = sweeper.clone();
+            if let Ok(n) = tokio::task::spawn_blocking(move || s.sweep_stale_blocks()).await {
+                if n > 0 {
+                    tracing::info!(blobs = n, "removed the staged blocks of abandoned uploads");
+                }
+            }
+        }
+    });
     let admit = store.clone();
     httpd::serve(
         listener,

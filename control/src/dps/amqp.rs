@@ -25,6 +25,8 @@ use super::{Credential, DpsError, Provisioning, RETRY_AFTER};
 
 /// Requests a device may have unanswered (the credit of its sending link).
 const CREDIT: u32 = 8;
+/// Answers held for a receiver that gives no credit; past it the connection is closed.
+const MAX_REPLIES: usize = 64;
 
 /// What the connection proved: by SASL PLAIN, or by its certificate once a link names the
 /// registration.
@@ -174,6 +176,13 @@ pub(super) async fn connection<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S,
                     }
                     if let Some(a) = answer {
                         replies.push_back(a);
+                    }
+                    if replies.len() > MAX_REPLIES {
+                        conn.close(Some(AmqpError::new(
+                            "amqp:resource-limit-exceeded",
+                            "answers are waiting for credit the receiver does not give",
+                        )));
+                        continue;
                     }
                     conn.grant(link, CREDIT);
                 }
