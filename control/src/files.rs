@@ -138,7 +138,7 @@ impl FileUploads {
             .map_err(|e| bad(format!("the body must be {{\"blobName\": \"…\"}}: {e}")))?;
         let name = req.blob_name.trim_start_matches('/');
         let ok = !name.is_empty()
-            && name.len() <= 1024 - device_id.len() - 1
+            && name.len() <= 1023usize.saturating_sub(device_id.len())
             && !name.contains(['?', '#', '%', '\\', '\0'])
             && !name.ends_with(['.', '/']);
         let blob = BlobPath::parse(&format!("/{}/{device_id}/{name}", self.container))
