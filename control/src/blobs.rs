@@ -28,6 +28,36 @@ const MAX_BLOCKS: usize = 50_000;
 /// The storage API version answered.
 const VERSION: &str = "2021-08-06";
 
+/// Where uploads go: the embedded [`BlobStore`], or an Azure Storage account
+/// (`crate::azure_store`).
+pub trait BlobTarget: Send + Sync {
+    /// `hostName` of an upload's answer: what devices put after `https://` and before
+    /// `/{container}/{blob}` (`host[:port]`, with an account's path for a path-style store).
+    fn host_name(&self) -> String;
+    /// A SAS for `path` (`?…&sig=…`) granting `permissions`, valid for `ttl`.
+    fn sas(&self, path: &BlobPath, permissions: &str, ttl: Duration) -> String;
+    /// The blob's URI.
+    fn uri(&self, path: &BlobPath) -> String {
+        format!("https://{}/{}/{}", self.host_name(), path.container, path.blob)
+    }
+    /// The blob's size if it exists (blocking: it may ask the store).
+    fn size(&self, path: &BlobPath) -> Option<u64>;
+}
+
+impl BlobTarget for BlobStore {
+    fn host_name(&self) -> String {
+        self.host.clone()
+    }
+
+    fn sas(&self, path: &BlobPath, permissions: &str, ttl: Duration) -> String {
+        BlobStore::sas(self, path, permissions, ttl)
+    }
+
+    fn size(&self, path: &BlobPath) -> Option<u64> {
+        BlobStore::size(self, path)
+    }
+}
+
 /// What signs and locates blob SAS URIs.
 pub struct BlobStore {
     root: PathBuf,
@@ -189,11 +219,6 @@ impl BlobStore {
     /// The blob's size, if it exists.
     pub fn size(&self, path: &BlobPath) -> Option<u64> {
         std::fs::metadata(self.file(path)).ok().filter(|m| m.is_file()).map(|m| m.len())
-    }
-
-    /// The blob's URI as devices and services see it.
-    pub fn uri(&self, path: &BlobPath) -> String {
-        format!("https://{}{}", self.host, path.resource())
     }
 
     /// Serves an admitted request (blocking file work: call it off the async threads).

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::blobs::{BlobPath, BlobStore};
+use crate::blobs::{BlobPath, BlobTarget};
 use crate::store::{ServiceQueue, Store, StoreError};
 
 /// Uploads one device may have started and not finished.
@@ -60,7 +60,7 @@ struct Upload {
 
 /// The upload slots and where a finished upload's notification goes.
 pub struct FileUploads {
-    pub blobs: Arc<BlobStore>,
+    pub blobs: Arc<dyn BlobTarget>,
     pub container: String,
     active: Mutex<HashMap<String, Upload>>,
     pub metrics: Arc<crate::metrics::ControlMetrics>,
@@ -97,7 +97,7 @@ fn bad(message: impl Into<String>) -> Refusal {
 
 impl FileUploads {
     pub fn new(
-        blobs: Arc<BlobStore>,
+        blobs: Arc<dyn BlobTarget>,
         container: String,
         store: Arc<Store>,
         metrics: Arc<crate::metrics::ControlMetrics>,
@@ -159,7 +159,7 @@ impl FileUploads {
         let sas = self.blobs.sas(&blob, "rw", SAS_TTL);
         let answer = json!({
             "correlationId": correlation_id,
-            "hostName": self.blobs.host,
+            "hostName": self.blobs.host_name(),
             "containerName": blob.container,
             "blobName": blob.blob,
             "sasToken": sas,

@@ -13,6 +13,7 @@
 //! (REST), `linkserver` (QUIC), `certs`, `metrics`. HTTP serving, certificate loading and hub.json come from `roost-common`.
 
 pub mod api;
+pub mod azure_store;
 pub mod blobs;
 pub mod c2d;
 pub mod cas;
@@ -61,9 +62,36 @@ pub struct ControlConfig {
     pub quotas: Quotas,
     /// The provisioning service's listeners and host name.
     pub dps: dps::DpsConfig,
-    /// The embedded blob store file uploads go to: where it listens (HTTPS) and the host
-    /// name devices reach it by (`None`: file upload is off).
-    pub blob: Option<(SocketAddr, String)>,
+    /// Where file uploads go (`None`: file upload is off).
+    pub blob: Option<BlobConfig>,
+}
+
+/// The store file uploads go to.
+#[derive(Debug, Clone)]
+pub enum BlobConfig {
+    /// The embedded store: where it listens (HTTPS) and the host name devices reach it by.
+    Embedded { addr: SocketAddr, hostname: String },
+    /// An Azure Storage account (or Azurite): its blob endpoint URL, its key (base64), and
+    /// the container uploads go to (which must exist).
+    Azure { url: String, key: String, container: String },
+}
+
+/// Each completed upload is also the hub's `file_upload` event, routable like its other
+/// events.
+fn file_upload_events(
+    store: Arc<store::Store>,
+    events: Arc<events::HubEvents>,
+) -> Box<dyn Fn(&files::Notification) + Send + Sync> {
+    Box::new(move |n: &files::Notification| {
+        tracing::info!(device = %n.device_id, blob = %n.blob_name, bytes = n.size, "file uploaded");
+        let mut writes = store.writes();
+        events::HubEvent::new(events::EventSource::FileUpload, &n.device_id, "fileUploaded", n.body())
+            .write_in(&mut writes);
+        match writes.commit() {
+            Ok(()) => events.written(),
+            Err(e) => tracing::warn!(error = %e, "the file upload event could not be stored"),
+        }
+    })
 }
 
 /// Runs the control plane until SIGINT or SIGTERM; `on_ready` once every port listens.
@@ -300,7 +328,18 @@ pub fn run(config: ControlConfig, on_ready: impl FnOnce() + Send + 'static) -> a
             .with_context(|| format!("cannot listen on link address {}", config.link))?;
         let files = match &config.blob {
             None => None,
-            Some((addr, host)) => {
+            Some(BlobConfig::Azure { url, key, container }) => {
+                let target = Arc::new(azure_store::AzureStore::new(url, key, &data_dir)?);
+                tracing::info!(%url, %container, "file uploads go to a storage account");
+                Some(Arc::new(files::FileUploads::new(
+                    target,
+                    container.clone(),
+                    store.clone(),
+                    metrics.clone(),
+                    file_upload_events(store.clone(), events.clone()),
+                )))
+            }
+            Some(BlobConfig::Embedded { addr, hostname: host }) => {
                 let key = match store.meta_value(b"blob_key")? {
                     Some(k) => k,
                     None => {
@@ -336,21 +375,7 @@ pub fn run(config: ControlConfig, on_ready: impl FnOnce() + Send + 'static) -> a
                     "fileuploads".into(),
                     store.clone(),
                     metrics.clone(),
-                    {
-                        // Each completed upload is also the hub's `file_upload` event, routable
-                        // like its other events.
-                        let (store, events) = (store.clone(), events.clone());
-                        Box::new(move |n: &files::Notification| {
-                            tracing::info!(device = %n.device_id, blob = %n.blob_name, bytes = n.size, "file uploaded");
-                            let mut writes = store.writes();
-                            events::HubEvent::new(events::EventSource::FileUpload, &n.device_id, "fileUploaded", n.body())
-                                .write_in(&mut writes);
-                            match writes.commit() {
-                                Ok(()) => events.written(),
-                                Err(e) => tracing::warn!(error = %e, "the file upload event could not be stored"),
-                            }
-                        })
-                    },
+                    file_upload_events(store.clone(), events.clone()),
                 )))
             }
         };

@@ -725,6 +725,8 @@ class Hub:
         self.engine_args: list[str] = []
         # Extra `roost control` arguments (quotas a test sets), used by start_control.
         self.control_args: list[str] = []
+        # Where file uploads go: None is the embedded blob store on ports["blob"].
+        self.blob_args: list[str] | None = None
         # When set, the engine's database folder is a tmpfs of this many MiB, mounted in a mount
         # namespace of the engine's own (a disk that can be filled; see engine_root()).
         self.engine_tmpfs_mib: int | None = None
@@ -827,7 +829,7 @@ class Hub:
             "--dps-https", f"127.0.0.1:{p['dps_https']}",
             "--dps-mqtt", f"127.0.0.1:{p['dps_mqtt']}",
             "--dps-amqp", f"127.0.0.1:{p['dps_amqp']}",
-            "--blob", f"127.0.0.1:{p['blob']}",
+            *(self.blob_args if self.blob_args is not None else ["--blob", f"127.0.0.1:{p['blob']}"]),
             *self.control_args,
         ], self.control_log)
         self._wait_healthy(self.control, f"{self.control_ops_url}/healthz", "roost control", self.control_log)

@@ -98,3 +98,66 @@ def test_the_node_sdks_upload_and_the_service_is_notified(shared_hub):
     steps = node_steps(hub, "file_upload.js", ROOST_DEVICE_ID=device_id, ROOST_HTTPS_PORT=str(hub.ports["https"]),
                        ROOST_AMQP_PORT=str(hub.ports["amqp"]), NODE_EXTRA_CA_CERTS=str(hub.ca_path))
     assert len(steps) == 3, [s["step"] for s in steps]
+
+
+# Azurite's well-known development account (an Azure-compatible storage account).
+AZURITE_ACCOUNT = "devstoreaccount1"
+AZURITE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+
+
+def test_uploads_go_to_an_azure_storage_account_instead(hub_factory, tmp_path):
+    """`--blob-account-url/--blob-account-key`: the hub signs SAS tokens for an Azure Storage
+    account — here Azurite, the Azure-compatible emulator, serving HTTPS with the hub's
+    certificate — and asks it for the finished blob's size."""
+    import subprocess
+    import time
+
+    from azure.storage.blob import BlobClient, BlobServiceClient
+    from test_node import NODE_DIR
+    from test_events import record_body, wait_events
+    from conftest import free_port, wait_until
+
+    hub = hub_factory()
+    port = free_port()
+    certs = hub.data_dir / "certs"
+    azurite = subprocess.Popen(
+        [str(NODE_DIR / "node_modules" / ".bin" / "azurite-blob"), "--blobHost", "127.0.0.1", "--blobPort", str(port),
+         "--location", str(tmp_path / "azurite"), "--cert", str(certs / "server.pem"), "--key", str(certs / "server.key"),
+         "--skipApiVersionCheck", "--loose", "--silent"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        account_url = f"https://127.0.0.1:{port}/{AZURITE_ACCOUNT}"
+        service = BlobServiceClient(account_url, credential={"account_name": AZURITE_ACCOUNT, "account_key": AZURITE_KEY},
+                                    connection_verify=str(hub.ca_path))
+        wait_until(lambda: _try(lambda: service.create_container("fileuploads")), 20, "Azurite up")
+        hub.stop_control()
+        hub.blob_args = ["--blob-account-url", account_url, "--blob-account-key", AZURITE_KEY]
+        hub.start_control()
+
+        device_id = unique_id("toazure")
+        client = http_client(hub, device_id)
+        try:
+            info = wait_until(lambda: _try(lambda: client.get_storage_info_for_blob("logs/a.txt")), 20,
+                              "an upload target from the restarted control")
+            assert info["hostName"] == f"127.0.0.1:{port}/{AZURITE_ACCOUNT}" and info["containerName"] == "fileuploads"
+            data = b"stored by Azurite\n" * 1000
+            BlobClient.from_blob_url(blob_url(info), connection_verify=str(hub.ca_path)).upload_blob(data, overwrite=True)
+            call_with_timeout(client.notify_blob_upload_status, info["correlationId"], True, 201, "", what="notify")
+        finally:
+            shutdown_client(client)
+        stored = service.get_blob_client("fileuploads", f"{device_id}/logs/a.txt").download_blob().readall()
+        assert stored == data
+        event = wait_events(hub, device_id, "fileUploadNotifications", 1)[0]
+        body = json.loads(record_body(event))
+        assert body["blobSizeInBytes"] == len(data), body
+        assert body["blobUri"] == f"https://127.0.0.1:{port}/{AZURITE_ACCOUNT}/fileuploads/{device_id}/logs/a.txt"
+    finally:
+        azurite.kill()
+        azurite.wait(timeout=10)
+
+
+def _try(f):
+    try:
+        return f() or True
+    except Exception:  # noqa: BLE001 - retried until the deadline
+        return None

@@ -418,12 +418,31 @@ pub struct BlobArgs {
     /// server certificate must name it.
     #[arg(long, value_name = "NAME")]
     pub blob_hostname: Option<String>,
+    /// Send uploads to this Azure Storage account instead (its blob endpoint:
+    /// https://ACCOUNT.blob.core.windows.net, or https://host:port/ACCOUNT for Azurite).
+    #[arg(long, value_name = "URL", conflicts_with = "blob", requires = "blob_account_key")]
+    pub blob_account_url: Option<String>,
+    /// The storage account's key (base64).
+    #[arg(long, value_name = "KEY", requires = "blob_account_url")]
+    pub blob_account_key: Option<String>,
+    /// The account's container uploads go to (it must exist).
+    #[arg(long, value_name = "NAME", default_value = "fileuploads")]
+    pub blob_container: String,
 }
 
 impl BlobArgs {
-    pub fn config(&self, hub: &str) -> Option<(SocketAddr, String)> {
-        self.blob
-            .map(|a| (a, self.blob_hostname.clone().unwrap_or_else(|| hub.to_string())))
+    pub fn config(&self, hub: &str) -> Option<roost_control::BlobConfig> {
+        if let (Some(url), Some(key)) = (&self.blob_account_url, &self.blob_account_key) {
+            return Some(roost_control::BlobConfig::Azure {
+                url: url.clone(),
+                key: key.clone(),
+                container: self.blob_container.clone(),
+            });
+        }
+        self.blob.map(|addr| roost_control::BlobConfig::Embedded {
+            addr,
+            hostname: self.blob_hostname.clone().unwrap_or_else(|| hub.to_string()),
+        })
     }
 
     pub fn to_args(&self) -> Vec<String> {
@@ -434,6 +453,10 @@ impl BlobArgs {
         if let Some(h) = &self.blob_hostname {
             out.extend(["--blob-hostname".to_string(), h.clone()]);
         }
+        if let (Some(u), Some(k)) = (&self.blob_account_url, &self.blob_account_key) {
+            out.extend(["--blob-account-url".to_string(), u.clone(), "--blob-account-key".to_string(), k.clone()]);
+        }
+        out.extend(["--blob-container".to_string(), self.blob_container.clone()]);
         out
     }
 }
