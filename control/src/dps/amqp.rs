@@ -21,6 +21,8 @@ use roost_amqp::{
 use roost_iothub::x509::ClientCert;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use roost_iothub::dps::{parse_address, parse_plain};
+
 use super::{Credential, DpsError, Provisioning, RETRY_AFTER};
 
 /// Requests a device may have unanswered (the credit of its sending link).
@@ -35,31 +37,6 @@ struct Registrant {
     registration: String,
     token: Option<String>,
     cert: Option<ClientCert>,
-}
-
-/// `\0{username}\0{password}` (authzid empty), PLAIN's initial response: the scope and
-/// registration from the username, and the token.
-pub fn parse_plain(response: &[u8]) -> Option<(String, String, String)> {
-    let mut parts = response.split(|b| *b == 0);
-    let _authzid = parts.next()?;
-    let user = std::str::from_utf8(parts.next()?).ok()?;
-    let password = std::str::from_utf8(parts.next()?).ok()?;
-    if parts.next().is_some() {
-        return None;
-    }
-    let (scope, registration) = parse_address(user)?;
-    Some((scope, registration, password.to_string()))
-}
-
-/// `{idScope}/registrations/{registrationId}`.
-pub fn parse_address(address: &str) -> Option<(String, String)> {
-    let mut parts = address.trim_start_matches('/').split('/');
-    let scope = parts.next().filter(|s| !s.is_empty())?;
-    if parts.next()? != "registrations" {
-        return None;
-    }
-    let registration = parts.next().filter(|s| !s.is_empty())?;
-    parts.next().is_none().then(|| (scope.to_string(), registration.to_string()))
 }
 
 /// Serves the provisioning service's AMQP port.
@@ -277,23 +254,5 @@ async fn request(dps: &Arc<Provisioning>, r: &Registrant, m: &Message) -> Messag
         application_properties,
         body: Body::Data(vec![Bytes::from(body.to_string())]),
         ..Message::default()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn plain_and_addresses_as_the_node_transport_sends_them() {
-        let r = parse_plain(b"\x000ne00AB/registrations/dev-1\x00SharedAccessSignature sr=x&sig=y&se=1");
-        assert_eq!(
-            r,
-            Some(("0ne00AB".into(), "dev-1".into(), "SharedAccessSignature sr=x&sig=y&se=1".into()))
-        );
-        assert_eq!(parse_plain(b"user\x00pass"), None);
-        assert_eq!(parse_address("0ne00AB/registrations/dev-1"), Some(("0ne00AB".into(), "dev-1".into())));
-        assert_eq!(parse_address("0ne00AB/registrations/dev-1/x"), None);
-        assert_eq!(parse_address("$cbs"), None);
     }
 }

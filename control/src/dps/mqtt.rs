@@ -20,9 +20,10 @@ use roost_mqtt::{
 use serde_json::Value;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use roost_iothub::dps::{parse_request, parse_username, response_topic};
+
 use super::{Credential, DpsError, Provisioning, RETRY_AFTER};
 
-const RESPONSES: &str = "$dps/registrations/res/";
 
 /// What the connection proved at CONNECT.
 struct Registrant {
@@ -39,50 +40,6 @@ impl Registrant {
             (None, Some(c)) => Some(Credential::Certificate(c)),
             (None, None) => None,
         }
-    }
-}
-
-/// `{idScope}/registrations/{registrationId}/api-version=…`: the scope and registration id.
-pub fn parse_username(username: &str) -> Option<(&str, &str)> {
-    let mut parts = username.splitn(4, '/');
-    let scope = parts.next().filter(|s| !s.is_empty())?;
-    if parts.next()? != "registrations" {
-        return None;
-    }
-    let registration = parts.next().filter(|s| !s.is_empty())?;
-    parts.next()?.starts_with("api-version=").then_some((scope, registration))
-}
-
-/// A request topic: (`register` or `status`, `$rid`, `operationId`).
-pub fn parse_request(topic: &str) -> Option<(&'static str, String, Option<String>)> {
-    let (kind, query) = if let Some(q) = topic.strip_prefix("$dps/registrations/PUT/iotdps-register/?") {
-        ("register", q)
-    } else if let Some(q) = topic.strip_prefix("$dps/registrations/GET/iotdps-get-operationstatus/?") {
-        ("status", q)
-    } else {
-        return None;
-    };
-    let mut rid = None;
-    let mut operation = None;
-    for pair in query.split('&') {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        let v = roost_common::httpd::percent_decode(v);
-        match k {
-            "$rid" => rid = Some(v),
-            "operationId" => operation = Some(v),
-            _ => {}
-        }
-    }
-    Some((kind, rid?, operation))
-}
-
-/// The answer topic for `rid` with `status`.
-fn response_topic(status: u16, rid: &str, retry_after: Option<u32>) -> String {
-    // `$` only in `$rid`: the Python SDK splits the topic on it.
-    let rid: String = rid.chars().filter(|c| *c != '$' && *c != '&').collect();
-    match retry_after {
-        Some(s) => format!("{RESPONSES}{status}/?$rid={rid}&retry-after={s}"),
-        None => format!("{RESPONSES}{status}/?$rid={rid}"),
     }
 }
 
@@ -281,30 +238,5 @@ async fn request(dps: &Arc<Provisioning>, r: &Registrant, topic: &str, payload: 
             (response_topic(status, &rid, retry), body.to_string().into_bytes())
         }
         Err(e) => (response_topic(e.status, &rid, None), e.body().to_string().into_bytes()),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn usernames_and_topics_as_the_sdks_send_them() {
-        let py = "0ne00AB/registrations/dev-1/api-version=2019-03-31&ClientVersion=azure-iot-device-provisioning-py%2F2.14.0";
-        assert_eq!(parse_username(py), Some(("0ne00AB", "dev-1")));
-        assert_eq!(parse_username("0ne00AB/registrations/dev-1/?api-version=x"), None);
-        assert_eq!(parse_username("0ne00AB/devices/dev-1/api-version=x"), None);
-        assert_eq!(
-            parse_request("$dps/registrations/PUT/iotdps-register/?$rid=a1b2"),
-            Some(("register", "a1b2".into(), None))
-        );
-        assert_eq!(
-            parse_request("$dps/registrations/GET/iotdps-get-operationstatus/?$rid=7&operationId=5.ab%2Bc"),
-            Some(("status", "7".into(), Some("5.ab+c".into())))
-        );
-        assert_eq!(parse_request("$dps/registrations/PUT/iotdps-register/?x=1"), None);
-        assert_eq!(parse_request("devices/x/messages/events/"), None);
-        assert_eq!(response_topic(202, "r1", Some(1)), "$dps/registrations/res/202/?$rid=r1&retry-after=1");
-        assert_eq!(response_topic(401, "r$&1", None), "$dps/registrations/res/401/?$rid=r1");
     }
 }

@@ -20,7 +20,9 @@
 //! - [`x509`]: a device's client certificate: thumbprints, validity, common name (spec §1.4).
 
 pub mod connstr;
+pub mod dps;
 pub mod encoding;
+pub mod files;
 pub mod props;
 pub mod sas;
 pub mod time;
