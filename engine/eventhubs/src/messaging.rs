@@ -186,10 +186,16 @@ pub const FEEDBACK_CONTENT_TYPE: &str = "application/vnd.microsoft.iothub.feedba
 /// A batch of feedback records (`body`, the JSON array) as the message the feedback receiver
 /// gets: one data section, IoT Hub's content type, the lock as its message-id.
 pub fn feedback_message(lock: &str, body: Vec<u8>) -> Message {
+    service_queue_message(lock, FEEDBACK_CONTENT_TYPE, body)
+}
+
+/// A record of a service queue (feedback, file notifications): its JSON in a data section,
+/// its lock as the message id, UTF-8 of `content_type`.
+fn service_queue_message(lock: &str, content_type: &str, body: Vec<u8>) -> Message {
     Message {
         properties: Some(Properties {
             message_id: Value::string(lock),
-            content_type: Some(FEEDBACK_CONTENT_TYPE.into()),
+            content_type: Some(content_type.into()),
             content_encoding: Some("utf-8".into()),
             ..Properties::default()
         }),
@@ -205,16 +211,7 @@ pub const FILE_NOTIFICATION_CONTENT_TYPE: &str =
 /// A file-upload notification for `/messages/serviceBound/filenotifications`: its JSON in a
 /// data section (the Node service client reads `data`), its lock as the message id.
 pub fn file_notification_message(lock: &str, body: Vec<u8>) -> Message {
-    Message {
-        properties: Some(Properties {
-            message_id: Value::string(lock),
-            content_type: Some(FILE_NOTIFICATION_CONTENT_TYPE.into()),
-            content_encoding: Some("utf-8".into()),
-            ..Properties::default()
-        }),
-        body: Body::Data(vec![Bytes::from(body)]),
-        ..Message::default()
-    }
+    service_queue_message(lock, FILE_NOTIFICATION_CONTENT_TYPE, body)
 }
 
 /// The node of a device address.

@@ -4,23 +4,16 @@
 // requests go through an agent that trusts the hub's CA and connects to the test's port (the
 // SDK always dials 443).
 'use strict';
-const https = require('https');
 const { Message } = require('azure-iot-common');
 const { Client: DeviceClient } = require('azure-iot-device');
 const { Http } = require('azure-iot-device-http');
-const { env, ca, serviceClients, run, check, until, sleep, withTimeout } = require('./hub');
+const { env, ca, portAgent, serviceClients, run, check, until, sleep, withTimeout } = require('./hub');
 
 const cs = env('ROOST_SERVICE_CS');
 const httpsPort = Number(env('ROOST_HTTPS_PORT'));
 const amqpPort = env('ROOST_AMQP_PORT');
 const id = env('ROOST_DEVICE_ID');
 const { host, registry, service } = serviceClients(cs, amqpPort);
-
-class PortAgent extends https.Agent {
-  createConnection(options, callback) {
-    return super.createConnection({ ...options, port: httpsPort }, callback);
-  }
-}
 
 let device;
 const received = [];
@@ -30,7 +23,7 @@ run([
     const { responseBody: d } = await registry.create({ deviceId: id });
     device = DeviceClient.fromConnectionString(
       `HostName=${host};DeviceId=${id};SharedAccessKey=${d.authentication.symmetricKey.primaryKey}`, Http);
-    device.setOptions({ ca, http: { agent: new PortAgent({ keepAlive: true, ca }), receivePolicy: { interval: 1 } } });
+    device.setOptions({ ca, http: { agent: portAgent(httpsPort), receivePolicy: { interval: 1 } } });
     await withTimeout(device.open(), 20000, 'open');
   }],
   ['sendEvent and sendEventBatch', async () => {

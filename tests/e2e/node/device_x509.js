@@ -8,11 +8,10 @@
 const fs = require('fs');
 const { Message } = require('azure-iot-common');
 const { Client: DeviceClient } = require('azure-iot-device');
-const https = require('https');
 const { Mqtt, MqttWs } = require('azure-iot-device-mqtt');
 const { Http } = require('azure-iot-device-http');
 const { Amqp, AmqpWs } = require('azure-iot-device-amqp');
-const { env, ca, serviceClients, run, check, withTimeout } = require('./hub');
+const { env, ca, portAgent, serviceClients, run, check, withTimeout } = require('./hub');
 
 const cs = env('ROOST_SERVICE_CS');
 const mqttPort = env('ROOST_MQTT_PORT');
@@ -40,13 +39,6 @@ MqttWs.prototype._getBaseTransportConfig = function pointedAtTheTestPort(credent
 Amqp.prototype._getConnectionUri = () => `amqps://localhost:${amqpPort}`;
 AmqpWs.prototype._getConnectionUri = () => `wss://localhost:${httpsPort}/$iothub/websocket`;
 const { host, registry } = serviceClients(cs);
-
-// The Http transport always dials 443: its requests go through an agent to the test's port.
-class PortAgent extends https.Agent {
-  createConnection(options, callback) {
-    return super.createConnection({ ...options, port: Number(httpsPort) }, callback);
-  }
-}
 
 async function session(transport, connectionString, messageId) {
   const device = DeviceClient.fromConnectionString(connectionString, transport);
@@ -92,7 +84,7 @@ run([
   ['Http with the certificate (no Authorization header)', async () => {
     const device = DeviceClient.fromConnectionString(`HostName=${host};DeviceId=${id};x509=true`, Http);
     // (The Http transport answers setOptions only when a receivePolicy is among the options.)
-    await device.setOptions({ ca, cert, key, http: { agent: new PortAgent({ keepAlive: true, ca }), receivePolicy: { interval: 1 } } });
+    await device.setOptions({ ca, cert, key, http: { agent: portAgent(httpsPort), receivePolicy: { interval: 1 } } });
     const m = new Message('{"auth":"x509","over":"https"}');
     m.messageId = 'x509-node-http';
     await withTimeout(device.sendEvent(m), 20000, 'sendEvent');

@@ -10,7 +10,6 @@
 'use strict';
 const crypto = require('crypto');
 const fs = require('fs');
-const https = require('https');
 const { Message } = require('azure-iot-common');
 const { Client: DeviceClient } = require('azure-iot-device');
 const { Mqtt } = require('azure-iot-device-mqtt');
@@ -22,7 +21,7 @@ const { Amqp: ProvisioningAmqp, AmqpWs: ProvisioningAmqpWs } = require('azure-io
 const { SymmetricKeySecurityClient } = require('azure-iot-security-symmetric-key');
 const { X509Security } = require('azure-iot-security-x509');
 const { ProvisioningServiceClient } = require('azure-iot-provisioning-service');
-const { env, ca, run, check, withTimeout } = require('./hub');
+const { env, ca, portAgent, run, check, withTimeout } = require('./hub');
 
 const dpsCs = env('ROOST_DPS_CS');
 const idScope = env('ROOST_DPS_SCOPE');
@@ -34,12 +33,7 @@ const suffix = env('ROOST_SUFFIX');
 const cert = fs.readFileSync(env('ROOST_CERT'), 'utf8');
 const key = fs.readFileSync(env('ROOST_KEY'), 'utf8');
 
-class PortAgent extends https.Agent {
-  createConnection(options, callback) {
-    return super.createConnection({ ...options, port: dpsHttpsPort }, callback);
-  }
-}
-const agent = new PortAgent({ keepAlive: false, ca });
+const agent = portAgent(dpsHttpsPort, false);
 
 // The WebSocket transports always dial 443: point them at the service's HTTPS port.
 ProvisioningMqttWs.prototype._getConnectionUri = () => `wss://localhost:${dpsHttpsPort}/$iothub/websocket`;

@@ -5,23 +5,16 @@
 // goes through an agent to the hub's port 443 listener (the SDK always dials 443), the
 // service's AMQP to the hub's AMQP port; the CA through setOptions and NODE_EXTRA_CA_CERTS.
 'use strict';
-const https = require('https');
 const { Readable } = require('stream');
 const { Client: DeviceClient } = require('azure-iot-device');
 const { Http } = require('azure-iot-device-http');
-const { env, ca, serviceClients, run, check, withTimeout } = require('./hub');
+const { env, ca, portAgent, serviceClients, run, check, withTimeout } = require('./hub');
 
 const cs = env('ROOST_SERVICE_CS');
 const httpsPort = Number(env('ROOST_HTTPS_PORT'));
 const amqpPort = env('ROOST_AMQP_PORT');
 const id = env('ROOST_DEVICE_ID');
 const { host, registry, service } = serviceClients(cs, amqpPort);
-
-class PortAgent extends https.Agent {
-  createConnection(options, callback) {
-    return super.createConnection({ ...options, port: httpsPort }, callback);
-  }
-}
 
 const content = Buffer.alloc(5 * 1024 * 1024 + 123, 'roost');
 let device;
@@ -36,7 +29,7 @@ run([
     const conn = `HostName=${host};DeviceId=${id};SharedAccessKey=${d.authentication.symmetricKey.primaryKey}`;
     device = DeviceClient.fromConnectionString(conn, Http);
     // (The Http transport answers setOptions only when a receivePolicy is among the options.)
-    await device.setOptions({ ca, http: { agent: new PortAgent({ keepAlive: false, ca }), receivePolicy: { interval: 60 } } });
+    await device.setOptions({ ca, http: { agent: portAgent(httpsPort, false), receivePolicy: { interval: 60 } } });
     const receiver = await withTimeout(new Promise((resolve, reject) => service.getFileNotificationReceiver(
       (err, r) => (err ? reject(err) : resolve(r)))), 20000, 'file notification receiver');
     const received = new Promise((resolve) => {

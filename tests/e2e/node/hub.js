@@ -16,13 +16,20 @@ const env = (name) => {
 const ca = fs.readFileSync(env('ROOST_CA'), 'utf8');
 const servicePort = process.env.ROOST_SERVICE_PORT ? Number(process.env.ROOST_SERVICE_PORT) : null;
 
-class HubAgent extends https.Agent {
-  createConnection(options, callback) {
-    return super.createConnection({ ...options, port: servicePort }, callback);
+/**
+ * An HTTPS agent that trusts the hub's CA and dials `port` whatever port a request names: the
+ * SDKs' HTTPS clients always dial 443.
+ */
+function portAgent(port, keepAlive = true) {
+  class PortAgent extends https.Agent {
+    createConnection(options, callback) {
+      return super.createConnection({ ...options, port: Number(port) }, callback);
+    }
   }
+  return new PortAgent({ keepAlive, ca });
 }
 
-const agent = new HubAgent({ keepAlive: true, ca });
+const agent = servicePort !== null ? portAgent(servicePort) : null;
 
 /**
  * A service SDK client (Registry, Client, JobClient) sent to the hub's service port; as it is
@@ -94,4 +101,4 @@ function withTimeout(promise, ms, what) {
   ]);
 }
 
-module.exports = { env, ca, pointed, serviceClients, run, check, until, sleep, withTimeout };
+module.exports = { env, ca, pointed, portAgent, serviceClients, run, check, until, sleep, withTimeout };
