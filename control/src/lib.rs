@@ -10,7 +10,10 @@
 //! runs it lives in `control/cli` (crate `roost-cli`), above this crate and the engine.
 //!
 //! Layout: `store` (RocksDB), `device` + `policies` (data), `twins` (device twins), `methods` (direct methods), `c2d` (cloud-to-device queues and feedback), `api`
-//! (REST), `linkserver` (QUIC), `certs`, `metrics`. HTTP serving, certificate loading and hub.json come from `roost-common`.
+//! (REST), `linkserver` (QUIC), `certs`, `cas` (CA certificates for X.509 devices), `dps/`
+//! (the Device Provisioning Service on its own ports), `files` + `blobs` + `azure_store`
+//! (file upload: upload targets, the embedded blob store, or a storage account), `metrics`.
+//! HTTP serving, certificate loading and hub.json come from `roost-common`.
 
 pub mod api;
 pub mod azure_store;

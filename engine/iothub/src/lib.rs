@@ -17,7 +17,11 @@
 //! - [`username`]: the MQTT CONNECT username (spec §2.1).
 //! - [`topic`]: topics a device may publish to (spec §2.2).
 //! - [`props`]: the URL-encoded property bag carried in telemetry and C2D topics (spec §2.5).
-//! - [`x509`]: a device's client certificate: thumbprints, validity, common name (spec §1.4).
+//! - [`x509`]: a device's client certificate: thumbprints, validity, common name, the chain
+//!   to a trusted CA, proof of possession of a CA's key (spec §1.4).
+//! - [`dps`]: the provisioning service's device formats: MQTT username and topics, SASL PLAIN,
+//!   AMQP addresses (spec §7).
+//! - [`files`]: file upload's blob store formats: blob paths, block lists, ranges (spec §3).
 
 pub mod connstr;
 pub mod dps;
