@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import base64
 import json
+import time
+import urllib.parse
 import hashlib
 import hmac
 from pathlib import Path
@@ -316,3 +318,38 @@ def test_a_custom_allocation_runs_the_lua_on_provision_hook(hub, tmp_path):
                           timeout=60)
     state = dps_call(hub, "GET", f"/registrations/{other}").json()
     assert state["status"] == "failed" and "refused" in state["errorMessage"]
+
+
+def test_https_registration_refusals(shared_hub):
+    """The HTTPS device API answers a wrong ID scope 401, a TPM registration 400 and a body
+    naming another registration 400, with DPS's JSON error body; no credential at all is 401
+    before the body is read."""
+    hub = shared_hub
+    registration_id = unique_id("https-reg")
+    r = dps_call(hub, "PUT", f"/enrollments/{registration_id}",
+                 json={"registrationId": registration_id, "attestation": {"type": "symmetricKey"}})
+    key = r.json()["attestation"]["symmetricKey"]["primaryKey"]
+    base = f"https://127.0.0.1:{hub.dps['ports']['https']}"
+
+    def register(scope: str, body: dict, token: bool = True) -> requests.Response:
+        resource = urllib.parse.quote(f"{scope}/registrations/{registration_id}", safe="")
+        se = str(int(time.time()) + 600)
+        sig = base64.b64encode(hmac.new(base64.b64decode(key), f"{resource}\n{se}".encode(), hashlib.sha256).digest())
+        headers = {"Content-Type": "application/json"}
+        if token:
+            headers["Authorization"] = (f"SharedAccessSignature sr={resource}&sig={urllib.parse.quote(sig, safe='')}"
+                                        f"&se={se}&skn=registration")
+        return requests.put(f"{base}/{scope}/registrations/{registration_id}/register", params={"api-version": "2019-03-31"},
+                            json=body, headers=headers, verify=hub.ca_path, timeout=10)
+
+    scope = hub.dps["id_scope"]
+    ok = register(scope, {"registrationId": registration_id})
+    assert ok.status_code == 202 and ok.json()["status"] == "assigning", ok.text
+    assert ok.headers["retry-after"] == "1"
+    wrong_scope = register("0ne00FFFFFF", {"registrationId": registration_id})
+    assert wrong_scope.status_code == 401 and wrong_scope.json()["errorCode"] == 401002, wrong_scope.text
+    tpm = register(scope, {"registrationId": registration_id, "tpm": {"endorsementKey": "x"}})
+    assert tpm.status_code == 400, tpm.text
+    other = register(scope, {"registrationId": "someone-else"})
+    assert other.status_code == 400, other.text
+    assert register(scope, {"registrationId": registration_id}, token=False).status_code == 401
