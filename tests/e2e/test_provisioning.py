@@ -10,11 +10,11 @@ the enrollment's, a disabled enrollment."""
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import json
 import time
 import urllib.parse
-import hashlib
-import hmac
 from pathlib import Path
 
 import pytest
