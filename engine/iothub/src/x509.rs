@@ -106,24 +106,20 @@ pub enum ChainError {
     Untrusted(String),
 }
 
-/// One CA the hub trusts: its name at control and the SHA-256 of its DER (lowercase hex),
-/// which sessions authenticated through it remember.
-struct TrustedCa {
-    name: String,
-    id: String,
-    anchor: rustls_pki_types::TrustAnchor<'static>,
-}
-
-/// The CAs a config epoch names as verified, ready to build client chains against.
+/// The CAs a config epoch names as verified, ready to build client chains against: their
+/// names at control and ids ([`ca_id`], which sessions authenticated through one remember),
+/// and beside them, in the same order, the trust anchors webpki takes as they are.
 #[derive(Default)]
 pub struct TrustedCas {
-    cas: Vec<TrustedCa>,
+    /// (name, id) of each anchor.
+    cas: Vec<(String, String)>,
+    anchors: Vec<rustls_pki_types::TrustAnchor<'static>>,
 }
 
 impl std::fmt::Debug for TrustedCas {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_list()
-            .entries(self.cas.iter().map(|c| &c.name))
+            .entries(self.cas.iter().map(|(name, _)| name))
             .finish()
     }
 }
@@ -135,7 +131,10 @@ pub fn ca_id(der: &[u8]) -> String {
 
 impl TrustedCas {
     /// No CA trusted.
-    pub const EMPTY: TrustedCas = TrustedCas { cas: Vec::new() };
+    pub const EMPTY: TrustedCas = TrustedCas {
+        cas: Vec::new(),
+        anchors: Vec::new(),
+    };
 
     /// The CAs `(name, DER)`; one that cannot be a trust anchor is left out and returned with
     /// its reason.
@@ -147,83 +146,61 @@ impl TrustedCas {
         for (name, der) in cas {
             let cert = rustls_pki_types::CertificateDer::from(der);
             match webpki::anchor_from_trusted_cert(&cert) {
-                Ok(anchor) => out.cas.push(TrustedCa {
-                    name: name.to_string(),
-                    id: ca_id(der),
-                    anchor: anchor.to_owned(),
-                }),
+                Ok(anchor) => {
+                    out.cas.push((name.to_string(), ca_id(der)));
+                    out.anchors.push(anchor.to_owned());
+                }
                 Err(e) => bad.push((name.to_string(), CertError(format!("{e:?}")))),
             }
         }
         (out, bad)
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.cas.is_empty()
-    }
-
-    /// Whether a CA with this id (see [`ca_id`]) is trusted.
-    pub fn contains(&self, id: &str) -> bool {
-        self.cas.iter().any(|c| c.id == id)
-    }
-
     /// The ids of the CAs trusted.
     pub fn ids(&self) -> impl Iterator<Item = &str> {
-        self.cas.iter().map(|c| c.id.as_str())
+        self.cas.iter().map(|(_, id)| id.as_str())
     }
 
     /// Builds a path from `cert` (and the intermediates it came with) to a trusted CA, for
     /// client authentication at `now_unix`; answers the CA's id.
     pub fn verify(&self, cert: &ClientCert, now_unix: u64) -> Result<&str, ChainError> {
-        let anchors: Vec<rustls_pki_types::TrustAnchor<'_>> =
-            self.cas.iter().map(|c| c.anchor.clone()).collect();
-        verify_chain(&anchors, &cert.chain, now_unix)
-            .map(|spki| {
-                self.cas
-                    .iter()
-                    .find(|c| c.anchor.subject_public_key_info.as_ref() == spki.as_slice())
-                    .map_or("", |c| c.id.as_str())
-            })
-    }
-}
-
-/// Verifies `chain` (leaf first, then intermediates) to one of `anchors`; answers the
-/// anchor's subject public key info.
-fn verify_chain(
-    anchors: &[rustls_pki_types::TrustAnchor<'_>],
-    chain: &[Vec<u8>],
-    now_unix: u64,
-) -> Result<Vec<u8>, ChainError> {
-    let Some((leaf, rest)) = chain.split_first() else {
-        return Err(ChainError::Untrusted("no certificate".into()));
-    };
-    let leaf = rustls_pki_types::CertificateDer::from(leaf.as_slice());
-    let ee = webpki::EndEntityCert::try_from(&leaf)
-        .map_err(|e| ChainError::Untrusted(format!("the certificate cannot be verified: {e:?}")))?;
-    let intermediates: Vec<rustls_pki_types::CertificateDer<'_>> = rest
-        .iter()
-        .map(|c| rustls_pki_types::CertificateDer::from(c.as_slice()))
-        .collect();
-    let time = rustls_pki_types::UnixTime::since_unix_epoch(std::time::Duration::from_secs(
-        now_unix,
-    ));
-    let path = ee
-        .verify_for_usage(
-            webpki::ALL_VERIFICATION_ALGS,
-            anchors,
-            &intermediates,
-            time,
-            webpki::KeyUsage::client_auth(),
-            None,
-            None,
-        )
-        .map_err(|e| match e {
-            webpki::Error::CertExpired { .. } | webpki::Error::CertNotValidYet { .. } => {
-                ChainError::Expired
-            }
-            e => ChainError::Untrusted(format!("no chain to a trusted CA: {e:?}")),
+        let Some((leaf, rest)) = cert.chain.split_first() else {
+            return Err(ChainError::Untrusted("no certificate".into()));
+        };
+        let leaf = rustls_pki_types::CertificateDer::from(leaf.as_slice());
+        let ee = webpki::EndEntityCert::try_from(&leaf).map_err(|e| {
+            ChainError::Untrusted(format!("the certificate cannot be verified: {e:?}"))
         })?;
-    Ok(path.anchor().subject_public_key_info.to_vec())
+        let intermediates: Vec<rustls_pki_types::CertificateDer<'_>> = rest
+            .iter()
+            .map(|c| rustls_pki_types::CertificateDer::from(c.as_slice()))
+            .collect();
+        let time = rustls_pki_types::UnixTime::since_unix_epoch(std::time::Duration::from_secs(
+            now_unix,
+        ));
+        let path = ee
+            .verify_for_usage(
+                webpki::ALL_VERIFICATION_ALGS,
+                &self.anchors,
+                &intermediates,
+                time,
+                webpki::KeyUsage::client_auth(),
+                None,
+                None,
+            )
+            .map_err(|e| match e {
+                webpki::Error::CertExpired { .. } | webpki::Error::CertNotValidYet { .. } => {
+                    ChainError::Expired
+                }
+                e => ChainError::Untrusted(format!("no chain to a trusted CA: {e:?}")),
+            })?;
+        let spki = &path.anchor().subject_public_key_info;
+        Ok(self
+            .anchors
+            .iter()
+            .position(|a| a.subject_public_key_info == *spki)
+            .map_or("", |i| self.cas[i].1.as_str()))
+    }
 }
 
 /// Proof of possession of a CA's key (IoT Hub's CA verification): `cert` must be signed by
