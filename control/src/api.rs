@@ -313,21 +313,13 @@ impl HubError {
     }
 
     fn response(&self) -> Resp {
-        let now = iso_now();
         let body = if self.registry_form() {
             json!({
                 "Message": format!("ErrorCode:{};{}", self.name, self.message),
-                "ExceptionMessage": format!("Tracking ID:{}-TimeStamp:{now}", tracking_id()),
+                "ExceptionMessage": format!("Tracking ID:{}-TimeStamp:{}", tracking_id(), iso_now()),
             })
         } else {
-            let inner = json!({
-                "errorCode": self.code,
-                "trackingId": tracking_id(),
-                "message": self.message,
-                "timestampUtc": now,
-                "info": {},
-            });
-            json!({ "Message": inner.to_string(), "ExceptionMessage": "" })
+            error_body(self.code, &self.message)
         };
         let mut r = httpd::json(self.status, &body);
         if let Ok(v) = hyper::header::HeaderValue::from_str(self.name) {
@@ -335,6 +327,18 @@ impl HubError {
         }
         r
     }
+}
+
+/// IoT Hub's JSON error body (spec §4.7): the error as JSON text in `Message`.
+pub fn error_body(code: u32, message: &str) -> serde_json::Value {
+    let inner = json!({
+        "errorCode": code,
+        "trackingId": tracking_id(),
+        "message": message,
+        "timestampUtc": iso_now(),
+        "info": {},
+    });
+    json!({ "Message": inner.to_string(), "ExceptionMessage": "" })
 }
 
 pub fn tracking_id() -> String {
@@ -355,7 +359,8 @@ pub fn iso_now() -> String {
     roost_iothub::time::iso_ms(now_ms())
 }
 
-fn unix_now() -> u64 {
+/// Unix seconds now (0 if the clock is before 1970).
+pub fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())

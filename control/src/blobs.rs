@@ -83,22 +83,6 @@ fn storage_error(status: StatusCode, code: &str, message: &str) -> Resp {
     resp
 }
 
-fn query_map(query: Option<&str>) -> Vec<(String, String)> {
-    query
-        .unwrap_or_default()
-        .split('&')
-        .filter(|p| !p.is_empty())
-        .map(|p| {
-            let (k, v) = p.split_once('=').unwrap_or((p, ""));
-            (httpd::percent_decode(k), httpd::percent_decode(&v.replace('+', " ")))
-        })
-        .collect()
-}
-
-fn get<'a>(q: &'a [(String, String)], key: &str) -> Option<&'a str> {
-    q.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
-}
-
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -138,19 +122,20 @@ impl BlobStore {
     }
 
     /// Checks a request's SAS for `path` and the permission `needed` (`r` or `w`).
-    fn authorize(&self, q: &[(String, String)], path: &BlobPath, needed: char) -> Result<(), &'static str> {
-        let (Some(sp), Some(se), Some(sig)) = (get(q, "sp"), get(q, "se"), get(q, "sig")) else {
+    fn authorize(&self, uri: &hyper::Uri, path: &BlobPath, needed: char) -> Result<(), &'static str> {
+        let q = |k| httpd::uri_query_param(uri, k);
+        let (Some(sp), Some(se), Some(sig)) = (q("sp"), q("se"), q("sig")) else {
             return Err("the request carries no shared access signature");
         };
-        if get(q, "sr") != Some("b") {
+        if q("sr").as_deref() != Some("b") {
             return Err("the signature is not for a blob");
         }
         let sig = base64::engine::general_purpose::STANDARD
             .decode(sig)
             .map_err(|_| "the signature is not base64")?;
-        ring::hmac::verify(&self.hmac_key(), Self::to_sign(sp, se, path).as_bytes(), &sig)
+        ring::hmac::verify(&self.hmac_key(), Self::to_sign(&sp, &se, path).as_bytes(), &sig)
             .map_err(|_| "the signature does not match")?;
-        let expiry = humantime::parse_rfc3339(se).map_err(|_| "the signature's expiry cannot be read")?;
+        let expiry = humantime::parse_rfc3339(&se).map_err(|_| "the signature's expiry cannot be read")?;
         if expiry < SystemTime::now() {
             return Err("the signature has expired");
         }
@@ -170,8 +155,7 @@ impl BlobStore {
             Method::GET | Method::HEAD => 'r',
             _ => return Err(storage_error(StatusCode::METHOD_NOT_ALLOWED, "UnsupportedHttpVerb", "PUT, GET or HEAD")),
         };
-        let q = query_map(parts.uri.query());
-        self.authorize(&q, &path, needed)
+        self.authorize(&parts.uri, &path, needed)
             .map_err(|why| storage_error(StatusCode::FORBIDDEN, "AuthenticationFailed", why))?;
         Ok(if needed == 'w' { MAX_BLOB_BODY } else { 0 })
     }
@@ -195,10 +179,10 @@ impl BlobStore {
         let Some(path) = BlobPath::parse(req.uri().path()) else {
             return storage_error(StatusCode::BAD_REQUEST, "InvalidUri", "not a container and blob path");
         };
-        let q = query_map(req.uri().query());
-        let result = match (req.method(), get(&q, "comp")) {
+        let q = |k| httpd::query_param(req, k);
+        let result = match (req.method(), q("comp").as_deref()) {
             (&Method::PUT, None) => self.put_blob(req, &path),
-            (&Method::PUT, Some("block")) => self.put_block(req, &path, get(&q, "blockid")),
+            (&Method::PUT, Some("block")) => self.put_block(req, &path, q("blockid").as_deref()),
             (&Method::PUT, Some("blocklist")) => self.put_block_list(req, &path),
             (&Method::GET | &Method::HEAD, None) => self.get_blob(req, &path),
             _ => Err(storage_error(StatusCode::BAD_REQUEST, "UnsupportedQueryParameter", "an operation this store does not serve")),
@@ -441,17 +425,16 @@ mod tests {
     fn a_sas_names_one_blob_its_rights_and_its_expiry() {
         let store = BlobStore::new(std::env::temp_dir(), vec![7; 32], "h:1".into());
         let path = BlobPath { container: "c".into(), blob: "d/f".into() };
+        let uri = |sas: &str| -> hyper::Uri { format!("/c/d/f{sas}").parse().expect("uri") };
         let sas = store.sas(&path, "rw", Duration::from_secs(60));
-        let q = query_map(Some(sas.trim_start_matches('?')));
-        assert_eq!(store.authorize(&q, &path, 'w'), Ok(()));
-        assert_eq!(store.authorize(&q, &path, 'r'), Ok(()));
+        assert_eq!(store.authorize(&uri(&sas), &path, 'w'), Ok(()));
+        assert_eq!(store.authorize(&uri(&sas), &path, 'r'), Ok(()));
         let other = BlobPath { container: "c".into(), blob: "d/g".into() };
-        assert!(store.authorize(&q, &other, 'w').is_err());
-        let read_only = query_map(Some(store.sas(&path, "r", Duration::from_secs(60)).trim_start_matches('?')));
-        assert!(store.authorize(&read_only, &path, 'w').is_err());
-        let mut forged = q.clone();
-        forged.retain(|(k, _)| k != "sp");
-        forged.push(("sp".into(), "rwd".into()));
-        assert!(store.authorize(&forged, &path, 'w').is_err());
+        assert!(store.authorize(&uri(&sas), &other, 'w').is_err());
+        let read_only = store.sas(&path, "r", Duration::from_secs(60));
+        assert!(store.authorize(&uri(&read_only), &path, 'w').is_err());
+        let forged = sas.replace("sp=rw", "sp=rwd");
+        assert_ne!(forged, sas);
+        assert!(store.authorize(&uri(&forged), &path, 'w').is_err());
     }
 }

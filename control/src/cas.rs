@@ -113,9 +113,7 @@ fn rfc2822(unix: i64) -> String {
 }
 
 fn now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
+    crate::api::unix_now() as i64
 }
 
 /// ARM's rule for certificate names: 1 to 64 letters, digits, '-', '.' and '_'.

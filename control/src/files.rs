@@ -223,17 +223,7 @@ impl FileUploads {
             true => self.complete(device_id, correlation_id, body).map(|()| (204, Vec::new())),
         };
         result.unwrap_or_else(|(status, code, message)| {
-            let body = json!({
-                "Message": json!({
-                    "errorCode": code,
-                    "trackingId": crate::api::tracking_id(),
-                    "message": message,
-                    "timestampUtc": crate::api::iso_now(),
-                    "info": {},
-                }).to_string(),
-                "ExceptionMessage": "",
-            });
-            (status, body.to_string().into_bytes())
+            (status, crate::api::error_body(code, &message).to_string().into_bytes())
         })
     }
 }

@@ -640,7 +640,10 @@ impl LinkServer {
                     tokio::task::spawn_blocking(move || {
                         let (status, body) = match &files {
                             Some(f) => f.serve(&device_id, notification, correlation_id.as_deref(), &body),
-                            None => (400, br#"{"Message":"{\"errorCode\":400004,\"message\":\"file upload is not configured on this hub (control's --blob)\"}","ExceptionMessage":""}"#.to_vec()),
+                            None => {
+                                let why = "file upload is not configured on this hub (control's --blob or --blob-account-url)";
+                                (400, crate::api::error_body(400004, why).to_string().into_bytes())
+                            }
                         };
                         let headers = vec![("content-type".to_string(), "application/json; charset=utf-8".to_string())];
                         let reply = ServiceReply::Http { status, headers, body };

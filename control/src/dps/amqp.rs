@@ -23,21 +23,12 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use roost_iothub::dps::{parse_address, parse_plain};
 
-use super::{Credential, DpsError, Provisioning, RETRY_AFTER};
+use super::{answer_status, DpsError, Proof, Provisioning, Registrant};
 
 /// Requests a device may have unanswered (the credit of its sending link).
 const CREDIT: u32 = 8;
 /// Answers held for a receiver that gives no credit; past it the connection is closed.
 const MAX_REPLIES: usize = 64;
-
-/// What the connection proved: by SASL PLAIN, or by its certificate once a link names the
-/// registration.
-struct Registrant {
-    scope: String,
-    registration: String,
-    token: Option<String>,
-    cert: Option<ClientCert>,
-}
 
 /// Serves the provisioning service's AMQP port.
 pub async fn serve(dps: Arc<Provisioning>, listener: tokio::net::TcpListener, tls: tokio_rustls::TlsAcceptor) {
@@ -46,26 +37,6 @@ pub async fn serve(dps: Arc<Provisioning>, listener: tokio::net::TcpListener, tl
         async move { connection(stream, &dps, cert.and_then(Result::ok)).await }
     })
     .await;
-}
-
-/// Runs `f` with the registrant's credential off the async threads.
-async fn blocking<T: Send + 'static>(
-    dps: &Arc<Provisioning>,
-    r: &Registrant,
-    f: impl FnOnce(&Provisioning, &str, &str, &Credential<'_>) -> Result<T, DpsError> + Send + 'static,
-) -> Result<T, DpsError> {
-    let dps = dps.clone();
-    let (scope, registration, token, cert) = (r.scope.clone(), r.registration.clone(), r.token.clone(), r.cert.clone());
-    tokio::task::spawn_blocking(move || {
-        let credential = match (&token, &cert) {
-            (Some(t), _) => Credential::Token(t),
-            (None, Some(c)) => Credential::Certificate(c),
-            (None, None) => return Err(DpsError::unauthorized("no_credential", "no credential")),
-        };
-        f(&dps, &scope, &registration, &credential)
-    })
-    .await
-    .unwrap_or_else(|_| Err(DpsError::server("the request failed")))
 }
 
 pub(super) async fn connection<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, dps: &Arc<Provisioning>, cert: Option<ClientCert>) {
@@ -90,8 +61,8 @@ pub(super) async fn connection<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S,
                         .flatten();
                     let ok = match parsed {
                         Some((scope, registration, token)) => {
-                            let r = Registrant { scope, registration, token: Some(token), cert: None };
-                            let checked = blocking(dps, &r, |d, s, reg, c| d.check(s, reg, c)).await;
+                            let r = Registrant { scope, registration, proof: Proof::Token(token) };
+                            let checked = r.blocking(dps, |d, s, reg, c| d.check(s, reg, c)).await;
                             if let Err(e) = &checked {
                                 dps.metrics.dps_registrations.with_label_values(&[e.reason, "none"]).inc();
                             }
@@ -115,14 +86,16 @@ pub(super) async fn connection<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S,
                         conn.refuse_attach(link, &attach, AmqpError::new("amqp:not-found", "not a registration address"));
                         continue;
                     };
-                    if registrant.is_none() {
+                    if let (None, Some(cert)) = (&registrant, &cert) {
                         // No SASL: the certificate proves the registration the address names.
-                        let r = Registrant { scope: scope.clone(), registration: registration.clone(), token: None, cert: cert.clone() };
-                        if r.cert.is_some() {
-                            match blocking(dps, &r, |d, s, reg, c| d.check(s, reg, c)).await {
-                                Ok(()) => registrant = Some(r),
-                                Err(e) => dps.metrics.dps_registrations.with_label_values(&[e.reason, "none"]).inc(),
-                            }
+                        let r = Registrant {
+                            scope: scope.clone(),
+                            registration: registration.clone(),
+                            proof: Proof::Certificate(cert.clone()),
+                        };
+                        match r.blocking(dps, |d, s, reg, c| d.check(s, reg, c)).await {
+                            Ok(()) => registrant = Some(r),
+                            Err(e) => dps.metrics.dps_registrations.with_label_values(&[e.reason, "none"]).inc(),
                         }
                     }
                     let ours = registrant.as_ref().is_some_and(|r| r.scope == scope && r.registration == registration);
@@ -225,19 +198,19 @@ async fn request(dps: &Arc<Provisioning>, r: &Registrant, m: &Message) -> Messag
                 Err(DpsError::bad_request("bad_body", "registrationId does not match the link's"))
             } else {
                 let payload = body.get("payload").cloned();
-                blocking(dps, r, move |d, s, reg, c| d.register(s, reg, c, payload)).await
+                r.blocking(dps, move |d, s, reg, c| d.register(s, reg, c, payload)).await
             }
         }
         Some("iotdps-get-operationstatus") => {
             let op = app_property(m, "iotdps-operation-id").unwrap_or_default().to_string();
-            blocking(dps, r, move |d, s, reg, c| d.operation(s, reg, &op, c)).await
+            r.blocking(dps, move |d, s, reg, c| d.operation(s, reg, &op, c)).await
         }
         _ => Err(DpsError::bad_request("bad_request", "iotdps-operation-type must be iotdps-register or iotdps-get-operationstatus")),
     };
     let (body, status, retry) = match result {
         Ok(v) => {
-            let assigning = v.get("status").and_then(serde_json::Value::as_str) == Some("assigning");
-            (v, if assigning { 202 } else { 200 }, assigning.then_some(RETRY_AFTER))
+            let (status, retry) = answer_status(&v);
+            (v, status, retry)
         }
         Err(e) => (e.body(), e.status, None),
     };

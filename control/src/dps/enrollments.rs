@@ -449,6 +449,16 @@ pub fn registration(store: &Store, id: &str) -> Result<Option<StoredRegistration
     load(store, &format!("r/{id}"))
 }
 
+/// Every enrollment group (at most [`MAX_GROUPS`]); one stored in a shape this version does
+/// not read is left out.
+pub fn groups(store: &Store) -> Result<Vec<EnrollmentGroup>, StoreError> {
+    Ok(store
+        .dps_page("g/", None, MAX_GROUPS)?
+        .into_iter()
+        .filter_map(|(_, raw)| serde_json::from_slice(&raw).ok())
+        .collect())
+}
+
 pub fn save_registration(store: &Store, r: &StoredRegistration) -> Result<(), StoreError> {
     save(store, &format!("r/{}", r.state.registration_id), r)
 }

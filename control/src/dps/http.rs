@@ -145,22 +145,18 @@ impl Provisioning {
         }
         let checked = authorization.ok_or("no Authorization header").and_then(|t| {
             let token = SasToken::parse(t).map_err(|_| "the token cannot be read")?;
-            let host = token.resource().split(['/', ':']).next().unwrap_or_default().to_ascii_lowercase();
-            if host != self.config.hostname.to_ascii_lowercase() {
+            let target = format!("{}{}", self.config.hostname, parts.uri.path());
+            if !roost_iothub::sas::authorizes(token.resource(), &target) {
                 return Err("the token is not scoped to this provisioning service");
             }
             if token.key_name() != Some(self.identity.policy_name.as_str()) {
                 return Err("the token names no policy of this provisioning service");
             }
-            let keys: Vec<Vec<u8>> = [&self.identity.primary_key, &self.identity.secondary_key]
-                .iter()
-                .filter_map(|k| roost_iothub::sas::decode_key(k).ok())
-                .collect();
-            let refs: Vec<&[u8]> = keys.iter().map(Vec::as_slice).collect();
-            token
-                .verify(&refs, super::unix_now())
-                .map(|_| ())
-                .map_err(|_| "the token's signature or expiry is not valid")
+            let keys = [self.identity.primary_key.as_str(), self.identity.secondary_key.as_str()];
+            match super::signed_with(&token, keys.map(Some), super::unix_now()) {
+                true => Ok(()),
+                false => Err("the token's signature or expiry is not valid"),
+            }
         });
         match checked {
             Ok(()) => Ok(route.body_limit()),
@@ -395,9 +391,8 @@ fn credential<'a>(
 
 /// An operation's status: 202 while it is assigning, 200 once decided.
 fn operation_answer(body: Value) -> Resp {
-    let assigning = body.get("status").and_then(Value::as_str) == Some("assigning");
-    let status = if assigning { StatusCode::ACCEPTED } else { StatusCode::OK };
-    httpd::json(status, &body)
+    let (status, _) = super::answer_status(&body);
+    httpd::json(StatusCode::from_u16(status).unwrap_or(StatusCode::OK), &body)
 }
 
 /// Serves the provisioning service's HTTPS port.

@@ -84,6 +84,52 @@ pub enum Credential<'a> {
     Certificate(&'a ClientCert),
 }
 
+/// A connection's proof, kept for each of its requests (MQTT, AMQP): a token, or the TLS
+/// client certificate.
+#[derive(Clone)]
+enum Proof {
+    Token(String),
+    Certificate(ClientCert),
+}
+
+/// What an MQTT or AMQP connection proved: a registration of a scope, and how.
+#[derive(Clone)]
+struct Registrant {
+    scope: String,
+    registration: String,
+    proof: Proof,
+}
+
+impl Registrant {
+    /// Runs `f` with the registrant's scope, registration and credential off the async
+    /// threads (the enrollments are in the store).
+    async fn blocking<T: Send + 'static>(
+        &self,
+        dps: &Arc<Provisioning>,
+        f: impl FnOnce(&Provisioning, &str, &str, &Credential<'_>) -> Result<T, DpsError> + Send + 'static,
+    ) -> Result<T, DpsError> {
+        let (dps, r) = (dps.clone(), self.clone());
+        tokio::task::spawn_blocking(move || {
+            let credential = match &r.proof {
+                Proof::Token(t) => Credential::Token(t),
+                Proof::Certificate(c) => Credential::Certificate(c),
+            };
+            f(&dps, &r.scope, &r.registration, &credential)
+        })
+        .await
+        .unwrap_or_else(|_| Err(DpsError::server("the request failed")))
+    }
+}
+
+/// An operation's answer status: 202, and how long to wait, while it is assigning; 200 once
+/// decided.
+fn answer_status(body: &Value) -> (u16, Option<u32>) {
+    match body.get("status").and_then(Value::as_str) {
+        Some("assigning") => (202, Some(RETRY_AFTER)),
+        _ => (200, None),
+    }
+}
+
 /// A refusal or failure, with the HTTP status and DPS error code it is answered with.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DpsError {
@@ -254,10 +300,18 @@ where
     }
 }
 
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+use crate::api::unix_now;
+
+/// Whether `token` is signed with one of `keys` (base64; one that is not base64 signs
+/// nothing) and unexpired at `now`.
+fn signed_with(token: &SasToken, keys: [Option<&str>; 2], now: u64) -> bool {
+    let keys: Vec<Vec<u8>> = keys
+        .into_iter()
+        .flatten()
+        .filter_map(|k| roost_iothub::sas::decode_key(k).ok())
+        .collect();
+    let refs: Vec<&[u8]> = keys.iter().map(Vec::as_slice).collect();
+    token.verify(&refs, now).is_ok()
 }
 
 impl Provisioning {
@@ -321,33 +375,27 @@ impl Provisioning {
         token
             .check_expiry(now)
             .map_err(|_| DpsError::unauthorized("token_expired", "the token has expired"))?;
-        let decode = |k: &Option<String>| k.as_deref().and_then(|k| roost_iothub::sas::decode_key(k).ok());
-        let sas = |primary: String, secondary: String| json!({"type": "sas", "symmetricKey": {"primaryKey": primary, "secondaryKey": secondary}});
+        let sas = |primary: Option<String>, secondary: Option<String>| {
+            let (p, s) = (primary.unwrap_or_default(), secondary.unwrap_or_default());
+            json!({"type": "sas", "symmetricKey": {"primaryKey": p, "secondaryKey": s}})
+        };
         if let Some(e) = individual {
             let Some(keys) = e.attestation.symmetric_key.clone().filter(|_| e.attestation.kind == "symmetricKey") else {
                 return Err(DpsError::unauthorized("wrong_attestation", "this registration is enrolled with a certificate"));
             };
-            let candidates: Vec<Vec<u8>> = [decode(&keys.primary_key), decode(&keys.secondary_key)].into_iter().flatten().collect();
-            let refs: Vec<&[u8]> = candidates.iter().map(Vec::as_slice).collect();
-            token
-                .verify(&refs, now)
-                .map_err(|_| DpsError::unauthorized("signature_mismatch", "the token is not signed with the enrollment's key"))?;
-            let authentication = sas(keys.primary_key.unwrap_or_default(), keys.secondary_key.unwrap_or_default());
-            return Ok(Enrolled::individual(e, authentication));
+            if !signed_with(&token, [keys.primary_key.as_deref(), keys.secondary_key.as_deref()], now) {
+                return Err(DpsError::unauthorized("signature_mismatch", "the token is not signed with the enrollment's key"));
+            }
+            return Ok(Enrolled::individual(e, sas(keys.primary_key, keys.secondary_key)));
         }
-        let groups = self.store.dps_page("g/", None, enrollments::MAX_GROUPS).map_err(DpsError::server)?;
-        for (_, raw) in groups {
-            let Ok(g) = serde_json::from_slice::<EnrollmentGroup>(&raw) else { continue };
+        for g in self.groups()? {
             let Some(keys) = g.attestation.symmetric_key.clone().filter(|_| g.attestation.kind == "symmetricKey") else {
                 continue;
             };
             let derive = |k: &Option<String>| k.as_deref().and_then(|k| enrollments::derive_key(k, registration_id).ok());
             let (primary, secondary) = (derive(&keys.primary_key), derive(&keys.secondary_key));
-            let candidates: Vec<Vec<u8>> = [decode(&primary), decode(&secondary)].into_iter().flatten().collect();
-            let refs: Vec<&[u8]> = candidates.iter().map(Vec::as_slice).collect();
-            if token.verify(&refs, now).is_ok() {
-                let authentication = sas(primary.unwrap_or_default(), secondary.unwrap_or_default());
-                return Ok(Enrolled::group(g, authentication));
+            if signed_with(&token, [primary.as_deref(), secondary.as_deref()], now) {
+                return Ok(Enrolled::group(g, sas(primary, secondary)));
             }
         }
         Err(DpsError::unauthorized("not_enrolled", "no enrollment's key signed this token"))
@@ -373,6 +421,8 @@ impl Provisioning {
             "type": "selfSigned",
             "x509Thumbprint": { "primaryThumbprint": cert.sha256.to_ascii_uppercase() },
         });
+        // The hub's verified CAs, read once for every enrollment that references one.
+        let hub_cas = std::cell::OnceCell::new();
         let chains = |x: &enrollments::X509Attestation, signing: &Option<enrollments::Certificates>| -> bool {
             let mut anchors: Vec<(String, Vec<u8>)> = Vec::new();
             if let Some(c) = signing {
@@ -383,7 +433,8 @@ impl Provisioning {
                 }
             }
             if let Some(r) = &x.ca_references {
-                let trusted = crate::cas::trusted(&self.store).unwrap_or_default();
+                let trusted: &Vec<roost_model::link::CaEntry> =
+                    hub_cas.get_or_init(|| crate::cas::trusted(&self.store).unwrap_or_default());
                 for name in [&r.primary, &r.secondary].into_iter().flatten() {
                     if let Some(ca) = trusted.iter().find(|c| &c.name == name) {
                         anchors.push((ca.name.clone(), ca.der.clone()));
@@ -407,15 +458,19 @@ impl Provisioning {
             }
             return Ok(Enrolled::individual(e, authentication));
         }
-        let groups = self.store.dps_page("g/", None, enrollments::MAX_GROUPS).map_err(DpsError::server)?;
-        for (_, raw) in groups {
-            let Ok(g) = serde_json::from_slice::<EnrollmentGroup>(&raw) else { continue };
+        for g in self.groups()? {
             let Some(x) = g.attestation.x509.clone().filter(|_| g.attestation.kind == "x509") else { continue };
             if chains(&x, &x.signing_certificates) {
                 return Ok(Enrolled::group(g, authentication));
             }
         }
         Err(DpsError::unauthorized("not_enrolled", "no enrollment group's certificate signed this certificate"))
+    }
+
+    /// The enrollment groups (at most [`enrollments::MAX_GROUPS`]), each tried in turn by a
+    /// registration no individual enrollment names.
+    fn groups(&self) -> Result<Vec<EnrollmentGroup>, DpsError> {
+        enrollments::groups(&self.store).map_err(DpsError::server)
     }
 
     /// Whether `credential` proves `registration_id` is enrolled (an MQTT CONNECT's check).

@@ -22,26 +22,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use roost_iothub::dps::{parse_request, parse_username, response_topic};
 
-use super::{Credential, DpsError, Provisioning, RETRY_AFTER};
+use super::{answer_status, DpsError, Proof, Provisioning, Registrant};
 
-
-/// What the connection proved at CONNECT.
-struct Registrant {
-    scope: String,
-    registration: String,
-    token: Option<String>,
-    cert: Option<ClientCert>,
-}
-
-impl Registrant {
-    fn credential(&self) -> Option<Credential<'_>> {
-        match (&self.token, &self.cert) {
-            (Some(t), _) => Some(Credential::Token(t)),
-            (None, Some(c)) => Some(Credential::Certificate(c)),
-            (None, None) => None,
-        }
-    }
-}
 
 /// Serves the provisioning service's MQTT port.
 pub async fn serve(dps: Arc<Provisioning>, listener: tokio::net::TcpListener, tls: tokio_rustls::TlsAcceptor) {
@@ -165,37 +147,25 @@ async fn admit(
     if c.client_id.as_str() != registration {
         return Err(ConnectReturnCode::IdentifierRejected);
     }
-    let token = match &c.password {
-        Some(p) => Some(String::from_utf8(p.to_vec()).map_err(|_| ConnectReturnCode::BadUsernameOrPassword)?),
-        None => None,
-    };
-    let cert = match (token.is_some(), cert) {
-        (false, Some(Ok(c))) => Some(c),
-        (false, Some(Err(_))) | (false, None) => return Err(ConnectReturnCode::NotAuthorized),
-        (true, _) => None,
+    // With a password the token is the proof; without one, the certificate.
+    let proof = match (&c.password, cert) {
+        (Some(p), _) => Proof::Token(
+            String::from_utf8(p.to_vec()).map_err(|_| ConnectReturnCode::BadUsernameOrPassword)?,
+        ),
+        (None, Some(Ok(c))) => Proof::Certificate(c),
+        (None, Some(Err(_)) | None) => return Err(ConnectReturnCode::NotAuthorized),
     };
     let r = Registrant {
         scope: scope.to_string(),
         registration: registration.to_string(),
-        token,
-        cert,
+        proof,
     };
-    let dps2 = dps.clone();
-    let checked = tokio::task::spawn_blocking(move || {
-        let result = match r.credential() {
-            Some(c) => dps2.check(&r.scope, &r.registration, &c),
-            None => Err(DpsError::unauthorized("no_credential", "no credential")),
-        };
-        (r, result)
-    })
-    .await;
-    match checked {
-        Ok((r, Ok(()))) => Ok(r),
-        Ok((_, Err(e))) => {
+    match r.blocking(dps, |d, s, reg, c| d.check(s, reg, c)).await {
+        Ok(()) => Ok(r),
+        Err(e) => {
             dps.metrics.dps_registrations.with_label_values(&[e.reason, "none"]).inc();
             Err(ConnectReturnCode::NotAuthorized)
         }
-        Err(_) => Err(ConnectReturnCode::ServerUnavailable),
     }
 }
 
@@ -205,36 +175,22 @@ async fn request(dps: &Arc<Provisioning>, r: &Registrant, topic: &str, payload: 
         let e = DpsError::bad_request("bad_topic", "not a provisioning request topic");
         return (response_topic(400, "", None), e.body().to_string().into_bytes());
     };
-    let (scope, registration) = (r.scope.clone(), r.registration.clone());
-    let (token, cert) = (r.token.clone(), r.cert.clone());
-    let dps2 = dps.clone();
-    let result = tokio::task::spawn_blocking(move || {
-        let credential = match (&token, &cert) {
-            (Some(t), _) => Credential::Token(t),
-            (None, Some(c)) => Credential::Certificate(c),
-            (None, None) => return Err(DpsError::unauthorized("no_credential", "no credential")),
-        };
-        match kind {
+    let result = r
+        .blocking(dps, move |d, scope, registration, credential| match kind {
             "register" => {
                 let body: Value = serde_json::from_slice(&payload)
                     .map_err(|e| DpsError::bad_request("bad_body", format!("the body must be JSON: {e}")))?;
-                if body.get("registrationId").and_then(Value::as_str) != Some(registration.as_str()) {
+                if body.get("registrationId").and_then(Value::as_str) != Some(registration) {
                     return Err(DpsError::bad_request("bad_body", "registrationId does not match the connection's"));
                 }
-                dps2.register(&scope, &registration, &credential, body.get("payload").cloned())
+                d.register(scope, registration, credential, body.get("payload").cloned())
             }
-            _ => {
-                let op = operation.unwrap_or_default();
-                dps2.operation(&scope, &registration, &op, &credential)
-            }
-        }
-    })
-    .await
-    .unwrap_or_else(|_| Err(DpsError::server("the request failed")));
+            _ => d.operation(scope, registration, &operation.unwrap_or_default(), credential),
+        })
+        .await;
     match result {
         Ok(body) => {
-            let assigning = body.get("status").and_then(Value::as_str) == Some("assigning");
-            let (status, retry) = if assigning { (202, Some(RETRY_AFTER)) } else { (200, None) };
+            let (status, retry) = answer_status(&body);
             (response_topic(status, &rid, retry), body.to_string().into_bytes())
         }
         Err(e) => (response_topic(e.status, &rid, None), e.body().to_string().into_bytes()),

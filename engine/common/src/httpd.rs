@@ -277,7 +277,12 @@ pub fn empty(status: StatusCode) -> Resp {
 
 /// The value of query parameter `name`, percent-decoded.
 pub fn query_param(req: &Req, name: &str) -> Option<String> {
-    let q = req.uri().query()?;
+    uri_query_param(req.uri(), name)
+}
+
+/// The first value of the query parameter `name` of `uri`, percent-decoded.
+pub fn uri_query_param(uri: &hyper::Uri, name: &str) -> Option<String> {
+    let q = uri.query()?;
     q.split('&').find_map(|pair| {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         (k == name).then(|| percent_decode(v))
